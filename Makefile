@@ -1,0 +1,59 @@
+# agentpay: every target installs what it needs first, so a fresh clone runs `make demo` / `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PEERS  := .venv-peers
+STAMP_PY    := $(VENV)/.installed
+STAMP_NODE  := node_modules/.installed
+STAMP_PEERS := $(PEERS)/.installed
+
+.PHONY: setup demo test lint typecheck contracts contracts-check forge-test pytest clean
+
+setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS)
+
+$(STAMP_PY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+$(STAMP_NODE): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The official SDKs are test peers. Their top-level package is also named `x402`, so they live in their own venv.
+$(STAMP_PEERS): tests/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+	$(PEERS)/bin/pip install -q -r tests/peers/requirements.txt
+	touch $@
+
+demo: $(STAMP_PY) $(STAMP_NODE)
+	$(BIN)/python -m examples.demo
+
+test: setup
+	$(MAKE) lint typecheck contracts-check forge-test pytest
+
+lint: $(STAMP_PY)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP_PY)
+	$(BIN)/mypy x402 escrow gateway examples
+
+# Compile contracts/src with solc-js into escrow/artifacts (committed, so pip-only installs run).
+contracts: $(STAMP_NODE)
+	node contracts/build.mjs
+
+# CI: rebuild the artifacts and fail if they drift from the committed ones.
+contracts-check: $(STAMP_NODE)
+	node contracts/build.mjs --check
+
+forge-test: $(STAMP_NODE)
+	cd contracts && ../node_modules/.bin/forge test --offline
+
+pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(PEERS) node_modules contracts/out contracts/cache .agentpay
