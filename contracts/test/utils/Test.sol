@@ -52,8 +52,7 @@ interface Vm {
     function expectEmit() external;
     function expectEmit(address emitter) external;
     function expectEmit(bool checkTopic1, bool checkTopic2, bool checkTopic3, bool checkData) external;
-    function expectEmit(bool checkTopic1, bool checkTopic2, bool checkTopic3, bool checkData, address emitter)
-        external;
+    function expectEmit(bool checkTopic1, bool checkTopic2, bool checkTopic3, bool checkData, address emitter) external;
     function expectCall(address callee, bytes calldata data) external;
     function recordLogs() external;
     function getRecordedLogs() external returns (Log[] memory logs);
@@ -73,22 +72,22 @@ interface Vm {
     function toString(bytes32 value) external pure returns (string memory stringifiedValue);
 
     // --- assertions: forge formats both sides in the failure message ("assertion failed: 1 != 2") ---
-    function assertEq(uint256 left, uint256 right, string calldata error) external pure;
-    function assertEq(int256 left, int256 right, string calldata error) external pure;
-    function assertEq(address left, address right, string calldata error) external pure;
-    function assertEq(bytes32 left, bytes32 right, string calldata error) external pure;
-    function assertEq(bool left, bool right, string calldata error) external pure;
-    function assertEq(bytes calldata left, bytes calldata right, string calldata error) external pure;
-    function assertEq(string calldata left, string calldata right, string calldata error) external pure;
-    function assertNotEq(uint256 left, uint256 right, string calldata error) external pure;
-    function assertNotEq(address left, address right, string calldata error) external pure;
-    function assertNotEq(bytes32 left, bytes32 right, string calldata error) external pure;
-    function assertTrue(bool condition, string calldata error) external pure;
-    function assertFalse(bool condition, string calldata error) external pure;
-    function assertGt(uint256 left, uint256 right, string calldata error) external pure;
-    function assertGe(uint256 left, uint256 right, string calldata error) external pure;
-    function assertLt(uint256 left, uint256 right, string calldata error) external pure;
-    function assertLe(uint256 left, uint256 right, string calldata error) external pure;
+    function assertEq(uint256 left, uint256 right, string calldata err) external pure;
+    function assertEq(int256 left, int256 right, string calldata err) external pure;
+    function assertEq(address left, address right, string calldata err) external pure;
+    function assertEq(bytes32 left, bytes32 right, string calldata err) external pure;
+    function assertEq(bool left, bool right, string calldata err) external pure;
+    function assertEq(bytes calldata left, bytes calldata right, string calldata err) external pure;
+    function assertEq(string calldata left, string calldata right, string calldata err) external pure;
+    function assertNotEq(uint256 left, uint256 right, string calldata err) external pure;
+    function assertNotEq(address left, address right, string calldata err) external pure;
+    function assertNotEq(bytes32 left, bytes32 right, string calldata err) external pure;
+    function assertTrue(bool condition, string calldata err) external pure;
+    function assertFalse(bool condition, string calldata err) external pure;
+    function assertGt(uint256 left, uint256 right, string calldata err) external pure;
+    function assertGe(uint256 left, uint256 right, string calldata err) external pure;
+    function assertLt(uint256 left, uint256 right, string calldata err) external pure;
+    function assertLe(uint256 left, uint256 right, string calldata err) external pure;
 }
 
 /**
@@ -286,9 +285,8 @@ abstract contract Test {
     function bound(uint256 x, uint256 min, uint256 max) internal pure returns (uint256) {
         require(min <= max, "Test bound: min > max");
         if (x >= min && x <= max) return x;
-        uint256 size = max - min;
-        if (size == type(uint256).max) return x; // whole domain: every x is in range (unreachable above)
-        return min + (x % (size + 1));
+        // `max - min + 1` cannot overflow here: the full range [0, 2**256-1] returned above.
+        return min + (x % (max - min + 1));
     }
 
     /// @dev A deterministic labelled address for `name`.
