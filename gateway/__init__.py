@@ -1,1 +1,55 @@
-"""gateway."""
+"""gateway: the server side of agentpay.
+
+`PaymentMiddleware` puts a paywall (x402 v1/v2 and MPP at once) in front of an ASGI app; schemes such as
+`ExactScheme` (EIP-3009) plug in through the `Scheme` protocol; shared state lives behind `PaymentStore`.
+"""
+
+from ._answers import Answer, Challenger, v1_network
+from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
+from ._exact import ExactChain, ExactScheme
+from ._middleware import PaymentMiddleware
+from ._pipeline import Attempt, Paywall, SettleMode
+from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
+from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
+from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
+from ._store import MemoryStore, PaymentStore, QueueStats, Settlement, SettlementState
+
+__all__ = [
+    "TERMINAL",
+    "TRANSITIONS",
+    "Amount",
+    "Answer",
+    "Asset",
+    "Attempt",
+    "Challenger",
+    "ConfigurationError",
+    "Dialect",
+    "Event",
+    "ExactChain",
+    "ExactScheme",
+    "GatewayError",
+    "InvalidTransition",
+    "MemoryStore",
+    "MppOffer",
+    "Offer",
+    "PaidRoute",
+    "PaymentFailed",
+    "PaymentMiddleware",
+    "PaymentState",
+    "PaymentStore",
+    "Paywall",
+    "Presented",
+    "Price",
+    "PriceFunction",
+    "QueueStats",
+    "Quote",
+    "RouteTable",
+    "Scheme",
+    "Settlement",
+    "SettleMode",
+    "SettlementState",
+    "Tracker",
+    "Verified",
+    "to_atomic",
+    "v1_network",
+]

@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.26;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
+import {Multicall} from "@openzeppelin/contracts/utils/Multicall.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {IAgentEscrow} from "./escrow/IAgentEscrow.sol";
+import {IERC3009Receive} from "./escrow/IERC3009Receive.sol";
+
+/**
+ * @title AgentEscrow
+ * @dev Holds payers' ERC-20 deposits and pays them out to payees on payments signed off-chain, one batch at a
+ * time. Built for agents: a payer (an EOA or a smart account whose owner key stays offline) grants a hot
+ * *session key* the right to sign payments from its deposit, and nothing else:
+ *
+ * - each payment at most `maxPerCall`, all of them together at most `budget`, only inside
+ *   `[validAfter, validUntil]`, only in the grant's token and, optionally, only to listed payees;
+ * - the payer revokes one key without touching any other; a key can never change its own grant, since every
+ *   grant change needs the payer (as `msg.sender` or by EIP-712 signature).
+ *
+ * Payments (`Payment` in {IAgentEscrow}) use unordered, Permit2-style nonces scoped to the signer, so concurrent
+ * calls never wait on each other, and a signer counting up fills one storage word per 256 payments. {settle}
+ * checks each payment of a batch independently, reports the bad ones in events instead of reverting, and pays
+ * each (payee, token) with one transfer. Withdrawals are timed ({WITHDRAWAL_DELAY}) so that payees can settle
+ * what they hold before a payer's deposit leaves.
+ *
+ * Grant versions: each (payer, signer) grant carries an `epoch` that every grant change advances by one (a
+ * re-grant, or a revoke). Payments name the epoch they were signed under, so a re-grant starts a fresh budget
+ * and neither it nor a revoke can be undone by replaying payments signed under an older version; signed grant
+ * changes name the epoch they create (or end), which makes them single-use and ordered per signer.
+ *
+ * WARNING: Fee-on-transfer and rebasing tokens are not supported: deposits are credited at face value.
+ */
+contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multicall {
+    using SafeERC20 for IERC20;
+
+    /**
+     * @dev A (payer, signer) grant, one struct per storage slot so that a payment reads each hot slot with a single
+     * SLOAD (copying a one-slot struct to memory is one SLOAD; reading its fields one by one is one each).
+     */
+    struct Grant {
+        GrantTerms terms; // slot 0: written only by grant changes
+        GrantLimits limits; // slot 1: `remaining` written by every payment
+        uint128 budget; // slot 2: read only by views
+    }
+
+    struct GrantTerms {
+        address token; // zero: revoked (epoch > 0) or never granted (epoch == 0)
+        uint32 epoch;
+        uint32 validAfter;
+        uint32 validUntil;
+    }
+
+    struct GrantLimits {
+        uint128 remaining; // the budget minus what was spent
+        uint96 maxPerCall;
+        uint32 payeeCount; // 0: any payee
+    }
+
+    /// @dev A pending withdrawal; `amount == 0` means none.
+    struct Withdrawal {
+        uint208 amount;
+        uint48 readyAt;
+    }
+
+    bytes32 public constant PAYMENT_TYPEHASH = keccak256(
+        "Payment(address payer,address payee,address token,uint256 amount,uint256 nonce,uint256 deadline,uint32 epoch)"
+    );
+    bytes32 public constant GRANT_TYPEHASH = keccak256(
+        "Grant(address payer,address signer,address token,uint96 maxPerCall,uint128 budget,uint32 validAfter,uint32 validUntil,address[] payees,uint32 epoch)"
+    );
+    bytes32 public constant REVOKE_TYPEHASH = keccak256("Revoke(address payer,address signer,uint32 epoch)");
+
+    /// @notice Seconds between {requestWithdrawal} and {withdraw}: the window payees have to settle what they hold.
+    uint256 public immutable WITHDRAWAL_DELAY;
+
+    mapping(address payer => mapping(address token => uint256)) private _deposits;
+    mapping(address payer => mapping(address token => Withdrawal)) private _withdrawals;
+    mapping(address payer => mapping(address signer => Grant)) private _grants;
+    /// @dev keccak256(abi.encode(payer, signer, epoch, payee)) => allowed; keyed by epoch so a re-grant starts clean.
+    mapping(bytes32 key => bool) private _payeeAllowed;
+    mapping(address signer => mapping(uint256 word => uint256 bits)) private _nonceBitmap;
+    mapping(address payee => mapping(address token => uint256)) private _owed;
+
+    /// @param withdrawalDelay seconds a payer waits to withdraw (deployments: 15 minutes or more).
+    constructor(uint256 withdrawalDelay) EIP712("AgentEscrow", "1") {
+        WITHDRAWAL_DELAY = withdrawalDelay;
+    }
+
+    // ------------------------------------------------------------------ deposits and withdrawals
+
+    /// @inheritdoc IAgentEscrow
+    function deposit(address token, uint256 amount) external nonReentrant {
+        IERC20(token).safeTransferFrom(msg.sender, address(this), amount);
+        _credit(msg.sender, token, msg.sender, amount);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function depositFor(address payer, address token, uint256 amount) external nonReentrant {
+        // A deposit nobody can ever withdraw or grant from would be lost.
+        require(payer != address(0), EscrowInvalidPayer(payer));
+        IERC20(token).safeTransferFrom(msg.sender, address(this), amount);
+        _credit(payer, token, msg.sender, amount);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function depositWithAuthorization(
+        address payer,
+        address token,
+        uint256 amount,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes calldata signature
+    ) external nonReentrant {
+        // `receive` (not `transfer`) WithAuthorization: the token checks that we are the recipient and the caller,
+        // so a copy of the authorization seen in the mempool cannot be spent anywhere else.
+        IERC3009Receive(token).receiveWithAuthorization(
+            payer, address(this), amount, validAfter, validBefore, nonce, signature
+        );
+        _credit(payer, token, payer, amount);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function depositWithPermit(
+        address payer,
+        address token,
+        uint256 amount,
+        uint256 deadline,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external nonReentrant {
+        // No try/catch around the permit: tolerating a failed permit would let anyone sweep an allowance the payer
+        // gave for other reasons into its deposit (and lock it for the withdrawal delay).
+        IERC20Permit(token).permit(payer, address(this), amount, deadline, v, r, s);
+        IERC20(token).safeTransferFrom(payer, address(this), amount);
+        _credit(payer, token, payer, amount);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function requestWithdrawal(address token, uint256 amount) external {
+        uint256 readyAt;
+        if (amount == 0) {
+            delete _withdrawals[msg.sender][token];
+        } else {
+            uint256 balance = _deposits[msg.sender][token];
+            require(amount <= balance, EscrowInsufficientDeposit(msg.sender, token, balance, amount));
+            readyAt = block.timestamp + WITHDRAWAL_DELAY;
+            _withdrawals[msg.sender][token] = Withdrawal(SafeCast.toUint208(amount), SafeCast.toUint48(readyAt));
+        }
+        emit WithdrawalRequested(msg.sender, token, amount, readyAt);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function withdraw(address token) external nonReentrant returns (uint256 amount) {
+        Withdrawal memory request = _withdrawals[msg.sender][token];
+        require(request.amount != 0, EscrowNoWithdrawalRequested(msg.sender, token));
+        require(block.timestamp >= request.readyAt, EscrowWithdrawalNotReady(msg.sender, token, request.readyAt));
+
+        // Payments kept settling during the delay; they win over the request.
+        uint256 balance = _deposits[msg.sender][token];
+        amount = request.amount < balance ? request.amount : balance;
+        delete _withdrawals[msg.sender][token];
+        _deposits[msg.sender][token] = balance - amount;
+        emit Withdrawn(msg.sender, token, amount);
+
+        IERC20(token).safeTransfer(msg.sender, amount);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function withdrawOwed(address token, address to) external nonReentrant returns (uint256 amount) {
+        amount = _owed[msg.sender][token];
+        require(amount != 0, EscrowNothingOwed(msg.sender, token));
+        delete _owed[msg.sender][token];
+        emit OwedWithdrawn(msg.sender, token, to, amount);
+
+        IERC20(token).safeTransfer(to, amount);
+    }
+
+    // ------------------------------------------------------------------ grants
+
+    /// @inheritdoc IAgentEscrow
+    function grant(address signer, GrantParams calldata params, address[] calldata payees)
+        external
+        returns (uint32 epoch)
+    {
+        epoch = _grants[msg.sender][signer].terms.epoch + 1;
+        _grant(msg.sender, signer, params, payees, epoch);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function grantWithSig(
+        address payer,
+        address signer,
+        GrantParams calldata params,
+        address[] calldata payees,
+        uint32 epoch,
+        bytes calldata signature
+    ) external {
+        uint32 expected = _grants[payer][signer].terms.epoch + 1;
+        require(epoch == expected, EscrowEpochMismatch(payer, signer, expected, epoch));
+        bytes32 digest = _hashTypedDataV4(
+            keccak256(
+                abi.encode(
+                    GRANT_TYPEHASH,
+                    payer,
+                    signer,
+                    params.token,
+                    params.maxPerCall,
+                    params.budget,
+                    params.validAfter,
+                    params.validUntil,
+                    keccak256(abi.encodePacked(payees)),
+                    epoch
+                )
+            )
+        );
+        require(SignatureChecker.isValidSignatureNowCalldata(payer, digest, signature), EscrowInvalidSignature(payer));
+        _grant(payer, signer, params, payees, epoch);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function revoke(address signer) external returns (uint32 epoch) {
+        return _revoke(msg.sender, signer);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function revokeWithSig(address payer, address signer, uint32 epoch, bytes calldata signature) external {
+        uint32 current = _grants[payer][signer].terms.epoch;
+        require(epoch == current, EscrowEpochMismatch(payer, signer, current, epoch));
+        bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(REVOKE_TYPEHASH, payer, signer, epoch)));
+        require(SignatureChecker.isValidSignatureNowCalldata(payer, digest, signature), EscrowInvalidSignature(payer));
+        _revoke(payer, signer);
+    }
+
+    // ------------------------------------------------------------------ payments
+
+    /// @inheritdoc IAgentEscrow
+    function settle(Payment[] calldata payments, bytes[] calldata signatures)
+        external
+        nonReentrant
+        returns (Reason[] memory reasons)
+    {
+        uint256 n = payments.length;
+        require(n == signatures.length, EscrowLengthMismatch(n, signatures.length));
+        reasons = new Reason[](n);
+
+        // One payout per distinct (payee, token): totals accumulate in memory, found through a transient index.
+        address[] memory payees = new address[](n);
+        address[] memory tokens = new address[](n);
+        uint256[] memory totals = new uint256[](n);
+        uint256 groups;
+
+        for (uint256 i; i < n; ++i) {
+            Payment calldata payment = payments[i];
+            (Reason reason, address signer) = _check(payment, signatures[i]);
+            if (reason != Reason.None) {
+                reasons[i] = reason;
+                emit PaymentFailed(payment.payer, payment.nonce, i, reason);
+                continue;
+            }
+            _apply(payment, signer);
+
+            address payee = payment.payee;
+            address token = payment.token;
+            uint256 slot = _payoutSlot(payee, token);
+            uint256 group;
+            assembly ("memory-safe") {
+                group := tload(slot)
+            }
+            if (group == 0) {
+                payees[groups] = payee;
+                tokens[groups] = token;
+                group = ++groups;
+                assembly ("memory-safe") {
+                    tstore(slot, group)
+                }
+            }
+            totals[group - 1] += payment.amount;
+        }
+
+        for (uint256 j; j < groups; ++j) {
+            address payee = payees[j];
+            address token = tokens[j];
+            uint256 slot = _payoutSlot(payee, token);
+            // Cleared so that a second settle in the same transaction (multicall) starts from an empty index.
+            assembly ("memory-safe") {
+                tstore(slot, 0)
+            }
+            _payout(payee, token, totals[j]);
+        }
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function settleOne(Payment calldata payment, bytes calldata signature) external nonReentrant {
+        (Reason reason, address signer) = _check(payment, signature);
+        require(reason == Reason.None, EscrowPaymentRejected(reason));
+        _apply(payment, signer);
+        _payout(payment.payee, payment.token, payment.amount);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function check(Payment calldata payment, bytes calldata signature)
+        external
+        view
+        returns (Reason reason, address signer)
+    {
+        return _check(payment, signature);
+    }
+
+    // ------------------------------------------------------------------ views
+
+    /// @inheritdoc IAgentEscrow
+    function hashPayment(Payment calldata payment) external view returns (bytes32) {
+        return _hashPayment(payment);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function depositOf(address payer, address token) external view returns (uint256) {
+        return _deposits[payer][token];
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function withdrawalOf(address payer, address token) external view returns (uint256 amount, uint256 readyAt) {
+        Withdrawal memory request = _withdrawals[payer][token];
+        return (request.amount, request.readyAt);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function owedTo(address payee, address token) external view returns (uint256) {
+        return _owed[payee][token];
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function grantOf(address payer, address signer) external view returns (GrantInfo memory info) {
+        Grant memory g = _grants[payer][signer];
+        info = GrantInfo({
+            token: g.terms.token,
+            epoch: g.terms.epoch,
+            validAfter: g.terms.validAfter,
+            validUntil: g.terms.validUntil,
+            maxPerCall: g.limits.maxPerCall,
+            budget: g.budget,
+            spent: g.budget - g.limits.remaining,
+            payeeCount: g.limits.payeeCount
+        });
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function isPayeeAllowed(address payer, address signer, address payee) external view returns (bool) {
+        Grant storage g = _grants[payer][signer];
+        if (g.terms.token == address(0)) return false;
+        return g.limits.payeeCount == 0 || _payeeAllowed[_payeeKey(payer, signer, g.terms.epoch, payee)];
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function nonceUsed(address signer, uint256 nonce) external view returns (bool) {
+        return _nonceBitmap[signer][nonce >> 8] & (1 << (nonce & 0xff)) != 0;
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function nonceBitmap(address signer, uint256 word) external view returns (uint256) {
+        return _nonceBitmap[signer][word];
+    }
+
+    // ------------------------------------------------------------------ internals
+
+    function _credit(address payer, address token, address from, uint256 amount) private {
+        _deposits[payer][token] += amount;
+        emit Deposited(payer, token, from, amount);
+    }
+
+    function _grant(
+        address payer,
+        address signer,
+        GrantParams calldata params,
+        address[] calldata payees,
+        uint32 epoch
+    ) private {
+        // The payer's own signature needs no grant, and must not be capped by one.
+        require(signer != address(0) && signer != payer, EscrowInvalidSigner(signer));
+        require(params.token != address(0), EscrowInvalidToken(params.token));
+        require(params.validAfter < params.validUntil, EscrowInvalidWindow(params.validAfter, params.validUntil));
+
+        _grants[payer][signer] = Grant({
+            terms: GrantTerms(params.token, epoch, params.validAfter, params.validUntil),
+            limits: GrantLimits(params.budget, params.maxPerCall, SafeCast.toUint32(payees.length)),
+            budget: params.budget
+        });
+        for (uint256 i; i < payees.length; ++i) {
+            address payee = payees[i];
+            bytes32 key = _payeeKey(payer, signer, epoch, payee);
+            require(payee != address(0) && payee != address(this) && !_payeeAllowed[key], EscrowInvalidPayee(payee));
+            _payeeAllowed[key] = true;
+        }
+        emit GrantIssued(
+            payer,
+            signer,
+            epoch,
+            params.token,
+            params.maxPerCall,
+            params.budget,
+            params.validAfter,
+            params.validUntil,
+            payees
+        );
+    }
+
+    function _revoke(address payer, address signer) private returns (uint32 epoch) {
+        Grant storage g = _grants[payer][signer];
+        epoch = g.terms.epoch + 1;
+        // Only the epoch survives: it is what tells "revoked" from "never granted" and voids older payments.
+        g.terms = GrantTerms(address(0), epoch, 0, 0);
+        delete g.limits;
+        delete g.budget;
+        emit GrantRevoked(payer, signer, epoch);
+    }
+
+    /**
+     * @dev The checks of one payment, in the order the scheme documents, without side effects. `signer` is who
+     * signed (the payer, or a session key of the payer), or zero when nobody valid did.
+     */
+    function _check(Payment calldata payment, bytes calldata signature)
+        private
+        view
+        returns (Reason reason, address signer)
+    {
+        if (block.timestamp > payment.deadline) return (Reason.DeadlineExpired, address(0));
+        address payee = payment.payee;
+        if (payee == address(0) || payee == address(this)) return (Reason.InvalidPayee, address(0));
+
+        address payer = payment.payer;
+        signer = _resolveSigner(payer, _hashPayment(payment), signature);
+        if (signer == address(0)) return (Reason.InvalidSignature, address(0));
+
+        uint256 nonce = payment.nonce;
+        if (_nonceBitmap[signer][nonce >> 8] & (1 << (nonce & 0xff)) != 0) return (Reason.NonceUsed, signer);
+
+        uint256 amount = payment.amount;
+        if (signer != payer) {
+            reason = _checkGrant(_grants[payer][signer], payment, signer, amount);
+            if (reason != Reason.None) return (reason, signer);
+        }
+        if (amount > _deposits[payer][payment.token]) return (Reason.InsufficientDeposit, signer);
+    }
+
+    function _checkGrant(Grant storage g, Payment calldata payment, address signer, uint256 amount)
+        private
+        view
+        returns (Reason)
+    {
+        GrantTerms memory terms = g.terms;
+        uint32 signed = payment.epoch;
+        if (terms.epoch == 0 || signed > terms.epoch) return Reason.GrantNotFound;
+        if (signed < terms.epoch || terms.token == address(0)) return Reason.GrantRevoked;
+        if (terms.token != payment.token) return Reason.TokenMismatch;
+        if (block.timestamp < terms.validAfter) return Reason.GrantNotYetValid;
+        if (block.timestamp > terms.validUntil) return Reason.GrantExpired;
+
+        GrantLimits memory limits = g.limits;
+        if (
+            limits.payeeCount != 0
+                && !_payeeAllowed[_payeeKey(payment.payer, signer, terms.epoch, payment.payee)]
+        ) return Reason.PayeeNotAllowed;
+        if (amount > limits.maxPerCall) return Reason.AmountExceedsCap;
+        if (amount > limits.remaining) return Reason.BudgetExceeded;
+        return Reason.None;
+    }
+
+    /// @dev Applies a payment that {_check} accepted: uses its nonce and debits the deposit and the grant.
+    function _apply(Payment calldata payment, address signer) private {
+        address payer = payment.payer;
+        address token = payment.token;
+        uint256 amount = payment.amount;
+        uint256 nonce = payment.nonce;
+        _nonceBitmap[signer][nonce >> 8] |= 1 << (nonce & 0xff);
+        unchecked {
+            // Both bounds were checked in {_check}: amount <= deposit, and amount <= remaining for a session key.
+            _deposits[payer][token] -= amount;
+            if (signer != payer) _grants[payer][signer].limits.remaining -= uint128(amount);
+        }
+        emit PaymentSettled(payer, payment.payee, signer, token, amount, nonce);
+    }
+
+    /// @dev Transfers `amount` to `payee`; if the token refuses (e.g. a blocklisted payee), the amount is owed instead.
+    function _payout(address payee, address token, uint256 amount) private {
+        if (amount == 0) return;
+        if (!IERC20(token).trySafeTransfer(payee, amount)) {
+            _owed[payee][token] += amount;
+            emit PayoutDeferred(payee, token, amount);
+        }
+    }
+
+    /**
+     * @dev Who signed `digest` for `payer`: the payer (ECDSA, or ERC-1271 when it is a contract), else the ECDSA
+     * signer, which {_checkGrant} then holds to the payer's grant. Zero when no signature is valid.
+     */
+    function _resolveSigner(address payer, bytes32 digest, bytes calldata signature)
+        private
+        view
+        returns (address signer)
+    {
+        if (signature.length == 65) {
+            (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, signature);
+            if (err == ECDSA.RecoverError.NoError) {
+                // A payer or a key it granted (or once granted: revocation is reported as such) needs no more.
+                if (recovered == payer || _grants[payer][recovered].terms.epoch != 0) return recovered;
+                signer = recovered;
+            }
+        }
+        // A smart-account payer signs through ERC-1271, whatever the signature's length.
+        if (payer.code.length != 0 && SignatureChecker.isValidERC1271SignatureNowCalldata(payer, digest, signature)) {
+            return payer;
+        }
+    }
+
+    function _hashPayment(Payment calldata payment) private view returns (bytes32) {
+        bytes32 typehash = PAYMENT_TYPEHASH;
+        bytes32 structHash;
+        // `Payment` is a static struct: its 7 words sit contiguously in calldata, already ABI-encoded.
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, typehash)
+            calldatacopy(add(ptr, 0x20), payment, 0xe0)
+            structHash := keccak256(ptr, 0x100)
+        }
+        return _hashTypedDataV4(structHash);
+    }
+
+    function _payeeKey(address payer, address signer, uint32 epoch, address payee) private pure returns (bytes32) {
+        return keccak256(abi.encode(payer, signer, epoch, payee));
+    }
+
+    /// @dev Transient-storage index of the (payee, token) payout group within a {settle} call.
+    function _payoutSlot(address payee, address token) private pure returns (uint256 slot) {
+        assembly ("memory-safe") {
+            mstore(0x00, payee)
+            mstore(0x20, token)
+            slot := keccak256(0x00, 0x40)
+        }
+    }
+}

@@ -1,0 +1,528 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.26;
+
+import {PackedUserOperation} from "@openzeppelin/contracts/interfaces/IERC4337.sol";
+import {IERC7821} from "@openzeppelin/contracts/interfaces/draft-IERC7821.sol";
+import {Execution} from "@openzeppelin/contracts/interfaces/draft-IERC7579.sol";
+import {Account} from "@openzeppelin/contracts/account/Account.sol";
+import {ERC7821} from "@openzeppelin/contracts/account/extensions/draft-ERC7821.sol";
+import {ERC4337Utils} from "@openzeppelin/contracts/account/utils/ERC4337Utils.sol";
+import {ERC7579Utils} from "@openzeppelin/contracts/account/utils/draft-ERC7579Utils.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {EnumerableSet} from "@openzeppelin/contracts/utils/structs/EnumerableSet.sol";
+
+import {ArgRules} from "./ArgRules.sol";
+import {IAgentAccountSessionKeys} from "./IAgentAccountSessionKeys.sol";
+import {
+    ArgCondition,
+    ArgRule,
+    CallPermission,
+    SessionKeyState,
+    SessionPolicy,
+    SessionPolicyKind,
+    StoredArgRule
+} from "./SessionKeyTypes.sol";
+import {SessionKeyTypedData} from "./SessionKeyTypedData.sol";
+
+/**
+ * @dev ERC-4337 session keys with composable policies for an {Account} that executes through {ERC7821} batches.
+ *
+ * A UserOperation is signed either by the owner (the account's {AbstractSigner}: a plain 65-byte ECDSA
+ * signature, handled by `super`) or by a session key, with a signature of exactly 91 bytes:
+ *
+ * ```
+ * abi.encodePacked(address key, uint48 window, bytes sig)    // 20 + 6 + 65 bytes
+ * ```
+ *
+ * where `sig` is the key's 65-byte ECDSA signature of {Account-_signableUserOpHash} and `window` is the rate-limit
+ * window the operation claims (`floor(now / interval)`; any value when the key has no per-window limit). The
+ * window is not signed: a wrong one can only make the operation invalid (see the rate-limit policy below).
+ *
+ * Every policy of the key must pass. A policy violation reverts with {SessionKeyPolicyViolation}, which the
+ * EntryPoint v0.7 reports as `FailedOpWithRevert(opIndex, "AA23 reverted", inner)` so the submitter learns which
+ * policy failed and for which call. A signature by another key returns `SIG_VALIDATION_FAILED` (`AA24`), as
+ * ERC-4337 requires for signature mismatches. Time bounds are returned in the validation data (`AA22`).
+ *
+ * Policies:
+ *
+ * - Call policy: `callData` must be `execute(mode, executionData)` in ERC-7821 batch mode; every call of the batch
+ *   must match an allowed `(target, selector)` ({CallPermission}), send at most its `valueLimit`, and satisfy all
+ *   its {ArgRule}s. Calls to the account itself (or to `address(0)`, which ERC-7821 maps to the account) are never
+ *   allowed, so a session key can neither install keys nor reach any other owner function.
+ * - Timestamp policy: `validAfter` / `validUntil`, returned in the validation data.
+ * - Rate-limit policy, counted in UserOperations (a batch counts once):
+ *   - `maxUses`: a lifetime count;
+ *   - `maxUsesPerInterval` per `interval`: windows are fixed, `[w * interval, (w + 1) * interval - 1]` in Unix
+ *     seconds. The signature names `w`. Validation requires `w >= ` the last window used (and `w > 0`), counts the
+ *     use in `w` (resetting the count when `w` is newer), and returns the window's bounds intersected with the
+ *     timestamp policy as `validAfter` / `validUntil`. The EntryPoint then rejects the operation unless it runs
+ *     inside `w`, and a rejected operation reverts its counters with it. So at most `maxUsesPerInterval`
+ *     operations execute per window, exactly, without reading the clock during validation (ERC-7562).
+ * - Gas policy: `gasBudget` wei; each operation is charged its worst case, `(preVerificationGas +
+ *   verificationGasLimit + callGasLimit + paymasterVerificationGasLimit + paymasterPostOpGasLimit) * maxFeePerGas`,
+ *   at validation (nothing is refunded afterwards, as the EntryPoint's actual cost is not known yet).
+ *
+ * Limits are per call (`valueLimit`, argument rules) or per UserOperation (rate limit, gas): a batch of `n` calls
+ * may move `n` times a per-call cap in one operation. Bound the batch's total where it matters (e.g. a budget in the
+ * escrow the key pays through).
+ *
+ * Installing a key gives it a fresh grant id; its permissions and counters live under that id, so revoking and
+ * reinstalling never resurrects old state. Revocation applies to UserOperations validated after it executed: in a
+ * bundle, every validation runs before any execution, so do not bundle a revocation with the revoked key's ops.
+ *
+ * Storage is ERC-7201 namespaced and only the account's own storage is read during validation (ERC-7562).
+ */
+abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountSessionKeys {
+    using EnumerableSet for EnumerableSet.AddressSet;
+
+    /// @dev Length of a session-key UserOperation signature: `key (20) ++ window (6) ++ ECDSA signature (65)`.
+    uint256 internal constant SESSION_SIGNATURE_LENGTH = 91;
+
+    /// @dev Maximum number of argument rules per {CallPermission}.
+    uint256 internal constant MAX_RULES_PER_PERMISSION = 32;
+
+    struct StoredPermission {
+        bool allowed;
+        uint8 ruleCount;
+        uint128 valueLimit;
+    }
+
+    /// @custom:storage-location erc7201:agentpay.storage.AgentAccountSessionKeys
+    struct SessionKeysStorage {
+        uint64 lastId;
+        EnumerableSet.AddressSet keys;
+        mapping(address key => SessionKeyState) sessions;
+        mapping(bytes32 permissionId => StoredPermission) permissions;
+        mapping(bytes32 permissionId => mapping(uint256 ruleIndex => StoredArgRule)) rules;
+        mapping(bytes32 oneOfId => bool) oneOf;
+        mapping(uint256 nonce => bool) usedApprovalNonces;
+    }
+
+    // keccak256(abi.encode(uint256(keccak256("agentpay.storage.AgentAccountSessionKeys")) - 1)) & ~bytes32(uint256(0xff))
+    bytes32 private constant SESSION_KEYS_STORAGE_LOCATION =
+        0x017365a9919982b1c601068788427ac83d6add28318ec194b54a03edd5d58100;
+
+    function _getSessionKeysStorage() private pure returns (SessionKeysStorage storage $) {
+        assembly ("memory-safe") {
+            $.slot := SESSION_KEYS_STORAGE_LOCATION
+        }
+    }
+
+    /// @dev Reverts unless the caller may install and revoke session keys. Defaults to the EntryPoint or self.
+    modifier onlySessionKeyAdmin() {
+        _checkSessionKeyAdmin();
+        _;
+    }
+
+    // ------------------------------------------------------------------ owner functions
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function installSessionKey(address key, SessionPolicy calldata policy) public virtual onlySessionKeyAdmin {
+        _installSessionKey(key, policy);
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function installSessionKeyWithSig(
+        address key,
+        SessionPolicy calldata policy,
+        uint256 nonce,
+        uint48 deadline,
+        bytes calldata signature
+    ) public virtual {
+        _useOwnerApproval(SessionKeyTypedData.hashInstall(key, policy, nonce, deadline), nonce, deadline, signature);
+        _installSessionKey(key, policy);
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function revokeSessionKey(address key) public virtual onlySessionKeyAdmin {
+        _revokeSessionKey(key);
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function revokeSessionKeyWithSig(
+        address key,
+        uint256 nonce,
+        uint48 deadline,
+        bytes calldata signature
+    ) public virtual {
+        _useOwnerApproval(SessionKeyTypedData.hashRevoke(key, nonce, deadline), nonce, deadline, signature);
+        _revokeSessionKey(key);
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function cancelOwnerApproval(uint256 nonce) public virtual onlySessionKeyAdmin {
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        if ($.usedApprovalNonces[nonce]) revert OwnerApprovalNonceAlreadyUsed(nonce);
+        $.usedApprovalNonces[nonce] = true;
+        emit OwnerApprovalNonceUsed(nonce);
+    }
+
+    // ------------------------------------------------------------------ views
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function sessionKeys() public view virtual returns (address[] memory) {
+        return _getSessionKeysStorage().keys.values();
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function sessionKey(address key) public view virtual returns (SessionKeyState memory) {
+        return _getSessionKeysStorage().sessions[key];
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function callPermission(
+        address key,
+        address target,
+        bytes4 selector
+    ) public view virtual returns (bool allowed, uint128 valueLimit, StoredArgRule[] memory rules) {
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        uint64 id = $.sessions[key].id;
+        if (id == 0) return (false, 0, rules);
+        bytes32 pid = _permissionId(id, target, selector);
+        StoredPermission memory permission = $.permissions[pid];
+        rules = new StoredArgRule[](permission.ruleCount);
+        for (uint256 i = 0; i < rules.length; ++i) {
+            rules[i] = $.rules[pid][i];
+        }
+        return (permission.allowed, permission.valueLimit, rules);
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function isOneOfValue(
+        address key,
+        address target,
+        bytes4 selector,
+        uint256 ruleIndex,
+        bytes32 value
+    ) public view virtual returns (bool) {
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        uint64 id = $.sessions[key].id;
+        return id != 0 && $.oneOf[_oneOfId(_permissionId(id, target, selector), ruleIndex, value)];
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function ownerApprovalNonceUsed(uint256 nonce) public view virtual returns (bool) {
+        return _getSessionKeysStorage().usedApprovalNonces[nonce];
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function hashInstallSessionKey(
+        address key,
+        SessionPolicy calldata policy,
+        uint256 nonce,
+        uint48 deadline
+    ) public view virtual returns (bytes32) {
+        return _hashTypedDataV4(SessionKeyTypedData.hashInstall(key, policy, nonce, deadline));
+    }
+
+    /// @inheritdoc IAgentAccountSessionKeys
+    function hashRevokeSessionKey(address key, uint256 nonce, uint48 deadline) public view virtual returns (bytes32) {
+        return _hashTypedDataV4(SessionKeyTypedData.hashRevoke(key, nonce, deadline));
+    }
+
+    // ------------------------------------------------------------------ validation
+
+    /**
+     * @dev Routes {SESSION_SIGNATURE_LENGTH}-byte signatures to {_validateSessionUserOp}, anything else to the
+     * owner's validation (`super`).
+     */
+    function _validateUserOp(
+        PackedUserOperation calldata userOp,
+        bytes32 userOpHash,
+        bytes calldata signature
+    ) internal virtual override returns (uint256) {
+        if (signature.length == SESSION_SIGNATURE_LENGTH) {
+            return _validateSessionUserOp(userOp, userOpHash, signature);
+        }
+        return super._validateUserOp(userOp, userOpHash, signature);
+    }
+
+    /**
+     * @dev Checks every policy of the key named in `signature` and updates its counters. Reverts with
+     * {SessionKeyPolicyViolation} on a policy failure; returns the validation data (signature result and the
+     * intersected time bounds) otherwise.
+     */
+    function _validateSessionUserOp(
+        PackedUserOperation calldata userOp,
+        bytes32 userOpHash,
+        bytes calldata signature
+    ) internal virtual returns (uint256) {
+        address key = address(bytes20(signature[0:20]));
+        uint48 window = uint48(bytes6(signature[20:26]));
+
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        SessionKeyState storage session = $.sessions[key];
+        SessionKeyState memory state = session;
+        if (state.id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
+
+        _checkSessionCalls($, key, state.id, userOp.callData);
+        (uint48 validAfter, uint48 validUntil) = _useSessionRateLimit(session, state, key, window);
+        _useSessionGas(session, state, key, userOp);
+        emit SessionKeyUsed(key, state.id);
+
+        (address recovered, ECDSA.RecoverError err, ) = ECDSA.tryRecoverCalldata(
+            _signableUserOpHash(userOp, userOpHash),
+            signature[26:]
+        );
+        bool valid = err == ECDSA.RecoverError.NoError && recovered == key;
+        // EntryPoint v0.7 layout (core/Helpers.sol): validAfter (48) ++ validUntil (48) ++ aggregator (160), where
+        // validUntil 0 means "no expiry" (so an unbounded, valid operation returns plain 0).
+        if (validUntil == type(uint48).max) validUntil = 0;
+        return
+            (uint256(validAfter) << 208) |
+            (uint256(validUntil) << 160) |
+            (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
+    }
+
+    /// @dev The call policy: `callData` is an ERC-7821 batch whose every call is allowed.
+    function _checkSessionCalls(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        bytes calldata callData
+    ) private view {
+        (bool decoded, bytes32 mode, bytes calldata executionData) = _decodeExecuteCall(callData);
+        if (!decoded || !supportsExecutionMode(mode)) {
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
+        }
+        // The same decoder {ERC7821-execute} runs, so validation and execution see the same calls.
+        Execution[] calldata calls = ERC7579Utils.decodeBatch(executionData);
+        if (calls.length == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
+        for (uint256 i = 0; i < calls.length; ++i) {
+            _checkSessionCall($, key, id, i, calls[i]);
+        }
+    }
+
+    function _checkSessionCall(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        uint256 index,
+        Execution calldata call
+    ) private view {
+        address target = call.target;
+        bytes calldata data = call.callData;
+        // ERC-7821 executes a call to address(0) as a call to the account itself.
+        if (target == address(0) || target == address(this)) {
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+        }
+        bytes4 selector; // empty calldata: selector 0x00000000
+        if (data.length >= 4) {
+            selector = bytes4(data[0:4]);
+        } else if (data.length != 0) {
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+        }
+
+        bytes32 pid = _permissionId(id, target, selector);
+        StoredPermission memory permission = $.permissions[pid];
+        if (!permission.allowed) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+        if (call.value > permission.valueLimit) {
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
+        }
+        for (uint256 r = 0; r < permission.ruleCount; ++r) {
+            StoredArgRule memory rule = $.rules[pid][r];
+            (bool found, bytes32 word) = ArgRules.wordAt(data, rule.offset);
+            bool holds = found &&
+                (
+                    rule.condition == ArgCondition.OneOf
+                        ? $.oneOf[_oneOfId(pid, r, word)]
+                        : ArgRules.compare(rule.condition, word, rule.value)
+                );
+            if (!holds) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, r);
+        }
+    }
+
+    /**
+     * @dev The rate-limit policy (see the contract documentation); also intersects the timestamp policy. Returns
+     * the operation's `validAfter` / `validUntil`.
+     */
+    function _useSessionRateLimit(
+        SessionKeyState storage session,
+        SessionKeyState memory state,
+        address key,
+        uint48 window
+    ) private returns (uint48 validAfter, uint48 validUntil) {
+        validAfter = state.validAfter;
+        validUntil = state.validUntil == 0 ? type(uint48).max : state.validUntil;
+
+        if (state.maxUses != 0) {
+            if (state.uses >= state.maxUses) revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
+            session.uses = state.uses + 1;
+        }
+
+        if (state.interval != 0) {
+            if (window == 0 || window < state.window) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
+            }
+            uint32 used = window == state.window ? state.windowUses : 0;
+            if (used >= state.maxUsesPerInterval) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
+            }
+            uint256 start = uint256(window) * state.interval;
+            uint256 end = start + state.interval - 1;
+            if (start > validUntil || end < validAfter) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.Timestamp, 0, 0);
+            }
+            // Both fit in 48 bits: start <= validUntil and end < validUntil when it replaces it.
+            if (start > validAfter) validAfter = uint48(start);
+            if (end < validUntil) validUntil = uint48(end);
+            session.window = window;
+            session.windowUses = used + 1;
+        }
+    }
+
+    /// @dev The gas policy: charge the operation's worst-case cost to the key's budget.
+    function _useSessionGas(
+        SessionKeyState storage session,
+        SessionKeyState memory state,
+        address key,
+        PackedUserOperation calldata userOp
+    ) private {
+        if (state.gasBudget == 0) return;
+        uint256 cost = (userOp.preVerificationGas +
+            ERC4337Utils.verificationGasLimit(userOp) +
+            ERC4337Utils.callGasLimit(userOp) +
+            ERC4337Utils.paymasterVerificationGasLimit(userOp) +
+            ERC4337Utils.paymasterPostOpGasLimit(userOp)) * ERC4337Utils.maxFeePerGas(userOp);
+        uint256 spent = state.gasSpent + cost;
+        if (spent > state.gasBudget) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
+        session.gasSpent = uint128(spent);
+    }
+
+    /**
+     * @dev Splits `callData` as Solidity's ABI decoder does for `execute(bytes32 mode, bytes executionData)`,
+     * following the offset of `executionData`. Returns `decoded == false` for any other selector or shape.
+     */
+    function _decodeExecuteCall(
+        bytes calldata callData
+    ) private pure returns (bool decoded, bytes32 mode, bytes calldata executionData) {
+        executionData = callData[0:0];
+        if (callData.length < 68 || bytes4(callData[0:4]) != IERC7821.execute.selector) {
+            return (false, 0, executionData);
+        }
+        mode = bytes32(callData[4:36]);
+        uint256 offset = uint256(bytes32(callData[36:68]));
+        // callData.length is far below 2**64 and offset is bounded by it before any addition: no overflow.
+        unchecked {
+            if (offset > callData.length) return (false, 0, executionData);
+            uint256 lengthAt = 4 + offset;
+            if (lengthAt + 32 > callData.length) return (false, 0, executionData);
+            uint256 length = uint256(bytes32(callData[lengthAt:lengthAt + 32]));
+            if (length > callData.length - lengthAt - 32) return (false, 0, executionData);
+            executionData = callData[lengthAt + 32:lengthAt + 32 + length];
+        }
+        return (true, mode, executionData);
+    }
+
+    // ------------------------------------------------------------------ install / revoke
+
+    /// @dev Checks `policy` and stores it under a fresh grant id. Emits {SessionKeyInstalled}.
+    function _installSessionKey(address key, SessionPolicy calldata policy) internal virtual {
+        if (key == address(0) || key == address(this)) revert SessionKeyInvalidPolicy(key, 1, 0);
+        if (policy.validUntil != 0 && policy.validUntil < policy.validAfter) revert SessionKeyInvalidPolicy(key, 2, 0);
+        if ((policy.interval == 0) != (policy.maxUsesPerInterval == 0)) revert SessionKeyInvalidPolicy(key, 3, 0);
+        if (policy.permissions.length == 0) revert SessionKeyInvalidPolicy(key, 4, 0);
+
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        uint64 previous = $.sessions[key].id;
+        if (previous != 0) emit SessionKeyRevoked(key, previous);
+
+        uint64 id = ++$.lastId;
+        $.sessions[key] = SessionKeyState({
+            id: id,
+            validAfter: policy.validAfter,
+            validUntil: policy.validUntil,
+            maxUses: policy.maxUses,
+            uses: 0,
+            interval: policy.interval,
+            maxUsesPerInterval: policy.maxUsesPerInterval,
+            window: 0,
+            windowUses: 0,
+            gasBudget: policy.gasBudget,
+            gasSpent: 0
+        });
+        for (uint256 i = 0; i < policy.permissions.length; ++i) {
+            _storePermission($, key, id, i, policy.permissions[i]);
+        }
+        $.keys.add(key);
+        emit SessionKeyInstalled(key, id, policy);
+    }
+
+    function _storePermission(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        uint256 index,
+        CallPermission calldata permission
+    ) private {
+        address target = permission.target;
+        if (target == address(0) || target == address(this)) revert SessionKeyInvalidPolicy(key, 5, index);
+        bytes32 pid = _permissionId(id, target, permission.selector);
+        if ($.permissions[pid].allowed) revert SessionKeyInvalidPolicy(key, 6, index);
+        uint256 ruleCount = permission.rules.length;
+        if (ruleCount > MAX_RULES_PER_PERMISSION) revert SessionKeyInvalidPolicy(key, 7, index);
+        $.permissions[pid] = StoredPermission({
+            allowed: true,
+            ruleCount: uint8(ruleCount),
+            valueLimit: permission.valueLimit
+        });
+        for (uint256 r = 0; r < ruleCount; ++r) {
+            ArgRule calldata rule = permission.rules[r];
+            uint256 count = rule.values.length;
+            if (rule.condition == ArgCondition.OneOf) {
+                if (count == 0) revert SessionKeyInvalidPolicy(key, 8, index);
+                for (uint256 v = 0; v < count; ++v) {
+                    $.oneOf[_oneOfId(pid, r, rule.values[v])] = true;
+                }
+                $.rules[pid][r] = StoredArgRule(rule.condition, rule.offset, bytes32(count));
+            } else {
+                if (count != 1) revert SessionKeyInvalidPolicy(key, 8, index);
+                $.rules[pid][r] = StoredArgRule(rule.condition, rule.offset, rule.values[0]);
+            }
+        }
+    }
+
+    /// @dev Deletes the grant of `key`. Emits {SessionKeyRevoked}.
+    function _revokeSessionKey(address key) internal virtual {
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        uint64 id = $.sessions[key].id;
+        if (id == 0) revert SessionKeyNotInstalled(key);
+        delete $.sessions[key];
+        $.keys.remove(key);
+        emit SessionKeyRevoked(key, id);
+    }
+
+    /**
+     * @dev Checks an owner approval (EIP-712 `structHash` under this account's domain, signed by the owner) and
+     * consumes its nonce. Emits {OwnerApprovalNonceUsed}.
+     */
+    function _useOwnerApproval(
+        bytes32 structHash,
+        uint256 nonce,
+        uint48 deadline,
+        bytes calldata signature
+    ) internal virtual {
+        if (block.timestamp > deadline) revert OwnerApprovalExpired(deadline);
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        if ($.usedApprovalNonces[nonce]) revert OwnerApprovalNonceAlreadyUsed(nonce);
+        if (!_rawSignatureValidation(_hashTypedDataV4(structHash), signature)) {
+            revert OwnerApprovalInvalidSignature();
+        }
+        $.usedApprovalNonces[nonce] = true;
+        emit OwnerApprovalNonceUsed(nonce);
+    }
+
+    /// @dev Reverts unless the caller may manage session keys. Override to add the owner's own address.
+    function _checkSessionKeyAdmin() internal view virtual {
+        _checkEntryPointOrSelf();
+    }
+
+    function _permissionId(uint64 id, address target, bytes4 selector) private pure returns (bytes32) {
+        return keccak256(abi.encode(id, target, selector));
+    }
+
+    function _oneOfId(bytes32 pid, uint256 ruleIndex, bytes32 value) private pure returns (bytes32) {
+        return keccak256(abi.encode(pid, ruleIndex, value));
+    }
+}

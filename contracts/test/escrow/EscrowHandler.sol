@@ -1,0 +1,301 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.26;
+
+import {Test} from "../utils/Test.sol";
+import {AgentEscrow} from "../../src/AgentEscrow.sol";
+import {IAgentEscrow} from "../../src/escrow/IAgentEscrow.sol";
+import {TestUSDC} from "../../src/TestUSDC.sol";
+
+/**
+ * @dev Drives an {AgentEscrow} through random deposits, withdrawals, grants, revocations, time jumps and batches of
+ * payments (good, bad, replayed, stale), while keeping an independent model ("ghost" state) of what must hold.
+ * Model violations are latched into flags that the invariant suite asserts stay false; balances are compared
+ * directly.
+ *
+ * Actors: 3 payers (EOAs), 4 session keys (each may be granted by any payer), 3 payees.
+ */
+contract EscrowHandler is Test {
+    struct GhostGrant {
+        uint32 epoch;
+        bool live;
+        uint32 validAfter;
+        uint32 validUntil;
+        uint96 cap;
+        uint128 budget;
+        uint256 spent;
+        bool restricted;
+        bool[3] allowed;
+    }
+
+    AgentEscrow public immutable escrow;
+    TestUSDC public immutable usdc;
+    bytes32 internal immutable domainSeparator;
+
+    address[3] public payers;
+    uint256[3] internal payerKeys;
+    address[4] public keys;
+    uint256[4] internal keyPks;
+    address[3] public payees;
+
+    mapping(uint256 payer => mapping(uint256 key => GhostGrant)) internal ghostGrants;
+    mapping(bytes32 id => bool) internal settledIds; // keccak(signer, nonce)
+
+    IAgentEscrow.Payment[] internal settledPayments;
+    bytes[] internal settledSigs;
+
+    uint256 public ghostDeposited;
+    uint256 public ghostWithdrawn;
+    uint256 public ghostPaid;
+    uint256 public settledCount;
+    uint256 public failedCount;
+    uint256 public replayAttempts;
+
+    bool public violationDoubleSettle;
+    bool public violationDeadSigner; // a revoked, expired, not-yet-valid or stale-epoch key paid
+    bool public violationBudget;
+    bool public violationCap;
+    bool public violationPayee;
+    bool public violationSpendMismatch;
+    bool public violationReplayAccepted;
+
+    constructor(AgentEscrow escrow_, TestUSDC usdc_) {
+        escrow = escrow_;
+        usdc = usdc_;
+        domainSeparator = keccak256(
+            abi.encode(
+                keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
+                keccak256("AgentEscrow"),
+                keccak256("1"),
+                block.chainid,
+                address(escrow_)
+            )
+        );
+        for (uint256 i; i < 3; ++i) {
+            payerKeys[i] = uint256(keccak256(abi.encode("inv payer", i)));
+            payers[i] = vm.addr(payerKeys[i]);
+            payees[i] = address(uint160(0xBEE0 + i));
+        }
+        for (uint256 i; i < 4; ++i) {
+            keyPks[i] = uint256(keccak256(abi.encode("inv key", i)));
+            keys[i] = vm.addr(keyPks[i]);
+        }
+    }
+
+    // ------------------------------------------------------------------ actions
+
+    function deposit(uint256 payerSeed, uint256 amount) external {
+        address payer = payers[payerSeed % 3];
+        amount = bound(amount, 0, 1_000e6);
+        usdc.mint(payer, amount);
+        vm.startPrank(payer);
+        usdc.approve(address(escrow), amount);
+        escrow.deposit(address(usdc), amount);
+        vm.stopPrank();
+        ghostDeposited += amount;
+    }
+
+    function requestWithdrawal(uint256 payerSeed, uint256 amount) external {
+        address payer = payers[payerSeed % 3];
+        amount = bound(amount, 0, escrow.depositOf(payer, address(usdc)));
+        vm.prank(payer);
+        escrow.requestWithdrawal(address(usdc), amount);
+    }
+
+    function withdraw(uint256 payerSeed) external {
+        address payer = payers[payerSeed % 3];
+        (uint256 requested, uint256 readyAt) = escrow.withdrawalOf(payer, address(usdc));
+        if (requested == 0 || block.timestamp < readyAt) return;
+        uint256 balanceBefore = escrow.depositOf(payer, address(usdc));
+        vm.prank(payer);
+        uint256 amount = escrow.withdraw(address(usdc));
+        assertEq(amount, requested < balanceBefore ? requested : balanceBefore);
+        ghostWithdrawn += amount;
+    }
+
+    function grant(
+        uint256 payerSeed,
+        uint256 keySeed,
+        uint96 cap,
+        uint128 budget,
+        uint32 startOffset,
+        uint32 duration,
+        uint8 payeeMask
+    ) external {
+        uint256 pi = payerSeed % 3;
+        uint256 ki = keySeed % 4;
+        cap = uint96(bound(cap, 0, 100e6));
+        budget = uint128(bound(budget, 0, 400e6));
+        uint32 validAfter = uint32(block.timestamp + bound(startOffset, 0, 1 hours));
+        uint32 validUntil = validAfter + uint32(bound(duration, 1, 3 hours));
+        payeeMask = uint8(payeeMask % 8); // 0: any payee
+
+        uint256 count;
+        for (uint256 j; j < 3; ++j) if (payeeMask & (1 << j) != 0) ++count;
+        address[] memory list = new address[](count);
+        count = 0;
+        for (uint256 j; j < 3; ++j) if (payeeMask & (1 << j) != 0) list[count++] = payees[j];
+
+        vm.prank(payers[pi]);
+        uint32 epoch = escrow.grant(
+            keys[ki],
+            IAgentEscrow.GrantParams({
+                token: address(usdc), maxPerCall: cap, budget: budget, validAfter: validAfter, validUntil: validUntil
+            }),
+            list
+        );
+
+        GhostGrant storage g = ghostGrants[pi][ki];
+        g.epoch += 1;
+        assertEq(epoch, g.epoch);
+        g.live = true;
+        g.validAfter = validAfter;
+        g.validUntil = validUntil;
+        g.cap = cap;
+        g.budget = budget;
+        g.spent = 0;
+        g.restricted = payeeMask != 0;
+        for (uint256 j; j < 3; ++j) g.allowed[j] = payeeMask & (1 << j) != 0;
+    }
+
+    function revoke(uint256 payerSeed, uint256 keySeed) external {
+        uint256 pi = payerSeed % 3;
+        uint256 ki = keySeed % 4;
+        vm.prank(payers[pi]);
+        escrow.revoke(keys[ki]);
+        GhostGrant storage g = ghostGrants[pi][ki];
+        g.epoch += 1;
+        g.live = false;
+    }
+
+    function warp(uint256 seconds_) external {
+        vm.warp(block.timestamp + bound(seconds_, 0, 2 hours));
+    }
+
+    /**
+     * @dev Settles a batch of 1..4 random payments. Each picks a payer, a signer (a session key, or the payer
+     * itself), a payee, an amount, a nonce from a small range (so collisions happen), and an epoch that is usually
+     * current but sometimes stale or ahead.
+     */
+    function settle(uint256 seed, uint8 count) external {
+        count = uint8(bound(count, 1, 4));
+        IAgentEscrow.Payment[] memory ps = new IAgentEscrow.Payment[](count);
+        bytes[] memory sigs = new bytes[](count);
+        uint256[] memory pis = new uint256[](count);
+        uint256[] memory kis = new uint256[](count); // 4 = the payer itself
+
+        for (uint256 i; i < count; ++i) {
+            uint256 s = uint256(keccak256(abi.encode(seed, i)));
+            pis[i] = s % 3;
+            kis[i] = (s >> 8) % 5;
+            uint32 epoch = kis[i] < 4 ? ghostGrants[pis[i]][kis[i]].epoch : 0;
+            uint256 epochRoll = (s >> 16) % 8;
+            if (epochRoll == 0 && epoch > 0) epoch -= 1;
+            else if (epochRoll == 1) epoch += 1;
+            ps[i] = IAgentEscrow.Payment({
+                payer: payers[pis[i]],
+                payee: payees[(s >> 24) % 3],
+                token: address(usdc),
+                amount: bound(s >> 32, 0, 120e6),
+                nonce: (s >> 96) % 40,
+                deadline: block.timestamp + ((s >> 128) % 4 == 0 ? 0 : 10 minutes),
+                epoch: epoch
+            });
+            uint256 pk = kis[i] < 4 ? keyPks[kis[i]] : payerKeys[pis[i]];
+            sigs[i] = signPacked(pk, _digest(ps[i]));
+        }
+
+        // The model's verdict, taken before the batch runs; deposit/budget are tracked through the batch below.
+        IAgentEscrow.Reason[] memory reasons = escrow.settle(ps, sigs);
+
+        for (uint256 i; i < count; ++i) {
+            if (reasons[i] != IAgentEscrow.Reason.None) {
+                ++failedCount;
+                continue;
+            }
+            ++settledCount;
+            IAgentEscrow.Payment memory p = ps[i];
+            address signer = kis[i] < 4 ? keys[kis[i]] : p.payer;
+            bytes32 id = keccak256(abi.encode(signer, p.nonce));
+            if (settledIds[id]) violationDoubleSettle = true;
+            settledIds[id] = true;
+            ghostPaid += p.amount;
+            settledPayments.push(p);
+            settledSigs.push(sigs[i]);
+
+            if (kis[i] == 4) continue;
+            GhostGrant storage g = ghostGrants[pis[i]][kis[i]];
+            if (!g.live || p.epoch != g.epoch || block.timestamp < g.validAfter || block.timestamp > g.validUntil) {
+                violationDeadSigner = true;
+            }
+            if (p.amount > g.cap) violationCap = true;
+            if (g.restricted && !g.allowed[uint160(p.payee) - 0xBEE0]) violationPayee = true;
+            g.spent += p.amount;
+            if (g.spent > g.budget) violationBudget = true;
+        }
+        for (uint256 pi; pi < 3; ++pi) {
+            for (uint256 ki; ki < 4; ++ki) {
+                GhostGrant storage g = ghostGrants[pi][ki];
+                if (g.live && escrow.grantOf(payers[pi], keys[ki]).spent != g.spent) violationSpendMismatch = true;
+            }
+        }
+    }
+
+    /// @dev Re-submits a payment that already settled (alone or next to a fresh copy of itself): it must fail.
+    function replay(uint256 index) external {
+        if (settledPayments.length == 0) return;
+        index = index % settledPayments.length;
+        ++replayAttempts;
+        IAgentEscrow.Payment[] memory ps = new IAgentEscrow.Payment[](2);
+        bytes[] memory sigs = new bytes[](2);
+        ps[0] = settledPayments[index];
+        ps[1] = settledPayments[index];
+        sigs[0] = settledSigs[index];
+        sigs[1] = settledSigs[index];
+        IAgentEscrow.Reason[] memory reasons = escrow.settle(ps, sigs);
+        if (reasons[0] == IAgentEscrow.Reason.None || reasons[1] == IAgentEscrow.Reason.None) {
+            violationReplayAccepted = true;
+        }
+    }
+
+    // ------------------------------------------------------------------ views for the invariants
+
+    function sumDeposits() external view returns (uint256 total) {
+        for (uint256 i; i < 3; ++i) total += escrow.depositOf(payers[i], address(usdc));
+    }
+
+    function sumOwed() external view returns (uint256 total) {
+        for (uint256 i; i < 3; ++i) total += escrow.owedTo(payees[i], address(usdc));
+    }
+
+    function sumPayeeBalances() external view returns (uint256 total) {
+        for (uint256 i; i < 3; ++i) total += usdc.balanceOf(payees[i]);
+    }
+
+    function grantSpentWithinBudget() external view returns (bool) {
+        for (uint256 pi; pi < 3; ++pi) {
+            for (uint256 ki; ki < 4; ++ki) {
+                IAgentEscrow.GrantInfo memory info = escrow.grantOf(payers[pi], keys[ki]);
+                if (info.spent > info.budget) return false;
+            }
+        }
+        return true;
+    }
+
+    function _digest(IAgentEscrow.Payment memory p) internal view returns (bytes32) {
+        bytes32 structHash = keccak256(
+            abi.encode(
+                keccak256(
+                    "Payment(address payer,address payee,address token,uint256 amount,uint256 nonce,uint256 deadline,uint32 epoch)"
+                ),
+                p.payer,
+                p.payee,
+                p.token,
+                p.amount,
+                p.nonce,
+                p.deadline,
+                p.epoch
+            )
+        );
+        return keccak256(abi.encodePacked("\x19\x01", domainSeparator, structHash));
+    }
+}

@@ -1,0 +1,364 @@
+"""Bindings of `AgentEscrow` (and the ERC-20 calls around it), built from the compiled artifact's ABI.
+
+`ContractAbi` turns an artifact's ABI into selectors, eth_abi type lists and event topics once; `AgentEscrow`
+wraps the calls a gateway, a settler and an owner need over the async `Rpc`/`TxSender` of `escrow._rpc`.
+Events come back decoded from receipts (`decode_logs`) and from `eth_getLogs` (`logs`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import msgspec
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
+from eth_account import Account
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+
+from x402._escrow import EscrowPayload, EscrowPayment
+
+from ._artifacts import Artifact, ArtifactError, EscrowError, load_artifact
+from ._rpc import Log, Receipt, Rpc
+
+__all__ = [
+    "AgentEscrow",
+    "ContractAbi",
+    "Erc20",
+    "EscrowEvent",
+    "GrantInfo",
+    "deploy_contract",
+    "escrow_artifact",
+    "payment_tuple",
+    "topic_address",
+]
+
+_ZERO: Final = "0x" + "00" * 20
+
+
+def _abi_type(entry: Mapping[str, Any]) -> str:
+    kind: str = entry["type"]
+    if kind.startswith("tuple"):
+        inner = ",".join(_abi_type(c) for c in entry["components"])
+        return f"({inner}){kind[5:]}"
+    return kind
+
+
+class _Function(NamedTuple):
+    selector: bytes
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class _Event(NamedTuple):
+    name: str
+    names: tuple[str, ...]  # every input, in order
+    indexed: tuple[bool, ...]
+    types: tuple[str, ...]
+
+
+class EscrowEvent(NamedTuple):
+    """One decoded log: `args` by input name; `tx_hash` and `block` where the log came from."""
+
+    name: str
+    args: dict[str, Any]
+    tx_hash: str
+    block: int
+    address: str
+
+
+class ContractAbi:
+    """Selectors, types and event topics of one ABI, computed once."""
+
+    def __init__(self, abi: Sequence[Mapping[str, Any]]) -> None:
+        self.functions: dict[str, _Function] = {}
+        self.events: dict[bytes, _Event] = {}
+        self.topics: dict[str, str] = {}
+        self.errors: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+        for entry in abi:
+            kind = entry.get("type")
+            inputs = tuple(_abi_type(i) for i in entry.get("inputs", []))
+            if kind == "function":
+                sig = f"{entry['name']}({','.join(inputs)})"
+                outputs = tuple(_abi_type(o) for o in entry.get("outputs", []))
+                # Overloads keep the first name; callers needing another use the full signature.
+                self.functions.setdefault(entry["name"], _Function(keccak(text=sig)[:4], inputs, outputs))
+                self.functions[sig] = _Function(keccak(text=sig)[:4], inputs, outputs)
+            elif kind == "event":
+                topic = keccak(text=f"{entry['name']}({','.join(inputs)})")
+                names = tuple(i["name"] for i in entry["inputs"])
+                indexed = tuple(bool(i.get("indexed")) for i in entry["inputs"])
+                self.events[topic] = _Event(entry["name"], names, indexed, inputs)
+                self.topics[entry["name"]] = "0x" + topic.hex()
+            elif kind == "error":
+                self.errors[keccak(text=f"{entry['name']}({','.join(inputs)})")[:4]] = (entry["name"], inputs)
+
+    def encode(self, name: str, *args: Any) -> bytes:
+        fn = self.functions[name]
+        return fn.selector + abi_encode(fn.inputs, args)
+
+    def decode(self, name: str, data: bytes) -> tuple[Any, ...]:
+        return tuple(abi_decode(self.functions[name].outputs, data))
+
+    def decode_error(self, data: bytes) -> tuple[str, tuple[Any, ...]] | None:
+        found = self.errors.get(data[:4])
+        if found is None:
+            return None
+        return found[0], tuple(abi_decode(found[1], data[4:]))
+
+    def decode_log(self, log: Log, *, block: int = 0, tx_hash: str = "") -> EscrowEvent | None:
+        if not log.topics:
+            return None
+        event = self.events.get(bytes.fromhex(log.topics[0][2:]))
+        if event is None:
+            return None
+        plain = [t for t, i in zip(event.types, event.indexed, strict=True) if not i]
+        values = iter(abi_decode(plain, bytes.fromhex(log.data[2:])))
+        topics = iter(log.topics[1:])
+        args: dict[str, Any] = {}
+        for name, indexed, tp in zip(event.names, event.indexed, event.types, strict=True):
+            if indexed:
+                raw = bytes.fromhex(next(topics)[2:])
+                args[name] = (
+                    abi_decode([tp], raw)[0] if tp in ("address", "uint256", "uint32", "bool") else raw
+                )
+            else:
+                args[name] = next(values)
+        return EscrowEvent(event.name, args, tx_hash, block, log.address)
+
+
+def _repo_out(name: str) -> Artifact:
+    # Development fallback until `node contracts/build.mjs` has written escrow/artifacts/<name>.json:
+    # forge's output in a source checkout has the same ABI and bytecode.
+    path = Path(__file__).resolve().parent.parent / "contracts" / "out" / f"{name}.sol" / f"{name}.json"
+    try:
+        raw = msgspec.json.decode(path.read_bytes())
+    except OSError:
+        raise ArtifactError(f"no artifact {name!r} (build the contracts)", code="artifact_missing") from None
+    return Artifact(
+        contract_name=name,
+        abi=raw["abi"],
+        bytecode=raw["bytecode"]["object"],
+        deployed_bytecode=raw["deployedBytecode"]["object"],
+    )
+
+
+@functools.cache
+def escrow_artifact(name: str = "AgentEscrow") -> Artifact:
+    try:
+        return load_artifact(name)
+    except ArtifactError:
+        return _repo_out(name)
+
+
+@functools.cache
+def _escrow_abi() -> ContractAbi:
+    return ContractAbi(escrow_artifact().abi)
+
+
+@functools.cache
+def _erc20_abi() -> ContractAbi:
+    return ContractAbi(load_artifact("TestUSDC").abi)
+
+
+class GrantInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """`IAgentEscrow.GrantInfo`: a revoked (or never issued) grant has `token == 0x0`."""
+
+    token: str
+    epoch: int
+    valid_after: int
+    valid_until: int
+    max_per_call: int
+    budget: int
+    spent: int
+    payee_count: int
+
+    @property
+    def live(self) -> bool:
+        return self.token != _ZERO
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.spent
+
+
+def payment_tuple(payment: EscrowPayment) -> tuple[Any, ...]:
+    return (
+        payment.payer,
+        payment.payee,
+        payment.token,
+        int(payment.amount),
+        int(payment.nonce),
+        int(payment.deadline),
+        payment.epoch,
+    )
+
+
+def _sig(payload: EscrowPayload) -> bytes:
+    return bytes.fromhex(payload.signature[2:])
+
+
+async def deploy_contract(
+    rpc: Rpc, private_key: str, artifact: Artifact, args: Sequence[Any] = (), *, gas: int = 8_000_000
+) -> str:
+    """Deploy `artifact` from the key's account (not through a `TxSender`: it only calls existing
+    contracts); returns the checksummed address."""
+    account = Account.from_key(private_key)
+    types = [_abi_type(i) for i in artifact.constructor_inputs]
+    initcode = bytes.fromhex(artifact.bytecode[2:]) + abi_encode(types, list(args))
+    price = await rpc.gas_price()
+    tx = {
+        "type": 2,
+        "chainId": await rpc.chain_id(),
+        "nonce": await rpc.get_transaction_count(account.address, "pending"),
+        "data": initcode,
+        "gas": gas,
+        "maxFeePerGas": 2 * price + 10**9,
+        "maxPriorityFeePerGas": 10**9,
+        "value": 0,
+    }
+    tx_hash = await rpc.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+    await rpc.wait_for_receipt(tx_hash)
+    raw = await rpc.request("eth_getTransactionReceipt", [tx_hash])
+    address = raw.get("contractAddress") if isinstance(raw, dict) and raw.get("status") == "0x1" else None
+    if not address:
+        raise EscrowError(f"deployment of {artifact.contract_name} failed", code="deploy_failed")
+    return str(to_checksum_address(address))
+
+
+class AgentEscrow:
+    """Calls on one deployed `AgentEscrow`."""
+
+    def __init__(self, rpc: Rpc, address: str) -> None:
+        self.rpc = rpc
+        self.address = to_checksum_address(address)
+        self.abi = _escrow_abi()
+
+    @classmethod
+    async def deploy(cls, rpc: Rpc, private_key: str, *, withdrawal_delay: int = 900) -> AgentEscrow:
+        return cls(rpc, await deploy_contract(rpc, private_key, escrow_artifact(), [withdrawal_delay]))
+
+    async def _view(self, name: str, *args: Any, block: str = "latest") -> tuple[Any, ...]:
+        return self.abi.decode(
+            name, await self.rpc.call(self.address, self.abi.encode(name, *args), block=block)
+        )
+
+    # -- views ---------------------------------------------------------------------------------------------
+
+    async def grant_of(self, payer: str, signer: str) -> GrantInfo:
+        (info,) = await self._view("grantOf", payer, signer)
+        return GrantInfo(
+            token=to_checksum_address(info[0]),
+            epoch=info[1],
+            valid_after=info[2],
+            valid_until=info[3],
+            max_per_call=info[4],
+            budget=info[5],
+            spent=info[6],
+            payee_count=info[7],
+        )
+
+    async def deposit_of(self, payer: str, token: str) -> int:
+        return int((await self._view("depositOf", payer, token))[0])
+
+    async def nonce_used(self, signer: str, nonce: int) -> bool:
+        return bool((await self._view("nonceUsed", signer, nonce))[0])
+
+    async def is_payee_allowed(self, payer: str, signer: str, payee: str) -> bool:
+        return bool((await self._view("isPayeeAllowed", payer, signer, payee))[0])
+
+    async def check(self, payload: EscrowPayload) -> tuple[int, str]:
+        """What `settle` would decide for this payment now (`Reason` value) and who signed it."""
+        reason, signer = await self._view("check", payment_tuple(payload.payment), _sig(payload))
+        return int(reason), to_checksum_address(signer)
+
+    async def hash_payment(self, payment: EscrowPayment) -> bytes:
+        return bytes((await self._view("hashPayment", payment_tuple(payment)))[0])
+
+    async def withdrawal_delay(self) -> int:
+        return int((await self._view("WITHDRAWAL_DELAY"))[0])
+
+    # -- calldata (anyone may send these) ------------------------------------------------------------------
+
+    def settle_calldata(self, payloads: Sequence[EscrowPayload]) -> bytes:
+        return self.abi.encode(
+            "settle", [payment_tuple(p.payment) for p in payloads], [_sig(p) for p in payloads]
+        )
+
+    def settle_one_calldata(self, payload: EscrowPayload) -> bytes:
+        return self.abi.encode("settleOne", payment_tuple(payload.payment), _sig(payload))
+
+    # -- events --------------------------------------------------------------------------------------------
+
+    def decode_logs(self, receipt: Receipt) -> list[EscrowEvent]:
+        block = int(receipt.block_number, 16)
+        out = []
+        for log in receipt.logs:
+            if log.address.lower() != self.address.lower():
+                continue
+            event = self.abi.decode_log(log, block=block, tx_hash=receipt.transaction_hash)
+            if event is not None:
+                out.append(event)
+        return out
+
+    async def logs(
+        self,
+        names: Sequence[str],
+        *,
+        from_block: int,
+        to_block: int | str = "latest",
+        topics: Sequence[Any] = (),
+    ) -> list[EscrowEvent]:
+        """`eth_getLogs` for events `names` (extra indexed `topics` filter after the event topic)."""
+        first: Any = [self.abi.topics[n] for n in names]
+        end = to_block if isinstance(to_block, str) else hex(to_block)
+        raw = await self.rpc.request(
+            "eth_getLogs",
+            [
+                {
+                    "address": self.address,
+                    "fromBlock": hex(from_block),
+                    "toBlock": end,
+                    "topics": [first, *topics],
+                }
+            ],
+        )
+        out = []
+        for entry in raw:
+            log = Log(address=entry["address"], topics=entry["topics"], data=entry["data"])
+            event = self.abi.decode_log(
+                log, block=int(entry["blockNumber"], 16), tx_hash=entry["transactionHash"]
+            )
+            if event is not None:
+                out.append(event)
+        return out
+
+
+def topic_address(address: str) -> str:
+    return "0x" + "00" * 12 + address[2:].lower()
+
+
+class Erc20:
+    """The ERC-20 calls the owner helpers and tests need (TestUSDC's ABI)."""
+
+    def __init__(self, rpc: Rpc, address: str) -> None:
+        self.rpc = rpc
+        self.address = to_checksum_address(address)
+        self.abi = _erc20_abi()
+
+    async def balance_of(self, owner: str) -> int:
+        data = await self.rpc.call(self.address, self.abi.encode("balanceOf", owner))
+        return int(self.abi.decode("balanceOf", data)[0])
+
+    async def nonces(self, owner: str) -> int:
+        data = await self.rpc.call(self.address, self.abi.encode("nonces", owner))
+        return int(self.abi.decode("nonces", data)[0])
+
+    def approve_calldata(self, spender: str, amount: int) -> bytes:
+        return self.abi.encode("approve", spender, amount)
+
+    def transfer_calldata(self, to: str, amount: int) -> bytes:
+        return self.abi.encode("transfer", to, amount)

@@ -1,0 +1,244 @@
+"""The `escrow` scheme: a session key's signed `AgentEscrow.Payment`, served against a deferred, batched
+settlement.
+
+Offered as x402 `accepts[]` entry `{"scheme": "escrow", "extra": {"escrow", "name", "version",
+"deadlineSeconds"}}` and as an MPP `evm`/`charge` challenge whose `methodDetails.credentialTypes` is
+`["escrow"]` (credential payload `{"type": "escrow", "signature", "payment"}`). MPP credentials are bound by
+the payment's single-use nonce, not by the challenge hash: the sequential bitmap nonce is what keeps
+batched settlement cheap, and a payment is only ever good for its payee and amount.
+
+Verification = `escrow.EscrowVerifier` (signature, grant, cap, payee, window, deadline, on-chain `check`)
+plus two atomic store counters: the grant's budget share (refuse past it) and the payer's credit (past the
+gateway's `credit_limit` the payment is settled before it is served). Deferred payments become
+`escrow.EscrowClaim`s in the store's queue, which `escrow.EscrowSettler` drains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
+from escrow._settler import EscrowSettler, encode_claim
+from x402 import PaymentRejected, PaymentRequirements, Reason
+from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, decode_escrow_payload
+
+from ._errors import PaymentFailed
+from ._pricing import Quote
+from ._scheme import MppOffer, Offer, Presented, Verified
+from ._store import PaymentStore, Settlement
+
+__all__ = ["EscrowScheme", "EscrowState"]
+
+_UINT256_MAX = 2**256 - 1
+
+
+class EscrowState(msgspec.Struct, kw_only=True):
+    """`Verified.state` of an escrow payment."""
+
+    claim: EscrowClaim
+    settle_now: bool  # past the credit limit, or too close to a deadline to defer
+    tx_hash: str = ""  # set once settled before serving
+    reserved: bool = False  # budget/credit counters taken (to give back on release)
+    credited: bool = False
+
+
+class EscrowScheme:
+    """x402 `escrow` / MPP `evm` `charge` (`escrow` credential) against one `AgentEscrow`.
+
+    `store` must be the middleware's store (the counters and the queue live there); `settler` sends the
+    settle-before-serve transactions (its batching loop may run anywhere else). `credit_limit` is the most
+    this gateway serves one payer unsettled.
+    """
+
+    name = "escrow"
+
+    def __init__(
+        self,
+        verifier: EscrowVerifier,
+        store: PaymentStore,
+        settler: EscrowSettler,
+        *,
+        credit_limit: int,
+        deadline_seconds: int = 3600,
+        claim_ttl: float = 300.0,
+        settle_in_verify: bool = True,
+    ) -> None:
+        self.verifier = verifier
+        self.store = store
+        self.settler = settler
+        self.credit_limit = credit_limit
+        self.deadline_seconds = deadline_seconds
+        self.claim_ttl = claim_ttl
+        # The pipeline picks deferred vs. immediate per middleware, not per payment: until it asks the scheme,
+        # a payment past the credit limit is settled during verification (before the app runs).
+        self.settle_in_verify = settle_in_verify
+        self.escrow = verifier.escrow.address
+        self.chain_id = verifier.chain_id
+
+    # -- offer ---------------------------------------------------------------------------------------------
+
+    def offer(self, quote: Quote) -> Offer:
+        asset = quote.asset
+        extra: dict[str, Any] = {
+            "escrow": self.escrow,
+            "name": ESCROW_DOMAIN_NAME,
+            "version": ESCROW_DOMAIN_VERSION,
+            "deadlineSeconds": self.deadline_seconds,
+        }
+        requirements = PaymentRequirements(
+            scheme=self.name,
+            network=asset.network,
+            asset=asset.address,
+            amount=str(quote.amount),
+            pay_to=quote.pay_to,
+            max_timeout_seconds=quote.max_timeout_seconds,
+            extra=extra,
+        )
+        request: dict[str, Any] = {
+            "amount": str(quote.amount),
+            "currency": asset.address,
+            "recipient": quote.pay_to,
+            "methodDetails": {
+                "chainId": asset.chain_id,
+                "credentialTypes": ["escrow"],
+                "decimals": asset.decimals,
+                "escrowContract": self.escrow,
+                "deadlineSeconds": self.deadline_seconds,
+            },
+        }
+        return Offer(
+            scheme=self.name,
+            requirements=requirements,
+            mpp=MppOffer(method="evm", intent="charge", request=request),
+        )
+
+    # -- verify --------------------------------------------------------------------------------------------
+
+    async def verify(self, offer: Offer, presented: Presented, *, now: float) -> Verified:
+        req = offer.requirements
+        if (
+            req.network != f"eip155:{self.chain_id}"
+            or str(req.extra.get("escrow", "")).lower() != self.escrow.lower()
+        ):
+            raise PaymentRejected(EscrowCode.WRONG_ESCROW, "the offer is for another escrow or chain")
+        payload = decode_escrow_payload(presented.payload, mpp=presented.dialect == "mpp")
+        checked = await self.verifier.verify(
+            payload, pay_to=req.pay_to, amount=int(req.amount), token=req.asset, now=now
+        )
+        p = payload.payment
+        key = f"escrow:{self.chain_id}:{self.escrow.lower()}:{checked.signer.lower()}:{int(p.nonce)}"
+        # Our own claim, taken before any counter moves, so a replay can never reserve twice.
+        # A served payment stays finalized under `key` forever, while our claim expires: check both.
+        if await self.store.is_finalized(key) or not await self.store.claim(
+            key + "#reserve", ttl=self.claim_ttl
+        ):
+            raise PaymentRejected(Reason.NONCE_ALREADY_USED, "this payment was already presented")
+        credit, reserved, settled = accounts_for(self.chain_id, self.escrow, p.payer, checked.signer, p.epoch)
+        amount = int(p.amount)
+        claim = EscrowClaim(
+            chain_id=self.chain_id,
+            escrow=self.escrow,
+            signer=checked.signer,
+            payload=payload,
+            from_block=checked.block,
+            credit=credit,
+            reserved=reserved if checked.grant is not None else None,
+            settled=settled if checked.grant is not None else None,
+        )
+        state = EscrowState(claim=claim, settle_now=checked.expires_soon)
+        try:
+            if checked.grant is not None:
+                grant = checked.grant
+                others = max(0, grant.spent - await self.store.get_pending(settled))
+                if not await self.store.add_pending(reserved, amount, limit=grant.budget - others):
+                    raise EscrowRejected(
+                        EscrowCode.BUDGET_EXCEEDED, "the grant's budget is committed to other calls"
+                    )
+            state.reserved = True
+            if not state.settle_now:
+                state.credited = await self.store.add_pending(credit, amount, limit=self.credit_limit)
+                state.settle_now = not state.credited
+            verified = Verified(
+                scheme=self.name, key=key, payer=p.payer, amount=amount, network=req.network, state=state
+            )
+            if state.settle_now and self.settle_in_verify:
+                await self._settle_now(verified, record=True, now=now)
+        except BaseException:
+            await self.release_state(state, key)
+            raise
+        return verified
+
+    # -- settle --------------------------------------------------------------------------------------------
+
+    async def _settle_now(self, verified: Verified, *, record: bool, now: float) -> str:
+        state: EscrowState = verified.state
+        claim = state.claim
+        tx_hash, code = await self.settler.settle_now(claim)
+        if code:
+            raise PaymentFailed(f"the escrow refused to settle: {code}", code=code, status_hint=402)
+        state.tx_hash = tx_hash
+        amount = verified.amount
+        if claim.settled is not None:
+            await self.store.add_pending(claim.settled, amount, limit=_UINT256_MAX)
+        if record:
+            # The pipeline's later enqueue of this key is a no-op: the record already says settled.
+            await self.store.enqueue(self._settlement(verified, now))
+            await self.store.mark_settled([verified.key], tx_hash=tx_hash)
+        return tx_hash
+
+    async def settle(self, verified: Verified) -> str:
+        """Settle before the response (`settle="before-response"`, or past the credit limit)."""
+        state: EscrowState = verified.state
+        if state.tx_hash:
+            return state.tx_hash
+        if state.credited:  # settling now: this payment no longer sits on the payer's credit
+            await self.store.sub_pending(state.claim.credit or "", verified.amount)
+            state.credited = False
+        try:
+            return await self._settle_now(verified, record=False, now=0.0)
+        except PaymentFailed:
+            await self.release(verified)
+            raise
+
+    def settle_now(self, verified: Verified) -> bool:
+        """Whether this payment must be settled before it is served, even under `settle="deferred"`."""
+        state: EscrowState = verified.state
+        return state.settle_now and not state.tx_hash
+
+    def _settlement(self, verified: Verified, now: float) -> Settlement:
+        state: EscrowState = verified.state
+        claim = state.claim
+        if not state.credited:
+            claim = msgspec.structs.replace(claim, credit=None)
+        return Settlement(
+            key=verified.key,
+            kind=self.name,
+            payload=encode_claim(claim),
+            payer=verified.payer,
+            amount=verified.amount,
+            created_at=now,
+        )
+
+    def settlement(self, verified: Verified, *, now: float) -> Settlement:
+        return self._settlement(verified, now)
+
+    # -- release -------------------------------------------------------------------------------------------
+
+    async def release(self, verified: Verified) -> None:
+        """The app failed (or settlement was refused): give back what verification reserved."""
+        state: EscrowState = verified.state
+        if state.tx_hash:
+            return  # already paid on chain: nothing to give back
+        await self.release_state(state, verified.key)
+
+    async def release_state(self, state: EscrowState, key: str) -> None:
+        claim = state.claim
+        amount = int(claim.payload.payment.amount)
+        if state.reserved and claim.reserved is not None:
+            await self.store.sub_pending(claim.reserved, amount)
+        if state.credited and claim.credit is not None:
+            await self.store.sub_pending(claim.credit, amount)
+        state.reserved = state.credited = False
+        await self.store.release(key + "#reserve")

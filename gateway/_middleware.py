@@ -1,0 +1,250 @@
+"""`PaymentMiddleware`: a pure ASGI paywall in front of any Starlette (or other ASGI) app.
+
+Unpriced requests pass straight through. A priced request without a credential gets one 402 with every offer
+in both protocols. A paid request is verified and claimed before the app runs; the app's
+`http.response.start` and body are held (as Starlette's GZip middleware holds the start) until the pipeline
+has settled, so nothing reaches the client unpaid: a failed handler (status >= 400 or an exception) releases
+the claim and is passed through uncharged; a failed settlement withholds the content behind a 402.
+"""
+
+from __future__ import annotations
+
+import secrets as _secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from x402 import MIN_SECRET_BYTES, X402Error, error_answer
+
+from ._answers import Answer, Headers
+from ._errors import ConfigurationError, GatewayError, PaymentFailed
+from ._pipeline import Paywall, SettleMode
+from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
+from ._scheme import Dialect, Offer, Scheme
+from ._store import MemoryStore, PaymentStore
+
+__all__ = ["PaymentMiddleware"]
+
+_CREDENTIAL_HEADERS: dict[bytes, Dialect] = {b"payment-signature": "x402v2", b"x-payment": "x402v1"}
+# Server push shortcuts would bypass the held body, so paid routes never see them offered.
+_UNBUFFERABLE = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+def _find_credential(headers: list[tuple[bytes, bytes]]) -> tuple[Dialect, bytes] | None:
+    found: list[tuple[Dialect, bytes]] = []
+    for name, value in headers:
+        dialect = _CREDENTIAL_HEADERS.get(name)
+        if dialect is not None:
+            found.append((dialect, value))
+        elif name == b"authorization" and value[:8].lower() == b"payment ":
+            found.append(("mpp", value))
+    if len(found) > 1:
+        raise PaymentFailed("send exactly one payment credential", code="invalid_payload", status_hint=400)
+    return found[0] if found else None
+
+
+async def _send_answer(send: Send, answer: Answer) -> None:
+    headers = [*answer.headers, (b"content-length", str(len(answer.body)).encode())]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+class _Held:
+    """Holds the app's response until the payment is settled."""
+
+    __slots__ = ("body", "start", "trailing")
+
+    def __init__(self) -> None:
+        self.start: Message | None = None
+        self.body: list[bytes] = []
+        self.trailing: list[Message] = []
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.start = message
+        elif kind == "http.response.body":
+            self.body.append(message.get("body", b""))
+        else:
+            self.trailing.append(message)
+
+    @property
+    def status(self) -> int:
+        return 500 if self.start is None else int(self.start["status"])
+
+    async def flush(self, send: Send, extra: Headers | None = None) -> None:
+        assert self.start is not None
+        start = self.start
+        if extra:
+            replaced = {name for name, _ in extra}
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in replaced]
+            start = {**start, "headers": [*headers, *extra]}
+        await send(start)
+        await send({"type": "http.response.body", "body": b"".join(self.body)})
+        for message in self.trailing:
+            await send(message)
+
+
+class PaymentMiddleware:
+    """Charge for routes. `routes` maps `"GET /path"` (or `"/path"`) to a price or a `PaidRoute`.
+
+    `schemes` are the payment schemes offered (e.g. `[ExactScheme(exact_evm)]`); `pay_to` and `asset` are
+    the defaults for routes that name none. `secret` keys the MPP challenge HMAC (several: the first signs,
+    all verify, for rotation); a random one is made when absent, which is fine for a single process.
+    `settle="before-response"` settles on-chain before the response leaves; `"deferred"` enqueues the
+    payment in the store for a batching settler.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Mapping[str, PaidRoute | Price],
+        schemes: Sequence[Scheme],
+        pay_to: str | None = None,
+        asset: Asset | None = None,
+        store: PaymentStore | None = None,
+        secret: bytes | str | Sequence[bytes | str] | None = None,
+        realm: str | None = None,
+        settle: SettleMode = "before-response",
+        challenge_ttl: float = 300.0,
+        claim_ttl: float = 300.0,
+        accept_pympp_challenge_hash: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
+        self.paywall = Paywall(
+            schemes,
+            store=store or MemoryStore(),
+            secrets=_secret_list(secret),
+            realm=realm,
+            settle=settle,
+            challenge_ttl=challenge_ttl,
+            claim_ttl=claim_ttl,
+            accept_pympp_challenge_hash=accept_pympp_challenge_hash,
+            clock=clock,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        entry = self.routes.match(scope)
+        if entry is None:
+            await self.app(scope, receive, send)
+            return
+        if callable(entry.route.price):
+            receive = await _replayable(receive)
+        try:
+            quote = await self.routes.quote(entry, Request(scope, receive))
+        except GatewayError as exc:
+            await _send_answer(send, _server_error(exc))
+            return
+        paywall = self.paywall
+        offers = paywall.offers(quote)
+        host = _host(scope)
+        try:
+            found = _find_credential(scope["headers"])
+        except PaymentFailed as exc:
+            await _send_answer(send, self._failure(quote, offers, host, exc, None))
+            return
+        if found is None:
+            answer = paywall.challenger.payment_required(
+                quote, offers, realm=paywall.realm_for(host), now=paywall.clock()
+            )
+            await _send_answer(send, answer)
+            return
+        dialect, raw = found
+        try:
+            attempt = await paywall.verify(quote, offers, dialect, raw, host=host)
+        except PaymentFailed as exc:
+            await _send_answer(send, self._failure(quote, offers, host, exc, dialect))
+            return
+
+        held = _Held()
+        extensions = scope.get("extensions") or {}
+        if any(name in extensions for name in _UNBUFFERABLE):
+            scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k not in _UNBUFFERABLE}}
+        try:
+            await self.app(scope, receive, held.send)
+        except BaseException:
+            await paywall.release(attempt)
+            raise
+        if held.start is None or held.status >= 400:
+            await paywall.release(attempt)
+            if held.start is not None:
+                await held.flush(send)
+            return
+        try:
+            receipt = await paywall.settle(attempt)
+        except PaymentFailed as exc:
+            await _send_answer(send, self._failure(quote, offers, host, exc, dialect))
+            return
+        await held.flush(send, receipt)
+
+    def _failure(
+        self, quote: Quote, offers: list[Offer], host: str, exc: PaymentFailed, dialect: Dialect | None
+    ) -> Answer:
+        # Known codes map through the shared table; unknown ones (store outages, ...) by their status hint.
+        answer = error_answer(X402Error(exc.message, code=exc.code, status_hint=exc.status_hint))
+        paywall = self.paywall
+        return paywall.challenger.payment_required(
+            quote,
+            offers,
+            realm=paywall.realm_for(host),
+            now=paywall.clock(),
+            failure=answer,
+            detail=exc.message,
+            dialect=dialect,
+            extra_headers=exc.headers,
+        )
+
+
+def _server_error(exc: GatewayError) -> Answer:
+    body = b'{"type":"about:blank","title":"Internal Server Error","status":500,"detail":"pricing failed"}'
+    del exc  # the detail of a misconfiguration is for logs, not for the payer
+    return Answer(status=500, headers=[(b"content-type", b"application/problem+json")], body=body)
+
+
+def _host(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            return str(value.decode("latin-1"))
+    server = scope.get("server")
+    return str(server[0]) if server else "localhost"
+
+
+def _secret_list(secret: bytes | str | Sequence[bytes | str] | None) -> list[bytes]:
+    if secret is None:
+        return [_secrets.token_bytes(32)]
+    items: Sequence[bytes | str] = [secret] if isinstance(secret, bytes | str) else secret
+    keys = [s.encode() if isinstance(s, str) else bytes(s) for s in items]
+    if not keys or any(len(k) < MIN_SECRET_BYTES for k in keys):
+        raise ConfigurationError(f"MPP challenge secrets must be at least {MIN_SECRET_BYTES} bytes")
+    return keys
+
+
+async def _replayable(receive: Receive) -> Receive:
+    """Read the request body now (a pricing function may want it) and replay it to the app."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+

@@ -1,0 +1,250 @@
+"""verify -> claim -> (the app runs) -> settle or release: the payment pipeline, free of ASGI details.
+
+A credential arrives in one of three dialects (`PAYMENT-SIGNATURE` x402 v2, `X-PAYMENT` x402 v1,
+`Authorization: Payment` MPP). The pipeline decodes it, finds the offer it pays (v2: `accepted` must equal an
+advertised requirement; v1: scheme + network; MPP: an HMAC-valid, unexpired challenge whose request and route
+scope equal what this request would be offered now), lets the scheme verify it, and takes the atomic replay
+claim. After the app answered, it settles (or enqueues) a success and releases the claim of a failure.
+Every failure leaves as `PaymentFailed` carrying the x402 reason code; `x402.error_answer` turns that into
+the status and problem type of the dialect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from x402 import (
+    InvalidChallenge,
+    PaymentRejected,
+    PaymentRequirements,
+    Reason,
+    UnsupportedScheme,
+    X402Error,
+    challenge_hash,
+    challenge_hash_pympp,
+    decode_payment_signature,
+    decode_x_payment,
+    parse_credential,
+    requirements_match,
+    verify_challenge,
+)
+
+from escrow._artifacts import EscrowError
+
+from ._answers import Challenger, Headers, receipt_headers, settle_failure_headers, v1_network
+from ._errors import GatewayError, PaymentFailed
+from ._pricing import Quote
+from ._scheme import Dialect, Offer, Presented, Scheme, Verified
+from ._state import Event, PaymentState, Tracker
+from ._store import PaymentStore, StoreError
+
+__all__ = ["Attempt", "Paywall", "SettleMode"]
+
+SettleMode = Literal["before-response", "deferred"]
+
+_PENDING = {Reason.SETTLEMENT_PENDING}
+
+
+class Attempt:
+    """One presented payment on its way through the pipeline."""
+
+    __slots__ = ("dialect", "offer", "presented", "scheme", "tracker", "verified")
+
+    def __init__(self, dialect: Dialect, offer: Offer, presented: Presented, scheme: Scheme) -> None:
+        self.dialect = dialect
+        self.offer = offer
+        self.presented = presented
+        self.scheme = scheme
+        self.verified: Verified | None = None
+        self.tracker = Tracker()
+
+    @property
+    def state(self) -> PaymentState:
+        return self.tracker.state
+
+
+def _failed(exc: Exception, *, during: str) -> PaymentFailed:
+    """Bring x402, escrow and store errors under the gateway's root, keeping their stable codes."""
+    if isinstance(exc, PaymentFailed):
+        return exc
+    if isinstance(exc, X402Error):
+        return PaymentFailed(exc.message, code=exc.code, status_hint=exc.status_hint)
+    if isinstance(exc, EscrowError):
+        status = getattr(exc, "status_hint", 502)
+        code = exc.code if status == 402 else f"unexpected_{during}_error"
+        return PaymentFailed(str(exc), code=code, status_hint=status)
+    if isinstance(exc, StoreError):
+        return PaymentFailed(exc.message, code=exc.code, status_hint=exc.status_hint)
+    return PaymentFailed(f"{type(exc).__name__}: {exc}", code=f"unexpected_{during}_error", status_hint=500)
+
+
+class Paywall:
+    """The payment pipeline shared by every paid route of one middleware."""
+
+    def __init__(
+        self,
+        schemes: Sequence[Scheme],
+        *,
+        store: PaymentStore,
+        secrets: Sequence[bytes],
+        realm: str | None = None,
+        settle: SettleMode = "before-response",
+        challenge_ttl: float = 300.0,
+        claim_ttl: float = 300.0,
+        accept_pympp_challenge_hash: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not schemes:
+            raise GatewayError("at least one payment scheme is required", code="configuration_error")
+        if settle not in ("before-response", "deferred"):
+            raise GatewayError(f"unknown settle mode {settle!r}", code="configuration_error")
+        self.schemes = {scheme.name: scheme for scheme in schemes}
+        self.store = store
+        self.secrets = list(secrets)
+        self.realm = realm
+        self.settle_mode: SettleMode = settle
+        self.claim_ttl = claim_ttl
+        self.pympp_compat = accept_pympp_challenge_hash
+        self.clock = clock
+        self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl)
+
+    def realm_for(self, host: str) -> str:
+        return self.realm or host.rsplit(":", 1)[0] or "localhost"
+
+    def offers(self, quote: Quote) -> list[Offer]:
+        names = quote.schemes or tuple(self.schemes)
+        return [self.schemes[name].offer(quote) for name in names if name in self.schemes]
+
+    # -- verify --------------------------------------------------------------------------------------------
+
+    async def verify(
+        self, quote: Quote, offers: Sequence[Offer], dialect: Dialect, raw: bytes, *, host: str
+    ) -> Attempt:
+        """Decode and verify a credential, then take its replay claim. Raises `PaymentFailed`."""
+        now = self.clock()
+        try:
+            if dialect == "x402v2":
+                offer, presented = self._x402v2(raw, offers)
+            elif dialect == "x402v1":
+                offer, presented = self._x402v1(raw, offers)
+            else:
+                offer, presented = self._mpp(raw, quote, offers, host=host, now=now)
+            attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
+            attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
+        except Exception as exc:
+            raise _failed(exc, during="verify") from exc
+        attempt.tracker.fire(Event.VERIFIED)
+        try:
+            claimed = await self.store.claim(attempt.verified.key, ttl=self.claim_ttl)
+        except StoreError as exc:
+            raise _failed(exc, during="verify") from exc
+        if not claimed:
+            attempt.tracker.fire(Event.REPLAYED)
+            raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
+        attempt.tracker.fire(Event.CLAIMED)
+        return attempt
+
+    def _x402v2(self, raw: bytes, offers: Sequence[Offer]) -> tuple[Offer, Presented]:
+        payment = decode_payment_signature(raw)
+        offer = _match_accepted(payment.accepted, offers)
+        return offer, Presented(dialect="x402v2", payload=payment.payload)
+
+    def _x402v1(self, raw: bytes, offers: Sequence[Offer]) -> tuple[Offer, Presented]:
+        payment = decode_x_payment(raw)
+        same_scheme = [o for o in offers if o.requirements.scheme == payment.scheme]
+        if not same_scheme:
+            raise UnsupportedScheme(f"scheme {payment.scheme[:32]!r} is not offered")
+        for offer in same_scheme:
+            network = offer.requirements.network
+            if payment.network in (network, v1_network(network)):
+                return offer, Presented(dialect="x402v1", payload=payment.payload)
+        raise PaymentRejected(Reason.NETWORK_MISMATCH, f"network {payment.network[:64]!r} is not offered")
+
+    def _mpp(
+        self, raw: bytes, quote: Quote, offers: Sequence[Offer], *, host: str, now: float
+    ) -> tuple[Offer, Presented]:
+        credential = parse_credential(raw)
+        ch = credential.challenge
+        if not verify_challenge(self.secrets, ch):
+            raise InvalidChallenge("the challenge id does not match its parameters")
+        if ch.realm != self.realm_for(host):
+            raise InvalidChallenge("the challenge was issued for another realm")
+        expires = ch.expires_at()
+        if expires is None or expires.timestamp() <= now:
+            raise InvalidChallenge("the challenge expired", code=Reason.CHALLENGE_EXPIRED)
+        request = ch.request_json()
+        if request.pop("_mppx_scope", None) != Challenger.scope(quote):
+            raise InvalidChallenge("the challenge was issued for another route", code=Reason.CHALLENGE_BINDING_MISMATCH)
+        same_method = [o for o in offers if o.mpp is not None and (o.mpp.method, o.mpp.intent) == (ch.method, ch.intent)]
+        if not same_method:
+            raise UnsupportedScheme(f"{ch.method[:32]}/{ch.intent[:32]} is not offered here")
+        offer = next((o for o in same_method if o.mpp is not None and o.mpp.request == request), None)
+        if offer is None:
+            raise InvalidChallenge("the challenge no longer matches the price", code=Reason.CHALLENGE_BINDING_MISMATCH)
+        bindings = (challenge_hash(ch.id, ch.realm),)
+        if self.pympp_compat:
+            bindings += (challenge_hash_pympp(ch.id, ch.realm),)
+        presented = Presented(
+            dialect="mpp", payload=credential.payload, challenge=ch, bindings=bindings, source=credential.source
+        )
+        return offer, presented
+
+    # -- after the app -------------------------------------------------------------------------------------
+
+    async def release(self, attempt: Attempt) -> None:
+        """The app failed: drop the claim, charge nothing; the same payment may be presented again."""
+        attempt.tracker.fire(Event.HANDLER_FAILED)
+        assert attempt.verified is not None
+        await self.store.release(attempt.verified.key)
+
+    async def settle(self, attempt: Attempt) -> Headers:
+        """The app succeeded: settle now (or enqueue), record the receipt; the receipt headers to add."""
+        verified = attempt.verified
+        assert verified is not None
+        attempt.tracker.fire(Event.SERVED)
+        now = self.clock()
+        queued = self.settle_mode == "deferred"
+        try:
+            tx_hash = "" if queued else await attempt.scheme.settle(verified)
+        except Exception as exc:
+            failure = _failed(exc, during="settle")
+            attempt.tracker.fire(Event.SETTLE_FAILED)
+            # A definite failure frees the payment; an unknown outcome keeps the claim until its TTL runs out,
+            # by which time the chain (the nonce is used or not) is the judge.
+            if failure.status_hint == 402 and failure.code not in _PENDING:
+                await self.store.release(verified.key)
+            failure.headers = settle_failure_headers(attempt.dialect, verified, failure.code)
+            raise failure from exc
+        headers, receipt = receipt_headers(
+            attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
+        )
+        settlement = attempt.scheme.settlement(verified, now=now) if queued else None
+        await self.store.complete(verified.key, receipt=receipt, settlement=settlement)
+        attempt.tracker.fire(Event.QUEUED if queued else Event.SETTLED)
+        return headers
+
+
+def _same(a: str, b: str) -> bool:
+    return a.lower() == b.lower()
+
+
+def _match_accepted(accepted: PaymentRequirements, offers: Sequence[Offer]) -> Offer:
+    """The offer `accepted` echoes, or the most specific reason why none matches."""
+    same_scheme = [o for o in offers if o.requirements.scheme == accepted.scheme]
+    if not same_scheme:
+        raise UnsupportedScheme(f"scheme {accepted.scheme[:32]!r} is not offered")
+    same_network = [o for o in same_scheme if o.requirements.network == accepted.network]
+    if not same_network:
+        raise PaymentRejected(Reason.NETWORK_MISMATCH, f"network {accepted.network[:64]!r} is not offered")
+    for offer in same_network:
+        if requirements_match(accepted, offer.requirements):
+            return offer
+    for offer in same_network:
+        r = offer.requirements
+        if _same(r.asset, accepted.asset) and _same(r.pay_to, accepted.pay_to) and r.amount != accepted.amount:
+            raise PaymentRejected(Reason.VALUE_MISMATCH, f"accepted.amount {accepted.amount} is not the price")
+        if _same(r.asset, accepted.asset) and not _same(r.pay_to, accepted.pay_to):
+            raise PaymentRejected(Reason.RECIPIENT_MISMATCH, "accepted.payTo is not the recipient")
+    raise PaymentRejected(Reason.INVALID_PAYMENT_REQUIREMENTS, "accepted matches no advertised requirement")

@@ -1,0 +1,166 @@
+"""Route prices: which requests cost what, in which asset, paid to whom.
+
+A price is atomic units (`int`), a human amount (`"$0.001"`, `"0.001"`, `Decimal`) converted with the
+asset's decimals, or a function of the request (sync or async) returning either. Route keys are
+`"METHOD /path"` or `"/path"` (any method); paths may hold Starlette `{param}` segments.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeAlias
+
+import msgspec
+from eth_utils import to_checksum_address
+from starlette.requests import Request
+from starlette.routing import compile_path
+from starlette.types import Scope
+
+from ._errors import ConfigurationError
+
+__all__ = ["Asset", "Amount", "PaidRoute", "Price", "PriceFunction", "Quote", "RouteTable", "to_atomic"]
+
+Amount: TypeAlias = int | str | Decimal
+PriceFunction: TypeAlias = Callable[[Request], Amount | Awaitable[Amount]]
+Price: TypeAlias = Amount | PriceFunction
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+class Asset(msgspec.Struct, frozen=True, kw_only=True):
+    """An EIP-3009 token on one chain. `name`/`version` must equal the token's on-chain EIP-712 domain."""
+
+    address: str
+    chain_id: int
+    name: str
+    version: str
+    decimals: int = 6
+    symbol: str = "USDC"
+
+    @property
+    def network(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+
+class PaidRoute(msgspec.Struct, frozen=True, kw_only=True):
+    """One paid route. Unset `pay_to`/`asset` fall back to the middleware's defaults."""
+
+    price: Any  # Price; typed loosely because msgspec cannot describe callables
+    pay_to: str | None = None
+    asset: Asset | None = None
+    description: str = ""
+    mime_type: str = "application/json"
+    max_timeout_seconds: int = 60
+    schemes: tuple[str, ...] | None = None  # None: every scheme the middleware knows
+
+
+class Quote(msgspec.Struct, frozen=True, kw_only=True):
+    """What one request costs: the priced route, resolved against its defaults."""
+
+    route: str  # the route key that matched, e.g. "GET /hello"
+    method: str
+    path: str  # the request path (MPP scope binding)
+    url: str  # absolute resource URL (x402 `resource.url`)
+    amount: int
+    asset: Asset
+    pay_to: str
+    description: str
+    mime_type: str
+    max_timeout_seconds: int
+    schemes: tuple[str, ...] | None
+
+
+def to_atomic(amount: Amount, decimals: int) -> int:
+    """Atomic units of `amount`: ints are atomic already; strings and Decimals are human amounts."""
+    if isinstance(amount, bool):
+        raise ConfigurationError(f"price must be a number, not {amount!r}")
+    if isinstance(amount, int):
+        value = Decimal(amount)
+        atomic = amount
+    else:
+        text = amount.strip().removeprefix("$").replace("_", "") if isinstance(amount, str) else amount
+        try:
+            value = Decimal(text)
+        except (InvalidOperation, ValueError):
+            raise ConfigurationError(f"unparseable price {amount!r}") from None
+        scaled = value.scaleb(decimals)
+        if scaled != scaled.to_integral_value():
+            raise ConfigurationError(f"price {amount!r} is finer than the asset's {decimals} decimals")
+        atomic = int(scaled)
+    if not value.is_finite() or atomic < 0:
+        raise ConfigurationError(f"price must be a non-negative finite amount, got {amount!r}")
+    return atomic
+
+
+async def resolve(price: Price, request: Request, decimals: int) -> int:
+    if callable(price):
+        out = price(request)
+        if inspect.isawaitable(out):
+            out = await out
+        return to_atomic(out, decimals)
+    return to_atomic(price, decimals)
+
+
+class _Entry(msgspec.Struct, frozen=True):
+    key: str
+    method: str | None
+    regex: re.Pattern[str]
+    route: PaidRoute
+    static: int | None  # atomic price when it does not depend on the request
+
+
+class RouteTable:
+    """Matches requests to paid routes and prices them."""
+
+    def __init__(
+        self, routes: Mapping[str, PaidRoute | Price], *, pay_to: str | None, asset: Asset | None
+    ) -> None:
+        self.pay_to = pay_to
+        self.asset = asset
+        self._entries: list[_Entry] = []
+        for key, spec in routes.items():
+            route = spec if isinstance(spec, PaidRoute) else PaidRoute(price=spec)
+            method, _, path = key.partition(" ") if " " in key else ("", "", key)
+            regex, _, _ = compile_path(path.strip())
+            asset_ = route.asset or asset
+            if asset_ is None or not _ADDRESS.match(asset_.address):
+                raise ConfigurationError(f"route {key!r} needs an asset with an address, got {asset_!r}")
+            to = route.pay_to or pay_to
+            if to is None or not _ADDRESS.match(to):
+                raise ConfigurationError(f"route {key!r} needs a pay_to address, got {to!r}")
+            # Offers carry EIP-55 addresses: clients echo them and x402 compares `accepted` as strings.
+            asset_ = msgspec.structs.replace(asset_, address=to_checksum_address(asset_.address))
+            route = msgspec.structs.replace(route, asset=asset_, pay_to=to_checksum_address(to))
+            static = None if callable(route.price) else to_atomic(route.price, asset_.decimals)
+            self._entries.append(_Entry(key, method.upper() or None, regex, route, static))
+
+    def match(self, scope: Scope) -> _Entry | None:
+        method, path = scope["method"], scope["path"]
+        for entry in self._entries:
+            if (entry.method is None or entry.method == method) and entry.regex.match(path):
+                return entry
+        return None
+
+    async def quote(self, entry: _Entry, request: Request) -> Quote:
+        route = entry.route
+        asset, pay_to = route.asset, route.pay_to
+        assert asset is not None and pay_to is not None  # resolved in __init__
+        amount = (
+            entry.static if entry.static is not None else await resolve(route.price, request, asset.decimals)
+        )
+        return Quote(
+            route=entry.key,
+            method=request.method,
+            path=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+            url=str(request.url),
+            amount=amount,
+            asset=asset,
+            pay_to=pay_to,
+            description=route.description,
+            mime_type=route.mime_type,
+            max_timeout_seconds=route.max_timeout_seconds,
+            schemes=route.schemes,
+        )

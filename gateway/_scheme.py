@@ -1,0 +1,91 @@
+"""The plug-in point for payment schemes.
+
+A scheme turns a `Quote` into an `Offer` (what the 402 advertises in x402 v2, v1 and MPP), checks a
+presented payment against that offer (`verify`), and moves the money (`settle` now, or `settlement` for the
+durable queue a batching settler drains). The pipeline owns everything shared between schemes: decoding the
+three wire forms, matching `accepted` / MPP challenges to offers, the replay claim, and the answers.
+
+`exact` (EIP-3009) is `gateway._exact.ExactScheme`; an escrow scheme is one more class with these methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from x402 import MppChallenge, PaymentRequirements
+
+from ._pricing import Quote
+from ._store import Settlement
+
+__all__ = ["Dialect", "MppOffer", "Offer", "Presented", "Scheme", "Verified"]
+
+Dialect = Literal["x402v2", "x402v1", "mpp"]
+
+
+class MppOffer(msgspec.Struct, frozen=True, kw_only=True):
+    """The MPP side of an offer: `method`/`intent` and the `request` object (before JCS + base64url)."""
+
+    method: str
+    intent: str
+    request: dict[str, Any]
+
+
+class Offer(msgspec.Struct, frozen=True, kw_only=True):
+    """One accepted way to pay for a quote, in every protocol the scheme speaks."""
+
+    scheme: str
+    requirements: PaymentRequirements  # the x402 v2 `accepts[]` entry (v1 is derived from it)
+    mpp: MppOffer | None = None
+
+
+class Presented(msgspec.Struct, frozen=True, kw_only=True):
+    """A decoded credential, reduced to what a scheme needs.
+
+    `payload` is the scheme payload: x402's `payload` object, or the MPP credential's `payload`.
+    For MPP, `challenge` is the echoed (already HMAC-checked) challenge and `bindings` the values one of
+    which the scheme must find in the signed payment (the evm/charge `challengeHash`).
+    """
+
+    dialect: Dialect
+    payload: dict[str, Any]
+    challenge: MppChallenge | None = None
+    bindings: tuple[bytes, ...] = ()
+    source: str | None = None
+
+
+class Verified(msgspec.Struct, frozen=True, kw_only=True):
+    """A payment that passed every check; `key` is its replay key (one claim per key, ever)."""
+
+    scheme: str
+    key: str
+    payer: str
+    amount: int
+    network: str
+    state: Any = None  # the scheme's own data for `settle` / `settlement`
+
+
+class Scheme(Protocol):
+    """A payment scheme the middleware can offer and accept."""
+
+    @property
+    def name(self) -> str:
+        """The x402 scheme name (`exact`, `escrow`, ...)."""
+        ...
+
+    def offer(self, quote: Quote) -> Offer:
+        """What the 402 advertises for `quote`."""
+        ...
+
+    async def verify(self, offer: Offer, presented: Presented, *, now: float) -> Verified:
+        """Check a payment against the offer it claims to pay; raise `X402Error`/`EscrowError`/`PaymentFailed`."""
+        ...
+
+    async def settle(self, verified: Verified) -> str:
+        """Move the money now; returns the transaction hash."""
+        ...
+
+    def settlement(self, verified: Verified, *, now: float) -> Settlement:
+        """The durable queue item for deferred settlement by a batching settler."""
+        ...

@@ -1,0 +1,90 @@
+"""Payment states as one transition table (in the manner of h11's `_state.py`).
+
+    received ──verified──▶ verified ──claimed──▶ claimed ──served──▶ served ──settled──▶ settled
+        │                      │                    │                   ├──queued───▶ queued
+        └──rejected──▶ rejected└──replayed─▶ rejected└──handler_failed─▶ released
+                                                                        └──settle_failed─▶ failed
+
+`rejected`: verification failed or the replay claim was already held (nothing was claimed).
+`released`: the handler failed; the claim is dropped and the same payment may be presented again.
+`failed`: the handler succeeded but settlement did not; the content is withheld.
+`queued`: deferred settlement; the batching settler owns the payment from here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+from ._errors import InvalidTransition
+
+__all__ = ["Event", "PaymentState", "TERMINAL", "TRANSITIONS", "Tracker"]
+
+
+class PaymentState(StrEnum):
+    RECEIVED = "received"
+    VERIFIED = "verified"
+    CLAIMED = "claimed"
+    SERVED = "served"
+    SETTLED = "settled"
+    QUEUED = "queued"
+    RELEASED = "released"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class Event(StrEnum):
+    VERIFIED = "verified"
+    REJECTED = "rejected"
+    CLAIMED = "claimed"
+    REPLAYED = "replayed"
+    SERVED = "served"
+    HANDLER_FAILED = "handler_failed"
+    SETTLED = "settled"
+    QUEUED = "queued"
+    SETTLE_FAILED = "settle_failed"
+
+
+S, E = PaymentState, Event
+TRANSITIONS: Final[dict[tuple[PaymentState, Event], PaymentState]] = {
+    (S.RECEIVED, E.VERIFIED): S.VERIFIED,
+    (S.RECEIVED, E.REJECTED): S.REJECTED,
+    (S.VERIFIED, E.CLAIMED): S.CLAIMED,
+    (S.VERIFIED, E.REPLAYED): S.REJECTED,
+    (S.CLAIMED, E.SERVED): S.SERVED,
+    (S.CLAIMED, E.HANDLER_FAILED): S.RELEASED,
+    (S.SERVED, E.SETTLED): S.SETTLED,
+    (S.SERVED, E.QUEUED): S.QUEUED,
+    (S.SERVED, E.SETTLE_FAILED): S.FAILED,
+}
+del S, E
+
+TERMINAL: Final = frozenset(
+    {
+        PaymentState.SETTLED,
+        PaymentState.QUEUED,
+        PaymentState.RELEASED,
+        PaymentState.REJECTED,
+        PaymentState.FAILED,
+    }
+)
+
+
+class Tracker:
+    """The state of one payment attempt; every change goes through the table."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = PaymentState.RECEIVED
+
+    def fire(self, event: Event) -> PaymentState:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise InvalidTransition(f"no transition from {self.state} on {event}") from None
+        return self.state
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL

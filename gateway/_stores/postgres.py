@@ -1,0 +1,244 @@
+"""PostgreSQL: the store shared by many gateway replicas.
+
+Every operation is one statement, so one round trip and one commit, and its atomicity is the database's:
+claims and pending spend are `INSERT ... ON CONFLICT DO UPDATE ... WHERE` (the conflicting row is locked and
+the condition re-checked on its newest version), the queue leases with `FOR UPDATE SKIP LOCKED` (concurrent
+leasers skip each other's rows instead of waiting or double-leasing), high-water marks move only upwards.
+Each store lives in its own schema, so tests and several gateways can share one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import asyncpg
+
+from gateway._store import QueueStats, Settlement, StoreSchemaError, StoreUnavailable
+from gateway._stores import COLUMNS, check_identifier, settlement_from_row
+
+__all__ = ["MIGRATIONS", "PostgresStore"]
+
+# Ordered; entry n (1-based) is schema version n. Never edit a released entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE {s}.claims (key text PRIMARY KEY, expires_at double precision NOT NULL,
+        finalized boolean NOT NULL DEFAULT false);
+    CREATE TABLE {s}.receipts (key text PRIMARY KEY, receipt bytea NOT NULL);
+    CREATE TABLE {s}.settlements (key text PRIMARY KEY, kind text NOT NULL, payload bytea NOT NULL,
+        payer text NOT NULL, amount numeric(78, 0) NOT NULL, created_at double precision NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        state text NOT NULL CHECK (state IN ('queued', 'leased', 'settled', 'failed', 'dead')),
+        tx_hash text, error text, retry_at double precision, lease_until double precision);
+    CREATE INDEX settlements_due ON {s}.settlements (kind, created_at)
+        WHERE state IN ('queued', 'failed', 'leased');
+    CREATE INDEX settlements_state ON {s}.settlements (state, created_at);
+    CREATE TABLE {s}.pending (account text PRIMARY KEY, amount numeric(78, 0) NOT NULL);
+    CREATE TABLE {s}.high_water (channel_id text PRIMARY KEY, cumulative numeric(78, 0) NOT NULL);
+    """,
+)
+
+_SQL = {
+    "claim": "INSERT INTO {s}.claims AS t (key, expires_at) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE"
+    " SET expires_at = excluded.expires_at WHERE NOT t.finalized AND t.expires_at <= $3 RETURNING 1",
+    "release": "DELETE FROM {s}.claims WHERE key = $1 AND NOT finalized",
+    "finalize": "INSERT INTO {s}.claims (key, expires_at, finalized) VALUES ($1, 0, true)"
+    " ON CONFLICT (key) DO UPDATE SET finalized = true",
+    "is_finalized": "SELECT finalized FROM {s}.claims WHERE key = $1",
+    # finalize + receipt + optional enqueue ($8 NULL: none) as one statement: one round trip, one commit
+    "complete": "WITH f AS (INSERT INTO {s}.claims (key, expires_at, finalized) VALUES ($1, 0, true)"
+    " ON CONFLICT (key) DO UPDATE SET finalized = true), r AS (INSERT INTO {s}.receipts (key, receipt)"
+    " VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
+    " INSERT INTO {s}.settlements (key, kind, payload, payer, amount, created_at, state)"
+    " SELECT $8::text, $3::text, $4::bytea, $5::text, $6::numeric, $7::float8, 'queued' WHERE $8 IS NOT NULL"
+    " ON CONFLICT (key) DO NOTHING",
+    "purge": "DELETE FROM {s}.claims WHERE NOT finalized AND expires_at <= $1",
+    "put_receipt": "INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $2)"
+    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt",
+    "get_receipt": "SELECT receipt FROM {s}.receipts WHERE key = $1",
+    "enqueue": "INSERT INTO {s}.settlements (key, kind, payload, payer, amount, created_at, state)"
+    " VALUES ($1, $2, $3, $4, $5, $6, 'queued') ON CONFLICT (key) DO NOTHING",
+    "lease": "UPDATE {s}.settlements SET state = 'leased', attempts = attempts + 1, lease_until = $4,"
+    " retry_at = NULL WHERE key IN (SELECT key FROM {s}.settlements WHERE kind = $1 AND (state = 'queued'"
+    " OR (state = 'failed' AND retry_at <= $2) OR (state = 'leased' AND lease_until <= $2))"
+    " ORDER BY created_at, key LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING " + COLUMNS,
+    "mark_settled": "UPDATE {s}.settlements SET state = 'settled', tx_hash = $2, error = NULL,"
+    " retry_at = NULL, lease_until = NULL WHERE key = ANY($1::text[])",
+    "mark_failed": "UPDATE {s}.settlements SET state = $2, error = $3, retry_at = $4, lease_until = NULL"
+    " WHERE key = $1 AND state <> 'settled'",
+    "get_settlement": "SELECT " + COLUMNS + " FROM {s}.settlements WHERE key = $1",
+    "dead_letters": "SELECT " + COLUMNS + " FROM {s}.settlements WHERE state = 'dead'"
+    " AND ($1::text IS NULL OR kind = $1) ORDER BY created_at, key LIMIT $2",
+    "requeue": "UPDATE {s}.settlements SET state = 'queued', attempts = 0, retry_at = NULL"
+    " WHERE key = $1 AND state IN ('dead', 'failed') RETURNING 1",
+    "stats": "SELECT state, count(*) FROM {s}.settlements GROUP BY state",
+    "add_pending": "INSERT INTO {s}.pending AS t (account, amount)"
+    " SELECT $1::text, $2::numeric WHERE $2 <= $3::numeric"
+    " ON CONFLICT (account) DO UPDATE SET amount = t.amount + excluded.amount"
+    " WHERE t.amount + excluded.amount <= $3::numeric RETURNING 1",
+    "sub_pending": "UPDATE {s}.pending SET amount = greatest(amount - $2::numeric, 0) WHERE account = $1",
+    "get_pending": "SELECT amount FROM {s}.pending WHERE account = $1",
+    "raise_high_water": "INSERT INTO {s}.high_water AS t (channel_id, cumulative) VALUES ($1, $2)"
+    " ON CONFLICT (channel_id) DO UPDATE SET cumulative = excluded.cumulative"
+    " WHERE t.cumulative < excluded.cumulative RETURNING 1",
+    "high_water": "SELECT cumulative FROM {s}.high_water WHERE channel_id = $1",
+}
+
+# Failures that mean "the database is not there right now" (as opposed to a bug in a statement).
+_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+def _lock_id(schema: str) -> int:
+    """The advisory lock that serialises migrations of one schema (other schemas are not blocked)."""
+    digest = hashlib.blake2b(b"agentpay-migrate:" + schema.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def _migrate(con: Any, schema: str) -> None:
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", _lock_id(schema))
+        await con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await con.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema}.schema_version"
+            " (version integer PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        current = await con.fetchval(f"SELECT coalesce(max(version), 0) FROM {schema}.schema_version")
+        if current > len(MIGRATIONS):
+            raise StoreSchemaError(
+                f"schema {schema} is at version {current}, this code knows {len(MIGRATIONS)}"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            await con.execute(MIGRATIONS[version - 1].format(s=schema))
+            await con.execute(f"INSERT INTO {schema}.schema_version VALUES ($1, $2)", version, time.time())
+
+
+class PostgresStore:
+    """`PaymentStore` on PostgreSQL through an asyncpg pool. Open with `await PostgresStore.open(dsn)`."""
+
+    def __init__(self, pool: Any, schema: str) -> None:
+        self._pool = pool
+        self._sql = {name: sql.format(s=schema) for name, sql in _SQL.items()}
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, schema: str = "agentpay", pool_min: int = 1, pool_max: int = 10
+    ) -> PostgresStore:
+        check_identifier(schema, "schema")
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=pool_min, max_size=pool_max)
+        except _DOWN as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
+        try:
+            async with pool.acquire() as con:
+                await _migrate(con, schema)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, schema)
+
+    async def _call(self, method: str, name: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._pool, method)(self._sql[name], *args)
+        except _DOWN as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
+
+    # claims
+
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        now = time.time()
+        return await self._call("fetchval", "claim", key, now + ttl, now) is not None
+
+    async def release(self, key: str) -> None:
+        await self._call("execute", "release", key)
+
+    async def finalize(self, key: str) -> None:
+        await self._call("execute", "finalize", key)
+
+    async def is_finalized(self, key: str) -> bool:
+        return bool(await self._call("fetchval", "is_finalized", key))
+
+    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
+        s = settlement
+        queued = (None,) * 6 if s is None else (s.kind, s.payload, s.payer, s.amount, s.created_at, s.key)
+        await self._call("execute", "complete", key, receipt, *queued)
+
+    async def purge_expired_claims(self) -> int:
+        status: str = await self._call("execute", "purge", time.time())
+        return int(status.rsplit(" ", 1)[-1])
+
+    # receipts
+
+    async def put_receipt(self, key: str, receipt: bytes) -> None:
+        await self._call("execute", "put_receipt", key, receipt)
+
+    async def get_receipt(self, key: str) -> bytes | None:
+        value = await self._call("fetchval", "get_receipt", key)
+        return None if value is None else bytes(value)
+
+    # settlement queue
+
+    async def enqueue(self, item: Settlement) -> None:
+        await self._call(
+            "execute", "enqueue", item.key, item.kind, item.payload, item.payer, item.amount, item.created_at
+        )
+
+    async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
+        now = time.time()
+        rows = await self._call("fetch", "lease", kind, now, max(limit, 0), now + lease_seconds)
+        return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
+
+    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
+        await self._call("execute", "mark_settled", keys, tx_hash)
+
+    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
+        await self._call(
+            "execute", "mark_failed", key, "dead" if retry_at is None else "failed", error, retry_at
+        )
+
+    async def get_settlement(self, key: str) -> Settlement | None:
+        row = await self._call("fetchrow", "get_settlement", key)
+        return None if row is None else settlement_from_row(row)
+
+    async def dead_letters(self, *, kind: str | None = None, limit: int = 100) -> list[Settlement]:
+        return [
+            settlement_from_row(row) for row in await self._call("fetch", "dead_letters", kind, max(limit, 0))
+        ]
+
+    async def requeue(self, key: str) -> bool:
+        return await self._call("fetchval", "requeue", key) is not None
+
+    async def stats(self) -> QueueStats:
+        counts = {"queued": 0, "leased": 0, "settled": 0, "failed": 0, "dead": 0}
+        counts.update({row[0]: row[1] for row in await self._call("fetch", "stats")})
+        return QueueStats(**counts)
+
+    # pending spend and channel high-water marks
+
+    async def add_pending(self, account: str, amount: int, *, limit: int) -> bool:
+        return await self._call("fetchval", "add_pending", account, amount, limit) is not None
+
+    async def sub_pending(self, account: str, amount: int) -> None:
+        await self._call("execute", "sub_pending", account, amount)
+
+    async def get_pending(self, account: str) -> int:
+        return int(await self._call("fetchval", "get_pending", account) or 0)
+
+    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
+        if cumulative <= 0:  # not higher than the implicit 0 of an unseen channel
+            return False
+        return await self._call("fetchval", "raise_high_water", channel_id, cumulative) is not None
+
+    async def high_water(self, channel_id: str) -> int:
+        return int(await self._call("fetchval", "high_water", channel_id) or 0)
+
+    async def close(self) -> None:
+        await asyncio.wait_for(self._pool.close(), timeout=10)

@@ -1,0 +1,300 @@
+"""SQLite: the default store for one gateway process, one file, no server.
+
+The stdlib driver runs in one dedicated thread per store (so the event loop never blocks on disk and the
+connection never crosses threads). Every write is `BEGIN IMMEDIATE`: it takes the file's write lock up
+front, waiting up to `busy_timeout` for other processes, so a read-then-write inside it is atomic across
+processes too and WAL's "snapshot is stale" error cannot happen. Amounts are stored as decimal text
+because SQLite integers stop at 2^63 and vouchers are uint128; comparisons happen in Python under the lock.
+`synchronous=full` by default: with `normal` a WAL commit survives a process crash but may roll back after
+a power loss, which for a finalized payment or a queued settlement is money; `normal` is an opt-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway._store import QueueStats, Settlement, StoreConfigError, StoreSchemaError, StoreUnavailable
+from gateway._stores import COLUMNS, check_identifier, settlement_from_row
+
+__all__ = ["MIGRATIONS", "SQLiteStore"]
+
+T = TypeVar("T")
+
+# Ordered; entry n (1-based) is schema version n. Never edit a released entry: append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE {p}claims (key TEXT PRIMARY KEY, expires_at REAL NOT NULL,"
+        " finalized INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
+        "CREATE TABLE {p}receipts (key TEXT PRIMARY KEY, receipt BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE {p}settlements (key TEXT PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL,"
+        " payer TEXT NOT NULL, amount TEXT NOT NULL, created_at REAL NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, tx_hash TEXT, error TEXT,"
+        " retry_at REAL, lease_until REAL)",
+        "CREATE INDEX {p}settlements_due ON {p}settlements (kind, created_at)"
+        " WHERE state IN ('queued', 'failed', 'leased')",
+        "CREATE INDEX {p}settlements_state ON {p}settlements (state, created_at)",
+        "CREATE TABLE {p}pending (account TEXT PRIMARY KEY, amount TEXT NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE {p}high_water (channel_id TEXT PRIMARY KEY, cumulative TEXT NOT NULL) WITHOUT ROWID",
+    ),
+)
+
+_SYNC_MODES = ("off", "normal", "full", "extra")
+
+
+def _write(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn(con)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return out
+
+
+def _migrate(con: sqlite3.Connection, p: str) -> None:
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {p}schema_version (version INTEGER PRIMARY KEY, applied_at REAL)"
+    )
+    (current,) = con.execute(f"SELECT coalesce(max(version), 0) FROM {p}schema_version").fetchone()
+    if current > len(MIGRATIONS):
+        raise StoreSchemaError(f"database is at schema version {current}, this code knows {len(MIGRATIONS)}")
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        for statement in MIGRATIONS[version - 1]:
+            con.execute(statement.format(p=p))
+        con.execute(f"INSERT INTO {p}schema_version VALUES (?, ?)", (version, time.time()))
+
+
+class SQLiteStore:
+    """`PaymentStore` on one SQLite file (WAL). Open with `await SQLiteStore.open(path)`."""
+
+    def __init__(self, executor: ThreadPoolExecutor, con: sqlite3.Connection, prefix: str) -> None:
+        self._executor = executor
+        self._con = con
+        self._p = prefix
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, path: str, *, prefix: str = "", synchronous: str = "full", busy_timeout_ms: int = 10_000
+    ) -> SQLiteStore:
+        if prefix:
+            check_identifier(prefix, "prefix")
+        if synchronous not in _SYNC_MODES:
+            raise StoreConfigError(f"synchronous must be one of {_SYNC_MODES}, not {synchronous!r}")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentpay-sqlite")
+
+        def connect() -> sqlite3.Connection:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+            con.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute(f"PRAGMA synchronous = {synchronous}")
+            _write(con, lambda c: _migrate(c, prefix))
+            return con
+
+        try:
+            con = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException as exc:
+            executor.shutdown(wait=False)
+            if isinstance(exc, sqlite3.OperationalError | OSError):
+                raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+            raise
+        return cls(executor, con, prefix)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._con)
+        except sqlite3.OperationalError as exc:  # "database is locked" after busy_timeout, disk I/O, ...
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(lambda con: _write(con, fn))
+
+    # claims
+
+    async def claim(self, key: str, *, ttl: float) -> bool:
+        now, p = time.time(), self._p
+        sql = (
+            f"INSERT INTO {p}claims (key, expires_at, finalized) VALUES (?, ?, 0) ON CONFLICT (key) DO UPDATE"
+            f" SET expires_at = excluded.expires_at WHERE {p}claims.finalized = 0"
+            f" AND {p}claims.expires_at <= ? RETURNING 1"
+        )
+        rows = await self._tx(lambda con: con.execute(sql, (key, now + ttl, now)).fetchall())
+        return bool(rows)
+
+    async def release(self, key: str) -> None:
+        sql = f"DELETE FROM {self._p}claims WHERE key = ? AND finalized = 0"
+        await self._tx(lambda con: con.execute(sql, (key,)))
+
+    def _finalize(self, con: sqlite3.Connection, key: str) -> None:
+        con.execute(
+            f"INSERT INTO {self._p}claims (key, expires_at, finalized) VALUES (?, 0, 1)"
+            " ON CONFLICT (key) DO UPDATE SET finalized = 1",
+            (key,),
+        )
+
+    async def finalize(self, key: str) -> None:
+        await self._tx(lambda con: self._finalize(con, key))
+
+    async def is_finalized(self, key: str) -> bool:
+        sql = f"SELECT 1 FROM {self._p}claims WHERE key = ? AND finalized = 1"
+        return bool(await self._run(lambda con: con.execute(sql, (key,)).fetchall()))
+
+    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
+        def body(con: sqlite3.Connection) -> None:
+            self._finalize(con, key)
+            self._put_receipt(con, key, receipt)
+            if settlement is not None:
+                self._enqueue(con, settlement)
+
+        await self._tx(body)
+
+    async def purge_expired_claims(self) -> int:
+        sql = f"DELETE FROM {self._p}claims WHERE finalized = 0 AND expires_at <= ?"
+        now = time.time()
+        return await self._tx(lambda con: con.execute(sql, (now,)).rowcount)
+
+    # receipts
+
+    def _put_receipt(self, con: sqlite3.Connection, key: str, receipt: bytes) -> None:
+        con.execute(
+            f"INSERT INTO {self._p}receipts (key, receipt) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt",
+            (key, receipt),
+        )
+
+    async def put_receipt(self, key: str, receipt: bytes) -> None:
+        await self._tx(lambda con: self._put_receipt(con, key, receipt))
+
+    async def get_receipt(self, key: str) -> bytes | None:
+        sql = f"SELECT receipt FROM {self._p}receipts WHERE key = ?"
+        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone())
+        return None if row is None else bytes(row[0])
+
+    # settlement queue
+
+    def _enqueue(self, con: sqlite3.Connection, item: Settlement) -> None:
+        con.execute(
+            f"INSERT INTO {self._p}settlements (key, kind, payload, payer, amount, created_at, state)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'queued') ON CONFLICT (key) DO NOTHING",
+            (item.key, item.kind, item.payload, item.payer, str(item.amount), item.created_at),
+        )
+
+    async def enqueue(self, item: Settlement) -> None:
+        await self._tx(lambda con: self._enqueue(con, item))
+
+    async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
+        now, p = time.time(), self._p
+        sql = (
+            f"UPDATE {p}settlements SET state = 'leased', attempts = attempts + 1, lease_until = ?,"
+            f" retry_at = NULL WHERE key IN (SELECT key FROM {p}settlements WHERE kind = ? AND"
+            " (state = 'queued' OR (state = 'failed' AND retry_at <= ?) OR (state = 'leased' AND"
+            f" lease_until <= ?)) ORDER BY created_at, key LIMIT ?) RETURNING {COLUMNS}"
+        )
+        args = (now + lease_seconds, kind, now, now, max(limit, 0))
+        rows = await self._tx(lambda con: con.execute(sql, args).fetchall())
+        return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
+
+    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
+        sql = (
+            f"UPDATE {self._p}settlements SET state = 'settled', tx_hash = ?, error = NULL, retry_at = NULL,"
+            " lease_until = NULL WHERE key = ?"
+        )
+        await self._tx(lambda con: con.executemany(sql, [(tx_hash, key) for key in keys]))
+
+    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
+        sql = (
+            f"UPDATE {self._p}settlements SET state = ?, error = ?, retry_at = ?, lease_until = NULL"
+            " WHERE key = ? AND state <> 'settled'"
+        )
+        args = ("dead" if retry_at is None else "failed", error, retry_at, key)
+        await self._tx(lambda con: con.execute(sql, args))
+
+    async def get_settlement(self, key: str) -> Settlement | None:
+        sql = f"SELECT {COLUMNS} FROM {self._p}settlements WHERE key = ?"
+        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone())
+        return None if row is None else settlement_from_row(row)
+
+    async def dead_letters(self, *, kind: str | None = None, limit: int = 100) -> list[Settlement]:
+        sql = (
+            f"SELECT {COLUMNS} FROM {self._p}settlements WHERE state = 'dead' AND (? IS NULL OR kind = ?)"
+            " ORDER BY created_at, key LIMIT ?"
+        )
+        rows = await self._run(lambda con: con.execute(sql, (kind, kind, max(limit, 0))).fetchall())
+        return [settlement_from_row(row) for row in rows]
+
+    async def requeue(self, key: str) -> bool:
+        sql = (
+            f"UPDATE {self._p}settlements SET state = 'queued', attempts = 0, retry_at = NULL"
+            " WHERE key = ? AND state IN ('dead', 'failed')"
+        )
+        return bool(await self._tx(lambda con: con.execute(sql, (key,)).rowcount))
+
+    async def stats(self) -> QueueStats:
+        sql = f"SELECT state, count(*) FROM {self._p}settlements GROUP BY state"
+        rows: list[Any] = await self._run(lambda con: con.execute(sql).fetchall())
+        counts = {"queued": 0, "leased": 0, "settled": 0, "failed": 0, "dead": 0}
+        counts.update({state: n for state, n in rows})
+        return QueueStats(**counts)
+
+    # pending spend and channel high-water marks (read-compare-write under the write lock)
+
+    def _get_int(self, con: sqlite3.Connection, table: str, column: str, id_col: str, ident: str) -> int:
+        row = con.execute(f"SELECT {column} FROM {self._p}{table} WHERE {id_col} = ?", (ident,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _set_int(
+        self, con: sqlite3.Connection, table: str, column: str, id_col: str, ident: str, v: int
+    ) -> None:
+        con.execute(
+            f"INSERT OR REPLACE INTO {self._p}{table} ({id_col}, {column}) VALUES (?, ?)", (ident, str(v))
+        )
+
+    async def add_pending(self, account: str, amount: int, *, limit: int) -> bool:
+        def body(con: sqlite3.Connection) -> bool:
+            total = self._get_int(con, "pending", "amount", "account", account) + amount
+            if total > limit:
+                return False
+            self._set_int(con, "pending", "amount", "account", account, total)
+            return True
+
+        return await self._tx(body)
+
+    async def sub_pending(self, account: str, amount: int) -> None:
+        def body(con: sqlite3.Connection) -> None:
+            current = self._get_int(con, "pending", "amount", "account", account)
+            self._set_int(con, "pending", "amount", "account", account, max(0, current - amount))
+
+        await self._tx(body)
+
+    async def get_pending(self, account: str) -> int:
+        return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account))
+
+    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
+        def body(con: sqlite3.Connection) -> bool:
+            if cumulative <= self._get_int(con, "high_water", "cumulative", "channel_id", channel_id):
+                return False
+            self._set_int(con, "high_water", "cumulative", "channel_id", channel_id, cumulative)
+            return True
+
+        return await self._tx(body)
+
+    async def high_water(self, channel_id: str) -> int:
+        return await self._run(
+            lambda con: self._get_int(con, "high_water", "cumulative", "channel_id", channel_id)
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._con.close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,149 @@
+"""The `agentpay` command line (also `python -m gateway`).
+
+Each top-level subcommand is one function decorated with `@command`, which receives its own argparse parser
+to fill in and sets `func` (a `(args) -> exit status` handler) on it. Adding a subcommand is one decorated
+function in this module, or in a module imported here.
+
+Every failure the user can cause (bad flags, a missing or corrupt state file, a busy port, a devnet that
+will not start) prints one `agentpay: error: ...` line on stderr and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from escrow import DevnetState, EscrowError, devnet_running, start_detached, stop_detached
+
+from ._errors import GatewayError
+
+__all__ = ["command", "main"]
+
+Configure = Callable[[argparse.ArgumentParser], None]
+_COMMANDS: dict[str, tuple[str, Configure]] = {}
+
+
+def command(name: str, help: str) -> Callable[[Configure], Configure]:
+    """Register a top-level subcommand: `configure(parser)` adds its arguments and sets `func`."""
+
+    def register(configure: Configure) -> Configure:
+        _COMMANDS[name] = (help, configure)
+        return configure
+
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its usage block on errors; one line with a pointer to --help reads better."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"agentpay: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fail(message: str) -> int:
+    print(f"agentpay: error: {message}", file=sys.stderr)
+    return 1
+
+
+# -- agentpay devnet
+
+
+def _default_state() -> str:
+    return os.environ.get("AGENTPAY_DEVNET_STATE", ".agentpay/devnet.json")
+
+
+def _load_if_present(path: Path) -> DevnetState | None:
+    return DevnetState.load(path) if path.exists() else None
+
+
+def _devnet_up(args: argparse.Namespace) -> int:
+    path = Path(args.state)
+    old = _load_if_present(path)
+    if old is not None and devnet_running(old):
+        return _fail(
+            f"a devnet is already running: {old.backend} at {old.rpc_url} (pid {old.pid}, state {path}); "
+            f"stop it with `agentpay devnet down --state {path}`"
+        )
+    state = start_detached(
+        log_path=path.with_suffix(".log"), backend=args.backend, port=args.port, accounts=args.accounts
+    )
+    try:
+        state.dump(path)
+    except OSError as exc:
+        stop_detached(state)
+        raise GatewayError(f"cannot write {path}: {exc.strerror}", code="cli_state_unwritable") from None
+    sys.stdout.write(state.to_json().decode() + "\n")
+    return 0
+
+
+def _devnet_down(args: argparse.Namespace) -> int:
+    path = Path(args.state)
+    state = DevnetState.load(path)
+    stopped = stop_detached(state)
+    path.unlink(missing_ok=True)
+    if stopped:
+        print(f"stopped the {state.backend} devnet at {state.rpc_url} (pid {state.pid})")
+    else:
+        print(f"no devnet was running (pid {state.pid}); removed the stale {path}")
+    return 0
+
+
+def _devnet_status(args: argparse.Namespace) -> int:
+    path = Path(args.state)
+    state = DevnetState.load(path)
+    if not devnet_running(state):
+        return _fail(f"the devnet in {path} is not running (pid {state.pid})")
+    sys.stdout.write(state.to_json().decode() + "\n")
+    return 0
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value!r}")
+    return int(value)
+
+
+@command("devnet", help="run a local chain with EntryPoint v0.7, TestUSDC and funded accounts")
+def _devnet(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{up,down,status}")
+    state_help = "state file (default: $AGENTPAY_DEVNET_STATE or .agentpay/devnet.json)"
+    up = actions.add_parser("up", help="start a devnet in the background and print its state as JSON")
+    up.add_argument("--port", type=_port, help="RPC port on 127.0.0.1 (default: a free one)")
+    up.add_argument("--backend", choices=["auto", "anvil", "pyevm"], help="default: anvil if installed")
+    up.add_argument("--accounts", type=int, default=10, help="funded test accounts (default: 10)")
+    up.set_defaults(func=_devnet_up)
+    down = actions.add_parser("down", help="stop the devnet and remove its state file")
+    down.set_defaults(func=_devnet_down)
+    status = actions.add_parser("status", help="print the running devnet's state; exit 1 if none runs")
+    status.set_defaults(func=_devnet_status)
+    for sub in (up, down, status):
+        sub.add_argument("--state", default=_default_state(), help=state_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="agentpay", description="agentpay: agent-to-agent payments over x402 and MPP")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_COMMANDS) + "}")
+    for name, (help_text, configure) in _COMMANDS.items():
+        configure(commands.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except (EscrowError, GatewayError) as exc:
+        return _fail(str(exc))
+    except OSError as exc:  # e.g. a state directory that cannot be created
+        return _fail(f"{exc.filename or 'I/O error'}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""One suite for every `PaymentStore` backend: memory, SQLite file, PostgreSQL, PostgreSQL + Redis cache.
+
+PostgreSQL and Redis are real servers (127.0.0.1 by default; AGENTPAY_TEST_POSTGRES_URL /
+AGENTPAY_TEST_REDIS_URL override). Each test gets its own schema and Redis key prefix, removed afterwards
+(only those keys: never FLUSHALL). Tests are plain functions around `asyncio.run`, so they need no async
+pytest plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from gateway._store import (
+    PaymentStore,
+    Settlement,
+    StoreConfigError,
+    StoreSchemaError,
+    StoreUnavailable,
+    backoff,
+    open_store,
+)
+
+PG_URL = os.environ.get("AGENTPAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("AGENTPAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+BACKENDS = ["memory", "sqlite", "postgres", "postgres+redis"]
+DURABLE = ["sqlite", "postgres", "postgres+redis"]
+
+
+async def _drop_schema(schema: str) -> None:
+    con = await asyncpg.connect(PG_URL)
+    try:
+        await con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await con.close()
+
+
+async def _delete_prefix(prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def _require_servers(backend: str) -> None:
+    """Skip when a developer has no server running; CI (CI=true) always has them, so there it fails."""
+
+    async def probe() -> None:
+        await (await asyncpg.connect(PG_URL, timeout=3)).close()
+        if "redis" in backend:
+            client = aioredis.Redis.from_url(REDIS_URL)
+            try:
+                await client.ping()
+            finally:
+                await client.aclose()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, asyncpg.PostgresError, aioredis.ConnectionError) as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{backend} server not reachable: {exc}")
+
+
+@contextmanager
+def isolated_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A store URL that no other test (or gateway) shares, cleaned up on exit."""
+    tag = "agentpay_test_" + secrets.token_hex(6)
+    if backend == "memory":
+        yield "memory://"
+        return
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / (tag + '.db')}"
+        return
+    _require_servers(backend)
+    url = f"{PG_URL}?schema={tag}"
+    if backend == "postgres+redis":
+        url += f"&cache={REDIS_URL}&cache_prefix={tag}:"
+    try:
+        yield url
+    finally:
+        asyncio.run(_drop_schema(tag))
+        if backend == "postgres+redis":
+            asyncio.run(_delete_prefix(tag + ":"))
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with isolated_url(request.param, tmp_path) as value:
+        yield value
+
+
+@pytest.fixture(params=DURABLE)
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with isolated_url(request.param, tmp_path) as value:
+        yield value
+
+
+def run(url: str, body: Callable[[PaymentStore], Awaitable[None]]) -> None:
+    """Open the store at `url`, run `body` against it, close it."""
+
+    async def main() -> None:
+        store = await open_store(url)
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def item(
+    key: str, *, kind: str = "escrow", payload: bytes = b"signed", created_at: float | None = None
+) -> Settlement:
+    return Settlement(
+        key=key,
+        kind=kind,
+        payload=payload,
+        payer="0xpayer",
+        amount=2**130 + 7,  # past int64 and uint128: the column must hold uint256
+        created_at=time.time() if created_at is None else created_at,
+    )
+
+
+# claims
+
+
+def test_claim_is_exclusive_under_100_concurrent_claims(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        results = await asyncio.gather(*(store.claim("k", ttl=30) for _ in range(100)))
+        assert results.count(True) == 1
+
+    run(url, body)
+
+
+def test_expired_claim_is_claimable_again(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.claim("k", ttl=0.3)
+        assert not await store.claim("k", ttl=0.3)
+        await asyncio.sleep(0.6)
+        assert await store.claim("k", ttl=30)
+        assert not await store.claim("k", ttl=30)
+
+    run(url, body)
+
+
+def test_finalized_claim_is_permanent_and_release_cannot_undo_it(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.claim("k", ttl=0.2)
+        await store.finalize("k")
+        await store.release("k")
+        await asyncio.sleep(0.4)
+        assert not await store.claim("k", ttl=30)
+        assert await store.is_finalized("k")
+        assert not await store.is_finalized("other")
+
+    run(url, body)
+
+
+def test_release_frees_an_unfinalized_claim(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.claim("k", ttl=30)
+        await store.release("k")
+        assert await store.claim("k", ttl=30)
+        await store.release("never-claimed")
+
+    run(url, body)
+
+
+def test_purge_expired_claims_keeps_live_and_finalized(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.claim("short", ttl=0.1)
+        assert await store.claim("long", ttl=30)
+        assert await store.claim("final", ttl=0.1)
+        await store.finalize("final")
+        await asyncio.sleep(0.3)
+        assert await store.purge_expired_claims() in (0, 1)  # the Redis cache expires claims itself
+        assert not await store.claim("long", ttl=30)
+        assert not await store.claim("final", ttl=30)
+        assert await store.claim("short", ttl=30)
+
+    run(url, body)
+
+
+# receipts and complete
+
+
+def test_receipts_round_trip(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.get_receipt("k") is None
+        await store.put_receipt("k", b"\x00receipt\xff")
+        assert await store.get_receipt("k") == b"\x00receipt\xff"
+        await store.put_receipt("k", b"second")
+        assert await store.get_receipt("k") == b"second"
+
+    run(url, body)
+
+
+def test_complete_finalizes_records_and_enqueues_once(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.claim("k", ttl=30)
+        await store.complete("k", receipt=b"r1", settlement=item("k"))
+        await store.complete("k", receipt=b"r2", settlement=item("k", payload=b"other"))
+        await store.complete("no-settlement", receipt=b"r3")
+        assert await store.is_finalized("k") and await store.is_finalized("no-settlement")
+        assert not await store.claim("k", ttl=30)
+        assert await store.get_receipt("k") == b"r2"
+        queued = await store.get_settlement("k")
+        assert queued is not None and queued.payload == b"signed" and queued.state == "queued"
+        assert await store.get_settlement("no-settlement") is None
+        assert (await store.stats()).queued == 1
+
+    run(url, body)
+
+
+# settlement queue
+
+
+def test_enqueue_is_idempotent_per_key(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        await store.enqueue(item("a"))
+        [leased] = await store.lease("escrow", limit=10, lease_seconds=30)
+        await store.enqueue(item("a", payload=b"different"))
+        again = await store.get_settlement("a")
+        assert again is not None and again.state == "leased" and again.payload == b"signed"
+        assert again.amount == 2**130 + 7 and leased.attempts == 1
+        stats = await store.stats()
+        assert (stats.queued, stats.leased) == (0, 1)
+
+    run(url, body)
+
+
+def test_lease_filters_by_kind_and_orders_oldest_first(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        now = time.time()
+        for n in range(5):
+            await store.enqueue(item(f"e{n}", created_at=now - n))
+        await store.enqueue(item("x", kind="exact"))
+        batch = await store.lease("escrow", limit=3, lease_seconds=30)
+        assert [s.key for s in batch] == ["e4", "e3", "e2"]
+        assert all(s.state == "leased" and s.lease_until is not None for s in batch)
+        assert [s.key for s in await store.lease("exact", limit=10, lease_seconds=30)] == ["x"]
+        assert await store.lease("escrow", limit=0, lease_seconds=30) == []
+
+    run(url, body)
+
+
+def test_concurrent_leasers_never_share_an_item(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        keys = {f"s{n}" for n in range(60)}
+        for key in sorted(keys):
+            await store.enqueue(item(key))
+
+        async def leaser() -> list[str]:
+            got: list[str] = []
+            while batch := await store.lease("escrow", limit=7, lease_seconds=60):
+                got += [s.key for s in batch]
+            return got
+
+        results = await asyncio.gather(*(leaser() for _ in range(6)))
+        everything = [key for got in results for key in got]
+        assert len(everything) == len(set(everything)) == 60 and set(everything) == keys
+
+    run(url, body)
+
+
+def test_expired_lease_is_leased_again_with_attempts_incremented(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        await store.enqueue(item("a"))
+        [first] = await store.lease("escrow", limit=10, lease_seconds=0.3)
+        assert first.attempts == 1
+        assert await store.lease("escrow", limit=10, lease_seconds=0.3) == []  # the settler is working
+        await asyncio.sleep(0.6)  # ... and crashed: its lease runs out
+        [second] = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert second.key == "a" and second.attempts == 2
+
+    run(url, body)
+
+
+def test_failed_item_is_retried_after_its_backoff_and_settles(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        await store.enqueue(item("a"))
+        [leased] = await store.lease("escrow", limit=10, lease_seconds=30)
+        await store.mark_failed(
+            "a", error="nonce too low", retry_at=time.time() + backoff(leased.attempts, base=0.4)
+        )
+        failed = await store.get_settlement("a")
+        assert failed is not None and failed.state == "failed" and failed.error == "nonce too low"
+        assert (await store.stats()).failed == 1
+        assert await store.lease("escrow", limit=10, lease_seconds=30) == []
+        await asyncio.sleep(0.7)
+        [retry] = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert retry.attempts == 2
+        await store.mark_settled(["a"], tx_hash="0xabc")
+        await store.mark_failed("a", error="late report", retry_at=None)  # must not undo the settlement
+        settled = await store.get_settlement("a")
+        assert settled is not None and settled.state == "settled" and settled.tx_hash == "0xabc"
+        assert (await store.stats()).settled == 1
+        assert await store.lease("escrow", limit=10, lease_seconds=30) == []
+
+    run(url, body)
+
+
+def test_dead_letters_are_listed_and_can_be_requeued(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        await store.enqueue(item("a"))
+        await store.enqueue(item("b", kind="exact"))
+        await store.lease("escrow", limit=10, lease_seconds=30)
+        await store.mark_failed("a", error="grant revoked", retry_at=None)
+        assert (await store.stats()).dead == 1
+        [dead] = await store.dead_letters()
+        assert (dead.key, dead.state, dead.error) == ("a", "dead", "grant revoked")
+        assert await store.dead_letters(kind="exact") == []
+        assert [d.key for d in await store.dead_letters(kind="escrow")] == ["a"]
+        assert await store.lease("escrow", limit=10, lease_seconds=30) == []
+        assert not await store.requeue("b")  # queued, not dead
+        assert not await store.requeue("missing")
+        assert await store.requeue("a")
+        assert not await store.requeue("a")
+        [again] = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert again.key == "a" and again.attempts == 1
+        assert await store.dead_letters() == []
+
+    run(url, body)
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff(n) for n in (0, 1, 2, 3, 4)] == [1.0, 1.0, 2.0, 4.0, 8.0]
+    assert backoff(10_000) == 300.0
+    assert backoff(3, base=0.5, cap=1.5) == 1.5
+    assert all(1.0 <= backoff(2, jitter=0.5) <= 2.0 for _ in range(100))
+
+
+# pending spend and high-water marks
+
+
+def test_pending_spend_never_passes_its_limit_under_100_concurrent_adds(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        results = await asyncio.gather(*(store.add_pending("0xabc", 7, limit=500) for _ in range(100)))
+        assert results.count(True) == 71
+        assert await store.get_pending("0xabc") == 497
+        assert not await store.add_pending("fresh", 501, limit=500)
+        assert await store.get_pending("fresh") == 0
+        await store.sub_pending("0xabc", 400)
+        assert await store.get_pending("0xabc") == 97
+        await store.sub_pending("0xabc", 1000)
+        assert await store.get_pending("0xabc") == 0
+        assert await store.add_pending("big", 2**200, limit=2**201)
+        assert await store.get_pending("big") == 2**200
+
+    run(url, body)
+
+
+def test_high_water_only_rises(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.high_water("ch") == 0
+        assert not await store.raise_high_water("ch", 0)
+        assert await store.raise_high_water("ch", 10)
+        assert not await store.raise_high_water("ch", 10)
+        assert not await store.raise_high_water("ch", 5)
+        assert await store.high_water("ch") == 10
+        values = list(range(11, 111))
+        random.shuffle(values)
+        results = await asyncio.gather(*(store.raise_high_water("ch", v) for v in values))
+        assert results.count(True) >= 1 and await store.high_water("ch") == 110
+        assert await store.raise_high_water("ch", 2**128 - 1)
+        assert await store.high_water("ch") == 2**128 - 1
+
+    run(url, body)
+
+
+# durability, migrations, configuration
+
+
+def test_data_survives_closing_and_reopening(durable_url: str) -> None:
+    async def write(store: PaymentStore) -> None:
+        assert await store.claim("served", ttl=30)
+        await store.complete("served", receipt=b"receipt", settlement=item("served"))
+        assert await store.claim("in-flight", ttl=30)
+        await store.enqueue(item("dead"))
+        await store.lease("escrow", limit=1, lease_seconds=30)
+        await store.mark_failed("dead", error="boom", retry_at=None)
+        assert await store.add_pending("acct", 42, limit=100)
+        assert await store.raise_high_water("ch", 99)
+
+    async def read(store: PaymentStore) -> None:
+        assert await store.is_finalized("served") and not await store.claim("served", ttl=30)
+        assert await store.get_receipt("served") == b"receipt"
+        served = await store.get_settlement("served")
+        assert served is not None and served.amount == 2**130 + 7
+        assert [d.key for d in await store.dead_letters()] == ["dead"]
+        assert await store.get_pending("acct") == 42
+        assert await store.high_water("ch") == 99
+
+    run(durable_url, write)
+    run(durable_url, read)
+
+
+def versions_of(url: str) -> list[int]:
+    if url.startswith("sqlite:"):
+        con = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            return [row[0] for row in con.execute("SELECT version FROM schema_version ORDER BY version")]
+        finally:
+            con.close()
+    schema = url.split("schema=")[1].split("&")[0]
+
+    async def fetch() -> list[int]:
+        con = await asyncpg.connect(PG_URL)
+        try:
+            return [r[0] for r in await con.fetch(f"SELECT version FROM {schema}.schema_version ORDER BY 1")]
+        finally:
+            await con.close()
+
+    return asyncio.run(fetch())
+
+
+def bump_version(url: str) -> None:
+    if url.startswith("sqlite:"):
+        con = sqlite3.connect(url.removeprefix("sqlite:///"))
+        con.execute("INSERT INTO schema_version VALUES (999, 0)")
+        con.commit()
+        con.close()
+        return
+    schema = url.split("schema=")[1].split("&")[0]
+
+    async def bump() -> None:
+        con = await asyncpg.connect(PG_URL)
+        await con.execute(f"INSERT INTO {schema}.schema_version VALUES (999, 0)")
+        await con.close()
+
+    asyncio.run(bump())
+
+
+def test_migrations_apply_once_and_refuse_a_newer_schema(durable_url: str) -> None:
+    async def noop(store: PaymentStore) -> None:
+        return None
+
+    run(durable_url, noop)
+    first = versions_of(durable_url)
+    run(durable_url, noop)
+    assert versions_of(durable_url) == first == list(range(1, len(first) + 1)) and first
+    bump_version(durable_url)
+    with pytest.raises(StoreSchemaError) as err:
+        run(durable_url, noop)
+    assert err.value.code == "store_schema_too_new"
+
+
+def test_close_twice_is_harmless(url: str) -> None:
+    async def main() -> None:
+        store = await open_store(url)
+        await store.close()
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_sqlite_creates_missing_directories(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await open_store(f"sqlite:///{tmp_path}/a/b/store.db")
+        await store.close()
+
+    asyncio.run(main())
+    assert (tmp_path / "a" / "b" / "store.db").exists()
+
+
+def test_sqlite_table_prefix_isolates_two_stores_in_one_file(tmp_path: Path) -> None:
+    base = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    async def main() -> None:
+        one, two = await open_store(base + "?prefix=one_"), await open_store(base + "?prefix=two_")
+        try:
+            assert await one.claim("k", ttl=30) and await two.claim("k", ttl=30)
+        finally:
+            await one.close()
+            await two.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "ftp://nowhere",
+        "redis://127.0.0.1:6379/0",
+        "sqlite://",
+        "sqlite:///{tmp}/x.db?bogus=1",
+        "sqlite:///{tmp}/x.db?synchronous=sometimes",
+        "sqlite:///{tmp}/x.db?prefix=Robert');DROP",
+        "postgresql://postgres@127.0.0.1:5432/test?schema=Bad-Name",
+        "postgresql://postgres@127.0.0.1:5432/test?pool_max=many",
+    ],
+)
+def test_bad_urls_raise_a_config_error(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(StoreConfigError) as err:
+        asyncio.run(open_store(bad.format(tmp=tmp_path)))
+    assert err.value.code == "store_config_invalid" and err.value.status_hint == 500
+
+
+@pytest.mark.parametrize(
+    "down",
+    ["postgresql://postgres@127.0.0.1:1/test", "memory://?cache=redis://127.0.0.1:1/0"],
+)
+def test_unreachable_servers_raise_unavailable(down: str) -> None:
+    with pytest.raises(StoreUnavailable) as err:
+        asyncio.run(open_store(down))
+    assert err.value.code == "store_unavailable" and err.value.status_hint == 503
+
+
+def test_redis_cache_falls_back_on_postgres_when_redis_forgets(tmp_path: Path) -> None:
+    with isolated_url("postgres+redis", tmp_path) as url:
+        prefix = url.split("cache_prefix=")[1]
+
+        async def body(store: PaymentStore) -> None:
+            assert await store.claim("k", ttl=30)
+            await store.complete("k", receipt=b"r", settlement=item("k"))
+            await _delete_prefix(prefix)  # Redis restarted empty
+            assert await store.is_finalized("k")
+            assert not await store.claim("k", ttl=30)  # PostgreSQL still knows, and repairs the marker
+            assert not await store.claim("k", ttl=30)
+            assert await store.get_receipt("k") == b"r"
+            assert await store.claim("live", ttl=30)
+            await store.release("live")
+            assert await store.claim("live", ttl=30)
+
+        run(url, body)

@@ -1,0 +1,629 @@
+"""MPP (draft-httpauth-payment): the ``Payment`` HTTP authentication scheme.
+
+- challenges: ``WWW-Authenticate: Payment id="…", realm="…", method="…", intent="…", request="…"``
+  (RFC 9110 auth-params; several challenges per header value and several header lines);
+- credentials: ``Authorization: Payment <base64url-nopad(JSON)>``;
+- receipts: ``Payment-Receipt: <base64url-nopad(JSON)>``;
+- challenge binding: ``id = base64url(HMAC-SHA256(secret, "realm|method|intent|request|expires|digest|
+  opaque"))`` with ``request`` and ``opaque`` as base64url of JCS (RFC 8785) JSON;
+- problem details (RFC 9457) that one body can share with an x402 v1 client.
+
+Parsers raise only :class:`~x402.MalformedPayment`. Formatters raise ``ValueError`` for values that cannot
+be put on the wire (control characters, empty required fields): that is a programming error on our side.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from hashlib import sha256
+from typing import Annotated, Any, Final
+
+import msgspec
+import rfc8785
+from eth_hash.auto import keccak
+from msgspec import Meta
+
+from ._errors import MalformedPayment
+from ._types import PaymentRequirementsV1
+
+__all__ = [
+    "AUTHORIZATION_HEADER",
+    "MAX_MPP_HEADER_BYTES",
+    "MIN_SECRET_BYTES",
+    "MppChallenge",
+    "MppCredential",
+    "MppReceipt",
+    "PAYMENT_AUTHORIZATION_HEADER",
+    "PAYMENT_RECEIPT_HEADER",
+    "PROBLEM_CONTENT_TYPE",
+    "ProblemDetails",
+    "WWW_AUTHENTICATE_HEADER",
+    "b64url_decode",
+    "b64url_encode",
+    "challenge_hash",
+    "challenge_hash_pympp",
+    "challenge_id",
+    "decode_json_param",
+    "encode_json_param",
+    "encode_problem",
+    "decode_problem",
+    "format_credential",
+    "format_receipt",
+    "format_www_authenticate",
+    "jcs",
+    "parse_credential",
+    "parse_receipt",
+    "parse_www_authenticate",
+    "rfc3339",
+    "parse_rfc3339",
+    "verify_challenge",
+]
+
+WWW_AUTHENTICATE_HEADER: Final = "WWW-Authenticate"
+AUTHORIZATION_HEADER: Final = "Authorization"
+PAYMENT_AUTHORIZATION_HEADER: Final = "Payment-Authorization"
+PAYMENT_RECEIPT_HEADER: Final = "Payment-Receipt"
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+
+#: Bound on one header value (the spec asks servers to stay under 8 KB and clients to handle 4 KB).
+MAX_MPP_HEADER_BYTES: Final = 64 * 1024
+#: HMAC secrets shorter than this are refused (the mpp-tools vectors require at least 32 bytes).
+MIN_SECRET_BYTES: Final = 32
+
+_SCHEME: Final = "payment"
+
+# ------------------------------------------------------------------------------------------ wire types
+
+_Id = Annotated[str, Meta(min_length=1, max_length=1024)]
+_Tok = Annotated[str, Meta(min_length=1, max_length=256)]
+_B64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*$", max_length=MAX_MPP_HEADER_BYTES)]
+_Str = Annotated[str, Meta(max_length=8192)]
+
+
+class _Wire(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    pass
+
+
+class MppChallenge(_Wire, frozen=True, kw_only=True):
+    """One ``Payment`` challenge. ``request`` and ``opaque`` stay base64url strings exactly as on the wire,
+    so that echoing them back (and recomputing the HMAC) never re-serialises JSON."""
+
+    id: _Id
+    realm: _Str
+    method: _Tok
+    intent: _Tok
+    request: _B64
+    description: _Str | None = None
+    digest: _Str | None = None
+    expires: _Str | None = None
+    opaque: _Str | None = None
+    #: Non-default credential header (``Payment-Authorization``) when the server needs ``Authorization``.
+    header: _Tok | None = None
+
+    def request_json(self) -> dict[str, Any]:
+        """The decoded ``request`` object (raises :class:`MalformedPayment`)."""
+        return decode_json_param(self.request, what="request")
+
+    def opaque_json(self) -> dict[str, Any] | None:
+        return None if self.opaque is None else decode_json_param(self.opaque, what="opaque")
+
+    def expires_at(self) -> datetime | None:
+        """``expires`` as an aware datetime (raises :class:`MalformedPayment` when unparseable)."""
+        return None if self.expires is None else parse_rfc3339(self.expires)
+
+
+class MppCredential(_Wire, frozen=True, kw_only=True):
+    """The JSON object inside ``Authorization: Payment <b64url>``."""
+
+    challenge: MppChallenge
+    payload: dict[str, Any]
+    source: _Str | None = None
+
+
+class MppReceipt(_Wire, frozen=True, kw_only=True, tag_field="status", tag="success"):
+    """The JSON object inside ``Payment-Receipt``. ``status`` is always ``"success"`` (receipts are only
+    issued for successful payments): it is the msgspec tag, so it is always encoded and any other value
+    fails to decode."""
+
+    method: _Tok
+    timestamp: _Str
+    reference: _Str
+    challenge_id: _Str | None = None
+    chain_id: int | None = None
+    external_id: _Str | None = None
+    intent: _Tok | None = None
+
+    @property
+    def status(self) -> str:
+        return "success"
+
+
+class ProblemDetails(_Wire, frozen=True, kw_only=True):
+    """RFC 9457 problem details, plus the extension members this gateway uses.
+
+    One 402 body serves an MPP client (``type``/``title``/``status``/``detail``/``challengeId``) and an
+    x402 v1 client (``x402Version``/``error``/``accepts``) at once: each ignores the other's members.
+    """
+
+    type: _Str  # e.g. PROBLEM_BASE + "payment-required"; always explicit on the wire
+    title: _Str
+    status: int
+    detail: _Str | None = None
+    instance: _Str | None = None
+    challenge_id: _Str | None = None
+    hint: _Str | None = None
+    invalid_reason: _Str | None = None
+    x402_version: int | None = None
+    error: _Str | None = None
+    accepts: list[PaymentRequirementsV1] | None = None
+
+
+_json_encoder: Final = msgspec.json.Encoder()
+_credential_decoder: Final = msgspec.json.Decoder(MppCredential)
+_receipt_decoder: Final = msgspec.json.Decoder(MppReceipt)
+_problem_decoder: Final = msgspec.json.Decoder(ProblemDetails)
+_object_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+
+
+def encode_problem(problem: ProblemDetails) -> bytes:
+    """JSON body for ``Content-Type: application/problem+json``."""
+    return _json_encoder.encode(problem)
+
+
+def decode_problem(body: bytes | str) -> ProblemDetails:
+    problem: ProblemDetails = _decode(_problem_decoder, body, "problem details")
+    return problem
+
+
+# --------------------------------------------------------------------------------- base64url and JCS
+
+
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding (RFC 4648 §5)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(value: str | bytes, *, what: str = "value") -> bytes:
+    """Decode base64url; padding is tolerated, any other alphabet is a :class:`MalformedPayment`."""
+    if isinstance(value, str):
+        try:
+            raw = value.encode("ascii")
+        except UnicodeEncodeError:
+            raise MalformedPayment(f"{what}: not base64url") from None
+    elif isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+    else:
+        raise MalformedPayment(f"{what}: expected str or bytes")
+    if len(raw) > MAX_MPP_HEADER_BYTES:
+        raise MalformedPayment(f"{what}: exceeds the {MAX_MPP_HEADER_BYTES}-byte limit")
+    raw = raw.rstrip(b"=")
+    if len(raw) % 4 == 1:
+        raise MalformedPayment(f"{what}: invalid base64url length")
+    if raw.translate(None, _B64URL_ALPHABET):
+        raise MalformedPayment(f"{what}: not base64url")
+    try:
+        return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        raise MalformedPayment(f"{what}: not base64url") from None
+
+
+_B64URL_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def jcs(obj: Any) -> bytes:
+    """RFC 8785 JSON Canonicalization Scheme."""
+    return rfc8785.dumps(obj)
+
+
+def encode_json_param(obj: Mapping[str, Any]) -> str:
+    """``request`` / ``opaque`` parameter value: base64url-nopad of JCS JSON."""
+    return b64url_encode(jcs(dict(obj)))
+
+
+def decode_json_param(value: str | bytes, *, what: str = "request") -> dict[str, Any]:
+    """Decode a ``request`` / ``opaque`` parameter into a JSON object (or raise :class:`MalformedPayment`)."""
+    obj: dict[str, Any] = _decode(_object_decoder, b64url_decode(value, what=what), what)
+    return obj
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, what: str) -> Any:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise MalformedPayment(f"{what}: {exc}") from None
+    except (msgspec.DecodeError, UnicodeError, ValueError, RecursionError):
+        raise MalformedPayment(f"{what}: invalid JSON") from None
+
+
+# ------------------------------------------------------------------------------------ RFC 3339 times
+
+
+def rfc3339(when: datetime | float) -> str:
+    """``2025-01-15T12:05:00Z`` (UTC, whole seconds)."""
+    dt = when if isinstance(when, datetime) else datetime.fromtimestamp(when, UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(value: str) -> datetime:
+    """Parse an RFC 3339 date-time into an aware datetime; raise :class:`MalformedPayment` otherwise."""
+    text = value.strip()
+    if len(text) > 64 or "T" not in text.upper():
+        raise MalformedPayment(f"not an RFC 3339 date-time: {value[:64]!r}")
+    try:
+        dt = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "zZ" else text)
+    except ValueError:
+        raise MalformedPayment(f"not an RFC 3339 date-time: {value[:64]!r}") from None
+    if dt.tzinfo is None:
+        raise MalformedPayment(f"RFC 3339 date-time without an offset: {value[:64]!r}")
+    return dt
+
+
+# ------------------------------------------------------------------------------------ challenge binding
+
+
+def _param(value: str | Mapping[str, Any] | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return encode_json_param(value)
+
+
+def challenge_id(
+    secret: bytes | str,
+    realm: str,
+    method: str,
+    intent: str,
+    request: str | Mapping[str, Any],
+    expires: str | None = None,
+    digest: str | None = None,
+    opaque: str | Mapping[str, Any] | None = None,
+    *,
+    header: str | None = None,
+) -> str:
+    """The spec's HMAC-SHA256 challenge id.
+
+    ``request`` / ``opaque`` are either the base64url strings as on the wire (used verbatim) or JSON
+    objects (JCS-serialised and base64url-encoded here). A non-default credential ``header``
+    (``Payment-Authorization``) is bound in a slot before ``opaque``, as the SDKs do; ``Authorization``
+    is the implicit default and never bound.
+    """
+    key = secret.encode() if isinstance(secret, str) else secret
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"challenge-binding secret must be at least {MIN_SECRET_BYTES} bytes")
+    slots = [realm, method, intent, _param(request), expires or "", digest or ""]
+    if header and header.lower() != AUTHORIZATION_HEADER.lower():
+        slots.append(header)
+    slots.append(_param(opaque))
+    mac = hmac.new(key, "|".join(slots).encode("utf-8"), sha256).digest()
+    return b64url_encode(mac)
+
+
+def verify_challenge(secrets: bytes | str | Sequence[bytes | str], challenge: MppChallenge) -> bool:
+    """Whether ``challenge.id`` is the HMAC of its parameters under one of ``secrets`` (constant time per
+    secret; pass several to keep accepting challenges issued before a rotation)."""
+    keys: Sequence[bytes | str] = [secrets] if isinstance(secrets, bytes | str) else secrets
+    presented = challenge.id.encode("utf-8", "surrogatepass")
+    ok = False
+    for key in keys:
+        expected = challenge_id(
+            key,
+            challenge.realm,
+            challenge.method,
+            challenge.intent,
+            challenge.request,
+            challenge.expires,
+            challenge.digest,
+            challenge.opaque,
+            header=challenge.header,
+        )
+        ok |= hmac.compare_digest(expected.encode("ascii"), presented)
+    return ok
+
+
+def challenge_hash(challenge_id: str, realm: str) -> bytes:
+    """``keccak256(abi.encodePacked(id, realm))`` = keccak256 of the UTF-8 concatenation (evm/charge spec,
+    mppx). The EIP-3009 nonce of an ``authorization`` credential must equal it."""
+    return keccak((challenge_id + realm).encode("utf-8"))
+
+
+def challenge_hash_pympp(challenge_id: str, realm: str) -> bytes:
+    """pympp 0.16 compatibility: keccak256 of the compact JSON array ``["<id>","<realm>"]`` (UTF-8, no
+    ASCII escaping), i.e. ``JSON.stringify([id, realm])``.
+
+    This deviates from the spec and from mppx (see :func:`challenge_hash`); accept it only behind an
+    explicit compatibility flag.
+    """
+    text = json.dumps([challenge_id, realm], separators=(",", ":"), ensure_ascii=False)
+    return keccak(text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------- WWW-Authenticate: format / parse
+
+_TCHAR: Final = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TOKEN68: Final = _TCHAR | frozenset("/")  # token68 also allows "/" (and trailing "=")
+_OWS: Final = " \t"
+_FIELD_ORDER: Final = (
+    "id",
+    "realm",
+    "method",
+    "intent",
+    "request",
+    "description",
+    "digest",
+    "expires",
+    "opaque",
+)
+
+
+def _quote(name: str, value: str) -> str:
+    for ch in value:
+        o = ord(ch)
+        if (o < 0x20 and ch != "\t") or o == 0x7F:
+            raise ValueError(f"{name}: control character not allowed in a quoted-string")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _format_one(ch: MppChallenge) -> str:
+    if not ch.id:
+        raise ValueError("challenge id must be non-empty")
+    parts = []
+    for name in _FIELD_ORDER:
+        value = getattr(ch, name)
+        if value is not None:
+            parts.append(f"{name}={_quote(name, value)}")
+    if ch.header is not None:
+        parts.append(f"header={_quote('header', ch.header)}")
+    return "Payment " + ", ".join(parts)
+
+
+def format_www_authenticate(challenges: MppChallenge | Iterable[MppChallenge]) -> str:
+    """One ``WWW-Authenticate`` value; several challenges are comma-joined (servers may instead send one
+    header line per challenge by calling this once per challenge)."""
+    items = [challenges] if isinstance(challenges, MppChallenge) else list(challenges)
+    if not items:
+        raise ValueError("no challenge to format")
+    return ", ".join(_format_one(ch) for ch in items)
+
+
+class _Scanner:
+    """A linear-time scanner for RFC 9110 ``#challenge`` lists."""
+
+    __slots__ = ("n", "pos", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.n = len(text)
+
+    def skip(self, chars: str) -> None:
+        while self.pos < self.n and self.text[self.pos] in chars:
+            self.pos += 1
+
+    def token(self, allowed: frozenset[str] = _TCHAR) -> str:
+        start = self.pos
+        while self.pos < self.n and self.text[self.pos] in allowed:
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < self.n else ""
+
+    def quoted(self) -> str | None:
+        """Read a quoted-string (the opening quote is at pos); None when unterminated (pos at end)."""
+        self.pos += 1
+        out: list[str] = []
+        start = self.pos
+        text, n = self.text, self.n
+        while self.pos < n:
+            c = text[self.pos]
+            if c == '"':
+                out.append(text[start : self.pos])
+                self.pos += 1
+                return "".join(out)
+            if c == "\\":
+                out.append(text[start : self.pos])
+                if self.pos + 1 >= n:
+                    self.pos = n
+                    return None
+                out.append(text[self.pos + 1])
+                self.pos += 2
+                start = self.pos
+                continue
+            self.pos += 1
+        return None
+
+    def skip_junk(self) -> None:
+        """Skip to the next top-level comma (quote-aware); used after malformed input, permissively."""
+        text, n = self.text, self.n
+        in_quote = False
+        while self.pos < n:
+            c = text[self.pos]
+            if in_quote:
+                if c == "\\":
+                    self.pos += 1
+                elif c == '"':
+                    in_quote = False
+            elif c == '"':
+                in_quote = True
+            elif c == ",":
+                return
+            self.pos += 1
+
+
+_Params = dict[str, str]
+
+
+def _next_is_challenge(sc: _Scanner) -> bool:
+    """After a comma: does a new challenge (``scheme`` not followed by ``=``) start here?"""
+    mark = sc.pos
+    tok = sc.token()
+    sc.skip(_OWS)
+    new = bool(tok) and sc.peek() != "="
+    sc.pos = mark
+    return new
+
+
+def _scan_challenges(text: str) -> list[tuple[str, _Params | None, str | None]]:
+    """Split one header value into ``(scheme, params or None when malformed, error)`` tuples."""
+    sc = _Scanner(text)
+    out: list[tuple[str, _Params | None, str | None]] = []
+    while True:
+        sc.skip(_OWS + ",")
+        if sc.pos >= sc.n:
+            return out
+        scheme = sc.token()
+        if not scheme or sc.peek() not in (" ", "\t", ",", ""):
+            sc.pos += 1 if not scheme else 0
+            sc.skip_junk()
+            continue
+        params: _Params = {}
+        error: str | None = None
+        sc.skip(_OWS)
+        while sc.pos < sc.n:
+            if sc.peek() == ",":
+                sc.skip(_OWS + ",")
+                if _next_is_challenge(sc):
+                    break
+                continue
+            name = sc.token(_TOKEN68)
+            if not name:
+                sc.skip_junk()  # permissive: ignore what cannot be a parameter
+                continue
+            sc.skip(_OWS)
+            if sc.peek() != "=":
+                error = error or "token68 credentials are not auth-params"
+                sc.skip_junk()
+                continue
+            sc.pos += 1
+            sc.skip(_OWS)
+            if sc.peek() == "=":  # token68 padding ("abc==")
+                error = error or "token68 credentials are not auth-params"
+                sc.skip_junk()
+                continue
+            if sc.peek() == '"':
+                value = sc.quoted()
+                if value is None:
+                    break  # unterminated quoted-string: drop the parameter and ignore the rest
+            else:
+                value = sc.token()
+            key = name.lower()
+            if key in params:
+                error = error or f"duplicate parameter {key!r}"
+            elif any(c not in _TCHAR for c in name):
+                error = error or f"invalid parameter name {name!r}"
+            else:
+                params[key] = value
+            sc.skip(_OWS)
+            if sc.peek() not in ("", ","):
+                sc.skip_junk()  # e.g. unescaped quotes inside a value: the rest is ignored
+        out.append((scheme, None if error else params, error))
+
+
+def _challenge_from_params(params: _Params) -> MppChallenge:
+    for name in ("id", "realm", "method", "intent", "request"):
+        if name not in params:
+            raise MalformedPayment(f"Payment challenge: missing required parameter {name!r}")
+    if not params["id"]:
+        raise MalformedPayment("Payment challenge: empty id")
+    if not params["method"] or not params["intent"]:
+        raise MalformedPayment("Payment challenge: empty method or intent")
+    decode_json_param(params["request"], what="request")  # must be base64url JSON (object)
+    try:
+        return msgspec.convert(
+            {k: params[k] for k in (*_FIELD_ORDER, "header") if k in params},
+            MppChallenge,
+        )
+    except msgspec.ValidationError as exc:
+        raise MalformedPayment(f"Payment challenge: {exc}") from None
+
+
+def parse_www_authenticate(
+    values: str | bytes | Iterable[str | bytes], *, strict: bool = True
+) -> list[MppChallenge]:
+    """Every ``Payment`` challenge in one or more ``WWW-Authenticate`` values, in order.
+
+    Other schemes (``Bearer``, ``Basic``…) are skipped. Unknown parameters are ignored. With ``strict``
+    (the default) a malformed Payment challenge, or no Payment challenge at all, raises
+    :class:`MalformedPayment`; with ``strict=False`` malformed challenges are skipped and the result may be
+    empty (what a client wants when it scans a 402 for something it can pay).
+    """
+    items: Iterable[str | bytes] = [values] if isinstance(values, str | bytes) else values
+    found: list[MppChallenge] = []
+    for raw in items:
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("latin-1")
+            except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+                raise MalformedPayment("WWW-Authenticate: undecodable") from None
+        if not isinstance(raw, str):
+            raise MalformedPayment("WWW-Authenticate: expected str or bytes")
+        if len(raw) > MAX_MPP_HEADER_BYTES:
+            if strict:
+                raise MalformedPayment("WWW-Authenticate: header value too large")
+            continue
+        for scheme, params, error in _scan_challenges(raw):
+            if scheme.lower() != _SCHEME:
+                continue
+            if params is None:
+                if strict:
+                    raise MalformedPayment(f"Payment challenge: {error}")
+                continue
+            try:
+                found.append(_challenge_from_params(params))
+            except MalformedPayment:
+                if strict:
+                    raise
+    if strict and not found:
+        raise MalformedPayment("WWW-Authenticate: no Payment challenge")
+    return found
+
+
+# ----------------------------------------------------------------------- Authorization / Payment-Receipt
+
+
+def format_credential(credential: MppCredential) -> str:
+    """``Authorization`` value: ``Payment <base64url-nopad(JSON)>``."""
+    return "Payment " + b64url_encode(_json_encoder.encode(credential))
+
+
+def parse_credential(value: str | bytes) -> MppCredential:
+    """Parse an ``Authorization: Payment …`` value into a credential (or raise :class:`MalformedPayment`)."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        raise MalformedPayment("Authorization: expected str or bytes")
+    if len(value) > MAX_MPP_HEADER_BYTES:
+        raise MalformedPayment("Authorization: header value too large")
+    text = value.strip(_OWS)
+    scheme, sep, rest = text.partition(" ")
+    if scheme.lower() != _SCHEME or not sep:
+        raise MalformedPayment("Authorization: not a Payment credential")
+    token = rest.strip(_OWS)
+    if not token or any(c in token for c in " \t,"):
+        raise MalformedPayment("Authorization: expected exactly one base64url token")
+    credential: MppCredential = _decode(
+        _credential_decoder, b64url_decode(token, what="credential"), "credential"
+    )
+    return credential
+
+
+def format_receipt(receipt: MppReceipt) -> str:
+    """``Payment-Receipt`` value: base64url-nopad of the JSON receipt."""
+    return b64url_encode(_json_encoder.encode(receipt))
+
+
+def parse_receipt(value: str | bytes) -> MppReceipt:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        raise MalformedPayment("Payment-Receipt: expected str or bytes")
+    receipt: MppReceipt = _decode(
+        _receipt_decoder, b64url_decode(value.strip(_OWS), what="receipt"), "Payment-Receipt"
+    )
+    return receipt

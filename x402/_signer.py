@@ -1,0 +1,99 @@
+"""Signers: anything that can sign a 32-byte digest as a 65-byte ``r || s || v`` (v = 27/28)."""
+
+from __future__ import annotations
+
+from typing import Final, Protocol, runtime_checkable
+
+import coincurve
+from eth_hash.auto import keccak
+from eth_utils.address import to_checksum_address
+
+from ._errors import InvalidSignature
+
+__all__ = [
+    "SECP256K1_HALF_N",
+    "SECP256K1_N",
+    "LocalSigner",
+    "Signer",
+    "recover_hash",
+]
+
+SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+SECP256K1_HALF_N: Final = SECP256K1_N // 2
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """Signs EIP-712 digests. ``address`` is the EIP-55 checksummed address of the key."""
+
+    @property
+    def address(self) -> str: ...
+
+    def sign_hash(self, digest: bytes) -> bytes:
+        """65-byte ``r || s || v`` with ``v`` in {27, 28} and low ``s``."""
+        ...
+
+
+def _address_of(public_key: coincurve.PublicKey) -> str:
+    return to_checksum_address(keccak(public_key.format(compressed=False)[1:])[-20:])
+
+
+class LocalSigner:
+    """An in-process secp256k1 key (coincurve/libsecp256k1). Signatures are deterministic (RFC 6979) and
+    low-s, as Ethereum requires."""
+
+    __slots__ = ("_address", "_key")
+
+    def __init__(self, private_key: bytes | str) -> None:
+        if isinstance(private_key, str):
+            text = private_key[2:] if private_key[:2] in ("0x", "0X") else private_key
+            try:
+                private_key = bytes.fromhex(text)
+            except ValueError:
+                raise ValueError("private key must be 32 bytes of hex") from None
+        if len(private_key) != 32:
+            raise ValueError("private key must be 32 bytes")
+        self._key = coincurve.PrivateKey(private_key)
+        self._address = _address_of(self._key.public_key)
+
+    @classmethod
+    def random(cls) -> LocalSigner:
+        return cls(coincurve.PrivateKey().secret)
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def sign_hash(self, digest: bytes) -> bytes:
+        if len(digest) != 32:
+            raise ValueError("digest must be 32 bytes")
+        sig = self._key.sign_recoverable(digest, hasher=None)
+        return sig[:64] + bytes((sig[64] + 27,))
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LocalSigner({self._address})"
+
+
+def recover_hash(digest: bytes, signature: bytes) -> str:
+    """The checksummed address that signed ``digest``; :class:`InvalidSignature` for a malformed,
+    high-s, or unrecoverable signature (v must be 27 or 28, as the EIP-3009 token's ``ecrecover`` needs)."""
+    if len(digest) != 32:
+        raise InvalidSignature("digest must be 32 bytes")
+    if len(signature) != 65:
+        raise InvalidSignature(f"signature must be 65 bytes, got {len(signature)}")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    v = signature[64]
+    if v not in (27, 28):
+        raise InvalidSignature(f"signature v must be 27 or 28, got {v}")
+    if not (0 < r < SECP256K1_N):
+        raise InvalidSignature("signature r out of range")
+    if not (0 < s <= SECP256K1_HALF_N):
+        raise InvalidSignature("signature s out of range (high-s signatures are malleable and refused)")
+    try:
+        public_key = coincurve.PublicKey.from_signature_and_message(
+            signature[:64] + bytes((v - 27,)), digest, hasher=None
+        )
+    except Exception:  # libsecp256k1 reports failures as ValueError/Exception
+        raise InvalidSignature("signature does not recover to a public key") from None
+    return _address_of(public_key)

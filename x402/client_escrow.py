@@ -1,0 +1,190 @@
+"""A session-key wallet for :mod:`x402.client`: pays ``escrow`` offers (x402 v1/v2 and MPP ``evm``/``charge``
+with an ``escrow`` credential) out of its owner's escrow deposit, within the grant it holds.
+
+    wallet = EscrowWallet.from_grant(session_key, signed_grant)      # the owner's grant, as relayed
+    auth = SessionKeyAuth(wallet, fallback=Eip3009Wallet(...))        # escrow first, exact otherwise
+    async with httpx.AsyncClient(auth=auth) as client: ...
+
+``can_pay`` checks what the key can check offline (chain, escrow, token, per-call cap, payee list, window);
+the grant's budget and revocation are the gateway's and the escrow's to enforce. Nonces count up from a
+random word (:class:`~x402._escrow.NonceCounter`): concurrent calls never collide, and consecutive payments
+share one storage word on chain.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ._errors import NoPayableOffer, SpendPolicyViolation
+from ._escrow import (
+    ESCROW_DOMAIN_NAME,
+    ESCROW_DOMAIN_VERSION,
+    ESCROW_SCHEME,
+    EscrowMppPayload,
+    GrantMessage,
+    NonceCounter,
+    escrow_domain,
+    sign_payment,
+)
+from ._evm_charge import did_pkh
+from ._schemes import encode_scheme_payload
+from ._signer import Signer
+from .client import Credential, Offer, PaymentAuth, SpendPolicy, Wallet
+
+__all__ = ["EscrowWallet", "SessionKeyAuth"]
+
+_DEFAULT_DEADLINE = 3600
+
+
+class EscrowWallet:
+    """Pays ``escrow`` offers with ``session`` for ``payer``'s grant on ``escrow`` (chain ``chain_id``)."""
+
+    def __init__(
+        self,
+        session: Signer,
+        *,
+        payer: str,
+        chain_id: int,
+        escrow: str,
+        token: str,
+        epoch: int = 1,
+        max_per_call: int | None = None,
+        payees: Sequence[str] = (),
+        valid_after: int = 0,
+        valid_until: int | None = None,
+        nonces: NonceCounter | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self.session = session
+        self.payer = payer
+        self.chain_id = chain_id
+        self.network = f"eip155:{chain_id}"
+        self.escrow = escrow
+        self.token = token
+        self.epoch = epoch
+        self.max_per_call = max_per_call
+        self.payees = frozenset(p.lower() for p in payees)
+        self.valid_after = valid_after
+        self.valid_until = valid_until
+        self.nonces = nonces or NonceCounter()
+        self.clock = clock
+        self.domain = escrow_domain(chain_id, escrow)
+
+    @classmethod
+    def from_grant(cls, session: Signer, grant: GrantMessage, *, chain_id: int, escrow: str) -> EscrowWallet:
+        if grant.signer.lower() != session.address.lower():
+            raise ValueError("the grant is for another session key")
+        return cls(
+            session,
+            payer=grant.payer,
+            chain_id=chain_id,
+            escrow=escrow,
+            token=grant.token,
+            epoch=grant.epoch,
+            max_per_call=grant.max_per_call,
+            payees=grant.payees,
+            valid_after=grant.valid_after,
+            valid_until=grant.valid_until,
+        )
+
+    def _terms(self, offer: Offer) -> tuple[str, int] | None:
+        """(escrow, deadlineSeconds) the offer names, if it is an escrow offer at all."""
+        if offer.protocol == "mpp":
+            details = (offer.request or {}).get("methodDetails")
+            if offer.scheme != "evm/charge" or not isinstance(details, dict):
+                return None
+            if "escrow" not in (details.get("credentialTypes") or ()):
+                return None
+            escrow, seconds = details.get("escrowContract"), details.get("deadlineSeconds", _DEFAULT_DEADLINE)
+        else:
+            if offer.scheme != ESCROW_SCHEME:
+                return None
+            if offer.extra.get("name", ESCROW_DOMAIN_NAME) != ESCROW_DOMAIN_NAME:
+                return None
+            if offer.extra.get("version", ESCROW_DOMAIN_VERSION) != ESCROW_DOMAIN_VERSION:
+                return None
+            escrow, seconds = offer.extra.get("escrow"), offer.extra.get("deadlineSeconds", _DEFAULT_DEADLINE)
+        if not isinstance(escrow, str) or not isinstance(seconds, int) or isinstance(seconds, bool):
+            return None
+        return escrow, seconds
+
+    def can_pay(self, offer: Offer) -> bool:
+        terms = self._terms(offer)
+        if terms is None or terms[0].lower() != self.escrow.lower() or offer.network != self.network:
+            return False
+        if offer.asset.lower() != self.token.lower():
+            return False
+        if self.max_per_call is not None and offer.amount > self.max_per_call:
+            return False
+        if self.payees and offer.pay_to.lower() not in self.payees:
+            return False
+        now = self.clock()
+        return self.valid_after <= now and (self.valid_until is None or now <= self.valid_until)
+
+    def pay(self, offer: Offer) -> Credential:
+        terms = self._terms(offer)
+        if terms is None or not self.can_pay(offer):
+            raise NoPayableOffer(f"this session key cannot pay {offer.scheme} on {offer.network}")
+        deadline = int(self.clock()) + max(terms[1], 1)
+        if self.valid_until is not None:
+            deadline = min(deadline, self.valid_until)
+        signed = sign_payment(
+            self.session,
+            self.domain,
+            payer=self.payer,
+            payee=offer.pay_to,
+            token=offer.asset,
+            amount=offer.amount,
+            nonce=self.nonces.take(),
+            deadline=deadline,
+            epoch=self.epoch,
+        )
+        source = did_pkh(self.chain_id, self.payer)
+        if offer.protocol == "mpp":
+            mpp = EscrowMppPayload(signature=signed.signature, payment=signed.payment)
+            return Credential(payload=encode_scheme_payload(mpp), source=source)
+        return Credential(payload=encode_scheme_payload(signed), source=source)
+
+
+class _Either:
+    """The escrow wallet where it can pay, else the fallback."""
+
+    def __init__(self, first: EscrowWallet, fallback: Wallet | None) -> None:
+        self.first = first
+        self.fallback = fallback
+
+    def can_pay(self, offer: Offer) -> bool:
+        return self.first.can_pay(offer) or (self.fallback is not None and self.fallback.can_pay(offer))
+
+    def pay(self, offer: Offer) -> Credential:
+        if self.first.can_pay(offer) or self.fallback is None:
+            return self.first.pay(offer)
+        return self.fallback.pay(offer)
+
+
+class SessionKeyAuth(PaymentAuth):
+    """:class:`~x402.client.PaymentAuth` that pays through the escrow whenever the session key can, and
+    through ``fallback`` (e.g. an :class:`~x402.client.Eip3009Wallet`) otherwise."""
+
+    def __init__(
+        self,
+        wallet: EscrowWallet,
+        policy: SpendPolicy | None = None,
+        *,
+        fallback: Wallet | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(_Either(wallet, fallback), policy, **kwargs)
+        self.escrow_wallet = wallet
+
+    def choose(self, offers: Iterable[Offer]) -> Offer:
+        offers = list(offers)
+        preferred = [o for o in offers if self.escrow_wallet.can_pay(o)]
+        if preferred:
+            try:
+                return super().choose(preferred)
+            except (NoPayableOffer, SpendPolicyViolation):
+                pass  # the policy refuses the escrow offers: the fallback may still pay
+        return super().choose(offers)
