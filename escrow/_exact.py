@@ -12,9 +12,9 @@ import time
 from collections.abc import Mapping
 from typing import Final
 
-from eth_abi import decode as abi_decode
-from eth_abi import encode as abi_encode
-from eth_utils import keccak
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
+from eth_utils.crypto import keccak
 
 from x402 import (
     Eip712Domain,
@@ -131,7 +131,7 @@ class ExactEvm:
 
     @staticmethod
     def calldata(auth: Eip3009Authorization, signature: bytes) -> bytes:
-        """`transferWithAuthorization` call data: the (v,r,s) overload for 65-byte signatures, else `bytes`."""
+        """`transferWithAuthorization` call data: the (v,r,s) overload for 65-byte signatures, else bytes."""
         head = [
             _address(auth.from_),
             _address(auth.to),

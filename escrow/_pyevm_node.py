@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -27,15 +28,16 @@ from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.exceptions import TransactionNotFound
 from eth_utils.address import to_canonical_address
 
+from ._devnet import CREATE2_DEPLOYER
+from ._devnet_node import ANVIL_MNEMONIC
+
 __all__ = ["main"]
 
-# The deterministic-deployment proxy (Arachnid), which anvil and most chains carry at this address; py-evm
-# starts empty, so it is put in the genesis state and CREATE2 deployments land where they do on anvil.
-CREATE2_DEPLOYER = "0x4e59b44847b379578588920ca78fbf26c0b4956c"
+# The deterministic-deployment proxy (Arachnid's), which anvil and most chains carry; py-evm starts empty, so
+# it is put in the genesis state and CREATE2 deployments land where they do on anvil.
 CREATE2_DEPLOYER_CODE = bytes.fromhex(
     "7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffe03601600081602082378035828234f58015156039578182fd5b8082525050506014600cf3"
 )
-ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
 _PRIORITY_FEE = 10**9
 
 
@@ -107,10 +109,11 @@ def _qty(value: Any) -> int:
 _TX_KEYS = {
     "gasPrice": "gas_price",
     "maxFeePerGas": "max_fee_per_gas",
-    "input": "data",
+    "maxPriorityFeePerGas": "max_priority_fee_per_gas",
+    "accessList": "access_list",
     "chainId": "chain_id",
+    "input": "data",
 }
-_TX_KEYS |= {"maxPriorityFeePerGas": "max_priority_fee_per_gas", "accessList": "access_list"}
 _TX_QTY = {"gas", "gas_price", "max_fee_per_gas", "max_priority_fee_per_gas", "value", "nonce", "chain_id"}
 
 
@@ -153,6 +156,10 @@ class Node:
         self.backend = backend
         self.tester = EthereumTester(backend)
         self.chain_id = chain_id
+        self._offset = self._floor = (
+            0  # evm_increaseTime: seconds added to the clock, earliest next timestamp
+        )
+        self._next_timestamp: int | None = None  # set by evm_setNextBlockTimestamp
         self.methods: dict[str, Callable[..., Any]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("rpc_")
         }
@@ -259,10 +266,22 @@ class Node:
         chain = self.backend.chain
         return hex(self._reverting(lambda: chain.estimate_gas(self._spoof(tx, header), header)))
 
+    def _tick(self) -> None:
+        """Date the block about to be mined now, as anvil does. py-evm dates it when the previous block was
+        mined, so after an idle minute a payment's `validAfter` could still lie in the chain's future.
+        (py-evm needs strictly increasing timestamps, so a burst of blocks runs a few seconds ahead.)"""
+        chain = self.backend.chain
+        timestamp, self._next_timestamp = self._next_timestamp, None
+        if timestamp is None:
+            timestamp = max(chain.header.timestamp, int(time.time()) + self._offset, self._floor)
+        chain.header = chain.header.copy(timestamp=timestamp)
+
     def rpc_eth_sendRawTransaction(self, raw: str) -> str:
+        self._tick()
         return str(self.tester.send_raw_transaction(raw))
 
     def rpc_eth_sendTransaction(self, tx: dict[str, Any]) -> str:
+        self._tick()
         return str(self.tester.send_transaction(_tx_in(tx)))
 
     # -- history
@@ -294,6 +313,7 @@ class Node:
 
     # -- devnet controls (anvil's names)
     def rpc_evm_mine(self, *_args: Any) -> str:
+        self._tick()
         self.tester.mine_blocks(1)
         return "0x0"
 
@@ -305,13 +325,13 @@ class Node:
         return True
 
     def rpc_evm_setNextBlockTimestamp(self, timestamp: Any) -> None:
-        chain = self.backend.chain
-        chain.header = chain.header.copy(timestamp=_qty(timestamp))
+        self._next_timestamp = _qty(timestamp)
 
     def rpc_evm_increaseTime(self, seconds: Any) -> str:
-        chain = self.backend.chain
-        chain.header = chain.header.copy(timestamp=chain.header.timestamp + _qty(seconds))
-        return hex(_qty(seconds))
+        self._offset += _qty(seconds)
+        # Measured from the chain's clock, which may run ahead of the wall clock (see _tick).
+        self._floor = max(self._floor, self.tester.get_block_by_number("latest")["timestamp"] + _qty(seconds))
+        return hex(self._offset)
 
 
 def _serve(node: Node, host: str, port: int) -> ThreadingHTTPServer:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import msgspec
 from eth_account import Account
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 
 from ._artifacts import EscrowError
 
@@ -88,6 +88,7 @@ class Receipt(msgspec.Struct, frozen=True, rename="camel"):
     block_number: str
     gas_used: str
     logs: list[Log]
+    contract_address: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -315,7 +316,9 @@ class Rpc:
 class _Pending:
     __slots__ = ("data", "future", "gas", "to", "value")
 
-    def __init__(self, to: str, data: bytes, gas: int, value: int, future: asyncio.Future[str]) -> None:
+    def __init__(
+        self, to: str | None, data: bytes, gas: int, value: int, future: asyncio.Future[str]
+    ) -> None:
         self.to, self.data, self.gas, self.value, self.future = to, data, gas, value, future
 
 
@@ -360,10 +363,12 @@ class TxSender:
             self._fee_at = now
         return self._max_fee
 
-    async def send(self, to: str, data: bytes, *, gas: int, value: int = 0) -> str:
-        """Sign and broadcast one transaction; returns its hash as soon as the node accepted it."""
+    async def send(self, to: str | None, data: bytes, *, gas: int, value: int = 0) -> str:
+        """Sign and broadcast one transaction (`to=None` creates a contract); returns its hash as soon as
+        the node accepted it."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(to_checksum_address(to), data, gas, value, future))
+        target = None if to is None else to_checksum_address(to)
+        self._queue.append(_Pending(target, data, gas, value, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         return await future
@@ -393,17 +398,18 @@ class TxSender:
             self._nonce = await self.rpc.get_transaction_count(self.address, "pending")
         raws = []
         for offset, item in enumerate(batch):
-            tx = {
+            tx: dict[str, Any] = {
                 "type": 2,
                 "chainId": self.chain_id,
                 "nonce": self._nonce + offset,
-                "to": item.to,
                 "value": item.value,
                 "data": item.data,
                 "gas": item.gas,
                 "maxFeePerGas": max_fee,
                 "maxPriorityFeePerGas": min(self._priority_fee, max_fee),
             }
+            if item.to is not None:
+                tx["to"] = item.to
             raws.append(self._account.sign_transaction(tx).raw_transaction)
         results = await self.rpc.batch([("eth_sendRawTransaction", [_hex(raw)]) for raw in raws])
         self._nonce += len(batch)
@@ -420,7 +426,7 @@ class TxSender:
             self._max_fee = None
 
     async def transact(
-        self, to: str, data: bytes, *, gas: int, value: int = 0, timeout: float = 30.0
+        self, to: str | None, data: bytes, *, gas: int, value: int = 0, timeout: float = 30.0
     ) -> Receipt:
         """Send and wait for the receipt; a reverted transaction raises `TransactionFailed`."""
         tx_hash = await self.send(to, data, gas=gas, value=value)

@@ -12,7 +12,19 @@ from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
 from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
-from ._store import MemoryStore, PaymentStore, QueueStats, Settlement, SettlementState
+from ._store import (
+    MemoryStore,
+    PaymentStore,
+    QueueStats,
+    Settlement,
+    SettlementState,
+    StoreConfigError,
+    StoreError,
+    StoreSchemaError,
+    StoreUnavailable,
+    backoff,
+    open_store,
+)
 
 __all__ = [
     "TERMINAL",
@@ -48,8 +60,14 @@ __all__ = [
     "Settlement",
     "SettleMode",
     "SettlementState",
+    "StoreConfigError",
+    "StoreError",
+    "StoreSchemaError",
+    "StoreUnavailable",
     "Tracker",
     "Verified",
+    "backoff",
+    "open_store",
     "to_atomic",
     "v1_network",
 ]

@@ -80,7 +80,9 @@ class Challenger:
         route = quote.route.partition(" ")[2] if " " in quote.route else quote.route
         return {"http_method": quote.method, "resource": quote.path, "route": route}
 
-    def mpp_challenges(self, quote: Quote, offers: Sequence[Offer], *, realm: str, now: float) -> list[MppChallenge]:
+    def mpp_challenges(
+        self, quote: Quote, offers: Sequence[Offer], *, realm: str, now: float
+    ) -> list[MppChallenge]:
         expires = rfc3339(now + self.ttl)
         out = []
         for offer in offers:
@@ -90,7 +92,9 @@ class Challenger:
             # A random opaque nonce makes every challenge unique: the EIP-3009 nonce is derived from the id,
             # so two concurrent calls by one payer must never be handed the same challenge.
             opaque = encode_json_param({"_mpp_nonce": secrets.token_hex(16)})
-            cid = challenge_id(self.secret, realm, offer.mpp.method, offer.mpp.intent, request, expires, None, opaque)
+            cid = challenge_id(
+                self.secret, realm, offer.mpp.method, offer.mpp.intent, request, expires, None, opaque
+            )
             out.append(
                 MppChallenge(
                     id=cid,
@@ -120,7 +124,11 @@ class Challenger:
         """The 402 for `quote`; with `failure`, the answer to a rejected payment in the client's dialect."""
         if failure is None:
             status = 402
-            code, v2_error, v1_error = _REQUIRED, "PAYMENT-SIGNATURE header is required", "X-PAYMENT header is required"
+            code, v2_error, v1_error = (
+                _REQUIRED,
+                "PAYMENT-SIGNATURE header is required",
+                "X-PAYMENT header is required",
+            )
             problem_type, title = "https://paymentauth.org/problems/payment-required", _TITLE_402
             detail = detail or f"Payment is required for {quote.method} {quote.path}."
         else:
@@ -130,7 +138,9 @@ class Challenger:
             detail = detail or title
         # MPP answers a replay with 403 and no fresh challenge: the client must not be invited to pay again.
         challenges = [] if status == 403 else self.mpp_challenges(quote, offers, realm=realm, now=now)
-        resource = ResourceInfo(url=quote.url, description=quote.description or None, mime_type=quote.mime_type)
+        resource = ResourceInfo(
+            url=quote.url, description=quote.description or None, mime_type=quote.mime_type
+        )
         v2 = PaymentRequired(error=v2_error, resource=resource, accepts=[o.requirements for o in offers])
         problem = ProblemDetails(
             type=problem_type,
@@ -198,6 +208,8 @@ def settle_failure_headers(dialect: Dialect, verified: Verified, code: str) -> H
     """x402 reports a failed settlement in `PAYMENT-RESPONSE` (`success: false`); MPP sends no receipt."""
     if dialect == "mpp":
         return []
-    response = SettleResponse(success=False, error_reason=code, payer=verified.payer, network=verified.network)
+    response = SettleResponse(
+        success=False, error_reason=code, payer=verified.payer, transaction="", network=verified.network
+    )
     name = b"payment-response" if dialect == "x402v2" else b"x-payment-response"
     return [(name, encode_payment_response(response).encode())]

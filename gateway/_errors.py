@@ -38,7 +38,7 @@ class ConfigurationError(GatewayError):
 
 
 class PaymentFailed(GatewayError):
-    """`headers` are added to the answer (e.g. `PAYMENT-RESPONSE` with `success: false` after a failed settle)."""
+    """A refused payment; `headers` join the answer (`PAYMENT-RESPONSE` with `success: false`, ...)."""
 
     default_code = "invalid_payload"
     default_status = 402

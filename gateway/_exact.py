@@ -32,6 +32,7 @@ from ._store import Settlement
 
 __all__ = ["ExactChain", "ExactScheme"]
 
+
 class ExactChain(Protocol):
     """The chain side of `exact`: `escrow.ExactEvm` on a real node."""
 
@@ -93,7 +94,9 @@ class ExactScheme:
         # leaves the default out), so it is read as one.
         kind = presented.payload.get("type", "authorization")
         if kind != "authorization":
-            raise UnsupportedScheme(f"credential type {str(kind)[:32]!r} is not accepted (only 'authorization')")
+            raise UnsupportedScheme(
+                f"credential type {str(kind)[:32]!r} is not accepted (only 'authorization')"
+            )
         return convert_payload(presented.payload, MppAuthorizationPayload).to_exact()
 
     async def verify(self, offer: Offer, presented: Presented, *, now: float) -> Verified:
@@ -101,9 +104,13 @@ class ExactScheme:
         payload = self._payload(presented)
         auth = payload.authorization
         if auth.to.lower() != req.pay_to.lower():
-            raise PaymentRejected(Reason.RECIPIENT_MISMATCH, f"authorization pays {auth.to}, not {req.pay_to}")
+            raise PaymentRejected(
+                Reason.RECIPIENT_MISMATCH, f"authorization pays {auth.to}, not {req.pay_to}"
+            )
         if int(auth.value) != int(req.amount):
-            raise PaymentRejected(Reason.VALUE_MISMATCH, f"authorization value {auth.value} != price {req.amount}")
+            raise PaymentRejected(
+                Reason.VALUE_MISMATCH, f"authorization value {auth.value} != price {req.amount}"
+            )
         if int(auth.valid_before) < now + self.min_validity:
             raise PaymentRejected(Reason.VALID_BEFORE, "authorization expires too soon to settle")
         if int(auth.valid_after) > now:

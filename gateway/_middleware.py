@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets as _secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
+
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -135,10 +136,13 @@ class PaymentMiddleware:
         if entry is None:
             await self.app(scope, receive, send)
             return
+        request_receive = receive
         if callable(entry.route.price):
-            receive = await _replayable(receive)
+            # A pricing function may read the body; each reader then gets its own replay of it.
+            body = await _read_body(receive)
+            request_receive, receive = _replay(body, receive), _replay(body, receive)
         try:
-            quote = await self.routes.quote(entry, Request(scope, receive))
+            quote = await self.routes.quote(entry, Request(scope, request_receive))
         except GatewayError as exc:
             await _send_answer(send, _server_error(exc))
             return
@@ -226,8 +230,7 @@ def _secret_list(secret: bytes | str | Sequence[bytes | str] | None) -> list[byt
     return keys
 
 
-async def _replayable(receive: Receive) -> Receive:
-    """Read the request body now (a pricing function may want it) and replay it to the app."""
+async def _read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -236,7 +239,11 @@ async def _replayable(receive: Receive) -> Receive:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that yields `body` once, then whatever the server sends next (a disconnect)."""
     sent = False
 
     async def replay() -> Message:
@@ -247,4 +254,3 @@ async def _replayable(receive: Receive) -> Receive:
         return await receive()
 
     return replay
-

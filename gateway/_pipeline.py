@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from escrow._artifacts import EscrowError
 from x402 import (
     InvalidChallenge,
     PaymentRejected,
@@ -30,8 +31,6 @@ from x402 import (
     requirements_match,
     verify_challenge,
 )
-
-from escrow._artifacts import EscrowError
 
 from ._answers import Challenger, Headers, receipt_headers, settle_failure_headers, v1_network
 from ._errors import GatewayError, PaymentFailed
@@ -176,18 +175,28 @@ class Paywall:
             raise InvalidChallenge("the challenge expired", code=Reason.CHALLENGE_EXPIRED)
         request = ch.request_json()
         if request.pop("_mppx_scope", None) != Challenger.scope(quote):
-            raise InvalidChallenge("the challenge was issued for another route", code=Reason.CHALLENGE_BINDING_MISMATCH)
-        same_method = [o for o in offers if o.mpp is not None and (o.mpp.method, o.mpp.intent) == (ch.method, ch.intent)]
+            raise InvalidChallenge(
+                "the challenge was issued for another route", code=Reason.CHALLENGE_BINDING_MISMATCH
+            )
+        same_method = [
+            o for o in offers if o.mpp is not None and (o.mpp.method, o.mpp.intent) == (ch.method, ch.intent)
+        ]
         if not same_method:
             raise UnsupportedScheme(f"{ch.method[:32]}/{ch.intent[:32]} is not offered here")
         offer = next((o for o in same_method if o.mpp is not None and o.mpp.request == request), None)
         if offer is None:
-            raise InvalidChallenge("the challenge no longer matches the price", code=Reason.CHALLENGE_BINDING_MISMATCH)
-        bindings = (challenge_hash(ch.id, ch.realm),)
+            raise InvalidChallenge(
+                "the challenge no longer matches the price", code=Reason.CHALLENGE_BINDING_MISMATCH
+            )
+        bindings: tuple[bytes, ...] = (challenge_hash(ch.id, ch.realm),)
         if self.pympp_compat:
             bindings += (challenge_hash_pympp(ch.id, ch.realm),)
         presented = Presented(
-            dialect="mpp", payload=credential.payload, challenge=ch, bindings=bindings, source=credential.source
+            dialect="mpp",
+            payload=credential.payload,
+            challenge=ch,
+            bindings=bindings,
+            source=credential.source,
         )
         return offer, presented
 
@@ -243,8 +252,14 @@ def _match_accepted(accepted: PaymentRequirements, offers: Sequence[Offer]) -> O
             return offer
     for offer in same_network:
         r = offer.requirements
-        if _same(r.asset, accepted.asset) and _same(r.pay_to, accepted.pay_to) and r.amount != accepted.amount:
-            raise PaymentRejected(Reason.VALUE_MISMATCH, f"accepted.amount {accepted.amount} is not the price")
+        if (
+            _same(r.asset, accepted.asset)
+            and _same(r.pay_to, accepted.pay_to)
+            and r.amount != accepted.amount
+        ):
+            raise PaymentRejected(
+                Reason.VALUE_MISMATCH, f"accepted.amount {accepted.amount} is not the price"
+            )
         if _same(r.asset, accepted.asset) and not _same(r.pay_to, accepted.pay_to):
             raise PaymentRejected(Reason.RECIPIENT_MISMATCH, "accepted.payTo is not the recipient")
     raise PaymentRejected(Reason.INVALID_PAYMENT_REQUIREMENTS, "accepted matches no advertised requirement")

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TypeAlias
 
 import msgspec
-from eth_utils import to_checksum_address
+from eth_utils.address import to_checksum_address
 from starlette.requests import Request
 from starlette.routing import compile_path
 from starlette.types import Scope
@@ -75,10 +75,9 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
 
 def to_atomic(amount: Amount, decimals: int) -> int:
     """Atomic units of `amount`: ints are atomic already; strings and Decimals are human amounts."""
-    if isinstance(amount, bool):
+    if isinstance(amount, bool) or not isinstance(amount, int | str | Decimal):
         raise ConfigurationError(f"price must be a number, not {amount!r}")
     if isinstance(amount, int):
-        value = Decimal(amount)
         atomic = amount
     else:
         text = amount.strip().removeprefix("$").replace("_", "") if isinstance(amount, str) else amount
@@ -86,12 +85,14 @@ def to_atomic(amount: Amount, decimals: int) -> int:
             value = Decimal(text)
         except (InvalidOperation, ValueError):
             raise ConfigurationError(f"unparseable price {amount!r}") from None
+        if not value.is_finite():
+            raise ConfigurationError(f"price must be finite, got {amount!r}")
         scaled = value.scaleb(decimals)
         if scaled != scaled.to_integral_value():
             raise ConfigurationError(f"price {amount!r} is finer than the asset's {decimals} decimals")
         atomic = int(scaled)
-    if not value.is_finite() or atomic < 0:
-        raise ConfigurationError(f"price must be a non-negative finite amount, got {amount!r}")
+    if atomic < 0:
+        raise ConfigurationError(f"price must not be negative, got {amount!r}")
     return atomic
 
 

@@ -79,7 +79,7 @@ class Scheme(Protocol):
         ...
 
     async def verify(self, offer: Offer, presented: Presented, *, now: float) -> Verified:
-        """Check a payment against the offer it claims to pay; raise `X402Error`/`EscrowError`/`PaymentFailed`."""
+        """Check a payment against its offer; raise X402Error, EscrowError or PaymentFailed."""
         ...
 
     async def settle(self, verified: Verified) -> str:

@@ -2,7 +2,9 @@
 
 Chain tests take `devnet`: one devnet per test session (anvil, or the py-evm node when anvil is absent or
 AGENTPAY_DEVNET_BACKEND=pyevm), stopped when the session ends. Tests that use it are marked `chain`.
-Accounts are shared by the whole session: assert on balance *changes*, not absolute balances.
+Accounts are shared by the whole session: assert on balance *changes*, not absolute balances. Do not move
+the session devnet's clock (`evm_increaseTime`): later tests sign against the wall clock. A test that
+travels in time starts its own `Devnet()` (about 0.3 s with anvil).
 """
 
 from __future__ import annotations

@@ -65,6 +65,16 @@ def test_up_then_down_twice(state_file: Path) -> None:
         assert not pgrep(state.pid, state_file.parent)
 
 
+def test_up_down_with_the_pyevm_backend(state_file: Path) -> None:
+    up = agentpay("devnet", "up", "--backend", "pyevm", "--accounts", "2", "--state", str(state_file))
+    assert up.returncode == 0, up.stderr
+    assert "py-evm" in up.stderr  # the one-line notice
+    state = DevnetState.from_json(up.stdout)
+    assert state.backend == "py-evm" and len(state.accounts) == 2
+    assert agentpay("devnet", "down", "--state", str(state_file)).returncode == 0
+    assert not pid_alive(state.pid) and not pgrep(state.pid, state_file.parent)
+
+
 def test_second_up_fails_while_one_runs(state_file: Path) -> None:
     up = agentpay("devnet", "up", "--state", str(state_file))
     assert up.returncode == 0, up.stderr

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from eth_abi import encode as abi_encode
-from eth_utils import keccak, to_checksum_address
+from eth_abi.abi import encode as abi_encode
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -103,7 +103,9 @@ class Env:
         self.client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
     def paying(self, signer: LocalSigner, *, prefer: tuple[str, ...] = ("x402v2",)) -> httpx.AsyncClient:
-        wallet = Eip3009Wallet(signer, self.devnet.chain_id, {self.usdc: (self.asset.name, self.asset.version)})
+        wallet = Eip3009Wallet(
+            signer, self.devnet.chain_id, {self.usdc: (self.asset.name, self.asset.version)}
+        )
         auth = PaymentAuth(wallet, SpendPolicy(max_per_call=10 * PRICE), prefer=prefer)  # type: ignore[arg-type]
         transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
         return httpx.AsyncClient(transport=transport, base_url="http://testserver", auth=auth)
@@ -116,7 +118,9 @@ class Env:
         """A fresh key holding `amount` TestUSDC (minting is open on the test token) and no ETH."""
         signer = LocalSigner.random()
         if amount:
-            data = keccak(text="mint(address,uint256)")[:4] + abi_encode(["address", "uint256"], [signer.address, amount])
+            data = keccak(text="mint(address,uint256)")[:4] + abi_encode(
+                ["address", "uint256"], [signer.address, amount]
+            )
             await self.relayer.transact(self.usdc, data, gas=120_000)
         return signer
 
@@ -132,13 +136,17 @@ class Env:
         )
         return msgspec.structs.replace(req, **changes)
 
-    def v2_header(self, signer: LocalSigner, *, accepted: PaymentRequirements | None = None, **sign: Any) -> str:
+    def v2_header(
+        self, signer: LocalSigner, *, accepted: PaymentRequirements | None = None, **sign: Any
+    ) -> str:
         """A PAYMENT-SIGNATURE value; `sign` overrides the authorization fields (to, value, valid_*)."""
         args: dict[str, Any] = {"to": self.payee, "value": PRICE, "valid_before": int(time.time()) + 60}
         args.update(sign)
         payload = sign_transfer_authorization(signer, self.domain, **args)
         accepted = accepted or self.requirements()
-        return encode_payment_signature(PaymentPayload(payload=encode_scheme_payload(payload), accepted=accepted))
+        return encode_payment_signature(
+            PaymentPayload(payload=encode_scheme_payload(payload), accepted=accepted)
+        )
 
     async def challenge(self, path: str = "/hello") -> MppChallenge:
         response = await self.client.get(path)
@@ -181,7 +189,9 @@ def _app(env: Env) -> Starlette:
 
     async def race(request: Request) -> Response:
         # Someone else submits the same authorization first: our settlement must then fail.
-        payment = msgspec.json.decode(base64.b64decode(request.headers["payment-signature"]), type=PaymentPayload)
+        payment = msgspec.json.decode(
+            base64.b64decode(request.headers["payment-signature"]), type=PaymentPayload
+        )
         from x402 import decode_exact_payload
 
         await env.chain.settle(env.domain, decode_exact_payload(payment.payload))
@@ -270,7 +280,11 @@ async def test_unpaid_request_gets_one_402_offering_every_protocol(env: Env) -> 
         "amount": str(PRICE),
         "currency": env.usdc,
         "recipient": env.payee,
-        "methodDetails": {"chainId": env.devnet.chain_id, "credentialTypes": ["authorization"], "decimals": 6},
+        "methodDetails": {
+            "chainId": env.devnet.chain_id,
+            "credentialTypes": ["authorization"],
+            "decimals": 6,
+        },
         "_mppx_scope": {"http_method": "GET", "resource": "/hello", "route": "/hello"},
     }
     # The id is the spec's HMAC over the challenge's own parameters.
@@ -325,7 +339,9 @@ async def test_x402_v1_x_payment_flow(env: Env) -> None:
 
 async def test_x402_v1_payment_built_by_hand(env: Env) -> None:
     payer = await env.payer()
-    signed = sign_transfer_authorization(payer, env.domain, to=env.payee, value=PRICE, valid_before=int(time.time()) + 60)
+    signed = sign_transfer_authorization(
+        payer, env.domain, to=env.payee, value=PRICE, valid_before=int(time.time()) + 60
+    )
     header = encode_x_payment(
         PaymentPayloadV1(scheme="exact", network="localhost", payload=encode_scheme_payload(signed))
     )
@@ -392,31 +408,10 @@ async def test_erc1271_wallet_payer(env: Env) -> None:
 
 
 async def _deploy_wallet(env: Env, owner: str) -> str:
-    artifact = load_artifact("ERC1271Wallet")
-    initcode = bytes.fromhex(artifact.bytecode[2:]) + abi_encode(["address"], [owner])
-    nonce = await env.rpc.get_transaction_count(env.relayer.address, "pending")
-    from eth_account import Account
-
-    signed = Account.sign_transaction(
-        {
-            "type": 2,
-            "chainId": env.devnet.chain_id,
-            "nonce": nonce,
-            "gas": 1_500_000,
-            "maxFeePerGas": 2 * await env.rpc.gas_price() + 10**9,
-            "maxPriorityFeePerGas": 10**9,
-            "data": initcode,
-            "value": 0,
-        },
-        env.devnet.accounts[RELAYER].private_key,
-    )
-    env.relayer._nonce = None  # the relayer's local counter must re-read the chain after our side send
-    tx_hash = await env.rpc.send_raw_transaction(signed.raw_transaction)
-    receipt = await env.rpc.request("eth_getTransactionReceipt", [tx_hash])
-    while receipt is None:
-        await asyncio.sleep(0.005)
-        receipt = await env.rpc.request("eth_getTransactionReceipt", [tx_hash])
-    return to_checksum_address(receipt["contractAddress"])
+    initcode = bytes.fromhex(load_artifact("ERC1271Wallet").bytecode[2:]) + abi_encode(["address"], [owner])
+    receipt = await env.relayer.transact(None, initcode, gas=2_000_000)
+    assert receipt.contract_address is not None
+    return to_checksum_address(receipt.contract_address)
 
 
 async def test_dynamic_async_price(env: Env) -> None:
@@ -457,7 +452,9 @@ async def test_fifty_concurrent_paid_calls_all_settle_once(env: Env) -> None:
 async def test_twenty_concurrent_copies_of_one_payment_are_served_once(env: Env) -> None:
     payer = await env.payer()
     header = env.v2_header(payer)
-    responses = await asyncio.gather(*(env.client.get("/hello", headers={"PAYMENT-SIGNATURE": header}) for _ in range(20)))
+    responses = await asyncio.gather(
+        *(env.client.get("/hello", headers={"PAYMENT-SIGNATURE": header}) for _ in range(20))
+    )
     served = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code != 200]
     assert len(served) == 1 and len(refused) == 19
@@ -469,7 +466,9 @@ async def test_twenty_concurrent_copies_of_one_payment_are_served_once(env: Env)
 async def test_twenty_concurrent_copies_of_one_mpp_credential_are_served_once(env: Env) -> None:
     payer = await env.payer()
     header = env.mpp_header(payer, await env.challenge())
-    responses = await asyncio.gather(*(env.client.get("/hello", headers={"Authorization": header}) for _ in range(20)))
+    responses = await asyncio.gather(
+        *(env.client.get("/hello", headers={"Authorization": header}) for _ in range(20))
+    )
     assert sorted(r.status_code for r in responses) == [200] + [403] * 19
     assert await env.balance(env.payee) == PRICE
 
@@ -507,7 +506,9 @@ async def test_failed_settlement_withholds_the_content(env: Env) -> None:
     assert response.status_code == 402
     assert "secret" not in response.text
     settle = decode_payment_response(response.headers["payment-response"])
-    assert not settle.success and settle.error_reason == "transaction_failed" and settle.payer == payer.address
+    assert (
+        not settle.success and settle.error_reason == "transaction_failed" and settle.payer == payer.address
+    )
     assert _reason(response) == "transaction_failed"
     assert _fresh_challenge(response)
     assert await env.balance(env.payee) == PRICE  # paid once, by the front-runner's transaction
@@ -538,7 +539,11 @@ def _b64(raw: bytes) -> str:
         ("%%%not-base64%%%", 400, "invalid_payload"),
         (_b64(b"{not json"), 400, "invalid_payload"),
         (_b64(json.dumps({"x402Version": 2, "payload": {}}).encode()), 400, "invalid_payload"),
-        (_b64(json.dumps({"x402Version": 3, "payload": {}, "accepted": {}}).encode()), 400, "invalid_x402_version"),
+        (
+            _b64(json.dumps({"x402Version": 3, "payload": {}, "accepted": {}}).encode()),
+            400,
+            "invalid_x402_version",
+        ),
         (_b64(b"[]"), 400, "invalid_payload"),
     ],
     ids=["malformed-base64", "malformed-json", "missing-fields", "wrong-version", "not-an-object"],
@@ -554,7 +559,9 @@ async def test_malformed_payment_signature(env: Env, header: str, status: int, r
 async def test_missing_authorization_fields_in_payload(env: Env) -> None:
     accepted = env.requirements()
     payment = PaymentPayload(payload={"signature": "0x00"}, accepted=accepted)
-    response = await env.client.get("/hello", headers={"PAYMENT-SIGNATURE": encode_payment_signature(payment)})
+    response = await env.client.get(
+        "/hello", headers={"PAYMENT-SIGNATURE": encode_payment_signature(payment)}
+    )
     assert response.status_code == 400 and _reason(response) == "invalid_payload"
 
 
@@ -583,10 +590,16 @@ async def test_rejected_payment(env: Env, case: str, reason: str) -> None:
     elif case == "not-yet-valid":
         header = env.v2_header(payer, valid_after=now + 3600)
     elif case == "bad-signature":
-        forged = sign_transfer_authorization(LocalSigner.random(), env.domain, to=env.payee, value=PRICE, valid_before=now + 60)
-        genuine = sign_transfer_authorization(payer, env.domain, to=env.payee, value=PRICE, valid_before=now + 60)
+        forged = sign_transfer_authorization(
+            LocalSigner.random(), env.domain, to=env.payee, value=PRICE, valid_before=now + 60
+        )
+        genuine = sign_transfer_authorization(
+            payer, env.domain, to=env.payee, value=PRICE, valid_before=now + 60
+        )
         payload = msgspec.structs.replace(genuine, signature=forged.signature)
-        header = encode_payment_signature(PaymentPayload(payload=encode_scheme_payload(payload), accepted=env.requirements()))
+        header = encode_payment_signature(
+            PaymentPayload(payload=encode_scheme_payload(payload), accepted=env.requirements())
+        )
     elif case == "wrong-chain":
         header = env.v2_header(payer, accepted=env.requirements(network="eip155:1"))
     elif case == "tampered-accepted-amount":
@@ -604,7 +617,8 @@ async def test_rejected_payment(env: Env, case: str, reason: str) -> None:
 async def test_unsupported_scheme_is_a_bad_request(env: Env) -> None:
     payer = await env.payer()
     response = await env.client.get(
-        "/hello", headers={"PAYMENT-SIGNATURE": env.v2_header(payer, accepted=env.requirements(scheme="upto"))}
+        "/hello",
+        headers={"PAYMENT-SIGNATURE": env.v2_header(payer, accepted=env.requirements(scheme="upto"))},
     )
     assert response.status_code == 400 and _reason(response) == "unsupported_scheme"
 
@@ -631,8 +645,12 @@ async def test_two_credentials_at_once_are_a_bad_request(env: Env) -> None:
 
 async def test_v1_payment_on_another_network(env: Env) -> None:
     payer = await env.payer()
-    signed = sign_transfer_authorization(payer, env.domain, to=env.payee, value=PRICE, valid_before=int(time.time()) + 60)
-    header = encode_x_payment(PaymentPayloadV1(scheme="exact", network="base", payload=encode_scheme_payload(signed)))
+    signed = sign_transfer_authorization(
+        payer, env.domain, to=env.payee, value=PRICE, valid_before=int(time.time()) + 60
+    )
+    header = encode_x_payment(
+        PaymentPayloadV1(scheme="exact", network="base", payload=encode_scheme_payload(signed))
+    )
     response = await env.client.get("/hello", headers={"X-PAYMENT": header})
     assert response.status_code == 402 and _reason(response) == "network_mismatch"
 
@@ -664,7 +682,9 @@ async def test_mpp_tampered_challenge(env: Env) -> None:
     request = decode_json_param(challenge.request)
     request["amount"] = "1"
     tampered = msgspec.structs.replace(challenge, request=encode_json_param(request))
-    response = await env.client.get("/hello", headers={"Authorization": env.mpp_header(payer, tampered, value=1)})
+    response = await env.client.get(
+        "/hello", headers={"Authorization": env.mpp_header(payer, tampered, value=1)}
+    )
     assert _problem(response) == (402, "invalid-challenge", "invalid_challenge")
     assert _fresh_challenge(response)
 
@@ -676,7 +696,9 @@ async def test_mpp_expired_challenge(env: Env) -> None:
     stale = msgspec.structs.replace(
         live,
         expires=expires,
-        id=challenge_id(SECRET, live.realm, live.method, live.intent, live.request, expires, None, live.opaque),
+        id=challenge_id(
+            SECRET, live.realm, live.method, live.intent, live.request, expires, None, live.opaque
+        ),
     )
     response = await env.client.get("/hello", headers={"Authorization": env.mpp_header(payer, stale)})
     assert _problem(response) == (402, "payment-expired", "challenge_expired")
@@ -703,8 +725,14 @@ async def test_mpp_challenge_is_bound_to_its_route(env: Env) -> None:
 async def test_mpp_wrong_amount(env: Env) -> None:
     payer = await env.payer()
     challenge = await env.challenge()
-    response = await env.client.get("/hello", headers={"Authorization": env.mpp_header(payer, challenge, value=PRICE - 1)})
-    assert _problem(response) == (402, "payment-insufficient", "invalid_exact_evm_payload_authorization_value_mismatch")
+    response = await env.client.get(
+        "/hello", headers={"Authorization": env.mpp_header(payer, challenge, value=PRICE - 1)}
+    )
+    assert _problem(response) == (
+        402,
+        "payment-insufficient",
+        "invalid_exact_evm_payload_authorization_value_mismatch",
+    )
 
 
 async def test_mpp_replay_is_forbidden_without_a_new_challenge(env: Env) -> None:
@@ -722,8 +750,10 @@ async def test_mpp_unknown_secret(env: Env) -> None:
     live = await env.challenge()
     other = b"another-secret-that-is-32-bytes-long!!"
     forged = msgspec.structs.replace(
-        live, id=challenge_id(other, live.realm, live.method, live.intent, live.request, live.expires, None, live.opaque)
+        live,
+        id=challenge_id(
+            other, live.realm, live.method, live.intent, live.request, live.expires, None, live.opaque
+        ),
     )
     response = await env.client.get("/hello", headers={"Authorization": env.mpp_header(payer, forged)})
     assert _problem(response) == (402, "invalid-challenge", "invalid_challenge")
-

@@ -22,6 +22,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from escrow import DevnetState
+from tests.bench._official import run_official
 from tests.conftest import Transact
 from tests.peers._harness import PeerServer, peers_missing, run_peer
 from tests.peers._ours import Funds, GatewayServer, describe
@@ -233,3 +234,14 @@ def test_official_middleware_refuses_our_unfunded_payer(
         "invalid_exact_evm_transaction_simulation_failed",
     }
     assert funds.balance(official_server.pay_to) == 0
+
+
+# ------------------------------------------------------------------------------ the benchmark's peer half
+
+
+def test_official_bench_runs_in_the_peer_venv() -> None:
+    """tests/bench/_official.py drives the official middleware in-process in .venv-peers (stub
+    facilitator); only its plumbing is checked here, never its speed."""
+    result = run_official(4, 12, "stub", warmup=1, sign_rounds=5)
+    assert result["statuses"] == {"200": 12}, result
+    assert result["impl"] == "x402-official-2.25.0" and result["req_per_s"] > 0 and result["sign_ms"] > 0

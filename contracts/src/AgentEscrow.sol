@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.26;
 
+import {IERC1271} from "@openzeppelin/contracts/interfaces/IERC1271.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
@@ -28,7 +29,9 @@ import {IERC3009Receive} from "./escrow/IERC3009Receive.sol";
  * calls never wait on each other, and a signer counting up fills one storage word per 256 payments. {settle}
  * checks each payment of a batch independently, reports the bad ones in events instead of reverting, and pays
  * each (payee, token) with one transfer. Withdrawals are timed ({WITHDRAWAL_DELAY}) so that payees can settle
- * what they hold before a payer's deposit leaves.
+ * what they hold before a payer's deposit leaves. The deposit is one pool per (payer, token), not reserved per
+ * payee: the payer can still *spend* it (or revoke a key) before a deferred payment settles, so deferred
+ * settlement is credit the payee extends; channels ({AgentChannels}) reserve funds per payee.
  *
  * Grant versions: each (payer, signer) grant carries an `epoch` that every grant change advances by one (a
  * re-grant, or a revoke). Payments name the epoch they were signed under, so a re-grant starts a fresh budget
@@ -36,6 +39,9 @@ import {IERC3009Receive} from "./escrow/IERC3009Receive.sol";
  * changes name the epoch they create (or end), which makes them single-use and ordered per signer.
  *
  * WARNING: Fee-on-transfer and rebasing tokens are not supported: deposits are credited at face value.
+ *
+ * IMPORTANT: A smart-account payer signs its own payments through ERC-1271, uncapped by any grant. Such an account
+ * must not let its session keys pass `isValidSignature` for arbitrary hashes, or they could sign as the payer.
  */
 contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multicall {
     using SafeERC20 for IERC20;
@@ -77,6 +83,14 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     );
     bytes32 public constant REVOKE_TYPEHASH = keccak256("Revoke(address payer,address signer,uint32 epoch)");
 
+    /**
+     * @notice Gas an ERC-1271 payer gets to validate a payment signature in {settle}, {settleOne} and {check}.
+     * @dev Without a cap, a payer contract could burn the gas of a whole batch and revert everyone's settlement;
+     * with it, such a payment just fails as `InvalidSignature`. Generous for real accounts (a P-256/WebAuthn check
+     * without the precompile is ~200-350k).
+     */
+    uint256 public constant ERC1271_GAS_LIMIT = 500_000;
+
     /// @notice Seconds between {requestWithdrawal} and {withdraw}: the window payees have to settle what they hold.
     uint256 public immutable WITHDRAWAL_DELAY;
 
@@ -104,7 +118,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     /// @inheritdoc IAgentEscrow
     function depositFor(address payer, address token, uint256 amount) external nonReentrant {
         // A deposit nobody can ever withdraw or grant from would be lost.
-        require(payer != address(0), EscrowInvalidPayer(payer));
+        require(payer != address(0) && payer != address(this), EscrowInvalidPayer(payer));
         IERC20(token).safeTransferFrom(msg.sender, address(this), amount);
         _credit(payer, token, msg.sender, amount);
     }
@@ -176,6 +190,8 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
 
     /// @inheritdoc IAgentEscrow
     function withdrawOwed(address token, address to) external nonReentrant returns (uint256 amount) {
+        // Sending to the escrow itself would strand the tokens outside every ledger.
+        require(to != address(this), EscrowInvalidPayee(to));
         amount = _owed[msg.sender][token];
         require(amount != 0, EscrowNothingOwed(msg.sender, token));
         delete _owed[msg.sender][token];
@@ -516,9 +532,25 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             }
         }
         // A smart-account payer signs through ERC-1271, whatever the signature's length.
-        if (payer.code.length != 0 && SignatureChecker.isValidERC1271SignatureNowCalldata(payer, digest, signature)) {
-            return payer;
+        if (payer.code.length != 0 && _isValidERC1271(payer, digest, signature)) return payer;
+    }
+
+    /**
+     * @dev ERC-1271 `isValidSignature` with {ERC1271_GAS_LIMIT} gas and at most 32 bytes of return data read, so a
+     * hostile payer contract can neither burn a batch's gas nor bloat its memory. (OpenZeppelin's {SignatureChecker}
+     * forwards all gas, which is right for a single call but not inside a batch.)
+     */
+    function _isValidERC1271(address payer, bytes32 digest, bytes calldata signature) private view returns (bool) {
+        bytes memory data = abi.encodeCall(IERC1271.isValidSignature, (digest, signature));
+        uint256 gasLimit = ERC1271_GAS_LIMIT;
+        bool success;
+        bytes32 magic;
+        assembly ("memory-safe") {
+            success := staticcall(gasLimit, payer, add(data, 0x20), mload(data), 0x00, 0x20)
+            success := and(success, gt(returndatasize(), 0x1f))
+            magic := mload(0x00)
         }
+        return success && bytes4(magic) == IERC1271.isValidSignature.selector;
     }
 
     function _hashPayment(Payment calldata payment) private view returns (bytes32) {

@@ -73,7 +73,7 @@ contract AgentAccountTest is AccountTestBase {
     }
 
     function test_DeployOnFirstUserOperationRequiresOwnerSignature() public {
-        (address alice, ) = makeAddrAndKey("alice");
+        (address alice,) = makeAddrAndKey("alice");
         address predicted = factory.getAddress(alice, 7);
         vm.deal(predicted, 1 ether);
         PackedUserOperation memory op = _op(predicted, 0, _recordCall(1, 2));
@@ -118,10 +118,7 @@ contract AgentAccountTest is AccountTestBase {
 
         vm.expectEmit(true, true, false, true, address(ENTRYPOINT));
         emit UserOperationRevertReason(
-            _hash(op),
-            address(account),
-            op.nonce,
-            abi.encodeWithSelector(Recorder.RecorderRefused.selector, 3)
+            _hash(op), address(account), op.nonce, abi.encodeWithSelector(Recorder.RecorderRefused.selector, 3)
         );
         _handle(op);
         assertEq(recorder.calls(), 0, "no call of a reverted batch persists");
@@ -145,7 +142,7 @@ contract AgentAccountTest is AccountTestBase {
     function test_ExecuteOnlyFromEntryPointOrSelf() public {
         vm.prank(owner);
         vm.expectRevert(abi.encodeWithSelector(Account.AccountUnauthorized.selector, owner));
-        (bool ok, ) = address(account).call(_recordCall(1, 1));
+        (bool ok,) = address(account).call(_recordCall(1, 1));
         ok;
     }
 
@@ -174,8 +171,8 @@ contract AgentAccountTest is AccountTestBase {
 
     function test_ERC1271NestedPersonalSign() public view {
         bytes32 contents = keccak256("hello agent");
-        (, string memory name, string memory version, uint256 chainId, address verifyingContract, , ) = account
-            .eip712Domain();
+        (, string memory name, string memory version, uint256 chainId, address verifyingContract,,) =
+            account.eip712Domain();
         bytes32 domainSeparator = keccak256(
             abi.encode(
                 keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
@@ -187,7 +184,8 @@ contract AgentAccountTest is AccountTestBase {
         );
         assertEq(name, "AgentAccount");
         assertEq(verifyingContract, address(account));
-        bytes32 digest = MessageHashUtils.toTypedDataHash(domainSeparator, ERC7739Utils.personalSignStructHash(contents));
+        bytes32 digest =
+            MessageHashUtils.toTypedDataHash(domainSeparator, ERC7739Utils.personalSignStructHash(contents));
         assertEq(account.isValidSignature(contents, signPacked(ownerKey, digest)), bytes4(0x1626ba7e));
         assertEq(account.isValidSignature(contents, signPacked(sessionPk, digest)), bytes4(0xffffffff));
         // The bare hash is not accepted (no cross-account replay).
@@ -205,11 +203,8 @@ contract AgentAccountTest is AccountTestBase {
         address[] memory keys = account.sessionKeys();
         assertEq(keys.length, 1);
         assertEq(keys[0], sessionKey);
-        (bool allowed, uint128 valueLimit, ) = account.callPermission(
-            sessionKey,
-            address(recorder),
-            Recorder.record.selector
-        );
+        (bool allowed, uint128 valueLimit,) =
+            account.callPermission(sessionKey, address(recorder), Recorder.record.selector);
         assertTrue(allowed);
         assertEq(valueLimit, 0);
     }
@@ -219,7 +214,7 @@ contract AgentAccountTest is AccountTestBase {
         _handle(_signOwner(_op(abi.encodeCall(account.installSessionKey, (sessionKey, _recordPolicy())))));
         assertEq(account.sessionKey(sessionKey).id, 1);
         // ... or as a self-call inside an execute batch.
-        (address other, ) = makeAddrAndKey("other");
+        (address other,) = makeAddrAndKey("other");
         _handle(
             _signOwner(
                 _op(_execute1(address(account), 0, abi.encodeCall(account.installSessionKey, (other, _recordPolicy()))))
@@ -330,11 +325,8 @@ contract AgentAccountTest is AccountTestBase {
         permissions[0] = _permission(address(recorder), Recorder.record.selector, 7, rules);
         _install(sessionKey, _policy(permissions));
 
-        (bool allowed, uint128 valueLimit, StoredArgRule[] memory stored) = account.callPermission(
-            sessionKey,
-            address(recorder),
-            Recorder.record.selector
-        );
+        (bool allowed, uint128 valueLimit, StoredArgRule[] memory stored) =
+            account.callPermission(sessionKey, address(recorder), Recorder.record.selector);
         assertTrue(allowed);
         assertEq(valueLimit, 7);
         assertEq(stored.length, 2);
@@ -431,8 +423,10 @@ contract AgentAccountTest is AccountTestBase {
         });
 
         string memory argRuleType = "ArgRule(uint8 condition,uint32 offset,bytes32[] values)";
-        string memory permissionType = "CallPermission(address target,bytes4 selector,uint128 valueLimit,ArgRule[] rules)";
-        string memory policyType = "SessionPolicy(uint48 validAfter,uint48 validUntil,uint32 maxUses,uint48 interval,uint32 maxUsesPerInterval,uint128 gasBudget,CallPermission[] permissions)";
+        string memory permissionType =
+            "CallPermission(address target,bytes4 selector,uint128 valueLimit,ArgRule[] rules)";
+        string memory policyType =
+            "SessionPolicy(uint48 validAfter,uint48 validUntil,uint32 maxUses,uint48 interval,uint32 maxUsesPerInterval,uint128 gasBudget,CallPermission[] permissions)";
 
         bytes32[] memory permissionHashes = new bytes32[](2);
         for (uint256 p = 0; p < 2; ++p) {

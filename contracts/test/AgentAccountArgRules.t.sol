@@ -16,12 +16,11 @@ contract ArgRulesHarness {
         return ArgRules.wordAt(data, offset);
     }
 
-    function matches(
-        ArgCondition condition,
-        uint256 offset,
-        bytes32[] memory values,
-        bytes calldata data
-    ) external pure returns (bool) {
+    function matches(ArgCondition condition, uint256 offset, bytes32[] memory values, bytes calldata data)
+        external
+        pure
+        returns (bool)
+    {
         return ArgRules.matches(condition, offset, values, data);
     }
 }
@@ -53,16 +52,17 @@ contract AgentAccountArgRulesTest is AccountTestBase {
         return (true, bytes32(acc));
     }
 
-    function _refMatches(
-        ArgCondition condition,
-        uint256 offset,
-        bytes32[] memory values,
-        bytes memory data
-    ) internal pure returns (bool) {
+    function _refMatches(ArgCondition condition, uint256 offset, bytes32[] memory values, bytes memory data)
+        internal
+        pure
+        returns (bool)
+    {
         (bool found, bytes32 word) = _refWord(data, offset);
         if (!found || values.length == 0) return false;
         if (condition == ArgCondition.OneOf) {
-            for (uint256 i = 0; i < values.length; ++i) if (values[i] == word) return true;
+            for (uint256 i = 0; i < values.length; ++i) {
+                if (values[i] == word) return true;
+            }
             return false;
         }
         if (values.length != 1) return false;
@@ -79,12 +79,10 @@ contract AgentAccountArgRulesTest is AccountTestBase {
         assertEq(word, refWord);
     }
 
-    function testFuzz_MatchesReference(
-        uint8 conditionSeed,
-        uint256 offset,
-        bytes32[] memory values,
-        bytes memory data
-    ) public view {
+    function testFuzz_MatchesReference(uint8 conditionSeed, uint256 offset, bytes32[] memory values, bytes memory data)
+        public
+        view
+    {
         ArgCondition condition = ArgCondition(conditionSeed % 3);
         offset = bound(offset, 0, data.length + 8);
         // Make a hit likely: put the word that is there into the values half of the time.
@@ -111,7 +109,8 @@ contract AgentAccountArgRulesTest is AccountTestBase {
     function _validatesBatch(bytes memory callData) internal returns (bool) {
         PackedUserOperation memory op = _op(callData);
         bytes32 hash = keccak256(abi.encode(callData));
-        op.signature = abi.encodePacked(key, uint48(0), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
+        op.signature =
+            abi.encodePacked(key, uint48(0), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
         vm.prank(address(ENTRYPOINT));
         try account.validateUserOp(op, hash, 0) returns (uint256 validationData) {
             assertEq(validationData, 0, "signature valid, no time bounds");
@@ -125,7 +124,8 @@ contract AgentAccountArgRulesTest is AccountTestBase {
     function _expectArgumentViolation(bytes memory callData, uint256 callIndex) internal {
         PackedUserOperation memory op = _op(callData);
         bytes32 hash = keccak256(abi.encode(callData));
-        op.signature = abi.encodePacked(key, uint48(0), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
+        op.signature =
+            abi.encodePacked(key, uint48(0), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
         vm.prank(address(ENTRYPOINT));
         vm.expectRevert(
             abi.encodeWithSelector(
@@ -160,7 +160,9 @@ contract AgentAccountArgRulesTest is AccountTestBase {
         _installRule(_oneOf(32, set));
         bytes memory data = abi.encodePacked(Recorder.record.selector, bytes32(0), word);
         bool member;
-        for (uint256 i = 0; i < set.length; ++i) if (set[i] == word) member = true;
+        for (uint256 i = 0; i < set.length; ++i) {
+            if (set[i] == word) member = true;
+        }
         assertEq(_validates(data), member);
     }
 

@@ -9,7 +9,13 @@ import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/Messa
 
 import {AccountTestBase} from "./account/AccountTestBase.sol";
 import {IAgentAccountSessionKeys} from "../src/account/IAgentAccountSessionKeys.sol";
-import {ArgCondition, ArgRule, CallPermission, SessionPolicy, SessionPolicyKind} from "../src/account/SessionKeyTypes.sol";
+import {
+    ArgCondition,
+    ArgRule,
+    CallPermission,
+    SessionPolicy,
+    SessionPolicyKind
+} from "../src/account/SessionKeyTypes.sol";
 import {GameGold} from "../src/examples/GameGold.sol";
 import {GameItems} from "../src/examples/GameItems.sol";
 import {GameMarketplace} from "../src/examples/GameMarketplace.sol";
@@ -243,16 +249,12 @@ contract AgentAccountGamingTest is AccountTestBase {
         rarity = uint8(bound(rarity, 0, 2));
         uint256 id = items.itemId(GameItems.Rarity(rarity), serial);
         bytes memory callData = _execute1(
-            address(items),
-            0,
-            abi.encodeCall(IERC1155.safeTransferFrom, (address(account), thief, id, 1, ""))
+            address(items), 0, abi.encodeCall(IERC1155.safeTransferFrom, (address(account), thief, id, 1, ""))
         );
         PackedUserOperation memory op = _op(callData);
         bytes32 hash = keccak256(callData);
         op.signature = abi.encodePacked(
-            bot,
-            uint48(block.timestamp / 1 hours),
-            signPacked(botPk, MessageHashUtils.toEthSignedMessageHash(hash))
+            bot, uint48(block.timestamp / 1 hours), signPacked(botPk, MessageHashUtils.toEthSignedMessageHash(hash))
         );
         vm.prank(address(ENTRYPOINT));
         try account.validateUserOp(op, hash, 0) {
@@ -262,11 +264,7 @@ contract AgentAccountGamingTest is AccountTestBase {
             assertEq(
                 reason,
                 abi.encodeWithSelector(
-                    IAgentAccountSessionKeys.SessionKeyPolicyViolation.selector,
-                    bot,
-                    SessionPolicyKind.Argument,
-                    0,
-                    1
+                    IAgentAccountSessionKeys.SessionKeyPolicyViolation.selector, bot, SessionPolicyKind.Argument, 0, 1
                 )
             );
         }

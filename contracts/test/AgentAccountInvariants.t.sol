@@ -110,7 +110,9 @@ contract AgentAccountInvariantsTest is AccountTestBase {
 
     /// @dev The handler is not vacuous: operations land, and the limits bite.
     function test_HandlerLandsAndIsLimited() public {
-        for (uint256 i = 0; i < 12; ++i) handler.submit(0, 0, 1 gwei, i);
+        for (uint256 i = 0; i < 12; ++i) {
+            handler.submit(0, 0, 1 gwei, i);
+        }
         assertEq(handler.landed(), PER_WINDOW);
         handler.submit(INTERVAL, 0, 1 gwei, 0);
         assertEq(handler.landed(), PER_WINDOW + 1);

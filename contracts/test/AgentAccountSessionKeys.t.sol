@@ -68,17 +68,29 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
     function test_Call_TargetNotAllowed() public {
         _install(key, _recordPolicy());
         Recorder other = new Recorder();
-        _handleViolation(_session(_execute1(address(other), 0, abi.encodeCall(Recorder.record, (1, 1)))), key, SessionPolicyKind.Call, 0, 0);
+        _handleViolation(
+            _session(_execute1(address(other), 0, abi.encodeCall(Recorder.record, (1, 1)))),
+            key,
+            SessionPolicyKind.Call,
+            0,
+            0
+        );
     }
 
     function test_Call_SelectorNotAllowed() public {
         _install(key, _recordPolicy());
-        _handleViolation(_session(_execute1(address(recorder), 0, abi.encodeCall(Recorder.recordAddress, (key, 1)))), key, SessionPolicyKind.Call, 0, 0);
+        _handleViolation(
+            _session(_execute1(address(recorder), 0, abi.encodeCall(Recorder.recordAddress, (key, 1)))),
+            key,
+            SessionPolicyKind.Call,
+            0,
+            0
+        );
     }
 
     function test_Call_SelfCallNeverAllowed() public {
         _install(key, _recordPolicy());
-        (address other, ) = makeAddrAndKey("other");
+        (address other,) = makeAddrAndKey("other");
         bytes memory install = abi.encodeCall(account.installSessionKey, (other, _recordPolicy()));
         // Through execute, as a call to the account ...
         _handleViolation(_session(_execute1(address(account), 0, install)), key, SessionPolicyKind.Call, 0, 0);
@@ -92,9 +104,17 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         _install(key, _recordPolicy());
         bytes memory batch = abi.encode(_single(address(recorder), abi.encodeCall(Recorder.record, (1, 1))));
         // Single-call mode (not supported by the account either).
-        _handleViolation(_session(abi.encodeCall(IERC7821.execute, (bytes32(0), batch))), key, SessionPolicyKind.Call, 0, 0);
+        _handleViolation(
+            _session(abi.encodeCall(IERC7821.execute, (bytes32(0), batch))), key, SessionPolicyKind.Call, 0, 0
+        );
         // Try mode.
-        _handleViolation(_session(abi.encodeCall(IERC7821.execute, (bytes32(uint256(0x0101) << 240), batch))), key, SessionPolicyKind.Call, 0, 0);
+        _handleViolation(
+            _session(abi.encodeCall(IERC7821.execute, (bytes32(uint256(0x0101) << 240), batch))),
+            key,
+            SessionPolicyKind.Call,
+            0,
+            0
+        );
         // Empty batch.
         _handleViolation(_session(_execute(new Execution[](0))), key, SessionPolicyKind.Call, 0, 0);
         // Empty callData.
@@ -150,7 +170,13 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         _handle(_session(_execute1(address(recorder), 1 ether, abi.encodeCall(Recorder.record, (1, 1)))));
         assertEq(recorder.received(), 1 ether);
 
-        _handleViolation(_session(_execute1(address(recorder), 1 ether + 1, abi.encodeCall(Recorder.record, (1, 1)))), key, SessionPolicyKind.Value, 0, 0);
+        _handleViolation(
+            _session(_execute1(address(recorder), 1 ether + 1, abi.encodeCall(Recorder.record, (1, 1)))),
+            key,
+            SessionPolicyKind.Value,
+            0,
+            0
+        );
     }
 
     // ------------------------------------------------------------------ argument rules
@@ -242,10 +268,7 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         PackedUserOperation memory op = _session(_execute(calls));
         vm.expectEmit(true, true, false, true, address(ENTRYPOINT));
         emit UserOperationRevertReason(
-            _hash(op),
-            address(account),
-            op.nonce,
-            abi.encodeWithSelector(Recorder.RecorderRefused.selector, 2)
+            _hash(op), address(account), op.nonce, abi.encodeWithSelector(Recorder.RecorderRefused.selector, 2)
         );
         _handle(op);
         assertEq(recorder.calls(), 0);
@@ -278,11 +301,8 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         _install(key, policy);
         PackedUserOperation memory op = _op(_recordCall(1, 1));
         bytes32 hash = keccak256("any hash");
-        op.signature = abi.encodePacked(
-            key,
-            uint48(0),
-            signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash))
-        );
+        op.signature =
+            abi.encodePacked(key, uint48(0), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
         vm.prank(address(ENTRYPOINT));
         uint256 validationData = account.validateUserOp(op, hash, 0);
         assertEq(validationData, (uint256(1000) << 208) | (uint256(2000) << 160));
@@ -354,7 +374,8 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         _install(key, policy);
         PackedUserOperation memory op = _op(_recordCall(1, 1));
         bytes32 hash = keccak256("h");
-        op.signature = abi.encodePacked(key, uint48(10), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
+        op.signature =
+            abi.encodePacked(key, uint48(10), signPacked(keyPk, MessageHashUtils.toEthSignedMessageHash(hash)));
         vm.prank(address(ENTRYPOINT));
         uint256 validationData = account.validateUserOp(op, hash, 0);
         // window 10 = [1000, 1099], intersected with [1050, 1120] = [1050, 1099]
@@ -437,7 +458,7 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         assertEq(state.id, 2);
         assertEq(state.uses, 0);
         assertEq(state.gasSpent, 0);
-        (bool allowed, , ) = account.callPermission(key, address(recorder), Recorder.record.selector);
+        (bool allowed,,) = account.callPermission(key, address(recorder), Recorder.record.selector);
         assertFalse(allowed);
 
         _handleViolation(_session(_recordCall(1, 1)), key, SessionPolicyKind.Call, 0, 0);

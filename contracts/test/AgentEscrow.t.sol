@@ -5,10 +5,11 @@ import {Vm} from "./utils/Test.sol";
 import {EscrowTestBase} from "./escrow/EscrowTestBase.sol";
 import {MockERC20} from "./escrow/MockERC20.sol";
 import {ReentrantERC20} from "./escrow/ReentrantERC20.sol";
+import {HostileWallet} from "./escrow/HostileWallet.sol";
 import {AgentEscrow} from "../src/AgentEscrow.sol";
 import {IAgentEscrow} from "../src/escrow/IAgentEscrow.sol";
 import {ERC1271Wallet} from "../src/mocks/ERC1271Wallet.sol";
-import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {TestUSDC} from "../src/TestUSDC.sol";
 
 contract AgentEscrowTest is EscrowTestBase {
     bytes32 internal constant RECEIVE_TYPEHASH = keccak256(
@@ -66,9 +67,11 @@ contract AgentEscrowTest is EscrowTestBase {
         assertEq(escrow.depositOf(funder, address(usdc)), 0);
     }
 
-    function test_depositFor_revertsForZeroPayer() public {
+    function test_depositFor_revertsForUnusablePayer() public {
         vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowInvalidPayer.selector, address(0)));
         escrow.depositFor(address(0), address(usdc), 1);
+        vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowInvalidPayer.selector, address(escrow)));
+        escrow.depositFor(address(escrow), address(usdc), 1);
     }
 
     function test_deposit_revertsWithoutAllowance() public {
@@ -928,6 +931,12 @@ contract AgentEscrowTest is EscrowTestBase {
         assertEq(escrow.owedTo(payee, address(token)), 0);
     }
 
+    function test_withdrawOwed_revertsToEscrow() public {
+        vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowInvalidPayee.selector, address(escrow)));
+        vm.prank(payee);
+        escrow.withdrawOwed(address(usdc), address(escrow));
+    }
+
     function test_withdrawOwed_revertsWhenNothingOwed() public {
         vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowNothingOwed.selector, payee, address(usdc)));
         vm.prank(payee);
@@ -961,14 +970,107 @@ contract AgentEscrowTest is EscrowTestBase {
         bytes memory sig = _sign(payerKey, p);
         // On transfer, the token tries to settle the same payment again.
         token.arm(address(escrow), abi.encodeCall(IAgentEscrow.settle, (_one(p), _one(sig))));
-        assertEq(
-            bytes4(ReentrancyGuardTransient.ReentrancyGuardReentrantCall.selector),
-            bytes4(keccak256("ReentrancyGuardReentrantCall()"))
-        );
+        vm.expectEmit(address(escrow));
+        emit IAgentEscrow.PayoutDeferred(payee, address(token), 4e6);
         escrow.settle(_one(p), _one(sig));
         // The reentrant call reverted, so the transfer failed and the payee is owed instead; paid once.
         assertEq(escrow.owedTo(payee, address(token)), 4e6);
         assertEq(token.balanceOf(payee), 0);
         assertEq(escrow.depositOf(payer, address(token)), 6e6);
     }
+
+    // ================================================================== hostile ERC-1271 payers
+
+    function _hostileBatch(bool bloat) internal returns (IAgentEscrow.Reason[] memory reasons, uint256 used) {
+        HostileWallet hostile = new HostileWallet(bloat);
+        usdc.mint(relayer, 5e6);
+        vm.startPrank(relayer);
+        usdc.approve(address(escrow), 5e6);
+        escrow.depositFor(address(hostile), address(usdc), 5e6);
+        vm.stopPrank();
+        _grantDefault();
+
+        IAgentEscrow.Payment[] memory ps = new IAgentEscrow.Payment[](2);
+        bytes[] memory sigs = new bytes[](2);
+        ps[0] = _payment(address(hostile), payee, 5e6, 0, 0);
+        sigs[0] = new bytes(65);
+        ps[1] = _payment(1e6, 0);
+        sigs[1] = _sign(sessionKeyPk, ps[1]);
+        uint256 before = gasleft();
+        reasons = escrow.settle{gas: 2_000_000}(ps, sigs);
+        used = before - gasleft();
+    }
+
+    function test_hostileSmartAccountCannotBurnTheBatch() public {
+        assertEq(escrow.ERC1271_GAS_LIMIT(), 500_000);
+        (IAgentEscrow.Reason[] memory reasons, uint256 used) = _hostileBatch(false);
+        assertEq(_reason(reasons[0]), _reason(IAgentEscrow.Reason.InvalidSignature));
+        assertEq(_reason(reasons[1]), 0); // the honest payment in the same batch still settles
+        assertEq(usdc.balanceOf(payee), 1e6);
+        assertLt(used, 700_000);
+    }
+
+    function test_hostileSmartAccountCannotBloatMemory() public {
+        (IAgentEscrow.Reason[] memory reasons, uint256 used) = _hostileBatch(true);
+        // It returned the magic value, but padded to 64 KiB: only 32 bytes are read, and the payment is valid
+        // as the wallet said; what matters is that the batch did not pay for copying the rest.
+        assertEq(_reason(reasons[0]), 0);
+        assertEq(_reason(reasons[1]), 0);
+        assertLt(used, 700_000);
+    }
+
+    // ================================================================== cross-implementation test vector
+
+    /**
+     * @dev Signatures made off-chain by eth-account 0.14 (`encode_typed_data` + `Account.sign_message`) with anvil's
+     * well-known keys, for an escrow at 0x5FbDB2315678afecb367f032d93F642f64180aa3 on chain 31337. The same values
+     * appear in docs/schemes/escrow.md; the Python side can assert the identical digests.
+     */
+    function test_vector_ethAccountSignaturesVerify() public {
+        vm.chainId(31337);
+        vm.warp(1_740_000_000);
+        AgentEscrow at = AgentEscrow(0x5FbDB2315678afecb367f032d93F642f64180aa3);
+        vm.etch(address(at), address(escrow).code);
+        address token = 0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512;
+        vm.etch(token, address(usdc).code);
+        address vPayer = 0x70997970C51812dc3A010C7d01b50e0d17dc79C8;
+        address vSigner = 0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266;
+        address vPayee = 0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC;
+
+        TestUSDC(token).mint(vPayer, 1e6);
+        vm.startPrank(vPayer);
+        TestUSDC(token).approve(address(at), 1e6);
+        at.deposit(token, 1e6);
+        vm.stopPrank();
+
+        address[] memory payees = new address[](1);
+        payees[0] = vPayee;
+        at.grantWithSig(
+            vPayer,
+            vSigner,
+            IAgentEscrow.GrantParams(token, 100000, 5000000, 1700000000, 1800000000),
+            payees,
+            1,
+            hex"f58a0c6604b0529370b46cca9f10ce2fb11dea41f685d11c27ca886a35f783a9563dda9de940ff576ac0c767d826dfc7d3a5aaf985a8731af395000fb6d65e801b"
+        );
+
+        IAgentEscrow.Payment memory p = IAgentEscrow.Payment(vPayer, vPayee, token, 10000, 1, 1750000000, 1);
+        assertEq(at.hashPayment(p), 0x05b34585d64046d4bf18208718470efb0f2b10a91abeb93f05bd2b3b4c840cb2);
+        bytes memory sig =
+            hex"2c6a8d42c4fc428afca3abf7c47e4cdbe51b01abf3592d90c5a39132ad6ceb733068051006c89821f19cabb24fe692d7bc63775aa56738a0abf19fe3217d554c1b";
+        (IAgentEscrow.Reason r, address signer) = at.check(p, sig);
+        assertEq(_reason(r), 0);
+        assertEq(signer, vSigner);
+        at.settleOne(p, sig);
+        assertEq(TestUSDC(token).balanceOf(vPayee), 10000);
+
+        at.revokeWithSig(
+            vPayer,
+            vSigner,
+            1,
+            hex"a57b4cd676cd198482302f7af7932969f614a8ff106de43a2c304fff86070bba2944a28fd8b1b0884e925b914c30c5b0d4d912af342075864ca2c634262cc7ed1b"
+        );
+        assertEq(at.grantOf(vPayer, vSigner).epoch, 2);
+    }
 }
+

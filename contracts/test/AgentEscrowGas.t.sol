@@ -8,12 +8,11 @@ import {IAgentEscrow} from "../src/escrow/IAgentEscrow.sol";
  * @dev Gas of {AgentEscrow-settle} per payment, warm setup: grants live, deposits funded, each signer's nonce word
  * already non-zero and the payee already holding the token (what a steady-state settler sees).
  *
- * Two numbers per batch size, printed with `-vv` (as `log_named_uint`):
- * - `exec`: gas the settle call used inside the EVM (gasleft delta in the caller);
- * - `tx`: an estimate of the receipt's gasUsed: 21,000 + calldata (4/16 gas per zero/non-zero byte) + exec, minus
- *   the 2,500 that warming the escrow's address costs here but a transaction's `to` gets for free.
- * For exact receipts run `forge test --isolate --gas-report --match-contract AgentEscrowGas` (one test at a time,
- * the report's `settle` row is then that batch).
+ * Run `forge test --match-path test/AgentEscrowGas.t.sol --isolate -vv`. With `--isolate` each call is its own
+ * transaction, so `exec` (the gasleft delta around the settle call) IS the receipt's gasUsed: 21,000 intrinsic and
+ * calldata included. Without `--isolate`, `exec` is execution only and `tx` estimates the receipt as
+ * 21,000 + calldata (4/16 gas per zero/non-zero byte) + exec - 2,500 (the address warm-up a transaction's `to`
+ * gets for free); that estimate lands within ~1% of the isolated figure.
  *
  * Setup happens in `setUp` (a separate transaction), so every slot the measured call touches starts cold.
  */

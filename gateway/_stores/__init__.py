@@ -65,6 +65,11 @@ def _int(params: dict[str, str], name: str, default: int) -> int:
         raise StoreConfigError(f"store URL parameter {name} must be an integer, not {raw!r}") from None
 
 
+def _no_more(params: dict[str, str]) -> None:
+    if params:
+        raise StoreConfigError(f"unknown store URL parameters: {sorted(params)}")
+
+
 async def open_store(url: str) -> PaymentStore:
     """Open (creating and migrating as needed) the store that `url` names; see the module doc."""
     parts = urlsplit(url)
@@ -75,35 +80,30 @@ async def open_store(url: str) -> PaymentStore:
     scope = ""
     store: PaymentStore
     if parts.scheme == "memory":
+        _no_more(params)
         store = MemoryStore()
     elif parts.scheme == "sqlite":
         from gateway._stores.sqlite import SQLiteStore
 
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path or parts.netloc:
-            raise StoreConfigError(
-                f"sqlite URL needs a path: sqlite:///relative.db or sqlite:////abs.db, not {url!r}"
-            )
+            raise StoreConfigError("a sqlite URL needs a path: sqlite:///relative.db or sqlite:////abs.db")
         scope = params.pop("prefix", "")
         busy = _int(params, "busy_timeout_ms", 10_000)
-        store = await SQLiteStore.open(
-            path, prefix=scope, synchronous=params.pop("synchronous", "full"), busy_timeout_ms=busy
-        )
+        synchronous = params.pop("synchronous", "full")
+        _no_more(params)
+        store = await SQLiteStore.open(path, prefix=scope, synchronous=synchronous, busy_timeout_ms=busy)
     elif parts.scheme in ("postgresql", "postgres"):
         from gateway._stores.postgres import PostgresStore
 
         scope = params.pop("schema", "agentpay")
         pool_min, pool_max = _int(params, "pool_min", 1), _int(params, "pool_max", 10)
-        dsn = urlunsplit(parts._replace(query=urlencode(params)))
-        params = {}  # the rest went to asyncpg
+        dsn = urlunsplit(parts._replace(query=urlencode(params)))  # the rest is asyncpg's (sslmode, ...)
         store = await PostgresStore.open(dsn, schema=scope, pool_min=pool_min, pool_max=pool_max)
     elif parts.scheme in ("redis", "rediss"):
         raise StoreConfigError("Redis is a cache in front of a store: use postgresql://...?cache=redis://...")
-    else:
-        raise StoreConfigError(f"unknown store URL scheme {parts.scheme!r} in {url!r}")
-    if params:
-        await store.close()
-        raise StoreConfigError(f"unknown store URL parameters: {sorted(params)}")
+    else:  # the URL itself is not echoed: it may carry a password
+        raise StoreConfigError(f"unknown store URL scheme {parts.scheme!r}")
     if cache_url is None:
         return store
     from gateway._stores.redis import RedisCachedStore

@@ -1,10 +1,13 @@
 """SQLite: the default store for one gateway process, one file, no server.
 
-The stdlib driver runs in one dedicated thread per store (so the event loop never blocks on disk and the
-connection never crosses threads). Every write is `BEGIN IMMEDIATE`: it takes the file's write lock up
-front, waiting up to `busy_timeout` for other processes, so a read-then-write inside it is atomic across
-processes too and WAL's "snapshot is stale" error cannot happen. Amounts are stored as decimal text
-because SQLite integers stop at 2^63 and vouchers are uint128; comparisons happen in Python under the lock.
+One thread per store owns the connection, so the event loop never blocks on disk. It runs every call
+inside `BEGIN IMMEDIATE`, which takes the file's write lock up front (waiting up to `busy_timeout` for
+other processes): a read-compare-write inside it is atomic across processes too, and WAL's "snapshot is
+stale" error cannot happen. Calls that queue up while a transaction commits run together in the next one,
+a savepoint each (a failing call undoes only itself), and share its fsync: group commit. A call returns
+only after the COMMIT that made it durable.
+
+Amounts are stored as decimal text because SQLite integers stop at 2^63 and vouchers are uint128.
 `synchronous=full` by default: with `normal` a WAL commit survives a process crash but may roll back after
 a power loss, which for a finalized payment or a queued settlement is money; `normal` is an opt-in.
 """
@@ -12,10 +15,11 @@ a power loss, which for a finalized payment or a queued settlement is money; `no
 from __future__ import annotations
 
 import asyncio
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,38 +49,118 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _SYNC_MODES = ("off", "normal", "full", "extra")
+_MAX_BATCH = 256
+_Call = Callable[[sqlite3.Connection], Any]
+_Outcome = tuple[bool, Any]  # (succeeded, result or exception)
+_Job = tuple[_Call, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
-def _write(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    con.execute("BEGIN IMMEDIATE")
+def _migrate(con: sqlite3.Connection, p: str) -> None:
+    con.execute("BEGIN IMMEDIATE")  # concurrent first starts: one migrates, the others then see it done
     try:
-        out = fn(con)
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {p}schema_version (version INTEGER PRIMARY KEY, applied_at REAL)"
+        )
+        (current,) = con.execute(f"SELECT coalesce(max(version), 0) FROM {p}schema_version").fetchone()
+        if current > len(MIGRATIONS):
+            raise StoreSchemaError(
+                f"database is at schema version {current}, this code knows {len(MIGRATIONS)}"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for statement in MIGRATIONS[version - 1]:
+                con.execute(statement.format(p=p))
+            con.execute(f"INSERT INTO {p}schema_version VALUES (?, ?)", (version, time.time()))
     except BaseException:
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
-    return out
 
 
-def _migrate(con: sqlite3.Connection, p: str) -> None:
-    con.execute(
-        f"CREATE TABLE IF NOT EXISTS {p}schema_version (version INTEGER PRIMARY KEY, applied_at REAL)"
-    )
-    (current,) = con.execute(f"SELECT coalesce(max(version), 0) FROM {p}schema_version").fetchone()
-    if current > len(MIGRATIONS):
-        raise StoreSchemaError(f"database is at schema version {current}, this code knows {len(MIGRATIONS)}")
-    for version in range(current + 1, len(MIGRATIONS) + 1):
-        for statement in MIGRATIONS[version - 1]:
-            con.execute(statement.format(p=p))
-        con.execute(f"INSERT INTO {p}schema_version VALUES (?, ?)", (version, time.time()))
+def _hand_back(results: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
+    for future, (ok, value) in results:
+        if future.done():  # the caller was cancelled meanwhile
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class _Committer:
+    """The thread that owns the connection and commits queued calls in groups."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self._con = con
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="agentpay-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: _Call) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((call, future, loop))
+        return future
+
+    async def stop(self) -> None:
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            outcomes = self._execute([call for call, _, _ in batch])
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
+            for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
+                by_loop.setdefault(loop, []).append((future, outcome))
+            for loop, results in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_hand_back, results)
+                except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                    pass
+        self._con.close()
+
+    def _execute(self, calls: list[_Call]) -> list[_Outcome]:
+        con = self._con
+        outcomes: list[_Outcome] = []
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            for call in calls:
+                con.execute("SAVEPOINT call")
+                try:
+                    outcomes.append((True, call(con)))
+                except Exception as exc:
+                    con.execute("ROLLBACK TO call")
+                    outcomes.append((False, exc))
+                con.execute("RELEASE call")
+            con.execute("COMMIT")
+        except Exception as exc:  # locked past busy_timeout, disk full, ...: nothing in the batch happened
+            if con.in_transaction:
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return [(False, exc)] * len(calls)
+        return outcomes
 
 
 class SQLiteStore:
     """`PaymentStore` on one SQLite file (WAL). Open with `await SQLiteStore.open(path)`."""
 
-    def __init__(self, executor: ThreadPoolExecutor, con: sqlite3.Connection, prefix: str) -> None:
-        self._executor = executor
-        self._con = con
+    def __init__(self, con: sqlite3.Connection, prefix: str) -> None:
+        self._committer = _Committer(con)
         self._p = prefix
         self._closed = False
 
@@ -88,35 +172,36 @@ class SQLiteStore:
             check_identifier(prefix, "prefix")
         if synchronous not in _SYNC_MODES:
             raise StoreConfigError(f"synchronous must be one of {_SYNC_MODES}, not {synchronous!r}")
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentpay-sqlite")
 
         def connect() -> sqlite3.Connection:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            con = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
-            con.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            con.execute("PRAGMA journal_mode = WAL")
-            con.execute(f"PRAGMA synchronous = {synchronous}")
-            _write(con, lambda c: _migrate(c, prefix))
+            # opened here, then used only by the committer thread: one thread at a time
+            con = sqlite3.connect(
+                path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
+            try:
+                con.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                con.execute("PRAGMA journal_mode = WAL")
+                con.execute(f"PRAGMA synchronous = {synchronous}")
+                _migrate(con, prefix)
+            except BaseException:
+                con.close()
+                raise
             return con
 
         try:
-            con = await asyncio.get_running_loop().run_in_executor(executor, connect)
-        except BaseException as exc:
-            executor.shutdown(wait=False)
-            if isinstance(exc, sqlite3.OperationalError | OSError):
-                raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
-            raise
-        return cls(executor, con, prefix)
+            con = await asyncio.to_thread(connect)
+        except (sqlite3.OperationalError, OSError) as exc:
+            raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+        return cls(con, prefix)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, call: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._con)
+            result: T = await self._committer.submit(call)
         except sqlite3.OperationalError as exc:  # "database is locked" after busy_timeout, disk I/O, ...
             raise StoreUnavailable(f"sqlite: {exc}") from exc
-
-    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(lambda con: _write(con, fn))
+        return result
 
     # claims
 
@@ -127,12 +212,12 @@ class SQLiteStore:
             f" SET expires_at = excluded.expires_at WHERE {p}claims.finalized = 0"
             f" AND {p}claims.expires_at <= ? RETURNING 1"
         )
-        rows = await self._tx(lambda con: con.execute(sql, (key, now + ttl, now)).fetchall())
+        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, now)).fetchall())
         return bool(rows)
 
     async def release(self, key: str) -> None:
         sql = f"DELETE FROM {self._p}claims WHERE key = ? AND finalized = 0"
-        await self._tx(lambda con: con.execute(sql, (key,)))
+        await self._run(lambda con: con.execute(sql, (key,)))
 
     def _finalize(self, con: sqlite3.Connection, key: str) -> None:
         con.execute(
@@ -142,7 +227,7 @@ class SQLiteStore:
         )
 
     async def finalize(self, key: str) -> None:
-        await self._tx(lambda con: self._finalize(con, key))
+        await self._run(lambda con: self._finalize(con, key))
 
     async def is_finalized(self, key: str) -> bool:
         sql = f"SELECT 1 FROM {self._p}claims WHERE key = ? AND finalized = 1"
@@ -155,12 +240,12 @@ class SQLiteStore:
             if settlement is not None:
                 self._enqueue(con, settlement)
 
-        await self._tx(body)
+        await self._run(body)
 
     async def purge_expired_claims(self) -> int:
         sql = f"DELETE FROM {self._p}claims WHERE finalized = 0 AND expires_at <= ?"
         now = time.time()
-        return await self._tx(lambda con: con.execute(sql, (now,)).rowcount)
+        return await self._run(lambda con: con.execute(sql, (now,)).rowcount)
 
     # receipts
 
@@ -172,7 +257,7 @@ class SQLiteStore:
         )
 
     async def put_receipt(self, key: str, receipt: bytes) -> None:
-        await self._tx(lambda con: self._put_receipt(con, key, receipt))
+        await self._run(lambda con: self._put_receipt(con, key, receipt))
 
     async def get_receipt(self, key: str) -> bytes | None:
         sql = f"SELECT receipt FROM {self._p}receipts WHERE key = ?"
@@ -189,7 +274,7 @@ class SQLiteStore:
         )
 
     async def enqueue(self, item: Settlement) -> None:
-        await self._tx(lambda con: self._enqueue(con, item))
+        await self._run(lambda con: self._enqueue(con, item))
 
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         now, p = time.time(), self._p
@@ -200,7 +285,7 @@ class SQLiteStore:
             f" lease_until <= ?)) ORDER BY created_at, key LIMIT ?) RETURNING {COLUMNS}"
         )
         args = (now + lease_seconds, kind, now, now, max(limit, 0))
-        rows = await self._tx(lambda con: con.execute(sql, args).fetchall())
+        rows = await self._run(lambda con: con.execute(sql, args).fetchall())
         return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
 
     async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
@@ -208,7 +293,7 @@ class SQLiteStore:
             f"UPDATE {self._p}settlements SET state = 'settled', tx_hash = ?, error = NULL, retry_at = NULL,"
             " lease_until = NULL WHERE key = ?"
         )
-        await self._tx(lambda con: con.executemany(sql, [(tx_hash, key) for key in keys]))
+        await self._run(lambda con: con.executemany(sql, [(tx_hash, key) for key in keys]))
 
     async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
         sql = (
@@ -216,7 +301,7 @@ class SQLiteStore:
             " WHERE key = ? AND state <> 'settled'"
         )
         args = ("dead" if retry_at is None else "failed", error, retry_at, key)
-        await self._tx(lambda con: con.execute(sql, args))
+        await self._run(lambda con: con.execute(sql, args))
 
     async def get_settlement(self, key: str) -> Settlement | None:
         sql = f"SELECT {COLUMNS} FROM {self._p}settlements WHERE key = ?"
@@ -236,7 +321,7 @@ class SQLiteStore:
             f"UPDATE {self._p}settlements SET state = 'queued', attempts = 0, retry_at = NULL"
             " WHERE key = ? AND state IN ('dead', 'failed')"
         )
-        return bool(await self._tx(lambda con: con.execute(sql, (key,)).rowcount))
+        return bool(await self._run(lambda con: con.execute(sql, (key,)).rowcount))
 
     async def stats(self) -> QueueStats:
         sql = f"SELECT state, count(*) FROM {self._p}settlements GROUP BY state"
@@ -266,14 +351,14 @@ class SQLiteStore:
             self._set_int(con, "pending", "amount", "account", account, total)
             return True
 
-        return await self._tx(body)
+        return await self._run(body)
 
     async def sub_pending(self, account: str, amount: int) -> None:
         def body(con: sqlite3.Connection) -> None:
             current = self._get_int(con, "pending", "amount", "account", account)
             self._set_int(con, "pending", "amount", "account", account, max(0, current - amount))
 
-        await self._tx(body)
+        await self._run(body)
 
     async def get_pending(self, account: str) -> int:
         return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account))
@@ -285,7 +370,7 @@ class SQLiteStore:
             self._set_int(con, "high_water", "cumulative", "channel_id", channel_id, cumulative)
             return True
 
-        return await self._tx(body)
+        return await self._run(body)
 
     async def high_water(self, channel_id: str) -> int:
         return await self._run(
@@ -293,8 +378,6 @@ class SQLiteStore:
         )
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._con.close)
-        self._executor.shutdown(wait=True)
+        if not self._closed:
+            self._closed = True
+            await self._committer.stop()

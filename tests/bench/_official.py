@@ -15,7 +15,7 @@ falls back to pure-Python ECDSA and both figures get several times slower.
 
     from tests.bench._official import run_official
     run_official(16, 400, "stub")
-    run_official(16, 200, "chain", rpc_url=..., asset=..., payer_key=..., facilitator_key=...)
+    run_official(16, 200, "chain", devnet=state)    # an escrow.DevnetState (or rpc_url=, asset=, keys)
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def run_official(
     n: int = 400,
     settle_mode: str = "stub",
     *,
+    devnet: Any = None,
+    payer_index: int = 4,
+    facilitator_index: int = 5,
     rpc_url: str | None = None,
     chain_id: int = 31337,
     asset: str | None = None,
@@ -54,9 +57,17 @@ def run_official(
 
     ``settle_mode="chain"`` needs ``rpc_url``, ``asset`` (an EIP-3009 token whose EIP-712 domain is
     readable through ``eip712Domain()``), ``payer_key`` (holding at least ``n + warmup`` times
-    ``amount``) and ``facilitator_key`` (gas for one transaction per request). Use keys no other
+    ``amount``) and ``facilitator_key`` (gas for one transaction per request). Given a ``devnet``
+    (``escrow.DevnetState``: every account holds TestUSDC and ETH), these default to its RPC URL, its
+    TestUSDC and the keys of accounts ``payer_index`` and ``facilitator_index``. Use keys no other
     process is sending transactions from while this runs.
     """
+    if devnet is not None:
+        rpc_url = rpc_url or devnet.rpc_url
+        chain_id = devnet.chain_id
+        asset = asset or devnet.contracts["usdc"]
+        payer_key = payer_key or devnet.accounts[payer_index].private_key
+        facilitator_key = facilitator_key or devnet.accounts[facilitator_index].private_key
     mode = SETTLE_ALIASES.get(settle_mode)
     if mode is None:
         raise ValueError(f"settle_mode must be one of {sorted(SETTLE_ALIASES)}, not {settle_mode!r}")

@@ -2,9 +2,12 @@
 
 A "request" is what the gateway asks of its store for one paid call. Two shapes are measured:
 `paid` = claim + finalize + put_receipt + enqueue (four calls), and `complete` = claim + complete (the
-same work in two calls, one of them one transaction). Each runs with an in-process concurrency of 16 for a
-few seconds per backend. `<backend>_cost_us` is the extra wall time per request relative to the memory
-store (1e6/ops - 1e6/memory_ops). The last line printed is one JSON object.
+same work in two calls, one of them one transaction; the gateway pipeline uses this one), reported as
+`<backend>_ops_per_s` and `<backend>_complete_ops_per_s`. Each runs with an in-process concurrency of 16
+for a few seconds per backend (`sqlite` is the default synchronous=full, `sqlite_normal` the opt-in).
+`<backend>_cost_us` is the extra wall time per request relative to the memory store
+(1e6/ops - 1e6/memory_ops). The last line printed is one JSON object. Numbers from a shared, loaded
+machine swing a lot (fsync-bound ones most): compare runs taken back to back.
 
 To add a scenario (e.g. the full gateway over ASGI), add an entry to SCENARIOS: an async factory that gets
 the opened store and returns the per-request coroutine function.

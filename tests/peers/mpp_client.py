@@ -24,7 +24,7 @@ import httpx
 from _peer import b64json, body_of, emit, private_key, token_domain
 from eth_account import Account
 from eth_utils.crypto import keccak
-from mpp import Challenge
+from mpp import Challenge, Receipt
 from mpp.client import PaymentTransport
 from mpp.methods.evm import client as evm_client
 from mpp.methods.evm._eip3009 import challenge_hash
@@ -100,6 +100,23 @@ class RecordingTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+def pympp_receipt(value: str | None) -> Any:
+    """``Payment-Receipt`` parsed by pympp (``Receipt.from_payment_receipt``), or why it could not be."""
+    if value is None:
+        return None
+    try:
+        receipt = Receipt.from_payment_receipt(value)
+    except Exception as error:
+        return {"pympp_parse_error": f"{type(error).__name__}: {error}", "raw": _maybe_b64(value)}
+    return {
+        "status": receipt.status,
+        "method": receipt.method,
+        "reference": receipt.reference,
+        "timestamp": str(receipt.timestamp),
+        "raw": _maybe_b64(value),
+    }
+
+
 def _maybe_b64(value: str | None) -> Any:
     try:
         return b64json(value)
@@ -132,7 +149,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 response = await http.request(args.method, args.url)
                 entry["status"] = response.status_code
                 entry["body"] = body_of(response.content)
-                entry["payment_receipt"] = _maybe_b64(response.headers.get("payment-receipt"))
+                entry["payment_receipt"] = pympp_receipt(response.headers.get("payment-receipt"))
                 entry["cache_control"] = response.headers.get("cache-control")
             except Exception as error:
                 entry["error"] = f"{type(error).__name__}: {error}"

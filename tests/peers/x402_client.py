@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from _peer import b64json, body_of, emit, private_key
 from eth_account import Account
+from x402.http import decode_payment_response_header
 from x402.http.clients.httpx import x402AsyncTransport
 from x402.mechanisms.evm.constants import SCHEME_EXACT
 from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
@@ -125,6 +126,17 @@ class DevnetExactEvmSchemeV1:
         return ExactEIP3009Payload(authorization=authorization, signature=signature).to_dict()
 
 
+def official_receipt(value: str | None) -> Any:
+    """The receipt header decoded by the official SDK (``decode_payment_response_header`` into its
+    pydantic ``SettleResponse``): proof that the official client understands it, not just base64 JSON."""
+    if value is None:
+        return None
+    try:
+        return decode_payment_response_header(value).model_dump(by_alias=True, exclude_none=True)
+    except Exception as error:
+        return {"official_decode_error": f"{type(error).__name__}: {error}", "raw": _decode("x", value)}
+
+
 def chain_id_of(network: str, fallback: int) -> int:
     if network.startswith("eip155:"):
         return int(network.split(":", 1)[1])
@@ -175,8 +187,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 response = await http.request(args.method, args.url, content=content)
                 entry["status"] = response.status_code
                 entry["body"] = body_of(response.content)
-                entry["payment_response"] = b64json(response.headers.get("payment-response"))
-                entry["x_payment_response"] = b64json(response.headers.get("x-payment-response"))
+                entry["payment_response"] = official_receipt(response.headers.get("payment-response"))
+                entry["x_payment_response"] = official_receipt(response.headers.get("x-payment-response"))
                 entry["cache_control"] = response.headers.get("cache-control")
             except Exception as error:  # reported, not raised: the test decides
                 entry["error"] = f"{type(error).__name__}: {error}"

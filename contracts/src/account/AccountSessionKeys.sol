@@ -54,8 +54,8 @@ import {SessionKeyTypedData} from "./SessionKeyTypedData.sol";
  * - Rate-limit policy, counted in UserOperations (a batch counts once):
  *   - `maxUses`: a lifetime count;
  *   - `maxUsesPerInterval` per `interval`: windows are fixed, `[w * interval, (w + 1) * interval - 1]` in Unix
- *     seconds. The signature names `w`. Validation requires `w >= ` the last window used (and `w > 0`), counts the
- *     use in `w` (resetting the count when `w` is newer), and returns the window's bounds intersected with the
+ *     seconds. The signature names `w`. Validation requires `w` to be nonzero and no older than the last window
+ *     used, counts the use in `w` (resetting the count when `w` is newer), and returns the window's bounds intersected with the
  *     timestamp policy as `validAfter` / `validUntil`. The EntryPoint then rejects the operation unless it runs
  *     inside `w`, and a rejected operation reverts its counters with it. So at most `maxUsesPerInterval`
  *     operations execute per window, exactly, without reading the clock during validation (ERC-7562).
@@ -88,11 +88,42 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint128 valueLimit;
     }
 
+    /// @dev Slot 0 of a key: read by every validation. The flags say whether slots 1 and 2 must be read at all.
+    struct SessionCore {
+        uint64 id;
+        uint48 validAfter;
+        uint48 validUntil;
+        uint32 maxUses;
+        uint32 uses;
+        bool windowed;
+        bool budgeted;
+    }
+
+    /// @dev Slot 1 of a key: the per-window rate limit.
+    struct SessionWindow {
+        uint48 interval;
+        uint32 maxUsesPerInterval;
+        uint48 window;
+        uint32 windowUses;
+    }
+
+    /// @dev Slot 2 of a key: the gas budget.
+    struct SessionGas {
+        uint128 gasBudget;
+        uint128 gasSpent;
+    }
+
+    struct StoredSession {
+        SessionCore core;
+        SessionWindow rate;
+        SessionGas gas;
+    }
+
     /// @custom:storage-location erc7201:agentpay.storage.AgentAccountSessionKeys
     struct SessionKeysStorage {
         uint64 lastId;
         EnumerableSet.AddressSet keys;
-        mapping(address key => SessionKeyState) sessions;
+        mapping(address key => StoredSession) sessions;
         mapping(bytes32 permissionId => StoredPermission) permissions;
         mapping(bytes32 permissionId => mapping(uint256 ruleIndex => StoredArgRule)) rules;
         mapping(bytes32 oneOfId => bool) oneOf;
@@ -140,12 +171,10 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
-    function revokeSessionKeyWithSig(
-        address key,
-        uint256 nonce,
-        uint48 deadline,
-        bytes calldata signature
-    ) public virtual {
+    function revokeSessionKeyWithSig(address key, uint256 nonce, uint48 deadline, bytes calldata signature)
+        public
+        virtual
+    {
         _useOwnerApproval(SessionKeyTypedData.hashRevoke(key, nonce, deadline), nonce, deadline, signature);
         _revokeSessionKey(key);
     }
@@ -167,17 +196,27 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
 
     /// @inheritdoc IAgentAccountSessionKeys
     function sessionKey(address key) public view virtual returns (SessionKeyState memory) {
-        return _getSessionKeysStorage().sessions[key];
+        StoredSession storage session = _getSessionKeysStorage().sessions[key];
+        SessionKeyState memory state;
+        SessionCore memory core = session.core;
+        (state.id, state.validAfter, state.validUntil, state.maxUses, state.uses) =
+        (core.id, core.validAfter, core.validUntil, core.maxUses, core.uses);
+        SessionWindow memory rate = session.rate;
+        (state.interval, state.maxUsesPerInterval, state.window, state.windowUses) =
+        (rate.interval, rate.maxUsesPerInterval, rate.window, rate.windowUses);
+        (state.gasBudget, state.gasSpent) = (session.gas.gasBudget, session.gas.gasSpent);
+        return state;
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
-    function callPermission(
-        address key,
-        address target,
-        bytes4 selector
-    ) public view virtual returns (bool allowed, uint128 valueLimit, StoredArgRule[] memory rules) {
+    function callPermission(address key, address target, bytes4 selector)
+        public
+        view
+        virtual
+        returns (bool allowed, uint128 valueLimit, StoredArgRule[] memory rules)
+    {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        uint64 id = $.sessions[key].id;
+        uint64 id = $.sessions[key].core.id;
         if (id == 0) return (false, 0, rules);
         bytes32 pid = _permissionId(id, target, selector);
         StoredPermission memory permission = $.permissions[pid];
@@ -189,15 +228,14 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
-    function isOneOfValue(
-        address key,
-        address target,
-        bytes4 selector,
-        uint256 ruleIndex,
-        bytes32 value
-    ) public view virtual returns (bool) {
+    function isOneOfValue(address key, address target, bytes4 selector, uint256 ruleIndex, bytes32 value)
+        public
+        view
+        virtual
+        returns (bool)
+    {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        uint64 id = $.sessions[key].id;
+        uint64 id = $.sessions[key].core.id;
         return id != 0 && $.oneOf[_oneOfId(_permissionId(id, target, selector), ruleIndex, value)];
     }
 
@@ -207,12 +245,12 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
-    function hashInstallSessionKey(
-        address key,
-        SessionPolicy calldata policy,
-        uint256 nonce,
-        uint48 deadline
-    ) public view virtual returns (bytes32) {
+    function hashInstallSessionKey(address key, SessionPolicy calldata policy, uint256 nonce, uint48 deadline)
+        public
+        view
+        virtual
+        returns (bytes32)
+    {
         return _hashTypedDataV4(SessionKeyTypedData.hashInstall(key, policy, nonce, deadline));
     }
 
@@ -227,11 +265,12 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
      * @dev Routes {SESSION_SIGNATURE_LENGTH}-byte signatures to {_validateSessionUserOp}, anything else to the
      * owner's validation (`super`).
      */
-    function _validateUserOp(
-        PackedUserOperation calldata userOp,
-        bytes32 userOpHash,
-        bytes calldata signature
-    ) internal virtual override returns (uint256) {
+    function _validateUserOp(PackedUserOperation calldata userOp, bytes32 userOpHash, bytes calldata signature)
+        internal
+        virtual
+        override
+        returns (uint256)
+    {
         if (signature.length == SESSION_SIGNATURE_LENGTH) {
             return _validateSessionUserOp(userOp, userOpHash, signature);
         }
@@ -243,45 +282,39 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
      * {SessionKeyPolicyViolation} on a policy failure; returns the validation data (signature result and the
      * intersected time bounds) otherwise.
      */
-    function _validateSessionUserOp(
-        PackedUserOperation calldata userOp,
-        bytes32 userOpHash,
-        bytes calldata signature
-    ) internal virtual returns (uint256) {
+    function _validateSessionUserOp(PackedUserOperation calldata userOp, bytes32 userOpHash, bytes calldata signature)
+        internal
+        virtual
+        returns (uint256)
+    {
         address key = address(bytes20(signature[0:20]));
         uint48 window = uint48(bytes6(signature[20:26]));
 
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        SessionKeyState storage session = $.sessions[key];
-        SessionKeyState memory state = session;
-        if (state.id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
+        StoredSession storage session = $.sessions[key];
+        SessionCore memory core = session.core;
+        if (core.id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
 
-        _checkSessionCalls($, key, state.id, userOp.callData);
-        (uint48 validAfter, uint48 validUntil) = _useSessionRateLimit(session, state, key, window);
-        _useSessionGas(session, state, key, userOp);
-        emit SessionKeyUsed(key, state.id);
+        _checkSessionCalls($, key, core.id, userOp.callData);
+        (uint48 validAfter, uint48 validUntil) = _useSessionRateLimit(session, core, key, window);
+        if (core.budgeted) _useSessionGas(session.gas, key, userOp);
+        emit SessionKeyUsed(key, core.id);
 
-        (address recovered, ECDSA.RecoverError err, ) = ECDSA.tryRecoverCalldata(
-            _signableUserOpHash(userOp, userOpHash),
-            signature[26:]
-        );
+        (address recovered, ECDSA.RecoverError err,) =
+            ECDSA.tryRecoverCalldata(_signableUserOpHash(userOp, userOpHash), signature[26:]);
         bool valid = err == ECDSA.RecoverError.NoError && recovered == key;
         // EntryPoint v0.7 layout (core/Helpers.sol): validAfter (48) ++ validUntil (48) ++ aggregator (160), where
         // validUntil 0 means "no expiry" (so an unbounded, valid operation returns plain 0).
         if (validUntil == type(uint48).max) validUntil = 0;
-        return
-            (uint256(validAfter) << 208) |
-            (uint256(validUntil) << 160) |
-            (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
+        return (uint256(validAfter) << 208) | (uint256(validUntil) << 160)
+            | (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
     }
 
     /// @dev The call policy: `callData` is an ERC-7821 batch whose every call is allowed.
-    function _checkSessionCalls(
-        SessionKeysStorage storage $,
-        address key,
-        uint64 id,
-        bytes calldata callData
-    ) private view {
+    function _checkSessionCalls(SessionKeysStorage storage $, address key, uint64 id, bytes calldata callData)
+        private
+        view
+    {
         (bool decoded, bytes32 mode, bytes calldata executionData) = _decodeExecuteCall(callData);
         if (!decoded || !supportsExecutionMode(mode)) {
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
@@ -321,82 +354,87 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
         }
         for (uint256 r = 0; r < permission.ruleCount; ++r) {
-            StoredArgRule memory rule = $.rules[pid][r];
-            (bool found, bytes32 word) = ArgRules.wordAt(data, rule.offset);
-            bool holds = found &&
-                (
-                    rule.condition == ArgCondition.OneOf
-                        ? $.oneOf[_oneOfId(pid, r, word)]
-                        : ArgRules.compare(rule.condition, word, rule.value)
-                );
-            if (!holds) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, r);
+            if (!_ruleHolds($, pid, r, data)) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, r);
+            }
         }
+    }
+
+    /// @dev Whether rule `r` of permission `pid` holds for `data`. A OneOf rule never reads its `value` slot.
+    function _ruleHolds(SessionKeysStorage storage $, bytes32 pid, uint256 r, bytes calldata data)
+        private
+        view
+        returns (bool)
+    {
+        StoredArgRule storage rule = $.rules[pid][r];
+        ArgCondition condition = rule.condition;
+        (bool found, bytes32 word) = ArgRules.wordAt(data, rule.offset);
+        if (!found) return false;
+        if (condition == ArgCondition.OneOf) return $.oneOf[_oneOfId(pid, r, word)];
+        return ArgRules.compare(condition, word, rule.value);
     }
 
     /**
      * @dev The rate-limit policy (see the contract documentation); also intersects the timestamp policy. Returns
      * the operation's `validAfter` / `validUntil`.
      */
-    function _useSessionRateLimit(
-        SessionKeyState storage session,
-        SessionKeyState memory state,
-        address key,
-        uint48 window
-    ) private returns (uint48 validAfter, uint48 validUntil) {
-        validAfter = state.validAfter;
-        validUntil = state.validUntil == 0 ? type(uint48).max : state.validUntil;
+    function _useSessionRateLimit(StoredSession storage session, SessionCore memory core, address key, uint48 window)
+        private
+        returns (uint48 validAfter, uint48 validUntil)
+    {
+        validAfter = core.validAfter;
+        validUntil = core.validUntil == 0 ? type(uint48).max : core.validUntil;
 
-        if (state.maxUses != 0) {
-            if (state.uses >= state.maxUses) revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
-            session.uses = state.uses + 1;
+        if (core.maxUses != 0) {
+            if (core.uses >= core.maxUses) revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
+            session.core.uses = core.uses + 1;
         }
 
-        if (state.interval != 0) {
-            if (window == 0 || window < state.window) {
+        if (core.windowed) {
+            SessionWindow memory rate = session.rate;
+            if (window == 0 || window < rate.window) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
             }
-            uint32 used = window == state.window ? state.windowUses : 0;
-            if (used >= state.maxUsesPerInterval) {
+            uint32 used = window == rate.window ? rate.windowUses : 0;
+            if (used >= rate.maxUsesPerInterval) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
             }
-            uint256 start = uint256(window) * state.interval;
-            uint256 end = start + state.interval - 1;
+            uint256 start = uint256(window) * rate.interval;
+            uint256 end = start + rate.interval - 1;
             if (start > validUntil || end < validAfter) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.Timestamp, 0, 0);
             }
             // Both fit in 48 bits: start <= validUntil and end < validUntil when it replaces it.
             if (start > validAfter) validAfter = uint48(start);
             if (end < validUntil) validUntil = uint48(end);
-            session.window = window;
-            session.windowUses = used + 1;
+            session.rate.window = window;
+            session.rate.windowUses = used + 1;
         }
     }
 
     /// @dev The gas policy: charge the operation's worst-case cost to the key's budget.
-    function _useSessionGas(
-        SessionKeyState storage session,
-        SessionKeyState memory state,
-        address key,
-        PackedUserOperation calldata userOp
-    ) private {
-        if (state.gasBudget == 0) return;
-        uint256 cost = (userOp.preVerificationGas +
-            ERC4337Utils.verificationGasLimit(userOp) +
-            ERC4337Utils.callGasLimit(userOp) +
-            ERC4337Utils.paymasterVerificationGasLimit(userOp) +
-            ERC4337Utils.paymasterPostOpGasLimit(userOp)) * ERC4337Utils.maxFeePerGas(userOp);
-        uint256 spent = state.gasSpent + cost;
-        if (spent > state.gasBudget) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
-        session.gasSpent = uint128(spent);
+    function _useSessionGas(SessionGas storage budget, address key, PackedUserOperation calldata userOp) private {
+        SessionGas memory gas = budget;
+        uint256 cost =
+            (userOp.preVerificationGas
+                    + ERC4337Utils.verificationGasLimit(userOp)
+                    + ERC4337Utils.callGasLimit(userOp)
+                    + ERC4337Utils.paymasterVerificationGasLimit(userOp)
+                    + ERC4337Utils.paymasterPostOpGasLimit(userOp)) * ERC4337Utils.maxFeePerGas(userOp);
+        uint256 spent = gas.gasSpent + cost;
+        if (spent > gas.gasBudget) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
+        budget.gasSpent = uint128(spent);
     }
 
     /**
      * @dev Splits `callData` as Solidity's ABI decoder does for `execute(bytes32 mode, bytes executionData)`,
      * following the offset of `executionData`. Returns `decoded == false` for any other selector or shape.
      */
-    function _decodeExecuteCall(
-        bytes calldata callData
-    ) private pure returns (bool decoded, bytes32 mode, bytes calldata executionData) {
+    function _decodeExecuteCall(bytes calldata callData)
+        private
+        pure
+        returns (bool decoded, bytes32 mode, bytes calldata executionData)
+    {
         executionData = callData[0:0];
         if (callData.length < 68 || bytes4(callData[0:4]) != IERC7821.execute.selector) {
             return (false, 0, executionData);
@@ -425,23 +463,24 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (policy.permissions.length == 0) revert SessionKeyInvalidPolicy(key, 4, 0);
 
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        uint64 previous = $.sessions[key].id;
+        uint64 previous = $.sessions[key].core.id;
         if (previous != 0) emit SessionKeyRevoked(key, previous);
 
         uint64 id = ++$.lastId;
-        $.sessions[key] = SessionKeyState({
+        StoredSession storage session = $.sessions[key];
+        session.core = SessionCore({
             id: id,
             validAfter: policy.validAfter,
             validUntil: policy.validUntil,
             maxUses: policy.maxUses,
             uses: 0,
-            interval: policy.interval,
-            maxUsesPerInterval: policy.maxUsesPerInterval,
-            window: 0,
-            windowUses: 0,
-            gasBudget: policy.gasBudget,
-            gasSpent: 0
+            windowed: policy.interval != 0,
+            budgeted: policy.gasBudget != 0
         });
+        session.rate = SessionWindow({
+            interval: policy.interval, maxUsesPerInterval: policy.maxUsesPerInterval, window: 0, windowUses: 0
+        });
+        session.gas = SessionGas({gasBudget: policy.gasBudget, gasSpent: 0});
         for (uint256 i = 0; i < policy.permissions.length; ++i) {
             _storePermission($, key, id, i, policy.permissions[i]);
         }
@@ -462,11 +501,8 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if ($.permissions[pid].allowed) revert SessionKeyInvalidPolicy(key, 6, index);
         uint256 ruleCount = permission.rules.length;
         if (ruleCount > MAX_RULES_PER_PERMISSION) revert SessionKeyInvalidPolicy(key, 7, index);
-        $.permissions[pid] = StoredPermission({
-            allowed: true,
-            ruleCount: uint8(ruleCount),
-            valueLimit: permission.valueLimit
-        });
+        $.permissions[pid] =
+            StoredPermission({allowed: true, ruleCount: uint8(ruleCount), valueLimit: permission.valueLimit});
         for (uint256 r = 0; r < ruleCount; ++r) {
             ArgRule calldata rule = permission.rules[r];
             uint256 count = rule.values.length;
@@ -486,7 +522,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     /// @dev Deletes the grant of `key`. Emits {SessionKeyRevoked}.
     function _revokeSessionKey(address key) internal virtual {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        uint64 id = $.sessions[key].id;
+        uint64 id = $.sessions[key].core.id;
         if (id == 0) revert SessionKeyNotInstalled(key);
         delete $.sessions[key];
         $.keys.remove(key);
@@ -497,12 +533,10 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
      * @dev Checks an owner approval (EIP-712 `structHash` under this account's domain, signed by the owner) and
      * consumes its nonce. Emits {OwnerApprovalNonceUsed}.
      */
-    function _useOwnerApproval(
-        bytes32 structHash,
-        uint256 nonce,
-        uint48 deadline,
-        bytes calldata signature
-    ) internal virtual {
+    function _useOwnerApproval(bytes32 structHash, uint256 nonce, uint48 deadline, bytes calldata signature)
+        internal
+        virtual
+    {
         if (block.timestamp > deadline) revert OwnerApprovalExpired(deadline);
         SessionKeysStorage storage $ = _getSessionKeysStorage();
         if ($.usedApprovalNonces[nonce]) revert OwnerApprovalNonceAlreadyUsed(nonce);

@@ -84,18 +84,27 @@ contract AgentAccount is
 
     /// @dev The v0.7 `userOpHash` is not EIP-712: keys sign it as an EIP-191 personal message.
     function _signableUserOpHash(
-        PackedUserOperation calldata /* userOp */,
+        PackedUserOperation calldata,
+        /* userOp */
         bytes32 userOpHash
-    ) internal view virtual override returns (bytes32) {
+    )
+        internal
+        view
+        virtual
+        override
+        returns (bytes32)
+    {
         return MessageHashUtils.toEthSignedMessageHash(userOpHash);
     }
 
     /// @dev The EntryPoint (a validated UserOperation) and the account itself may execute.
-    function _erc7821AuthorizedExecutor(
-        address caller,
-        bytes32 mode,
-        bytes calldata executionData
-    ) internal view virtual override returns (bool) {
+    function _erc7821AuthorizedExecutor(address caller, bytes32 mode, bytes calldata executionData)
+        internal
+        view
+        virtual
+        override
+        returns (bool)
+    {
         return caller == address(entryPoint()) || super._erc7821AuthorizedExecutor(caller, mode, executionData);
     }
 
@@ -105,11 +114,12 @@ contract AgentAccount is
     }
 
     /// @inheritdoc AccountSessionKeys
-    function _validateUserOp(
-        PackedUserOperation calldata userOp,
-        bytes32 userOpHash,
-        bytes calldata signature
-    ) internal virtual override(Account, AccountSessionKeys) returns (uint256) {
+    function _validateUserOp(PackedUserOperation calldata userOp, bytes32 userOpHash, bytes calldata signature)
+        internal
+        virtual
+        override(Account, AccountSessionKeys)
+        returns (uint256)
+    {
         return super._validateUserOp(userOp, userOpHash, signature);
     }
 }

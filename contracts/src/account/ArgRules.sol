@@ -42,12 +42,11 @@ library ArgRules {
      * The account checks `OneOf` through a storage set instead; this is the reference form, used to validate
      * rules and by tests.
      */
-    function matches(
-        ArgCondition condition,
-        uint256 offset,
-        bytes32[] memory values,
-        bytes calldata callData
-    ) internal pure returns (bool) {
+    function matches(ArgCondition condition, uint256 offset, bytes32[] memory values, bytes calldata callData)
+        internal
+        pure
+        returns (bool)
+    {
         (bool found, bytes32 word) = wordAt(callData, offset);
         if (!found || values.length == 0) return false;
         if (condition == ArgCondition.OneOf) {

@@ -96,31 +96,25 @@ interface IAgentAccountSessionKeys {
     /**
      * @notice The permission of `key` for `(target, selector)`: whether it exists, its value limit and its rules.
      */
-    function callPermission(
-        address key,
-        address target,
-        bytes4 selector
-    ) external view returns (bool allowed, uint128 valueLimit, StoredArgRule[] memory rules);
+    function callPermission(address key, address target, bytes4 selector)
+        external
+        view
+        returns (bool allowed, uint128 valueLimit, StoredArgRule[] memory rules);
 
     /// @notice Whether `value` is in the `OneOf` set of rule `ruleIndex` of `key`'s `(target, selector)` permission.
-    function isOneOfValue(
-        address key,
-        address target,
-        bytes4 selector,
-        uint256 ruleIndex,
-        bytes32 value
-    ) external view returns (bool);
+    function isOneOfValue(address key, address target, bytes4 selector, uint256 ruleIndex, bytes32 value)
+        external
+        view
+        returns (bool);
 
     /// @notice Whether the owner-approval `nonce` was used or cancelled.
     function ownerApprovalNonceUsed(uint256 nonce) external view returns (bool);
 
     /// @notice The EIP-712 digest the owner signs to approve installing `key` with `policy`.
-    function hashInstallSessionKey(
-        address key,
-        SessionPolicy calldata policy,
-        uint256 nonce,
-        uint48 deadline
-    ) external view returns (bytes32);
+    function hashInstallSessionKey(address key, SessionPolicy calldata policy, uint256 nonce, uint48 deadline)
+        external
+        view
+        returns (bytes32);
 
     /// @notice The EIP-712 digest the owner signs to approve revoking `key`.
     function hashRevokeSessionKey(address key, uint256 nonce, uint48 deadline) external view returns (bytes32);

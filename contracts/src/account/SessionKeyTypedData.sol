@@ -30,34 +30,33 @@ library SessionKeyTypedData {
     bytes32 internal constant ARG_RULE_TYPEHASH = keccak256(ARG_RULE_TYPE);
 
     /// @dev `keccak256(CALL_PERMISSION_TYPE ++ ARG_RULE_TYPE)`
-    bytes32 internal constant CALL_PERMISSION_TYPEHASH = keccak256(abi.encodePacked(CALL_PERMISSION_TYPE, ARG_RULE_TYPE));
+    bytes32 internal constant CALL_PERMISSION_TYPEHASH =
+        keccak256(abi.encodePacked(CALL_PERMISSION_TYPE, ARG_RULE_TYPE));
 
     /// @dev `keccak256(SESSION_POLICY_TYPE ++ ARG_RULE_TYPE ++ CALL_PERMISSION_TYPE)`
     bytes32 internal constant SESSION_POLICY_TYPEHASH =
         keccak256(abi.encodePacked(SESSION_POLICY_TYPE, ARG_RULE_TYPE, CALL_PERMISSION_TYPE));
 
     /// @dev `keccak256("InstallSessionKey(address key,SessionPolicy policy,uint256 nonce,uint48 deadline)" ++ referenced types)`
-    bytes32 internal constant INSTALL_SESSION_KEY_TYPEHASH =
-        keccak256(
-            abi.encodePacked(
-                "InstallSessionKey(address key,SessionPolicy policy,uint256 nonce,uint48 deadline)",
-                ARG_RULE_TYPE,
-                CALL_PERMISSION_TYPE,
-                SESSION_POLICY_TYPE
-            )
-        );
+    bytes32 internal constant INSTALL_SESSION_KEY_TYPEHASH = keccak256(
+        abi.encodePacked(
+            "InstallSessionKey(address key,SessionPolicy policy,uint256 nonce,uint48 deadline)",
+            ARG_RULE_TYPE,
+            CALL_PERMISSION_TYPE,
+            SESSION_POLICY_TYPE
+        )
+    );
 
     /// @dev `keccak256("RevokeSessionKey(address key,uint256 nonce,uint48 deadline)")`
     bytes32 internal constant REVOKE_SESSION_KEY_TYPEHASH =
         keccak256("RevokeSessionKey(address key,uint256 nonce,uint48 deadline)");
 
     /// @dev The struct hash of an `InstallSessionKey` approval.
-    function hashInstall(
-        address key,
-        SessionPolicy calldata policy,
-        uint256 nonce,
-        uint48 deadline
-    ) internal pure returns (bytes32) {
+    function hashInstall(address key, SessionPolicy calldata policy, uint256 nonce, uint48 deadline)
+        internal
+        pure
+        returns (bytes32)
+    {
         return keccak256(abi.encode(INSTALL_SESSION_KEY_TYPEHASH, key, hashPolicy(policy), nonce, deadline));
     }
 
@@ -73,19 +72,18 @@ library SessionKeyTypedData {
         for (uint256 i = 0; i < n; ++i) {
             hashes[i] = _hashPermission(policy.permissions[i]);
         }
-        return
-            keccak256(
-                abi.encode(
-                    SESSION_POLICY_TYPEHASH,
-                    policy.validAfter,
-                    policy.validUntil,
-                    policy.maxUses,
-                    policy.interval,
-                    policy.maxUsesPerInterval,
-                    policy.gasBudget,
-                    keccak256(abi.encodePacked(hashes))
-                )
-            );
+        return keccak256(
+            abi.encode(
+                SESSION_POLICY_TYPEHASH,
+                policy.validAfter,
+                policy.validUntil,
+                policy.maxUses,
+                policy.interval,
+                policy.maxUsesPerInterval,
+                policy.gasBudget,
+                keccak256(abi.encodePacked(hashes))
+            )
+        );
     }
 
     function _hashPermission(CallPermission calldata permission) private pure returns (bytes32) {
@@ -94,22 +92,20 @@ library SessionKeyTypedData {
         for (uint256 i = 0; i < n; ++i) {
             hashes[i] = _hashRule(permission.rules[i]);
         }
-        return
-            keccak256(
-                abi.encode(
-                    CALL_PERMISSION_TYPEHASH,
-                    permission.target,
-                    permission.selector,
-                    permission.valueLimit,
-                    keccak256(abi.encodePacked(hashes))
-                )
-            );
+        return keccak256(
+            abi.encode(
+                CALL_PERMISSION_TYPEHASH,
+                permission.target,
+                permission.selector,
+                permission.valueLimit,
+                keccak256(abi.encodePacked(hashes))
+            )
+        );
     }
 
     function _hashRule(ArgRule calldata rule) private pure returns (bytes32) {
-        return
-            keccak256(
-                abi.encode(ARG_RULE_TYPEHASH, uint8(rule.condition), rule.offset, keccak256(abi.encodePacked(rule.values)))
-            );
+        return keccak256(
+            abi.encode(ARG_RULE_TYPEHASH, uint8(rule.condition), rule.offset, keccak256(abi.encodePacked(rule.values)))
+        );
     }
 }

@@ -121,7 +121,7 @@ interface IAgentEscrow {
     /// @dev A single-payment call ({settleOne}) was rejected for `reason`.
     error EscrowPaymentRejected(Reason reason);
 
-    /// @dev `payer` cannot hold a deposit or a grant (the zero address).
+    /// @dev `payer` cannot hold a deposit (the zero address, or the escrow itself).
     error EscrowInvalidPayer(address payer);
 
     /// @dev `signer` cannot be granted (zero address, or the payer itself, which needs no grant).
@@ -133,7 +133,7 @@ interface IAgentEscrow {
     /// @dev A grant's window is empty: `validUntil` must be after `validAfter`.
     error EscrowInvalidWindow(uint32 validAfter, uint32 validUntil);
 
-    /// @dev `payee` cannot be allow-listed (zero address, the escrow itself, or listed twice).
+    /// @dev `payee` cannot be allow-listed (zero address, the escrow itself, or listed twice), or receive owed funds.
     error EscrowInvalidPayee(address payee);
 
     /// @dev The signed grant change names `given`, but the grant of (`payer`, `signer`) expects `expected`.

@@ -37,10 +37,7 @@ interface IEntryPointEvents {
         uint256 actualGasUsed
     );
     event UserOperationRevertReason(
-        bytes32 indexed userOpHash,
-        address indexed sender,
-        uint256 nonce,
-        bytes revertReason
+        bytes32 indexed userOpHash, address indexed sender, uint256 nonce, bytes revertReason
     );
     event AccountDeployed(bytes32 indexed userOpHash, address indexed sender, address factory, address paymaster);
 }
@@ -82,7 +79,8 @@ contract Recorder {
  */
 abstract contract AccountTestBase is Test, IEntryPointEvents {
     IEntryPoint internal constant ENTRYPOINT = IEntryPoint(0x0000000071727De22E5E9d8BAf0edAc6f37da032);
-    string internal constant ENTRYPOINT_ARTIFACT = "../node_modules/@account-abstraction/contracts/artifacts/EntryPoint.json";
+    string internal constant ENTRYPOINT_ARTIFACT =
+        "../node_modules/@account-abstraction/contracts/artifacts/EntryPoint.json";
 
     /// @dev ERC-7821 batch mode, default exec type.
     bytes32 internal constant BATCH_MODE = bytes32(uint256(0x01) << 248);
@@ -163,7 +161,11 @@ abstract contract AccountTestBase is Test, IEntryPointEvents {
 
     // ------------------------------------------------------------------ user operations
 
-    function _op(address sender, uint256 nonce, bytes memory callData) internal view returns (PackedUserOperation memory op) {
+    function _op(address sender, uint256 nonce, bytes memory callData)
+        internal
+        view
+        returns (PackedUserOperation memory op)
+    {
         op.sender = sender;
         op.nonce = nonce;
         op.callData = callData;
@@ -189,25 +191,22 @@ abstract contract AccountTestBase is Test, IEntryPointEvents {
         return op;
     }
 
-    function _signSession(
-        PackedUserOperation memory op,
-        address key,
-        uint256 signingKey,
-        uint48 window
-    ) internal view returns (PackedUserOperation memory) {
+    function _signSession(PackedUserOperation memory op, address key, uint256 signingKey, uint48 window)
+        internal
+        view
+        returns (PackedUserOperation memory)
+    {
         op.signature = abi.encodePacked(
-            key,
-            window,
-            signPacked(signingKey, MessageHashUtils.toEthSignedMessageHash(_hash(op)))
+            key, window, signPacked(signingKey, MessageHashUtils.toEthSignedMessageHash(_hash(op)))
         );
         return op;
     }
 
-    function _signSession(
-        PackedUserOperation memory op,
-        address key,
-        uint256 signingKey
-    ) internal view returns (PackedUserOperation memory) {
+    function _signSession(PackedUserOperation memory op, address key, uint256 signingKey)
+        internal
+        view
+        returns (PackedUserOperation memory)
+    {
         return _signSession(op, key, signingKey, 0);
     }
 
@@ -239,11 +238,7 @@ abstract contract AccountTestBase is Test, IEntryPointEvents {
                 opIndex,
                 "AA23 reverted",
                 abi.encodeWithSelector(
-                    IAgentAccountSessionKeys.SessionKeyPolicyViolation.selector,
-                    key,
-                    policy,
-                    callIndex,
-                    ruleIndex
+                    IAgentAccountSessionKeys.SessionKeyPolicyViolation.selector, key, policy, callIndex, ruleIndex
                 )
             )
         );
@@ -283,12 +278,11 @@ abstract contract AccountTestBase is Test, IEntryPointEvents {
         return ArgRule({condition: ArgCondition.OneOf, offset: offset, values: values});
     }
 
-    function _permission(
-        address target,
-        bytes4 selector,
-        uint128 valueLimit,
-        ArgRule[] memory rules
-    ) internal pure returns (CallPermission memory) {
+    function _permission(address target, bytes4 selector, uint128 valueLimit, ArgRule[] memory rules)
+        internal
+        pure
+        returns (CallPermission memory)
+    {
         return CallPermission({target: target, selector: selector, valueLimit: valueLimit, rules: rules});
     }
 

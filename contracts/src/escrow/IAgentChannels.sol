@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.26;
+
+/**
+ * @dev Types, events and errors of {AgentChannels}: unidirectional payment channels with the core ABI of the MPP
+ * `evm`/`session` method (`draft-evm-session-00`). Vouchers are EIP-712
+ * `Voucher(bytes32 channelId,uint128 cumulativeAmount)` under the domain `"EVM Payment Channel"`, version `"1"`.
+ */
+interface IAgentChannels {
+    /// @dev A channel's state, as `draft-evm-session-00` lists it (the splits are read with {getSplits}).
+    struct Channel {
+        address payer;
+        uint64 closeRequestedAt; // 0: no close requested
+        bool finalized; // sticky: a channel id is never reused
+        address payee;
+        address token;
+        address authorizedSigner; // 0: the payer signs vouchers
+        uint128 deposit;
+        uint128 settled;
+    }
+
+    /// @dev One settlement split: `bps` basis points of every settled delta go to `recipient`.
+    struct Split {
+        address recipient;
+        uint16 bps;
+    }
+
+    // ------------------------------------------------------------------ events
+
+    /// @dev `payer` opened `channelId` to `payee` with `deposit` of `token`; vouchers are signed by `authorizedSigner`.
+    event ChannelOpened(
+        bytes32 indexed channelId,
+        address indexed payer,
+        address indexed payee,
+        address token,
+        address authorizedSigner,
+        uint128 deposit,
+        bytes32 salt
+    );
+
+    /// @dev The payer added `amount`; the channel's deposit is now `deposit`.
+    event ChannelToppedUp(bytes32 indexed channelId, uint128 amount, uint128 deposit);
+
+    /// @dev The payee settled up to `cumulativeAmount`, receiving `delta` (split recipients included).
+    event ChannelSettled(bytes32 indexed channelId, uint128 cumulativeAmount, uint128 delta);
+
+    /// @dev The payer asked to close; it can withdraw the unsettled deposit from `readyAt`.
+    event ChannelCloseRequested(bytes32 indexed channelId, uint256 readyAt);
+
+    /// @dev A top-up cancelled the pending close request.
+    event ChannelCloseCancelled(bytes32 indexed channelId);
+
+    /// @dev The channel is finalized; `refund` went back to the payer.
+    event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
+
+    // ------------------------------------------------------------------ errors
+
+    /// @dev A channel with this id already exists (or existed: ids are never reused).
+    error ChannelAlreadyExists(bytes32 channelId);
+
+    /// @dev No channel has this id.
+    error ChannelNotFound(bytes32 channelId);
+
+    /// @dev The channel is closed.
+    error ChannelFinalized(bytes32 channelId);
+
+    /// @dev `caller` is not the party allowed to do this (the payee for settle/close, the payer otherwise).
+    error ChannelUnauthorized(bytes32 channelId, address caller);
+
+    /// @dev Open needs a payee and a token.
+    error ChannelInvalidParty(address payee, address token);
+
+    /// @dev The splits are malformed: lengths differ, more than {MAX_SPLITS}, a zero recipient or bps, or a sum of
+    /// 10,000 bps or more (the payee must keep a remainder).
+    error ChannelInvalidSplits();
+
+    /// @dev The voucher does not move past what was already settled.
+    error ChannelAmountNotIncreasing(uint128 cumulativeAmount, uint128 settled);
+
+    /// @dev The voucher asks for more than the channel holds.
+    error ChannelAmountExceedsDeposit(uint128 cumulativeAmount, uint128 deposit);
+
+    /// @dev The voucher signature is not the channel's authorized signer's (or the payer's when none is set).
+    error ChannelInvalidSignature(bytes32 channelId);
+
+    /// @dev {withdraw} needs a {requestClose} first.
+    error ChannelCloseNotRequested(bytes32 channelId);
+
+    /// @dev A close is already pending.
+    error ChannelCloseAlreadyRequested(bytes32 channelId);
+
+    /// @dev The grace period runs until `readyAt`.
+    error ChannelCloseNotReady(bytes32 channelId, uint256 readyAt);
+
+    // ------------------------------------------------------------------ draft-evm-session-00 core
+
+    /**
+     * @notice Opens a channel from the caller (the payer) to `payee`, pulling `deposit` of `token` (approve first).
+     * `authorizedSigner` (zero: the payer) signs vouchers, e.g. a session key. Splits are fixed for the channel's life.
+     * @dev Emits {ChannelOpened}. Reverts if the channel id was ever used, or if the deposit exceeds 2^96 - 1.
+     */
+    function open(
+        address payee,
+        address token,
+        uint128 deposit,
+        bytes32 salt,
+        address authorizedSigner,
+        address[] calldata splitRecipients,
+        uint16[] calldata splitBps
+    ) external returns (bytes32 channelId);
+
+    /**
+     * @notice Payee only: claims up to the voucher's `cumulativeAmount` without closing; pays the delta (minus splits).
+     * Allowed while a close is pending.
+     * @dev Emits {ChannelSettled}.
+     */
+    function settle(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external;
+
+    /**
+     * @notice Payer only: adds `additionalDeposit` (approve first); cancels a pending close.
+     * @dev Emits {ChannelToppedUp}, and {ChannelCloseCancelled} if a close was pending.
+     */
+    function topUp(bytes32 channelId, uint128 additionalDeposit) external;
+
+    /**
+     * @notice Payee only: settles the final voucher (if it moves past what was settled) and refunds the rest to the
+     * payer. A `cumulativeAmount` not above the settled amount needs no signature: the payee only gives up.
+     * @dev Emits {ChannelSettled} (if anything was due) and {ChannelClosed}.
+     */
+    function close(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external;
+
+    /**
+     * @notice Payer only: starts the {CLOSE_GRACE_PERIOD}, during which the payee can still settle.
+     * @dev Emits {ChannelCloseRequested}.
+     */
+    function requestClose(bytes32 channelId) external;
+
+    /**
+     * @notice Payer only: after the grace period, takes back everything not settled and finalizes the channel.
+     * @dev Emits {ChannelClosed}.
+     */
+    function withdraw(bytes32 channelId) external;
+
+    // ------------------------------------------------------------------ views
+
+    /// @notice The channel id `open` derives: `keccak256(abi.encode(payer, payee, token, salt, authorizedSigner,
+    /// address(this), block.chainid))`.
+    function computeChannelId(address payer, address payee, address token, bytes32 salt, address authorizedSigner)
+        external
+        view
+        returns (bytes32);
+
+    /// @notice The channel's state (all zero if it does not exist).
+    function getChannel(bytes32 channelId) external view returns (Channel memory);
+
+    /// @notice The channel's settlement splits.
+    function getSplits(bytes32 channelId) external view returns (Split[] memory);
+
+    /// @notice The EIP-712 digest the authorized signer signs for a voucher.
+    function hashVoucher(bytes32 channelId, uint128 cumulativeAmount) external view returns (bytes32);
+}

@@ -1,0 +1,162 @@
+"""Differential test: random sequences of store calls give the same answers on every backend as on the
+in-memory store, which is small enough to read as the specification.
+
+TTLs and retry times are far in the future so the outcome depends on the call order only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway._store import MemoryStore, PaymentStore, Settlement, open_store
+from tests.test_store import PG_URL, delete_prefix, isolated_url
+
+TABLES = ("claims", "receipts", "settlements", "pending", "high_water")
+
+
+def _program(rng: random.Random) -> list[tuple[Any, ...]]:
+    """A random call sequence. Drawn uniformly (Hypothesis' own list strategies favour short, simple
+    lists, which almost never reach chains like enqueue -> lease -> fail -> requeue) from one family or
+    from all of them."""
+
+    def key() -> str:
+        return rng.choice("abd")
+
+    def account() -> str:
+        return rng.choice(["0x1", "0x2"])
+
+    def amount() -> int:
+        return rng.choice([0, 1, 5, 10, 2**64, 2**130, rng.randrange(2**130)])
+
+    claims: list[Callable[[], tuple[Any, ...]]] = [
+        lambda: ("claim", key()),
+        lambda: ("release", key()),
+        lambda: ("finalize", key()),
+        lambda: ("is_finalized", key()),
+        lambda: ("complete", key(), rng.random() < 0.5),
+        lambda: ("put_receipt", key(), rng.randbytes(rng.randrange(4))),
+        lambda: ("get_receipt", key()),
+    ]
+    queue: list[Callable[[], tuple[Any, ...]]] = [
+        lambda: ("enqueue", key()),
+        lambda: ("complete", key(), True),
+        lambda: ("lease", rng.choice(["escrow", "exact"]), rng.randrange(4)),
+        lambda: ("mark_settled", [key() for _ in range(rng.randrange(3))]),
+        lambda: ("mark_failed", key(), rng.random() < 0.5),
+        lambda: ("requeue", key()),
+        lambda: ("dead_letters", rng.choice([None, "escrow"])),
+    ]
+    balances: list[Callable[[], tuple[Any, ...]]] = [
+        lambda: ("add_pending", account(), amount(), amount()),
+        lambda: ("sub_pending", account(), amount()),
+        lambda: ("raise_high_water", account(), amount()),
+    ]
+    family = rng.choice([claims, queue, balances, claims + queue + balances])
+    return [rng.choice(family)() for _ in range(rng.randrange(5, 40))]
+
+
+def _item(key: str) -> Settlement:
+    kind = "exact" if key == "d" else "escrow"
+    return Settlement(key=key, kind=kind, payload=key.encode(), payer="0xp", amount=7, created_at=ord(key))
+
+
+def _view(item: Settlement | None) -> Any:
+    return None if item is None else (item.key, item.state, item.attempts, item.error, item.tx_hash)
+
+
+async def _apply(store: PaymentStore, op: tuple[Any, ...]) -> Any:
+    name, *args = op
+    far = time.time() + 3600
+    if name == "claim":
+        return await store.claim(args[0], ttl=3600)
+    if name in ("release", "finalize"):
+        return await getattr(store, name)(args[0])
+    if name in ("is_finalized", "get_receipt", "requeue"):
+        return await getattr(store, name)(args[0])
+    if name == "complete":
+        return await store.complete(args[0], receipt=b"r", settlement=_item(args[0]) if args[1] else None)
+    if name == "put_receipt":
+        return await store.put_receipt(args[0], args[1])
+    if name == "enqueue":
+        return await store.enqueue(_item(args[0]))
+    if name == "lease":
+        return [_view(s) for s in await store.lease(args[0], limit=args[1], lease_seconds=3600)]
+    if name == "mark_settled":
+        return await store.mark_settled(args[0], tx_hash="0xt")
+    if name == "mark_failed":
+        return await store.mark_failed(args[0], error="e", retry_at=None if args[1] else far)
+    if name == "dead_letters":
+        return [_view(s) for s in await store.dead_letters(kind=args[0])]
+    if name == "add_pending":
+        return await store.add_pending(args[0], args[1], limit=args[2])
+    if name == "sub_pending":
+        return await store.sub_pending(args[0], args[1])
+    assert name == "raise_high_water"
+    return await store.raise_high_water(args[0], args[1])
+
+
+async def _trace(store: PaymentStore, ops: list[tuple[Any, ...]]) -> list[Any]:
+    answers = [await _apply(store, op) for op in ops]
+    answers.append([_view(await store.get_settlement(k)) for k in "abcd"])
+    answers.append([await store.get_pending(a) for a in ("0x1", "0x2")])
+    answers.append([await store.high_water(a) for a in ("0x1", "0x2")])
+    answers.append(await store.stats())
+    return answers
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "postgres+redis"])
+def test_every_backend_answers_like_the_memory_store(backend: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp, isolated_url(backend, Path(tmp)) as base:
+        examples = iter(range(10**6))
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.randoms(use_true_random=False))
+        def check(rng: random.Random) -> None:
+            ops = _program(rng)
+            # a fresh namespace per example: its own SQLite table prefix / PostgreSQL schema
+            n = next(examples)
+            url = base + f"?prefix=ex{n}_" if backend == "sqlite" else base
+
+            async def both() -> tuple[list[Any], list[Any]]:
+                expected = await _trace(MemoryStore(), ops)
+                if backend != "sqlite":
+                    await _truncate(base)
+                store = await open_store(url)
+                try:
+                    return expected, await _trace(store, ops)
+                finally:
+                    await store.close()
+
+            expected, actual = asyncio.run(both())
+            assert actual == expected
+
+        if backend != "sqlite":
+            asyncio.run(_create(base))
+        check()
+
+
+async def _create(url: str) -> None:
+    await (await open_store(url)).close()
+
+
+async def _truncate(url: str) -> None:
+    """PostgreSQL examples share the fixture's schema: empty it (and its Redis keys) between examples."""
+    schema = url.split("schema=")[1].split("&")[0]
+    con = await asyncpg.connect(PG_URL)
+    try:
+        await con.execute(f"TRUNCATE {', '.join(f'{schema}.{t}' for t in TABLES)}")
+    finally:
+        await con.close()
+    if "cache_prefix=" in url:
+        await delete_prefix(url.split("cache_prefix=")[1])
