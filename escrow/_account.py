@@ -38,6 +38,7 @@ from ._escrow import ContractAbi
 from ._rpc import Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._userop import (
     ENTRYPOINT_V07,
+    SESSION_SIGNATURE_LENGTH,
     AccountError,
     Bundler,
     Call,
@@ -726,7 +727,9 @@ class AgentAccount:
         )
         # preVerificationGas reimburses the relayer for what the EntryPoint cannot meter: its share of the
         # transaction's intrinsic cost and the operation's calldata (priced with a dummy signature).
-        placeholder = op.with_signature(b"\x01" * (91 if isinstance(signer, SessionKey) else 65))
+        placeholder = op.with_signature(
+            b"\x01" * (SESSION_SIGNATURE_LENGTH if isinstance(signer, SessionKey) else 65)
+        )
         encoded = abi_encode(
             ["(address,uint256,bytes,bytes,bytes32,uint256,bytes32,bytes,bytes)"], [placeholder.packed()]
         )

@@ -76,7 +76,13 @@ def load_artifact(name: str) -> Artifact:
         artifact = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise ArtifactError(f"artifact {name!r} is malformed: {exc}", code="artifact_malformed") from None
-    if not artifact.bytecode.startswith("0x"):
-        # Hardhat and our build script both write 0x-prefixed hex; be lenient with bare hex.
-        artifact = msgspec.structs.replace(artifact, bytecode="0x" + artifact.bytecode)
-    return artifact
+    # Hardhat and our build script both write 0x-prefixed hex; solc's own output is bare.
+    return msgspec.structs.replace(
+        artifact,
+        bytecode=_prefixed(artifact.bytecode),
+        deployed_bytecode=_prefixed(artifact.deployed_bytecode),
+    )
+
+
+def _prefixed(code: str) -> str:
+    return code if code.startswith("0x") else "0x" + code

@@ -303,6 +303,8 @@ class Devnet:
         usdc_each: int = 1_000_000,
         log: IO[bytes] | None = None,
     ) -> None:
+        if accounts < 1:
+            raise DevnetError("a devnet needs at least one account (the deployer)", code="devnet_accounts")
         self._backend, self._port, self._log = backend, port, log
         self._count, self._usdc_each = accounts, usdc_each
         self._node: NodeProcess | None = None

@@ -60,6 +60,7 @@ class TransactionFailed(ChainError):
     """A transaction was mined with status 0."""
 
     code = "transaction_failed"
+    status_hint = 402
 
     def __init__(self, message: str, *, tx_hash: str) -> None:
         super().__init__(message)
@@ -70,6 +71,7 @@ class ReceiptTimeout(ChainError):
     """No receipt arrived in time; the transaction may still land (the caller must not assume failure)."""
 
     code = "settlement_pending"
+    status_hint = 402
 
     def __init__(self, message: str, *, tx_hash: str) -> None:
         super().__init__(message)
@@ -299,16 +301,24 @@ class Rpc:
             for tx_hash, raw in zip(hashes, results, strict=True):
                 if raw is None or isinstance(raw, ChainError):
                     continue
-                receipt = _decode_receipt(raw, Receipt)
+                try:
+                    outcome: Receipt | ChainError = _decode_receipt(raw, Receipt)
+                except (msgspec.ValidationError, TypeError) as exc:
+                    outcome = ChainError(f"malformed receipt for {tx_hash}: {exc}")
                 for fut in self._waiters.pop(tx_hash, []):
-                    if not fut.done():
-                        fut.set_result(receipt)
+                    if fut.done():
+                        continue
+                    if isinstance(outcome, ChainError):
+                        fut.set_exception(outcome)
+                    else:
+                        fut.set_result(outcome)
             if self._waiters:
                 await asyncio.sleep(self.poll_interval)
 
     async def aclose(self) -> None:
-        if self._poller is not None and not self._poller.done():
-            self._poller.cancel()
+        for task in [self._poller, *self._flushers]:
+            if task is not None and not task.done():
+                task.cancel()
         if self._own_client:
             await self._client.aclose()
 

@@ -46,6 +46,7 @@ __all__ = [
     "NonceLanes",
     "OwnerKey",
     "PackedUserOperation",
+    "SESSION_SIGNATURE_LENGTH",
     "PolicyViolation",
     "SessionKey",
     "SessionPolicyKind",
@@ -62,6 +63,7 @@ __all__ = [
 ENTRYPOINT_V07: Final = to_checksum_address("0x0000000071727De22E5E9d8BAf0edAc6f37da032")
 #: ERC-7821 / ERC-7579 execution mode: call type batch (0x01), exec type default (revert on failure).
 BATCH_MODE: Final = b"\x01" + bytes(31)
+#: Length of a session-key signature: key (20) ++ window (6) ++ ECDSA signature (65).
 SESSION_SIGNATURE_LENGTH: Final = 91
 
 _EXECUTE: Final = keccak(text="execute(bytes32,bytes)")[:4]

@@ -66,10 +66,12 @@ def build_app(
     relayer_key: str | None = None,
     store: PaymentStore | str | None = None,
     settle: SettleMode = "before-response",
+    pympp_compat: bool = False,
 ) -> PaymentMiddleware:
     """The sub-agent's app for a devnet: `payee` gets the money, `relayer_key` pays the settlement gas.
 
     `store` is a store object or URL (`sqlite:///payments.db`, ...), opened when the app starts.
+    `pympp_compat` also accepts pympp 0.16's non-standard EIP-3009 nonce for MPP credentials.
     """
     rpc = Rpc(state.rpc_url)
     relayer = TxSender(rpc, relayer_key or state.accounts[3].private_key, chain_id=state.chain_id)
@@ -113,6 +115,7 @@ def build_app(
         asset=asset,
         store=None if isinstance(store, str) else store,
         settle=settle,
+        accept_pympp_challenge_hash=pympp_compat,
     )
     return paid
 
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         "--relayer", type=int, default=3, help="devnet account index that pays settlement gas"
     )
     parser.add_argument("--store", default=None, help="payment store URL (default: in memory)")
+    parser.add_argument(
+        "--pympp-compat", action="store_true", help="accept pympp 0.16's non-standard MPP nonce too"
+    )
     args = parser.parse_args(argv)
     state = DevnetState.load(args.devnet)
     app = build_app(
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         payee=state.accounts[args.payee].address,
         relayer_key=state.accounts[args.relayer].private_key,
         store=args.store,
+        pympp_compat=args.pympp_compat,
     )
     print(
         f"sub-agent: paid API on http://{args.host}:{args.port} (payee {state.accounts[args.payee].address})"

@@ -7,6 +7,7 @@
 from ._answers import Answer, Challenger, v1_network
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
+from ._facilitator import facilitator_app
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
@@ -67,6 +68,7 @@ __all__ = [
     "Tracker",
     "Verified",
     "backoff",
+    "facilitator_app",
     "open_store",
     "to_atomic",
     "v1_network",

@@ -7,6 +7,12 @@ One 402 carries:
   RFC 9457 problem (`type`, `title`, `status`, `detail`, `challengeId`), served as application/problem+json;
 - `WWW-Authenticate: Payment ...`: one MPP challenge per offer with an MPP side, each with an HMAC id;
 - `Cache-Control: no-store`.
+
+A refused payment is answered in the dialect the client spoke, with the reason code from `x402.error_answer`:
+x402 gets 400 for malformed input and 402 otherwise, with the reason in `PAYMENT-REQUIRED.error`, the body's
+`error`/`invalidReason`, and every offer again; MPP gets 402 + problem+json + a fresh challenge. The one
+exception is a replayed credential in MPP: 403 and no new challenge (as pympp answers), because a fresh
+challenge would invite an agent to pay a second time for a request it already paid for.
 """
 
 from __future__ import annotations

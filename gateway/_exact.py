@@ -16,6 +16,7 @@ from x402 import (
     VALID_BEFORE_BUFFER_SECONDS,
     Eip712Domain,
     ExactEvmPayload,
+    MalformedPayment,
     MppAuthorizationPayload,
     PaymentRejected,
     PaymentRequirements,
@@ -52,6 +53,7 @@ class _Deferred(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 
 _encode = msgspec.json.encode
+_UINT256_MAX = 2**256 - 1
 
 
 class ExactScheme:
@@ -88,6 +90,13 @@ class ExactScheme:
         return Offer(scheme=self.name, requirements=requirements, mpp=mpp)
 
     def _payload(self, presented: Presented) -> ExactEvmPayload:
+        payload = self._decode(presented)
+        auth = payload.authorization
+        if max(int(auth.value), int(auth.valid_after), int(auth.valid_before)) > _UINT256_MAX:
+            raise MalformedPayment("authorization numbers must fit in uint256")
+        return payload
+
+    def _decode(self, presented: Presented) -> ExactEvmPayload:
         if presented.dialect != "mpp":
             return decode_exact_payload(presented.payload)
         # evm/charge requires `type`; a payload without it can only be an authorization (x402's own encoder

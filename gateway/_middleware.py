@@ -28,7 +28,7 @@ from ._store import MemoryStore, PaymentStore
 __all__ = ["PaymentMiddleware"]
 
 _CREDENTIAL_HEADERS: dict[bytes, Dialect] = {b"payment-signature": "x402v2", b"x-payment": "x402v1"}
-# Server push shortcuts would bypass the held body, so paid routes never see them offered.
+# Extensions that send a file straight to the socket would bypass the held body: paid routes never see them.
 _UNBUFFERABLE = ("http.response.pathsend", "http.response.zerocopysend")
 
 

@@ -11,6 +11,7 @@ the status and problem type of the dialect.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -39,9 +40,11 @@ from ._scheme import Dialect, Offer, Presented, Scheme, Verified
 from ._state import Event, PaymentState, Tracker
 from ._store import PaymentStore, StoreError
 
-__all__ = ["Attempt", "Paywall", "SettleMode"]
+__all__ = ["Attempt", "Paywall", "SettleMode", "as_payment_failed"]
 
 SettleMode = Literal["before-response", "deferred"]
+
+log = logging.getLogger("agentpay.gateway")
 
 _PENDING = {Reason.SETTLEMENT_PENDING}
 
@@ -64,7 +67,7 @@ class Attempt:
         return self.tracker.state
 
 
-def _failed(exc: Exception, *, during: str) -> PaymentFailed:
+def as_payment_failed(exc: Exception, *, during: str) -> PaymentFailed:
     """Bring x402, escrow and store errors under the gateway's root, keeping their stable codes."""
     if isinstance(exc, PaymentFailed):
         return exc
@@ -133,12 +136,12 @@ class Paywall:
             attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
-            raise _failed(exc, during="verify") from exc
+            raise as_payment_failed(exc, during="verify") from exc
         attempt.tracker.fire(Event.VERIFIED)
         try:
             claimed = await self.store.claim(attempt.verified.key, ttl=self.claim_ttl)
         except StoreError as exc:
-            raise _failed(exc, during="verify") from exc
+            raise as_payment_failed(exc, during="verify") from exc
         if not claimed:
             attempt.tracker.fire(Event.REPLAYED)
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
@@ -214,12 +217,14 @@ class Paywall:
         assert verified is not None
         attempt.tracker.fire(Event.SERVED)
         now = self.clock()
-        queued = self.settle_mode == "deferred"
+        if self.settle_mode == "deferred":
+            return await self._enqueue(attempt, verified, now)
         try:
-            tx_hash = "" if queued else await attempt.scheme.settle(verified)
+            tx_hash = await attempt.scheme.settle(verified)
         except Exception as exc:
-            failure = _failed(exc, during="settle")
+            failure = as_payment_failed(exc, during="settle")
             attempt.tracker.fire(Event.SETTLE_FAILED)
+            log.warning("settlement of %s failed: %s (%s)", verified.key, failure.code, failure.message)
             # A definite failure frees the payment; an unknown outcome keeps the claim until its TTL runs out,
             # by which time the chain (the nonce is used or not) is the judge.
             if failure.status_hint == 402 and failure.code not in _PENDING:
@@ -229,9 +234,29 @@ class Paywall:
         headers, receipt = receipt_headers(
             attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
         )
-        settlement = attempt.scheme.settlement(verified, now=now) if queued else None
-        await self.store.complete(verified.key, receipt=receipt, settlement=settlement)
-        attempt.tracker.fire(Event.QUEUED if queued else Event.SETTLED)
+        try:
+            await self.store.complete(verified.key, receipt=receipt)
+        except StoreError as exc:
+            # The money has moved and the chain now refuses the nonce: serve the content; only the
+            # receipt copy is lost.
+            log.error("settled %s in %s but could not record it: %s", verified.key, tx_hash, exc)
+        attempt.tracker.fire(Event.SETTLED)
+        return headers
+
+    async def _enqueue(self, attempt: Attempt, verified: Verified, now: float) -> Headers:
+        headers, receipt = receipt_headers(
+            attempt.dialect, verified, tx_hash="", now=now, challenge=attempt.presented.challenge
+        )
+        try:
+            settlement = attempt.scheme.settlement(verified, now=now)
+            await self.store.complete(verified.key, receipt=receipt, settlement=settlement)
+        except Exception as exc:
+            # Not queued means never settled: withhold the content and free the payment.
+            failure = as_payment_failed(exc, during="settle")
+            attempt.tracker.fire(Event.SETTLE_FAILED)
+            await self.store.release(verified.key)
+            raise failure from exc
+        attempt.tracker.fire(Event.QUEUED)
         return headers
 
 

@@ -107,6 +107,12 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _count(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"not a number of accounts (1-1000): {value!r}")
+    return int(value)
+
+
 @command("devnet", help="run a local chain with EntryPoint v0.7, TestUSDC and funded accounts")
 def _devnet(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="{up,down,status}")
@@ -114,7 +120,7 @@ def _devnet(parser: argparse.ArgumentParser) -> None:
     up = actions.add_parser("up", help="start a devnet in the background and print its state as JSON")
     up.add_argument("--port", type=_port, help="RPC port on 127.0.0.1 (default: a free one)")
     up.add_argument("--backend", choices=["auto", "anvil", "pyevm"], help="default: anvil if installed")
-    up.add_argument("--accounts", type=int, default=10, help="funded test accounts (default: 10)")
+    up.add_argument("--accounts", type=_count, default=10, help="funded test accounts (default: 10)")
     up.set_defaults(func=_devnet_up)
     down = actions.add_parser("down", help="stop the devnet and remove its state file")
     down.set_defaults(func=_devnet_down)

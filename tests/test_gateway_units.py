@@ -6,14 +6,20 @@ The middleware tests here run on a stub `ExactChain` that checks the signature l
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import time
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -367,3 +373,92 @@ def test_configuration_is_checked_up_front() -> None:
 async def test_memory_store_is_the_default() -> None:
     app = _app(StubChain())
     assert isinstance(app.paywall.store, MemoryStore)
+
+
+# ------------------------------------------------------------------------------- no input yields a 500
+
+_HEADERS = st.sampled_from(["PAYMENT-SIGNATURE", "X-PAYMENT", "Authorization"])
+
+
+def _fuzz_value(raw: bytes, encoding: str, header: str) -> str:
+    if encoding == "b64":
+        text = base64.b64encode(raw).decode()
+    elif encoding == "b64url":
+        text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    else:
+        text = raw.decode("latin-1")
+    return f"Payment {text}" if header == "Authorization" else text
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    header=_HEADERS,
+    body=st.one_of(st.binary(max_size=300), _JSONISH.map(lambda v: json.dumps(v).encode())),
+    encoding=st.sampled_from(["b64", "b64url", "raw"]),
+)
+def test_no_credential_bytes_yield_a_server_error(header: str, body: bytes, encoding: str) -> None:
+    value = _fuzz_value(body, encoding, header).encode("latin-1")  # raw bytes, control characters included
+
+    async def call() -> int:
+        async with _client(_app(StubChain())) as client:
+            response = await client.get("/hello", headers=[(header.encode(), value)])
+            return response.status_code
+
+    assert asyncio.run(call()) in (400, 402, 403)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: {**p, "x402Version": "2"},
+        lambda p: {**p, "accepted": {**p["accepted"], "maxTimeoutSeconds": -1}},
+        lambda p: {**p, "accepted": {**p["accepted"], "extra": None}},
+        lambda p: {**p, "payload": {**p["payload"], "signature": "0x1234"}},
+        lambda p: {**p, "payload": {**p["payload"], "signature": "zz"}},
+        lambda p: {**p, "payload": {**p["payload"], "authorization": {**p["payload"]["authorization"],
+                                                                       "validBefore": "9" * 78}}},
+        lambda p: {**p, "payload": {**p["payload"], "authorization": {**p["payload"]["authorization"],
+                                                                       "value": "9" * 78}}},
+        lambda p: {**p, "payload": {**p["payload"], "authorization": {**p["payload"]["authorization"],
+                                                                       "nonce": "0x12"}}},
+        lambda p: {**p, "payload": []},
+        lambda p: {**p, "accepted": {**p["accepted"], "network": "solana:mainnet"}},
+    ],
+)  # fmt: skip
+@pytest.mark.anyio
+async def test_structured_garbage_yields_a_payment_error(mutate: Any) -> None:
+    genuine = json.loads(base64.b64decode(_header(LocalSigner.random())))
+    value = base64.b64encode(json.dumps(mutate(genuine)).encode()).decode()
+    async with _client(_app(StubChain())) as client:
+        response = await client.get("/hello", headers={"PAYMENT-SIGNATURE": value})
+    assert response.status_code in (400, 402), response.text
+    assert "payment-required" in response.headers
+
+
+@pytest.mark.anyio
+async def test_sync_price_function_sees_the_request() -> None:
+    async def hello(request: Request) -> Response:
+        return JSONResponse({})
+
+    def price(request: Request) -> int:
+        return 10 * int(request.query_params.get("n", "1"))
+
+    app = PaymentMiddleware(
+        Starlette(routes=[Route("/n", hello)]),
+        routes={"GET /n": PaidRoute(price=price)},
+        schemes=[ExactScheme(StubChain())],
+        pay_to=PAYEE,
+        asset=USDC,
+        secret=SECRET,
+    )
+    async with _client(app) as client:
+        response = await client.get("/n", params={"n": "7"})
+    assert response.status_code == 402
+    assert response.json()["accepts"][0]["maxAmountRequired"] == "70"
