@@ -14,6 +14,10 @@ The owner key may stay offline: `sign_install_offline` / `sign_revoke_offline` p
 
 Every policy of a session key must pass for each operation it signs (`AccountSessionKeys.sol` has the exact
 semantics); a refused operation raises `UserOpRejected` whose `violation` names the policy that failed.
+
+The account signs for itself (ERC-1271: an escrow grant, an EIP-3009 deposit authorization) with its owner
+key through ERC-7739: `sign_typed_data_as_account` nests the app's EIP-712 message in a `TypedDataSign`
+struct bound to the account, offline too. Session keys never pass the account's `isValidSignature`.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
+from eth_account.messages import encode_typed_data
 from eth_utils.address import is_address, to_checksum_address
 from eth_utils.crypto import keccak
 
@@ -66,10 +71,12 @@ __all__ = [
     "SignedSessionKeyRevoke",
     "StoredArgRule",
     "abi_word",
+    "account_typed_data",
     "install_typed_data",
     "revoke_typed_data",
     "sign_install_offline",
     "sign_revoke_offline",
+    "sign_typed_data_as_account",
 ]
 
 _MAX_UINT: Final = 2**256 - 1
@@ -503,6 +510,90 @@ def sign_revoke_offline(
     )
 
 
+# ------------------------------------------------------------------------------- ERC-1271 through ERC-7739
+
+_ERC1271_MAGIC: Final = keccak(text="isValidSignature(bytes32,bytes)")[:4]
+_TYPED_DATA_SIGN_FIELDS: Final = (
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+    {"name": "salt", "type": "bytes32"},
+)
+
+
+def _base_type(type_name: str) -> str:
+    return type_name.split("[", 1)[0]
+
+
+def _contents_type(types: Mapping[str, Sequence[Mapping[str, str]]], primary: str) -> str:
+    """Every struct type `primary` reaches (itself included), encoded as EIP-712 `encodeType` lists them after
+    `TypedDataSign(...)`: sorted by name. This is the `contentsType` the account hashes."""
+    seen: set[str] = set()
+    todo = [primary]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_base_type(f["type"]) for f in types[name] if _base_type(f["type"]) in types)
+    return "".join(
+        f"{name}({','.join(f['type'] + ' ' + f['name'] for f in types[name])})" for name in sorted(seen)
+    )
+
+
+def account_typed_data(typed_data: Mapping[str, Any], *, chain_id: int, account: str) -> dict[str, Any]:
+    """The ERC-7739 `TypedDataSign` typed data that `account`'s owner signs so that the account accepts, by
+    ERC-1271, a signature of `typed_data` (an app's EIP-712 message, e.g. an escrow `Grant`).
+
+    It is what an offline wallet displays: the app's domain, the app's message as `contents`, and the
+    account it is signed for (name, version, chain and address of the account's own domain), so one owner
+    signature can neither be replayed on another of the owner's accounts nor mistaken for another app's
+    message.
+    """
+    types = {k: v for k, v in typed_data["types"].items() if k != "EIP712Domain"}
+    primary = str(typed_data["primaryType"])
+    return {
+        "types": {
+            "EIP712Domain": list(typed_data["types"]["EIP712Domain"]),
+            "TypedDataSign": [{"name": "contents", "type": primary}, *_TYPED_DATA_SIGN_FIELDS],
+            **types,
+        },
+        "primaryType": "TypedDataSign",
+        "domain": dict(typed_data["domain"]),
+        "message": {
+            "contents": typed_data["message"],
+            "name": "AgentAccount",
+            "version": "1",
+            "chainId": chain_id,
+            "verifyingContract": to_checksum_address(account),
+            "salt": bytes(32),
+        },
+    }
+
+
+def sign_typed_data_as_account(
+    owner: Signer, typed_data: Mapping[str, Any], *, chain_id: int, account: str
+) -> bytes:
+    """`account`'s ERC-1271 signature of `typed_data`, made with its owner key and no node.
+
+    ERC-7739 nested typed-data form, as OpenZeppelin's `ERC7739` decodes it: `ownerSignature (65) ++
+    appDomainSeparator ++ contentsHash ++ contentsDescr ++ uint16(len(contentsDescr))`, with `contentsDescr`
+    in the explicit form (`contentsType ++ contentsName`), which holds for any nesting of struct types. The
+    contract that asks `isValidSignature(digest, signature)` passes the app's own digest of `typed_data`; the
+    account rebuilds it from the appended separator and contents hash.
+    """
+    signable = encode_typed_data(full_message=dict(typed_data))
+    separator, contents_hash = bytes(signable.header), bytes(signable.body)
+    primary = str(typed_data["primaryType"])
+    types = {k: v for k, v in typed_data["types"].items() if k != "EIP712Domain"}
+    descr = (_contents_type(types, primary) + primary).encode()
+    if len(descr) >= 2**16:
+        raise ValueError("the contents type description is too long for ERC-7739")
+    digest = typed_data_digest(account_typed_data(typed_data, chain_id=chain_id, account=account))
+    return owner.sign_hash(digest) + separator + contents_hash + descr + len(descr).to_bytes(2, "big")
+
+
 # ---------------------------------------------------------------------------------------------- contracts
 
 
@@ -649,6 +740,14 @@ class AgentAccount:
         (policy,) = abi_decode([_POLICY_TYPE], bytes.fromhex(logs[-1]["data"][2:]))
         return SessionPolicy.from_abi(policy)
 
+    async def is_valid_signature(self, digest: bytes, signature: bytes) -> bool:
+        """Whether the account's ERC-1271 `isValidSignature` accepts `signature` for `digest`."""
+        try:
+            (magic,) = await self._view("isValidSignature", digest, signature)
+        except RevertError:
+            return False
+        return bytes(magic) == _ERC1271_MAGIC
+
     async def approval_nonce_used(self, nonce: int) -> bool:
         (used,) = await self._view("ownerApprovalNonceUsed", nonce)
         return bool(used)
@@ -661,6 +760,30 @@ class AgentAccount:
             "hashInstallSessionKey", to_checksum_address(key), policy.abi(), nonce, deadline
         )
         return bytes(digest)
+
+    async def deploy(self, relayer: TxSender) -> Receipt | None:
+        """Deploy a counterfactual account from any relayer, through its factory; None if already deployed.
+
+        Anyone may: the owner is part of the CREATE2 salt, so the address can only ever hold this owner's
+        account. Needed before the account signs anything by ERC-1271 (an escrow grant, a relayed
+        `installSessionKeyWithSig`), which a first UserOperation's initCode would otherwise do.
+        """
+        if await self.is_deployed():
+            return None
+        if len(self.init_code) < 20:
+            raise AccountError(
+                "the account is not deployed and its initCode is unknown", code="account_unknown"
+            )
+        factory, data = to_checksum_address("0x" + self.init_code[:20].hex()), self.init_code[20:]
+        gas = int(
+            await self.rpc.request(
+                "eth_estimateGas", [{"from": relayer.address, "to": factory, "data": "0x" + data.hex()}]
+            ),
+            16,
+        )
+        receipt = await relayer.transact(factory, data, gas=gas + gas // 5)
+        self._deployed = True
+        return receipt
 
     # -- operations ----------------------------------------------------------------------------------------
 

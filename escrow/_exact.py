@@ -29,7 +29,14 @@ from x402 import (
 from ._artifacts import EscrowError
 from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
 
-__all__ = ["ExactEvm", "ExactRejected", "revert_reason"]
+__all__ = [
+    "AUTHORIZATION_USED_TOPIC",
+    "ExactEvm",
+    "ExactRejected",
+    "authorization_state_calldata",
+    "has_transfer",
+    "revert_reason",
+]
 
 _TWA_VRS: Final = keccak(
     text="transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
@@ -43,6 +50,9 @@ _ERROR_STRING: Final = keccak(text="Error(string)")[:4]
 # OpenZeppelin's ERC-3009 reports both sides of the validity window with one error; the arguments tell which.
 _BAD_TIME: Final = keccak(text="ERC3009InvalidAuthorizationTime(uint256,uint256)")[:4]
 _TRANSFER_TOPIC: Final = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
+_AUTHORIZATION_STATE: Final = keccak(text="authorizationState(address,bytes32)")[:4]
+#: `AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce)`: how a used authorization is found
+AUTHORIZATION_USED_TOPIC: Final = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 SIMULATION_FAILED: Final = "invalid_exact_evm_transaction_simulation_failed"
 TRANSFER_EVENT_MISMATCH: Final = "invalid_exact_evm_transfer_event_mismatch"
 
@@ -147,6 +157,15 @@ class ExactEvm:
             return _TWA_VRS + abi_encode([*types, "uint8", "bytes32", "bytes32"], [*head, *vrs])
         return _TWA_BYTES + abi_encode([*types, "bytes"], [*head, signature])
 
+    def gas_for(self, signature: bytes) -> int:
+        """The gas limit of one `transferWithAuthorization`: more for ERC-1271 payers (a contract call)."""
+        return self.gas_limit if len(signature) == 65 else self.gas_limit_contract
+
+    def transfer(self, payload: ExactEvmPayload) -> tuple[bytes, int]:
+        """Call data and gas limit that settle `payload` (for senders that batch: `ExactSettler`)."""
+        signature = _signature_bytes(payload.signature)
+        return self.calldata(payload.authorization, signature), self.gas_for(signature)
+
     async def verify(self, domain: Eip712Domain, payload: ExactEvmPayload) -> None:
         """Check the signature (EOA or strict ERC-1271) and simulate the transfer; raise `ExactRejected`.
 
@@ -188,14 +207,16 @@ class ExactEvm:
         auth = payload.authorization
         signature = _signature_bytes(payload.signature)
         asset = domain.verifying_contract
-        gas = self.gas_limit if len(signature) == 65 else self.gas_limit_contract
         try:
             receipt = await self.relayer.transact(
-                asset, self.calldata(auth, signature), gas=gas, timeout=self.receipt_timeout
+                asset,
+                self.calldata(auth, signature),
+                gas=self.gas_for(signature),
+                timeout=self.receipt_timeout,
             )
         except TransactionFailed as exc:
             raise ExactRejected(str(exc), code=Reason.TRANSACTION_FAILED) from exc
-        if not _has_transfer(receipt, asset, auth):
+        if not has_transfer(receipt, asset, auth):
             raise ExactRejected(
                 f"no matching Transfer event in {receipt.transaction_hash}", code=TRANSFER_EVENT_MISMATCH
             )
@@ -223,7 +244,15 @@ def _topic_address(topic: str) -> str:
     return "0x" + topic[-40:]
 
 
-def _has_transfer(receipt: Receipt, asset: str, auth: Eip3009Authorization) -> bool:
+def authorization_state_calldata(authorizer: str, nonce: str) -> bytes:
+    """`authorizationState(authorizer, nonce)`: true once the authorization was used (or canceled)."""
+    return _AUTHORIZATION_STATE + abi_encode(
+        ["address", "bytes32"], [_address(authorizer), bytes.fromhex(nonce[2:])]
+    )
+
+
+def has_transfer(receipt: Receipt, asset: str, auth: Eip3009Authorization) -> bool:
+    """Whether `receipt` holds the `Transfer` that `auth` authorizes (token, from, to, value)."""
     for log in receipt.logs:
         if (
             log.address.lower() == asset.lower()

@@ -9,6 +9,13 @@ Everything an owner signs can be signed offline, with no node, and relayed by an
 A fresh session key's first grant is epoch 1, so the owner needs no chain state to sign it; a re-grant or a
 revoke names the epoch it creates or ends (`GrantInfo.epoch` + 1, or the current one). Deposits are relayed
 the same way with an EIP-3009 `ReceiveWithAuthorization` (to = the escrow) or an EIP-2612 permit.
+
+When the payer is the owner's `AgentAccount` (the money lives in the smart account, not in the owner's EOA),
+pass `account=<its address>`: the payer becomes the account, and the owner signs the ERC-7739 nested form
+that the account's ERC-1271 `isValidSignature` accepts. The account must be deployed when the file is relayed
+(`AgentAccount.deploy`), not when it is signed:
+
+    signed = sign_grant_offline(owner, account=account.address, chain_id=..., escrow=..., signer=key, ...)
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import msgspec
 from eth_utils.address import to_checksum_address
 
 from x402 import Eip712Domain, Signer, authorization_digest, typed_data_digest
-from x402._eip712 import EIP712_DOMAIN_FIELDS
-from x402._escrow import GrantMessage, escrow_domain, sign_grant, sign_revoke
+from x402._eip712 import EIP712_DOMAIN_FIELDS, authorization_typed_data
+from x402._escrow import REVOKE_FIELDS, GrantMessage, escrow_domain, grant_typed_data, sign_grant, sign_revoke
 from x402._types import Eip3009Authorization
 
+from ._account import sign_typed_data_as_account
 from ._artifacts import EscrowError
 from ._escrow import AgentEscrow, Erc20
 from ._rpc import Receipt, TxSender
@@ -130,8 +138,14 @@ def sign_grant_offline(
     payees: Sequence[str] = (),
     epoch: int = 1,
     payer: str | None = None,
+    account: str | None = None,
 ) -> SignedGrant:
-    """The owner's `grantWithSig` authorisation (the payer is the owner's address unless given)."""
+    """The owner's `grantWithSig` authorisation (the payer is the owner's address unless given). With
+    `account`, the payer is that `AgentAccount` of the owner, which signs through ERC-1271 (ERC-7739)."""
+    if account is not None:
+        if payer is not None and payer.lower() != account.lower():
+            raise ValueError("with `account`, the payer is that account")
+        payer = account
     message = GrantMessage(
         payer=to_checksum_address(payer or owner.address),
         signer=to_checksum_address(signer),
@@ -143,7 +157,13 @@ def sign_grant_offline(
         payees=[to_checksum_address(p) for p in payees],
         epoch=epoch,
     )
-    signature = sign_grant(owner, escrow_domain(chain_id, to_checksum_address(escrow)), message)
+    domain = escrow_domain(chain_id, to_checksum_address(escrow))
+    if account is None:
+        signature = sign_grant(owner, domain, message)
+    else:
+        signature = sign_typed_data_as_account(
+            owner, grant_typed_data(domain, message), chain_id=chain_id, account=account
+        )
     return SignedGrant(
         chain_id=chain_id, escrow=to_checksum_address(escrow), grant=message, signature="0x" + signature.hex()
     )
@@ -174,18 +194,29 @@ async def grant(escrow: AgentEscrow, payer: TxSender, message: GrantMessage) -> 
 
 
 def sign_revoke_offline(
-    owner: Signer, *, chain_id: int, escrow: str, signer: str, epoch: int
+    owner: Signer, *, chain_id: int, escrow: str, signer: str, epoch: int, account: str | None = None
 ) -> SignedRevoke:
-    """The owner's `revokeWithSig` for the grant currently at `epoch`."""
+    """The owner's `revokeWithSig` for the grant currently at `epoch` (the grant of the owner's `account`,
+    signed through ERC-1271, when given)."""
     escrow = to_checksum_address(escrow)
     signer = to_checksum_address(signer)
-    signature = sign_revoke(
-        owner, escrow_domain(chain_id, escrow), payer=owner.address, signer=signer, epoch=epoch
-    )
+    domain = escrow_domain(chain_id, escrow)
+    if account is None:
+        payer = owner.address
+        signature = sign_revoke(owner, domain, payer=payer, signer=signer, epoch=epoch)
+    else:
+        payer = to_checksum_address(account)
+        typed = {
+            "types": {"EIP712Domain": list(EIP712_DOMAIN_FIELDS), "Revoke": list(REVOKE_FIELDS)},
+            "primaryType": "Revoke",
+            "domain": domain.as_dict(),
+            "message": {"payer": payer, "signer": signer, "epoch": epoch},
+        }
+        signature = sign_typed_data_as_account(owner, typed, chain_id=chain_id, account=payer)
     return SignedRevoke(
         chain_id=chain_id,
         escrow=escrow,
-        payer=owner.address,
+        payer=payer,
         signer=signer,
         epoch=epoch,
         signature="0x" + signature.hex(),
@@ -222,25 +253,32 @@ def sign_deposit_authorization(
     amount: int,
     valid_before: int,
     valid_after: int = 0,
+    account: str | None = None,
 ) -> SignedDeposit:
     """An EIP-3009 `ReceiveWithAuthorization` to the escrow: only the escrow can redeem it (into the owner's
-    deposit), so a copy seen in the mempool is worth nothing to anyone else."""
+    deposit), so a copy seen in the mempool is worth nothing to anyone else. With `account`, the tokens and
+    the deposit are that `AgentAccount`'s, authorised through ERC-1271 (the token takes contract signers)."""
     nonce = "0x" + os.urandom(32).hex()
     escrow = to_checksum_address(escrow)
+    payer = owner.address if account is None else to_checksum_address(account)
     auth = Eip3009Authorization(
-        from_=owner.address,
+        from_=payer,
         to=escrow,
         value=str(amount),
         valid_after=str(valid_after),
         valid_before=str(valid_before),
         nonce=nonce,
     )
-    signature = owner.sign_hash(authorization_digest(token_domain, auth, "ReceiveWithAuthorization"))
+    if account is None:
+        signature = owner.sign_hash(authorization_digest(token_domain, auth, "ReceiveWithAuthorization"))
+    else:
+        typed = authorization_typed_data(token_domain, auth, "ReceiveWithAuthorization")
+        signature = sign_typed_data_as_account(owner, typed, chain_id=token_domain.chain_id, account=payer)
     return SignedDeposit(
         chain_id=token_domain.chain_id,
         escrow=escrow,
         kind="authorization",
-        payer=owner.address,
+        payer=payer,
         token=token_domain.verifying_contract,
         amount=amount,
         valid_after=valid_after,

@@ -1,93 +1,413 @@
-"""`make demo`: a devnet, a paid sub-agent and an orchestrator paying it, start to finish.
+"""`make demo`: agent-to-agent commerce, start to finish, on a local devnet.
 
-    python -m examples.demo [--calls 3]
+    python -m examples.demo
 
-1. brings a devnet up (anvil with TestUSDC, or the py-evm node when anvil is absent);
-2. starts the sub-agent (`python -m examples.subagent`) on a free port, in its own process;
-3. runs the orchestrator for a few paid calls, once per protocol (x402 v2, MPP, x402 v1);
-4. checks that the balances moved by exactly price x calls, then stops everything (no node left behind).
+The story (use case 3 of the brief): an orchestrator agent hires sub-agents and pays each call.
+
+1. The orchestrator's money lives in its smart account (`AgentAccount`); the owner key stays offline. The
+   owner signs three files (a session key for the account, an escrow deposit, an escrow grant); a relayer,
+   who can change nothing, sends them.
+2. The hot session key can pay through the escrow only: each payment at most the per-call cap, within a
+   budget and a window, to the listed sub-agents only. On the account it can only top up the escrow deposit.
+3. Three sub-agents serve on local ports, each paid into its own counterfactual smart-account address: two
+   take `escrow` payments and settle them in batches; one takes `exact` (EIP-3009), settled per call.
+4. Over-cap payments and top-ups are refused, with the reason; balances move by exactly what was served;
+   everything is stopped at the end (no node left behind).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
-import sys
+import os
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from escrow import Devnet
-from x402.client import ProtocolName
+from escrow import Devnet, DevnetState
+from escrow._account import AgentAccount, AgentAccountFactory
+from escrow._escrow import AgentEscrow, Erc20
+from escrow._rpc import Rpc, TxSender
+from escrow._userop import Bundler, SessionKey, UserOpRejected
+from x402 import (
+    PAYMENT_REQUIRED_HEADER,
+    Eip712Domain,
+    LocalSigner,
+    NoPayableOffer,
+    SettleResponse,
+    SpendPolicyViolation,
+    decode_payment_required,
+)
+from x402.client import PaymentAuth, receipt_of
+from x402.client_escrow import EscrowWallet
 
-from .orchestrator import run
+from ._escrow_setup import GrantTerms, relay, sign_offline, top_up_calls, top_up_policy
+from ._escrow_subagents import SubAgent, serving
+from .orchestrator import call_many, session_key_auth
 
 __all__ = ["main"]
 
+USDC = 10**6
+ETH = 10**18
+ACCOUNT_FUNDS = 100 * USDC  # what the orchestrator's account holds before it even exists
+DEPOSIT = 20 * USDC  # moved into the escrow by the owner's offline-signed deposit
+TOP_UP = 5 * USDC  # moved in later by the session key itself
+TOP_UP_CAP = 10 * USDC  # the most one top-up may move (the account's argument rule)
+MAX_PER_CALL = 2_000  # $0.002: the escrow grant's per-call cap
+BUDGET = 50_000  # $0.05 over the grant's lifetime
+WINDOW = 3600  # the grant and the key are valid for one hour
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+
+def usd(atomic: int) -> str:
+    """`0.002`, `20`: USDC without trailing zeros, for prose."""
+    return f"{atomic / USDC:.6f}".rstrip("0").rstrip(".")
 
 
-def _wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the sub-agent exited early with status {proc.returncode}")
+def short(address: str) -> str:
+    return f"{address[:6]}…{address[-4:]}"
+
+
+def say(label: str, text: str = "") -> None:
+    print(f"{label:<12}{text}", flush=True)
+
+
+@dataclass
+class Ledger:
+    """The balances the demo checks: USDC held by each party, and the account's escrow deposit."""
+
+    usdc: Erc20
+    escrow: AgentEscrow
+    account: str
+    parties: dict[str, str]
+
+    async def read(self) -> dict[str, int]:
+        out = {name: await self.usdc.balance_of(address) for name, address in self.parties.items()}
+        out["escrow deposit"] = await self.escrow.deposit_of(self.account, self.usdc.address)
+        return out
+
+
+async def story(state: DevnetState, workdir: Path) -> bool:
+    rpc = Rpc(state.rpc_url)
+    try:
+        return await _story(state, rpc, workdir)
+    finally:
+        await rpc.aclose()
+
+
+async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
+    chain_id = state.chain_id
+    usdc, escrow = Erc20(rpc, state.contracts["usdc"]), AgentEscrow(rpc, state.contracts["escrow"])
+    bank = TxSender(rpc, state.accounts[0].private_key, chain_id=chain_id)  # the devnet's faucet
+    relayer = TxSender(rpc, state.accounts[3].private_key, chain_id=chain_id)
+    bundler = Bundler(rpc, relayer, chain_id=chain_id)
+    factory = state.contracts["account_factory"]
+
+    # -- the parties ---------------------------------------------------------------------------------------
+    owner = LocalSigner.random()  # stays offline: it only ever signs files
+    account = await AgentAccount.counterfactual(rpc, factory=factory, owner=owner.address)
+    session = LocalSigner.random()  # the orchestrator's hot key
+    hot_wallet = LocalSigner(state.accounts[1].private_key)  # a small EOA wallet, for `exact`-only sellers
+    sub_accounts = [
+        await AgentAccountFactory(rpc, factory).get_address(LocalSigner.random().address, 0) for _ in range(3)
+    ]
+    summarizer = SubAgent.escrow(
+        state,
+        name="summarizer",
+        pay_to=sub_accounts[0],
+        settler_key=state.accounts[4].private_key,
+        routes={"/summarize": 1_000, "/deep-research": 5_000},
+    )
+    translator = SubAgent.escrow(
+        state,
+        name="translator",
+        pay_to=sub_accounts[1],
+        settler_key=state.accounts[5].private_key,
+        routes={"/translate": 2_000},
+    )
+    weather = SubAgent.exact(
+        state,
+        name="weather",
+        pay_to=sub_accounts[2],
+        settler_key=state.accounts[6].private_key,
+        routes={"/forecast": 1_500},
+    )
+    agents = (summarizer, translator, weather)
+
+    await bank.transact(usdc.address, usdc.abi.encode("mint", account.address, ACCOUNT_FUNDS), gas=100_000)
+    await bank.transact(account.address, b"", gas=21_000, value=ETH)  # the key's UserOperation gas
+    say(
+        "owner",
+        f"{short(owner.address)} (key offline) owns account {short(account.address)}:"
+        f" {usd(ACCOUNT_FUNDS)} USDC and 1 ETH, not deployed yet",
+    )
+
+    # -- 1. the owner signs offline; a relayer sends ------------------------------------------------------
+    now = await rpc.block_timestamp()
+    terms = GrantTerms(
+        max_per_call=MAX_PER_CALL,
+        budget=BUDGET,
+        valid_after=now - 60,
+        valid_until=now + WINDOW,
+        payees=(summarizer.pay_to, translator.pay_to),
+    )
+    policy = top_up_policy(
+        usdc=usdc.address, escrow=escrow.address, cap=TOP_UP_CAP, valid_until=now + WINDOW, max_uses=5
+    )
+    files = sign_offline(
+        owner,
+        workdir / "offline",
+        chain_id=chain_id,
+        account=account.address,
+        key=session.address,
+        policy=policy,
+        usdc_domain=Eip712Domain(state.usdc_name, state.usdc_version, chain_id, usdc.address),
+        escrow=escrow.address,
+        deposit=DEPOSIT,
+        grant=terms,
+        now=now,
+    )
+    say(
+        "offline", f"the owner signed 3 files: {files.install.name}, {files.deposit.name}, {files.grant.name}"
+    )
+    signed = await relay(files, account=account, escrow=escrow, relayer=relayer)
+    grant = signed.grant
+    say(
+        "relayed",
+        f"by {short(relayer.address)}, who can change nothing: account deployed,"
+        f" {usd(DEPOSIT)} USDC deposited into the escrow,",
+    )
+    say(
+        "",
+        f"session key {short(session.address)} granted {usd(MAX_PER_CALL)} USDC per call, budget"
+        f" {usd(BUDGET)}, {WINDOW // 60} min, payees: summarizer, translator;",
+    )
+    say(
+        "",
+        f"the same key installed on the account: escrow top-ups only, {usd(TOP_UP_CAP)} USDC at most a call",
+    )
+
+    ledger = Ledger(
+        usdc,
+        escrow,
+        account.address,
+        {
+            "account": account.address,
+            "hot wallet": hot_wallet.address,
+            **{agent.name: agent.pay_to for agent in agents},
+        },
+    )
+    before = await ledger.read()
+
+    async with serving(*agents):
+        for agent in agents:
+            prices = ", ".join(f"{path} {usd(price)}" for path, price in agent.prices.items())
+            say(
+                "sub-agent",
+                f"{agent.name:<11}{agent.kind:<7}{prices:<37} {agent.url}  pays {short(agent.pay_to)}",
+            )
+        say("", "each is paid into its own AgentAccount address: counterfactual, nothing deployed there yet")
+
+        # -- 2. the orchestrator pays -------------------------------------------------------------------
+        print(flush=True)
+        auth = session_key_auth(state, session, grant, hot_wallet=hot_wallet)
+        exact_txs: list[str] = []
+        async with httpx.AsyncClient(auth=auth, timeout=30.0) as client:
+            for agent, path, count in (
+                (summarizer, "/summarize", 10),
+                (translator, "/translate", 6),
+                (weather, "/forecast", 1),
+            ):
+                responses = await call_many(client, agent.url + path, count)
+                exact_txs += _report(agent, path, responses)
+                if any(r.status_code != 200 for r in responses):
+                    return False
+
+            # -- 3. refusals -------------------------------------------------------------------------------
+            deep = summarizer.url + "/deep-research"
+            try:
+                await client.get(deep)
+                say("refused?", "the over-cap call was paid: the spend policy failed")
+                return False
+            except (SpendPolicyViolation, NoPayableOffer) as exc:
+                price = usd(summarizer.prices["/deep-research"])
+                say("refused", f"summarizer GET /deep-research costs {price} USDC, over the per-call cap:")
+                say("", f"  the orchestrator's spend policy, before signing: {exc}")
+        # A compromised orchestrator could sign it anyway: the sub-agent's gateway refuses it with the
+        # escrow's reason, and the escrow would never settle it (no cap in this wallet, no client policy).
+        rogue = EscrowWallet(
+            session, payer=grant.payer, chain_id=chain_id, escrow=escrow.address, token=usdc.address
+        )
+        async with httpx.AsyncClient(auth=PaymentAuth(rogue), timeout=30.0) as client:
+            answer = await client.get(deep)
+        reason = _refusal_code(answer)
+        say("", f"  signed anyway: the sub-agent answers {answer.status_code} {reason}")
+        if answer.status_code != 402:
+            return False
+
+        # -- 4. the hot key tops up the escrow from the account, within its cap only ------------------------
+        key = SessionKey(session)
+        topped = await account.execute(top_up_calls(usdc, escrow, TOP_UP), signer=key, bundler=bundler)
+        if not topped.success:
+            say("top-up?", f"the session key's top-up reverted: 0x{topped.revert_reason.hex()}")
+            return False
+        say(
+            "top-up",
+            f"the session key moved {usd(TOP_UP)} USDC from the account into the escrow (one UserOperation)",
+        )
         try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("the sub-agent did not come up")
+            await account.execute(top_up_calls(usdc, escrow, 5 * TOP_UP_CAP), signer=key, bundler=bundler)
+            say("refused?", "the over-cap top-up went through: the account's policy failed")
+            return False
+        except UserOpRejected as rejected:
+            v = rejected.violation
+            where = rejected.reason
+            if v is not None:
+                call = ("usdc.approve", "escrow.deposit")[v.call_index]
+                where = (
+                    f"call {v.call_index} {call}, argument rule {v.rule_index}: amount <= {usd(TOP_UP_CAP)}"
+                )
+            say("refused", f"a top-up of {usd(5 * TOP_UP_CAP)} USDC, by the account: {rejected.code}")
+            say("", f"  ({where}); the operation never ran")
+
+        # -- 5. each escrow sub-agent's settler batches what it served ----------------------------------
+        print(flush=True)
+        for agent in (summarizer, translator):
+            stats = await agent.settled()
+            assert agent.settler is not None
+            for count, gas in agent.settler.batches:
+                say(
+                    "settled",
+                    f"{agent.name:<11}{count} payments, one settle(): {gas:,} gas, {gas // count:,} each",
+                )
+            if stats.dead:
+                say("LOST", f"{agent.name}: {stats.dead} payments could not be settled")
+                return False
+        exact_gas = await _gas_of(rpc, exact_txs)
+        say(
+            "settled",
+            f"{'weather':<11}{len(exact_txs)} payment, its own transferWithAuthorization: {exact_gas:,} gas",
+        )
+
+    # -- 6. balances ---------------------------------------------------------------------------------------
+    after = await ledger.read()
+    info = await escrow.grant_of(account.address, session.address)
+    escrow_paid = summarizer.earned + translator.earned
+    expected = {
+        "summarizer": (summarizer.earned, _served(summarizer)),
+        "translator": (translator.earned, _served(translator)),
+        "weather": (weather.earned, _served(weather)),
+        "hot wallet": (-weather.earned, "paid weather's exact call"),
+        "account": (-TOP_UP, "the session key's top-up"),
+        "escrow deposit": (
+            TOP_UP - escrow_paid,
+            f"+{usd(TOP_UP)} top-up - {usd(escrow_paid)} escrow payments",
+        ),
+    }
+    print(flush=True)
+    say("balances", f"{'USDC':<15}{'before':>15}{'after':>15}{'change':>11}")
+    ok = True
+    for name, (want, why) in expected.items():
+        change = after[name] - before[name]
+        ok &= change == want
+        verdict = "exactly" if change == want else f"MISMATCH (expected {want / USDC:+.6f}):"
+        say(
+            "",
+            f"{name:<15}{before[name] / USDC:>15.6f}{after[name] / USDC:>15.6f}{change / USDC:>+11.6f}"
+            f"  {verdict} {why}",
+        )
+    spent_ok = info.spent == escrow_paid
+    verdict = (
+        "the escrow payments, exactly"
+        if spent_ok
+        else f"MISMATCH: the escrow payments are {usd(escrow_paid)}"
+    )
+    say("grant", f"spent {usd(info.spent)} of its {usd(info.budget)} USDC budget: {verdict}")
+    return ok and spent_ok
+
+
+def _report(agent: SubAgent, path: str, responses: Sequence[httpx.Response]) -> list[str]:
+    """Print one line for `responses`; the settlement transactions their receipts name (none if deferred)."""
+    codes = [r.status_code for r in responses]
+    statuses = ", ".join(f"{codes.count(c)} x {c}" for c in sorted(set(codes)))
+    receipts = [receipt_of(r) for r in responses]
+    txs = [r.transaction for r in receipts if isinstance(r, SettleResponse) and r.transaction]
+    if txs:
+        how = f"exact, settled before the response: tx {txs[0][:12]}…"
+    elif all(isinstance(r, SettleResponse) for r in receipts):
+        how = "escrow, deferred: queued for the sub-agent's settler"
+    else:
+        how = "no receipt"
+    say("paid", f"{agent.name:<11}GET {path:<11} {statuses:<9} {how}")
+    return txs
+
+
+def _refusal_code(response: httpx.Response) -> str:
+    """The reason a 402 gives for refusing a payment: the x402 v2 `PAYMENT-REQUIRED` challenge's `error`."""
+    header = response.headers.get(PAYMENT_REQUIRED_HEADER)
+    if header is None:
+        return "(no reason given)"
+    return decode_payment_required(header).error or "(no reason given)"
+
+
+def _served(agent: SubAgent) -> str:
+    calls = " + ".join(f"{n} x {usd(agent.prices[p])}" for p, n in agent.served.items() if n)
+    return f"what it served: {calls}"
+
+
+async def _gas_of(rpc: Rpc, tx_hashes: Sequence[str]) -> int:
+    total = 0
+    for tx_hash in tx_hashes:
+        receipt = await rpc.get_receipt(tx_hash)
+        total += 0 if receipt is None else int(receipt.gas_used, 16)
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=int, default=3, help="paid calls per protocol")
-    args = parser.parse_args(argv)
-
-    print("demo: starting the devnet ...", flush=True)
-    with Devnet() as state, tempfile.TemporaryDirectory(prefix="agentpay-demo-") as tmp:
-        state_file = Path(tmp) / "devnet.json"
-        state.dump(state_file)
-        print(f"demo: {state.backend} at {state.rpc_url}, TestUSDC {state.contracts['usdc']}", flush=True)
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "examples.subagent", "--devnet", str(state_file)]
-        sub = subprocess.Popen([*command, "--port", str(port)])
+    parser.parse_args(argv)
+    started = time.monotonic()
+    print(
+        "agentpay demo: an orchestrator pays sub-agents from its smart account, with a scoped session key\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="agentpay-demo-") as tmp:
+        devnet = Devnet()
+        state = devnet.start()
         try:
-            _wait_until_up(url, sub)
-            total = 0
-            protocols: tuple[ProtocolName, ...] = ("x402v2", "mpp", "x402v1")
-            for protocol in protocols:
-                print(f"\ndemo: paying with {protocol}", flush=True)
-                outcome = asyncio.run(run(state, url, args.calls, prefer=(protocol,)))
-                moved = outcome.payee_after - outcome.payee_before
-                expected = outcome.price * outcome.calls
-                if moved != expected or outcome.payer_before - outcome.payer_after != moved:
-                    raise SystemExit(f"demo: FAILED, balances moved by {moved}, not {expected}")
-                total += moved
-            calls = 3 * args.calls
-            print(f"\ndemo: OK, {calls} paid calls moved {total} atomic units ({total / 1e6:.6f} USDC)")
+            contracts = state.contracts
+            say("devnet", f"{state.backend} (pid {state.pid}) at {state.rpc_url}, chain {state.chain_id}")
+            say(
+                "",
+                f"TestUSDC {short(contracts['usdc'])}, AgentEscrow {short(contracts['escrow'])},"
+                f" AgentAccountFactory {short(contracts['account_factory'])}, EntryPoint v0.7",
+            )
+            ok = asyncio.run(story(state, Path(tmp)))
         finally:
-            sub.terminate()
-            try:
-                sub.wait(10)
-            except subprocess.TimeoutExpired:
-                sub.kill()
-                sub.wait()
-    print("demo: sub-agent and devnet stopped", flush=True)
+            devnet.stop()
+    gone = not _alive(state.pid)
+    print()
+    say(
+        "stopped",
+        f"sub-agents, and the devnet: {state.backend} pid {state.pid} {'exited' if gone else 'RUNNING'}",
+    )
+    if not (ok and gone):
+        raise SystemExit("demo: FAILED")
+    print(f"demo: OK in {time.monotonic() - started:.1f}s, every sub-agent got exactly what it served")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":

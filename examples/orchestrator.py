@@ -4,6 +4,11 @@
 
 It pays `--calls` requests to `GET <url>/hello` from devnet account 1 (EIP-3009 `exact`, gasless for the
 payer), under a spend policy, and prints each receipt and both balances before and after.
+
+With a session key instead (`session_key_auth`, what `examples.demo` uses), the orchestrator pays `escrow`
+offers out of its smart account's escrow deposit, under the grant the account's owner signed offline, and
+falls back to a small hot EOA wallet for sub-agents that only take `exact`. Its spend policy mirrors the
+grant, so an over-cap call is refused before anything is signed.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from eth_utils.crypto import keccak
 
 from escrow import DevnetState
 from escrow._rpc import Rpc
-from x402 import LocalSigner, MppReceipt, SettleResponse, decode_payment_required
+from x402 import LocalSigner, MppReceipt, SettleResponse, Signer, decode_payment_required
+from x402._escrow import GrantMessage
 from x402.client import Eip3009Wallet, PaymentAuth, ProtocolName, SpendPolicy, receipt_of
+from x402.client_escrow import EscrowWallet, SessionKeyAuth
 
-__all__ = ["Outcome", "balance_of", "main", "run"]
+__all__ = ["Outcome", "balance_of", "call_many", "main", "run", "session_key_auth"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,37 @@ async def run(
         )
     finally:
         await rpc.aclose()
+
+
+def session_key_auth(
+    state: DevnetState, session: Signer, grant: GrantMessage, *, hot_wallet: Signer
+) -> SessionKeyAuth:
+    """The orchestrator's payer: `session` pays `escrow` offers for the grant's payer (its smart account);
+    `hot_wallet` pays `exact` offers (EIP-3009) where the escrow is not accepted.
+
+    One spend policy covers both, and carries the grant's limits: a call over the per-call cap, or past the
+    budget, is refused by the client before anything is signed (the escrow would refuse it anyway).
+    """
+    token = state.contracts["usdc"]
+    wallet = EscrowWallet(
+        session,
+        payer=grant.payer,
+        chain_id=state.chain_id,
+        escrow=state.contracts["escrow"],
+        token=grant.token,
+        epoch=grant.epoch,
+        payees=grant.payees,
+        valid_after=grant.valid_after,
+        valid_until=grant.valid_until,
+    )
+    policy = SpendPolicy(max_per_call=grant.max_per_call, total_budget=grant.budget, allowed_assets=[token])
+    fallback = Eip3009Wallet(hot_wallet, state.chain_id, {token: (state.usdc_name, state.usdc_version)})
+    return SessionKeyAuth(wallet, policy, fallback=fallback)
+
+
+async def call_many(client: httpx.AsyncClient, url: str, count: int) -> list[httpx.Response]:
+    """`count` paid calls to `url` at once: concurrent payments by one key never share a nonce."""
+    return list(await asyncio.gather(*(client.get(url) for _ in range(count))))
 
 
 def main(argv: list[str] | None = None) -> None:

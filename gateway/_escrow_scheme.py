@@ -9,25 +9,31 @@ batched settlement cheap, and a payment is only ever good for its payee and amou
 
 Verification = `escrow.EscrowVerifier` (signature, grant, cap, payee, window, deadline, on-chain `check`)
 plus two atomic store counters: the grant's budget share (refuse past it) and the payer's credit (past the
-gateway's `credit_limit` the payment is settled before it is served). Deferred payments become
-`escrow.EscrowClaim`s in the store's queue, which `escrow.EscrowSettler` drains.
+gateway's `credit_limit` the payment is settled before its response, after the handler succeeded: the
+pipeline asks `settle_now`). Deferred payments become `escrow.EscrowClaim`s in the store's queue, which
+`escrow.EscrowSettler` drains; payments settled before their response are recorded as `escrow:now` first,
+and `reconcile_items` is how recovery closes such a record if the gateway died mid-settlement.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
+from escrow._escrow import AgentEscrow
 from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
-from escrow._settler import EscrowSettler, encode_claim
+from escrow._rpc import ChainError
+from escrow._settler import EscrowSettler, SettleOutcome, decode_claim, encode_claim
 from x402 import PaymentRejected, PaymentRequirements, Reason
 from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, decode_escrow_payload
 
 from ._errors import PaymentFailed
 from ._pricing import Quote
 from ._scheme import MppOffer, Offer, Presented, Verified
-from ._store import PaymentStore, Settlement
+from ._store import PaymentStore, Settlement, backoff
 
 __all__ = ["EscrowScheme", "EscrowState"]
 
@@ -63,7 +69,7 @@ class EscrowScheme:
         credit_limit: int,
         deadline_seconds: int = 3600,
         claim_ttl: float = 300.0,
-        settle_in_verify: bool = True,
+        settle_in_verify: bool = False,
     ) -> None:
         self.verifier = verifier
         self.store = store
@@ -71,8 +77,9 @@ class EscrowScheme:
         self.credit_limit = credit_limit
         self.deadline_seconds = deadline_seconds
         self.claim_ttl = claim_ttl
-        # The pipeline picks deferred vs. immediate per middleware, not per payment: until it asks the scheme,
-        # a payment past the credit limit is settled during verification (before the app runs).
+        # The pipeline asks `settle_now` per payment, so a payment past the credit limit is settled after the
+        # handler succeeded. `settle_in_verify=True` settles it during verification instead (before the app
+        # runs), for callers that drive `verify`/`settle` without the pipeline.
         self.settle_in_verify = settle_in_verify
         self.escrow = verifier.escrow.address
         self.chain_id = verifier.chain_id
@@ -189,18 +196,18 @@ class EscrowScheme:
         return tx_hash
 
     async def settle(self, verified: Verified) -> str:
-        """Settle before the response (`settle="before-response"`, or past the credit limit)."""
+        """Settle before the response (`settle="before-response"`, or past the credit limit).
+
+        A refusal raises `PaymentFailed`; the pipeline then calls `release` (nothing is charged).
+        """
         state: EscrowState = verified.state
         if state.tx_hash:
             return state.tx_hash
-        if state.credited:  # settling now: this payment no longer sits on the payer's credit
+        tx_hash = await self._settle_now(verified, record=False, now=0.0)
+        if state.credited:  # paid: this payment no longer sits on the payer's credit
             await self.store.sub_pending(state.claim.credit or "", verified.amount)
             state.credited = False
-        try:
-            return await self._settle_now(verified, record=False, now=0.0)
-        except PaymentFailed:
-            await self.release(verified)
-            raise
+        return tx_hash
 
     def settle_now(self, verified: Verified) -> bool:
         """Whether this payment must be settled before it is served, even under `settle="deferred"`."""
@@ -223,6 +230,48 @@ class EscrowScheme:
 
     def settlement(self, verified: Verified, *, now: float) -> Settlement:
         return self._settlement(verified, now)
+
+    # -- recovery ------------------------------------------------------------------------------------------
+
+    async def reconcile_items(self, items: Sequence[Settlement]) -> list[SettleOutcome]:
+        """Close `escrow:now` records a crashed gateway left open, from the chain, sending nothing.
+
+        Paid by the escrow (this very payment in a `PaymentSettled` log): settled, counters moved as the
+        settler would. Unpaid past its deadline: final, nothing charged, reservations returned. Otherwise
+        looked at again at the deadline (the payer may present it again meanwhile).
+        """
+        out: list[SettleOutcome] = []
+        settler = self.settler
+        for item in items:
+            try:
+                claim = decode_claim(item.payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self.store.mark_failed(item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None)
+                out.append(SettleOutcome(key=item.key, status="dead", code="escrow_claim_malformed"))
+                continue
+            p = claim.payload.payment
+            escrow = AgentEscrow(settler.sender.rpc, claim.escrow)
+            try:
+                used = await escrow.nonce_used(claim.signer, int(p.nonce))
+                found = await settler.find_settlement(escrow, claim) if used else None
+            except ChainError as exc:
+                retry_at = time.time() + backoff(item.attempts)
+                await self.store.mark_failed(item.key, error=f"{exc.code}: {exc}", retry_at=retry_at)
+                out.append(SettleOutcome(key=item.key, status="retry", code=exc.code))
+                continue
+            # The settler's own bookkeeping (pending counters, dead letters) keeps both paths identical.
+            if found is not None:
+                out.extend(await settler._settled([(item, claim)], found.tx_hash, "settled_elsewhere"))
+            elif used:
+                out.append(await settler._dead(item, claim, EscrowCode.NONCE_REUSED, ""))
+            elif int(p.deadline) <= time.time():
+                detail = "the payment expired unsettled: nothing was charged"
+                out.append(await settler._dead(item, claim, "escrow_never_settled", "", detail=detail))
+            else:
+                error = "escrow_unsettled: not paid by the escrow; final once the payment's deadline passes"
+                await self.store.mark_failed(item.key, error=error, retry_at=int(p.deadline) + 1.0)
+                out.append(SettleOutcome(key=item.key, status="retry", code="escrow_unsettled"))
+        return out
 
     # -- release -------------------------------------------------------------------------------------------
 

@@ -3,15 +3,15 @@ credential: one signed `TransferWithAuthorization`, two wire forms, one verifier
 
 The off-chain checks (recipient, exact amount, validity window, MPP challenge binding) run here; everything
 that needs the chain (signature routing by `eth_getCode`, ERC-1271, simulation, broadcast) is behind the
-`ExactChain` protocol, which `escrow.ExactEvm` implements (and a stub implements in benchmarks).
+`ExactChain` protocol, which `escrow.ExactEvm` implements (and a stub implements in benchmarks). Deferred
+payments are queued as `escrow.ExactPayment` for `escrow.ExactSettler`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-import msgspec
-
+from escrow._exact_settler import ExactPayment, encode_payment
 from x402 import (
     VALID_BEFORE_BUFFER_SECONDS,
     Eip712Domain,
@@ -42,17 +42,6 @@ class ExactChain(Protocol):
     async def settle(self, domain: Eip712Domain, payload: ExactEvmPayload) -> str: ...
 
 
-class _Deferred(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """What the settlement queue stores for a deferred `exact` payment."""
-
-    name: str
-    version: str
-    chain_id: int
-    asset: str
-    payload: ExactEvmPayload
-
-
-_encode = msgspec.json.encode
 _UINT256_MAX = 2**256 - 1
 
 
@@ -146,7 +135,7 @@ class ExactScheme:
 
     def settlement(self, verified: Verified, *, now: float) -> Settlement:
         domain, payload = verified.state
-        body = _Deferred(
+        body = ExactPayment(
             name=domain.name,
             version=domain.version,
             chain_id=domain.chain_id,
@@ -156,7 +145,7 @@ class ExactScheme:
         return Settlement(
             key=verified.key,
             kind=self.name,
-            payload=_encode(body),
+            payload=encode_payment(body),
             payer=verified.payer,
             amount=verified.amount,
             created_at=now,

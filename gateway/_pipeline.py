@@ -5,6 +5,9 @@ A credential arrives in one of three dialects (`PAYMENT-SIGNATURE` x402 v2, `X-P
 advertised requirement; v1: scheme + network; MPP: an HMAC-valid, unexpired challenge whose request and route
 scope equal what this request would be offered now), lets the scheme verify it, and takes the atomic replay
 claim. After the app answered, it settles (or enqueues) a success and releases the claim of a failure.
+Settling before the response records the payment as in flight first (`<kind>:now`), so a crash while its
+transaction is out is recoverable (`gateway._recovery`); `settle="deferred"` queues it atomically with the
+receipt for a batching settler, unless the scheme's `settle_now` asks for this payment to settle first.
 Every failure leaves as `PaymentFailed` carrying the x402 reason code; `x402.error_answer` turns that into
 the status and problem type of the dialect.
 """
@@ -13,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 
+import msgspec
+
 from escrow._artifacts import EscrowError
+from escrow._exact_settler import fault_point
 from x402 import (
     InvalidChallenge,
     PaymentRejected,
@@ -36,7 +42,7 @@ from x402 import (
 from ._answers import Challenger, Headers, receipt_headers, settle_failure_headers, v1_network
 from ._errors import GatewayError, PaymentFailed
 from ._pricing import Quote
-from ._scheme import Dialect, Offer, Presented, Scheme, Verified
+from ._scheme import Dialect, Offer, Presented, Scheme, Verified, in_flight_kind
 from ._state import Event, PaymentState, Tracker
 from ._store import PaymentStore, StoreError
 
@@ -138,14 +144,18 @@ class Paywall:
         except Exception as exc:
             raise as_payment_failed(exc, during="verify") from exc
         attempt.tracker.fire(Event.VERIFIED)
+        verified = attempt.verified
         try:
-            claimed = await self.store.claim(attempt.verified.key, ttl=self.claim_ttl)
+            claimed = await self.store.claim(verified.key, ttl=self.claim_ttl)
         except StoreError as exc:
+            await self._release_scheme(attempt.scheme, verified)
             raise as_payment_failed(exc, during="verify") from exc
         if not claimed:
+            await self._release_scheme(attempt.scheme, verified)
             attempt.tracker.fire(Event.REPLAYED)
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
         attempt.tracker.fire(Event.CLAIMED)
+        fault_point("after_verify")
         return attempt
 
     def _x402v2(self, raw: bytes, offers: Sequence[Offer]) -> tuple[Offer, Presented]:
@@ -209,7 +219,7 @@ class Paywall:
         """The app failed: drop the claim, charge nothing; the same payment may be presented again."""
         attempt.tracker.fire(Event.HANDLER_FAILED)
         assert attempt.verified is not None
-        await self.store.release(attempt.verified.key)
+        await self._free(attempt.scheme, attempt.verified)
 
     async def settle(self, attempt: Attempt) -> Headers:
         """The app succeeded: settle now (or enqueue), record the receipt; the receipt headers to add."""
@@ -217,29 +227,56 @@ class Paywall:
         assert verified is not None
         attempt.tracker.fire(Event.SERVED)
         now = self.clock()
-        if self.settle_mode == "deferred":
+        settle_now = getattr(attempt.scheme, "settle_now", None)
+        if self.settle_mode == "deferred" and not (settle_now is not None and settle_now(verified)):
             return await self._enqueue(attempt, verified, now)
+        return await self._settle_now(attempt, verified, now)
+
+    async def _settle_now(self, attempt: Attempt, verified: Verified, now: float) -> Headers:
+        scheme, key = attempt.scheme, verified.key
         try:
-            tx_hash = await attempt.scheme.settle(verified)
+            # Recorded before the transaction leaves: if this process dies from here on, recovery finds the
+            # record and asks the chain what became of it (see gateway._recovery).
+            settlement = scheme.settlement(verified, now=now)
+            kind = in_flight_kind(settlement.kind)
+            await self.store.enqueue(msgspec.structs.replace(settlement, kind=kind))
+        except Exception as exc:
+            attempt.tracker.fire(Event.SETTLE_FAILED)
+            await self._free(scheme, verified)  # nothing was sent
+            raise as_payment_failed(exc, during="settle") from exc
+        attempt.tracker.fire(Event.RECORDED)
+        fault_point("after_handler")
+        try:
+            tx_hash = await scheme.settle(verified)
         except Exception as exc:
             failure = as_payment_failed(exc, during="settle")
             attempt.tracker.fire(Event.SETTLE_FAILED)
-            log.warning("settlement of %s failed: %s (%s)", verified.key, failure.code, failure.message)
-            # A definite failure frees the payment; an unknown outcome keeps the claim until its TTL runs out,
-            # by which time the chain (the nonce is used or not) is the judge.
+            log.warning("settlement of %s failed: %s (%s)", key, failure.code, failure.message)
+            # A definite failure frees the payment and closes its record; an unknown outcome keeps the claim
+            # until its TTL runs out and leaves the record to recovery, for the chain (the nonce is used or
+            # not) to judge.
             if failure.status_hint == 402 and failure.code not in _PENDING:
-                await self.store.release(verified.key)
+                await self._free(scheme, verified)
+                await self._quietly(
+                    self.store.mark_failed(
+                        key, error=f"{failure.code}: refused before serving: {failure.message}", retry_at=None
+                    )
+                )
             failure.headers = settle_failure_headers(attempt.dialect, verified, failure.code)
             raise failure from exc
+        fault_point("after_send")
         headers, receipt = receipt_headers(
             attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
         )
         try:
-            await self.store.complete(verified.key, receipt=receipt)
+            # Finalize first: a crash between the two leaves a finalized key with an open record, which
+            # recovery settles from the chain; the other order could leave a paid key claimable.
+            await self.store.complete(key, receipt=receipt)
+            await self.store.mark_settled([key], tx_hash=tx_hash)
         except StoreError as exc:
-            # The money has moved and the chain now refuses the nonce: serve the content; only the
-            # receipt copy is lost.
-            log.error("settled %s in %s but could not record it: %s", verified.key, tx_hash, exc)
+            # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
+            # the record from the chain.
+            log.error("settled %s in %s but could not record it: %s", key, tx_hash, exc)
         attempt.tracker.fire(Event.SETTLED)
         return headers
 
@@ -254,10 +291,29 @@ class Paywall:
             # Not queued means never settled: withhold the content and free the payment.
             failure = as_payment_failed(exc, during="settle")
             attempt.tracker.fire(Event.SETTLE_FAILED)
-            await self.store.release(verified.key)
+            await self._free(attempt.scheme, verified)
             raise failure from exc
         attempt.tracker.fire(Event.QUEUED)
+        fault_point("after_handler")
         return headers
+
+    async def _free(self, scheme: Scheme, verified: Verified) -> None:
+        """Nothing will be charged: drop the claim and let the scheme give back what `verify` reserved."""
+        await self._quietly(self.store.release(verified.key))
+        await self._release_scheme(scheme, verified)
+
+    async def _release_scheme(self, scheme: Scheme, verified: Verified) -> None:
+        release = getattr(scheme, "release", None)  # optional: see `gateway._scheme.Releases`
+        if release is not None:
+            await self._quietly(release(verified))
+
+    @staticmethod
+    async def _quietly(step: Awaitable[None]) -> None:
+        # Clean-up after a failure must not mask the failure: a claim left behind expires with its TTL.
+        try:
+            await step
+        except Exception as exc:
+            log.error("clean-up after a refused payment failed: %r", exc)
 
 
 def _same(a: str, b: str) -> bool:

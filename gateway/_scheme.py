@@ -5,6 +5,14 @@ presented payment against that offer (`verify`), and moves the money (`settle` n
 durable queue a batching settler drains). The pipeline owns everything shared between schemes: decoding the
 three wire forms, matching `accepted` / MPP challenges to offers, the replay claim, and the answers.
 
+Two methods are optional (the pipeline looks for them; see `Releases` and `ChoosesSettlement`):
+`release(verified)` gives back what `verify` reserved when the payment ends up not charged (handler failed,
+settlement refused), and `settle_now(verified)` asks for this one payment to be settled before the response
+even under `settle="deferred"` (an escrow payer past its credit limit).
+
+A payment settled before its response is first recorded in the store under `in_flight_kind(kind)`
+(`exact:now`, ...), so that recovery can find it if the process dies while its transaction is out.
+
 `exact` (EIP-3009) is `gateway._exact.ExactScheme`; an escrow scheme is one more class with these methods.
 """
 
@@ -19,7 +27,17 @@ from x402 import MppChallenge, PaymentRequirements
 from ._pricing import Quote
 from ._store import Settlement
 
-__all__ = ["Dialect", "MppOffer", "Offer", "Presented", "Scheme", "Verified"]
+__all__ = [
+    "ChoosesSettlement",
+    "Dialect",
+    "MppOffer",
+    "Offer",
+    "Presented",
+    "Releases",
+    "Scheme",
+    "Verified",
+    "in_flight_kind",
+]
 
 Dialect = Literal["x402v2", "x402v1", "mpp"]
 
@@ -89,3 +107,24 @@ class Scheme(Protocol):
     def settlement(self, verified: Verified, *, now: float) -> Settlement:
         """The durable queue item for deferred settlement by a batching settler."""
         ...
+
+
+class Releases(Protocol):
+    """Optional: a scheme whose `verify` reserves something (budget, credit) to give back."""
+
+    async def release(self, verified: Verified) -> None:
+        """The payment will not be charged (handler failed, settlement refused): undo `verify`'s holds."""
+        ...
+
+
+class ChoosesSettlement(Protocol):
+    """Optional: a scheme that may need one payment settled before its response under "deferred"."""
+
+    def settle_now(self, verified: Verified) -> bool:
+        """True: settle this payment before the response even though the middleware defers."""
+        ...
+
+
+def in_flight_kind(kind: str) -> str:
+    """The queue kind under which a payment being settled before its response is recorded."""
+    return kind + ":now"

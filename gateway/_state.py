@@ -3,12 +3,18 @@
     received ──verified──▶ verified ──claimed──▶ claimed ──served──▶ served ──settled──▶ settled
         │                      │                    │                   ├──queued───▶ queued
         └──rejected──▶ rejected└──replayed─▶ rejected└──handler_failed─▶ released
-                                                                        └──settle_failed─▶ failed
+                                                                        ├──settle_failed─▶ failed
+                                                                        └──recorded─▶ settling
+                                    settling ──settled──▶ settled
+                                        └──settle_failed─▶ failed
 
 `rejected`: verification failed or the replay claim was already held (nothing was claimed).
 `released`: the handler failed; the claim is dropped and the same payment may be presented again.
 `failed`: the handler succeeded but settlement did not; the content is withheld.
 `queued`: deferred settlement; the batching settler owns the payment from here.
+`settling`: settled before the response; recorded in the store as in flight before the transaction leaves, so
+recovery can tell from the chain what happened if the process dies now. The direct `served ──settled──▶`
+edge is for callers that settle without such a record.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class PaymentState(StrEnum):
     SERVED = "served"
     SETTLED = "settled"
     QUEUED = "queued"
+    SETTLING = "settling"
     RELEASED = "released"
     REJECTED = "rejected"
     FAILED = "failed"
@@ -42,6 +49,7 @@ class Event(StrEnum):
     HANDLER_FAILED = "handler_failed"
     SETTLED = "settled"
     QUEUED = "queued"
+    RECORDED = "recorded"
     SETTLE_FAILED = "settle_failed"
 
 
@@ -56,6 +64,9 @@ TRANSITIONS: Final[dict[tuple[PaymentState, Event], PaymentState]] = {
     (S.SERVED, E.SETTLED): S.SETTLED,
     (S.SERVED, E.QUEUED): S.QUEUED,
     (S.SERVED, E.SETTLE_FAILED): S.FAILED,
+    (S.SERVED, E.RECORDED): S.SETTLING,
+    (S.SETTLING, E.SETTLED): S.SETTLED,
+    (S.SETTLING, E.SETTLE_FAILED): S.FAILED,
 }
 del S, E
 

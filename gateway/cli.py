@@ -11,15 +11,20 @@ will not start) prints one `agentpay: error: ...` line on stderr and exits non-z
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import msgspec
 
 from escrow import DevnetState, EscrowError, devnet_running, start_detached, stop_detached
 
 from ._errors import GatewayError
+from ._store import open_store
 
 __all__ = ["command", "main"]
 
@@ -128,6 +133,69 @@ def _devnet(parser: argparse.ArgumentParser) -> None:
     status.set_defaults(func=_devnet_status)
     for sub in (up, down, status):
         sub.add_argument("--state", default=_default_state(), help=state_help)
+
+
+# -- agentpay settlements
+
+
+def _limit(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) <= 10_000:
+        raise argparse.ArgumentTypeError(f"not a number of dead letters (1-10000): {value!r}")
+    return int(value)
+
+
+async def _queue_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    store = await open_store(args.store)
+    try:
+        requeued = {key: await store.requeue(key) for key in args.requeue}
+        stats = await store.stats()
+        dead = await store.dead_letters(kind=args.kind, limit=args.limit)
+    finally:
+        await store.close()
+    fields = ("key", "kind", "payer", "amount", "attempts", "error", "tx_hash", "created_at")
+    report: dict[str, Any] = {
+        "stats": msgspec.to_builtins(stats),
+        "pending": stats.queued + stats.leased + stats.failed,
+        "dead_letters": [{name: getattr(item, name) for name in fields} for item in dead],
+    }
+    if requeued:
+        report["requeued"] = requeued
+    return report, [key for key, done in requeued.items() if not done]
+
+
+def _settlements_run(args: argparse.Namespace) -> int:
+    try:
+        report, missing = asyncio.run(_queue_report(args))
+    except GatewayError:
+        raise
+    except Exception as exc:  # a driver's own error (authentication, bad database name, ...)
+        raise GatewayError(f"cannot read the store: {type(exc).__name__}: {exc}", code="cli_store") from None
+    sys.stdout.write(json.dumps(report) + "\n")
+    if missing:
+        return _fail(
+            f"nothing to requeue under {', '.join(missing)} (only dead or retry-waiting items can be)"
+        )
+    return 0
+
+
+@command("settlements", help="show a store's settlement queue (counts per state, dead letters) as JSON")
+def _settlements(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("AGENTPAY_STORE"),
+        required="AGENTPAY_STORE" not in os.environ,
+        help="store URL: sqlite:///payments.db, postgresql://host/db?schema=x (default: $AGENTPAY_STORE)",
+    )
+    parser.add_argument(
+        "--requeue",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="put a dead (or retry-waiting) settlement back in the queue, due now; repeatable",
+    )
+    parser.add_argument("--kind", help="list only dead letters of this kind (exact, escrow, exact:now, ...)")
+    parser.add_argument("--limit", type=_limit, default=100, help="most dead letters listed (default: 100)")
+    parser.set_defaults(func=_settlements_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

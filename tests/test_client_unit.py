@@ -64,6 +64,7 @@ from x402 import (
     verify_mpp_authorization,
 )
 from x402.client import (
+    ACCEPT_PAYMENT_HEADER,
     OFFER_EXTENSION,
     PAYMENT_ERROR_EXTENSION,
     RECEIPT_EXTENSION,
@@ -109,6 +110,8 @@ class Paywall:
     nonces: list[str] = field(default_factory=list)
     accepted_seen: list[PaymentRequirements] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    mpp_payloads: list[dict[str, Any]] = field(default_factory=list)  # raw credential payloads, as sent
+    accept_payment: list[str | None] = field(default_factory=list)  # Accept-Payment of every request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def requirements(self, url: str) -> PaymentRequirements:
@@ -199,6 +202,7 @@ class Paywall:
         url = str(request.url)
         body = await request.body()
         h = request.headers
+        self.accept_payment.append(h.get("accept-payment"))
         try:
             if "payment-signature" in h:
                 payment = decode_payment_signature(h["payment-signature"])
@@ -222,6 +226,7 @@ class Paywall:
                 protocol = "x402v1"
             elif h.get("authorization", "").lower().startswith("payment "):
                 credential = parse_credential(h["authorization"])
+                self.mpp_payloads.append(credential.payload)
                 if not verify_challenge(SECRET, credential.challenge):
                     raise X402Error(
                         "challenge not issued here", code=Reason.INVALID_CHALLENGE, status_hint=402
@@ -707,3 +712,59 @@ def test_mpp_credential_goes_in_the_header_the_challenge_names() -> None:
     assert list(headers) == ["Payment-Authorization"]
     credential = parse_credential(headers["Payment-Authorization"])
     assert credential.challenge == challenge  # echoed unchanged, header included
+
+
+# ------------------------------------------------------------------------ what goes on the wire, exactly
+
+
+def test_mpp_credential_on_the_wire_names_its_type(paywall: Paywall, sync_client: httpx.Client) -> None:
+    """The ``payload`` the server decodes out of ``Authorization: Payment`` carries ``"type":
+    "authorization"`` (draft-evm-charge-00 tells credential kinds apart by it), with every other member."""
+    for compat in (False, True):
+        sync_client.get("/paid", auth=PaymentAuth(wallet(pympp_compat=compat), prefer=("mpp",)))
+    assert len(paywall.mpp_payloads) == 2  # the pympp-compat one is refused, but it was sent and read
+    for raw in paywall.mpp_payloads:
+        assert raw["type"] == "authorization"
+        assert set(raw) == {"type", "from", "to", "value", "validAfter", "validBefore", "nonce", "signature"}
+    # and the type survives the typed decode and re-encode
+    typed = convert_payload(paywall.mpp_payloads[0], MppAuthorizationPayload)
+    assert msgspec.to_builtins(typed)["type"] == "authorization"
+
+
+def test_accept_payment_names_what_the_wallet_pays(paywall: Paywall, sync_client: httpx.Client) -> None:
+    assert Eip3009Wallet.mpp_methods == ("evm/charge",)
+    sync_client.get("/paid", auth=PaymentAuth(wallet()))
+    assert paywall.accept_payment == ["evm/charge", "evm/charge"]  # the first request and the paid retry
+
+
+def test_accept_payment_is_left_alone_or_off_when_it_should_be(
+    paywall: Paywall, sync_client: httpx.Client
+) -> None:
+    # the caller's own value wins
+    sync_client.get("/paid", auth=PaymentAuth(wallet()), headers={ACCEPT_PAYMENT_HEADER: "tempo/charge"})
+    assert paywall.accept_payment == ["tempo/charge"] * 2
+    # MPP not wanted, switched off, or a wallet that does not say what it pays: no header
+    for auth in (
+        PaymentAuth(wallet(), prefer=("x402v2", "x402v1")),
+        PaymentAuth(wallet(), accept_payment=False),
+        PaymentAuth(CountingWallet(wallet())),
+    ):
+        paywall.accept_payment.clear()
+        assert sync_client.get("/paid", auth=auth).status_code == 200
+        assert paywall.accept_payment == [None, None]
+
+
+class RankedWallet(CountingWallet):
+    """Prefers x402 v1 over everything: the wallet's rank comes before the protocol preference."""
+
+    def rank(self, offer: Offer) -> int:
+        return 0 if offer.protocol == "x402v1" else 1
+
+
+def test_wallet_rank_comes_before_protocol_preference(paywall: Paywall, sync_client: httpx.Client) -> None:
+    response = sync_client.get("/paid", auth=PaymentAuth(RankedWallet(wallet())))
+    assert response.status_code == 200 and paywall.paid == ["x402v1"]
+    # ties keep the protocol preference; protocols outside `prefer` stay out whatever the rank
+    auth = PaymentAuth(RankedWallet(wallet()), prefer=("mpp", "x402v2"))
+    response = sync_client.get("/paid", auth=auth)
+    assert response.status_code == 200 and paywall.paid == ["x402v1", "mpp"]

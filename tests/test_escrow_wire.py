@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import replace
+
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from x402 import Eip712Domain, InvalidSignature, LocalSigner, MalformedPayment, typed_data_digest
+import x402
+from x402 import (
+    PROBLEM_BASE,
+    Eip712Domain,
+    InvalidSignature,
+    LocalSigner,
+    MalformedPayment,
+    PaymentRejected,
+    Reason,
+    X402Error,
+    encode_scheme_payload,
+    error_answer,
+    typed_data_digest,
+)
+from x402._errors import _TABLE
 from x402._escrow import (
     EscrowCode,
+    EscrowExtra,
+    EscrowMppPayload,
     EscrowPayload,
     EscrowPayment,
     GrantMessage,
@@ -162,3 +182,73 @@ def test_nonce_counter_is_sequential_and_unique_across_instances() -> None:
     first = a.take()
     assert a.take() == first + 1
     assert first >> 8 != b.take() >> 8  # different random words
+
+
+# -------------------------------------------------------------------- exports, defaults on the wire, errors
+
+
+def test_escrow_names_are_exported_and_registered_by_import_x402() -> None:
+    """A fresh interpreter: ``import x402`` alone registers the ``escrow`` payload and pulls in no httpx."""
+    code = (
+        "import sys, x402\n"
+        "assert ('escrow', 'eip155') in x402.registered_schemes()\n"
+        "assert 'httpx' not in sys.modules, 'import x402 must stay free of httpx'\n"
+        "missing = [n for n in x402._escrow.__all__ if n not in x402.__all__ or not hasattr(x402, n)]\n"
+        "assert not missing, missing\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert x402.EscrowPayload is EscrowPayload and x402.sign_payment is sign_payment
+
+
+def test_escrow_extra_encodes_every_field() -> None:
+    """``name``/``version`` are required by the scheme spec: defaults must not be omitted on encode."""
+    extra = EscrowExtra(escrow="0x" + "11" * 20)
+    raw = msgspec.to_builtins(extra)
+    assert raw == {"escrow": "0x" + "11" * 20, "name": "AgentEscrow", "version": "1", "deadlineSeconds": 3600}
+    assert msgspec.json.decode(msgspec.json.encode(extra), type=EscrowExtra) == extra
+    # the defaults still apply on decode (an offer that leaves deadlineSeconds out)
+    assert msgspec.convert({"escrow": "0x" + "11" * 20}, EscrowExtra) == extra
+
+
+def test_grant_message_encodes_its_signed_defaults() -> None:
+    grant = GrantMessage(
+        payer=KEY.address, signer=KEY.address, token=KEY.address, max_per_call=1, budget=2,
+        valid_after=0, valid_until=10,
+    )  # fmt: skip
+    raw = msgspec.to_builtins(grant)
+    assert raw["payees"] == [] and raw["epoch"] == 1 and raw["validAfter"] == 0
+
+
+def test_escrow_mpp_payload_always_names_its_type() -> None:
+    domain = escrow_domain(31337, "0x" + "11" * 20)
+    signed = sign_payment(
+        KEY, domain, payer="0x" + "22" * 20, payee="0x" + "33" * 20, token="0x" + "44" * 20,
+        amount=1, nonce=1, deadline=1, epoch=1,
+    )  # fmt: skip
+    mpp = EscrowMppPayload(signature=signed.signature, payment=signed.payment)
+    for raw in (encode_scheme_payload(mpp), msgspec.json.decode(msgspec.json.encode(mpp))):
+        assert raw["type"] == "escrow" and set(raw) == {"type", "signature", "payment"}
+        assert decode_escrow_payload(raw, mpp=True) == signed
+    with pytest.raises(PaymentRejected):
+        decode_escrow_payload({k: v for k, v in encode_scheme_payload(mpp).items() if k != "type"}, mpp=True)
+
+
+def test_every_escrow_code_has_its_own_error_answer() -> None:
+    codes = [v for k, v in vars(EscrowCode).items() if k.isupper()]
+    assert len(codes) == 18
+    assert all(code in _TABLE for code in codes)
+    # a replayed payment must not invite the client to pay again (as `exact`); an expired one is expired
+    for code in (EscrowCode.NONCE_USED, EscrowCode.NONCE_REUSED):
+        assert error_answer(code).mpp_status == 403
+        assert error_answer(code).mpp_status == error_answer(Reason.NONCE_ALREADY_USED).mpp_status
+    for code, like in (
+        (EscrowCode.DEADLINE_EXPIRED, Reason.VALID_BEFORE),  # payment-expired
+        (EscrowCode.AMOUNT_MISMATCH, Reason.VALUE_MISMATCH),  # payment-insufficient
+        (EscrowCode.RECIPIENT_MISMATCH, Reason.RECIPIENT_MISMATCH),
+    ):
+        assert error_answer(code) == replace(error_answer(like), invalid_reason=code)
+    assert error_answer(EscrowCode.DEADLINE_EXPIRED).problem_type == PROBLEM_BASE + "payment-expired"
+    # whatever status hint the raising side gave, the answer is the table's
+    rejected = X402Error("x", code=EscrowCode.GRANT_REVOKED, status_hint=400)
+    assert error_answer(rejected).status == 402 and error_answer(rejected).mpp_status == 402

@@ -201,6 +201,27 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
     Reason.CHALLENGE_EXPIRED: (402, _EXPIRED, 402),
     Reason.NO_PAYABLE_OFFER: (402, _PAYMENT_REQUIRED, 402),
     Reason.SPEND_POLICY_VIOLATION: (402, _PAYMENT_REQUIRED, 402),
+    # The `escrow` scheme (``x402._escrow.EscrowCode``; spelled out here because that module imports this
+    # one). Each row answers like its `exact` counterpart, so a client reacts to both schemes alike.
+    "escrow_deadline_expired": (402, _EXPIRED, 402),  # as VALID_BEFORE: sign a fresh payment
+    "escrow_deadline_too_soon": (402, _VERIFICATION, 402),
+    "escrow_invalid_payee": (402, _VERIFICATION, 402),
+    "invalid_escrow_signature": (402, _VERIFICATION, 402),
+    # A replay (store claim or on-chain bitmap), or a nonce that paid another payment: 403 as for `exact`.
+    "escrow_nonce_used": (402, _VERIFICATION, 403),
+    "escrow_nonce_reused": (402, _VERIFICATION, 403),
+    "escrow_grant_not_found": (402, _VERIFICATION, 402),
+    "escrow_grant_revoked": (402, _VERIFICATION, 402),
+    "escrow_token_mismatch": (402, _VERIFICATION, 402),
+    "escrow_grant_not_yet_valid": (402, _VERIFICATION, 402),
+    "escrow_grant_expired": (402, _VERIFICATION, 402),
+    "escrow_payee_not_allowed": (402, _VERIFICATION, 402),
+    "escrow_amount_exceeds_cap": (402, _VERIFICATION, 402),
+    "escrow_budget_exceeded": (402, _VERIFICATION, 402),  # as INSUFFICIENT_FUNDS
+    "escrow_insufficient_deposit": (402, _VERIFICATION, 402),  # as INSUFFICIENT_BALANCE
+    "escrow_recipient_mismatch": (402, _VERIFICATION, 402),  # as RECIPIENT_MISMATCH
+    "escrow_amount_mismatch": (402, _INSUFFICIENT, 402),  # as VALUE_MISMATCH
+    "escrow_contract_mismatch": (402, _VERIFICATION, 402),  # as NETWORK_MISMATCH
 }
 
 

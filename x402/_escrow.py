@@ -158,6 +158,11 @@ class _Wire(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defa
     pass
 
 
+class _Explicit(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """Every field always encoded: for objects whose defaulted fields are still required on the wire (or
+    signed), where ``omit_defaults`` would drop them and a reader with other defaults would misread them."""
+
+
 class EscrowPayment(_Wire, frozen=True, kw_only=True):
     """The signed ``Payment``; uint256 fields are decimal strings, ``epoch`` is a number."""
 
@@ -189,11 +194,13 @@ class EscrowMppPayload(msgspec.Struct, frozen=True, kw_only=True, rename="camel"
         return EscrowPayload(signature=self.signature, payment=self.payment)
 
 
-class EscrowExtra(_Wire, frozen=True, kw_only=True):
+class EscrowExtra(_Explicit, frozen=True, kw_only=True):
     """``extra`` of an ``escrow`` offer (x402 ``accepts[]``; MPP ``methodDetails`` carries the same keys).
 
     ``escrow`` is the verifying contract; ``name``/``version`` its EIP-712 domain; the client signs a
-    ``deadline`` at least ``deadlineSeconds`` ahead, so a batching settler has time to land it.
+    ``deadline`` at least ``deadlineSeconds`` ahead, so a batching settler has time to land it. The
+    defaults apply on decode only: the scheme spec makes ``name``/``version`` required, so every field is
+    encoded even when it has its default value.
     """
 
     escrow: Address
@@ -232,8 +239,11 @@ def payment_typed_data(domain: Eip712Domain, payment: EscrowPayment) -> dict[str
     }
 
 
-class GrantMessage(_Wire, frozen=True, kw_only=True):
-    """What an owner signs to grant ``signer`` (``AgentEscrow.grantWithSig``); also the signed-grant file."""
+class GrantMessage(_Explicit, frozen=True, kw_only=True):
+    """What an owner signs to grant ``signer`` (``AgentEscrow.grantWithSig``); also the signed-grant file.
+
+    ``payees`` and ``epoch`` are signed: they are always written out, so a file is readable without
+    knowing this class's defaults."""
 
     payer: Address
     signer: Address

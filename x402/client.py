@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Collection, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
@@ -75,7 +75,9 @@ from ._types import (
 )
 
 __all__ = [
+    "ACCEPT_PAYMENT_HEADER",
     "DEFAULT_PREFERENCE",
+    "EVM_CHARGE",
     "OFFER_EXTENSION",
     "PAYMENT_ERROR_EXTENSION",
     "RECEIPT_EXTENSION",
@@ -106,6 +108,11 @@ PAYMENT_ERROR_EXTENSION: Final = "x402_payment_error"
 OFFER_EXTENSION: Final = "x402_offer"
 
 _PAYMENT_HEADERS: Final = (PAYMENT_SIGNATURE_HEADER, X_PAYMENT_HEADER)
+#: Request header listing the MPP ``method/intent`` pairs the client can pay (mpp.md §1; servers SHOULD
+#: filter and order their challenges by it).
+ACCEPT_PAYMENT_HEADER: Final = "Accept-Payment"
+#: The MPP method/intent that :class:`Eip3009Wallet` and the escrow session-key wallet answer.
+EVM_CHARGE: Final = "evm/charge"
 _REMEMBER_MAX: Final = 1024
 
 
@@ -283,7 +290,16 @@ def payment_headers(offer: Offer, credential: Credential) -> dict[str, str]:
 @runtime_checkable
 class Wallet(Protocol):
     """Something that can pay some offers. ``can_pay`` must be cheap and side-effect free (it is asked
-    about every offer of every 402); ``pay`` signs and is called at most once per paid request."""
+    about every offer of every 402); ``pay`` signs and is called at most once per paid request.
+
+    Two optional members, looked up once by :class:`PaymentAuth` (a wallet without them works as before):
+
+    - ``rank(offer) -> int``: the wallet's own preference among the offers it can pay, lower first; it
+      comes before the protocol preference (which then only breaks ties). A session-key wallet uses it to
+      pay through the escrow whenever it can and with its fallback only otherwise.
+    - ``mpp_methods: Sequence[str]``: the MPP ``method/intent`` pairs it can pay (``("evm/charge",)``),
+      announced to servers in the ``Accept-Payment`` request header.
+    """
 
     def can_pay(self, offer: Offer) -> bool: ...
 
@@ -299,6 +315,8 @@ class Eip3009Wallet:
     challenges do not carry the domain). x402 authorizations get a fresh random nonce each; MPP ones use
     the challenge hash as the spec requires (``pympp_compat`` switches to pympp 0.16's formula).
     """
+
+    mpp_methods: Final[tuple[str, ...]] = (EVM_CHARGE,)
 
     def __init__(
         self,
@@ -344,7 +362,7 @@ class Eip3009Wallet:
 
     def can_pay(self, offer: Offer) -> bool:
         if offer.protocol == "mpp":
-            if offer.scheme != "evm/charge" or offer.request is None:
+            if offer.scheme != EVM_CHARGE or offer.request is None:
                 return False
             try:
                 request = decode_evm_charge_request(dict(offer.request))
@@ -577,10 +595,15 @@ def _payment_error(response: httpx.Response) -> Any:
 class PaymentAuth(httpx.Auth):
     """``httpx.Auth`` that pays 402 challenges (see the module docstring for the exact behaviour).
 
-    ``prefer`` orders the protocols when a server offers several (default v2, MPP, v1). With
-    ``remember=True`` the offer paid for ``(method, URL)`` is cached (x402 offers only: MPP challenges are
-    single-use) and the next request to it is paid up front, saving the 402 round trip; if the server
-    refuses it, the normal 402 exchange follows.
+    ``prefer`` orders the protocols when a server offers several (default v2, MPP, v1); a wallet with a
+    ``rank(offer)`` method orders the offers first (see :class:`Wallet`). With ``remember=True`` the offer
+    paid for ``(method, URL)`` is cached (x402 offers only: MPP challenges are single-use) and the next
+    request to it is paid up front, saving the 402 round trip; if the server refuses it, the normal 402
+    exchange follows.
+
+    When MPP is among the preferred protocols and the wallet lists ``mpp_methods``, every request carries
+    ``Accept-Payment: <method/intent>, ...`` (as pympp's client sends it) unless the caller set one;
+    ``accept_payment=False`` turns that off.
     """
 
     requires_request_body = True  # the paid retry re-sends the body
@@ -592,11 +615,21 @@ class PaymentAuth(httpx.Auth):
         *,
         prefer: Sequence[ProtocolName] = DEFAULT_PREFERENCE,
         remember: bool = False,
+        accept_payment: bool = True,
     ) -> None:
         self.wallet = wallet
         self.policy = policy if policy is not None else SpendPolicy()
         self.prefer = tuple(prefer)
         self.remember = remember
+        # Optional wallet members, looked up once rather than per offer.
+        rank = getattr(wallet, "rank", None)
+        self._wallet_rank: Callable[[Offer], int] | None = rank if callable(rank) else None
+        # Announce only what the wallet pays and only when MPP is wanted: a server may filter its
+        # challenges by this header, and a wrong value could hide the one offer we can pay.
+        methods = ", ".join(dict.fromkeys(getattr(wallet, "mpp_methods", ())))
+        self.accept_payment: str | None = (
+            methods if methods and accept_payment and "mpp" in self.prefer else None
+        )
         self._memory: OrderedDict[tuple[str, str], Offer] = OrderedDict()
         self._memory_lock = threading.Lock()
 
@@ -611,7 +644,11 @@ class PaymentAuth(httpx.Auth):
         """The preferred payable offer that the policy allows; raise :class:`NoPayableOffer` when the wallet
         can pay none, :class:`SpendPolicyViolation` when the policy refuses all it could pay."""
         candidates = [o for o in offers if self._rank(o) < len(self.prefer)]
-        payable = sorted((o for o in candidates if self.wallet.can_pay(o)), key=self._rank)
+        wallet_rank = self._wallet_rank
+        payable = sorted(
+            (o for o in candidates if self.wallet.can_pay(o)),
+            key=self._rank if wallet_rank is None else lambda o: (wallet_rank(o), self._rank(o)),
+        )
         if not payable:
             kinds = sorted({f"{o.protocol}:{o.scheme}@{o.network}" for o in candidates})
             raise NoPayableOffer(f"no offer this wallet can pay among {kinds}")
@@ -681,6 +718,8 @@ class PaymentAuth(httpx.Auth):
         return True
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self.accept_payment is not None and ACCEPT_PAYMENT_HEADER not in request.headers:
+            request.headers[ACCEPT_PAYMENT_HEADER] = self.accept_payment
         remembered = self._recall(request)
         if remembered is not None:
             reservation = self._pay(request, remembered)

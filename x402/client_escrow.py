@@ -2,8 +2,10 @@
 with an ``escrow`` credential) out of its owner's escrow deposit, within the grant it holds.
 
     wallet = EscrowWallet.from_grant(session_key, signed_grant)      # the owner's grant, as relayed
-    auth = SessionKeyAuth(wallet, fallback=Eip3009Wallet(...))        # escrow first, exact otherwise
+    auth = PaymentAuth(SessionKeyWallet(wallet, fallback=Eip3009Wallet(...)))  # escrow first, exact otherwise
     async with httpx.AsyncClient(auth=auth) as client: ...
+
+(``SessionKeyAuth(wallet, fallback=...)`` is the same thing spelled shorter.)
 
 ``can_pay`` checks what the key can check offline (chain, escrow, token, per-call cap, payee list, window);
 the grant's budget and revocation are the gateway's and the escrow's to enforce. Nonces count up from a
@@ -14,10 +16,10 @@ share one storage word on chain.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
-from ._errors import NoPayableOffer, SpendPolicyViolation
+from ._errors import NoPayableOffer
 from ._escrow import (
     ESCROW_DOMAIN_NAME,
     ESCROW_DOMAIN_VERSION,
@@ -31,15 +33,17 @@ from ._escrow import (
 from ._evm_charge import did_pkh
 from ._schemes import encode_scheme_payload
 from ._signer import Signer
-from .client import Credential, Offer, PaymentAuth, SpendPolicy, Wallet
+from .client import EVM_CHARGE, Credential, Offer, PaymentAuth, SpendPolicy, Wallet
 
-__all__ = ["EscrowWallet", "SessionKeyAuth"]
+__all__ = ["EscrowWallet", "SessionKeyAuth", "SessionKeyWallet"]
 
 _DEFAULT_DEADLINE = 3600
 
 
 class EscrowWallet:
     """Pays ``escrow`` offers with ``session`` for ``payer``'s grant on ``escrow`` (chain ``chain_id``)."""
+
+    mpp_methods: Final[tuple[str, ...]] = (EVM_CHARGE,)
 
     def __init__(
         self,
@@ -93,7 +97,7 @@ class EscrowWallet:
         """(escrow, deadlineSeconds) the offer names, if it is an escrow offer at all."""
         if offer.protocol == "mpp":
             details = (offer.request or {}).get("methodDetails")
-            if offer.scheme != "evm/charge" or not isinstance(details, dict):
+            if offer.scheme != EVM_CHARGE or not isinstance(details, dict):
                 return None
             if "escrow" not in (details.get("credentialTypes") or ()):
                 return None
@@ -148,25 +152,36 @@ class EscrowWallet:
         return Credential(payload=encode_scheme_payload(signed), source=source)
 
 
-class _Either:
-    """The escrow wallet where it can pay, else the fallback."""
+class SessionKeyWallet:
+    """The escrow wallet first, ``fallback`` (e.g. an :class:`~x402.client.Eip3009Wallet`) for what the
+    session key cannot pay.
 
-    def __init__(self, first: EscrowWallet, fallback: Wallet | None) -> None:
-        self.first = first
+    ``rank`` puts every offer the session key can pay before every other one, whatever its protocol, so
+    :class:`~x402.client.PaymentAuth` pays through the escrow whenever the key and the spend policy allow
+    it; when the policy refuses every escrow offer, the fallback's offers are next in line.
+    """
+
+    def __init__(self, escrow: EscrowWallet, fallback: Wallet | None = None) -> None:
+        self.escrow = escrow
         self.fallback = fallback
+        methods = (*escrow.mpp_methods, *getattr(fallback, "mpp_methods", ()))
+        self.mpp_methods: tuple[str, ...] = tuple(dict.fromkeys(methods))
 
     def can_pay(self, offer: Offer) -> bool:
-        return self.first.can_pay(offer) or (self.fallback is not None and self.fallback.can_pay(offer))
+        return self.escrow.can_pay(offer) or (self.fallback is not None and self.fallback.can_pay(offer))
+
+    def rank(self, offer: Offer) -> int:
+        return 0 if self.escrow.can_pay(offer) else 1
 
     def pay(self, offer: Offer) -> Credential:
-        if self.first.can_pay(offer) or self.fallback is None:
-            return self.first.pay(offer)
+        if self.escrow.can_pay(offer) or self.fallback is None:
+            return self.escrow.pay(offer)
         return self.fallback.pay(offer)
 
 
 class SessionKeyAuth(PaymentAuth):
-    """:class:`~x402.client.PaymentAuth` that pays through the escrow whenever the session key can, and
-    through ``fallback`` (e.g. an :class:`~x402.client.Eip3009Wallet`) otherwise."""
+    """``PaymentAuth(SessionKeyWallet(wallet, fallback), policy, **kwargs)``: nothing more (the escrow-first
+    choice is :meth:`SessionKeyWallet.rank`, which :class:`~x402.client.PaymentAuth` honours)."""
 
     def __init__(
         self,
@@ -176,15 +191,5 @@ class SessionKeyAuth(PaymentAuth):
         fallback: Wallet | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(_Either(wallet, fallback), policy, **kwargs)
+        super().__init__(SessionKeyWallet(wallet, fallback), policy, **kwargs)
         self.escrow_wallet = wallet
-
-    def choose(self, offers: Iterable[Offer]) -> Offer:
-        offers = list(offers)
-        preferred = [o for o in offers if self.escrow_wallet.can_pay(o)]
-        if preferred:
-            try:
-                return super().choose(preferred)
-            except (NoPayableOffer, SpendPolicyViolation):
-                pass  # the policy refuses the escrow offers: the fallback may still pay
-        return super().choose(offers)

@@ -5,9 +5,15 @@ official ``x402`` 2.25.0 package lives) and returns its measurement: the officia
 ``PaymentMiddlewareASGI`` served in-process through ``httpx.ASGITransport``, paid by the official
 httpx client with ``concurrency`` concurrent tasks, with
 
-* ``settle_mode="stub"``: a facilitator that says verify ok / settle ok without touching a chain;
+* ``settle_mode="stub"``: a facilitator that says verify ok / settle ok without touching a chain
+  (``verify=True``: after recovering the EIP-3009 signer, as our benchmark's stub settler does);
 * ``settle_mode="chain"``: the official facilitator (``x402Facilitator`` +
   ``FacilitatorWeb3Signer``) broadcasting one ``transferWithAuthorization`` per request on anvil.
+
+By default the official httpx client pays each request (402 -> sign -> paid retry); with
+``presigned=True`` the official client signs every payment before the clock starts and the timed
+requests carry them up front (the server's cost alone; ``sign_us`` is then the client's time to sign
+and encode one payment). ``unpaid=N`` also times N unpaid requests (``unpaid_per_s``).
 
 It also reports the official client's signing time per payment (``sign_ms``) and the eth-keys ECC
 backend the peer venv uses (``ecc_backend``): without ``coincurve`` installed there, eth-keys
@@ -15,6 +21,7 @@ falls back to pure-Python ECDSA and both figures get several times slower.
 
     from tests.bench._official import run_official
     run_official(16, 400, "stub")
+    run_official(16, 2000, "stub", presigned=True, verify=True, unpaid=2000)
     run_official(16, 200, "chain", devnet=state)    # an escrow.DevnetState (or rpc_url=, asset=, keys)
 """
 
@@ -51,6 +58,9 @@ def run_official(
     amount: int = 1000,
     warmup: int = 3,
     sign_rounds: int = 300,
+    presigned: bool = False,
+    verify: bool = False,
+    unpaid: int = 0,
     timeout: float = 600,
 ) -> dict[str, Any]:
     """Measure the official x402 middleware; returns ``{"req_per_s", "seconds", "sign_ms", ...}``.
@@ -86,7 +96,13 @@ def run_official(
         str(chain_id),
         "--amount",
         str(amount),
+        "--unpaid",
+        str(unpaid),
     ]
+    if presigned:
+        args.append("--presigned")
+    if verify:
+        args.append("--verify")
     for flag, value in (("--rpc-url", rpc_url), ("--asset", asset), ("--pay-to", pay_to)):
         if value is not None:
             args += [flag, value]

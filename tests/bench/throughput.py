@@ -1,22 +1,30 @@
-"""Paid requests per second through the gateway, in process.
+"""Paid requests per second through the gateway, in process, beside the official x402 SDK in the same run.
 
-    python -m tests.bench.throughput [--calls 4000] [--settled-calls 1500] [--concurrency 16] [--no-chain]
+    python -m tests.bench.throughput [--calls 4000] [--chain-calls 1000] [--official-calls 2000]
+                                     [--official-chain-calls 200] [--concurrency 16] [--repeat 3]
+                                     [--no-chain] [--no-official]
 
-Measures, with httpx.ASGITransport and `concurrency` concurrent callers:
+Both servers are driven in process through ``httpx.ASGITransport`` by ``concurrency`` concurrent tasks;
+ours runs here, the official one (``PaymentMiddlewareASGI`` from x402 2.25, whose package name clashes with
+ours) in the peer venv through ``tests.bench._official.run_official``. Each figure is the median of
+``--repeat`` runs; the last line of output is one JSON object:
 
-- `ours_rps`: paid requests/s with a stub settler (signature recovered, `exact` checks, replay claim, handler,
-  receipt; no chain), payments signed beforehand: the server's own cost, comparable to the official SDK's
-  424 paid req/s with a stub facilitator;
-- `ours_e2e_rps`: the same through our client (`PaymentAuth`: 402, sign, paid retry per call);
-- `ours_settled_rps`: paid requests/s with real settlement on a fresh anvil devnet
-  (`settle="before-response"`: verify with simulation, `transferWithAuthorization`, receipt, Transfer
-  event), comparable to the official SDK's 37 req/s;
-- `unpaid_402_rps`: 402 challenges/s (every offer in x402 v2, v1 and MPP, one fresh HMAC challenge each);
-- `client_sign_us`: time for our wallet to sign one payment and encode its header.
-
-The last line of output is one JSON object. `official_rps` / `official_settled_rps` stay null here: the
-official SDK lives in `.venv-peers` (its package is also named `x402`), so its run is a separate process;
-plug it into `official()` below and the ratios fill themselves in.
+- ``ours_rps`` / ``official_rps`` / ``ratio``: paid requests/s with a stub settler, payments signed
+  beforehand: the server's own cost. Both stubs recover the EIP-3009 signer and compare it with ``from``
+  (ours: ``StubChain`` below; theirs: ``--verify`` in ``tests/peers/bench_official.py``); nothing goes on
+  chain. ``official_trusting_rps``: the official server with a stub that checks nothing (its ceiling).
+- ``ours_e2e_rps`` / ``official_e2e_rps`` / ``e2e_ratio``: the same stubs paid through each side's own
+  client (ours ``PaymentAuth``, theirs ``x402AsyncTransport``): 402, sign, paid retry per call.
+- ``ours_chain_rps`` / ``official_chain_rps`` / ``chain_ratio``: paid requests/s with real settlement,
+  each run on a fresh anvil devnet, payments signed beforehand: ours ``ExactEvm`` with
+  ``settle="before-response"`` (simulation, ``transferWithAuthorization``, receipt, Transfer event), theirs
+  ``x402Facilitator`` + ``FacilitatorWeb3Signer``.
+- ``client_sign_us`` / ``official_sign_us`` / ``sign_ratio``: one payment signed and encoded into its
+  ``PAYMENT-SIGNATURE`` header (ours ``Eip3009Wallet.pay`` + ``payment_headers``; theirs
+  ``x402Client.create_payment_payload`` + ``encode_payment_signature_header``); ``sign_ratio`` is
+  official / ours (how many times faster ours signs).
+- ``unpaid_rps`` / ``official_unpaid_rps``: 402 answers/s (ours offers x402 v2, v1 and MPP at once, with a
+  fresh HMAC challenge each; theirs x402 v2 only).
 """
 
 from __future__ import annotations
@@ -51,8 +59,10 @@ from x402 import (
 )
 from x402.client import Eip3009Wallet, Offer, PaymentAuth, SpendPolicy, payment_headers
 
-#: Reference figures from the official SDKs, measured by the research brief on the same kind of setup.
-REFERENCE = {"official_rps": 424.0, "official_settled_rps": 37.0}
+from ._official import run_official
+
+#: Figures the research brief measured for the official SDK (end to end, stub / settled); context only.
+REFERENCE = {"official_e2e_rps": 424.0, "official_chain_rps": 37.0}
 STUB_ASSET = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 PRICE = 1000
 
@@ -162,7 +172,7 @@ async def stub_figures(calls: int, concurrency: int) -> dict[str, float]:
     return {
         "ours_rps": rps,
         "ours_e2e_rps": e2e,
-        "unpaid_402_rps": await _unpaid(app, calls, concurrency),
+        "unpaid_rps": await _unpaid(app, calls, concurrency),
         "client_sign_us": sign_us,
     }
 
@@ -185,7 +195,7 @@ async def settled_figures(state: DevnetState, calls: int, concurrency: int) -> d
         moved = await _balance(rpc, usdc, pay_to) - before
         if moved != PRICE * calls:
             raise RuntimeError(f"settled {moved}, expected {PRICE * calls}")
-        return {"ours_settled_rps": rps}
+        return {"ours_chain_rps": rps}
     finally:
         await rpc.aclose()
 
@@ -202,10 +212,41 @@ async def _balance(rpc: Rpc, token: str, who: str) -> int:
     return int.from_bytes(await rpc.call(token, data), "big")
 
 
-def official() -> dict[str, float | None]:
-    """The official SDKs' figures on this machine. The interop suite fills this in (it must run the
-    `.venv-peers` interpreter in a subprocess and parse its JSON); until then: unknown."""
-    return {"official_rps": None, "official_settled_rps": None}
+def official_stub_figures(calls: int, concurrency: int) -> dict[str, float]:
+    """The official server with the same kind of stub as ours (signer recovered): pre-signed, then through
+    its own client; and once with a stub that checks nothing."""
+    presigned = run_official(
+        concurrency, calls, "stub", presigned=True, verify=True, unpaid=calls, sign_rounds=0
+    )
+    e2e = run_official(concurrency, calls // 4, "stub", verify=True, sign_rounds=0)
+    trusting = run_official(concurrency, calls, "stub", presigned=True, sign_rounds=0)
+    for result in (presigned, e2e, trusting):
+        _all_paid(result)
+    return {
+        "official_rps": presigned["req_per_s"],
+        "official_e2e_rps": e2e["req_per_s"],
+        "official_trusting_rps": trusting["req_per_s"],
+        "official_unpaid_rps": presigned["unpaid_per_s"],
+        "official_sign_us": presigned["sign_us"],
+    }
+
+
+def official_chain_figures(calls: int, concurrency: int) -> dict[str, float]:
+    """The official facilitator settling on its own fresh devnet (see `on_fresh_devnet`)."""
+    with Devnet() as state:
+        result = run_official(
+            concurrency, calls, "chain", devnet=state, presigned=True, sign_rounds=0, amount=PRICE
+        )
+    _all_paid(result)
+    expected = PRICE * (calls + result["warmup"])
+    if result.get("settled_amount") != expected:
+        raise RuntimeError(f"the official facilitator settled {result.get('settled_amount')}, not {expected}")
+    return {"official_chain_rps": result["req_per_s"]}
+
+
+def _all_paid(result: dict[str, Any]) -> None:
+    if set(result["statuses"]) != {"200"}:
+        raise RuntimeError(f"the official server refused payments: {result}")
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -216,37 +257,88 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=int, default=4000, help="paid calls with the stub settler")
-    parser.add_argument("--settled-calls", type=int, default=1000, help="paid calls settled on anvil")
+    parser.add_argument("--calls", type=int, default=4000, help="our paid calls with the stub settler")
+    parser.add_argument("--chain-calls", type=int, default=1000, help="our paid calls settled on anvil")
+    parser.add_argument("--official-calls", type=int, default=2000, help="official paid calls, stub")
+    parser.add_argument("--official-chain-calls", type=int, default=200, help="official calls on anvil")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--no-chain", action="store_true", help="skip the devnet run")
+    parser.add_argument("--no-chain", action="store_true", help="skip the devnet runs")
+    parser.add_argument("--no-official", action="store_true", help="skip the official SDK (no .venv-peers)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
 
-    def median(run: Callable[[], Coroutine[Any, Any, dict[str, float]]]) -> dict[str, float]:
-        runs: list[dict[str, float]] = [asyncio.run(run()) for _ in range(args.repeat)]
+    def median(runs: list[dict[str, float]]) -> dict[str, float]:
         return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
-    figures: dict[str, Any] = dict(median(lambda: stub_figures(args.calls, args.concurrency)))
+    def rounds(*runs: Callable[[], dict[str, float]]) -> list[dict[str, float]]:
+        """Each run's median over `--repeat` rounds. The sides take turns within a round, so that a slow
+        spell of the machine (other jobs, thermal) weighs on both rather than on whichever ran then."""
+        results: list[list[dict[str, float]]] = [[] for _ in runs]
+        for _ in range(args.repeat):
+            for run, out in zip(runs, results, strict=True):
+                out.append(run())
+        return [median(out) for out in results]
+
+    def ours(run: Callable[[], Coroutine[Any, Any, dict[str, float]]]) -> Callable[[], dict[str, float]]:
+        return lambda: asyncio.run(run())
+
+    figures: dict[str, Any] = {}
+    stub_runs = [ours(lambda: stub_figures(args.calls, args.concurrency))]
+    if not args.no_official:
+        stub_runs.append(lambda: official_stub_figures(args.official_calls, args.concurrency))
+    for result in rounds(*stub_runs):
+        figures.update(result)
     print(
-        f"stub settler: {figures['ours_rps']:.0f} paid req/s (client e2e {figures['ours_e2e_rps']:.0f}), "
-        f"{figures['unpaid_402_rps']:.0f} 402/s, client signs in {figures['client_sign_us']:.0f} us"
+        f"ours, stub settler: {figures['ours_rps']:.0f} paid req/s "
+        f"(client e2e {figures['ours_e2e_rps']:.0f}), {figures['unpaid_rps']:.0f} 402/s, "
+        f"client signs in {figures['client_sign_us']:.0f} us",
+        flush=True,
     )
-    figures["ours_settled_rps"] = None
+    if not args.no_official:
+        print(
+            f"official, stub facilitator: {figures['official_rps']:.0f} paid req/s "
+            f"(client e2e {figures['official_e2e_rps']:.0f}, trusting stub "
+            f"{figures['official_trusting_rps']:.0f}), {figures['official_unpaid_rps']:.0f} 402/s, "
+            f"client signs in {figures['official_sign_us']:.0f} us",
+            flush=True,
+        )
     if not args.no_chain:
-        figures.update(median(lambda: on_fresh_devnet(args.settled_calls, args.concurrency)))
-        print(f"settled on a devnet: {figures['ours_settled_rps']:.0f} paid req/s")
-    figures.update(official())
-    figures["ratio"] = _ratio(figures["ours_rps"], figures["official_rps"])
-    figures["settled_ratio"] = _ratio(figures["ours_settled_rps"], figures["official_settled_rps"])
-    figures["reference"] = REFERENCE
-    figures["ratio_vs_reference"] = _ratio(figures["ours_rps"], REFERENCE["official_rps"])
-    figures["settled_ratio_vs_reference"] = _ratio(
-        figures["ours_settled_rps"], REFERENCE["official_settled_rps"]
+        chain_runs = [ours(lambda: on_fresh_devnet(args.chain_calls, args.concurrency))]
+        if not args.no_official:
+            chain_runs.append(lambda: official_chain_figures(args.official_chain_calls, args.concurrency))
+        for result in rounds(*chain_runs):
+            figures.update(result)
+        print(f"ours, settled on a devnet: {figures['ours_chain_rps']:.0f} paid req/s", flush=True)
+        if not args.no_official:
+            print(f"official, settled on a devnet: {figures['official_chain_rps']:.0f} req/s", flush=True)
+
+    keys = (
+        "ours_rps", "official_rps", "ratio", "ours_e2e_rps", "official_e2e_rps", "e2e_ratio",
+        "official_trusting_rps", "ours_chain_rps", "official_chain_rps", "chain_ratio",
+        "client_sign_us", "official_sign_us", "sign_ratio", "unpaid_rps", "official_unpaid_rps",
+    )  # fmt: skip
+    out: dict[str, Any] = {key: figures.get(key) for key in keys}
+    out["ratio"] = _ratio(out["ours_rps"], out["official_rps"])
+    out["e2e_ratio"] = _ratio(out["ours_e2e_rps"], out["official_e2e_rps"])
+    out["chain_ratio"] = _ratio(out["ours_chain_rps"], out["official_chain_rps"])
+    out["sign_ratio"] = _ratio(out["official_sign_us"], out["client_sign_us"])
+    out.update(
+        calls=args.calls,
+        chain_calls=None if args.no_chain else args.chain_calls,
+        official_calls=None if args.no_official else args.official_calls,
+        official_chain_calls=None if args.no_official or args.no_chain else args.official_chain_calls,
+        concurrency=args.concurrency,
+        repeat=args.repeat,
+        reference=REFERENCE,
+        seconds=time.perf_counter() - started,
     )
-    figures["concurrency"] = args.concurrency
-    rounded = {k: round(v, 1) if isinstance(v, float) else v for k, v in figures.items()}
-    print(json.dumps(rounded, sort_keys=False))
+    # Ratios keep their two decimals; every other float is rounded to one.
+    print(
+        json.dumps(
+            {k: round(v, 1) if isinstance(v, float) and "ratio" not in k else v for k, v in out.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,435 @@
+"""The settler of x402 `exact` payments (EIP-3009 `transferWithAuthorization`), and the crash-test fault hook.
+
+    settler = ExactSettler(store, ExactEvm(rpc, relayer), batch_size=64, max_age=0.5)
+    await settler.run(stop)              # or step() in a supervised loop; drain() in tests
+
+It drains the store's `exact` queue: lease a batch, look every authorization up on the token, send the
+unused ones through the relayer (the `TxSender` puts them in one JSON-RPC batch with consecutive nonces),
+wait for the receipts (one batched poll), record each outcome. A lease is the durable record of "being
+settled": if this process dies after sending, the lease runs out and the item comes back.
+
+Never twice: before anything is sent, `authorizationState(from, nonce)` is asked for the whole lease in one
+round trip. A used authorization is not sent again; its `AuthorizationUsed(authorizer, nonce)` log names the
+transaction, whose `Transfer` must be this very payment (`settled_elsewhere`, recorded with that hash), else
+the payment is dead: the nonce paid something else, or the payer canceled it. A send whose receipt did not
+arrive is remembered in the item's error (`settlement_pending: sent in 0x...`); while that transaction is
+still in the node's pool, nothing is re-sent.
+
+Outcomes (`SettleOutcome.status`): `settled`, `settled_elsewhere`, `retry` (the chain could not be asked or
+the transfer reverted while still valid: `mark_failed` with exponential backoff, never past the
+authorization's `validBefore`), `dead` (the payee's loss, with a reason code; or, for `reconcile_items`,
+`exact_never_settled`: nothing was charged).
+
+`reconcile_items` is the record-only variant for payments a gateway was settling before answering (its
+`exact:now` records, see `gateway._recovery`): it never sends, so a payment whose response never left is
+never charged by recovery; an authorization still unused is looked at again once it can no longer land.
+
+Relayer keys: `TxSender` counts its account nonce in process, so every process that settles needs its own
+relayer key (several replicas sharing one would race on the account nonce).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
+
+import msgspec
+
+from x402 import Eip712Domain, ExactEvmPayload, Reason
+
+from ._exact import AUTHORIZATION_USED_TOPIC, ExactEvm, authorization_state_calldata, has_transfer
+from ._rpc import ChainError, Receipt
+from ._settler import SettleOutcome, Status
+
+__all__ = [
+    "KIND",
+    "ExactPayment",
+    "ExactSettler",
+    "decode_payment",
+    "encode_payment",
+    "fault_point",
+]
+
+KIND: Final = "exact"
+NEVER_SETTLED: Final = "exact_never_settled"
+_PENDING_TX = re.compile(r"sent in (0x[0-9a-fA-F]{64})")
+_FAULTS: Final = frozenset(filter(None, os.environ.get("AGENTPAY_FAULT", "").split(",")))
+
+
+def fault_point(stage: str) -> None:
+    """Crash here when `AGENTPAY_FAULT` names `stage` (comma-separated): test-only fault injection.
+
+    The process SIGKILLs itself, as a power cut would: no `finally`, no flush, no lifespan shutdown. Stages:
+    `after_verify` (claim taken, handler not run), `after_handler` (served, settlement recorded, nothing
+    sent), `after_send` (transaction sent, outcome not recorded). Off unless the variable is set; the check
+    is one lookup in an empty set.
+    """
+    if stage in _FAULTS:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ExactPayment(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What the settlement queue stores for an `exact` payment: the signed authorization and its token."""
+
+    name: str
+    version: str
+    chain_id: int
+    asset: str
+    payload: ExactEvmPayload
+
+    @property
+    def domain(self) -> Eip712Domain:
+        return Eip712Domain(self.name, self.version, self.chain_id, self.asset)
+
+
+encode_payment = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(ExactPayment).decode
+
+
+def decode_payment(raw: bytes) -> ExactPayment:
+    return _decode(raw)
+
+
+class _Item(Protocol):
+    @property
+    def key(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+class ExactQueue(Protocol):
+    """The part of `gateway.PaymentStore` this settler uses (escrow/ does not import gateway/)."""
+
+    async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> Sequence[_Item]: ...
+    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None: ...
+    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None: ...
+
+
+Work = tuple[_Item, ExactPayment]
+
+
+class ExactSettler:
+    """Settles `exact` payments from a store queue through `exact.relayer`, batching the sends."""
+
+    def __init__(
+        self,
+        store: ExactQueue,
+        exact: ExactEvm,
+        *,
+        kind: str = KIND,
+        batch_size: int = 64,
+        max_age: float = 0.5,
+        tick: float = 0.05,
+        lease_seconds: float = 120.0,
+        receipt_timeout: float = 30.0,
+        retry_base: float = 1.0,
+        retry_cap: float = 60.0,
+        expiry_margin: float = 6.0,
+        lookback_blocks: int = 500_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.exact = exact
+        self.rpc = exact.relayer.rpc  # everything after verification goes where the relayer sends
+        self.kind = kind
+        self.batch_size = batch_size
+        self.max_age = max_age
+        self.tick = tick
+        self.lease_seconds = lease_seconds
+        self.receipt_timeout = receipt_timeout
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.expiry_margin = expiry_margin  # a transfer must be mined before validBefore: keep this much
+        self.lookback_blocks = lookback_blocks
+        self.clock = clock
+        self._buffer: list[_Item] = []
+        self.sent = 0  # transactions this settler broadcast
+        self.paid = 0  # payments settled by them
+        self.batches: list[int] = []  # transactions per batch
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Settle until `stop` is set; then settle what is buffered and return."""
+        while not stop.is_set():
+            await self.step()
+            try:
+                await asyncio.wait_for(stop.wait(), self.tick)
+            except TimeoutError:
+                pass
+        await self.step(force=True)
+
+    async def step(self, *, force: bool = False) -> list[SettleOutcome]:
+        """Lease what is due; settle a batch when it is full, its oldest item is `max_age` old, or `force`."""
+        room = self.batch_size - len(self._buffer)
+        if room > 0:
+            self._buffer.extend(
+                await self.store.lease(self.kind, limit=room, lease_seconds=self.lease_seconds)
+            )
+        if not self._buffer:
+            return []
+        oldest = min(item.created_at for item in self._buffer)
+        if not force and len(self._buffer) < self.batch_size and self.clock() - oldest < self.max_age:
+            return []
+        batch, self._buffer = self._buffer, []
+        return await self.settle_items(batch)
+
+    async def drain(self) -> list[SettleOutcome]:
+        """Settle everything due now (tests, shutdown); stops at a batch that only got retries."""
+        out: list[SettleOutcome] = []
+        while True:
+            done = await self.step(force=True)
+            out.extend(done)
+            if all(o.status == "retry" for o in done):
+                return out
+
+    # -- one batch -----------------------------------------------------------------------------------------
+
+    async def settle_items(self, items: Sequence[_Item]) -> list[SettleOutcome]:
+        """Settle leased `items`: what the chain has seen is recorded, the rest is sent once."""
+        return await self._process(items, send=True)
+
+    async def reconcile_items(self, items: Sequence[_Item]) -> list[SettleOutcome]:
+        """Record what the chain has seen of `items`; send nothing (see the module doc)."""
+        return await self._process(items, send=False)
+
+    async def _process(self, items: Sequence[_Item], *, send: bool) -> list[SettleOutcome]:
+        out: list[SettleOutcome] = []
+        work: list[Work] = []
+        for item in items:
+            try:
+                payment = decode_payment(item.payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self.store.mark_failed(item.key, error=f"exact_payment_malformed: {exc}", retry_at=None)
+                out.append(SettleOutcome(key=item.key, status="dead", code="exact_payment_malformed"))
+                continue
+            if payment.chain_id != self.exact.relayer.chain_id:
+                out.append(await self._dead((item, payment), "exact_wrong_chain", "not this relayer's chain"))
+                continue
+            work.append((item, payment))
+        fresh = await self._check_chain(work, out)
+        if not send:
+            out.extend([await self._unsent(w) for w in fresh])
+            return out
+        now = self.clock()
+        to_send: list[Work] = []
+        for w in fresh:
+            if int(w[1].payload.authorization.valid_before) - self.expiry_margin <= now:
+                out.append(await self._dead(w, Reason.VALID_BEFORE, "the authorization expired unsettled"))
+            elif int(w[1].payload.authorization.valid_after) >= now:
+                out.append(await self._retry(w, "exact_not_yet_valid: waiting for validAfter"))
+            else:
+                to_send.append(w)
+        to_send = await self._skip_pending(to_send, out)
+        if to_send:
+            out.extend(await self._send(to_send))
+        return out
+
+    async def _check_chain(self, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
+        """Record the items whose authorization the token already used; return the unused ones."""
+        if not work:
+            return []
+        calls = [
+            (
+                "eth_call",
+                [{"to": p.asset, "data": _hex(authorization_state_calldata(*_who(p)))}, "latest"],
+            )
+            for _, p in work
+        ]
+        try:
+            states = await self.rpc.batch(calls)
+        except ChainError as exc:
+            out.extend([await self._retry(w, f"{exc.code}: asking the token: {exc}") for w in work])
+            return []
+        unused: list[Work] = []
+        used: list[Work] = []
+        for w, state in zip(work, states, strict=True):
+            if isinstance(state, ChainError):
+                out.append(await self._retry(w, f"{state.code}: asking the token: {state}"))
+            elif isinstance(state, str) and int(state, 16) != 0:
+                used.append(w)
+            else:
+                unused.append(w)
+        if used:
+            out.extend(await self._already_used(used))
+        return unused
+
+    async def _already_used(self, used: list[Work]) -> list[SettleOutcome]:
+        """Find the transaction that used each authorization; settled there if it paid this very transfer."""
+        try:
+            head = int(await self.rpc.request("eth_blockNumber", []), 16)
+            start = hex(max(0, head - self.lookback_blocks))
+            found = await self.rpc.batch(
+                [
+                    (
+                        "eth_getLogs",
+                        [
+                            {
+                                "address": p.asset,
+                                "fromBlock": start,
+                                "toBlock": "latest",
+                                "topics": [AUTHORIZATION_USED_TOPIC, _topic(_who(p)[0]), _who(p)[1].lower()],
+                            }
+                        ],
+                    )
+                    for _, p in used
+                ]
+            )
+            hashes = [
+                logs[-1]["transactionHash"] if isinstance(logs, list) and logs else None for logs in found
+            ]
+            lookups = [h for h in hashes if h is not None]
+            receipts = await self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in lookups])
+        except ChainError as exc:
+            return [await self._retry(w, f"{exc.code}: looking up the earlier transfer: {exc}") for w in used]
+        by_hash = dict(zip(lookups, receipts, strict=True))
+        out = []
+        for w, (logs, tx_hash) in zip(used, zip(found, hashes, strict=True), strict=True):
+            if isinstance(logs, ChainError):
+                out.append(await self._retry(w, f"{logs.code}: looking up the earlier transfer: {logs}"))
+                continue
+            raw = by_hash.get(tx_hash) if tx_hash else None
+            if tx_hash is None:
+                out.append(
+                    await self._dead(w, "exact_authorization_canceled", "used with no transfer logged")
+                )
+            elif not isinstance(raw, dict):
+                out.append(await self._retry(w, f"chain_error: no receipt for {tx_hash} yet"))
+            elif has_transfer(msgspec.convert(raw, Receipt), w[1].asset, w[1].payload.authorization):
+                out.append(await self._settled(w, tx_hash, "settled_elsewhere"))
+            else:
+                out.append(
+                    await self._dead(w, "exact_nonce_reused", f"the nonce paid another transfer in {tx_hash}")
+                )
+        return out
+
+    async def _skip_pending(self, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
+        """Keep back items whose earlier transaction is still in the node's pool (it may land yet)."""
+        earlier = [(w, m.group(1)) for w in work if (m := _PENDING_TX.search(w[0].error or ""))]
+        if not earlier:
+            return work
+        try:
+            txs = await self.rpc.batch([("eth_getTransactionByHash", [h]) for _, h in earlier])
+        except ChainError as exc:
+            waiting = {id(w) for w, _ in earlier}
+            out.extend([await self._retry(w, f"{exc.code}: asking for {h}: {exc}") for w, h in earlier])
+            return [w for w in work if id(w) not in waiting]
+        held = set()
+        for (w, tx_hash), tx in zip(earlier, txs, strict=True):
+            if isinstance(tx, ChainError) or (isinstance(tx, dict) and tx.get("blockNumber") is None):
+                held.add(id(w))
+                out.append(await self._retry(w, f"settlement_pending: sent in {tx_hash}, not mined yet"))
+        return [w for w in work if id(w) not in held]
+
+    async def _send(self, work: list[Work]) -> list[SettleOutcome]:
+        relayer = self.exact.relayer
+        sends = []
+        for _, p in work:
+            data, gas = self.exact.transfer(p.payload)
+            sends.append(relayer.send(p.asset, data, gas=gas))
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        fault_point("after_send")
+        self.batches.append(len(work))
+        out: list[SettleOutcome] = []
+        sent: list[tuple[Work, str]] = []
+        for w, result in zip(work, results, strict=True):
+            if isinstance(result, ChainError):
+                out.append(await self._retry(w, f"{result.code}: sending: {result}"))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                sent.append((w, result))
+        self.sent += len(sent)
+        receipts = await asyncio.gather(
+            *(self.rpc.wait_for_receipt(h, timeout=self.receipt_timeout) for _, h in sent),
+            return_exceptions=True,
+        )
+        reverted: list[tuple[Work, str]] = []
+        for (w, tx_hash), receipt in zip(sent, receipts, strict=True):
+            if isinstance(receipt, ChainError):  # may land yet: remember the hash, never send blindly again
+                out.append(await self._retry(w, f"settlement_pending: sent in {tx_hash} ({receipt.code})"))
+            elif isinstance(receipt, BaseException):
+                raise receipt
+            elif not receipt.ok:
+                reverted.append((w, tx_hash))
+            elif has_transfer(receipt, w[1].asset, w[1].payload.authorization):
+                self.paid += 1
+                out.append(await self._settled(w, tx_hash, "settled"))
+            else:
+                out.append(await self._dead(w, "invalid_exact_evm_transfer_event_mismatch", f"in {tx_hash}"))
+        if reverted:
+            # Someone may have used the authorization first (then it is settled there); else retry it.
+            still = await self._check_chain([w for w, _ in reverted], out)
+            for w in still:
+                tx_hash = next(h for r, h in reverted if r is w)
+                out.append(await self._retry(w, f"{Reason.TRANSACTION_FAILED}: {tx_hash} reverted"))
+        return out
+
+    # -- outcomes ------------------------------------------------------------------------------------------
+
+    async def _unsent(self, w: Work) -> SettleOutcome:
+        """Reconciling: unused on chain. Final once it can no longer land; until then look again later."""
+        valid_before = int(w[1].payload.authorization.valid_before)
+        if valid_before <= self.clock():
+            return await self._dead(w, NEVER_SETTLED, "the authorization expired unused: nothing was charged")
+        error = "exact_unsettled: not on chain; final once the authorization expires"
+        await self.store.mark_failed(w[0].key, error=error, retry_at=valid_before + 1.0)
+        return _outcome(w, "retry", code="exact_unsettled")
+
+    async def _settled(self, w: Work, tx_hash: str, status: Status) -> SettleOutcome:
+        await self.store.mark_settled([w[0].key], tx_hash=tx_hash)
+        return _outcome(w, status, tx_hash=tx_hash)
+
+    async def _retry(self, w: Work, error: str) -> SettleOutcome:
+        item, payment = w
+        now = self.clock()
+        delay = min(self.retry_cap, self.retry_base * 2.0 ** min(max(item.attempts - 1, 0), 30))
+        last = int(payment.payload.authorization.valid_before) - self.expiry_margin
+        retry_at = max(now + min(self.retry_base, delay), min(now + delay, last))  # one try before it expires
+        await self.store.mark_failed(item.key, error=error, retry_at=retry_at)
+        return _outcome(w, "retry", code=error.split(":", 1)[0])
+
+    async def _dead(self, w: Work, code: str, detail: str) -> SettleOutcome:
+        item, payment = w
+        auth = payment.payload.authorization
+        who = f"{auth.value} of {payment.asset} from {auth.from_} to {auth.to} (nonce {auth.nonce})"
+        message = detail if code == NEVER_SETTLED else f"{detail}: lost {who}"
+        await self.store.mark_failed(item.key, error=f"{code}: {message}", retry_at=None)
+        return _outcome(w, "dead", code=code)
+
+
+def _outcome(w: Work, status: Status, *, code: str = "", tx_hash: str = "") -> SettleOutcome:
+    auth = w[1].payload.authorization
+    return SettleOutcome(
+        key=w[0].key,
+        status=status,
+        code=code,
+        tx_hash=tx_hash,
+        amount=int(auth.value),
+        payer=auth.from_,
+        payee=auth.to,
+    )
+
+
+def _who(payment: ExactPayment) -> tuple[str, str]:
+    auth = payment.payload.authorization
+    return auth.from_, auth.nonce
+
+
+def _topic(address: str) -> str:
+    return "0x" + "00" * 12 + address[2:].lower()
+
+
+def _hex(data: bytes) -> str:
+    return "0x" + data.hex()

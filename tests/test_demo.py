@@ -1,0 +1,110 @@
+"""`make demo` end to end: `python -m examples.demo` in its own process, as a user runs it.
+
+It starts its own devnet and sub-agents, so this test shares nothing with the session devnet. The checks are
+what a user reads in the output: the refusals and their reasons, each sub-agent's balance rising by exactly
+what it served (recomputed here from the printed calls and prices), and the node gone afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.chain  # it brings up its own devnet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# `summarizer  0.000000  0.010000  +0.010000  exactly what it served: 10 x 0.001`
+_ROW = re.compile(
+    r"^\s+(?P<name>summarizer|translator|weather)\s+(?P<before>[\d.]+)\s+(?P<after>[\d.]+)\s+"
+    r"(?P<change>[+-][\d.]+)\s+exactly what it served: (?P<served>.+)$",
+    re.MULTILINE,
+)
+_NODE = re.compile(r"^devnet\s+(?P<backend>anvil|py-evm) \(pid (?P<pid>\d+)\)", re.MULTILINE)
+
+
+def _running(pid: int, backend: str) -> bool:
+    """Whether `pid` is still the devnet node (not merely a recycled pid)."""
+    proc = Path(f"/proc/{pid}/cmdline")
+    if proc.parent.parent.is_dir():  # Linux: look at what the pid runs now
+        try:
+            cmdline = proc.read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+        return ("anvil" if backend == "anvil" else "_pyevm_node") in cmdline
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _served_total(served: str) -> Decimal:
+    """`10 x 0.001 + 1 x 0.005` -> 0.015."""
+    total = Decimal(0)
+    for term in served.split(" + "):
+        count, price = term.split(" x ")
+        total += int(count) * Decimal(price)
+    return total
+
+
+def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a guard against a hang, not a speed check
+    )
+    out = proc.stdout
+    node = _NODE.search(out)
+    if node is not None and _running(int(node["pid"]), node["backend"]):
+        os.kill(int(node["pid"]), signal.SIGKILL)  # never leave it behind, even when failing
+        pytest.fail(f"the demo left its {node['backend']} node (pid {node['pid']}) running\n{out}")
+    assert proc.returncode == 0, f"demo failed ({proc.returncode})\n{out}\n{proc.stderr}"
+    assert node is not None, out
+    assert f"{node['backend']} pid {node['pid']} exited" in out
+
+    # The owner's offline files, relayed by someone else.
+    for name in ("install-session-key.json", "escrow-deposit.json", "escrow-grant.json"):
+        assert name in out
+    assert "who can change nothing" in out
+
+    # Paid: two escrow sub-agents (deferred), one exact call settled before its response.
+    assert re.search(r"^paid\s+summarizer .* x 200\s+escrow, deferred", out, re.MULTILINE), out
+    assert re.search(r"^paid\s+translator .* x 200\s+escrow, deferred", out, re.MULTILINE), out
+    assert re.search(
+        r"^paid\s+weather .*1 x 200\s+exact, settled before the response: tx 0x", out, re.MULTILINE
+    )
+
+    # Refused over the caps, each with its reason.
+    assert "spend policy, before signing: amount 5000 exceeds max_per_call 2000" in out
+    assert "the sub-agent answers 402 escrow_amount_exceeds_cap" in out
+    assert re.search(r"by the account: session_argument_rule\n.*usdc.approve, argument rule 1", out), out
+
+    # Settled in batches, with the gas per payment.
+    batches = re.findall(
+        r"^settled\s+(summarizer|translator)\s+(\d+) payments, one settle\(\): [\d,]+ gas, ([\d,]+) each",
+        out,
+        re.MULTILINE,
+    )
+    assert {name for name, _, _ in batches} == {"summarizer", "translator"}
+    assert all(int(each.replace(",", "")) > 0 for _, _, each in batches)
+
+    # Each sub-agent's balance rose by exactly what it served, as printed.
+    rows = {m["name"]: m for m in _ROW.finditer(out)}
+    assert set(rows) == {"summarizer", "translator", "weather"}, out
+    for name, row in rows.items():
+        before, after, change = Decimal(row["before"]), Decimal(row["after"]), Decimal(row["change"])
+        assert after - before == change == _served_total(row["served"]) > 0, name
+    assert "MISMATCH" not in out
+    assert "demo: OK" in out
