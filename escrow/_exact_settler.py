@@ -31,10 +31,12 @@ relayer key (several replicas sharing one would race on the account nonce).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
@@ -54,6 +56,8 @@ __all__ = [
     "encode_payment",
     "fault_point",
 ]
+
+log = logging.getLogger("agentpay.settler")
 
 KIND: Final = "exact"
 NEVER_SETTLED: Final = "exact_never_settled"
@@ -205,6 +209,13 @@ class ExactSettler:
         return await self._process(items, send=False)
 
     async def _process(self, items: Sequence[_Item], *, send: bool) -> list[SettleOutcome]:
+        out = await self._outcomes(items, send=send)
+        troubles = Counter(f"{o.status} {o.code}" for o in out if o.status in ("retry", "dead"))
+        if troubles:  # one line per batch, not per payment: an outage must not flood the log
+            log.warning("exact settlement of %d payment(s): %s", len(items), dict(troubles))
+        return out
+
+    async def _outcomes(self, items: Sequence[_Item], *, send: bool) -> list[SettleOutcome]:
         out: list[SettleOutcome] = []
         work: list[Work] = []
         for item in items:

@@ -33,6 +33,7 @@ from x402 import (
     ProblemDetails,
     ResourceInfo,
     SettleResponse,
+    b64url_encode,
     challenge_id,
     encode_json_param,
     encode_payment_required,
@@ -52,6 +53,9 @@ Headers = list[tuple[bytes, bytes]]
 
 _TITLE_402 = "Payment Required"
 _REQUIRED = "payment_required"
+_V2_REQUIRED = "PAYMENT-SIGNATURE header is required"
+_V1_REQUIRED = "X-PAYMENT header is required"
+_PROBLEM_CONTENT_TYPE = PROBLEM_CONTENT_TYPE.encode()
 _V1_NAMES: dict[int, str] = {}
 for _name, _chain in V1_NETWORKS.items():
     _V1_NAMES.setdefault(_chain, _name)
@@ -73,12 +77,58 @@ class Answer(msgspec.Struct, frozen=True):
     body: bytes
 
 
+class _Static:
+    """The parts of a route's 402 that are the same for every request, encoded once: the JCS + base64url
+    MPP `request` of each offer (RFC 8785 canonicalisation is slow, pure Python), the v1 `accepts`, and
+    the `PAYMENT-REQUIRED` header of a plain 402. Only the MPP challenge (fresh nonce, expiry, HMAC id) and
+    the body carrying its id are made per request."""
+
+    __slots__ = ("accepts_v1", "offers", "payment_required", "requests")
+
+    def __init__(self, quote: Quote, offers: Sequence[Offer]) -> None:
+        self.offers = tuple(offers)
+        scope = Challenger.scope(quote)
+        self.requests = [
+            (offer.mpp, encode_json_param({**offer.mpp.request, "_mppx_scope": scope}))
+            for offer in offers
+            if offer.mpp is not None
+        ]
+        self.accepts_v1 = [_v1(o, quote) for o in offers]
+        v2 = PaymentRequired(
+            error=_V2_REQUIRED, resource=_resource(quote), accepts=[o.requirements for o in offers]
+        )
+        self.payment_required = encode_payment_required(v2).encode()
+
+
+#: Distinct quotes (routes x paths x hosts) whose 402 parts are kept; past it the cache starts over, so a
+#: client making up query strings cannot grow it without bound.
+_STATIC_LIMIT = 1024
+
+
 class Challenger:
     """Builds 402s. MPP challenge ids are HMACs under `secret` (the first of several while rotating)."""
 
     def __init__(self, secret: bytes, *, ttl: float) -> None:
         self.secret = secret
         self.ttl = ttl
+        self._static: dict[Quote, _Static] = {}
+        self._expires: tuple[int, str] = (-1, "")
+
+    def _prepared(self, quote: Quote, offers: Sequence[Offer]) -> _Static:
+        static = self._static.get(quote)
+        # Offers are compared by value, so a cached entry can never stand in for other offers.
+        if static is None or static.offers != tuple(offers):
+            if len(self._static) >= _STATIC_LIMIT:
+                self._static.clear()
+            static = self._static[quote] = _Static(quote, offers)
+        return static
+
+    def _expiry(self, now: float) -> str:
+        # The expiry has whole-second resolution: format it once per second.
+        second = int(now + self.ttl)
+        if self._expires[0] != second:
+            self._expires = (second, rfc3339(second))
+        return self._expires[1]
 
     @staticmethod
     def scope(quote: Quote) -> dict[str, str]:
@@ -89,24 +139,23 @@ class Challenger:
     def mpp_challenges(
         self, quote: Quote, offers: Sequence[Offer], *, realm: str, now: float
     ) -> list[MppChallenge]:
-        expires = rfc3339(now + self.ttl)
+        return self._challenges(self._prepared(quote, offers), quote, realm=realm, now=now)
+
+    def _challenges(self, static: _Static, quote: Quote, *, realm: str, now: float) -> list[MppChallenge]:
+        expires = self._expiry(now)
         out = []
-        for offer in offers:
-            if offer.mpp is None:
-                continue
-            request = encode_json_param({**offer.mpp.request, "_mppx_scope": self.scope(quote)})
+        for mpp, request in static.requests:
             # A random opaque nonce makes every challenge unique: the EIP-3009 nonce is derived from the id,
-            # so two concurrent calls by one payer must never be handed the same challenge.
-            opaque = encode_json_param({"_mpp_nonce": secrets.token_hex(16)})
-            cid = challenge_id(
-                self.secret, realm, offer.mpp.method, offer.mpp.intent, request, expires, None, opaque
-            )
+            # so two concurrent calls by one payer must never be handed the same challenge. The JCS form of
+            # {"_mpp_nonce": <hex>} is written out directly (one key, no characters to escape).
+            opaque = b64url_encode(b'{"_mpp_nonce":"' + secrets.token_hex(16).encode() + b'"}')
+            cid = challenge_id(self.secret, realm, mpp.method, mpp.intent, request, expires, None, opaque)
             out.append(
                 MppChallenge(
                     id=cid,
                     realm=realm,
-                    method=offer.mpp.method,
-                    intent=offer.mpp.intent,
+                    method=mpp.method,
+                    intent=mpp.intent,
                     request=request,
                     description=quote.description or None,
                     expires=expires,
@@ -130,11 +179,7 @@ class Challenger:
         """The 402 for `quote`; with `failure`, the answer to a rejected payment in the client's dialect."""
         if failure is None:
             status = 402
-            code, v2_error, v1_error = (
-                _REQUIRED,
-                "PAYMENT-SIGNATURE header is required",
-                "X-PAYMENT header is required",
-            )
+            code, v2_error, v1_error = _REQUIRED, _V2_REQUIRED, _V1_REQUIRED
             problem_type, title = "https://paymentauth.org/problems/payment-required", _TITLE_402
             detail = detail or f"Payment is required for {quote.method} {quote.path}."
         else:
@@ -142,12 +187,15 @@ class Challenger:
             code = v2_error = v1_error = failure.invalid_reason
             problem_type, title = failure.problem_type, failure.title
             detail = detail or title
+        static = self._prepared(quote, offers)
         # MPP answers a replay with 403 and no fresh challenge: the client must not be invited to pay again.
-        challenges = [] if status == 403 else self.mpp_challenges(quote, offers, realm=realm, now=now)
-        resource = ResourceInfo(
-            url=quote.url, description=quote.description or None, mime_type=quote.mime_type
-        )
-        v2 = PaymentRequired(error=v2_error, resource=resource, accepts=[o.requirements for o in offers])
+        challenges = [] if status == 403 else self._challenges(static, quote, realm=realm, now=now)
+        if failure is None:
+            payment_required = static.payment_required
+        else:
+            accepts = [o.requirements for o in offers]
+            v2 = PaymentRequired(error=v2_error, resource=_resource(quote), accepts=accepts)
+            payment_required = encode_payment_required(v2).encode()
         problem = ProblemDetails(
             type=problem_type,
             title=title,
@@ -157,16 +205,20 @@ class Challenger:
             invalid_reason=None if failure is None else code,
             x402_version=1,
             error=v1_error,
-            accepts=[_v1(o, quote) for o in offers],
+            accepts=static.accepts_v1,
         )
         headers: Headers = [
-            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            (b"content-type", _PROBLEM_CONTENT_TYPE),
             (b"cache-control", b"no-store"),
-            (b"payment-required", encode_payment_required(v2).encode()),
+            (b"payment-required", payment_required),
         ]
         headers.extend((b"www-authenticate", format_www_authenticate(ch).encode()) for ch in challenges)
         headers.extend(extra_headers or ())
         return Answer(status=status, headers=headers, body=encode_problem(problem))
+
+
+def _resource(quote: Quote) -> ResourceInfo:
+    return ResourceInfo(url=quote.url, description=quote.description or None, mime_type=quote.mime_type)
 
 
 def _v1(offer: Offer, quote: Quote) -> PaymentRequirementsV1:

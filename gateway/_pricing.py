@@ -113,6 +113,30 @@ class _Entry(msgspec.Struct, frozen=True):
     static: int | None  # atomic price when it does not depend on the request
 
 
+#: Distinct requests (route, method, URL) whose static-price quote is kept; past it the cache starts over,
+#: so a client making up query strings cannot grow it without bound.
+_QUOTE_LIMIT = 1024
+
+
+def _url_key(scope: Scope) -> tuple[Any, ...]:
+    """Everything of the scope that `Request.url` and `Request.method` are made from."""
+    host = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+            break
+    server = scope.get("server")
+    return (
+        scope["method"],
+        scope.get("scheme", "http"),
+        None if server is None else tuple(server),
+        scope.get("root_path", ""),
+        scope["path"],
+        scope.get("query_string", b""),
+        host,
+    )
+
+
 class RouteTable:
     """Matches requests to paid routes and prices them."""
 
@@ -122,6 +146,9 @@ class RouteTable:
         self.pay_to = pay_to
         self.asset = asset
         self._entries: list[_Entry] = []
+        # A static price makes the quote a function of the URL: built once per URL instead of parsing the
+        # URL (starlette's `Request.url`) on every request.
+        self._quotes: dict[tuple[Any, ...], Quote] = {}
         for key, spec in routes.items():
             route = spec if isinstance(spec, PaidRoute) else PaidRoute(price=spec)
             method, _, path = key.partition(" ") if " " in key else ("", "", key)
@@ -146,6 +173,17 @@ class RouteTable:
         return None
 
     async def quote(self, entry: _Entry, request: Request) -> Quote:
+        if entry.static is None:
+            return await self._quote(entry, request)
+        key = (entry.key, *_url_key(request.scope))
+        quote = self._quotes.get(key)
+        if quote is None:
+            if len(self._quotes) >= _QUOTE_LIMIT:
+                self._quotes.clear()
+            quote = self._quotes[key] = await self._quote(entry, request)
+        return quote
+
+    async def _quote(self, entry: _Entry, request: Request) -> Quote:
         route = entry.route
         asset, pay_to = route.asset, route.pay_to
         assert asset is not None and pay_to is not None  # resolved in __init__

@@ -165,7 +165,9 @@ class Gateways:
         return gateway
 
     def close(self) -> None:
-        for gateway in self.started:
+        for n, gateway in enumerate(self.started):
+            gateway.stop()
+            print(f"--- gateway {n} ({gateway.url}) stderr:\n{gateway.output()}")  # shown if the test failed
             gateway.close()
 
 
@@ -206,6 +208,10 @@ class Chain:
             for a, n in pairs
         ]
         return [int(result, 16) != 0 for result in await self.rpc.batch(calls)]
+
+    async def sent(self, address: str) -> int:
+        """How many transactions `address` has sent (its account nonce): each costs gas, reverted or not."""
+        return await self.rpc.get_transaction_count(address, "latest")
 
     async def block(self) -> int:
         return int(await self.rpc.request("eth_blockNumber", []), 16)
@@ -260,6 +266,23 @@ async def read_store(url: str) -> tuple[QueueStats, int]:
         return await store.stats(), len(await store.dead_letters(limit=10_000))
     finally:
         await store.close()
+
+
+async def wait_settled(url: str, count: int, *, timeout: float = 60.0) -> QueueStats:
+    """Poll the store until `count` settlements are settled; fail with what it holds after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store: PaymentStore = await open_store(url)
+        try:
+            stats = await store.stats()
+            if stats.settled >= count or time.monotonic() > deadline:
+                dead = await store.dead_letters(limit=5)
+                break
+        finally:
+            await store.close()
+        await asyncio.sleep(0.2)
+    assert stats.settled == count, f"{stats}, dead letters: {[(d.key, d.error) for d in dead]}"
+    return stats
 
 
 async def wait_for(check: Any, *, timeout: float = 60.0, every: float = 0.2) -> Any:

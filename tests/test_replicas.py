@@ -31,7 +31,7 @@ from tests._gateways import (
     reason,
     sign_for,
     store_under_test,
-    wait_for,
+    wait_settled,
 )
 from x402 import LocalSigner, Reason
 from x402.client import PaymentAuth, SpendPolicy
@@ -59,13 +59,15 @@ def gateways(devnet: DevnetState, tmp_path: Path) -> Iterator[Gateways]:
         started.close()
 
 
-async def _replicas(chain: Chain, gateways: Gateways, url: str, backend: str, payee: str) -> list[Gateway]:
+async def _replicas(
+    chain: Chain, gateways: Gateways, url: str, backend: str, payee: str
+) -> tuple[list[Gateway], list[str]]:
     relayers = [await chain.key() for _ in range(REPLICAS[backend])]
     replicas = [
         gateways.new(store=url, settle="deferred", payee=payee, relayer_key=key_hex(r)) for r in relayers
     ]
     await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))
-    return replicas
+    return replicas, [r.address for r in relayers]
 
 
 async def _one_payment_to_every_replica(chain: Chain, replicas: list[Gateway], url: str, payee: str) -> None:
@@ -79,11 +81,7 @@ async def _one_payment_to_every_replica(chain: Chain, replicas: list[Gateway], u
     assert sorted(a.status_code for a in answers) == [200, 402, 402]
     assert {reason(a) for a in answers if a.status_code == 402} == {Reason.NONCE_ALREADY_USED}
 
-    async def settled() -> bool:
-        stats, _ = await read_store(url)
-        return stats.settled == 1
-
-    await wait_for(settled)
+    await wait_settled(url, 1)
     assert await chain.authorizations_used([payer.address], start) == [authorization_of(headers)]
     assert await chain.balance(payee) == PRICE
     assert await chain.balance(payer.address) == 0
@@ -97,22 +95,25 @@ async def test_replicas_serve_and_settle_each_payment_once(
     payee = LocalSigner.random().address
     url = store.url
     try:
-        replicas = await _replicas(chain, gateways, url, store.backend, payee)
+        replicas, relayers = await _replicas(chain, gateways, url, store.backend, payee)
         await _one_payment_to_every_replica(chain, replicas, url, payee)
 
         payers = [LocalSigner.random() for _ in range(PAYERS)]
-        for payer in payers:
+        for payer in payers:  # exactly enough: payer n % PAYERS pays call n
             await chain.mint(payer.address, PAYMENTS // PAYERS * PRICE)
         start = await chain.block()
         # One client per (payer, replica); `remember=True`: after the first 402, each call is one
         # round trip that carries its payment.
         clients = [
-            httpx.AsyncClient(
-                base_url=replica.url,
-                timeout=60,
-                auth=PaymentAuth(chain.wallet(payer), SpendPolicy(max_per_call=PRICE), remember=True),
-            )
-            for payer, replica in itertools.product(payers, replicas)
+            [
+                httpx.AsyncClient(
+                    base_url=replica.url,
+                    timeout=60,
+                    auth=PaymentAuth(chain.wallet(payer), SpendPolicy(max_per_call=PRICE), remember=True),
+                )
+                for replica in replicas
+            ]
+            for payer in payers
         ]
         try:
             jobs = iter(range(PAYMENTS))
@@ -120,26 +121,34 @@ async def test_replicas_serve_and_settle_each_payment_once(
 
             async def worker() -> None:
                 for n in jobs:
-                    responses.append(await clients[n % len(clients)].get("/hello"))
+                    client = clients[n % PAYERS][n // PAYERS % len(replicas)]
+                    responses.append(await client.get("/hello"))
 
             await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         finally:
-            for client in clients:
+            for client in itertools.chain.from_iterable(clients):
                 await client.aclose()
         assert [r.status_code for r in responses] == [200] * PAYMENTS
         paid = {authorization_of(r.request.headers) for r in responses}
         assert len(paid) == PAYMENTS  # every call carried its own authorization
 
-        async def drained() -> bool:
-            stats, _ = await read_store(url)
-            return stats.settled == PAYMENTS + 1
-
-        await wait_for(drained, timeout=120)
+        try:
+            await wait_settled(url, PAYMENTS + 1, timeout=70)
+        except AssertionError:
+            for r in relayers:
+                print("DBG relayer", r, await chain.rpc.get_transaction_count(r, "latest"), await chain.rpc.get_transaction_count(r, "pending"))
+            print("DBG pool", await chain.rpc.request("txpool_status", []))
+            content = await chain.rpc.request("txpool_inspect", [])
+            print("DBG inspect", str(content)[:3000])
+            print("DBG block", await chain.rpc.request("eth_getBlockByNumber", ["latest", False]))
+            raise
         stats, dead = await read_store(url)
         assert (stats.queued, stats.leased, stats.failed, stats.dead, dead) == (0, 0, 0, 0, 0)
         used = await chain.authorizations_used([p.address for p in payers], start)
         assert len(used) == PAYMENTS and set(used) == paid  # each authorization used exactly once
         assert all(await chain.used(sorted(paid)))
+        # One transaction per payment, whichever replica sent it: nothing sent twice, nothing reverted.
+        assert sum([await chain.sent(r) for r in relayers]) == PAYMENTS + 1
         assert await chain.balance(payee) == (PAYMENTS + 1) * PRICE
         for payer in payers:
             assert await chain.balance(payer.address) == 0
@@ -154,7 +163,8 @@ async def test_one_payment_to_three_replicas_with_the_redis_claim_cache(
     chain = Chain(devnet)
     payee = LocalSigner.random().address
     try:
-        replicas = await _replicas(chain, gateways, store.url, store.backend, payee)
+        replicas, relayers = await _replicas(chain, gateways, store.url, store.backend, payee)
         await _one_payment_to_every_replica(chain, replicas, store.url, payee)
+        assert sum([await chain.sent(r) for r in relayers]) == 1
     finally:
         await chain.aclose()

@@ -9,6 +9,8 @@ import msgspec
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from eth_hash.auto import keccak as eth_hash_keccak
+from eth_utils.address import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +44,7 @@ from x402 import (
     verify_exact_payment,
     verify_mpp_authorization,
 )
+from x402._keccak import checksum_address, keccak256
 
 N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 KEY = "0x" + "4c" * 32
@@ -181,6 +184,14 @@ def test_recover_any_bytes_gives_an_address_or_the_typed_error(signature: bytes,
     except InvalidSignature:
         return
     assert address.startswith("0x") and len(address) == 42
+
+
+@given(st.binary(max_size=300), st.binary(min_size=20, max_size=20))
+def test_fast_keccak_and_checksum_equal_eth_hash_and_eth_utils(data: bytes, raw: bytes) -> None:
+    # x402._keccak picks the fastest keccak installed; it must be the same function as eth-hash's, and its
+    # EIP-55 shortcut the same as eth-utils'.
+    assert keccak256(data) == eth_hash_keccak(data)
+    assert checksum_address(raw) == to_checksum_address(raw)
 
 
 def test_uint256_overflow_is_malformed() -> None:

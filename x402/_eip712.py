@@ -15,9 +15,9 @@ from functools import lru_cache
 from typing import Any, Final, Literal
 
 from eth_account.messages import encode_typed_data
-from eth_hash.auto import keccak
 
 from ._errors import InvalidSignature, MalformedPayment
+from ._keccak import keccak256 as keccak
 from ._signer import Signer, recover_hash
 from ._types import Eip3009Authorization, ExactEvmPayload
 

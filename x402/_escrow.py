@@ -20,11 +20,11 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from eth_account.messages import encode_typed_data
-from eth_hash.auto import keccak
 from msgspec import Meta
 
 from ._eip712 import EIP712_DOMAIN_FIELDS, Eip712Domain
 from ._errors import InvalidSignature, MalformedPayment, PaymentRejected
+from ._keccak import keccak256 as keccak
 from ._schemes import convert_payload, register_scheme_payload
 from ._signer import Signer, recover_hash
 from ._types import Address, HexBytes, Uint256Str

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Final, Protocol, runtime_checkable
 
 import coincurve
-from eth_hash.auto import keccak
-from eth_utils.address import to_checksum_address
 
 from ._errors import InvalidSignature
+from ._keccak import checksum_address
+from ._keccak import keccak256 as keccak
 
 __all__ = [
     "SECP256K1_HALF_N",
@@ -35,7 +35,7 @@ class Signer(Protocol):
 
 
 def _address_of(public_key: coincurve.PublicKey) -> str:
-    return to_checksum_address(keccak(public_key.format(compressed=False)[1:])[-20:])
+    return checksum_address(keccak(public_key.format(compressed=False)[1:])[-20:])
 
 
 class LocalSigner:
