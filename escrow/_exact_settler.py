@@ -345,11 +345,16 @@ class ExactSettler:
 
     async def _send(self, work: list[Work]) -> list[SettleOutcome]:
         relayer = self.exact.relayer
-        sends = []
+        results: list[str | BaseException] = []
         for _, p in work:
+            # One at a time, so the node sees them in nonce order: anvil's automine can strand a transaction
+            # that arrives before its predecessor (foundry-rs/foundry#10122), and a JSON-RPC batch of raw
+            # transactions may be applied out of order. The receipts are still awaited together.
             data, gas = self.exact.transfer(p.payload)
-            sends.append(relayer.send(p.asset, data, gas=gas))
-        results = await asyncio.gather(*sends, return_exceptions=True)
+            try:
+                results.append(await relayer.send(p.asset, data, gas=gas))
+            except ChainError as exc:
+                results.append(exc)
         fault_point("after_send")
         self.batches.append(len(work))
         out: list[SettleOutcome] = []

@@ -273,7 +273,7 @@ class Paywall:
             # recovery settles from the chain; the other order could leave a paid key claimable.
             await self.store.complete(key, receipt=receipt)
             await self.store.mark_settled([key], tx_hash=tx_hash)
-        except StoreError as exc:
+        except Exception as exc:
             # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
             # the record from the chain.
             log.error("settled %s in %s but could not record it: %s", key, tx_hash, exc)

@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from escrow import DevnetState
+from escrow._exact import ExactEvm
+from escrow._exact_settler import ExactPayment, ExactSettler, encode_payment
+from escrow._rpc import TxSender
+from gateway import MemoryStore, Settlement
 from tests._gateways import (
     PRICE,
     Chain,
@@ -41,7 +47,7 @@ from tests._gateways import (
     store_under_test,
     wait_settled,
 )
-from x402 import LocalSigner, Reason
+from x402 import Eip712Domain, ExactEvmPayload, LocalSigner, Reason, sign_transfer_authorization
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
@@ -125,3 +131,131 @@ async def test_a_killed_gateway_loses_nothing_and_charges_once(
         )
     finally:
         await chain.aclose()
+
+
+# ------------------------------------------------------------------ the settler's own decisions, in process
+
+
+class Settling:
+    """An `ExactSettler` over a memory store with a fresh relayer, and payments to queue by hand."""
+
+    def __init__(self, chain: Chain, relayer: LocalSigner) -> None:
+        devnet = chain.devnet
+        self.chain = chain
+        self.relayer = relayer
+        self.store = MemoryStore()
+        sender = TxSender(chain.rpc, key_hex(relayer), chain_id=devnet.chain_id)
+        self.evm = ExactEvm(chain.rpc, sender)
+        self.settler = ExactSettler(self.store, self.evm, max_age=0)
+        self.domain = Eip712Domain(devnet.usdc_name, devnet.usdc_version, devnet.chain_id, chain.usdc)
+        self.payee = LocalSigner.random().address
+
+    def payment(self, payer: LocalSigner, *, valid_for: int = 120, **sign: Any) -> ExactEvmPayload:
+        args: dict[str, Any] = {
+            "to": self.payee,
+            "value": PRICE,
+            "valid_before": int(time.time()) + valid_for,
+        }
+        return sign_transfer_authorization(payer, self.domain, **{**args, **sign})
+
+    async def queue(self, payload: ExactEvmPayload, *, kind: str = "exact", raw: bytes | None = None) -> str:
+        d = self.domain
+        body = ExactPayment(
+            name=d.name, version=d.version, chain_id=d.chain_id, asset=d.verifying_contract, payload=payload
+        )
+        key = f"exact:{payload.authorization.from_}:{payload.authorization.nonce}"
+        item = Settlement(
+            key=key,
+            kind=kind,
+            payload=encode_payment(body) if raw is None else raw,
+            payer=payload.authorization.from_,
+            amount=PRICE,
+            created_at=time.time(),
+        )
+        await self.store.enqueue(item)
+        return key
+
+    async def lease(self, kind: str) -> list[Settlement]:
+        return await self.store.lease(kind, limit=10, lease_seconds=60)
+
+
+@pytest.fixture
+async def settling(devnet: DevnetState) -> AsyncIterator[Settling]:
+    chain = Chain(devnet)
+    try:
+        yield Settling(chain, await chain.key())
+    finally:
+        await chain.aclose()
+
+
+async def test_a_payment_already_on_chain_is_recorded_never_sent_again(settling: Settling) -> None:
+    chain, payer = settling.chain, LocalSigner.random()
+    await chain.mint(payer.address, PRICE)
+    payload = settling.payment(payer)
+    key = await settling.queue(payload)
+    # Someone else (here: the payer's own relayer) submits the very authorization first.
+    other = TxSender(chain.rpc, key_hex(await chain.key()), chain_id=chain.devnet.chain_id)
+    tx_hash = await ExactEvm(chain.rpc, other).settle(settling.domain, payload)
+
+    (outcome,) = await settling.settler.drain()
+
+    assert (outcome.status, outcome.tx_hash) == ("settled_elsewhere", tx_hash)
+    record = await settling.store.get_settlement(key)
+    assert record is not None and (record.state, record.tx_hash) == ("settled", tx_hash)
+    assert await chain.sent(settling.relayer.address) == 0
+    assert await chain.balance(settling.payee) == PRICE
+
+
+async def test_a_nonce_that_paid_another_transfer_is_a_dead_letter(settling: Settling) -> None:
+    chain, payer = settling.chain, LocalSigner.random()
+    await chain.mint(payer.address, 2 * PRICE)
+    ours = settling.payment(payer)
+    other = settling.payment(payer, nonce=ours.authorization.nonce, value=2 * PRICE)  # same nonce, other sum
+    key = await settling.queue(ours)
+    sender = TxSender(chain.rpc, key_hex(await chain.key()), chain_id=chain.devnet.chain_id)
+    await ExactEvm(chain.rpc, sender).settle(settling.domain, other)
+
+    (outcome,) = await settling.settler.drain()
+
+    assert (outcome.status, outcome.code) == ("dead", "exact_nonce_reused")
+    (dead,) = await settling.store.dead_letters()
+    error = dead.error or ""
+    assert dead.key == key and error.startswith("exact_nonce_reused") and "lost 1000" in error
+    assert await chain.sent(settling.relayer.address) == 0
+
+
+async def test_expired_and_malformed_payments_are_dead_letters_and_nothing_is_sent(
+    settling: Settling,
+) -> None:
+    payer = LocalSigner.random()
+    expired = await settling.queue(settling.payment(payer, valid_for=2))  # inside the settler's margin
+    garbled = await settling.queue(settling.payment(payer), raw=b'{"not": "a payment"}')
+
+    outcomes = {o.key: (o.status, o.code) for o in await settling.settler.drain()}
+
+    assert outcomes == {
+        expired: ("dead", Reason.VALID_BEFORE),
+        garbled: ("dead", "exact_payment_malformed"),
+    }
+    assert await settling.chain.sent(settling.relayer.address) == 0
+
+
+async def test_reconciling_never_sends(settling: Settling) -> None:
+    payer = LocalSigner.random()
+    await settling.chain.mint(payer.address, PRICE)
+    open_one = await settling.queue(settling.payment(payer), kind="exact:now")
+    expired = await settling.queue(settling.payment(payer, valid_for=-1), kind="exact:now")
+
+    outcomes = {
+        o.key: (o.status, o.code)
+        for o in await settling.settler.reconcile_items(await settling.lease("exact:now"))
+    }
+
+    # Not on chain and still valid: looked at again when it can no longer land; expired: never charged.
+    assert outcomes == {open_one: ("retry", "exact_unsettled"), expired: ("dead", "exact_never_settled")}
+    waiting = await settling.store.get_settlement(open_one)
+    assert waiting is not None and waiting.state == "failed" and (waiting.retry_at or 0) > time.time() + 60
+    (dead,) = await settling.store.dead_letters()
+    assert "nothing was charged" in (dead.error or "")
+    assert await settling.chain.sent(settling.relayer.address) == 0
+    assert await settling.chain.balance(payer.address) == PRICE

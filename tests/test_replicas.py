@@ -132,16 +132,7 @@ async def test_replicas_serve_and_settle_each_payment_once(
         paid = {authorization_of(r.request.headers) for r in responses}
         assert len(paid) == PAYMENTS  # every call carried its own authorization
 
-        try:
-            await wait_settled(url, PAYMENTS + 1, timeout=70)
-        except AssertionError:
-            for r in relayers:
-                print("DBG relayer", r, await chain.rpc.get_transaction_count(r, "latest"), await chain.rpc.get_transaction_count(r, "pending"))
-            print("DBG pool", await chain.rpc.request("txpool_status", []))
-            content = await chain.rpc.request("txpool_inspect", [])
-            print("DBG inspect", str(content)[:3000])
-            print("DBG block", await chain.rpc.request("eth_getBlockByNumber", ["latest", False]))
-            raise
+        await wait_settled(url, PAYMENTS + 1, timeout=120)
         stats, dead = await read_store(url)
         assert (stats.queued, stats.leased, stats.failed, stats.dead, dead) == (0, 0, 0, 0, 0)
         used = await chain.authorizations_used([p.address for p in payers], start)

@@ -293,7 +293,13 @@ class SQLiteStore:
             f"UPDATE {self._p}settlements SET state = 'settled', tx_hash = ?, error = NULL, retry_at = NULL,"
             " lease_until = NULL WHERE key = ?"
         )
-        await self._run(lambda con: con.executemany(sql, [(tx_hash, key) for key in keys]))
+
+        def body(con: sqlite3.Connection) -> None:
+            # Return nothing: an executemany cursor handed to the event loop's thread and dropped there
+            # while this thread runs the next statement makes SQLite fail with "API misuse".
+            con.executemany(sql, [(tx_hash, key) for key in keys])
+
+        await self._run(body)
 
     async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
         sql = (
