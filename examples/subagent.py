@@ -40,7 +40,7 @@ from escrow import DevnetState
 from escrow._exact import ExactEvm
 from escrow._exact_settler import ExactSettler
 from escrow._rpc import Rpc, TxSender
-from gateway import Asset, ExactScheme, PaidRoute, PaymentMiddleware, PaymentStore, SettleMode, open_store
+from gateway import Asset, ExactScheme, PaidRoute, PaymentMiddleware, PaymentStore, SettleMode
 from gateway._recovery import Recovery
 
 __all__ = ["PRICES", "Tuning", "build_app", "main"]
@@ -118,10 +118,7 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        opened = await open_store(store) if isinstance(store, str) else None
-        if opened is not None:
-            paid.paywall.store = opened
-        active = paid.paywall.store
+        active = await paid.open_store()  # a URL was opened by the middleware at lifespan startup
         # One settler drains the deferred queue (also under before-response: leftovers of an earlier run)
         # and closes the in-flight records of payments settled before their response.
         settler = ExactSettler(
@@ -144,8 +141,6 @@ def build_app(
             yield
         finally:
             await recovery.stop()
-            if opened is not None:
-                await opened.close()
             if settle_rpc is not rpc:
                 await settle_rpc.aclose()
             await rpc.aclose()
@@ -168,7 +163,7 @@ def build_app(
         schemes=[ExactScheme(exact)],
         pay_to=payee or state.accounts[2].address,
         asset=asset,
-        store=None if isinstance(store, str) else store,
+        store=store,
         settle=settle,
         claim_ttl=tuning.claim_ttl,
         accept_pympp_challenge_hash=pympp_compat,
@@ -198,7 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--relayer", default="3", help="devnet account index (or 0x private key, devnets only) paying gas"
     )
-    parser.add_argument("--store", default=None, help="payment store URL (default: in memory)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="payment store URL (default: $AGENTPAY_STORE, else sqlite:///.agentpay/payments.db)",
+    )
     parser.add_argument("--settle", choices=["before-response", "deferred"], default="before-response")
     parser.add_argument("--rpc", default=None, help="JSON-RPC URL for verification (default: the devnet's)")
     parser.add_argument("--settle-rpc", default=None, help="JSON-RPC URL for settlement (default: --rpc)")

@@ -9,6 +9,8 @@ the claim and is passed through uncharged; a failed settlement withholds the con
 
 from __future__ import annotations
 
+import asyncio
+import os
 import secrets as _secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +26,12 @@ from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
 from ._scheme import Dialect, Offer, Scheme
 from ._store import MemoryStore, PaymentStore
+from ._stores import open_store
 
-__all__ = ["PaymentMiddleware"]
+__all__ = ["DEFAULT_STORE_URL", "PaymentMiddleware"]
+
+# Durable by default: a served payment must survive a crash until it is settled. `AGENTPAY_STORE` overrides.
+DEFAULT_STORE_URL = "sqlite:///.agentpay/payments.db"
 
 _CREDENTIAL_HEADERS: dict[bytes, Dialect] = {b"payment-signature": "x402v2", b"x-payment": "x402v1"}
 # Extensions that send a file straight to the socket would bypass the held body: paid routes never see them.
@@ -105,7 +111,7 @@ class PaymentMiddleware:
         schemes: Sequence[Scheme],
         pay_to: str | None = None,
         asset: Asset | None = None,
-        store: PaymentStore | None = None,
+        store: PaymentStore | str | None = None,
         secret: bytes | str | Sequence[bytes | str] | None = None,
         realm: str | None = None,
         settle: SettleMode = "before-response",
@@ -116,9 +122,18 @@ class PaymentMiddleware:
     ) -> None:
         self.app = app
         self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
+        # A URL is opened (connect, migrate) at lifespan startup, or on the first paid request when the
+        # server sends no lifespan events; until then the paywall holds a placeholder nothing is written to.
+        self._store_url = (
+            (store or os.environ.get("AGENTPAY_STORE") or DEFAULT_STORE_URL)
+            if store is None or isinstance(store, str)
+            else None
+        )
+        self._opened: PaymentStore | None = None
+        self._opening = asyncio.Lock()
         self.paywall = Paywall(
             schemes,
-            store=store or MemoryStore(),
+            store=MemoryStore() if store is None or isinstance(store, str) else store,
             secrets=_secret_list(secret),
             realm=realm,
             settle=settle,
@@ -128,7 +143,39 @@ class PaymentMiddleware:
             clock=clock,
         )
 
+    async def open_store(self) -> PaymentStore:
+        """Open the configured store once (idempotent); the paywall uses it from then on."""
+        if self._store_url is None:
+            return self.paywall.store
+        async with self._opening:
+            if self._opened is None:
+                self._opened = await open_store(self._store_url)
+                self.paywall.store = self._opened
+        return self._opened
+
+    async def close_store(self) -> None:
+        """Close a store this middleware opened from a URL."""
+        if self._opened is not None:
+            await self._opened.close()
+            self._opened = None
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        # The store opens before the app's own startup runs, so the app's lifespan can hand it to a settler.
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.open_store()
+            return message
+
+        return wrapped
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            try:
+                await self.app(scope, self._lifespan_receive(receive), send)
+            finally:
+                await self.close_store()  # after the app's shutdown, which may still settle
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -136,6 +183,12 @@ class PaymentMiddleware:
         if entry is None:
             await self.app(scope, receive, send)
             return
+        if self._store_url is not None and self._opened is None:
+            try:
+                await self.open_store()
+            except GatewayError:  # e.g. the database is down: 503, never a 500, and nothing is charged
+                await _send_answer(send, _STORE_UNAVAILABLE)
+                return
         request_receive = receive
         if callable(entry.route.price):
             # A pricing function may read the body; each reader then gets its own replay of it.
@@ -204,6 +257,14 @@ class PaymentMiddleware:
             dialect=dialect,
             extra_headers=exc.headers,
         )
+
+
+_STORE_UNAVAILABLE = Answer(
+    status=503,
+    headers=[(b"content-type", b"application/problem+json"), (b"retry-after", b"1")],
+    body=b'{"type":"about:blank","title":"Service Unavailable","status":503,'
+    b'"detail":"payment store unavailable"}',
+)
 
 
 def _server_error(exc: GatewayError) -> Answer:

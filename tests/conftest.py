@@ -9,6 +9,7 @@ travels in time starts its own `Devnet()` (about 0.3 s with anvil).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
 
@@ -19,6 +20,10 @@ from web3.contract import Contract
 from web3.types import TxParams, TxReceipt
 
 from escrow import Devnet, DevnetAccount, DevnetState, load_artifact
+
+# In-process gateways that name no store would share the default SQLite file in the working directory;
+# tests give each gateway its own memory store instead, and test the durable default explicitly.
+os.environ.setdefault("AGENTPAY_STORE", "memory://")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

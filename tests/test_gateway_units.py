@@ -11,6 +11,7 @@ import base64
 import json
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from escrow._exact import SIMULATION_FAILED, ExactEvm, revert_reason
 from gateway import (
@@ -44,6 +45,7 @@ from gateway import (
     to_atomic,
     v1_network,
 )
+from gateway._stores.sqlite import SQLiteStore
 from x402 import (
     Eip712Domain,
     Eip3009Authorization,
@@ -370,9 +372,46 @@ def test_configuration_is_checked_up_front() -> None:
 
 
 @pytest.mark.anyio
-async def test_memory_store_is_the_default() -> None:
+async def test_a_durable_sqlite_file_is_the_default_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTPAY_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
     app = _app(StubChain())
-    assert isinstance(app.paywall.store, MemoryStore)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/hello")).status_code == 402  # no lifespan here: opened on first use
+    assert isinstance(app.paywall.store, SQLiteStore)
+    assert (tmp_path / ".agentpay" / "payments.db").exists()
+    await app.close_store()
+
+
+@pytest.mark.anyio
+async def test_a_store_url_opens_at_lifespan_startup_and_closes_after_shutdown(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/gateway.db"
+    app = _app(StubChain(), store=url)
+    assert isinstance(app.paywall.store, MemoryStore)  # a placeholder until the store is opened
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert (tmp_path / "gateway.db").exists()
+    assert app._opened is None  # closed after the app's shutdown
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_store_answers_503_not_500(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = _app(StubChain(), store="postgresql://postgres@127.0.0.1:1/nowhere")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/hello")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
 
 
 # ------------------------------------------------------------------------------- no input yields a 500

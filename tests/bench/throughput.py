@@ -48,7 +48,7 @@ from starlette.routing import Route
 from escrow import Devnet, DevnetState
 from escrow._exact import ExactEvm, ExactRejected
 from escrow._rpc import Rpc, TxSender
-from gateway import Asset, ExactScheme, PaymentMiddleware
+from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware
 from x402 import (
     Eip712Domain,
     ExactEvmPayload,
@@ -90,6 +90,8 @@ def _paid_app(asset: Asset, pay_to: str, chain: Any) -> PaymentMiddleware:
         pay_to=pay_to,
         asset=asset,
         secret=os.urandom(32),
+        # Like for like: the official SDK keeps no payment state; `python -m tests.bench.store` prices ours.
+        store=MemoryStore(),
     )
 
 
