@@ -202,10 +202,11 @@ class Rpc:
                 calls = [call for job_calls, _ in jobs for call in job_calls]
                 try:
                     results = await self._send(calls)
-                except ChainError as exc:
+                except Exception as exc:  # any failure reaches every caller: none may wait forever
+                    error = exc if isinstance(exc, ChainError) else ChainError(f"bad rpc reply: {exc!r}")
                     for _, future in jobs:
                         if not future.done():
-                            future.set_exception(exc)
+                            future.set_exception(error)
                     continue
                 start = 0
                 for job_calls, future in jobs:
