@@ -41,6 +41,7 @@ KIND: Final = "escrow"
 _NONCE_USED: Final = 4
 _RETRYABLE: Final = frozenset({8, 13})  # GrantNotYetValid, InsufficientDeposit: may pass before the deadline
 _UINT256_MAX: Final = 2**256 - 1
+_FOREVER: Final = 100 * 365 * 86400.0  # claim TTL of a count-once marker (finalized right after anyway)
 _LOOKBACK: Final = 10_000  # blocks before the claim's verification searched for an earlier settlement
 
 encode_claim = msgspec.json.Encoder().encode
@@ -71,6 +72,8 @@ class SettlementQueue(Protocol):
     async def get_settlement(self, key: str) -> _Item | None: ...
     async def add_pending(self, account: str, amount: int, *, limit: int) -> bool: ...
     async def sub_pending(self, account: str, amount: int) -> None: ...
+    async def claim(self, key: str, *, ttl: float) -> bool: ...
+    async def finalize(self, key: str) -> None: ...
 
 
 Status = Literal["settled", "settled_elsewhere", "retry", "dead"]
@@ -252,8 +255,7 @@ class EscrowSettler:
     ) -> list[SettleOutcome]:
         out = []
         for item, claim in pairs:
-            current = await self.store.get_settlement(item.key)
-            if getattr(current, "state", None) != "settled":  # count a settlement once, whoever reports it
+            if await self.count_once(item.key):  # whoever reports it: this settler, another, or recovery
                 amount = int(claim.payload.payment.amount)
                 if claim.settled is not None:
                     await self.store.add_pending(claim.settled, amount, limit=_UINT256_MAX)
@@ -262,6 +264,18 @@ class EscrowSettler:
             out.append(self._outcome(item, claim, status, tx_hash=tx_hash, gas=gas))
         await self.store.mark_settled([item.key for item, _ in pairs], tx_hash=tx_hash)
         return out
+
+    async def count_once(self, key: str) -> bool:
+        """True exactly once per settled payment `key`: the one caller that may move its spend counters.
+
+        A permanent marker in the store, taken before the counters move: a crash in between under-counts
+        this gateway's settled spend, so it refuses early; counting twice would let it overspend a grant.
+        """
+        marker = f"{key}#counted"
+        if not await self.store.claim(marker, ttl=_FOREVER):
+            return False
+        await self.store.finalize(marker)
+        return True
 
     async def _retry(self, item: _Item, claim: EscrowClaim, error: str) -> SettleOutcome:
         if not self._may_retry(item, claim):

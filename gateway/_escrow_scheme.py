@@ -187,7 +187,8 @@ class EscrowScheme:
             raise PaymentFailed(f"the escrow refused to settle: {code}", code=code, status_hint=402)
         state.tx_hash = tx_hash
         amount = verified.amount
-        if claim.settled is not None:
+        # Counted once: recovery may report this same settlement again if we die before it is recorded.
+        if claim.settled is not None and await self.settler.count_once(verified.key):
             await self.store.add_pending(claim.settled, amount, limit=_UINT256_MAX)
         if record:
             # The pipeline's later enqueue of this key is a no-op: the record already says settled.

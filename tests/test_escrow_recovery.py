@@ -19,6 +19,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -468,3 +469,43 @@ async def test_an_in_flight_record_whose_nonce_paid_another_payment_is_a_dead_le
     assert await pending(store, env, g, session) == [0, 0, 0]
     assert not await store.is_finalized(key)
     assert await chain.sent(relayer) == 0
+
+
+class _StoreThatCannotRecord(MemoryStore):
+    """Takes claims and queues records, but fails to record a completed settlement (a store outage, or a
+    crash, between the transaction and its bookkeeping)."""
+
+    broken = True
+
+    async def complete(self, key: str, **kwargs: Any) -> None:
+        if self.broken:
+            raise RuntimeError("store unavailable")
+        await super().complete(key, **kwargs)
+
+    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
+        if self.broken:
+            raise RuntimeError("store unavailable")
+        await super().mark_settled(keys, tx_hash=tx_hash)
+
+
+async def test_a_settlement_recovery_reports_again_is_counted_once(chain: Chain) -> None:
+    env, store = chain.env, _StoreThatCannotRecord()
+    relayer = await chain.sender()
+    gateway = Gateway(
+        chain, store, EscrowSettler(store, relayer), pay_to=payee(), credit_limit=0, claim_ttl=0.3
+    )
+    session, g = await chain.grant()
+    response, payload = await gateway.pay(session, g)
+    assert response.status_code == 200  # settled before serving; only the bookkeeping failed
+    assert await pending(store, env, g, session) == [0, PRICE, PRICE]
+    store.broken = False
+    recovery = restarted(chain, store, gateway, await chain.sender())
+    await asyncio.sleep(0.4)
+
+    (outcome,) = await recovery.recover()  # the open record: the chain says this payment was paid
+
+    assert outcome.status == "settled_elsewhere"
+    # Still counted once: a second count would overstate this gateway's settled spend and let it serve
+    # past the grant's budget.
+    assert await pending(store, env, g, session) == [0, PRICE, PRICE]
+    assert await chain.usdc.balance_of(payload.payment.payee) == PRICE
