@@ -38,13 +38,14 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Final
 
 import msgspec
 
 from x402 import Eip712Domain, ExactEvmPayload, Reason
 
 from ._exact import AUTHORIZATION_USED_TOPIC, ExactEvm, authorization_state_calldata, has_transfer
+from ._queue import QueuedItem, SettlementQueue
 from ._rpc import ChainError, Receipt
 from ._settler import SettleOutcome, Status
 
@@ -99,28 +100,10 @@ def decode_payment(raw: bytes) -> ExactPayment:
     return _decode(raw)
 
 
-class _Item(Protocol):
-    @property
-    def key(self) -> str: ...
-    @property
-    def payload(self) -> bytes: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def created_at(self) -> float: ...
-    @property
-    def error(self) -> str | None: ...
+ExactQueue = SettlementQueue  # the exact settler needs no more of the store than leasing and outcomes
 
 
-class ExactQueue(Protocol):
-    """The part of `gateway.PaymentStore` this settler uses (escrow/ does not import gateway/)."""
-
-    async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> Sequence[_Item]: ...
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None: ...
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None: ...
-
-
-Work = tuple[_Item, ExactPayment]
+Work = tuple[QueuedItem, ExactPayment]
 
 
 class ExactSettler:
@@ -157,7 +140,7 @@ class ExactSettler:
         self.expiry_margin = expiry_margin  # a transfer must be mined before validBefore: keep this much
         self.lookback_blocks = lookback_blocks
         self.clock = clock
-        self._buffer: list[_Item] = []
+        self._buffer: list[QueuedItem] = []
         self.sent = 0  # transactions this settler broadcast
         self.paid = 0  # payments settled by them
         self.batches: list[int] = []  # transactions per batch
@@ -200,22 +183,22 @@ class ExactSettler:
 
     # -- one batch -----------------------------------------------------------------------------------------
 
-    async def settle_items(self, items: Sequence[_Item]) -> list[SettleOutcome]:
+    async def settle_items(self, items: Sequence[QueuedItem]) -> list[SettleOutcome]:
         """Settle leased `items`: what the chain has seen is recorded, the rest is sent once."""
         return await self._process(items, send=True)
 
-    async def reconcile_items(self, items: Sequence[_Item]) -> list[SettleOutcome]:
+    async def reconcile_items(self, items: Sequence[QueuedItem]) -> list[SettleOutcome]:
         """Record what the chain has seen of `items`; send nothing (see the module doc)."""
         return await self._process(items, send=False)
 
-    async def _process(self, items: Sequence[_Item], *, send: bool) -> list[SettleOutcome]:
+    async def _process(self, items: Sequence[QueuedItem], *, send: bool) -> list[SettleOutcome]:
         out = await self._outcomes(items, send=send)
         troubles = Counter(f"{o.status} {o.code}" for o in out if o.status in ("retry", "dead"))
         if troubles:  # one line per batch, not per payment: an outage must not flood the log
             log.warning("exact settlement of %d payment(s): %s", len(items), dict(troubles))
         return out
 
-    async def _outcomes(self, items: Sequence[_Item], *, send: bool) -> list[SettleOutcome]:
+    async def _outcomes(self, items: Sequence[QueuedItem], *, send: bool) -> list[SettleOutcome]:
         out: list[SettleOutcome] = []
         work: list[Work] = []
         for item in items:

@@ -33,6 +33,8 @@ from x402._escrow import EscrowCode, EscrowPayload, reason_code
 
 from ._escrow import AgentEscrow, EscrowEvent, topic_address
 from ._escrow_verify import EscrowClaim
+from ._queue import QueuedItem
+from ._queue import SettlementQueue as _BaseQueue
 from ._rpc import ChainError, Receipt, TxSender
 
 __all__ = ["EscrowSettler", "SettleOutcome", "SettlementQueue", "decode_claim", "encode_claim"]
@@ -52,24 +54,10 @@ def decode_claim(raw: bytes) -> EscrowClaim:
     return _decode(raw)
 
 
-class _Item(Protocol):
-    @property
-    def key(self) -> str: ...
-    @property
-    def payload(self) -> bytes: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def created_at(self) -> float: ...
+class SettlementQueue(_BaseQueue, Protocol):
+    """The part of `gateway.PaymentStore` the escrow settler uses: the queue, plus the spend counters."""
 
-
-class SettlementQueue(Protocol):
-    """The part of `gateway.PaymentStore` a settler uses (escrow/ does not import gateway/)."""
-
-    async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> Sequence[_Item]: ...
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None: ...
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None: ...
-    async def get_settlement(self, key: str) -> _Item | None: ...
+    async def get_settlement(self, key: str) -> QueuedItem | None: ...
     async def add_pending(self, account: str, amount: int, *, limit: int) -> bool: ...
     async def sub_pending(self, account: str, amount: int) -> None: ...
     async def claim(self, key: str, *, ttl: float) -> bool: ...
@@ -122,7 +110,7 @@ class EscrowSettler:
         self.max_attempts = max_attempts
         self.on_outcome = on_outcome
         self.clock = clock
-        self._buffer: list[_Item] = []
+        self._buffer: list[QueuedItem] = []
         self.gas_used = 0  # total over every batch this settler sent
         self.paid = 0  # payments settled by this settler's transactions
         self.batches: list[tuple[int, int]] = []  # (payments, gasUsed) per transaction
@@ -164,8 +152,8 @@ class EscrowSettler:
 
     # -- one batch -----------------------------------------------------------------------------------------
 
-    async def settle_items(self, items: Sequence[_Item]) -> list[SettleOutcome]:
-        groups: dict[str, list[tuple[_Item, EscrowClaim]]] = {}
+    async def settle_items(self, items: Sequence[QueuedItem]) -> list[SettleOutcome]:
+        groups: dict[str, list[tuple[QueuedItem, EscrowClaim]]] = {}
         out: list[SettleOutcome] = []
         for item in items:
             try:
@@ -202,7 +190,7 @@ class EscrowSettler:
             gas = 80_000 + 60_000 * len(payloads)  # a revert here is decided by the real transaction
         return await self.sender.transact(escrow.address, data, gas=gas, timeout=self.receipt_timeout)
 
-    async def _settle_group(self, group: list[tuple[_Item, EscrowClaim]]) -> list[SettleOutcome]:
+    async def _settle_group(self, group: list[tuple[QueuedItem, EscrowClaim]]) -> list[SettleOutcome]:
         escrow = AgentEscrow(self.sender.rpc, group[0][1].escrow)
         try:
             receipt = await self._submit(escrow, [claim.payload for _, claim in group])
@@ -217,7 +205,7 @@ class EscrowSettler:
             if event.name == "PaymentFailed":
                 failed[int(event.args["index"])] = int(event.args["reason"])
         out: list[SettleOutcome] = []
-        settled: list[tuple[_Item, EscrowClaim]] = []
+        settled: list[tuple[QueuedItem, EscrowClaim]] = []
         for index, (item, claim) in enumerate(group):
             reason = failed.get(index, 0)
             if reason == 0:
@@ -235,10 +223,10 @@ class EscrowSettler:
 
     # -- outcomes ------------------------------------------------------------------------------------------
 
-    def _may_retry(self, item: _Item, claim: EscrowClaim) -> bool:
+    def _may_retry(self, item: QueuedItem, claim: EscrowClaim) -> bool:
         return item.attempts < self.max_attempts and int(claim.payload.payment.deadline) > self.clock()
 
-    def _outcome(self, item: _Item, claim: EscrowClaim, status: Status, **kw: object) -> SettleOutcome:
+    def _outcome(self, item: QueuedItem, claim: EscrowClaim, status: Status, **kw: object) -> SettleOutcome:
         p = claim.payload.payment
         return SettleOutcome(
             key=item.key,
@@ -251,7 +239,7 @@ class EscrowSettler:
         )
 
     async def _settled(
-        self, pairs: list[tuple[_Item, EscrowClaim]], tx_hash: str, status: Status, gas: int = 0
+        self, pairs: list[tuple[QueuedItem, EscrowClaim]], tx_hash: str, status: Status, gas: int = 0
     ) -> list[SettleOutcome]:
         out = []
         for item, claim in pairs:
@@ -277,7 +265,7 @@ class EscrowSettler:
         await self.store.finalize(marker)
         return True
 
-    async def _retry(self, item: _Item, claim: EscrowClaim, error: str) -> SettleOutcome:
+    async def _retry(self, item: QueuedItem, claim: EscrowClaim, error: str) -> SettleOutcome:
         if not self._may_retry(item, claim):
             code = error.split(":", 1)[0]
             return await self._dead(
@@ -288,7 +276,7 @@ class EscrowSettler:
         return self._outcome(item, claim, "retry", code=error.split(":", 1)[0])
 
     async def _dead(
-        self, item: _Item, claim: EscrowClaim, code: str, tx_hash: str, *, detail: str | None = None
+        self, item: QueuedItem, claim: EscrowClaim, code: str, tx_hash: str, *, detail: str | None = None
     ) -> SettleOutcome:
         p = claim.payload.payment
         amount = int(p.amount)
@@ -303,7 +291,7 @@ class EscrowSettler:
             await self.store.sub_pending(claim.credit, amount)
         return self._outcome(item, claim, "dead", code=code, tx_hash=tx_hash)
 
-    async def _nonce_used(self, escrow: AgentEscrow, item: _Item, claim: EscrowClaim) -> SettleOutcome:
+    async def _nonce_used(self, escrow: AgentEscrow, item: QueuedItem, claim: EscrowClaim) -> SettleOutcome:
         """Tell "this payment was already settled" (fine) from "the nonce paid another payment" (a loss)."""
         try:
             found = await self.find_settlement(escrow, claim)
