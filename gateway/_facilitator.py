@@ -8,12 +8,17 @@ It reuses the gateway's scheme (`ExactScheme` over `escrow.ExactEvm`), so a reso
 official SDK's, for instance) can delegate verification and settlement to it. Payment-level failures are
 answered 200 with `isValid: false` / `success: false` and the x402 reason, as facilitators do; a body that
 does not decode is a 400.
+
+The relayer pays the gas of every settlement, and the token and its EIP-712 domain come from the request, so
+only allow-listed assets are served: a request whose (network, asset, domain name, domain version) is not one
+of `assets` is a 400 before any chain call. A 400 is an RFC 9457 problem (application/problem+json) that also
+carries the `VerifyResponse` / `SettleResponse` fields, so x402 clients read it either way.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -23,6 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from x402 import (
+    PROBLEM_CONTENT_TYPE,
     FacilitatorRequest,
     FacilitatorRequestV1,
     PaymentRequirements,
@@ -40,8 +46,9 @@ from x402 import (
 )
 
 from ._answers import v1_network
-from ._errors import PaymentFailed
+from ._errors import ConfigurationError, PaymentFailed
 from ._pipeline import as_payment_failed
+from ._pricing import Asset
 from ._scheme import Offer, Presented, Scheme, Verified
 from ._store import MemoryStore, PaymentStore
 
@@ -52,9 +59,23 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(json_encode(obj), status_code=status, media_type="application/json")
 
 
+def _bad_request(obj: Any, failure: PaymentFailed) -> Response:
+    """A 400 problem document that is also the x402 answer `obj` (`isValid`/`success: false`, reason)."""
+    body = json_decode(json_encode(obj), dict[str, Any])
+    body.update(type="about:blank", title="Bad Request", status=400, detail=failure.message)
+    return Response(json_encode(body), status_code=400, media_type=PROBLEM_CONTENT_TYPE)
+
+
+# (network, asset address lower-cased, EIP-712 domain name, version): what the relayer pays gas for.
+_Allowed = tuple[str, str, str, str]
+
+
 class _Facilitator:
-    def __init__(self, scheme: Scheme, network: str, signers: list[str], store: PaymentStore) -> None:
+    def __init__(
+        self, scheme: Scheme, network: str, signers: list[str], store: PaymentStore, allowed: set[_Allowed]
+    ) -> None:
         self.scheme, self.network, self.signers, self.store = scheme, network, signers, store
+        self.allowed = allowed
         self.clock: Callable[[], float] = time.time
 
     def _parse(self, body: bytes) -> tuple[PaymentRequirements, dict[str, Any]]:
@@ -76,7 +97,17 @@ class _Facilitator:
         if requirements.scheme != self.scheme.name:
             raise _refused(Reason.UNSUPPORTED_SCHEME, f"scheme {requirements.scheme[:32]!r} unsupported")
         if requirements.network != self.network:
-            raise _refused(Reason.INVALID_NETWORK, f"network {requirements.network[:64]!r} unsupported")
+            raise _refused(
+                Reason.INVALID_NETWORK, f"network {requirements.network[:64]!r} unsupported", status=400
+            )
+        name, version = requirements.extra.get("name"), requirements.extra.get("version")
+        domain = (name, version) if isinstance(name, str) and isinstance(version, str) else ("", "")
+        if (requirements.network, requirements.asset.lower(), *domain) not in self.allowed:
+            raise _refused(
+                Reason.INVALID_PAYMENT_REQUIREMENTS,
+                f"asset {requirements.asset[:64]!r} with this EIP-712 domain is not settled here",
+                status=400,
+            )
         offer = Offer(scheme=self.scheme.name, requirements=requirements)
         return await self.scheme.verify(offer, Presented(dialect="x402v2", payload=payload), now=self.clock())
 
@@ -88,7 +119,7 @@ class _Facilitator:
             answer = VerifyResponse(
                 is_valid=False, invalid_reason=failure.code, invalid_message=failure.message
             )
-            return _json(answer, 400 if failure.status_hint == 400 else 200)
+            return _bad_request(answer, failure) if failure.status_hint == 400 else _json(answer)
         return _json(VerifyResponse(is_valid=True, payer=verified.payer))
 
     def _settle_failure(self, code: str, payer: str | None = None) -> SettleResponse:
@@ -101,7 +132,8 @@ class _Facilitator:
             verified = await self._verified(await request.body())
         except Exception as exc:
             failure = as_payment_failed(exc, during="verify")
-            return _json(self._settle_failure(failure.code), 400 if failure.status_hint == 400 else 200)
+            answer = self._settle_failure(failure.code)
+            return _bad_request(answer, failure) if failure.status_hint == 400 else _json(answer)
         # Two concurrent /settle calls for one payment: one broadcasts, the other is told it was used.
         if not await self.store.claim(verified.key, ttl=300.0):
             return _json(self._settle_failure(Reason.NONCE_ALREADY_USED, verified.payer))
@@ -128,8 +160,8 @@ class _Facilitator:
         return _json(SupportedResponse(kinds=kinds, signers={"eip155:*": self.signers}))
 
 
-def _refused(code: str, message: str) -> PaymentFailed:
-    return PaymentFailed(message, code=code)
+def _refused(code: str, message: str, *, status: int = 402) -> PaymentFailed:
+    return PaymentFailed(message, code=code, status_hint=status)
 
 
 def facilitator_app(
@@ -137,14 +169,24 @@ def facilitator_app(
     *,
     network: str,
     signers: list[str],
+    assets: Sequence[Asset],
     store: PaymentStore | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """A Starlette app serving `/verify`, `/settle` and `/supported` for `scheme` on `network`.
 
-    `signers` are the addresses that send settlement transactions (shown in `/supported`).
+    `signers` are the addresses that send settlement transactions (shown in `/supported`). `assets` are the
+    only tokens verified and settled: a request naming another asset, or an allowed asset with another
+    EIP-712 domain name or version, is a 400 before any chain call, so nobody else's contract runs on the
+    relayer's gas.
     """
-    facilitator = _Facilitator(scheme, network, signers, store or MemoryStore())
+    if not assets:
+        raise ConfigurationError("a facilitator needs at least one allowed asset")
+    for asset in assets:
+        if asset.network != network:
+            raise ConfigurationError(f"asset {asset.address} is on {asset.network}, not {network}")
+    allowed = {(network, a.address.lower(), a.name, a.version) for a in assets}
+    facilitator = _Facilitator(scheme, network, signers, store or MemoryStore(), allowed)
     facilitator.clock = clock
     return Starlette(
         routes=[

@@ -5,6 +5,13 @@ in both protocols. A paid request is verified and claimed before the app runs; t
 `http.response.start` and body are held (as Starlette's GZip middleware holds the start) until the pipeline
 has settled, so nothing reaches the client unpaid: a failed handler (status >= 400 or an exception) releases
 the claim and is passed through uncharged; a failed settlement withholds the content behind a 402.
+
+Memory is bounded on both sides of the app. A request body the paywall reads before any credential is checked
+(a route priced by a function of the request) is limited to `max_body_bytes` (413 past it, by the declared
+`Content-Length` or by the bytes actually streamed). A held response is limited to `max_held_bytes`: past it
+the payment is released uncharged and the payer gets a 502 instead of the content, since content that cannot
+be held cannot be withheld until the payment is settled, and a payment is never charged for content that is
+not delivered.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import os
 import secrets as _secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +35,7 @@ from ._scheme import Dialect, Offer, Scheme
 from ._store import MemoryStore, PaymentStore
 from ._stores import open_store
 
-__all__ = ["DEFAULT_STORE_URL", "PaymentMiddleware"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_HELD_BYTES", "DEFAULT_STORE_URL", "PaymentMiddleware"]
 
 # Durable by default: a served payment must survive a crash until it is settled. `AGENTPAY_STORE` overrides.
 DEFAULT_STORE_URL = "sqlite:///.agentpay/payments.db"
@@ -36,6 +43,11 @@ DEFAULT_STORE_URL = "sqlite:///.agentpay/payments.db"
 _CREDENTIAL_HEADERS: dict[bytes, Dialect] = {b"payment-signature": "x402v2", b"x-payment": "x402v1"}
 # Extensions that send a file straight to the socket would bypass the held body: paid routes never see them.
 _UNBUFFERABLE = ("http.response.pathsend", "http.response.zerocopysend")
+
+#: Default bound of a request body read before payment (function-priced routes): 1 MiB.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: Default bound of a paid response held until its payment is settled: 16 MiB.
+DEFAULT_MAX_HELD_BYTES = 16 << 20
 
 
 def _find_credential(headers: list[tuple[bytes, bytes]]) -> tuple[Dialect, bytes] | None:
@@ -57,24 +69,49 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
+class _TooLarge(Exception):
+    """Raised into the app by `_Held.send`: its response outgrew the held-response limit."""
+
+
 class _Held:
-    """Holds the app's response until the payment is settled."""
+    """Holds the app's response until the payment is settled, up to `limit` body bytes."""
 
-    __slots__ = ("body", "start", "trailing")
+    __slots__ = ("body", "head", "limit", "overflowed", "size", "start", "trailing")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int, *, head: bool = False) -> None:
         self.start: Message | None = None
         self.body: list[bytes] = []
         self.trailing: list[Message] = []
+        self.limit = limit
+        # A HEAD response declares the GET body's length but has no body: Starlette still sends the GET
+        # body, which the server would drop; it is dropped here, neither held nor counted.
+        self.head = head
+        self.size = 0
+        self.overflowed = False
 
     async def send(self, message: Message) -> None:
+        if self.overflowed:
+            raise _TooLarge
         kind = message["type"]
         if kind == "http.response.start":
             self.start = message
+            if not self.head and _content_length(message.get("headers", ())) > self.limit:
+                self._overflow()  # refused before a byte of it is buffered
         elif kind == "http.response.body":
-            self.body.append(message.get("body", b""))
+            chunk = b"" if self.head else message.get("body", b"")
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self._overflow()
+            self.body.append(chunk)
         else:
             self.trailing.append(message)
+
+    def _overflow(self) -> None:
+        # Raised into the app to stop it producing more (an endless stream would never end otherwise); an app
+        # that swallows it is still refused, by the flag.
+        self.overflowed = True
+        self.body.clear()
+        raise _TooLarge
 
     @property
     def status(self) -> int:
@@ -101,6 +138,14 @@ class PaymentMiddleware:
     all verify, for rotation); a random one is made when absent, which is fine for a single process.
     `settle="before-response"` settles on-chain before the response leaves; `"deferred"` enqueues the
     payment in the store for a batching settler.
+
+    `max_body_bytes` (default 1 MiB) bounds the request body the paywall reads before any credential is
+    checked, which only a route priced by a function of the request needs: a larger `Content-Length`, or more
+    bytes actually streamed, is answered 413 (problem+json) and the app is not called. `max_held_bytes`
+    (default 16 MiB) bounds a paid response, which is held whole until its payment settles: a larger one
+    (by its `Content-Length` or by the bytes the app sends) releases the payment uncharged and is answered
+    502 (problem+json) without the content. Serve larger payloads from an unpriced URL the paid response
+    names, or raise the limit.
     """
 
     def __init__(
@@ -118,9 +163,16 @@ class PaymentMiddleware:
         challenge_ttl: float = 300.0,
         claim_ttl: float = 300.0,
         accept_pympp_challenge_hash: bool = False,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        for name, limit in (("max_body_bytes", max_body_bytes), ("max_held_bytes", max_held_bytes)):
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ConfigurationError(f"{name} must be a non-negative int, got {limit!r}")
         self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_held_bytes = max_held_bytes
         self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
         # A URL is opened (connect, migrate) at lifespan startup, or on the first paid request when the
         # server sends no lifespan events; until then the paywall holds a placeholder nothing is written to.
@@ -191,8 +243,12 @@ class PaymentMiddleware:
                 return
         request_receive = receive
         if callable(entry.route.price):
-            # A pricing function may read the body; each reader then gets its own replay of it.
-            body = await _read_body(receive)
+            # A pricing function may read the body; each reader then gets its own replay of it. It is read
+            # before any credential is checked, so its size is bounded.
+            body = await _read_body(receive, scope["headers"], self.max_body_bytes)
+            if body is None:
+                await _send_answer(send, _too_large(self.max_body_bytes))
+                return
             request_receive, receive = _replay(body, receive), _replay(body, receive)
         try:
             quote = await self.routes.quote(entry, Request(scope, request_receive))
@@ -220,15 +276,24 @@ class PaymentMiddleware:
             await _send_answer(send, self._failure(quote, offers, host, exc, dialect))
             return
 
-        held = _Held()
+        held = _Held(self.max_held_bytes, head=scope["method"] == "HEAD")
         extensions = scope.get("extensions") or {}
         if any(name in extensions for name in _UNBUFFERABLE):
             scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k not in _UNBUFFERABLE}}
         try:
             await self.app(scope, receive, held.send)
+        except Exception:
+            if not held.overflowed:  # else `_TooLarge` (perhaps wrapped by the app) is answered below
+                await paywall.release(attempt)
+                raise
         except BaseException:
             await paywall.release(attempt)
             raise
+        if held.overflowed:
+            # Too large to hold until settled: nothing of it is sent, so nothing is charged.
+            await paywall.release(attempt)
+            await _send_answer(send, _HELD_TOO_LARGE)
+            return
         if held.start is None or held.status >= 400:
             await paywall.release(attempt)
             if held.start is not None:
@@ -267,6 +332,22 @@ _STORE_UNAVAILABLE = Answer(
 )
 
 
+def _too_large(limit: int) -> Answer:
+    body = (
+        b'{"type":"about:blank","title":"Content Too Large","status":413,'
+        b'"detail":"the request body exceeds the ' + str(limit).encode() + b' bytes read before payment"}'
+    )
+    return Answer(status=413, headers=[(b"content-type", b"application/problem+json")], body=body)
+
+
+_HELD_TOO_LARGE = Answer(
+    status=502,
+    headers=[(b"content-type", b"application/problem+json"), (b"cache-control", b"no-store")],
+    body=b'{"type":"about:blank","title":"Bad Gateway","status":502,'
+    b'"detail":"the paid response is larger than the gateway holds until payment; nothing was charged"}',
+)
+
+
 def _server_error(exc: GatewayError) -> Answer:
     body = b'{"type":"about:blank","title":"Internal Server Error","status":500,"detail":"pricing failed"}'
     del exc  # the detail of a misconfiguration is for logs, not for the payer
@@ -291,13 +372,32 @@ def _secret_list(secret: bytes | str | Sequence[bytes | str] | None) -> list[byt
     return keys
 
 
-async def _read_body(receive: Receive) -> bytes:
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """The declared `Content-Length`, or 0 when absent or unreadable (the bytes sent are counted anyway)."""
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+async def _read_body(receive: Receive, headers: Iterable[tuple[bytes, bytes]], limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it is known to exceed `limit` bytes (declared or sent)."""
+    if _content_length(headers) > limit:
+        return None
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             break
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:  # a missing or false Content-Length does not get past the limit either
+            return None
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     return b"".join(chunks)

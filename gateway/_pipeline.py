@@ -73,19 +73,41 @@ class Attempt:
         return self.tracker.state
 
 
+#: What a payer is told when the gateway's own machinery fails. The store's or the node's own text (hosts,
+#: ports, file paths, URLs, exception names) is for the operator's log, never for the `detail` of an answer.
+_INFRASTRUCTURE_DETAILS = {
+    "store_unavailable": "the payment store is unavailable; retry later",
+    "chain_unreachable": "the chain node is unreachable; retry later",
+}
+
+
+def _infrastructure_failure(exc: Exception, code: str, status: int, *, during: str) -> PaymentFailed:
+    log.warning("%s during %s: %s: %s", code, during, type(exc).__name__, exc)
+    detail = _INFRASTRUCTURE_DETAILS.get(code) or f"the payment could not be processed ({code})"
+    return PaymentFailed(detail, code=code, status_hint=status)
+
+
 def as_payment_failed(exc: Exception, *, during: str) -> PaymentFailed:
-    """Bring x402, escrow and store errors under the gateway's root, keeping their stable codes."""
+    """Bring x402, escrow and store errors under the gateway's root, keeping their stable codes.
+
+    A verdict on the payment (an x402 error, a 402 from the chain side) keeps its message, which speaks of
+    the payer's own credential. A failure of the store, the node or the code itself gets a fixed message per
+    code, which is what the payer sees in `detail`; its own text is logged.
+    """
     if isinstance(exc, PaymentFailed):
         return exc
     if isinstance(exc, X402Error):
         return PaymentFailed(exc.message, code=exc.code, status_hint=exc.status_hint)
     if isinstance(exc, EscrowError):
         status = getattr(exc, "status_hint", 502)
-        code = exc.code if status == 402 else f"unexpected_{during}_error"
-        return PaymentFailed(str(exc), code=code, status_hint=status)
+        if status == 402:
+            return PaymentFailed(str(exc), code=exc.code, status_hint=status)
+        if exc.code == "chain_unreachable":  # the node is down, not the payment wrong: retry later
+            return _infrastructure_failure(exc, exc.code, 503, during=during)
+        return _infrastructure_failure(exc, f"unexpected_{during}_error", status, during=during)
     if isinstance(exc, StoreError):
-        return PaymentFailed(exc.message, code=exc.code, status_hint=exc.status_hint)
-    return PaymentFailed(f"{type(exc).__name__}: {exc}", code=f"unexpected_{during}_error", status_hint=500)
+        return _infrastructure_failure(exc, exc.code, exc.status_hint, during=during)
+    return _infrastructure_failure(exc, f"unexpected_{during}_error", 500, during=during)
 
 
 class Paywall:

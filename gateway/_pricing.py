@@ -3,6 +3,11 @@
 A price is atomic units (`int`), a human amount (`"$0.001"`, `"0.001"`, `Decimal`) converted with the
 asset's decimals, or a function of the request (sync or async) returning either. Route keys are
 `"METHOD /path"` or `"/path"` (any method); paths may hold Starlette `{param}` segments.
+
+A route is matched the way Starlette's router would route the request, so nothing the app serves escapes its
+price: the path is the one Starlette routes on (the scope's `path` minus its `root_path`, which covers
+`uvicorn --root-path` and apps mounted under a prefix), and a `GET` price also covers `HEAD` (Starlette runs
+the `GET` endpoint for a `HEAD` request and returns its headers).
 """
 
 from __future__ import annotations
@@ -105,6 +110,22 @@ async def resolve(price: Price, request: Request, decimals: int) -> int:
     return to_atomic(price, decimals)
 
 
+def route_path(scope: Scope) -> str:
+    """The path Starlette's router matches routes against: `path` without the `root_path` prefix.
+
+    ASGI servers put the root path in front of `path` (`uvicorn --root-path /svc` serves `/svc/x` with
+    `root_path="/svc"`), and `Mount` passes a sub-app the full path with its prefix added to `root_path`.
+    The prefix is removed only on a segment boundary, as Starlette does; a path outside it is kept whole.
+    """
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    return path[len(root) :] if path[len(root)] == "/" else path
+
+
 class _Entry(msgspec.Struct, frozen=True):
     key: str
     method: str | None
@@ -166,9 +187,11 @@ class RouteTable:
             self._entries.append(_Entry(key, method.upper() or None, regex, route, static))
 
     def match(self, scope: Scope) -> _Entry | None:
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], route_path(scope)
+        # Starlette adds HEAD to every route that allows GET, so a HEAD request runs a GET endpoint.
+        methods = (method, "GET") if method == "HEAD" else (method,)
         for entry in self._entries:
-            if (entry.method is None or entry.method == method) and entry.regex.match(path):
+            if (entry.method is None or entry.method in methods) and entry.regex.match(path):
                 return entry
         return None
 
