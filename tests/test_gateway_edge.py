@@ -6,6 +6,7 @@ it tells payers nothing of its store's or node's internals.
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import socket
 import time
@@ -13,16 +14,19 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import uvicorn
 from eth_abi.abi import encode as abi_encode
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Message
+from starlette.routing import Match, Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from escrow import DevnetState
 from escrow._exact import ExactEvm
@@ -36,6 +40,7 @@ from gateway import (
     PaymentMiddleware,
     PaymentStore,
     RouteTable,
+    facilitator_app,
 )
 from gateway._stores.postgres import PostgresStore
 from tests._gateways import TcpProxy
@@ -176,6 +181,48 @@ def test_route_table_matches_as_the_starlette_router_does(
     )
     entry = table.match({"type": "http", "method": method, "path": path, "root_path": root_path})
     assert (None if entry is None else entry.key) == matched
+
+
+_PRICED = {"GET /hello": 1, "/any": 1, "POST /post": 1, "GET /items/{n:int}": 1, "PUT /items/{name}": 1}
+
+
+def _endpoint(request: Request) -> Response:
+    return Response()
+
+
+class _AnyMethod:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await Response()(scope, receive, send)
+
+
+# The app the table above prices: one Starlette route per key, with the methods Starlette would give it.
+_ROUTES = [
+    Route("/hello", _endpoint, methods=["GET"], name="GET /hello"),
+    Route("/any", _AnyMethod(), name="/any"),  # an ASGI endpoint: Starlette routes every method to it
+    Route("/post", _endpoint, methods=["POST"], name="POST /post"),
+    Route("/items/{n:int}", _endpoint, methods=["GET"], name="GET /items/{n:int}"),
+    Route("/items/{name}", _endpoint, methods=["PUT"], name="PUT /items/{name}"),
+]
+_SEGMENTS = st.sampled_from(["hello", "any", "post", "items", "7", "x", "svc", "", "hello/"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE"]),
+    segments=st.lists(_SEGMENTS, min_size=0, max_size=3),
+    root_path=st.sampled_from(["", "/svc", "/api/v1", "/hel"]),
+    prefixed=st.booleans(),
+)
+def test_the_table_prices_exactly_the_endpoints_starlette_runs(
+    method: str, segments: list[str], root_path: str, prefixed: bool
+) -> None:
+    table = RouteTable(_PRICED, pay_to=PAYEE, asset=USDC)
+    path = (root_path if prefixed else "") + "/" + "/".join(segments)
+    scope = {"type": "http", "method": method, "path": path, "root_path": root_path}
+    # What Starlette's router runs: the first route that matches fully (path and method).
+    runs = next((r.name for r in _ROUTES if r.matches(scope)[0] is Match.FULL), None)
+    entry = table.match(scope)
+    assert (None if entry is None else entry.key) == runs, (method, path, root_path)
 
 
 async def test_head_of_a_priced_get_is_priced(world: World) -> None:
@@ -421,16 +468,24 @@ async def test_a_node_that_is_down_is_a_503_with_a_fixed_detail(devnet: DevnetSt
     port = _free_port()  # nothing listens there
     rpc = Rpc(f"http://127.0.0.1:{port}")
     try:
-        relayer = TxSender(rpc, devnet.accounts[RELAYER].private_key, chain_id=devnet.chain_id)
-        world = World(devnet, rpc)
-        world.chain = ExactEvm(rpc, relayer)
+        world = World(devnet, rpc)  # its relayer and chain talk to the dead node
+        header = world.header(LocalSigner.random())
         app = world.paywall(_hello_app(), {"GET /hello": PRICE})
         async with _client(app) as client:
-            response = await client.get(
-                "/hello", headers={"PAYMENT-SIGNATURE": world.header(LocalSigner.random())}
-            )
+            response = await client.get("/hello", headers={"PAYMENT-SIGNATURE": header})
         assert response.status_code == 503, response.text
         assert response.json()["detail"] == "the chain node is unreachable; retry later"
+        _assert_no_internals(response.text, str(port), "ConnectError", "ChainError")
+        # The facilitator API says the same in `invalidMessage`.
+        facilitator = facilitator_app(
+            ExactScheme(world.chain), network=devnet.network, signers=[], assets=[world.asset]
+        )
+        payment = msgspec.json.decode(base64.b64decode(header))
+        body = {"x402Version": 2, "paymentPayload": payment, "paymentRequirements": payment["accepted"]}
+        async with _client(facilitator) as client:
+            response = await client.post("/verify", json=body)
+        assert response.status_code == 200 and response.json()["invalidReason"] == "chain_unreachable"
+        assert response.json()["invalidMessage"] == "the chain node is unreachable; retry later"
         _assert_no_internals(response.text, str(port), "ConnectError", "ChainError")
     finally:
         await rpc.aclose()
