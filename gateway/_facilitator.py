@@ -17,8 +17,9 @@ carries the `VerifyResponse` / `SettleResponse` fields, so x402 clients read it 
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -50,20 +51,48 @@ from ._errors import ConfigurationError, PaymentFailed
 from ._pipeline import as_payment_failed
 from ._pricing import Asset
 from ._scheme import Offer, Presented, Scheme, Verified
-from ._store import MemoryStore, PaymentStore
+from ._store import MemoryStore, PaymentStore, StoreError
 
 __all__ = ["facilitator_app"]
+
+log = logging.getLogger("agentpay.gateway")
+
+#: Default bound of a facilitator request body: a payment and its requirements take a few hundred bytes.
+DEFAULT_MAX_BODY_BYTES = 64 << 10
 
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(json_encode(obj), status_code=status, media_type="application/json")
 
 
-def _bad_request(obj: Any, failure: PaymentFailed) -> Response:
-    """A 400 problem document that is also the x402 answer `obj` (`isValid`/`success: false`, reason)."""
+_TITLES = {400: "Bad Request", 413: "Content Too Large", 503: "Service Unavailable"}
+
+
+def _answer(obj: Any, failure: PaymentFailed) -> Response:
+    """The x402 answer `obj` (`isValid`/`success: false`, reason): 200 for a payment that is refused, or,
+    for a request that is, a problem document (400, 413, 503) carrying the same fields."""
+    status = failure.status_hint
+    if status not in _TITLES:
+        return _json(obj)
     body = json_decode(json_encode(obj), dict[str, Any])
-    body.update(type="about:blank", title="Bad Request", status=400, detail=failure.message)
-    return Response(json_encode(body), status_code=400, media_type=PROBLEM_CONTENT_TYPE)
+    body.update(type="about:blank", title=_TITLES[status], status=status, detail=failure.message)
+    return Response(json_encode(body), status_code=status, media_type=PROBLEM_CONTENT_TYPE)
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past `limit` bytes, declared or streamed."""
+    declared = request.headers.get("content-length", "")
+    too_large = PaymentFailed(f"the request body exceeds {limit} bytes", status_hint=413)
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # (network, asset address lower-cased, EIP-712 domain name, version): what the relayer pays gas for.
@@ -76,6 +105,7 @@ class _Facilitator:
     ) -> None:
         self.scheme, self.network, self.signers, self.store = scheme, network, signers, store
         self.allowed = allowed
+        self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
         self.clock: Callable[[], float] = time.time
 
     def _parse(self, body: bytes) -> tuple[PaymentRequirements, dict[str, Any]]:
@@ -92,8 +122,8 @@ class _Facilitator:
             raise _refused(Reason.INVALID_PAYMENT_REQUIREMENTS, "accepted differs from the requirements")
         return v2.payment_requirements, v2.payment_payload.payload
 
-    async def _verified(self, body: bytes) -> Verified:
-        requirements, payload = self._parse(body)
+    async def _verified(self, request: Request) -> Verified:
+        requirements, payload = self._parse(await _read(request, self.max_body_bytes))
         if requirements.scheme != self.scheme.name:
             raise _refused(Reason.UNSUPPORTED_SCHEME, f"scheme {requirements.scheme[:32]!r} unsupported")
         if requirements.network != self.network:
@@ -113,13 +143,13 @@ class _Facilitator:
 
     async def verify(self, request: Request) -> Response:
         try:
-            verified = await self._verified(await request.body())
+            verified = await self._verified(request)
         except Exception as exc:
             failure = as_payment_failed(exc, during="verify")
             answer = VerifyResponse(
                 is_valid=False, invalid_reason=failure.code, invalid_message=failure.message
             )
-            return _bad_request(answer, failure) if failure.status_hint == 400 else _json(answer)
+            return _answer(answer, failure)
         return _json(VerifyResponse(is_valid=True, payer=verified.payer))
 
     def _settle_failure(self, code: str, payer: str | None = None) -> SettleResponse:
@@ -129,22 +159,28 @@ class _Facilitator:
 
     async def settle(self, request: Request) -> Response:
         try:
-            verified = await self._verified(await request.body())
+            verified = await self._verified(request)
         except Exception as exc:
             failure = as_payment_failed(exc, during="verify")
-            answer = self._settle_failure(failure.code)
-            return _bad_request(answer, failure) if failure.status_hint == 400 else _json(answer)
+            return _answer(self._settle_failure(failure.code), failure)
         # Two concurrent /settle calls for one payment: one broadcasts, the other is told it was used.
-        if not await self.store.claim(verified.key, ttl=300.0):
+        try:
+            claimed = await self.store.claim(verified.key, ttl=300.0)
+        except StoreError as exc:  # nothing was sent: the caller may try again
+            failure = as_payment_failed(exc, during="settle")
+            return _answer(self._settle_failure(failure.code, verified.payer), failure)
+        if not claimed:
             return _json(self._settle_failure(Reason.NONCE_ALREADY_USED, verified.payer))
         try:
             tx_hash = await self.scheme.settle(verified)
         except Exception as exc:
             failure = as_payment_failed(exc, during="settle")
             if failure.status_hint == 402 and failure.code != Reason.SETTLEMENT_PENDING:
-                await self.store.release(verified.key)
+                await _quietly(self.store.release(verified.key))
             return _json(self._settle_failure(failure.code, verified.payer))
-        await self.store.finalize(verified.key)
+        # The money has moved: the answer is a success even if the store cannot record it (the chain refuses
+        # the nonce from now on, so the claim only saves a failing simulation).
+        await _quietly(self.store.finalize(verified.key))
         amount = str(verified.amount)
         return _json(
             SettleResponse(
@@ -164,6 +200,13 @@ def _refused(code: str, message: str, *, status: int = 402) -> PaymentFailed:
     return PaymentFailed(message, code=code, status_hint=status)
 
 
+async def _quietly(step: Awaitable[None]) -> None:
+    try:
+        await step
+    except StoreError as exc:
+        log.error("facilitator store step failed: %s", exc.message)
+
+
 def facilitator_app(
     scheme: Scheme,
     *,
@@ -171,6 +214,7 @@ def facilitator_app(
     signers: list[str],
     assets: Sequence[Asset],
     store: PaymentStore | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """A Starlette app serving `/verify`, `/settle` and `/supported` for `scheme` on `network`.
@@ -178,7 +222,8 @@ def facilitator_app(
     `signers` are the addresses that send settlement transactions (shown in `/supported`). `assets` are the
     only tokens verified and settled: a request naming another asset, or an allowed asset with another
     EIP-712 domain name or version, is a 400 before any chain call, so nobody else's contract runs on the
-    relayer's gas.
+    relayer's gas. A request body past `max_body_bytes` (default 64 KiB; a payment is a few hundred bytes)
+    is a 413, and a store that cannot be reached a 503, both problem documents.
     """
     if not assets:
         raise ConfigurationError("a facilitator needs at least one allowed asset")
@@ -187,6 +232,7 @@ def facilitator_app(
             raise ConfigurationError(f"asset {asset.address} is on {asset.network}, not {network}")
     allowed = {(network, a.address.lower(), a.name, a.version) for a in assets}
     facilitator = _Facilitator(scheme, network, signers, store or MemoryStore(), allowed)
+    facilitator.max_body_bytes = max_body_bytes
     facilitator.clock = clock
     return Starlette(
         routes=[

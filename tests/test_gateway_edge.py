@@ -484,7 +484,8 @@ async def test_a_node_that_is_down_is_a_503_with_a_fixed_detail(devnet: DevnetSt
         body = {"x402Version": 2, "paymentPayload": payment, "paymentRequirements": payment["accepted"]}
         async with _client(facilitator) as client:
             response = await client.post("/verify", json=body)
-        assert response.status_code == 200 and response.json()["invalidReason"] == "chain_unreachable"
+        assert response.status_code == 503 and response.json()["invalidReason"] == "chain_unreachable"
+        assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["invalidMessage"] == "the chain node is unreachable; retry later"
         _assert_no_internals(response.text, str(port), "ConnectError", "ChainError")
     finally:
@@ -516,6 +517,40 @@ async def test_a_store_that_goes_down_is_a_503_with_a_fixed_detail(world: World,
                 assert response.status_code == 503, response.text
                 assert response.json()["detail"] == "the payment store is unavailable; retry later"
                 _assert_no_internals(response.text, str(pg_proxy.port), "postgresql", "StoreUnavailable")
+    finally:
+        pg_proxy.up()
+        await store.close()
+        await _drop_schema(schema)
+    assert await world.balance(world.payee) == 0
+
+
+async def test_a_facilitator_whose_store_is_down_answers_503_and_sends_nothing(
+    world: World, pg_proxy: TcpProxy
+) -> None:
+    schema = "agentpay_test_" + secrets.token_hex(6)
+    dsn = PG_URL.replace(PG_URL.split("@", 1)[1].split("/", 1)[0], f"127.0.0.1:{pg_proxy.port}")
+    store = await PostgresStore.open(dsn, schema=schema, pool_min=1, pool_max=2)
+    try:
+        app = facilitator_app(
+            ExactScheme(world.chain),
+            network=world.devnet.network,
+            signers=[world.relayer.address],
+            assets=[world.asset],
+            store=store,
+        )
+        payer = await world.payer()
+        payment = msgspec.json.decode(base64.b64decode(world.header(payer)))
+        body = {"x402Version": 2, "paymentPayload": payment, "paymentRequirements": payment["accepted"]}
+        nonce = await world.rpc.get_transaction_count(world.relayer.address, "pending")
+        pg_proxy.down()
+        async with _client(app) as client:
+            response = await client.post("/settle", json=body)
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        answer = response.json()
+        assert answer["success"] is False and answer["errorReason"] == "store_unavailable"
+        _assert_no_internals(response.text, str(pg_proxy.port), "postgresql", "StoreUnavailable")
+        assert await world.rpc.get_transaction_count(world.relayer.address, "pending") == nonce
     finally:
         pg_proxy.up()
         await store.close()

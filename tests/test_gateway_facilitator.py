@@ -149,6 +149,22 @@ async def test_undecodable_bodies_are_bad_requests(fac: Fac) -> None:
         assert response.status_code == 400 and response.json()["isValid"] is False
 
 
+async def test_request_bodies_are_bounded(fac: Fac) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the streamed bytes count
+        for _ in range(3):
+            yield b" " * (30 << 10)
+
+    before = await _relayer_state(fac)
+    for declared in (True, False):
+        for path in ("/verify", "/settle"):
+            content = b" " * ((64 << 10) + 1) if declared else chunks()
+            response = await fac.client.post(path, content=content)
+            assert response.status_code == 413, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["status"] == 413
+    assert await _relayer_state(fac) == before
+
+
 async def test_v1_requests(fac: Fac) -> None:
     payer = await fac.payer()
     signed = sign_transfer_authorization(
