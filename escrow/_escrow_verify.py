@@ -195,8 +195,9 @@ class EscrowVerifier:
 
     `min_validity`: a payment's deadline must be at least this far ahead. `settle_margin`: if the payment's
     deadline or the grant's window ends sooner than this, the payment is still valid but must be settled
-    before it is served (`expires_soon`). `simulate`: also run the contract's own `check` (one `eth_call`:
-    nonce, deposit, and the grant as of the latest block); without it, replay protection is the store's claim.
+    before it is served (`expires_soon`). `simulate`: also run the contract's own `check` in `confirm`'s
+    `eth_call` (the nonce and the signature as the contract sees them); without it, replay protection is the
+    store's claim. The grant, deposit and withdrawal are read in that call either way.
     """
 
     def __init__(

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from escrow import Devnet, DevnetState
 from escrow._escrow import AgentEscrow, Erc20
-from escrow._escrow_verify import EscrowVerifier, GrantCache
+from escrow._escrow_verify import EscrowRejected, EscrowVerifier, GrantCache
 from escrow._exposure import budget_limit, deposit_accounts, deposit_limit
 from escrow._grants import deposit
 from escrow._rpc import Rpc, TxSender
@@ -37,7 +37,7 @@ from escrow._settler import EscrowSettler
 from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._escrow_scheme import EscrowScheme
 from x402 import LocalSigner
-from x402._escrow import EscrowCode
+from x402._escrow import EscrowCode, EscrowPayload, escrow_domain, sign_payment
 from x402.client_escrow import EscrowWallet, SessionKeyAuth
 
 pytestmark = pytest.mark.anyio
@@ -190,6 +190,40 @@ async def test_a_matured_full_withdrawal_leaves_nothing_to_serve_on() -> None:
             assert await payer.usdc.balance_of(gateway.pay_to) == gateway.served * PRICE
         finally:
             await rpc.aclose()
+
+
+async def test_a_revocation_the_grant_cache_has_not_polled_yet_is_refused(devnet: DevnetState) -> None:
+    rpc = Rpc(devnet.rpc_url)
+    try:
+        payer = Payer(devnet, rpc)
+        await payer.fund(bank=devnet.accounts[8].private_key, deposit_amount=10 * PRICE, budget=100 * PRICE)
+        # A cache that polls once and then never again (its clock is frozen); no `check` simulation either.
+        cache = GrantCache(payer.escrow, poll_interval=60.0, clock=lambda: 0.0)
+        verifier = EscrowVerifier(payer.escrow, chain_id=devnet.chain_id, cache=cache, simulate=False)
+        pay_to = LocalSigner.random().address
+
+        def signed(nonce: int) -> EscrowPayload:
+            return sign_payment(
+                payer.session,
+                escrow_domain(devnet.chain_id, payer.escrow.address),
+                payer=payer.owner.address,
+                payee=pay_to,
+                token=payer.usdc.address,
+                amount=PRICE,
+                nonce=nonce,
+                deadline=int(time.time()) + 3600,
+                epoch=1,
+            )
+
+        kw = {"pay_to": pay_to, "amount": PRICE, "token": payer.usdc.address}
+        await verifier.verify(signed(1), now=time.time(), **kw)
+        revoke = payer.escrow.abi.encode("revoke", payer.session.address)
+        await payer.tx.transact(payer.escrow.address, revoke, gas=200_000)
+        with pytest.raises(EscrowRejected) as refused:
+            await verifier.verify(signed(2), now=time.time(), **kw)
+        assert refused.value.code == EscrowCode.GRANT_REVOKED
+    finally:
+        await rpc.aclose()
 
 
 # ------------------------------------------------------------------------- the reservation arithmetic
