@@ -250,6 +250,11 @@ class AgentEscrow:
 
     async def grant_of(self, payer: str, signer: str) -> GrantInfo:
         (info,) = await self._view("grantOf", payer, signer)
+        return self.grant_info(info)
+
+    @staticmethod
+    def grant_info(info: Sequence[Any]) -> GrantInfo:
+        """`GrantInfo` from the decoded `grantOf` tuple."""
         return GrantInfo(
             token=to_checksum_address(info[0]),
             epoch=info[1],
@@ -263,6 +268,17 @@ class AgentEscrow:
 
     async def deposit_of(self, payer: str, token: str) -> int:
         return int((await self._view("depositOf", payer, token))[0])
+
+    async def withdrawal_of(self, payer: str, token: str) -> tuple[int, int]:
+        """The payer's requested withdrawal of `token`: (amount, readyAt), zeros if none."""
+        amount, ready_at = await self._view("withdrawalOf", payer, token)
+        return int(amount), int(ready_at)
+
+    async def read_many(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple[Any, ...]]:
+        """Several views in one `eth_call` (the escrow's `multicall`), so they all see the same block."""
+        data = self.abi.encode("multicall", [self.abi.encode(name, *args) for name, args in calls])
+        (results,) = self.abi.decode("multicall", await self.rpc.call(self.address, data))
+        return [self.abi.decode(name, raw) for (name, _), raw in zip(calls, results, strict=True)]
 
     async def nonce_used(self, signer: str, nonce: int) -> bool:
         return bool((await self._view("nonceUsed", signer, nonce))[0])

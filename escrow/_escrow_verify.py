@@ -4,18 +4,21 @@
 Grant cache. `grantOf` and `isPayeeAllowed` answers are cached per (payer, signer). Before answering, the
 cache makes sure it has polled the escrow's `GrantIssued`/`GrantRevoked` logs within the last
 `poll_interval` (one `eth_getLogs` from the last block it saw, shared by concurrent callers), dropping every
-entry those logs touch; entries also expire after `ttl`, and a settler's outcomes invalidate them. So a
-revocation is seen by the next verification after at most one poll interval, without a background task. A
-payment revoked after verification fails on chain and the settler reports it (`escrow_grant_revoked`).
+entry those logs touch; entries also expire after `ttl`, and a settler's outcomes invalidate them. The cache
+only serves early refusals (`precheck`) and the payee list: `confirm` reads the grant again in the same
+`eth_call` as the deposit, so the budget, epoch and revocation a payment is reserved against are those of the
+latest block, never the cache's. A payment revoked after verification fails on chain and the settler reports
+it (`escrow_grant_revoked`).
 
-Spend accounting (see `EscrowClaim`): per grant epoch, the store's pending counters hold what this gateway
-*reserved* (served, not failed) and what it *settled*. A payment is accepted only if
+Spend accounting (see `EscrowClaim` and `escrow._exposure`): the store's counters hold, per deposit pool and
+per grant epoch, what the gateways sharing the store *reserved* (accepted, not given back) and *settled*. A
+payment is accepted only if, for both pools,
 
-    reserved + amount <= budget - (spent_on_chain - settled_by_us)
+    reserved + amount <= available_on_chain + settled
 
 checked and added atomically by `store.add_pending`, so concurrent requests can never reserve past the
-budget. Spend by other gateways is seen once it settles; what they spend meanwhile is the credit risk each
-gateway caps with its per-payer credit limit.
+deposit (net of a requested withdrawal) or the budget. Spend through gateways on other stores is seen once it
+settles; what they spend meanwhile is the credit risk each gateway caps with its per-payer credit limit.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from eth_utils.address import to_checksum_address
@@ -31,13 +35,14 @@ from x402 import Eip712Domain, InvalidSignature
 from x402._escrow import EscrowCode, EscrowPayload, escrow_domain, reason_code, recover_payment
 
 from ._artifacts import EscrowError
-from ._escrow import AgentEscrow, GrantInfo
+from ._escrow import AgentEscrow, GrantInfo, payment_tuple
 
 __all__ = [
     "EscrowClaim",
     "EscrowRejected",
     "EscrowVerifier",
     "GrantCache",
+    "PrecheckedEscrowPayment",
     "VerifiedEscrowPayment",
     "accounts_for",
 ]
@@ -55,9 +60,10 @@ class EscrowRejected(EscrowError):
 class EscrowClaim(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """What the settlement queue holds for one served `escrow` payment.
 
-    The three store accounts are the pending counters the settler moves once the outcome is known:
-    `credit` (unsettled amount this gateway serves the payer, released on any outcome), `reserved` (this
-    gateway's share of the grant budget, given back only on failure) and `settled` (raised on settlement).
+    The store accounts are the pending counters the settler moves once the outcome is known: `credit`
+    (unsettled amount this gateway serves the payer, released on any outcome), `reserved` / `settled` (the
+    grant budget: given back only on failure / raised on settlement) and `deposit_reserved` /
+    `deposit_settled` (the same for the payer's deposit pool, see `escrow._exposure`).
     `from_block` bounds the log search that tells "settled by someone else" from "nonce used by another
     payment".
     """
@@ -70,6 +76,8 @@ class EscrowClaim(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     credit: str | None = None
     reserved: str | None = None
     settled: str | None = None
+    deposit_reserved: str | None = None
+    deposit_settled: str | None = None
 
 
 def accounts_for(chain_id: int, escrow: str, payer: str, signer: str, epoch: int) -> tuple[str, str, str]:
@@ -160,12 +168,22 @@ class GrantCache:
         return allowed
 
 
+class PrecheckedEscrowPayment(msgspec.Struct, frozen=True, kw_only=True):
+    """A payment that passed every offline check and the cached grant: `EscrowVerifier.confirm` is next."""
+
+    payload: EscrowPayload
+    signer: str
+    grant: GrantInfo | None  # the cached grant; None when the payer signed for itself
+
+
 class VerifiedEscrowPayment(msgspec.Struct, frozen=True, kw_only=True):
     payload: EscrowPayload
     signer: str
-    grant: GrantInfo | None  # None when the payer signed for itself
+    grant: GrantInfo | None  # as of `block`'s chain read; None when the payer signed for itself
     expires_soon: bool  # the grant or payment ends before a deferred settlement could land: settle now
     block: int
+    deposit: int = 0  # the payer's `depositOf(token)`, read with the grant
+    withdrawal: int = 0  # the payer's requested withdrawal of `token` (`withdrawalOf().amount`)
 
 
 def _reject(code: str, message: str) -> EscrowRejected:
@@ -177,8 +195,9 @@ class EscrowVerifier:
 
     `min_validity`: a payment's deadline must be at least this far ahead. `settle_margin`: if the payment's
     deadline or the grant's window ends sooner than this, the payment is still valid but must be settled
-    before it is served (`expires_soon`). `simulate`: also run the contract's own `check` (one `eth_call`:
-    nonce, deposit, and the grant as of the latest block); without it, replay protection is the store's claim.
+    before it is served (`expires_soon`). `simulate`: also run the contract's own `check` in `confirm`'s
+    `eth_call` (the nonce and the signature as the contract sees them); without it, replay protection is the
+    store's claim. The grant, deposit and withdrawal are read in that call either way.
     """
 
     def __init__(
@@ -202,6 +221,15 @@ class EscrowVerifier:
     async def verify(
         self, payload: EscrowPayload, *, pay_to: str, amount: int, token: str, now: float
     ) -> VerifiedEscrowPayment:
+        """`precheck`, then `confirm`: everything a gateway checks before it may reserve the payment."""
+        pre = await self.precheck(payload, pay_to=pay_to, amount=amount, token=token, now=now)
+        return await self.confirm(pre, now=now)
+
+    async def precheck(
+        self, payload: EscrowPayload, *, pay_to: str, amount: int, token: str, now: float
+    ) -> PrecheckedEscrowPayment:
+        """The offer, the deadline, the signature, and the grant as the cache has it (no chain read, unless
+        the cache has to fetch the grant)."""
         p = payload.payment
         if p.payee.lower() != pay_to.lower():
             raise _reject(EscrowCode.RECIPIENT_MISMATCH, f"the payment pays {p.payee}, not {pay_to}")
@@ -220,24 +248,50 @@ class EscrowVerifier:
             signer = recover_payment(self.domain, payload)
         except InvalidSignature as exc:
             raise _reject(EscrowCode.INVALID_SIGNATURE, exc.message) from None
-        horizon = now + self.settle_margin
         grant: GrantInfo | None = None
         if signer.lower() != p.payer.lower():
             grant = await self.cache.grant(p.payer, signer)
             self._check_grant(grant, payload, now)
             if not await self.cache.payee_allowed(p.payer, signer, p.payee):
                 raise _reject(EscrowCode.PAYEE_NOT_ALLOWED, f"{p.payee} is not on the grant's payee list")
-            horizon = min(horizon, grant.valid_until)
+        return PrecheckedEscrowPayment(payload=payload, signer=to_checksum_address(signer), grant=grant)
+
+    async def confirm(self, pre: PrecheckedEscrowPayment, *, now: float) -> VerifiedEscrowPayment:
+        """One `eth_call` (the escrow's `multicall`): the payer's deposit and requested withdrawal, the
+        grant as of the latest block (so neither its budget, epoch nor revocation is only as fresh as the
+        cache), and with `simulate` the contract's own `check`.
+
+        A gateway reads its `settled` counters before calling this (see `escrow._exposure`).
+        """
+        payload = pre.payload
+        p = payload.payment
+        calls: list[tuple[str, tuple[Any, ...]]] = [
+            ("depositOf", (p.payer, p.token)),
+            ("withdrawalOf", (p.payer, p.token)),
+        ]
+        if pre.grant is not None:
+            calls.append(("grantOf", (p.payer, pre.signer)))
         if self.simulate:
-            reason, _ = await self.escrow.check(payload)
+            calls.append(("check", (payment_tuple(p), bytes.fromhex(payload.signature[2:]))))
+        results = await self.escrow.read_many(calls)
+        if self.simulate:
+            reason = int(results[-1][0])
             if reason != 0:
                 raise _reject(reason_code(reason), f"the escrow refuses the payment ({reason_code(reason)})")
+        grant: GrantInfo | None = None
+        horizon = now + self.settle_margin
+        if pre.grant is not None:
+            grant = AgentEscrow.grant_info(results[2][0])
+            self._check_grant(grant, payload, now)
+            horizon = min(horizon, grant.valid_until)
         return VerifiedEscrowPayment(
             payload=payload,
-            signer=to_checksum_address(signer),
+            signer=pre.signer,
             grant=grant,
-            expires_soon=min(deadline, horizon) < now + self.settle_margin,
+            expires_soon=min(int(p.deadline), horizon) < now + self.settle_margin,
             block=self.cache.head,
+            deposit=int(results[0][0]),
+            withdrawal=int(results[1][0]),
         )
 
     @staticmethod

@@ -245,13 +245,20 @@ class EscrowSettler:
         for item, claim in pairs:
             if await self.count_once(item.key):  # whoever reports it: this settler, another, or recovery
                 amount = int(claim.payload.payment.amount)
-                if claim.settled is not None:
-                    await self.store.add_pending(claim.settled, amount, limit=_UINT256_MAX)
+                await self.count_settled(claim)
                 if claim.credit is not None:
                     await self.store.sub_pending(claim.credit, amount)
             out.append(self._outcome(item, claim, status, tx_hash=tx_hash, gas=gas))
         await self.store.mark_settled([item.key for item, _ in pairs], tx_hash=tx_hash)
         return out
+
+    async def count_settled(self, claim: EscrowClaim) -> None:
+        """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
+        reservations (pending = reserved - settled; see `escrow._exposure`). Only after `count_once`."""
+        amount = int(claim.payload.payment.amount)
+        for account in (claim.settled, claim.deposit_settled):
+            if account is not None:
+                await self.store.add_pending(account, amount, limit=_UINT256_MAX)
 
     async def count_once(self, key: str) -> bool:
         """True exactly once per settled payment `key`: the one caller that may move its spend counters.
@@ -285,10 +292,10 @@ class EscrowSettler:
             + (f" in {tx_hash}" if tx_hash else "")
         )
         await self.store.mark_failed(item.key, error=f"{code}: {detail}", retry_at=None)
-        if claim.reserved is not None:
-            await self.store.sub_pending(claim.reserved, amount)
-        if claim.credit is not None:
-            await self.store.sub_pending(claim.credit, amount)
+        # Never charged: give back every reservation it held.
+        for account in (claim.reserved, claim.deposit_reserved, claim.credit):
+            if account is not None:
+                await self.store.sub_pending(account, amount)
         return self._outcome(item, claim, "dead", code=code, tx_hash=tx_hash)
 
     async def _nonce_used(self, escrow: AgentEscrow, item: QueuedItem, claim: EscrowClaim) -> SettleOutcome:

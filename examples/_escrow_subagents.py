@@ -34,7 +34,11 @@ from escrow._settler import EscrowSettler
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware, QueueStats, Scheme
 from gateway._escrow_scheme import EscrowScheme
 
-__all__ = ["SubAgent", "demo_asset", "serving"]
+__all__ = ["CREDIT_CALLS", "SubAgent", "demo_asset", "serving"]
+
+#: An escrow sub-agent's default credit limit, in calls of its dearest route: how much it serves one payer
+#: before that payer's earlier calls have settled. Past it, a call is settled before its response.
+CREDIT_CALLS = 10
 
 Kind = Literal["escrow", "exact"]
 
@@ -63,7 +67,7 @@ class SubAgent:
         settler_key: str,
         routes: Mapping[str, int],
         max_age: float = 1.0,
-        credit_limit: int = 10**9,
+        credit_limit: int | None = None,
     ) -> None:
         self.name, self.kind, self.pay_to = name, kind, pay_to
         self.prices = dict(routes)
@@ -81,6 +85,11 @@ class SubAgent:
             verifier = EscrowVerifier(
                 escrow, chain_id=state.chain_id, cache=GrantCache(escrow, poll_interval=1.0)
             )
+            # The most it serves one payer unsettled; past it, a payment is settled before its response. The
+            # payer's deposit bounds every gateway anyway; this bounds what this one risks if the payer
+            # spends the deposit elsewhere first (see docs/schemes/escrow.md, "Exposure").
+            if credit_limit is None:
+                credit_limit = CREDIT_CALLS * max(routes.values())
             scheme = EscrowScheme(verifier, self.store, self.settler, credit_limit=credit_limit)
         else:
             scheme = ExactScheme(ExactEvm(self.rpc, self.sender))

@@ -7,10 +7,13 @@ Offered as x402 `accepts[]` entry `{"scheme": "escrow", "extra": {"escrow", "nam
 the payment's single-use nonce, not by the challenge hash: the sequential bitmap nonce is what keeps
 batched settlement cheap, and a payment is only ever good for its payee and amount.
 
-Verification = `escrow.EscrowVerifier` (signature, grant, cap, payee, window, deadline, on-chain `check`)
-plus two atomic store counters: the grant's budget share (refuse past it) and the payer's credit (past the
-gateway's `credit_limit` the payment is settled before its response, after the handler succeeded: the
-pipeline asks `settle_now`). Deferred payments become `escrow.EscrowClaim`s in the store's queue, which
+Verification = `escrow.EscrowVerifier` (signature, cached grant, cap, payee, window, deadline; then one chain
+read: deposit, requested withdrawal, the grant as of the latest block, and the contract's `check`) plus
+atomic store counters (`escrow._exposure`): the payer's deposit pool (net of any requested withdrawal) and
+the grant's budget, both shared by every gateway on the store (refuse past them:
+`escrow_insufficient_deposit`, `escrow_budget_exceeded`), and this gateway's credit to the payer (past its
+`credit_limit` the payment is settled before its response, after the handler succeeded: the pipeline asks
+`settle_now`). Deferred payments become `escrow.EscrowClaim`s in the store's queue, which
 `escrow.EscrowSettler` drains; payments settled before their response are recorded as `escrow:now` first,
 and `reconcile_items` is how recovery closes such a record if the gateway died mid-settlement.
 """
@@ -25,6 +28,7 @@ import msgspec
 
 from escrow._escrow import AgentEscrow
 from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
+from escrow._exposure import budget_limit, deposit_accounts, deposit_limit
 from escrow._rpc import ChainError
 from escrow._settler import EscrowSettler, SettleOutcome, decode_claim, encode_claim
 from x402 import PaymentRejected, PaymentRequirements, Reason
@@ -37,8 +41,6 @@ from ._store import PaymentStore, Settlement, backoff
 
 __all__ = ["EscrowScheme", "EscrowState"]
 
-_UINT256_MAX = 2**256 - 1
-
 
 class EscrowState(msgspec.Struct, kw_only=True):
     """`Verified.state` of an escrow payment."""
@@ -46,8 +48,9 @@ class EscrowState(msgspec.Struct, kw_only=True):
     claim: EscrowClaim
     settle_now: bool  # past the credit limit, or too close to a deadline to defer
     tx_hash: str = ""  # set once settled before serving
-    reserved: bool = False  # budget/credit counters taken (to give back on release)
-    credited: bool = False
+    pooled: bool = False  # the payer's deposit pool reserved (to give back on release)
+    reserved: bool = False  # the grant's budget reserved
+    credited: bool = False  # counted on this gateway's credit to the payer
 
 
 class EscrowScheme:
@@ -131,39 +134,59 @@ class EscrowScheme:
         ):
             raise PaymentRejected(EscrowCode.WRONG_ESCROW, "the offer is for another escrow or chain")
         payload = decode_escrow_payload(presented.payload, mpp=presented.dialect == "mpp")
-        checked = await self.verifier.verify(
+        pre = await self.verifier.precheck(
             payload, pay_to=req.pay_to, amount=int(req.amount), token=req.asset, now=now
         )
         p = payload.payment
-        key = f"escrow:{self.chain_id}:{self.escrow.lower()}:{checked.signer.lower()}:{int(p.nonce)}"
+        key = f"escrow:{self.chain_id}:{self.escrow.lower()}:{pre.signer.lower()}:{int(p.nonce)}"
         # Our own claim, taken before any counter moves, so a replay can never reserve twice.
         # A served payment stays finalized under `key` forever, while our claim expires: check both.
         if await self.store.is_finalized(key) or not await self.store.claim(
             key + "#reserve", ttl=self.claim_ttl
         ):
             raise PaymentRejected(Reason.NONCE_ALREADY_USED, "this payment was already presented")
-        credit, reserved, settled = accounts_for(self.chain_id, self.escrow, p.payer, checked.signer, p.epoch)
+        session = pre.grant is not None
+        credit, reserved, settled = accounts_for(self.chain_id, self.escrow, p.payer, pre.signer, p.epoch)
+        pool = deposit_accounts(self.chain_id, self.escrow, p.payer, p.token)
         amount = int(p.amount)
         claim = EscrowClaim(
             chain_id=self.chain_id,
             escrow=self.escrow,
-            signer=checked.signer,
+            signer=pre.signer,
             payload=payload,
-            from_block=checked.block,
             credit=credit,
-            reserved=reserved if checked.grant is not None else None,
-            settled=settled if checked.grant is not None else None,
+            reserved=reserved if session else None,
+            settled=settled if session else None,
+            deposit_reserved=pool.reserved,
+            deposit_settled=pool.settled,
         )
-        state = EscrowState(claim=claim, settle_now=checked.expires_soon)
+        state = EscrowState(claim=claim, settle_now=False)
         try:
+            # The `settled` counters are read before the chain: see `escrow._exposure` for why the order
+            # makes the reservations below safe while other payments land.
+            pool_settled = await self.store.get_pending(pool.settled)
+            budget_settled = await self.store.get_pending(settled) if session else 0
+            checked = await self.verifier.confirm(pre, now=now)
+            state.claim = msgspec.structs.replace(claim, from_block=checked.block)
+            state.settle_now = checked.expires_soon
+            # Deposit net of a requested withdrawal, minus what is accepted and not settled, per payer.
+            limit = deposit_limit(
+                deposit=checked.deposit, withdrawal=checked.withdrawal, settled=pool_settled
+            )
+            if not await self.store.add_pending(pool.reserved, amount, limit=limit):
+                raise EscrowRejected(
+                    EscrowCode.INSUFFICIENT_DEPOSIT,
+                    "the payer's deposit, net of pending withdrawals, is committed to unsettled payments",
+                )
+            state.pooled = True
             if checked.grant is not None:
                 grant = checked.grant
-                others = max(0, grant.spent - await self.store.get_pending(settled))
-                if not await self.store.add_pending(reserved, amount, limit=grant.budget - others):
+                limit = budget_limit(budget=grant.budget, spent=grant.spent, settled=budget_settled)
+                if not await self.store.add_pending(reserved, amount, limit=limit):
                     raise EscrowRejected(
                         EscrowCode.BUDGET_EXCEEDED, "the grant's budget is committed to other calls"
                     )
-            state.reserved = True
+                state.reserved = True
             if not state.settle_now:
                 state.credited = await self.store.add_pending(credit, amount, limit=self.credit_limit)
                 state.settle_now = not state.credited
@@ -186,10 +209,9 @@ class EscrowScheme:
         if code:
             raise PaymentFailed(f"the escrow refused to settle: {code}", code=code, status_hint=402)
         state.tx_hash = tx_hash
-        amount = verified.amount
         # Counted once: recovery may report this same settlement again if we die before it is recorded.
-        if claim.settled is not None and await self.settler.count_once(verified.key):
-            await self.store.add_pending(claim.settled, amount, limit=_UINT256_MAX)
+        if await self.settler.count_once(verified.key):
+            await self.settler.count_settled(claim)
         if record:
             # The pipeline's later enqueue of this key is a no-op: the record already says settled.
             await self.store.enqueue(self._settlement(verified, now))
@@ -286,9 +308,12 @@ class EscrowScheme:
     async def release_state(self, state: EscrowState, key: str) -> None:
         claim = state.claim
         amount = int(claim.payload.payment.amount)
-        if state.reserved and claim.reserved is not None:
-            await self.store.sub_pending(claim.reserved, amount)
-        if state.credited and claim.credit is not None:
-            await self.store.sub_pending(claim.credit, amount)
-        state.reserved = state.credited = False
+        for taken, account in (
+            (state.pooled, claim.deposit_reserved),
+            (state.reserved, claim.reserved),
+            (state.credited, claim.credit),
+        ):
+            if taken and account is not None:
+                await self.store.sub_pending(account, amount)
+        state.pooled = state.reserved = state.credited = False
         await self.store.release(key + "#reserve")
