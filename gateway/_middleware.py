@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from x402 import MIN_SECRET_BYTES, X402Error, error_answer
 
-from ._answers import Answer, Headers
+from ._answers import Answer, Headers, ReplayStatus
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
@@ -101,6 +101,12 @@ class PaymentMiddleware:
     all verify, for rotation); a random one is made when absent, which is fine for a single process.
     `settle="before-response"` settles on-chain before the response leaves; `"deferred"` enqueues the
     payment in the store for a batching settler.
+
+    MPP: `realm` names the protection space bound into every challenge (default `"localhost"`); the
+    request's `Host` is used instead only when it is one of `realm_hosts`, never otherwise (a client-chosen
+    realm could re-cut challenge ids). Credentials binding the challenge by the spec's challengeHash or
+    pympp 0.16's are both accepted; `mpp_strict=True` takes the spec's only. A replayed credential gets 402
+    `invalid-challenge` with a fresh challenge (the core spec); `mpp_replay_status=403` answers as pympp.
     """
 
     def __init__(
@@ -114,10 +120,12 @@ class PaymentMiddleware:
         store: PaymentStore | str | None = None,
         secret: bytes | str | Sequence[bytes | str] | None = None,
         realm: str | None = None,
+        realm_hosts: Sequence[str] = (),
         settle: SettleMode = "before-response",
         challenge_ttl: float = 300.0,
         claim_ttl: float = 300.0,
-        accept_pympp_challenge_hash: bool = False,
+        mpp_strict: bool = False,
+        mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
@@ -136,10 +144,12 @@ class PaymentMiddleware:
             store=MemoryStore() if store is None or isinstance(store, str) else store,
             secrets=_secret_list(secret),
             realm=realm,
+            realm_hosts=realm_hosts,
             settle=settle,
             challenge_ttl=challenge_ttl,
             claim_ttl=claim_ttl,
-            accept_pympp_challenge_hash=accept_pympp_challenge_hash,
+            mpp_strict=mpp_strict,
+            mpp_replay_status=mpp_replay_status,
             clock=clock,
         )
 
