@@ -91,7 +91,7 @@ def build_app(
     relayer_key: str | None = None,
     store: PaymentStore | str | None = None,
     settle: SettleMode = "before-response",
-    pympp_compat: bool = False,
+    mpp_strict: bool = False,
     rpc_url: str | None = None,
     settle_rpc_url: str | None = None,
     tuning: Tuning | None = None,
@@ -99,7 +99,8 @@ def build_app(
     """The sub-agent's app for a devnet: `payee` gets the money, `relayer_key` pays the settlement gas.
 
     `store` is a store object or URL (`sqlite:///payments.db`, ...), opened when the app starts.
-    `pympp_compat` also accepts pympp 0.16's non-standard EIP-3009 nonce for MPP credentials.
+    MPP credentials may bind the challenge by the spec's or pympp 0.16's EIP-3009 nonce; `mpp_strict`
+    takes the spec's only.
     `rpc_url` serves verification, `settle_rpc_url` the relayer and the settler (both default to the
     devnet's node).
     """
@@ -166,7 +167,7 @@ def build_app(
         store=store,
         settle=settle,
         claim_ttl=tuning.claim_ttl,
-        accept_pympp_challenge_hash=pympp_compat,
+        mpp_strict=mpp_strict,
     )
     return paid
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rpc", default=None, help="JSON-RPC URL for verification (default: the devnet's)")
     parser.add_argument("--settle-rpc", default=None, help="JSON-RPC URL for settlement (default: --rpc)")
     parser.add_argument(
-        "--pympp-compat", action="store_true", help="accept pympp 0.16's non-standard MPP nonce too"
+        "--mpp-strict", action="store_true", help="refuse pympp 0.16's non-standard MPP nonce"
     )
     knobs = parser.add_argument_group("settlement tuning (seconds)")
     defaults = Tuning()
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         relayer_key=_relayer(state, args.relayer),
         store=args.store,
         settle=args.settle,
-        pympp_compat=args.pympp_compat,
+        mpp_strict=args.mpp_strict,
         rpc_url=args.rpc,
         settle_rpc_url=args.settle_rpc,
         tuning=tuning,

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from x402 import MIN_SECRET_BYTES, X402Error, error_answer
 
-from ._answers import Answer, Headers
+from ._answers import Answer, Headers, ReplayStatus
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
@@ -146,6 +146,12 @@ class PaymentMiddleware:
     (by its `Content-Length` or by the bytes the app sends) releases the payment uncharged and is answered
     502 (problem+json) without the content. Serve larger payloads from an unpriced URL the paid response
     names, or raise the limit.
+
+    MPP: `realm` names the protection space bound into every challenge (default `"localhost"`); the
+    request's `Host` is used instead only when it is one of `realm_hosts`, never otherwise (a client-chosen
+    realm could re-cut challenge ids). Credentials binding the challenge by the spec's challengeHash or
+    pympp 0.16's are both accepted; `mpp_strict=True` takes the spec's only. A replayed credential gets 402
+    `invalid-challenge` with a fresh challenge (the core spec); `mpp_replay_status=403` answers as pympp.
     """
 
     def __init__(
@@ -159,12 +165,14 @@ class PaymentMiddleware:
         store: PaymentStore | str | None = None,
         secret: bytes | str | Sequence[bytes | str] | None = None,
         realm: str | None = None,
+        realm_hosts: Sequence[str] = (),
         settle: SettleMode = "before-response",
         challenge_ttl: float = 300.0,
         claim_ttl: float = 300.0,
-        accept_pympp_challenge_hash: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        mpp_strict: bool = False,
+        mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, limit in (("max_body_bytes", max_body_bytes), ("max_held_bytes", max_held_bytes)):
@@ -188,10 +196,12 @@ class PaymentMiddleware:
             store=MemoryStore() if store is None or isinstance(store, str) else store,
             secrets=_secret_list(secret),
             realm=realm,
+            realm_hosts=realm_hosts,
             settle=settle,
             challenge_ttl=challenge_ttl,
             claim_ttl=claim_ttl,
-            accept_pympp_challenge_hash=accept_pympp_challenge_hash,
+            mpp_strict=mpp_strict,
+            mpp_replay_status=mpp_replay_status,
             clock=clock,
         )
 
