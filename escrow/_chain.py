@@ -2,6 +2,7 @@
 
     chain = Chain.from_devnet(".agentpay/devnet.json", relayer=3)     # a devnet, account 3 relays
     chain = Chain("base.toml", relayer_key=os.environ["RELAYER_KEY"])  # a network description file
+    chain = await Chain.connect(rpc_url, token=usdc, relayer_key=key)  # the token's domain read from the node
     app = PaymentMiddleware(api, routes={"GET /hello": "$0.001"}, chain=chain, pay_to=my_account)
 
 The gateway takes its schemes (`exact`, and `escrow` when the network has an escrow), its settlers and its
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from eth_abi.exceptions import DecodingError
 
 from x402 import Amount, GrantMessage, InvalidNetwork, LocalSigner, Network, Signer
 from x402.client_escrow import SessionWalletFile
@@ -107,6 +109,11 @@ class Chain:
         settle_rpc_url: str | None = None,
         accounts: Sequence[DevnetAccount] = (),
     ) -> None:
+        if isinstance(network, str) and network.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ChainConfigError(
+                f"{network} is a node, not a network description: use `await Chain.connect(url, token=...)`"
+                " to read the facts from the node, or pass a description file"
+            )
         described = network if isinstance(network, Network) else load_network(network)
         url = rpc_url or described.rpc_url
         if not url:
@@ -137,6 +144,46 @@ class Chain:
             raise ChainConfigError(f"the devnet has no account {relayer}")
         key = devnet.accounts[relayer].private_key if isinstance(relayer, int) else relayer
         return cls(network_of_devnet(devnet), relayer_key=key, accounts=devnet.accounts, **kw)
+
+    @classmethod
+    async def connect(
+        cls,
+        rpc_url: str,
+        *,
+        token: str,
+        escrow: str = "",
+        account_factory: str = "",
+        entrypoint: str = "",
+        relayer_key: str | None = None,
+        **kw: Any,
+    ) -> Chain:
+        """A chain described by asking its node: the chain id, and the token's EIP-712 name, version and
+        decimals (from `name()`, `version()`, `decimals()`); the addresses are the caller's."""
+        rpc = Rpc(rpc_url)
+        try:
+            chain_id = int(await rpc.request("eth_chainId", []), 16)
+            erc20 = Erc20(rpc, token)
+            facts = [
+                erc20.abi.decode(fn, await rpc.call(token, erc20.abi.encode(fn)))[0]
+                for fn in ("name", "version", "decimals")
+            ]
+        except (EscrowError, ValueError, DecodingError) as exc:  # no node, or no such token there
+            raise ChainConfigError(f"cannot describe {rpc_url} from the node: {exc}") from None
+        finally:
+            await rpc.aclose()
+        network = Network(
+            network=f"eip155:{chain_id}",
+            chain_id=chain_id,
+            rpc_url=rpc_url,
+            token=token,
+            token_name=str(facts[0]),
+            token_version=str(facts[1]),
+            token_decimals=int(facts[2]),
+            escrow=escrow,
+            account_factory=account_factory,
+            entrypoint=entrypoint,
+        )
+        return cls(network, relayer_key=relayer_key, **kw)
 
     # -- parts -------------------------------------------------------------------------------------------
 

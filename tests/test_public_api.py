@@ -31,7 +31,7 @@ from x402 import (
     to_atomic_units,
 )
 from x402.client import Eip3009Wallet, PaymentAuth, SpendPolicy, receipt_of
-from x402.client_escrow import InvalidWalletFile, SessionKeyWallet, SessionWalletFile
+from x402.client_escrow import EscrowWallet, InvalidWalletFile, SessionKeyWallet, SessionWalletFile
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +75,10 @@ def test_spend_policy_takes_dollar_strings() -> None:
     assert SpendPolicy(max_per_call="0.5", decimals=2).max_per_call == 50
     with pytest.raises(InvalidAmount):
         SpendPolicy(total_budget="$0.0000001")
+    wallet = EscrowWallet(
+        LocalSigner.random(), payer=TOKEN, chain_id=1, escrow=ESCROW, token=TOKEN, max_per_call="$0.002"
+    )
+    assert wallet.max_per_call == 2_000
 
 
 # -- network descriptions ------------------------------------------------------------------------------
@@ -149,6 +153,20 @@ async def test_chain_configuration_errors(devnet: DevnetState) -> None:
     async with Chain(Network.from_mapping(BASE), relayer_key="0x" + "11" * 32) as chain:
         with pytest.raises(ChainConfigError, match="no escrow"):
             chain.escrow_verifier()
+
+
+async def test_chain_connect_reads_the_token_domain_from_the_node(devnet: DevnetState) -> None:
+    usdc, escrow = devnet.contracts["usdc"], devnet.contracts["escrow"]
+    async with await Chain.connect(devnet.rpc_url, token=usdc, escrow=escrow) as chain:
+        assert chain.network == msgspec.structs.replace(
+            network_of_devnet(devnet), account_factory="", entrypoint=""
+        )
+    with pytest.raises(ChainConfigError, match="cannot describe"):
+        await Chain.connect(devnet.rpc_url, token=devnet.accounts[5].address)  # no token there
+    with pytest.raises(ChainConfigError, match="cannot describe"):
+        await Chain.connect("http://127.0.0.1:1", token=usdc)  # no node there
+    with pytest.raises(ChainConfigError, match="not a network description"):
+        Chain(devnet.rpc_url, relayer_key="0x" + "11" * 32)
 
 
 async def test_middleware_chain_configuration_errors(devnet: DevnetState) -> None:

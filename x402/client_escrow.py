@@ -39,7 +39,7 @@ from ._escrow import (
     sign_payment,
 )
 from ._evm_charge import did_pkh
-from ._network import Network
+from ._network import Amount, Network, to_atomic_units
 from ._schemes import encode_scheme_payload
 from ._signer import LocalSigner, Signer
 from .client import EVM_CHARGE, Credential, Eip3009Wallet, Offer, PaymentAuth, SpendPolicy, Wallet
@@ -63,12 +63,13 @@ class EscrowWallet:
         escrow: str,
         token: str,
         epoch: int = 1,
-        max_per_call: int | None = None,
+        max_per_call: Amount | None = None,
         payees: Sequence[str] = (),
         valid_after: int = 0,
         valid_until: int | None = None,
         nonces: NonceCounter | None = None,
         clock: Any = time.time,
+        decimals: int = 6,
     ) -> None:
         self.session = session
         self.payer = payer
@@ -77,7 +78,8 @@ class EscrowWallet:
         self.escrow = escrow
         self.token = token
         self.epoch = epoch
-        self.max_per_call = max_per_call
+        # `"$0.002"` or atomic units; `decimals` are the token's.
+        self.max_per_call = None if max_per_call is None else to_atomic_units(max_per_call, decimals)
         self.payees = frozenset(p.lower() for p in payees)
         self.valid_after = valid_after
         self.valid_until = valid_until
