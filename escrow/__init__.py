@@ -6,6 +6,7 @@ describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that
 """
 
 from ._account import (
+    UNLIMITED_GAS_BUDGET,
     AgentAccount,
     AgentAccountFactory,
     ArgRule,
@@ -101,6 +102,7 @@ __all__ = [
     "Rpc",
     "SessionKey",
     "SessionPolicy",
+    "UNLIMITED_GAS_BUDGET",
     "SettleOutcome",
     "sign_deposit_authorization",
     "sign_deposit_permit",

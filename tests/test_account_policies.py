@@ -50,7 +50,7 @@ def usdc_policy(s: Setup, **limits: int) -> SessionPolicy:
                 ArgRule.less_or_equal(1, CAP),
             ),
         ),
-        **limits,
+        **{"gas_budget": ETH, **limits},
     )
 
 
@@ -130,7 +130,9 @@ async def test_argument_rules_are_enforced(devnet: DevnetState) -> None:
 
 async def test_value_limit(devnet: DevnetState) -> None:
     async with setup(devnet) as s:
-        policy = SessionPolicy(permissions=(CallPermission.plain_transfer(s.payee, value_limit=ETH),))
+        policy = SessionPolicy(
+            permissions=(CallPermission.plain_transfer(s.payee, value_limit=ETH),), gas_budget=ETH
+        )
         key = await new_key(s, policy)
         assert (await s.account.execute([Call(s.payee, ETH)], signer=key, bundler=s.env.bundler)).success
         err = await rejected(s, [Call(s.payee, ETH + 1)], key)
