@@ -9,6 +9,7 @@ and relayer; the gateway takes its schemes, settlers and recovery from it, an ow
 """
 
 from ._account import (
+    UNLIMITED_GAS_BUDGET,
     AgentAccount,
     AgentAccountFactory,
     ArgRule,
@@ -113,6 +114,7 @@ __all__ = [
     "Rpc",
     "SessionKey",
     "SessionPolicy",
+    "UNLIMITED_GAS_BUDGET",
     "SettleOutcome",
     "sign_deposit_authorization",
     "sign_deposit_permit",
