@@ -12,6 +12,7 @@ does not decode is a 400.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,7 @@ from ._answers import v1_network
 from ._errors import PaymentFailed
 from ._pipeline import as_payment_failed
 from ._scheme import Offer, Presented, Scheme, Verified
-from ._store import MemoryStore, PaymentStore
+from ._store import ClaimLost, MemoryStore, PaymentStore
 
 __all__ = ["facilitator_app"]
 
@@ -103,16 +104,18 @@ class _Facilitator:
             failure = as_payment_failed(exc, during="verify")
             return _json(self._settle_failure(failure.code), 400 if failure.status_hint == 400 else 200)
         # Two concurrent /settle calls for one payment: one broadcasts, the other is told it was used.
-        if not await self.store.claim(verified.key, ttl=300.0):
+        holder = await self.store.claim(verified.key, ttl=300.0)
+        if holder is None:
             return _json(self._settle_failure(Reason.NONCE_ALREADY_USED, verified.payer))
         try:
             tx_hash = await self.scheme.settle(verified)
         except Exception as exc:
             failure = as_payment_failed(exc, during="settle")
             if failure.status_hint == 402 and failure.code != Reason.SETTLEMENT_PENDING:
-                await self.store.release(verified.key)
+                with contextlib.suppress(ClaimLost):  # lapsed: nothing of ours left to free
+                    await self.store.release(verified.key, holder)
             return _json(self._settle_failure(failure.code, verified.payer))
-        await self.store.finalize(verified.key)
+        await self.store.finalize(verified.key, keep_until=verified.expires_at)
         amount = str(verified.amount)
         return _json(
             SettleResponse(

@@ -5,6 +5,10 @@ in both protocols. A paid request is verified and claimed before the app runs; t
 `http.response.start` and body are held (as Starlette's GZip middleware holds the start) until the pipeline
 has settled, so nothing reaches the client unpaid: a failed handler (status >= 400 or an exception) releases
 the claim and is passed through uncharged; a failed settlement withholds the content behind a 402.
+
+A priced request's body must arrive within `body_timeout` seconds of the request's start, or the request
+ends with 408 (and its claim is released): a client trickling its body would otherwise hold a worker, and
+before the claim was kept alive, stretch the handler past the claim's TTL.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class PaymentMiddleware:
     the defaults for routes that name none. `secret` keys the MPP challenge HMAC (several: the first signs,
     all verify, for rotation); a random one is made when absent, which is fine for a single process.
     `settle="before-response"` settles on-chain before the response leaves; `"deferred"` enqueues the
-    payment in the store for a batching settler.
+    payment in the store for a batching settler. `body_timeout` bounds how long a priced request's body
+    may take to arrive (then 408).
     """
 
     def __init__(
@@ -119,8 +124,10 @@ class PaymentMiddleware:
         claim_ttl: float = 300.0,
         accept_pympp_challenge_hash: bool = False,
         clock: Callable[[], float] = time.time,
+        body_timeout: float = 30.0,
     ) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
         # A URL is opened (connect, migrate) at lifespan startup, or on the first paid request when the
         # server sends no lifespan events; until then the paywall holds a placeholder nothing is written to.
@@ -189,10 +196,16 @@ class PaymentMiddleware:
             except GatewayError:  # e.g. the database is down: 503, never a 500, and nothing is charged
                 await _send_answer(send, _STORE_UNAVAILABLE)
                 return
-        request_receive = receive
+        bounded = _BoundedBody(receive, self.body_timeout)
+        request_receive: Receive = bounded
+        receive = bounded
         if callable(entry.route.price):
             # A pricing function may read the body; each reader then gets its own replay of it.
-            body = await _read_body(receive)
+            try:
+                body = await _read_body(receive)
+            except _BodyTimeout:
+                await _send_answer(send, _request_timeout(self.body_timeout))
+                return
             request_receive, receive = _replay(body, receive), _replay(body, receive)
         try:
             quote = await self.routes.quote(entry, Request(scope, request_receive))
@@ -226,9 +239,19 @@ class PaymentMiddleware:
             scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k not in _UNBUFFERABLE}}
         try:
             await self.app(scope, receive, held.send)
+        except Exception:
+            await paywall.release(attempt)
+            if not bounded.timed_out:
+                raise
         except BaseException:
             await paywall.release(attempt)
             raise
+        else:
+            if bounded.timed_out:  # the app caught it and answered: its answer is held, never sent
+                await paywall.release(attempt)
+        if bounded.timed_out:
+            await _send_answer(send, _request_timeout(self.body_timeout))
+            return
         if held.start is None or held.status >= 400:
             await paywall.release(attempt)
             if held.start is not None:
@@ -265,6 +288,46 @@ _STORE_UNAVAILABLE = Answer(
     body=b'{"type":"about:blank","title":"Service Unavailable","status":503,'
     b'"detail":"payment store unavailable"}',
 )
+
+
+def _request_timeout(seconds: float) -> Answer:
+    detail = f"the request body did not arrive within {seconds:g} s"
+    body = (
+        b'{"type":"about:blank","title":"Request Timeout","status":408,"detail":"' + detail.encode() + b'"}'
+    )
+    return Answer(
+        status=408,
+        headers=[(b"content-type", b"application/problem+json"), (b"connection", b"close")],
+        body=body,
+    )
+
+
+class _BodyTimeout(Exception):
+    """The client did not deliver the request body in time (raised inside the app's `receive`)."""
+
+
+class _BoundedBody:
+    """A `receive` that lets the request body take at most `timeout` seconds from the request's start;
+    after the last body chunk it passes through unbounded (an app may wait for the disconnect)."""
+
+    def __init__(self, receive: Receive, timeout: float) -> None:
+        self._receive = receive
+        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._complete = False
+        self.timed_out = False
+
+    async def __call__(self) -> Message:
+        if self._complete:
+            return await self._receive()
+        left = self._deadline - asyncio.get_running_loop().time()
+        try:
+            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+        except TimeoutError:
+            self.timed_out = True
+            raise _BodyTimeout("the request body did not arrive in time") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self._complete = True
+        return message
 
 
 def _server_error(exc: GatewayError) -> Answer:

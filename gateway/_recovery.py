@@ -36,7 +36,7 @@ from typing import Protocol
 from escrow._settler import SettleOutcome
 
 from ._scheme import in_flight_kind
-from ._store import PaymentStore, Settlement, backoff
+from ._store import ClaimLost, PaymentStore, Settlement, backoff
 
 __all__ = ["Reconciler", "Recovery", "Stepper"]
 
@@ -101,23 +101,30 @@ class Recovery:
                 leased = await self.store.lease(
                     in_flight_kind(kind), limit=self.batch, lease_seconds=self.claim_ttl
                 )
-                ours = [item for item in leased if await self._take(item.key)]
+                taken = {item.key: await self._take(item.key) for item in leased}
+                ours = [item for item in leased if taken[item.key] is not None]
                 if ours:
                     outcomes = await reconciler.reconcile_items(ours)
+                    expiry = {item.key: item.expires_at for item in ours}
                     for outcome in outcomes:
-                        if outcome.status in _PAID:
-                            await self.store.finalize(outcome.key)  # paid: never served again
-                        else:
-                            await self.store.release(outcome.key)  # not charged: may be presented again
+                        holder = taken.get(outcome.key)
+                        if outcome.status in _PAID:  # paid: never served again
+                            await self.store.finalize(outcome.key, keep_until=expiry.get(outcome.key))
+                        elif holder:  # not charged: may be presented again
+                            with contextlib.suppress(ClaimLost):  # lapsed: already free
+                                await self.store.release(outcome.key, holder)
                     out.extend(outcomes)
                 if len(leased) < self.batch:
                     break
         return out
 
-    async def _take(self, key: str) -> bool:
+    async def _take(self, key: str) -> str | None:
+        """Our holder token ("" when finalized: nothing to hold), or None when a live request owns it."""
         # Finalized: its request completed after the transaction, only the record is missing. Otherwise the
         # claim decides: held means a live request owns the payment.
-        return await self.store.is_finalized(key) or await self.store.claim(key, ttl=self.claim_ttl)
+        if await self.store.is_finalized(key):
+            return ""
+        return await self.store.claim(key, ttl=self.claim_ttl)
 
     # -- the loops -----------------------------------------------------------------------------------------
 
