@@ -22,6 +22,9 @@ maybe on another replica: it is left alone (its lease keeps other passes off it 
 claim has expired, recovery takes the claim itself while it asks the chain, so the payment cannot be served
 meanwhile. The claim TTL must therefore exceed a handler's run time plus one settlement.
 
+With `retention` set, a third loop purges the store every `purge_every` seconds (see `PaymentStore.purge`:
+nothing goes before its payment's validity has ended), so a long-running gateway's store stops growing.
+
 Every loop step is supervised: a store or RPC outage is logged and retried with backoff, never fatal.
 """
 
@@ -78,6 +81,8 @@ class Recovery:
         batch: int = 100,
         start_timeout: float = 30.0,
         stop_timeout: float = 30.0,
+        retention: float | None = None,
+        purge_every: float = 600.0,
     ) -> None:
         self.store = store
         self.settlers = list(settlers)
@@ -87,6 +92,8 @@ class Recovery:
         self.batch = batch
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.retention = retention
+        self.purge_every = purge_every
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -143,6 +150,8 @@ class Recovery:
         self._tasks = [loop.create_task(self._drive(settler)) for settler in self.settlers]
         if self.reconcilers:
             self._tasks.append(loop.create_task(self._reconcile_loop()))
+        if self.retention is not None:
+            self._tasks.append(loop.create_task(self._purge_loop(self.retention)))
 
     async def stop(self) -> None:
         """Stop the loops; each settler gets one last forced step (bounded by `stop_timeout`)."""
@@ -186,6 +195,21 @@ class Recovery:
             except Exception as exc:
                 failures += 1
                 log.error("recovery pass failed (%d in a row): %r", failures, exc)
+
+    async def _purge_loop(self, retention: float) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                purged = await self.store.purge(retention=retention)
+                failures = 0
+                if purged.claims or purged.settlements:
+                    log.info("purged %s", purged)
+            except Exception as exc:
+                failures += 1
+                log.error("purge failed (%d in a row): %r", failures, exc)
+            await self._pause(
+                backoff(failures, base=self.purge_every, cap=3600.0) if failures else self.purge_every
+            )
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -458,6 +458,33 @@ def test_purge_waits_for_retention_and_the_payments_validity(url: str) -> None:
     run(url, body)
 
 
+def test_recovery_purges_the_store_while_the_gateway_runs(url: str) -> None:
+    from gateway._recovery import Recovery
+
+    async def body(store: PaymentStore) -> None:
+        past, future = time.time() - 60, time.time() + 3600
+        for key, until in (("old", past), ("valid", future)):
+            holder = await store.claim(key, ttl=30)
+            await store.complete(
+                key, holder, receipt=b"r", settlement=item(key, expires_at=until), keep_until=until
+            )
+        await store.lease("escrow", limit=10, lease_seconds=30)
+        await store.mark_settled(["old", "valid"], tx_hash="0xt")
+        recovery = Recovery(store, retention=0.0, purge_every=0.1)
+        await recovery.start()
+        try:
+            for _ in range(50):
+                if await store.get_settlement("old") is None:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await recovery.stop()
+        assert await store.get_settlement("old") is None and await store.get_receipt("old") is None
+        assert await store.is_finalized("valid") and await store.get_settlement("valid") is not None
+
+    run(url, body)
+
+
 def test_dead_letters_are_listed_and_can_be_requeued(url: str) -> None:
     async def body(store: PaymentStore) -> None:
         await store.enqueue(item("a"))
