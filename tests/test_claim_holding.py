@@ -7,6 +7,7 @@ that frees the claim. Real devnet, real stores, the real middleware over httpx.A
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -37,6 +38,11 @@ async def _slow(request: Request) -> Response:
     return JSONResponse({"slow": "but paid once"})
 
 
+async def _stalls_the_loop(request: Request) -> Response:
+    time.sleep(HANDLER_SECONDS)  # blocks the event loop: not even the claim's renewal can run meanwhile
+    return JSONResponse({"stalled": "content"})
+
+
 async def _upload(request: Request) -> Response:
     return JSONResponse({"bytes": len(await request.body())})
 
@@ -50,11 +56,17 @@ def _gateway(env: Env, store: PaymentStore, settle: SettleMode) -> httpx.AsyncCl
         Starlette(
             routes=[
                 Route("/slow", _slow),
+                Route("/stall", _stalls_the_loop),
                 Route("/upload", _upload, methods=["POST"]),
                 Route("/by-size", _upload, methods=["POST"]),
             ]
         ),
-        routes={"GET /slow": PRICE, "POST /upload": PRICE, "POST /by-size": PaidRoute(price=_priced_by_body)},
+        routes={
+            "GET /slow": PRICE,
+            "GET /stall": PRICE,
+            "POST /upload": PRICE,
+            "POST /by-size": PaidRoute(price=_priced_by_body),
+        },
         schemes=[ExactScheme(env.chain)],
         pay_to=env.payee,
         asset=env.asset,
@@ -110,6 +122,23 @@ async def test_a_copy_presented_while_a_slow_handler_outlives_its_claim_ttl_is_n
     else:
         assert await env.balance(env.payee) == PRICE
         assert (stats.queued, stats.settled) == (0, 1)
+
+
+async def test_a_request_that_lost_its_claim_is_not_served_and_charges_nothing(
+    world: tuple[Env, PaymentStore],
+) -> None:
+    env, store = world
+    payer = await env.payer()
+    header = {"PAYMENT-SIGNATURE": env.v2_header(payer)}
+    async with _gateway(env, store, "deferred") as client:
+        response = await client.get("/stall", headers=header)
+        # Its claim lapsed while the loop was stalled: `complete` refuses, the content is withheld.
+        assert response.status_code == 409 and "content" not in response.text
+        assert response.json()["error"] == "claim_lost"
+        assert (await store.stats()).queued == 0
+        response = await client.get("/slow", headers=header)  # the payment was not used: it still pays
+        assert response.status_code == 200
+    assert (await store.stats()).queued == 1
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_a_408_and_frees_the_payment(
