@@ -630,6 +630,66 @@ def test_migrations_apply_once_and_refuse_a_newer_schema(durable_url: str) -> No
     assert err.value.code == "store_schema_too_new"
 
 
+def _create_version_1(url: str) -> None:
+    """A store as the first schema version left it: one finalized claim, its receipt, one settled row."""
+    from gateway._stores import postgres, sqlite
+
+    rows = (
+        "INSERT INTO {p}claims (key, expires_at, finalized) VALUES ('legacy', 0, {true})",
+        "INSERT INTO {p}receipts (key, receipt) VALUES ('legacy', {blob})",
+        "INSERT INTO {p}settlements (key, kind, payload, payer, amount, created_at, attempts, state, tx_hash)"
+        " VALUES ('legacy', 'exact', {blob}, '0xp', 7, 1, 1, 'settled', '0xt')",
+    )
+    if url.startswith("sqlite:"):
+        con = sqlite3.connect(url.removeprefix("sqlite:///"))
+        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+        for statement in sqlite.MIGRATIONS[0]:
+            con.execute(statement.format(p=""))
+        for row in rows:
+            con.execute(row.format(p="", true=1, blob="x'00'"))
+        con.execute("INSERT INTO schema_version VALUES (1, 0)")
+        con.commit()
+        con.close()
+        return
+    schema = url.split("schema=")[1].split("&")[0]
+
+    async def create() -> None:
+        con = await asyncpg.connect(PG_URL)
+        try:
+            await con.execute(f"CREATE SCHEMA {schema}")
+            await con.execute(
+                f"CREATE TABLE {schema}.schema_version"
+                " (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+            )
+            await con.execute(postgres.MIGRATIONS[0].format(s=schema))
+            for row in rows:
+                await con.execute(row.format(p=schema + ".", true="true", blob="'\\x00'::bytea"))
+            await con.execute(f"INSERT INTO {schema}.schema_version VALUES (1, 0)")
+        finally:
+            await con.close()
+
+    asyncio.run(create())
+
+
+def test_migrating_from_version_1_keeps_old_rows_and_never_purges_them(durable_url: str) -> None:
+    _create_version_1(durable_url)
+
+    async def body(store: PaymentStore) -> None:
+        legacy = await store.get_settlement("legacy")
+        assert legacy is not None and legacy.state == "settled" and legacy.lease_token is None
+        assert legacy.expires_at is None and legacy.settled_at is None
+        # Their payments' validity is unknown: kept, and still refusing a replay, whatever the retention.
+        assert await store.purge(retention=0) == Purged(claims=0, receipts=0, settlements=0)
+        assert await store.is_finalized("legacy") and await store.claim("legacy", ttl=30) is None
+        assert await store.get_receipt("legacy") == b"\x00"
+        holder = await store.claim("new", ttl=30)  # the new columns work on the migrated tables
+        await store.complete("new", holder, receipt=b"r", keep_until=time.time() - 1)
+        assert await store.purge(retention=0) == Purged(claims=1, receipts=1, settlements=0)
+
+    run(durable_url, body)
+    assert versions_of(durable_url) == [1, 2]
+
+
 def test_close_twice_is_harmless(url: str) -> None:
     async def main() -> None:
         store = await open_store(url)
