@@ -240,16 +240,14 @@ class PaymentMiddleware:
         try:
             await self.app(scope, receive, held.send)
         except Exception:
-            await paywall.release(attempt)
             if not bounded.timed_out:
+                await paywall.release(attempt)
                 raise
         except BaseException:
             await paywall.release(attempt)
             raise
-        else:
-            if bounded.timed_out:  # the app caught it and answered: its answer is held, never sent
-                await paywall.release(attempt)
-        if bounded.timed_out:
+        if bounded.timed_out:  # whether the app let `_BodyTimeout` through or answered (held, never sent)
+            await paywall.release(attempt)
             await _send_answer(send, _request_timeout(self.body_timeout))
             return
         if held.start is None or held.status >= 400:
