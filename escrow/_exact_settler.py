@@ -205,7 +205,9 @@ class ExactSettler:
             try:
                 payment = decode_payment(item.payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.store.mark_failed(item.key, error=f"exact_payment_malformed: {exc}", retry_at=None)
+                await self.store.mark_failed(
+                    item.key, error=f"exact_payment_malformed: {exc}", retry_at=None, lease=item.lease_token
+                )
                 out.append(SettleOutcome(key=item.key, status="dead", code="exact_payment_malformed"))
                 continue
             if payment.chain_id != self.exact.relayer.chain_id:
@@ -383,11 +385,13 @@ class ExactSettler:
         if valid_before <= self.clock():
             return await self._dead(w, NEVER_SETTLED, "the authorization expired unused: nothing was charged")
         error = "exact_unsettled: not on chain; final once the authorization expires"
-        await self.store.mark_failed(w[0].key, error=error, retry_at=valid_before + 1.0)
+        await self.store.mark_failed(
+            w[0].key, error=error, retry_at=valid_before + 1.0, lease=w[0].lease_token
+        )
         return _outcome(w, "retry", code="exact_unsettled")
 
     async def _settled(self, w: Work, tx_hash: str, status: Status) -> SettleOutcome:
-        await self.store.mark_settled([w[0].key], tx_hash=tx_hash)
+        await self.store.mark_settled([w[0].key], tx_hash=tx_hash, lease=w[0].lease_token)
         return _outcome(w, status, tx_hash=tx_hash)
 
     async def _retry(self, w: Work, error: str) -> SettleOutcome:
@@ -396,7 +400,7 @@ class ExactSettler:
         delay = min(self.retry_cap, self.retry_base * 2.0 ** min(max(item.attempts - 1, 0), 30))
         last = int(payment.payload.authorization.valid_before) - self.expiry_margin
         retry_at = max(now + min(self.retry_base, delay), min(now + delay, last))  # one try before it expires
-        await self.store.mark_failed(item.key, error=error, retry_at=retry_at)
+        await self.store.mark_failed(item.key, error=error, retry_at=retry_at, lease=item.lease_token)
         return _outcome(w, "retry", code=error.split(":", 1)[0])
 
     async def _dead(self, w: Work, code: str, detail: str) -> SettleOutcome:
@@ -404,7 +408,9 @@ class ExactSettler:
         auth = payment.payload.authorization
         who = f"{auth.value} of {payment.asset} from {auth.from_} to {auth.to} (nonce {auth.nonce})"
         message = detail if code == NEVER_SETTLED else f"{detail}: lost {who}"
-        await self.store.mark_failed(item.key, error=f"{code}: {message}", retry_at=None)
+        await self.store.mark_failed(
+            item.key, error=f"{code}: {message}", retry_at=None, lease=item.lease_token
+        )
         return _outcome(w, "dead", code=code)
 
 

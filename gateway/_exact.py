@@ -127,6 +127,7 @@ class ExactScheme:
             amount=int(auth.value),
             network=req.network,
             state=(domain, payload),
+            expires_at=float(int(auth.valid_before)),
         )
 
     async def settle(self, verified: Verified) -> str:
@@ -149,4 +150,5 @@ class ExactScheme:
             payer=verified.payer,
             amount=verified.amount,
             created_at=now,
+            expires_at=verified.expires_at,
         )

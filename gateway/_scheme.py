@@ -74,7 +74,11 @@ class Presented(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Verified(msgspec.Struct, frozen=True, kw_only=True):
-    """A payment that passed every check; `key` is its replay key (one claim per key, ever)."""
+    """A payment that passed every check; `key` is its replay key (one claim per key, ever).
+
+    `expires_at`: when the signed payment stops being valid (its deadline, `validBefore`); the store keeps
+    the key finalized at least that long. None: unknown, kept forever.
+    """
 
     scheme: str
     key: str
@@ -82,6 +86,7 @@ class Verified(msgspec.Struct, frozen=True, kw_only=True):
     amount: int
     network: str
     state: Any = None  # the scheme's own data for `settle` / `settlement`
+    expires_at: float | None = None
 
 
 class Scheme(Protocol):
