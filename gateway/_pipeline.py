@@ -109,6 +109,7 @@ class Paywall:
         if settle not in ("before-response", "deferred"):
             raise GatewayError(f"unknown settle mode {settle!r}", code="configuration_error")
         self.schemes = {scheme.name: scheme for scheme in schemes}
+        self._store = store
         self.store = store
         self.secrets = list(secrets)
         self.realm = realm
@@ -117,6 +118,20 @@ class Paywall:
         self.pympp_compat = accept_pympp_challenge_hash
         self.clock = clock
         self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl)
+
+    @property
+    def store(self) -> PaymentStore:
+        return self._store
+
+    @store.setter
+    def store(self, store: PaymentStore) -> None:
+        # Schemes that keep state in the store (`ExactScheme` reservations) follow the middleware's store,
+        # which a URL-configured middleware swaps in at startup.
+        self._store = store
+        for scheme in self.schemes.values():
+            use_store = getattr(scheme, "use_store", None)
+            if use_store is not None:
+                use_store(store)
 
     def realm_for(self, host: str) -> str:
         return self.realm or host.rsplit(":", 1)[0] or "localhost"
@@ -142,17 +157,27 @@ class Paywall:
             attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
-            raise as_payment_failed(exc, during="verify") from exc
+            raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         attempt.tracker.fire(Event.VERIFIED)
         verified = attempt.verified
         try:
-            claimed = await self.store.claim(verified.key, ttl=self.claim_ttl)
+            claimed = await self.store.claim(_claim_key(verified), ttl=self.claim_ttl)
+            # A resumed payment is served once: a receipt means another retry served it meanwhile.
+            if claimed and verified.resume and await self.store.get_receipt(verified.key) is not None:
+                await self.store.release(_claim_key(verified))
+                claimed = False
         except StoreError as exc:
             await self._release_scheme(attempt.scheme, verified)
             raise as_payment_failed(exc, during="verify") from exc
         if not claimed:
             await self._release_scheme(attempt.scheme, verified)
             attempt.tracker.fire(Event.REPLAYED)
+            if verified.resume and await self.store.get_receipt(verified.key) is None:
+                raise _retry_later(
+                    PaymentFailed(
+                        "another request is confirming this payment", code=Reason.SETTLEMENT_PENDING
+                    )
+                )
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
         attempt.tracker.fire(Event.CLAIMED)
         fault_point("after_verify")
@@ -236,7 +261,8 @@ class Paywall:
         scheme, key = attempt.scheme, verified.key
         try:
             # Recorded before the transaction leaves: if this process dies from here on, recovery finds the
-            # record and asks the chain what became of it (see gateway._recovery).
+            # record and asks the chain what became of it (see gateway._recovery). A resumed payment's
+            # record is the earlier attempt's (a second enqueue is a no-op).
             settlement = scheme.settlement(verified, now=now)
             kind = in_flight_kind(settlement.kind)
             await self.store.enqueue(msgspec.structs.replace(settlement, kind=kind))
@@ -262,8 +288,16 @@ class Paywall:
                         key, error=f"{failure.code}: refused before serving: {failure.message}", retry_at=None
                     )
                 )
+            elif failure.code in _PENDING:
+                # The transaction may still land. Its hash goes on the record, so the same credential
+                # presented again waits for it (`Verified.resume`) instead of being refused as a replay.
+                sent = getattr(exc, "tx_hash", "")
+                error = f"{failure.code}: sent in {sent}" if sent else f"{failure.code}: {failure.message}"
+                await self._quietly(self.store.mark_failed(key, error=error, retry_at=now))
+                if verified.resume:
+                    await self._quietly(self.store.release(_claim_key(verified)))
             failure.headers = settle_failure_headers(attempt.dialect, verified, failure.code)
-            raise failure from exc
+            raise _retry_later(failure) from exc
         fault_point("after_send")
         headers, receipt = receipt_headers(
             attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
@@ -271,7 +305,12 @@ class Paywall:
         try:
             # Finalize first: a crash between the two leaves a finalized key with an open record, which
             # recovery settles from the chain; the other order could leave a paid key claimable.
-            await self.store.complete(key, receipt=receipt)
+            if verified.resume:  # the key's own claim may still be the first attempt's (or recovery's)
+                await self.store.finalize(key)
+                await self.store.put_receipt(key, receipt)
+                await self.store.finalize(_claim_key(verified))
+            else:
+                await self.store.complete(key, receipt=receipt)
             await self.store.mark_settled([key], tx_hash=tx_hash)
         except Exception as exc:
             # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
@@ -299,7 +338,7 @@ class Paywall:
 
     async def _free(self, scheme: Scheme, verified: Verified) -> None:
         """Nothing will be charged: drop the claim and let the scheme give back what `verify` reserved."""
-        await self._quietly(self.store.release(verified.key))
+        await self._quietly(self.store.release(_claim_key(verified)))
         await self._release_scheme(scheme, verified)
 
     async def _release_scheme(self, scheme: Scheme, verified: Verified) -> None:
@@ -314,6 +353,21 @@ class Paywall:
             await step
         except Exception as exc:
             log.error("clean-up after a refused payment failed: %r", exc)
+
+
+def _claim_key(verified: Verified) -> str:
+    """The replay claim an attempt holds: the payment's key, or `<key>#resume` for a resumed payment."""
+    return verified.key + "#resume" if verified.resume else verified.key
+
+
+#: Seconds a client is asked to wait before presenting a payment whose settlement is pending again.
+RETRY_AFTER_SECONDS = 2
+
+
+def _retry_later(failure: PaymentFailed) -> PaymentFailed:
+    if failure.code in _PENDING:
+        failure.headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
+    return failure
 
 
 def _same(a: str, b: str) -> bool:

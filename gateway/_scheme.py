@@ -74,7 +74,12 @@ class Presented(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Verified(msgspec.Struct, frozen=True, kw_only=True):
-    """A payment that passed every check; `key` is its replay key (one claim per key, ever)."""
+    """A payment that passed every check; `key` is its replay key (one claim per key, ever).
+
+    `resume`: the very credential of an earlier request whose settlement before its response did not
+    finish in time (`settlement_pending`) and which was never served. The pipeline takes the claim
+    `<key>#resume` instead of `key`, confirms the settlement (`settle`), and serves it once.
+    """
 
     scheme: str
     key: str
@@ -82,6 +87,7 @@ class Verified(msgspec.Struct, frozen=True, kw_only=True):
     amount: int
     network: str
     state: Any = None  # the scheme's own data for `settle` / `settlement`
+    resume: bool = False
 
 
 class Scheme(Protocol):
