@@ -5,10 +5,11 @@ presented payment against that offer (`verify`), and moves the money (`settle` n
 durable queue a batching settler drains). The pipeline owns everything shared between schemes: decoding the
 three wire forms, matching `accepted` / MPP challenges to offers, the replay claim, and the answers.
 
-Two methods are optional (the pipeline looks for them; see `Releases` and `ChoosesSettlement`):
+Three methods are optional (the pipeline looks for them; see `Releases` and `ChoosesSettlement`):
 `release(verified)` gives back what `verify` reserved when the payment ends up not charged (handler failed,
-settlement refused), and `settle_now(verified)` asks for this one payment to be settled before the response
-even under `settle="deferred"` (an escrow payer past its credit limit).
+settlement refused), `settle_now(verified)` asks for this one payment to be settled before the response
+even under `settle="deferred"` (a payer past its credit limit), and `use_store(store)` hands the scheme the
+middleware's store (`ExactScheme` keeps its reservations there), again whenever the middleware opens it.
 
 A payment settled before its response is first recorded in the store under `in_flight_kind(kind)`
 (`exact:now`, ...), so that recovery can find it if the process dies while its transaction is out.
