@@ -426,6 +426,9 @@ class ExactSettler:
         if valid_before <= self.clock():
             return await self._dead(w, NEVER_SETTLED, "the authorization expired unused: nothing was charged")
         error = "exact_unsettled: not on chain; final once the authorization expires"
+        sent = pending_transaction(w[0].error)
+        if sent:  # kept, so the same credential presented again waits for it rather than sending again
+            error += f" (sent in {sent})"
         await self.store.mark_failed(w[0].key, error=error, retry_at=valid_before + 1.0)
         return _outcome(w, "retry", code="exact_unsettled")
 

@@ -36,6 +36,7 @@ from escrow._exact import ExactEvm
 from escrow._exact_settler import ExactSettler, exact_reservation
 from escrow._rpc import Rpc, TxSender
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware, SettleMode
+from gateway._recovery import Recovery
 from tests._gateways import Chain, Gateways, key_hex, read_store, reason, sign_for, wait_settled
 from x402 import (
     Eip712Domain,
@@ -69,6 +70,7 @@ class World:
         self.rpc = rpc
         self.relayer = TxSender(rpc, key_hex(relayer), chain_id=devnet.chain_id)
         self.evm = ExactEvm(rpc, self.relayer, receipt_timeout=scheme.pop("receipt_timeout", 30.0))
+        claim_ttl = scheme.pop("claim_ttl", 300.0)
         self.usdc = to_checksum_address(devnet.contracts["usdc"])
         self.domain = Eip712Domain(devnet.usdc_name, devnet.usdc_version, devnet.chain_id, self.usdc)
         self.payee = LocalSigner.random().address
@@ -92,6 +94,7 @@ class World:
             store=self.store,
             secret=b"reservation-tests-secret-of-32-bytes-at-least",
             settle=settle,
+            claim_ttl=claim_ttl,
         )
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app), base_url="http://testserver", timeout=60
@@ -336,6 +339,32 @@ async def test_a_settlement_slower_than_the_gateway_waits_is_served_once_on_retr
         assert await world.pending(payer.address) == 0
         record = await world.store.get_settlement(_key(world, header))
         assert record is not None and record.state == "settled"
+    finally:
+        await chain.rpc.request("evm_setAutomine", [True])
+        await world.aclose()
+        await chain.aclose()
+
+
+async def test_recovery_between_retries_does_not_make_the_retry_send_again(slow_chain: DevnetState) -> None:
+    chain = Chain(slow_chain)
+    world = await _world(chain, "before-response", receipt_timeout=1.0, claim_ttl=0.5)
+    try:
+        payer = LocalSigner.random()
+        await chain.mint(payer.address, 10 * PRICE)
+        header = world.header(payer)
+        await chain.rpc.request("evm_setAutomine", [False])
+        first = await world.client.get("/hello", headers={"PAYMENT-SIGNATURE": header})
+        assert first.status_code == 402 and reason(first) == Reason.SETTLEMENT_PENDING
+        await asyncio.sleep(0.6)  # the first request's claim runs out: recovery looks at the chain
+        recovery = Recovery(world.store, reconcilers={"exact": world.settler}, claim_ttl=0.5)
+        assert [o.code for o in await recovery.recover()] == ["exact_unsettled"]  # not mined yet
+        await chain.rpc.request("evm_mine", [])
+        served = await world.client.get("/hello", headers={"PAYMENT-SIGNATURE": header})
+        assert served.status_code == 200 and served.json() == {"hello": "world"}
+        assert await chain.sent(world.relayer.address) == 1  # it waited for the first transaction
+        assert await chain.balance(world.payee) == PRICE
+        assert await chain.balance(payer.address) == 9 * PRICE
+        assert await world.pending(payer.address) == 0
     finally:
         await chain.rpc.request("evm_setAutomine", [True])
         await world.aclose()
