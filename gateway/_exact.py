@@ -84,6 +84,7 @@ class ExactState(msgspec.Struct, kw_only=True):
 
     domain: Eip712Domain
     payload: ExactEvmPayload
+    balance: int | None = None  # the payer's balance as verification read it (None: unknown)
     reserved: str = ""  # the store counter holding the amount ("" when nothing was reserved)
     held: bool = False  # the reservation is taken and not yet given back
     settle_now: bool = False  # past the credit limit, or too close to validBefore to defer
@@ -207,25 +208,32 @@ class ExactScheme:
                 state=resumed,
                 resume=True,
             )
-        balance = await self.chain.verify(domain, payload)
-        store = self.store
-        if store is not None and balance is not None:
-            state.reserved = exact_reservation(domain.chain_id, domain.verifying_contract, auth.from_)
-            # Deferred only within the credit limit; beyond it (up to the balance) settled before serving.
-            if await store.add_pending(state.reserved, amount, limit=min(balance, self.credit_limit)):
-                state.held = True
-            elif await store.add_pending(state.reserved, amount, limit=balance):
-                state.held = state.settle_now = True
-            else:
-                raise PaymentRejected(
-                    Reason.INSUFFICIENT_FUNDS_PENDING,
-                    f"the payer's balance {balance} is committed to payments not settled yet",
-                )
+        state.balance = await self.chain.verify(domain, payload)
         if int(auth.valid_before) < now + self.settle_delay + self.min_validity:
             state.settle_now = True  # the settler might not land it before it expires
         return Verified(
             scheme=self.name, key=key, payer=auth.from_, amount=amount, network=req.network, state=state
         )
+
+    async def reserve(self, verified: Verified) -> None:
+        """Hold the amount against the payer's balance (the pipeline calls this once the replay claim is
+        taken, so a replay never reserves); refuse with `insufficient_funds_pending` when it cannot."""
+        state: ExactState = verified.state
+        store, balance = self.store, state.balance
+        if store is None or balance is None or verified.resume or state.held:
+            return
+        domain, amount = state.domain, verified.amount
+        state.reserved = exact_reservation(domain.chain_id, domain.verifying_contract, verified.payer)
+        # Deferred only within the credit limit; beyond it (up to the balance) settled before serving.
+        if await store.add_pending(state.reserved, amount, limit=min(balance, self.credit_limit)):
+            state.held = True
+        elif await store.add_pending(state.reserved, amount, limit=balance):
+            state.held = state.settle_now = True
+        else:
+            raise PaymentRejected(
+                Reason.INSUFFICIENT_FUNDS_PENDING,
+                f"the payer's balance {balance} is committed to payments not settled yet",
+            )
 
     async def _resumable(self, key: str, domain: Eip712Domain, payload: ExactEvmPayload) -> ExactState | None:
         """The state of a payment an earlier request of this very credential started settling, or None.

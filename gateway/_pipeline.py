@@ -180,6 +180,13 @@ class Paywall:
                 )
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
         attempt.tracker.fire(Event.CLAIMED)
+        reserve = getattr(attempt.scheme, "reserve", None)  # optional: see `gateway._scheme.Reserves`
+        if reserve is not None:
+            try:
+                await reserve(verified)
+            except Exception as exc:
+                await self._free(attempt.scheme, verified)
+                raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         fault_point("after_verify")
         return attempt
 

@@ -101,6 +101,7 @@ async def _run(balance: int, credit: int, program: list[tuple[str, int]]) -> Non
         if op == "pay":
             try:
                 verified = await scheme.verify(_offer(n), _presented(n), now=time.time())
+                await scheme.reserve(verified)  # the pipeline's next step, once the claim is taken
             except PaymentRejected as exc:
                 assert exc.code == Reason.INSUFFICIENT_FUNDS_PENDING
                 assert outstanding + n > ledger.balance  # refused only when it cannot be covered
