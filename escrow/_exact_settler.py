@@ -67,7 +67,7 @@ log = logging.getLogger("agentpay.settler")
 KIND: Final = "exact"
 NEVER_SETTLED: Final = "exact_never_settled"
 _PENDING_TX = re.compile(r"sent in (0x[0-9a-fA-F]{64})")
-_FOREVER: Final = 100 * 365 * 86400.0  # claim TTL of a once-marker (finalized right after anyway)
+_FOREVER: Final = 100 * 365 * 86400.0  # claim TTL of a once-marker: it outlives every payment
 _FAULTS: Final = frozenset(filter(None, os.environ.get("AGENTPAY_FAULT", "").split(",")))
 
 
@@ -119,7 +119,6 @@ class ExactQueue(SettlementQueue, Protocol):
 
     async def sub_pending(self, account: str, amount: int) -> None: ...
     async def claim(self, key: str, *, ttl: float) -> bool: ...
-    async def finalize(self, key: str) -> None: ...
 
 
 def exact_reservation(chain_id: int, asset: str, payer: str) -> str:
@@ -136,10 +135,9 @@ async def unreserve_once(store: ExactQueue, key: str, payment: ExactPayment) -> 
     """
     if not payment.reserved:
         return
-    marker = f"{key}#unreserved"
-    if not await store.claim(marker, ttl=_FOREVER):
+    # A claim that outlives any payment is as permanent as a finalized one, at one store round trip.
+    if not await store.claim(f"{key}#unreserved", ttl=_FOREVER):
         return
-    await store.finalize(marker)
     await store.sub_pending(payment.reserved, int(payment.payload.authorization.value))
 
 
