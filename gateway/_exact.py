@@ -12,7 +12,12 @@ Every accepted-but-unsettled payment is therefore reserved in the store, per (pa
 (`escrow._exact_settler.exact_reservation`), atomically against the balance the verification read: a payment
 is refused with `insufficient_funds_pending` when balance − reserved < amount. The reservation is given
 back once the payment settles or is given up on (by whoever reports that first, once), or at once when it
-is not charged (handler failed, settlement refused).
+is not charged (handler failed, settlement refused). The reservation is taken by `reserve`, which the
+pipeline calls once the replay claim is held, so a replayed credential never reserves anything.
+
+It errs on the safe side: a settlement that landed counts against the payer twice until its settler records
+it, and a gateway killed between `reserve` and recording the payment leaves its reservation behind; either
+refuses a payer early, never lets one spend twice.
 
 What a reservation cannot stop: after verification the payer may `cancelAuthorization` or move the funds
 away, and the deferred transfer then fails. `credit_limit` bounds that: a payment is only deferred while
