@@ -152,6 +152,7 @@ class Paywall:
                 f"mpp_replay_status must be 402 or 403, not {mpp_replay_status!r}", code="configuration_error"
             )
         self.schemes = {scheme.name: scheme for scheme in schemes}
+        self._store = store
         self.store = store
         self.secrets = list(secrets)
         self.realm = _realm(realm if realm is not None else DEFAULT_REALM, "realm")
@@ -161,6 +162,20 @@ class Paywall:
         self.mpp_strict = mpp_strict
         self.clock = clock
         self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl, replay_status=mpp_replay_status)
+
+    @property
+    def store(self) -> PaymentStore:
+        return self._store
+
+    @store.setter
+    def store(self, store: PaymentStore) -> None:
+        # Schemes that keep state in the store (`ExactScheme` reservations) follow the middleware's store,
+        # which a URL-configured middleware swaps in at startup.
+        self._store = store
+        for scheme in self.schemes.values():
+            use_store = getattr(scheme, "use_store", None)
+            if use_store is not None:
+                use_store(store)
 
     def realm_for(self, host: str) -> str:
         """The MPP realm of a request to `host` (its `Host` header): the host's own name when it is one of
@@ -192,23 +207,47 @@ class Paywall:
             attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
-            raise as_payment_failed(exc, during="verify") from exc
+            raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         attempt.tracker.fire(Event.VERIFIED)
         if attempt.presented.bindings:
             _log_binding(attempt.presented)
         verified = attempt.verified
         try:
-            holder = await self.store.claim(verified.key, ttl=self.claim_ttl)
+            holder = await self.store.claim(_claim_key(verified), ttl=self.claim_ttl)
+            # A resumed payment is served once: a receipt means another retry served it meanwhile.
+            if (
+                holder is not None
+                and verified.resume
+                and await self.store.get_receipt(verified.key) is not None
+            ):
+                await self.store.release(_claim_key(verified), holder)
+                holder = None
         except StoreError as exc:
             await self._release_scheme(attempt.scheme, verified)
             raise as_payment_failed(exc, during="verify") from exc
         if holder is None:
             await self._release_scheme(attempt.scheme, verified)
             attempt.tracker.fire(Event.REPLAYED)
+            if verified.resume and await self.store.get_receipt(verified.key) is None:
+                raise _retry_later(
+                    PaymentFailed(
+                        "another request is confirming this payment", code=Reason.SETTLEMENT_PENDING
+                    )
+                )
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
         attempt.holder = holder
-        attempt.keeper = asyncio.get_running_loop().create_task(self._keep_claim(verified.key, holder))
+        attempt.keeper = asyncio.get_running_loop().create_task(
+            self._keep_claim(_claim_key(verified), holder)
+        )
         attempt.tracker.fire(Event.CLAIMED)
+        reserve = getattr(attempt.scheme, "reserve", None)  # optional: see `gateway._scheme.Reserves`
+        if reserve is not None:
+            try:
+                await reserve(verified)
+            except Exception as exc:
+                await self._stop_keeping(attempt)
+                await self._free(attempt, verified)
+                raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         fault_point("after_verify")
         return attempt
 
@@ -318,7 +357,8 @@ class Paywall:
         scheme, key = attempt.scheme, verified.key
         try:
             # Recorded before the transaction leaves: if this process dies from here on, recovery finds the
-            # record and asks the chain what became of it (see gateway._recovery).
+            # record and asks the chain what became of it (see gateway._recovery). A resumed payment's
+            # record is the earlier attempt's (a second enqueue is a no-op).
             settlement = scheme.settlement(verified, now=now)
             kind = in_flight_kind(settlement.kind)
             await self.store.enqueue(msgspec.structs.replace(settlement, kind=kind))
@@ -344,8 +384,16 @@ class Paywall:
                         key, error=f"{failure.code}: refused before serving: {failure.message}", retry_at=None
                     )
                 )
+            elif failure.code in _PENDING:
+                # The transaction may still land. Its hash goes on the record, so the same credential
+                # presented again waits for it (`Verified.resume`) instead of being refused as a replay.
+                sent = getattr(exc, "tx_hash", "")
+                error = f"{failure.code}: sent in {sent}" if sent else f"{failure.code}: {failure.message}"
+                await self._quietly(self.store.mark_failed(key, error=error, retry_at=now))
+                if verified.resume:
+                    await self._quietly(self.store.release(_claim_key(verified), attempt.holder))
             failure.headers = settle_failure_headers(attempt.dialect, verified, failure.code)
-            raise failure from exc
+            raise _retry_later(failure) from exc
         fault_point("after_send")
         headers, receipt = receipt_headers(
             attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
@@ -353,7 +401,16 @@ class Paywall:
         try:
             # Finalize first: a crash between the two leaves a finalized key with an open record, which
             # recovery settles from the chain; the other order could leave a paid key claimable.
-            await self.store.complete(key, attempt.holder, receipt=receipt, keep_until=verified.expires_at)
+            if verified.resume:  # the key's own claim may still be the first attempt's (or recovery's)
+                await self.store.finalize(key, keep_until=verified.expires_at)
+                await self.store.put_receipt(key, receipt)
+                await self.store.complete(
+                    _claim_key(verified), attempt.holder, receipt=receipt, keep_until=verified.expires_at
+                )
+            else:
+                await self.store.complete(
+                    key, attempt.holder, receipt=receipt, keep_until=verified.expires_at
+                )
             await self.store.mark_settled([key], tx_hash=tx_hash)
         except Exception as exc:
             # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
@@ -388,7 +445,7 @@ class Paywall:
 
     async def _free(self, attempt: Attempt, verified: Verified) -> None:
         """Nothing will be charged: drop the claim and let the scheme give back what `verify` reserved."""
-        await self._quietly(self.store.release(verified.key, attempt.holder))
+        await self._quietly(self.store.release(_claim_key(verified), attempt.holder))
         await self._release_scheme(attempt.scheme, verified)
 
     async def _release_scheme(self, scheme: Scheme, verified: Verified) -> None:
@@ -439,6 +496,21 @@ def _log_binding(presented: Presented) -> None:
                 form,
             )
             return
+
+
+def _claim_key(verified: Verified) -> str:
+    """The replay claim an attempt holds: the payment's key, or `<key>#resume` for a resumed payment."""
+    return verified.key + "#resume" if verified.resume else verified.key
+
+
+#: Seconds a client is asked to wait before presenting a payment whose settlement is pending again.
+RETRY_AFTER_SECONDS = 2
+
+
+def _retry_later(failure: PaymentFailed) -> PaymentFailed:
+    if failure.code in _PENDING:
+        failure.headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
+    return failure
 
 
 def _same(a: str, b: str) -> bool:
