@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from escrow._exact import ExactEvm
 from escrow._rpc import Rpc, TxSender
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware
 from x402 import (
+    ExactEvmPayload,
     LocalSigner,
     MppAuthorizationPayload,
     X402Error,
@@ -249,28 +251,47 @@ def tweaked(draw: st.DrawFn, value: str) -> str:
     return value.upper() if how == "upper" else value.lower()
 
 
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
 @st.composite
-def mutated(draw: st.DrawFn, value: Any, depth: int = 0) -> Any:
-    """`value` with some of its fields replaced, dropped, added or recursed into (most stay as they were,
-    so a mutated credential still gets far into the pipeline)."""
-    action = draw(st.sampled_from(["keep", "keep", "keep", "recurse", "recurse", "replace"]))
-    if action == "recurse" and isinstance(value, str):
-        return draw(tweaked(value))
-    if action == "replace" or (action == "recurse" and not isinstance(value, dict | list)):
-        return draw(JSON)
-    if action == "keep" or depth > 4:
-        return value
-    if isinstance(value, list):
-        return [draw(mutated(v, depth + 1)) for v in value]
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        fate = draw(st.sampled_from(["keep", "keep", "mutate", "mutate", "drop"]))
-        if fate == "keep":
-            out[key] = item
-        elif fate == "mutate":
-            out[key] = draw(mutated(item, depth + 1))
-    for key in draw(st.lists(st.text(max_size=12) | st.sampled_from(sorted(value)), max_size=2)):
-        out[key] = draw(JSON)
+def mutated(draw: st.DrawFn, value: Any) -> Any:
+    """`value` with one to three of its fields (at any depth) bent, replaced, dropped or joined by a new
+    one; every field is as likely to be picked as any other, so deep ones (a nonce) are reached as often
+    as the top, and the rest stays valid enough to get far into the pipeline."""
+    out = copy.deepcopy(value)
+    paths = list(_paths(value))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(paths))
+        parent: Any = None
+        node: Any = out
+        try:
+            for key in path:
+                parent, node = node, node[key]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier mutation removed or replaced it
+        action = draw(st.sampled_from(["tweak", "tweak", "replace", "drop", "add"]))
+        if action == "tweak" and isinstance(node, str):
+            fresh: Any = draw(tweaked(node))
+        elif action == "add" and isinstance(node, dict):
+            node[draw(st.text(max_size=12))] = draw(JSON)
+            continue
+        elif action == "drop" and isinstance(parent, dict):
+            del parent[path[-1]]
+            continue
+        else:
+            fresh = draw(JSON)
+        if not path:
+            out = fresh
+        else:
+            parent[path[-1]] = fresh
     return out
 
 
@@ -472,9 +493,9 @@ def test_a_paying_client_meets_fuzzed_402s_with_typed_errors_only(edge: Edge, da
 def _decode_like_the_paywall(dialect: str, value: bytes) -> None:
     """Every decoding step the paywall takes before the chain, in its order; only `X402Error` may leave."""
     if dialect == "x402v2":
-        decode_exact_payload(decode_payment_signature(value).payload)
+        _canonical(decode_exact_payload(decode_payment_signature(value).payload))
     elif dialect == "x402v1":
-        decode_exact_payload(decode_x_payment(value).payload)
+        _canonical(decode_exact_payload(decode_x_payment(value).payload))
     else:
         credential = parse_credential(value)
         challenge = credential.challenge
@@ -484,7 +505,19 @@ def _decode_like_the_paywall(dialect: str, value: bytes) -> None:
         expires = challenge.expires_at()
         if expires is not None:
             expires.timestamp()
-        convert_payload(credential.payload, MppAuthorizationPayload).to_exact()
+        _canonical(convert_payload(credential.payload, MppAuthorizationPayload).to_exact())
+
+
+def _canonical(payload: ExactEvmPayload) -> None:
+    """What decodes is exactly what the token will see: the replay key is built from this text, so two
+    spellings of one authorization (a stray character the hex or int parser skips) must not both decode."""
+    auth = payload.authorization
+    for address in (auth.from_, auth.to):
+        assert re.fullmatch(r"0x[0-9a-fA-F]{40}", address), address
+    assert re.fullmatch(r"0x[0-9a-fA-F]{64}", auth.nonce), auth.nonce
+    for number in (auth.value, auth.valid_after, auth.valid_before):
+        assert re.fullmatch(r"[0-9]{1,78}", number), number
+    assert re.fullmatch(r"0x(?:[0-9a-fA-F]{2})*", payload.signature), payload.signature
 
 
 @settings(FUZZ, max_examples=3 * EXAMPLES // 2)
