@@ -274,6 +274,8 @@ def mutated(draw: st.DrawFn, value: Any) -> Any:
         node: Any = out
         try:
             for key in path:
+                if not isinstance(node, dict | list):
+                    raise KeyError(key)  # a string is indexable too, but not a container
                 parent, node = node, node[key]
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed or replaced it
