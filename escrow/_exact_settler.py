@@ -12,8 +12,8 @@ Never twice: before anything is sent, `authorizationState(from, nonce)` is asked
 round trip. A used authorization is not sent again; its `AuthorizationUsed(authorizer, nonce)` log names the
 transaction, whose `Transfer` must be this very payment (`settled_elsewhere`, recorded with that hash), else
 the payment is dead: the nonce paid something else, or the payer canceled it. A send whose receipt did not
-arrive is remembered in the item's error (`settlement_pending: sent in 0x...`); while that transaction is
-still in the node's pool, nothing is re-sent.
+arrive is remembered in the item's error (`settlement_pending: sent in 0x... sent in 0x...`, every fee-bumped
+version the relayer broadcast); while any of them is still in the node's pool, nothing is re-sent.
 
 Outcomes (`SettleOutcome.status`): `settled`, `settled_elsewhere`, `retry` (the chain could not be asked or
 the transfer reverted while still valid: `mark_failed` with exponential backoff, never past the
@@ -352,8 +352,8 @@ class ExactSettler:
         return out
 
     async def _skip_pending(self, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
-        """Keep back items whose earlier transaction is still in the node's pool (it may land yet)."""
-        earlier = [(w, m.group(1)) for w in work if (m := _PENDING_TX.search(w[0].error or ""))]
+        """Keep back items whose earlier transaction (any fee-bumped version) is still in the node's pool."""
+        earlier = [(w, h) for w in work for h in _PENDING_TX.findall(w[0].error or "")]
         if not earlier:
             return work
         try:
@@ -363,10 +363,13 @@ class ExactSettler:
             out.extend([await self._retry(w, f"{exc.code}: asking for {h}: {exc}") for w, h in earlier])
             return [w for w in work if id(w) not in waiting]
         held = set()
-        for (w, tx_hash), tx in zip(earlier, txs, strict=True):
+        for (w, _), tx in zip(earlier, txs, strict=True):
+            if id(w) in held:
+                continue
             if isinstance(tx, ChainError) or (isinstance(tx, dict) and tx.get("blockNumber") is None):
                 held.add(id(w))
-                out.append(await self._retry(w, f"settlement_pending: sent in {tx_hash}, not mined yet"))
+                sent = " ".join(f"sent in {h}" for h in _PENDING_TX.findall(w[0].error or ""))
+                out.append(await self._retry(w, f"settlement_pending: {sent}, not mined yet"))
         return [w for w in work if id(w) not in held]
 
     async def _send(self, work: list[Work]) -> list[SettleOutcome]:
@@ -394,20 +397,23 @@ class ExactSettler:
                 sent.append((w, result))
         self.sent += len(sent)
         receipts = await asyncio.gather(
-            *(self.rpc.wait_for_receipt(h, timeout=self.receipt_timeout) for _, h in sent),
+            *(relayer.wait_for_receipt(h, timeout=self.receipt_timeout) for _, h in sent),
             return_exceptions=True,
         )
         reverted: list[tuple[Work, str]] = []
         for (w, tx_hash), receipt in zip(sent, receipts, strict=True):
-            if isinstance(receipt, ChainError):  # may land yet: remember the hash, never send blindly again
-                out.append(await self._retry(w, f"settlement_pending: sent in {tx_hash} ({receipt.code})"))
+            if isinstance(receipt, ChainError):  # may land yet: remember the hashes, never send blindly again
+                hashes = " ".join(f"sent in {h}" for h in relayer.hashes(tx_hash))
+                out.append(await self._retry(w, f"settlement_pending: {hashes} ({receipt.code})"))
             elif isinstance(receipt, BaseException):
                 raise receipt
             elif not receipt.ok:
                 reverted.append((w, tx_hash))
             elif has_transfer(receipt, w[1].asset, w[1].payload.authorization):
                 self.paid += 1
-                out.append(await self._settled(w, tx_hash, "settled"))
+                landed = receipt.transaction_hash  # a fee-bumped replacement of tx_hash, maybe
+                replaced = tuple(h for h in relayer.hashes(tx_hash) if h != landed)
+                out.append(await self._settled(w, landed, "settled", replaced=replaced))
             else:
                 out.append(await self._dead(w, "invalid_exact_evm_transfer_event_mismatch", f"in {tx_hash}"))
         if reverted:
@@ -434,10 +440,12 @@ class ExactSettler:
         )
         return _outcome(w, "retry", code="exact_unsettled")
 
-    async def _settled(self, w: Work, tx_hash: str, status: Status) -> SettleOutcome:
+    async def _settled(
+        self, w: Work, tx_hash: str, status: Status, *, replaced: tuple[str, ...] = ()
+    ) -> SettleOutcome:
         await self.store.mark_settled([w[0].key], tx_hash=tx_hash, lease=w[0].lease_token)
         await unreserve_once(self.store, w[0].key, w[1])
-        return _outcome(w, status, tx_hash=tx_hash)
+        return _outcome(w, status, tx_hash=tx_hash, replaced=replaced)
 
     async def _retry(self, w: Work, error: str) -> SettleOutcome:
         item, payment = w
@@ -460,13 +468,16 @@ class ExactSettler:
         return _outcome(w, "dead", code=code)
 
 
-def _outcome(w: Work, status: Status, *, code: str = "", tx_hash: str = "") -> SettleOutcome:
+def _outcome(
+    w: Work, status: Status, *, code: str = "", tx_hash: str = "", replaced: tuple[str, ...] = ()
+) -> SettleOutcome:
     auth = w[1].payload.authorization
     return SettleOutcome(
         key=w[0].key,
         status=status,
         code=code,
         tx_hash=tx_hash,
+        replaced=replaced,
         amount=int(auth.value),
         payer=auth.from_,
         payee=auth.to,

@@ -72,6 +72,7 @@ class SettleOutcome(msgspec.Struct, frozen=True, kw_only=True):
     status: Status
     code: str = ""  # empty when settled
     tx_hash: str = ""
+    replaced: tuple[str, ...] = ()  # hashes `tx_hash` replaced at the same nonce (stuck, fee-bumped)
     gas: int = 0  # this payment's share of the transaction's gasUsed
     amount: int = 0
     payer: str = ""

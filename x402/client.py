@@ -155,8 +155,10 @@ class Offer:
 
     @property
     def chain_id(self) -> int | None:
-        if self.network.startswith("eip155:") and self.network[7:].isdigit():
-            return int(self.network[7:])
+        digits = self.network[7:]
+        # ASCII only: str.isdigit() also takes "²" (int() refuses it) and "١٢٣" (int() reads 123).
+        if self.network.startswith("eip155:") and digits.isascii() and digits.isdigit():
+            return int(digits)
         return None
 
 
