@@ -8,13 +8,18 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import uvicorn
 
 from escrow import Chain, DevnetState
 
@@ -93,3 +98,39 @@ def read_chain(devnet: DevnetState, reader: Any) -> Any:
             return await reader(chain)
 
     return asyncio.run(read())
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # a thread cannot take signals
+        pass
+
+
+@contextmanager
+def serve_subagent(devnet: DevnetState) -> Iterator[str]:
+    """examples.subagent taking escrow payments, settling each before it answers, under uvicorn in a
+    thread; yields its base URL."""
+    from examples.subagent import build_app
+
+    chain = Chain.from_devnet(devnet, relayer=3)
+    app = build_app(
+        chain,
+        pay_to=devnet.accounts[2].address,
+        schemes=["escrow"],
+        settle="before-response",
+        store="memory://",
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the sub-agent did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -5,19 +5,14 @@ sub-agent, and a revoke that stops the next payment."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from escrow import Chain, DevnetState, GrantInfo, network_of_devnet
-from examples.subagent import build_app
-from tests._cli_helpers import Result, agentpay, assert_one_line_error, cli, fund, read_chain
+from escrow import DevnetState, GrantInfo, network_of_devnet
+from tests._cli_helpers import Result, agentpay, assert_one_line_error, cli, fund, read_chain, serve_subagent
 
 PRICE = 1000  # GET /hello on examples.subagent: $0.001
 
@@ -73,7 +68,8 @@ def test_grant_signed_offline_by_the_owner_is_relayed_by_another_key(
 
     made = world.run(
         "escrow", "grant", "--owner", "owner", "--key", session_key, "--max-per-call", "$0.01",
-        "--budget", "$0.25", "--valid-for", "2h", "--network", str(network), "--offline", str(signed), "--json",
+        "--budget", "$0.25", "--valid-for", "2h", "--network", str(network), "--offline", str(signed),
+        "--json",
     ).json()  # fmt: skip
     assert made["offline"] == str(signed) and made["payer"] == world.owner
     assert not world.grant(session_key).live  # nothing sent yet
@@ -103,34 +99,10 @@ def test_grant_signed_offline_by_the_owner_is_relayed_by_another_key(
     assert world.grant(session_key) == grant
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # a thread cannot take signals
-        pass
-
-
 @pytest.fixture
 def subagent(devnet: DevnetState) -> Iterator[str]:
-    """examples.subagent taking escrow payments, settling each before it answers; its base URL."""
-    chain = Chain.from_devnet(devnet, relayer=3)
-    app = build_app(
-        chain,
-        pay_to=devnet.accounts[2].address,
-        schemes=["escrow"],
-        settle="before-response",
-        store="memory://",
-    )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the sub-agent did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_subagent(devnet) as url:
+        yield url
 
 
 def _status(world: World, wallet: Path) -> dict[str, Any]:
@@ -244,7 +216,8 @@ def test_bad_input_is_one_line_and_changes_nothing(world: World, devnet: DevnetS
     policy.write_text('[grant]\nmax_per_call = "a lot"\nbudget = "$1"\n')
     assert_one_line_error(world.on_chain(*new, "--policy", str(policy)), "[grant].max_per_call")
     policy.write_text(
-        '[grant]\nmax_per_call = "$0.01"\nbudget = "$1"\n[account]\n[[account.calls]]\ntarget = "token"\nfunction = "transfer(address,uint256)"\n'
+        '[grant]\nmax_per_call = "$0.01"\nbudget = "$1"\n'
+        '[[account.calls]]\ntarget = "token"\nfunction = "transfer(address,uint256)"\n'
     )
     assert_one_line_error(world.on_chain(*new, "--policy", str(policy)), "gas_budget", "required")
     assert not Path(wallet).exists()
@@ -274,8 +247,10 @@ def test_bad_input_is_one_line_and_changes_nothing(world: World, devnet: DevnetS
     )
     assert_one_line_error(world.on_chain("relay", str(policy), "--relayer", "relayer"), "not JSON")
     assert_one_line_error(
-        world.on_chain("escrow", "grant", "--owner", "owner", "--key", "0x12", "--max-per-call", "1", "--budget", "1",
-                       "--relayer", "relayer"),
+        world.on_chain(
+            "escrow", "grant", "--owner", "owner", "--key", "0x12", "--max-per-call", "1", "--budget", "1",
+            "--relayer", "relayer",
+        ),
         "--key",
     )  # fmt: skip
     assert_one_line_error(
