@@ -5,6 +5,9 @@ sub-agent, and a revoke that stops the next payment."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,17 @@ from typing import Any
 import pytest
 
 from escrow import DevnetState, GrantInfo, network_of_devnet
-from tests._cli_helpers import Result, agentpay, assert_one_line_error, cli, fund, read_chain, serve_subagent
+from tests._cli_helpers import (
+    AGENTPAY,
+    ROOT,
+    Result,
+    agentpay,
+    assert_one_line_error,
+    cli,
+    fund,
+    read_chain,
+    serve_subagent,
+)
 
 PRICE = 1000  # GET /hello on examples.subagent: $0.001
 
@@ -75,7 +88,9 @@ def test_grant_signed_offline_by_the_owner_is_relayed_by_another_key(
     assert not world.grant(session_key).live  # nothing sent yet
 
     relayer_before, owner_before = world.eth(world.relayer), world.eth(world.owner)
-    relayed = world.on_chain("relay", str(signed), "--relayer", "relayer", "--json").json()
+    relaying = world.on_chain("relay", str(signed), "--relayer", "relayer", "--json")
+    relayed = relaying.json()
+    assert relaying.err == ""  # progress notes are for terminals only
 
     assert [r["kind"] for r in relayed["relayed"]] == ["escrow grant"]
     grant = world.grant(session_key)
@@ -97,6 +112,16 @@ def test_grant_signed_offline_by_the_owner_is_relayed_by_another_key(
     refused = world.on_chain("relay", str(forged), "--relayer", "relayer")
     assert_one_line_error(refused, "revert")
     assert world.grant(session_key) == grant
+
+    # the revoke is signed offline too, through the grant's epoch, and relayed by the same relayer
+    revoke = world.tmp / "revoke.json"
+    world.run(
+        "escrow", "revoke", "--owner", "owner", "--key", session_key, "--epoch", str(made["epoch"]),
+        "--network", str(network), "--offline", str(revoke),
+    )  # fmt: skip
+    assert world.grant(session_key).live
+    assert world.on_chain("relay", str(revoke), "--relayer", "relayer").code == 0
+    assert not world.grant(session_key).live
 
 
 @pytest.fixture
@@ -142,12 +167,18 @@ def test_session_key_spend_shows_in_status_and_a_revoke_stops_the_next_payment(
     assert paid_json["status"] == 200 and paid_json["paid"]["scheme"] == "escrow"
     assert paid_json["receipt"]["success"] is True and paid_json["receipt"]["transaction"].startswith("0x")
 
+    text = "a" * 150  # POST /summarize costs $0.0001 per started 100 characters: 200 units
+    body = json.dumps({"text": text})
+    summary = cli(world.capsys, "pay", f"{subagent}/summarize", "-d", body, "--wallet", str(wallet))
+    assert summary.code == 0 and json.loads(summary.out)["chars"] == 150
+
     after = _status(world, wallet)
-    assert after["grants"][0]["spent"] == 2 * PRICE
-    assert after["grants"][0]["remaining"] == 10_000 - 2 * PRICE
-    assert after["deposit"] == 1_000_000 - 2 * PRICE
+    spent = 2 * PRICE + 200
+    assert after["grants"][0]["spent"] == spent
+    assert after["grants"][0]["remaining"] == 10_000 - spent
+    assert after["deposit"] == 1_000_000 - spent
     shown = world.on_chain("escrow", "status", "--wallet", str(wallet))
-    assert "0.002 USDC" in shown.out and made["key"] in shown.out  # the table a person reads
+    assert "0.0022 USDC" in shown.out and made["key"] in shown.out  # the table a person reads
 
     revoked = world.on_chain(
         "session-key", "revoke", "--owner", "owner", "--wallet", str(wallet), "--relayer", "relayer", "--json"
@@ -159,17 +190,16 @@ def test_session_key_spend_shows_in_status_and_a_revoke_stops_the_next_payment(
     assert refused.out == ""
     final = _status(world, wallet)
     assert final["grants"][0]["live"] is False
-    assert final["deposit"] == 1_000_000 - 2 * PRICE  # the refused call cost nothing
+    assert final["deposit"] == 1_000_000 - spent  # the refused call cost nothing
 
 
 def test_withdrawal_requested_offline_and_broadcast_by_relay(world: World, devnet: DevnetState) -> None:
     fund(devnet, world.owner, eth=10**17, usdc=500_000)
-    assert (
-        world.on_chain(
-            "escrow", "deposit", "--owner", "owner", "--amount", "$0.5", "--relayer", "relayer"
-        ).code
-        == 0
-    )
+    deposit = world.tmp / "deposit.json"
+    offline = ("--offline", str(deposit), "--network", str(_offline_network(devnet, world.tmp)))
+    assert world.run("escrow", "deposit", "--owner", "owner", "--amount", "$0.5", *offline).code == 0
+    assert world.on_chain("relay", str(deposit), "--relayer", "relayer").code == 0
+    assert _payer_status(world)["deposit"] == 500_000
     signed = world.tmp / "withdraw.json"
     assert (
         world.on_chain(
@@ -263,3 +293,45 @@ def test_bad_input_is_one_line_and_changes_nothing(world: World, devnet: DevnetS
         cli(world.capsys, "pay", "http://127.0.0.1:9/x", "--wallet", str(world.tmp / "none.json")), "wallet"
     )
     assert_one_line_error(world.on_chain("escrow", "grant", "--owner", "owner"), "required")
+
+
+def test_progress_shows_on_a_terminal(world: World, devnet: DevnetState) -> None:
+    signed = world.tmp / "grant.json"
+    world.run(
+        "escrow", "grant", "--owner", "owner", "--key", "0x" + "7a" * 20, "--max-per-call", "1",
+        "--budget", "5", "--devnet", str(world.state), "--offline", str(signed),
+    )  # fmt: skip
+    terminal, stderr = pty.openpty()
+    try:
+        done = subprocess.run(
+            [
+                AGENTPAY,
+                "relay",
+                str(signed),
+                "--relayer",
+                "relayer",
+                "--devnet",
+                str(world.state),
+                *world.keys,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=120,
+        )
+        os.close(stderr)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and everything was read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(terminal)
+    assert done.returncode == 0
+    assert b"agentpay: relaying" in shown and b"landed in 0x" in shown
+    assert b"landed" not in done.stdout and b"grant" in done.stdout  # stdout keeps the table only
