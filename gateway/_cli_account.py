@@ -31,6 +31,7 @@ from x402.client_escrow import SessionWalletFile
 
 from ._cli_common import (
     CliError,
+    account_of,
     add_chain_args,
     add_json,
     add_keystore_args,
@@ -38,6 +39,7 @@ from ._cli_common import (
     checked_address,
     emit,
     handler,
+    human,
     load_signer,
     network_of,
     open_chain,
@@ -46,9 +48,8 @@ from ._cli_common import (
     table,
     unix_now,
 )
-from ._cli_escrow import account_of, human, send_or_write
 from ._cli_policy import load_policy
-from ._cli_relay import Signed
+from ._cli_relay import Signed, send_or_write
 from .cli import command
 
 __all__: list[str] = []

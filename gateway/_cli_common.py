@@ -18,6 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import msgspec
 from eth_account import Account
 from eth_utils.address import is_address, to_checksum_address
 
-from escrow import Chain, DevnetState, EscrowError, load_network, network_of_devnet
+from escrow import AgentAccountFactory, Chain, DevnetState, EscrowError, load_network, network_of_devnet
 from x402 import LocalSigner, Network, X402Error
 
 from ._errors import GatewayError
@@ -34,12 +35,14 @@ from ._errors import GatewayError
 __all__ = [
     "CliError",
     "KeyRef",
+    "account_of",
     "add_chain_args",
     "add_json",
     "add_keystore_args",
     "address_of",
     "emit",
     "handler",
+    "human",
     "keystore_dir",
     "load_private_key",
     "load_signer",
@@ -74,7 +77,7 @@ def handler(run_command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
         except httpx.HTTPError as exc:
             where = f" ({exc.request.url})" if _has_request(exc) else ""
             raise CliError(f"HTTP request failed{where}: {exc or type(exc).__name__}") from None
-        except (ValueError, msgspec.ValidationError) as exc:  # malformed addresses, keys, amounts, ...
+        except (ValueError, msgspec.DecodeError) as exc:  # malformed addresses, keys, amounts, ...
             raise CliError(str(exc)) from None
 
     return wrapped
@@ -309,3 +312,16 @@ def open_chain(args: argparse.Namespace, relayer: str | None = None) -> Chain:
 
 def unix_now() -> int:
     return int(time.time())
+
+
+def human(atomic: int, network: Network) -> str:
+    """`2000` -> `0.002` in the token's decimals (for tables; JSON keeps atomic units)."""
+    text = format(Decimal(atomic).scaleb(-network.token_decimals), "f")
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + f" {network.token_symbol}"
+
+
+async def account_of(chain: Chain, owner: str) -> str:
+    """The owner's counterfactual `AgentAccount` address (salt 0), from the network's factory."""
+    if not chain.network.account_factory:
+        raise CliError(f"{chain.network.network} has no account factory in its description")
+    return await AgentAccountFactory(chain.rpc, chain.network.account_factory).get_address(owner)

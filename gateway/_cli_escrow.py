@@ -16,8 +16,6 @@ from typing import Any
 from eth_account import Account
 
 from escrow import (
-    AgentAccountFactory,
-    Chain,
     sign_deposit_authorization,
     sign_grant_offline,
     sign_revoke_offline,
@@ -27,6 +25,7 @@ from x402 import Network
 
 from ._cli_common import (
     CliError,
+    account_of,
     add_chain_args,
     add_json,
     add_keystore_args,
@@ -34,6 +33,7 @@ from ._cli_common import (
     checked_address,
     emit,
     handler,
+    human,
     load_private_key,
     load_signer,
     network_of,
@@ -44,23 +44,10 @@ from ._cli_common import (
     table,
     unix_now,
 )
-from ._cli_relay import Signed, SignedTransaction, describe, relay_one, write_signed
+from ._cli_relay import SignedTransaction, relay_one, send_or_write, write_signed
 from .cli import command
 
-__all__ = ["account_of", "human", "send_or_write"]
-
-
-def human(atomic: int, network: Network) -> str:
-    """`2000` -> `0.002` in the token's decimals (for tables; JSON keeps atomic units)."""
-    text = format(Decimal(atomic).scaleb(-network.token_decimals), "f")
-    return (text.rstrip("0").rstrip(".") if "." in text else text) + f" {network.token_symbol}"
-
-
-async def account_of(chain: Chain, owner: str) -> str:
-    """The owner's counterfactual `AgentAccount` address (salt 0), from the network's factory."""
-    if not chain.network.account_factory:
-        raise CliError(f"{chain.network.network} has no account factory in its description")
-    return await AgentAccountFactory(chain.rpc, chain.network.account_factory).get_address(owner)
+__all__: list[str] = []
 
 
 def _account_flag(parser: argparse.ArgumentParser) -> None:
@@ -90,26 +77,6 @@ def _send_args(parser: argparse.ArgumentParser, *, relayed: bool = True) -> None
     target.add_argument(
         "--offline", metavar="FILE", help="write the signed file for `agentpay relay` instead"
     )
-
-
-def send_or_write(args: argparse.Namespace, items: list[Signed], result: dict[str, Any]) -> None:
-    """Write `items` to `--offline FILE`, or relay them now with `--relayer`; then print `result`."""
-    if args.offline:
-        write_signed(args.offline, items)
-        result["offline"] = args.offline
-    else:
-
-        async def send() -> list[str]:
-            async with open_chain(args, args.relayer) as chain:
-                hashes = []
-                for item in items:
-                    progress(f"relaying: {describe(item)} ...")
-                    hashes.append(await relay_one(chain, item))
-                return hashes
-
-        result["txs"] = run(send())
-    rows = [(k, v) for k, v in result.items() if not isinstance(v, list | dict)]
-    emit(args, result, [*rows, *(("tx", tx) for tx in result.get("txs", []))])
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -410,7 +377,12 @@ def _escrow(parser: argparse.ArgumentParser) -> None:
     status = actions.add_parser("status", help="a payer's deposit, withdrawal and grants (budget, spent)")
     status.add_argument("--payer", help="whose escrow: a key or an address")
     status.add_argument("--wallet", help="a session wallet file: its payer and key")
-    status.add_argument("--key", action="append", default=[], help="show this session key; repeatable")
+    status.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        help="show this session key; repeatable (default: every key the payer granted, from its events)",
+    )
     _account_flag(status)
     status.set_defaults(func=_status)
 

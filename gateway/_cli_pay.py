@@ -23,8 +23,7 @@ import msgspec
 from x402.client import OFFER_EXTENSION, PAYMENT_ERROR_EXTENSION, Offer, PaymentAuth, SpendPolicy, receipt_of
 from x402.client_escrow import SessionKeyWallet, SessionWalletFile
 
-from ._cli_common import CliError, add_json, emit, handler
-from ._cli_escrow import human
+from ._cli_common import CliError, add_json, emit, handler, human
 from .cli import command
 
 __all__: list[str] = []

@@ -51,7 +51,7 @@ from ._cli_common import (
 )
 from .cli import command
 
-__all__ = ["SignedTransaction", "Signed", "load_signed", "relay_one", "write_signed"]
+__all__ = ["SignedTransaction", "Signed", "load_signed", "relay_one", "send_or_write", "write_signed"]
 
 
 class SignedTransaction(msgspec.Struct, frozen=True, kw_only=True, rename="camel", tag="transaction"):
@@ -185,6 +185,26 @@ async def relay_one(chain: Chain, item: Signed) -> str:
     except RevertError as exc:
         raise CliError(f"relaying the {kind_of(item)} would revert: {_revert_reason(chain, exc)}") from None
     return receipt.transaction_hash
+
+
+def send_or_write(args: argparse.Namespace, items: list[Signed], result: dict[str, Any]) -> None:
+    """Write `items` to `--offline FILE`, or relay them now with `--relayer`; then print `result`."""
+    if args.offline:
+        write_signed(args.offline, items)
+        result["offline"] = args.offline
+    else:
+
+        async def send() -> list[str]:
+            async with open_chain(args, args.relayer) as chain:
+                hashes = []
+                for item in items:
+                    progress(f"relaying: {describe(item)} ...")
+                    hashes.append(await relay_one(chain, item))
+                return hashes
+
+        result["txs"] = run(send())
+    rows = [(k, v) for k, v in result.items() if not isinstance(v, list | dict)]
+    emit(args, result, [*rows, *(("tx", tx) for tx in result.get("txs", []))])
 
 
 def describe(item: Signed) -> str:
