@@ -225,6 +225,9 @@ def describe(item: Signed) -> str:
 @handler
 def _relay(args: argparse.Namespace) -> int:
     batches = [(path, load_signed(path)) for path in args.files]  # all files checked before sending any
+    needs_gas = [kind_of(i) for _, items in batches for i in items if not isinstance(i, SignedTransaction)]
+    if needs_gas and args.relayer is None:
+        raise CliError(f"relaying a {needs_gas[0]} takes a key that pays the gas: pass --relayer KEY")
 
     async def send_all() -> list[dict[str, Any]]:
         sent: list[dict[str, Any]] = []
@@ -249,7 +252,8 @@ def _relay(args: argparse.Namespace) -> int:
 def _relay_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="files written with --offline, in order")
     parser.add_argument(
-        "--relayer", required=True, help="the key that pays the gas (name, address or devnet:N)"
+        "--relayer",
+        help="the key that pays the gas (name, address or devnet:N); signed transactions need none",
     )
     add_chain_args(parser)
     add_keystore_args(parser)

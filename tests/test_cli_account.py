@@ -118,6 +118,8 @@ def test_account_session_key_from_a_policy_pays_then_is_revoked(
     assert paid["receipt"]["payer"] == account
     spent = cli(capsys, "escrow", "status", "--wallet", str(wallet), "--json", *chain).json()
     assert spent["payer"] == account and spent["grants"][0]["spent"] == 1000
+    listed = run("escrow", "status", "--payer", "owner", "--account")  # every key it granted, from events
+    assert [(g["signer"], g["spent"]) for g in listed["grants"]] == [(made["key"], 1000)]
 
     revoke = cli(
         capsys, "session-key", "revoke", "--owner", "owner", "--wallet", str(wallet), "--uninstall",

@@ -211,10 +211,14 @@ def test_withdrawal_requested_offline_and_broadcast_by_relay(world: World, devne
     before = _payer_status(world)
     assert before["withdrawal"]["amount"] == 0
 
-    assert world.on_chain("relay", str(signed), "--relayer", "relayer").code == 0
+    assert world.on_chain("relay", str(signed)).code == 0  # the owner's own transaction: no relayer needed
     assert _payer_status(world)["withdrawal"]["amount"] == 200_000
     assert world.on_chain("escrow", "withdraw", "--owner", "owner", "--cancel").code == 0
     assert _payer_status(world)["withdrawal"]["amount"] == 0
+
+
+def grant_args(world: World, key: str) -> tuple[str, ...]:
+    return ("escrow", "grant", "--owner", "owner", "--key", key, "--max-per-call", "1", "--budget", "2")
 
 
 def _payer_status(world: World) -> dict[str, Any]:
@@ -276,6 +280,11 @@ def test_bad_input_is_one_line_and_changes_nothing(world: World, devnet: DevnetS
         world.on_chain("relay", str(world.tmp / "missing.json"), "--relayer", "relayer"), "cannot read"
     )
     assert_one_line_error(world.on_chain("relay", str(policy), "--relayer", "relayer"), "not JSON")
+    grant_file = world.tmp / "g.json"
+    world.run(
+        *grant_args(world, "0x" + "11" * 20), "--devnet", str(world.state), "--offline", str(grant_file)
+    )
+    assert_one_line_error(world.on_chain("relay", str(grant_file)), "--relayer")
     assert_one_line_error(
         world.on_chain(
             "escrow", "grant", "--owner", "owner", "--key", "0x12", "--max-per-call", "1", "--budget", "1",
