@@ -4,12 +4,16 @@ private key printed only with `--reveal`."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import stat
+import time
 from pathlib import Path
 
 from eth_account import Account
 
-from tests._cli_helpers import agentpay, assert_one_line_error
+from tests._cli_helpers import AGENTPAY, ROOT, agentpay, assert_one_line_error
 
 
 def test_keys_made_listed_and_shown_without_their_private_key(tmp_path: Path) -> None:
@@ -95,3 +99,59 @@ def test_bad_key_input_is_one_line(tmp_path: Path) -> None:
         "key", "show", "k", "--reveal", "--keystore", keystore, "--passphrase-file", "/no/such"
     )
     assert_one_line_error(missing_file, "cannot read the passphrase file")
+
+
+def _on_a_terminal(args: list[str], answers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """Run `agentpay ARGS` on a pseudo-terminal (its controlling terminal, as a person's shell), answering
+    each prompt as it appears; returns the exit status and everything the terminal showed."""
+    env = {k: v for k, v in os.environ.items() if k != "AGENTPAY_PASSPHRASE"}
+    env["PYTHONPATH"] = str(ROOT)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a new session whose controlling terminal is the pty
+        os.execve(AGENTPAY, [AGENTPAY, *args], env)
+    shown, pending = b"", list(answers)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the program exited and everything was read
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if pending and shown.rstrip().endswith(pending[0][0].rstrip()):
+                os.write(terminal, pending.pop(0)[1])
+    finally:
+        os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), shown
+
+
+def test_passphrase_prompts_on_a_terminal(tmp_path: Path) -> None:
+    keystore = str(tmp_path / "keys")
+    code, shown = _on_a_terminal(
+        ["key", "new", "--name", "typed", "--light-kdf", "--keystore", keystore, "--json"],
+        [(b"passphrase for the new key typed:", b"by hand\n"), (b"again:", b"by hand\n")],
+    )
+    assert code == 0, shown
+    assert b"by hand" not in shown  # not echoed
+    address = json.loads(shown[shown.index(b"{") :].decode())["address"]
+    document = json.loads((tmp_path / "keys" / "typed.json").read_text())
+    assert Account.from_key(Account.decrypt(document, "by hand")).address == address
+
+    code, shown = _on_a_terminal(
+        ["key", "show", "typed", "--reveal", "--keystore", keystore],
+        [(b"passphrase for typed (" + address.encode() + b"):", b"not it\n")],
+    )
+    assert code == 1 and b"agentpay: error: wrong passphrase for the key typed" in shown
+
+    code, shown = _on_a_terminal(
+        ["key", "new", "--name", "mistyped", "--keystore", keystore],
+        [(b"passphrase for the new key mistyped:", b"one\n"), (b"again:", b"two\n")],
+    )
+    assert code == 1 and b"agentpay: error: the passphrases differ" in shown
+    assert not (tmp_path / "keys" / "mistyped.json").exists()
