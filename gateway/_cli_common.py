@@ -193,7 +193,13 @@ class KeyRef:
     def all(directory: Path) -> list[KeyRef]:
         if not directory.is_dir():
             return []
-        return [KeyRef(p) for p in sorted(directory.glob("*.json"))]
+        keys = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                keys.append(KeyRef(path))
+            except CliError:  # another file kept beside the keys: not ours to list, nor to fail on
+                continue
+        return keys
 
     @staticmethod
     def find(directory: Path, ref: str) -> KeyRef:

@@ -33,6 +33,7 @@ def test_keys_made_listed_and_shown_without_their_private_key(tmp_path: Path) ->
     assert Account.from_key(private_key).address == made["address"]
     secret = private_key.hex().removeprefix("0x")
 
+    (keystore / "notes.json").write_text('{"not": "a key"}')  # other files beside the keys are skipped
     listed = agentpay("key", "list", "--json", env=env).json()
     assert {(k["name"], k["address"]) for k in listed["keys"]} == {
         ("owner", made["address"]),
