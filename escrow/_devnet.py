@@ -66,7 +66,13 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment("usdc", "TestUSDC", required=True),
     Deployment("escrow", "AgentEscrow", lambda env: (15 * 60,)),  # withdrawal delay: the documented minimum
     Deployment("account_factory", "AgentAccountFactory", lambda env: (env["entrypoint"],)),
+    # Sponsor key and owner: the deployer (accounts[0]); `deploy` funds its EntryPoint deposit.
+    Deployment(
+        "paymaster", "AgentPaymaster", lambda env: (env["entrypoint"], env["deployer"], env["deployer"])
+    ),
 )
+#: The devnet paymaster's EntryPoint deposit, in wei: what it can sponsor before anyone tops it up.
+PAYMASTER_DEPOSIT = 1_000 * 10**18
 
 
 class DevnetAccount(msgspec.Struct, frozen=True):
@@ -87,6 +93,8 @@ class DevnetState(msgspec.Struct, frozen=True, kw_only=True):
     usdc_version: str
     usdc_decimals: int
     pid: int  # the node process (anvil or the py-evm node)
+    bundler_url: str | None = None  # the Alto bundler (`agentpay devnet up --bundler`), ERC-7769 JSON-RPC
+    bundler_pid: int | None = None
     supervisor_pid: int | None = None  # the detached supervisor that owns the node (`agentpay devnet up`)
     log_file: str | None = None
 
@@ -166,7 +174,7 @@ class _Chain:
             tx["to"] = to
         return int(self.rpc("eth_estimateGas", tx), 16)
 
-    def send(self, account: DevnetAccount, to: str | None, data: bytes, gas: int) -> str:
+    def send(self, account: DevnetAccount, to: str | None, data: bytes, gas: int, value: int = 0) -> str:
         if not self._max_fee:
             base = int(self.rpc("eth_getBlockByNumber", "latest", False)["baseFeePerGas"], 16)
             self._max_fee = 2 * base + _TIP  # base fees only fall on a devnet of nearly empty blocks
@@ -181,7 +189,7 @@ class _Chain:
             "maxFeePerGas": self._max_fee,
             "maxPriorityFeePerGas": _TIP,
             "data": data,
-            "value": 0,
+            "value": value,
             **({"to": to_checksum_address(to)} if to is not None else {}),
         }
         signed = Account.sign_transaction(tx, account.private_key)
@@ -273,6 +281,11 @@ def deploy(
                 f"no code at {address} after deploying {row.artifact}", code="devnet_deploy_failed"
             )
         contracts[row.key] = address
+    if "paymaster" in contracts:
+        fund = _selector("addDeposit()")
+        gas = chain.estimate(deployer.address, contracts["paymaster"], fund) * 2
+        tx_hash = chain.send(deployer, contracts["paymaster"], fund, gas, PAYMASTER_DEPOSIT)
+        chain.wait(tx_hash, "paymaster deposit")
     usdc = contracts["usdc"]
     decimals = abi_decode(["uint8"], chain.call(usdc, _selector("decimals()")))[0]
     mints = [
