@@ -84,8 +84,11 @@ class GasEstimate(msgspec.Struct, frozen=True, kw_only=True):
 class UserOpSubmitter(Protocol):
     """What `AgentAccount` needs of a bundler: our own `Bundler`, or `BundlerRpc` for a standard one."""
 
-    chain_id: int
-    entry_point: str
+    @property
+    def chain_id(self) -> int: ...
+
+    @property
+    def entry_point(self) -> str: ...
 
     async def send(self, op: PackedUserOperation) -> UserOpResult: ...
 
@@ -494,14 +497,15 @@ async def fill_user_op(
         if estimate_verification_gas:
             changes["verification_gas_limit"] = estimate.verification_gas_limit
         op = msgspec.structs.replace(op, **changes)
-        if paymaster is not None and estimate.paymaster_verification_gas_limit:
+        if paymaster is not None:
+            # The bundler simulates the stub, whose dummy signature fails early in the paymaster (before it
+            # moves tokens or counts the spend): keep the paymaster's own limits when they are higher, as
+            # ERC-7677 stub data intends.
             pnd = op.paymaster_and_data
+            verification = max(estimate.paymaster_verification_gas_limit, int.from_bytes(pnd[20:36], "big"))
             post_op = max(estimate.paymaster_post_op_gas_limit, int.from_bytes(pnd[36:52], "big"))
             op = msgspec.structs.replace(
-                op,
-                paymaster_and_data=_with_paymaster_gas(
-                    pnd, estimate.paymaster_verification_gas_limit, post_op
-                ),
+                op, paymaster_and_data=_with_paymaster_gas(pnd, verification, post_op)
             )
     if paymaster is not None and chain_id is not None:
         final = await paymaster.final_data(op, entry_point=entry_point, chain_id=chain_id)

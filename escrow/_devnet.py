@@ -28,6 +28,7 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from ._artifacts import Artifact, artifact_exists, load_artifact
+from ._devnet_bundler import BundlerProcess, start_alto
 from ._devnet_node import ANVIL_MNEMONIC, DevnetError, NodeProcess, resolve_backend, start_node
 
 __all__ = [
@@ -315,11 +316,14 @@ class Devnet:
         accounts: int = 10,
         usdc_each: int = 1_000_000,
         log: IO[bytes] | None = None,
+        bundler: bool = False,
     ) -> None:
         if accounts < 1:
             raise DevnetError("a devnet needs at least one account (the deployer)", code="devnet_accounts")
         self._backend, self._port, self._log = backend, port, log
         self._count, self._usdc_each = accounts, usdc_each
+        self._want_bundler = bundler
+        self._bundler: BundlerProcess | None = None
         self._node: NodeProcess | None = None
         self._state: DevnetState | None = None
 
@@ -343,6 +347,8 @@ class Devnet:
             chain = _Chain(node.rpc_url)
             try:
                 contracts, name, version, decimals = deploy(chain, accounts, self._usdc_each)
+                if self._want_bundler:
+                    self._bundler = self._start_bundler(backend, chain, node.rpc_url)
             finally:
                 chain.close()
         except BaseException:
@@ -359,13 +365,29 @@ class Devnet:
             usdc_version=version,
             usdc_decimals=decimals,
             pid=node.pid,
+            bundler_url=self._bundler.url if self._bundler else None,
+            bundler_pid=self._bundler.pid if self._bundler else None,
         )
         return self._state
 
+    def _start_bundler(self, backend: str, chain: _Chain, rpc_url: str) -> BundlerProcess:
+        """Alto, with a fresh executor key funded by `anvil_setBalance` (shared with no other account)."""
+        if backend != "anvil":
+            raise DevnetError("the bundler needs the anvil backend", code="devnet_bundler_backend")
+        executor = Account.create()
+        chain.rpc("anvil_setBalance", executor.address, hex(10_000 * 10**18))
+        return start_alto(rpc_url, executor_key="0x" + bytes(executor.key).hex(), log=self._log)
+
+    @property
+    def bundler(self) -> BundlerProcess | None:
+        return self._bundler
+
     def stop(self) -> None:
+        if self._bundler is not None:
+            self._bundler.stop()
         if self._node is not None:
             self._node.stop()
-        self._node = self._state = None
+        self._node = self._state = self._bundler = None
 
     def __enter__(self) -> DevnetState:
         return self.start()

@@ -265,7 +265,7 @@ class SponsorService:
             mode=mode, valid_until=valid_until, spend_limit=self.limits.get(sender, self.spend_limit)
         )
 
-    def _check(self, entry_point: str, chain_id: int) -> None:
+    def check_request(self, entry_point: str, chain_id: int) -> None:
         if chain_id != self.chain_id:
             raise PaymasterRefused(
                 f"this paymaster serves chain {self.chain_id}, not {chain_id}", code="paymaster_wrong_chain"
@@ -297,11 +297,11 @@ class SponsorService:
         return header + terms.encode() + self.signer.sign_hash(digest)
 
     async def stub_data(self, op: PackedUserOperation, *, entry_point: str, chain_id: int) -> bytes:
-        self._check(entry_point, chain_id)
+        self.check_request(entry_point, chain_id)
         return self.stub(op)
 
     async def final_data(self, op: PackedUserOperation, *, entry_point: str, chain_id: int) -> bytes:
-        self._check(entry_point, chain_id)
+        self.check_request(entry_point, chain_id)
         return self.sign(op)
 
 
