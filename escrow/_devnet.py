@@ -341,6 +341,8 @@ class Devnet:
         if self._state is not None:
             return self._state
         backend, anvil = resolve_backend(self._backend)
+        if self._want_bundler and backend != "anvil":
+            raise DevnetError("the bundler needs the anvil backend", code="devnet_bundler_backend")
         accounts = anvil_accounts(self._count)
         self._node = node = start_node(backend, anvil, port=self._port, accounts=self._count, log=self._log)
         try:
@@ -348,7 +350,7 @@ class Devnet:
             try:
                 contracts, name, version, decimals = deploy(chain, accounts, self._usdc_each)
                 if self._want_bundler:
-                    self._bundler = self._start_bundler(backend, chain, node.rpc_url)
+                    self._bundler = self._start_bundler(chain, node.rpc_url)
             finally:
                 chain.close()
         except BaseException:
@@ -370,10 +372,8 @@ class Devnet:
         )
         return self._state
 
-    def _start_bundler(self, backend: str, chain: _Chain, rpc_url: str) -> BundlerProcess:
+    def _start_bundler(self, chain: _Chain, rpc_url: str) -> BundlerProcess:
         """Alto, with a fresh executor key funded by `anvil_setBalance` (shared with no other account)."""
-        if backend != "anvil":
-            raise DevnetError("the bundler needs the anvil backend", code="devnet_bundler_backend")
         executor = Account.create()
         chain.rpc("anvil_setBalance", executor.address, hex(10_000 * 10**18))
         return start_alto(rpc_url, executor_key="0x" + bytes(executor.key).hex(), log=self._log)
