@@ -17,6 +17,7 @@ from ._account import (
 from ._account import sign_install_offline as sign_session_key_install_offline
 from ._account import sign_revoke_offline as sign_session_key_revoke_offline
 from ._artifacts import Artifact, ArtifactError, EscrowError, artifact_exists, load_artifact
+from ._bundler_rpc import BundlerError, BundlerRpc, UserOpSubmitter
 from ._devnet import (
     CREATE2_DEPLOYER,
     DEPLOYMENTS,
@@ -44,6 +45,7 @@ from ._grants import (
     sign_grant_offline,
     sign_revoke_offline,
 )
+from ._paymaster import PaymasterMode, PaymasterRefused, PaymasterRpc, SponsorService
 from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._settler import EscrowSettler, SettleOutcome
 from ._userop import (
@@ -69,6 +71,8 @@ __all__ = [
     "artifact_exists",
     "ArtifactError",
     "Bundler",
+    "BundlerError",
+    "BundlerRpc",
     "CallPermission",
     "ChainError",
     "Deployment",
@@ -92,6 +96,9 @@ __all__ = [
     "NonceLanes",
     "OwnerKey",
     "PackedUserOperation",
+    "PaymasterMode",
+    "PaymasterRefused",
+    "PaymasterRpc",
     "PolicyViolation",
     "Receipt",
     "relay_deposit",
@@ -113,10 +120,12 @@ __all__ = [
     "SignedRevoke",
     "SignedSessionKeyInstall",
     "SignedSessionKeyRevoke",
+    "SponsorService",
     "start_detached",
     "stop_detached",
     "TransactionFailed",
     "TxSender",
     "UserOpRejected",
     "UserOpResult",
+    "UserOpSubmitter",
 ]
