@@ -39,7 +39,7 @@ from eth_utils.crypto import keccak
 from x402 import Signer, typed_data_digest
 
 from ._artifacts import load_artifact
-from ._bundler_rpc import Sponsor, UserOpSubmitter, fill_user_op
+from ._bundler_rpc import UserOpSubmitter
 from ._escrow import ContractAbi
 from ._rpc import Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._userop import (
@@ -58,6 +58,7 @@ from ._userop import (
     UserOpSigner,
     encode_execute,
 )
+from ._userop_fill import Sponsor, fill_user_op
 
 __all__ = [
     "AgentAccount",

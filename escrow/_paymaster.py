@@ -30,9 +30,10 @@ from eth_utils.crypto import keccak
 
 from x402 import Signer, typed_data_digest
 
-from ._bundler_rpc import DUMMY_ECDSA, user_op_to_json
+from ._bundler_rpc import user_op_to_json
 from ._rpc import Rpc
 from ._userop import AccountError, PackedUserOperation
+from ._userop_fill import DUMMY_ECDSA
 
 __all__ = [
     "PAYMASTER_POST_OP_GAS",

@@ -298,3 +298,26 @@ async def test_the_erc7677_service_sponsors_what_a_4337_client_sends(
         finally:
             await remote.aclose()
             await client.aclose()
+
+
+@pytest.mark.parametrize("through", ["alto", "self-bundler"])
+async def test_spend_limit_refusal_reads_the_same_through_both_bundlers(
+    devnet: DevnetState, alto: BundlerProcess, through: str
+) -> None:
+    async with rails(devnet, alto) as r:
+        bundler = r.alto if through == "alto" else r.env.bundler
+        assert isinstance(bundler, BundlerRpc | SelfBundler)
+        stingy = SponsorService(
+            paymaster=r.paymaster,
+            signer=LocalSigner(devnet.deployer.private_key),
+            chain_id=devnet.chain_id,
+            spend_limit=10**12,  # far below any operation's worst-case cost
+        )
+        owner = OwnerKey(LocalSigner.random())
+        account = await AgentAccount.counterfactual(r.env.rpc, factory=r.env.factory, owner=owner.address)
+        deposit = await paymaster_deposit(r.env.rpc, r.paymaster)
+        with pytest.raises(UserOpRejected) as info:
+            await account.execute([Call(owner.address, 0)], signer=owner, bundler=bundler, paymaster=stingy)
+        assert info.value.code == "paymaster_spend_limit" and info.value.reason == "AA33 reverted"
+        assert await paymaster_deposit(r.env.rpc, r.paymaster) == deposit, "the sponsor paid nothing"
+        assert not await r.env.rpc.get_code(account.address), "the operation never ran"

@@ -9,9 +9,10 @@ from eth_utils.crypto import keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
-from escrow._bundler_rpc import _rejection, placeholder_signature, user_op_from_json, user_op_to_json
+from escrow._bundler_rpc import _rejection, user_op_from_json, user_op_to_json
 from escrow._paymaster import PaymasterMode, SponsorService, SponsorTerms, decode_paymaster_and_data
 from escrow._userop import PackedUserOperation, SessionKey, SessionPolicyKind
+from escrow._userop_fill import placeholder_signature
 from x402 import LocalSigner, recover_hash, typed_data_digest
 
 ADDRESS = "0x" + "ab" * 20
