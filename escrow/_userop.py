@@ -149,7 +149,7 @@ class UserOpRejected(AccountError):
     `reason` is the EntryPoint's (`"AA23 reverted"`, `"AA24 signature error"`, `"AA22 expired or not due"`,
     `"AA25 invalid account nonce"`, ...); `inner` the account's revert data for `AA23`; `violation` the
     session-key policy that failed, when known. `code` names the policy (`session_argument_rule`, ...), the
-    EntryPoint check (`userop_signature_invalid`,`userop_nonce_invalid`, `userop_rejected`) or a paymaster's
+    EntryPoint check (`userop_signature_invalid`, `userop_nonce_invalid`, ...) or a paymaster's
     refusal (`paymaster_spend_limit`, `paymaster_signature_invalid`, `paymaster_outside_validity`, ...).
     """
 
