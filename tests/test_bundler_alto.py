@@ -97,6 +97,7 @@ def usdc_policy(r: Rails, payee: str, **limits: int) -> SessionPolicy:
                 r.usdc, "transfer(address,uint256)", ArgRule.one_of(0, [payee]), ArgRule.less_or_equal(1, CAP)
             ),
         ),
+        gas_budget=ETH,
         **limits,
     )
 
@@ -174,7 +175,9 @@ async def test_sixteen_operations_on_sixteen_lanes_land_concurrently(
         key = SessionKey(LocalSigner.random())
         payees = [LocalSigner.random().address for _ in range(16)]
         policy = SessionPolicy(
-            permissions=tuple(CallPermission.plain_transfer(p, value_limit=ETH) for p in payees), max_uses=16
+            permissions=tuple(CallPermission.plain_transfer(p, value_limit=ETH) for p in payees),
+            max_uses=16,
+            gas_budget=ETH,
         )
         await account.install_session_key(key.address, policy, owner=owner, bundler=r.alto)
         results = await asyncio.gather(
