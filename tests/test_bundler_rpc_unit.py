@@ -3,6 +3,9 @@ the bundler's validation errors (as Alto words them) decoded to the failing poli
 
 from __future__ import annotations
 
+import socket
+
+import httpx
 import pytest
 from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
@@ -142,3 +145,47 @@ def test_sponsor_signs_the_operation_and_terms() -> None:
     )
     with pytest.raises(Exception, match="does not sponsor"):
         limited.sign(op)
+
+
+@pytest.mark.anyio
+async def test_bundler_failures_are_typed_errors() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from escrow._bundler_rpc import BundlerError, BundlerRpc
+
+    op = PackedUserOperation(sender=ADDRESS, nonce=0, call_data=b"\x01")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with BundlerRpc(f"http://127.0.0.1:{port}", chain_id=31337) as gone:
+        with pytest.raises(BundlerError) as info:
+            await gone.send(op)
+        assert info.value.code == "bundler_unreachable"
+
+    async def answer(request: Request) -> Response:
+        body = await request.json()
+        if body["method"] == "eth_supportedEntryPoints":
+            return PlainTextResponse("<html>oops</html>", status_code=502)
+        if body["method"] == "eth_sendUserOperation":
+            return Response(b'{"jsonrpc":"2.0","id":1,"result":42}', media_type="application/json")
+        return Response(
+            b'{"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"internal"}}',
+            media_type="application/json",
+        )
+
+    app = Starlette(routes=[Route("/", answer, methods=["POST"])])
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bundler")
+    async with BundlerRpc("http://bundler/", chain_id=31337, client=client) as odd:
+        with pytest.raises(BundlerError, match="HTTP 502"):
+            await odd.supported_entry_points()
+        with pytest.raises(BundlerError, match="answered 42"):
+            await odd.send(op)
+        with pytest.raises(BundlerError, match="internal") as info:
+            await odd.estimate(op)
+        assert info.value.rpc_code == -32603
+        with pytest.raises(BundlerError, match="no node"):
+            await odd.suggest_fees()  # the bundler offers none, and no node was given
+    await client.aclose()
