@@ -53,6 +53,7 @@ _USER_OPERATION_EVENT: Final = (
 )
 _AA_REASON: Final = re.compile(r"AA\d\d [a-zA-Z][\w ]*?(?=[^\w ]|$| 0x| with)")
 _HEX_BLOB: Final = re.compile(r"0x[0-9a-fA-F]{8,}")
+_EXECUTION_REVERTED: Final = -32521  # ERC-7769: the operation's execution reverted in simulation
 
 
 class BundlerError(AccountError):
@@ -288,6 +289,13 @@ class BundlerRpc:
             rejected = _rejection(failure.error, op, digest)
             if rejected is not None:
                 raise rejected from None
+            if failure.error.get("code") == _EXECUTION_REVERTED:
+                # Validation passed but the calls revert: a bundler will not take such an operation (our
+                # own Bundler lands it, reverted, given a call gas limit). Same code as a local estimate.
+                raise AccountError(
+                    f"the calls revert in the bundler's simulation: {failure.error.get('message')}",
+                    code="userop_calls_revert",
+                ) from None
             raise failure.as_error(method) from None
 
     # -- the standard methods ------------------------------------------------------------------------------

@@ -26,8 +26,16 @@ from escrow._bundler_rpc import BundlerRpc, user_op_to_json
 from escrow._devnet_bundler import BundlerProcess, start_alto
 from escrow._paymaster import PaymasterRpc, SponsorService, paymaster_deposit, sponsored_spent
 from escrow._rpc import Rpc
+from escrow._userop import (
+    AccountError,
+    Call,
+    OwnerKey,
+    SessionKey,
+    SessionPolicyKind,
+    UserOpRejected,
+    UserOpResult,
+)
 from escrow._userop import Bundler as SelfBundler
-from escrow._userop import Call, OwnerKey, SessionKey, SessionPolicyKind, UserOpRejected, UserOpResult
 from gateway._paymaster_app import paymaster_app
 from tests.test_account_env import ETH, AccountEnv, account_env, calldata
 from x402 import LocalSigner
@@ -324,3 +332,28 @@ async def test_spend_limit_refusal_reads_the_same_through_both_bundlers(
         assert info.value.code == "paymaster_spend_limit" and info.value.reason == "AA33 reverted"
         assert await paymaster_deposit(r.env.rpc, r.paymaster) == deposit, "the sponsor paid nothing"
         assert not await r.env.rpc.get_code(account.address), "the operation never ran"
+
+
+@pytest.mark.parametrize("through", ["alto", "self-bundler"])
+async def test_a_batch_is_atomic_through_both_bundlers(
+    devnet: DevnetState, alto: BundlerProcess, through: str
+) -> None:
+    async with rails(devnet, alto) as r:
+        bundler = r.alto if through == "alto" else r.env.bundler
+        assert isinstance(bundler, BundlerRpc | SelfBundler)
+        account, owner = await r.env.new_account()
+        await r.env.transact(r.usdc, "mint(address,uint256)", account.address, 100)
+        a, b, c = (LocalSigner.random().address for _ in range(3))
+        # the third call exceeds the balance
+        bad = [transfer(r, a, 10), transfer(r, b, 20), transfer(r, c, 1_000)]
+        if through == "alto":  # a bundler refuses an operation whose calls revert in its simulation
+            with pytest.raises(AccountError) as info:
+                await account.execute(bad, signer=owner, bundler=bundler, call_gas_limit=300_000)
+            assert info.value.code == "userop_calls_revert"
+        else:  # our own relayer lands it with the given call gas, reverted as a whole
+            failing = await account.execute(bad, signer=owner, bundler=bundler, call_gas_limit=300_000)
+            assert not failing.success and failing.revert_reason
+        assert [await r.usdc_of(w) for w in (a, b, c)] == [0, 0, 0], "none of the calls took effect"
+        good = [transfer(r, a, 10), transfer(r, b, 20), transfer(r, c, 30)]
+        ok = await account.execute(good, signer=owner, bundler=bundler)
+        assert ok.success and [await r.usdc_of(w) for w in (a, b, c)] == [10, 20, 30]
