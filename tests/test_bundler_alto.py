@@ -19,6 +19,10 @@ import pytest
 from eth_abi.abi import decode as abi_decode
 from eth_account import Account
 from eth_utils.crypto import keccak
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from escrow import DevnetState
 from escrow._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
@@ -357,3 +361,30 @@ async def test_a_batch_is_atomic_through_both_bundlers(
         good = [transfer(r, a, 10), transfer(r, b, 20), transfer(r, c, 30)]
         ok = await account.execute(good, signer=owner, bundler=bundler)
         assert ok.success and [await r.usdc_of(w) for w in (a, b, c)] == [10, 20, 30]
+
+
+async def test_fees_come_from_the_bundler_when_offered_else_from_the_node(
+    devnet: DevnetState, alto: BundlerProcess
+) -> None:
+    async with rails(devnet, alto) as r:
+        offered = await r.alto.suggest_fees()  # Alto's pimlico_getUserOperationGasPrice, "fast"
+        reply = httpx.post(
+            alto.url,
+            json={"jsonrpc": "2.0", "id": 1, "method": "pimlico_getUserOperationGasPrice", "params": []},
+        ).json()["result"]["fast"]
+        assert offered == (int(reply["maxFeePerGas"], 16), int(reply["maxPriorityFeePerGas"], 16))
+
+        # a standard bundler that offers no fee method ("method not found"): the node's base fee and tip
+        async def no_such_method(request: Request) -> Response:
+            body = {"jsonrpc": "2.0", "id": 1, "error": {"code": -32601, "message": "method not found"}}
+            return JSONResponse(body)
+
+        app = Starlette(routes=[Route("/", no_such_method, methods=["POST"])])
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bundler")
+        plain = BundlerRpc("http://bundler/", chain_id=devnet.chain_id, node=r.env.rpc, client=client)
+        head = await r.env.rpc.request("eth_getBlockByNumber", ["latest", False])
+        tip = int(await r.env.rpc.request("eth_maxPriorityFeePerGas", []), 16)
+        try:
+            assert await plain.suggest_fees() == (2 * int(head["baseFeePerGas"], 16) + tip, tip)
+        finally:
+            await client.aclose()
