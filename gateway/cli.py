@@ -74,7 +74,11 @@ def _devnet_up(args: argparse.Namespace) -> int:
             f"stop it with `agentpay devnet down --state {path}`"
         )
     state = start_detached(
-        log_path=path.with_suffix(".log"), backend=args.backend, port=args.port, accounts=args.accounts
+        log_path=path.with_suffix(".log"),
+        backend=args.backend,
+        port=args.port,
+        accounts=args.accounts,
+        bundler=args.bundler,
     )
     try:
         state.dump(path)
@@ -126,6 +130,11 @@ def _devnet(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=_port, help="RPC port on 127.0.0.1 (default: a free one)")
     up.add_argument("--backend", choices=["auto", "anvil", "pyevm"], help="default: anvil if installed")
     up.add_argument("--accounts", type=_count, default=10, help="funded test accounts (default: 10)")
+    up.add_argument(
+        "--bundler",
+        action="store_true",
+        help="also run the Alto ERC-4337 bundler (npm @pimlico/alto; anvil only); state gains bundler_url",
+    )
     up.set_defaults(func=_devnet_up)
     down = actions.add_parser("down", help="stop the devnet and remove its state file")
     down.set_defaults(func=_devnet_down)
