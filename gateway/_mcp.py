@@ -1,0 +1,381 @@
+"""Paid MCP tools: an `mcp` 2.x server extension charging for `tools/call` through the gateway's `Paywall`.
+
+    paid = PaidTools({"summarize": "$0.001"})
+    mcp = MCPServer("agent", extensions=[paid])        # declare the tools on it as usual
+    app = paid.http_app(mcp, schemes=[ExactScheme(...)], pay_to=..., asset=..., store=...)  # ASGI, at /mcp
+
+The same pipeline as an HTTP route (verify -> claim -> the tool runs -> settle, or release when it fails), the
+same store, schemes and settlement; only the wire differs (`x402._mcp`). An unpaid call to a priced tool is
+answered in both bindings at once:
+
+- by default, a tool result with `isError: true`: x402's `PaymentRequired` in `structuredContent` (left out
+  for a tool with an `outputSchema`, whose structured result it would not match) and as JSON in
+  `content[0].text`, and the MPP `-32042` data in `_meta["org.paymentauth/payment-required"]` (mppx's
+  fallback for servers that answer with results);
+- to a client that announces MPP (`capabilities.experimental.payment`, or the `org.paymentauth/payment`
+  extension), a JSON-RPC error `-32042` whose `data` has the MPP `challenges` and the x402 `PaymentRequired`
+  under `x402`.
+
+A paid call carries `_meta["x402/payment"]` (or the nested `org.x402/payment.paymentPayload`) or
+`_meta["org.paymentauth/credential"]`; the receipt comes back in the result's `_meta` under the matching key.
+A refused credential gets the binding's error, never an internal one: x402 an `isError` result with the
+`PaymentRequired` again and the reason in `error`; MPP `-32602` (malformed) or `-32043` (refused or replayed,
+with fresh challenges and `failure`). A failed settlement never returns the tool's output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, TypeAlias
+
+import msgspec
+from eth_utils.address import to_checksum_address
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension
+from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolRequestParams, CallToolResult, TextContent
+
+from x402 import (
+    MCP_INTERNAL_ERROR,
+    MCP_INVALID_PARAMS,
+    MPP_CREDENTIAL_META,
+    MPP_EXTENSION,
+    MPP_PAYMENT_REQUIRED,
+    MPP_RECEIPT_META,
+    MPP_REQUIRED_META,
+    MPP_VERIFICATION_FAILED,
+    X402_EXTENSION,
+    X402_PAYMENT_META,
+    X402_RESPONSE_META,
+    MalformedPayment,
+    PaymentRequired,
+    ResourceInfo,
+    X402Error,
+    b64_json_encode,
+    decode_payment_response,
+    error_answer,
+    format_credential,
+    json_encode,
+    mpp_challenge_to_json,
+    mpp_credential_from_json,
+    parse_receipt,
+    x402_payment_in,
+)
+
+from ._errors import ConfigurationError, PaymentFailed
+from ._middleware import PaymentMiddleware
+from ._pipeline import Attempt, Paywall
+from ._pricing import Amount, Asset, PaidRoute, Quote, to_atomic
+from ._scheme import Dialect, Offer
+
+__all__ = ["PaidTools", "ToolPrice", "ToolPriceFunction"]
+
+log = logging.getLogger("agentpay.gateway.mcp")
+
+#: A tool's price from its call arguments (sync or async): how metered pricing plugs in.
+ToolPriceFunction: TypeAlias = Callable[[Mapping[str, Any]], Amount | Awaitable[Amount]]
+ToolPrice: TypeAlias = Amount | ToolPriceFunction
+
+_PROBLEM_402 = "https://paymentauth.org/problems/payment-required"
+_Binding = Literal["x402", "x402-nested", "mpp"]
+
+
+class _Tool(msgspec.Struct, frozen=True):
+    name: str
+    route: PaidRoute
+    static: int | None
+
+
+class PaidTools(Extension):
+    """Charges for the MCP tools named in `tools` (name -> price or `PaidRoute`; a `PaidRoute.price` may be
+    a `ToolPriceFunction` of the call's arguments). Tools not named stay free.
+
+    The payments go through `paywall`: a `PaymentMiddleware` (its store, schemes, MPP secret and realm;
+    `pay_to` and `asset` default to its own) or a bare `Paywall` (then pass `pay_to` and `asset`), given
+    here, later with `bind`, or made by `http_app`. `resource_url` is the x402 `resource.url` of every tool
+    (the MCP server's URL; default `mcp://tool/<name>`).
+    """
+
+    identifier = X402_EXTENSION
+
+    def __init__(
+        self,
+        tools: Mapping[str, PaidRoute | ToolPrice],
+        *,
+        paywall: Paywall | PaymentMiddleware | None = None,
+        pay_to: str | None = None,
+        asset: Asset | None = None,
+        resource_url: str | None = None,
+    ) -> None:
+        self._source = paywall
+        self._specs = dict(tools)
+        self._pay_to, self._asset = pay_to, asset
+        self.resource_url = resource_url
+        self._server: MCPServer[Any] | None = None
+        self._schemas: set[str] | None = None
+        self._tools: dict[str, _Tool] = {}
+        if paywall is not None:
+            self.bind(paywall)
+        elif pay_to is not None and asset is not None:
+            self._resolve(pay_to, asset)
+
+    def _resolve(self, pay_to: str | None, asset: Asset | None) -> None:
+        tools: dict[str, _Tool] = {}
+        for name, spec in self._specs.items():
+            route = spec if isinstance(spec, PaidRoute) else PaidRoute(price=spec)
+            tool_asset, to = route.asset or asset, route.pay_to or pay_to
+            if tool_asset is None or to is None:
+                raise ConfigurationError(f"paid tool {name!r} needs a pay_to address and an asset")
+            tool_asset = msgspec.structs.replace(tool_asset, address=to_checksum_address(tool_asset.address))
+            route = msgspec.structs.replace(route, asset=tool_asset, pay_to=to_checksum_address(to))
+            static = None if callable(route.price) else to_atomic(route.price, tool_asset.decimals)
+            tools[name] = _Tool(name, route, static)
+        self._tools = tools
+
+    def bind(self, paywall: Paywall | PaymentMiddleware) -> None:
+        """Charge through `paywall` from now on."""
+        pay_to, asset = self._pay_to, self._asset
+        if isinstance(paywall, PaymentMiddleware):
+            pay_to, asset = pay_to or paywall.routes.pay_to, asset or paywall.routes.asset
+        self._resolve(pay_to, asset)
+        self._source = paywall
+
+    def attach(self, server: MCPServer[Any]) -> MCPServer[Any]:
+        """Let the interceptor see `server`'s tool declarations (which have an `outputSchema`); returns it."""
+        self._server = server
+        return server
+
+    def http_app(self, server: MCPServer[Any], *, path: str = "/mcp", **middleware: Any) -> PaymentMiddleware:
+        """`server` over streamable HTTP at `path`, behind a `PaymentMiddleware(**middleware)` (schemes,
+        store, pay_to, asset, ...) that these tools are charged through; serve it with any ASGI server."""
+        self.attach(server)
+        app = PaymentMiddleware(
+            server.streamable_http_app(streamable_http_path=path), routes={}, **middleware
+        )
+        self.bind(app)
+        return app
+
+    @property
+    def paywall(self) -> Paywall:
+        # Looked up per call: a middleware replaces its paywall's store when it opens the configured one.
+        source = self._source
+        if source is None:
+            raise ConfigurationError("PaidTools has no paywall: pass paywall=, or call bind() or http_app()")
+        return source.paywall if isinstance(source, PaymentMiddleware) else source
+
+    def settings(self) -> dict[str, Any]:
+        return {"tools": sorted(self._specs)}
+
+    def priced(self, name: str) -> bool:
+        return name in self._specs
+
+    async def quote(self, name: str, arguments: Mapping[str, Any]) -> Quote:
+        """What calling `name` with `arguments` costs (the tool must be priced)."""
+        tool = self._tools[name]
+        route = tool.route
+        asset, pay_to = route.asset, route.pay_to
+        assert asset is not None and pay_to is not None  # resolved in __init__
+        amount = tool.static
+        if amount is None:
+            out = route.price(arguments)
+            amount = to_atomic(await out if inspect.isawaitable(out) else out, asset.decimals)
+        return Quote(
+            route=f"tools/call {name}",
+            method="tools/call",
+            path=name,
+            url=self.resource_url or f"mcp://tool/{name}",
+            amount=amount,
+            asset=asset,
+            pay_to=pay_to,
+            description=route.description or f"MCP tool {name}",
+            mime_type=route.mime_type,
+            max_timeout_seconds=route.max_timeout_seconds,
+            schemes=route.schemes,
+        )
+
+    # -- the interceptor -----------------------------------------------------------------------------------
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if params.name not in self._specs:
+            return await call_next(ctx)
+        if params.name not in self._tools:  # priced, but no paywall was bound: never serve it for free
+            raise MCPError(MCP_INTERNAL_ERROR, "this paid tool is not connected to a paywall")
+        meta: Mapping[str, Any] = dict(params.meta or {})
+        try:
+            quote = await self.quote(params.name, dict(params.arguments or {}))
+        except Exception as exc:  # a pricing function failed: the operator's bug, not the payer's
+            log.error("pricing tool %s failed: %r", params.name, exc)
+            raise MCPError(MCP_INTERNAL_ERROR, "pricing failed") from None
+        paywall = self.paywall
+        offers = paywall.offers(quote)
+        has_schema = await self._has_output_schema(params.name)
+        try:
+            found = _find_credential(meta)
+        except PaymentFailed as exc:
+            return self._refusal(quote, offers, exc, _binding_hint(meta), has_schema)
+        if found is None:
+            return self._required(quote, offers, ctx, meta, has_schema)
+        binding, dialect, raw = found
+        try:
+            attempt = await paywall.verify(quote, offers, dialect, raw, host="")
+        except PaymentFailed as exc:
+            return self._refusal(quote, offers, exc, binding, has_schema)
+        try:
+            result = await call_next(ctx)
+        except BaseException:
+            await paywall.release(attempt)
+            raise
+        if not isinstance(result, CallToolResult) or result.is_error:
+            await paywall.release(attempt)  # the tool failed: nothing is charged
+            return result
+        try:
+            receipt = await paywall.settle(attempt)
+        except PaymentFailed as exc:
+            return self._refusal(quote, offers, exc, binding, has_schema, settling=True)
+        return _with_receipt(result, binding, attempt, receipt)
+
+    async def _has_output_schema(self, name: str) -> bool:
+        if self._schemas is None:
+            if self._server is None:
+                return False
+            self._schemas = {t.name for t in await self._server.list_tools() if t.output_schema is not None}
+        return name in self._schemas
+
+    # -- answers -------------------------------------------------------------------------------------------
+
+    def _payment_required(self, quote: Quote, offers: list[Offer], error: str) -> dict[str, Any]:
+        required = PaymentRequired(
+            error=error,
+            resource=ResourceInfo(url=quote.url, description=quote.description, mime_type=quote.mime_type),
+            accepts=[o.requirements for o in offers],
+        )
+        out: dict[str, Any] = msgspec.json.decode(json_encode(required))
+        return out
+
+    def _mpp_data(
+        self, quote: Quote, offers: list[Offer], *, detail: str, status: int = 402
+    ) -> dict[str, Any]:
+        paywall = self.paywall
+        challenges = paywall.challenger.mpp_challenges(
+            quote, offers, realm=paywall.realm_for(""), now=paywall.clock()
+        )
+        problem = {"type": _PROBLEM_402, "title": "Payment Required", "status": status, "detail": detail}
+        return {
+            "httpStatus": status,
+            "challenges": [mpp_challenge_to_json(ch) for ch in challenges],
+            "problem": problem,
+        }
+
+    def _required(
+        self,
+        quote: Quote,
+        offers: list[Offer],
+        ctx: ServerRequestContext[Any, Any],
+        meta: Mapping[str, Any],
+        has_schema: bool,
+    ) -> CallToolResult:
+        detail = f"payment is required for the tool {quote.path}"
+        required = self._payment_required(quote, offers, "payment required")
+        mpp = self._mpp_data(quote, offers, detail=detail)
+        if _wants_mpp(ctx, meta):
+            raise MCPError(MPP_PAYMENT_REQUIRED, "Payment Required", {**mpp, "x402": required})
+        return _x402_result(required, has_schema, meta={MPP_REQUIRED_META: mpp})
+
+    def _refusal(
+        self,
+        quote: Quote,
+        offers: list[Offer],
+        exc: PaymentFailed,
+        binding: _Binding,
+        has_schema: bool,
+        *,
+        settling: bool = False,
+    ) -> CallToolResult:
+        answer = error_answer(X402Error(exc.message, code=exc.code, status_hint=exc.status_hint))
+        reason = answer.invalid_reason
+        if binding == "mpp":
+            if answer.status >= 500 and not settling:
+                raise MCPError(MCP_INTERNAL_ERROR, exc.message, {"reason": reason})
+            code = MCP_INVALID_PARAMS if answer.status == 400 else MPP_VERIFICATION_FAILED
+            data = self._mpp_data(quote, offers, detail=exc.message)
+            data["failure"] = {"reason": reason, "detail": exc.message}
+            data["problem"] = {**data["problem"], "type": answer.problem_type, "title": answer.title}
+            raise MCPError(code, answer.title, data)
+        error = "Settlement failed" if settling else reason
+        required = self._payment_required(quote, offers, error)
+        if settling:
+            required["error"] = f"Settlement failed: {reason}"
+        return _x402_result(required, has_schema)
+
+
+def _x402_result(
+    required: dict[str, Any], has_schema: bool, *, meta: dict[str, Any] | None = None
+) -> CallToolResult:
+    text = json_encode(required).decode()
+    return CallToolResult(
+        is_error=True,
+        structured_content=None if has_schema else required,
+        content=[TextContent(type="text", text=text)],
+        _meta=meta,
+    )
+
+
+def _with_receipt(
+    result: CallToolResult, binding: _Binding, attempt: Attempt, receipt: list[tuple[bytes, bytes]]
+) -> CallToolResult:
+    meta = dict(result.meta or {})
+    for name, value in receipt:
+        if name in (b"payment-response", b"x-payment-response"):
+            settled = msgspec.json.decode(json_encode(decode_payment_response(value)))
+            meta[X402_RESPONSE_META] = settled
+            if binding == "x402-nested":
+                meta[X402_EXTENSION] = {"settlementResponse": settled}
+        elif name == b"payment-receipt":
+            meta[MPP_RECEIPT_META] = {
+                "status": "success",
+                **msgspec.json.decode(json_encode(parse_receipt(value))),
+            }
+    del attempt
+    return result.model_copy(update={"meta": meta})
+
+
+def _binding_hint(meta: Mapping[str, Any]) -> _Binding:
+    return "mpp" if MPP_CREDENTIAL_META in meta else "x402"
+
+
+def _find_credential(meta: Mapping[str, Any]) -> tuple[_Binding, Dialect, bytes] | None:
+    """The one credential in `_meta`, re-encoded as its HTTP header value for `Paywall.verify`."""
+    mpp = meta.get(MPP_CREDENTIAL_META)
+    try:
+        x402 = x402_payment_in(meta)
+        if x402 is not None and mpp is not None:
+            raise MalformedPayment("send exactly one payment credential")
+        if mpp is not None:
+            return "mpp", "mpp", format_credential(mpp_credential_from_json(mpp)).encode()
+        if x402 is None:
+            return None
+        if not isinstance(x402, Mapping):
+            raise MalformedPayment("the x402 payment must be a PaymentPayload object")
+        binding: _Binding = "x402" if X402_PAYMENT_META in meta else "x402-nested"
+        return binding, "x402v2", b64_json_encode(dict(x402)).encode()
+    except MalformedPayment as exc:
+        raise PaymentFailed(exc.message, code=exc.code, status_hint=400) from None
+    except (TypeError, ValueError) as exc:  # e.g. a value JSON cannot carry
+        raise PaymentFailed(f"malformed payment: {exc}", code="invalid_payload", status_hint=400) from None
+
+
+def _wants_mpp(ctx: ServerRequestContext[Any, Any], meta: Mapping[str, Any]) -> bool:
+    """Whether the client announced MPP: per request (2026-07-28 `_meta` capabilities) or at initialize."""
+    caps: Any = meta.get("io.modelcontextprotocol/clientCapabilities")
+    if not isinstance(caps, Mapping):
+        session_caps = getattr(ctx.session, "client_capabilities", None)
+        caps = session_caps.model_dump(by_alias=True) if session_caps is not None else {}
+    experimental, extensions = caps.get("experimental"), caps.get("extensions")
+    return (isinstance(experimental, Mapping) and "payment" in experimental) or (
+        isinstance(extensions, Mapping) and MPP_EXTENSION in extensions
+    )

@@ -1,0 +1,209 @@
+"""Paid MCP tools on anvil: `examples.paid_tools` served by uvicorn (streamable HTTP at /mcp), driven by the
+`mcp` package's own `Client`, paid by `x402.client_mcp.McpPayer` in both bindings; bad `_meta` credentials
+get each binding's error, never an internal one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+from mcp import Client
+from mcp.client import advertise
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult, TextContent
+
+from escrow import DevnetState
+from examples.paid_tools import build_app
+from gateway import MemoryStore
+from tests._gateways import Chain
+from x402 import (
+    MCP_INVALID_PARAMS,
+    MPP_CREDENTIAL_META,
+    MPP_EXTENSION,
+    MPP_PAYMENT_REQUIRED,
+    MPP_REQUIRED_META,
+    MPP_VERIFICATION_FAILED,
+    X402_EXTENSION,
+    X402_PAYMENT_META,
+    MppReceipt,
+    Reason,
+    SettleResponse,
+    SpendPolicyViolation,
+)
+from x402.client import PaymentAuth, SpendPolicy
+from x402.client_mcp import McpPayer, mcp_offers, mcp_payment_meta
+
+pytestmark = [pytest.mark.chain, pytest.mark.anyio]
+
+PRICE = 1000  # $0.001 of a 6-decimal token
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on a free port in this event loop; its /mcp URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _required(result: CallToolResult) -> dict[str, Any]:
+    """The x402 PaymentRequired of an isError result (content[0].text: the tools declare outputSchemas)."""
+    text = result.content[0]
+    assert isinstance(text, TextContent)
+    out: dict[str, Any] = json.loads(text.text)
+    return out
+
+
+@dataclass
+class Env:
+    chain: Chain
+    url: str
+    payee: str
+    auth: PaymentAuth
+    store: MemoryStore
+
+
+@pytest.fixture
+async def env(devnet: DevnetState) -> AsyncIterator[Env]:
+    chain = Chain(devnet)
+    payer, payee, relayer = await chain.key(), await chain.key(), await chain.key()
+    await chain.mint(payer.address, 1_000_000)
+    store = MemoryStore()
+    app = build_app(devnet, payee=payee.address, relayer_key="0x" + relayer._key.secret.hex(), store=store)
+    auth = PaymentAuth(chain.wallet(payer), SpendPolicy(max_per_call=10_000, total_budget=100_000))
+    try:
+        async with serving(app) as url:
+            yield Env(chain, url, payee.address, auth, store)
+    finally:
+        await chain.aclose()
+
+
+async def test_x402_binding_pays_summarize_exactly_the_price(env: Env) -> None:
+    before = await env.chain.balance(env.payee)
+    async with Client(env.url) as session:
+        (tool,) = [t for t in (await session.list_tools()).tools if t.name == "summarize"]
+        assert tool.output_schema is not None  # mcp 2 declares one for `-> str`
+        unpaid = await session.call_tool("summarize", {"text": "a long text to summarize"})
+        assert unpaid.is_error
+        # The PaymentRequired would not match the outputSchema: it is in content[0].text only.
+        assert unpaid.structured_content is None
+        text = unpaid.content[0]
+        assert isinstance(text, TextContent) and json.loads(text.text)["x402Version"] == 2
+        assert json.loads(text.text)["accepts"][0]["amount"] == str(PRICE)
+        # The MPP side of the same answer: mppx reads the -32042 data from the result's _meta.
+        assert (unpaid.meta or {})[MPP_REQUIRED_META]["challenges"][0]["request"]["amount"] == str(PRICE)
+        paid = await McpPayer(env.auth).call_tool(session, "summarize", {"text": "a long text to summarize"})
+    assert not paid.result.is_error
+    assert paid.offer is not None and paid.offer.protocol == "x402v2"
+    assert isinstance(paid.receipt, SettleResponse) and paid.receipt.success and paid.receipt.transaction
+    assert await env.chain.balance(env.payee) - before == PRICE
+    assert env.auth.policy.spent == PRICE
+
+
+async def test_mpp_binding_pays_summarize_exactly_the_price(env: Env) -> None:
+    before = await env.chain.balance(env.payee)
+    async with Client(env.url, extensions=[advertise(MPP_EXTENSION)]) as session:
+        with pytest.raises(MCPError) as raised:
+            await session.call_tool("summarize", {"text": "hello"})
+        assert raised.value.code == MPP_PAYMENT_REQUIRED
+        assert raised.value.data["challenges"][0]["method"] == "evm"
+        assert raised.value.data["x402"]["accepts"]  # the x402 offer rides along
+        payer = McpPayer(PaymentAuth(env.auth.wallet, env.auth.policy, prefer=("mpp",)))
+        paid = await payer.call_tool(session, "summarize", {"text": "hello"})
+    assert paid.offer is not None and paid.offer.protocol == "mpp"
+    assert isinstance(paid.receipt, MppReceipt) and paid.receipt.reference.startswith("0x")
+    assert paid.receipt.challenge_id == paid.offer.challenge.id  # type: ignore[union-attr]
+    assert await env.chain.balance(env.payee) - before == PRICE
+
+
+async def test_mpp_from_a_result_meta_and_the_free_tool(env: Env) -> None:
+    """A client that did not announce MPP can still pay by MPP (from the result's _meta); `ping` is free."""
+    before = await env.chain.balance(env.payee)
+    async with Client(env.url) as session:
+        for _ in range(3):
+            free = await McpPayer(env.auth).call_tool(session, "ping")
+            assert free.offer is None and free.receipt is None and not free.result.is_error
+        payer = McpPayer(PaymentAuth(env.auth.wallet, env.auth.policy, prefer=("mpp",)))
+        paid = await payer.call_tool(session, "summarize", {"text": "x"})
+    assert isinstance(paid.receipt, MppReceipt)
+    assert await env.chain.balance(env.payee) - before == PRICE  # the pings moved nothing
+
+
+async def test_nested_x402_form_is_accepted_and_answered_nested(env: Env) -> None:
+    before = await env.chain.balance(env.payee)
+    async with Client(env.url) as session:
+        unpaid = await session.call_tool("summarize", {"text": "t"})
+        (offer,) = [o for o in mcp_offers(unpaid) if o.protocol == "x402v2"]
+        reservation, credential = env.auth.authorize(offer)
+        flat = mcp_payment_meta(offer, credential)[X402_PAYMENT_META]
+        paid = await session.call_tool(
+            "summarize", {"text": "t"}, meta={X402_EXTENSION: {"paymentPayload": flat}}
+        )
+        reservation.commit()
+    assert not paid.is_error
+    assert (paid.meta or {})[X402_EXTENSION]["settlementResponse"]["success"] is True
+    assert await env.chain.balance(env.payee) - before == PRICE
+
+
+async def test_replayed_and_malformed_credentials_get_the_binding_error(env: Env) -> None:
+    before = await env.chain.balance(env.payee)
+    async with Client(env.url) as session:
+        # x402: a replay is an isError result with the reason and the offers again, never the output.
+        unpaid = await session.call_tool("summarize", {"text": "t"})
+        (offer,) = [o for o in mcp_offers(unpaid) if o.protocol == "x402v2"]
+        meta = mcp_payment_meta(offer, env.auth.wallet.pay(offer))
+        assert not (await session.call_tool("summarize", {"text": "t"}, meta=meta)).is_error  # type: ignore[arg-type]
+        replay = await session.call_tool("summarize", {"text": "t"}, meta=meta)  # type: ignore[arg-type]
+        assert replay.is_error and _required(replay)["error"] == Reason.NONCE_ALREADY_USED
+        assert _required(replay)["accepts"]
+        garbage = await session.call_tool("summarize", {"text": "t"}, meta={X402_PAYMENT_META: {"x": 1}})
+        assert garbage.is_error and _required(garbage)["error"] == Reason.INVALID_PAYLOAD
+        not_object = await session.call_tool("summarize", {"text": "t"}, meta={X402_PAYMENT_META: "abc"})
+        assert not_object.is_error and _required(not_object)["error"] == Reason.INVALID_PAYLOAD
+
+        # MPP: malformed -> -32602; replayed -> -32043 with fresh challenges and the failure.
+        mpp_offer = next(o for o in mcp_offers(unpaid) if o.protocol == "mpp")
+        mpp_meta = mcp_payment_meta(mpp_offer, env.auth.wallet.pay(mpp_offer))
+        assert not (await session.call_tool("summarize", {"text": "t"}, meta=mpp_meta)).is_error  # type: ignore[arg-type]
+        with pytest.raises(MCPError) as replayed:
+            await session.call_tool("summarize", {"text": "t"}, meta=mpp_meta)  # type: ignore[arg-type]
+        assert replayed.value.code == MPP_VERIFICATION_FAILED
+        assert replayed.value.data["failure"]["reason"] and replayed.value.data["challenges"]
+        for bad in ({"challenge": {"id": "x"}, "payload": {}}, "nope", {"payload": {}}):
+            with pytest.raises(MCPError) as malformed:
+                await session.call_tool("summarize", {"text": "t"}, meta={MPP_CREDENTIAL_META: bad})
+            assert malformed.value.code == MCP_INVALID_PARAMS, malformed.value.data
+    assert await env.chain.balance(env.payee) - before == 2 * PRICE  # only the two genuine payments
+
+
+async def test_policy_refuses_before_signing(env: Env) -> None:
+    tight = PaymentAuth(env.auth.wallet, SpendPolicy(max_per_call=PRICE - 1))
+    async with Client(env.url) as session:
+        with pytest.raises(SpendPolicyViolation, match="max_per_call"):
+            await McpPayer(tight).call_tool(session, "summarize", {"text": "t"})
+    assert tight.policy.spent == tight.policy.reserved == 0
+    assert (await env.store.stats()).settled == 0
