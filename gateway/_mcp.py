@@ -25,13 +25,11 @@ with fresh challenges and `failure`). A failed settlement never returns the tool
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, TypeAlias
 
 import msgspec
-from eth_utils.address import to_checksum_address
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
@@ -65,10 +63,11 @@ from x402 import (
     x402_payment_in,
 )
 
-from ._errors import ConfigurationError, PaymentFailed
+from ._errors import PaymentFailed
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall
-from ._pricing import Amount, Asset, PaidRoute, Quote, to_atomic
+from ._priced import CallPrice, CallPriceFunction, PaywallSource, PricedCalls
+from ._pricing import Asset, PaidRoute, Quote
 from ._scheme import Dialect, Offer
 
 __all__ = ["PaidTools", "ToolPrice", "ToolPriceFunction"]
@@ -76,17 +75,11 @@ __all__ = ["PaidTools", "ToolPrice", "ToolPriceFunction"]
 log = logging.getLogger("agentpay.gateway.mcp")
 
 #: A tool's price from its call arguments (sync or async): how metered pricing plugs in.
-ToolPriceFunction: TypeAlias = Callable[[Mapping[str, Any]], Amount | Awaitable[Amount]]
-ToolPrice: TypeAlias = Amount | ToolPriceFunction
+ToolPriceFunction: TypeAlias = CallPriceFunction
+ToolPrice: TypeAlias = CallPrice
 
 _PROBLEM_402 = "https://paymentauth.org/problems/payment-required"
 _Binding = Literal["x402", "x402-nested", "mpp"]
-
-
-class _Tool(msgspec.Struct, frozen=True):
-    name: str
-    route: PaidRoute
-    static: int | None
 
 
 class PaidTools(Extension):
@@ -105,43 +98,19 @@ class PaidTools(Extension):
         self,
         tools: Mapping[str, PaidRoute | ToolPrice],
         *,
-        paywall: Paywall | PaymentMiddleware | None = None,
+        paywall: PaywallSource | None = None,
         pay_to: str | None = None,
         asset: Asset | None = None,
         resource_url: str | None = None,
     ) -> None:
-        self._source = paywall
-        self._specs = dict(tools)
-        self._pay_to, self._asset = pay_to, asset
+        self.calls = PricedCalls(tools, what="tool", paywall=paywall, pay_to=pay_to, asset=asset)
         self.resource_url = resource_url
         self._server: MCPServer[Any] | None = None
         self._schemas: set[str] | None = None
-        self._tools: dict[str, _Tool] = {}
-        if paywall is not None:
-            self.bind(paywall)
-        elif pay_to is not None and asset is not None:
-            self._resolve(pay_to, asset)
 
-    def _resolve(self, pay_to: str | None, asset: Asset | None) -> None:
-        tools: dict[str, _Tool] = {}
-        for name, spec in self._specs.items():
-            route = spec if isinstance(spec, PaidRoute) else PaidRoute(price=spec)
-            tool_asset, to = route.asset or asset, route.pay_to or pay_to
-            if tool_asset is None or to is None:
-                raise ConfigurationError(f"paid tool {name!r} needs a pay_to address and an asset")
-            tool_asset = msgspec.structs.replace(tool_asset, address=to_checksum_address(tool_asset.address))
-            route = msgspec.structs.replace(route, asset=tool_asset, pay_to=to_checksum_address(to))
-            static = None if callable(route.price) else to_atomic(route.price, tool_asset.decimals)
-            tools[name] = _Tool(name, route, static)
-        self._tools = tools
-
-    def bind(self, paywall: Paywall | PaymentMiddleware) -> None:
+    def bind(self, paywall: PaywallSource) -> None:
         """Charge through `paywall` from now on."""
-        pay_to, asset = self._pay_to, self._asset
-        if isinstance(paywall, PaymentMiddleware):
-            pay_to, asset = pay_to or paywall.routes.pay_to, asset or paywall.routes.asset
-        self._resolve(pay_to, asset)
-        self._source = paywall
+        self.calls.bind(paywall)
 
     def attach(self, server: MCPServer[Any]) -> MCPServer[Any]:
         """Let the interceptor see `server`'s tool declarations (which have an `outputSchema`); returns it."""
@@ -160,40 +129,19 @@ class PaidTools(Extension):
 
     @property
     def paywall(self) -> Paywall:
-        # Looked up per call: a middleware replaces its paywall's store when it opens the configured one.
-        source = self._source
-        if source is None:
-            raise ConfigurationError("PaidTools has no paywall: pass paywall=, or call bind() or http_app()")
-        return source.paywall if isinstance(source, PaymentMiddleware) else source
+        return self.calls.paywall
 
     def settings(self) -> dict[str, Any]:
-        return {"tools": sorted(self._specs)}
+        return {"tools": sorted(self.calls.specs)}
 
     def priced(self, name: str) -> bool:
-        return name in self._specs
+        return name in self.calls.specs
 
     async def quote(self, name: str, arguments: Mapping[str, Any]) -> Quote:
         """What calling `name` with `arguments` costs (the tool must be priced)."""
-        tool = self._tools[name]
-        route = tool.route
-        asset, pay_to = route.asset, route.pay_to
-        assert asset is not None and pay_to is not None  # resolved in __init__
-        amount = tool.static
-        if amount is None:
-            out = route.price(arguments)
-            amount = to_atomic(await out if inspect.isawaitable(out) else out, asset.decimals)
-        return Quote(
-            route=f"tools/call {name}",
-            method="tools/call",
-            path=name,
-            url=self.resource_url or f"mcp://tool/{name}",
-            amount=amount,
-            asset=asset,
-            pay_to=pay_to,
-            description=route.description or f"MCP tool {name}",
-            mime_type=route.mime_type,
-            max_timeout_seconds=route.max_timeout_seconds,
-            schemes=route.schemes,
+        url = self.resource_url or f"mcp://tool/{name}"
+        return await self.calls.quote(
+            name, arguments, method="tools/call", url=url, description=f"MCP tool {name}"
         )
 
     # -- the interceptor -----------------------------------------------------------------------------------
@@ -201,9 +149,9 @@ class PaidTools(Extension):
     async def intercept_tool_call(
         self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
-        if params.name not in self._specs:
+        if params.name not in self.calls.specs:
             return await call_next(ctx)
-        if params.name not in self._tools:  # priced, but no paywall was bound: never serve it for free
+        if not self.calls.bound:  # priced, but no paywall was bound: never serve it for free
             raise MCPError(MCP_INTERNAL_ERROR, "this paid tool is not connected to a paywall")
         meta: Mapping[str, Any] = dict(params.meta or {})
         try:
