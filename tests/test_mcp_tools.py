@@ -4,16 +4,12 @@ get each binding's error, never an internal one."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.client import advertise
 from mcp.shared.exceptions import MCPError
@@ -23,6 +19,7 @@ from escrow import DevnetState
 from examples.paid_tools import build_app
 from gateway import MemoryStore
 from tests._gateways import Chain
+from tests._serving import serving
 from x402 import (
     MCP_INVALID_PARAMS,
     MPP_CREDENTIAL_META,
@@ -43,31 +40,6 @@ from x402.client_mcp import McpPayer, mcp_offers, mcp_payment_meta
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
 PRICE = 1000  # $0.001 of a 6-decimal token
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn on a free port in this event loop; its /mcp URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _required(result: CallToolResult) -> dict[str, Any]:
@@ -96,8 +68,8 @@ async def env(devnet: DevnetState) -> AsyncIterator[Env]:
     app = build_app(devnet, payee=payee.address, relayer_key="0x" + relayer._key.secret.hex(), store=store)
     auth = PaymentAuth(chain.wallet(payer), SpendPolicy(max_per_call=10_000, total_budget=100_000))
     try:
-        async with serving(app) as url:
-            yield Env(chain, url, payee.address, auth, store)
+        async with serving(lambda _: app) as base:
+            yield Env(chain, base + "/mcp", payee.address, auth, store)
     finally:
         await chain.aclose()
 

@@ -8,6 +8,18 @@ session-key wallet (both kept out of this namespace so that ``import x402`` neve
 Importing the package registers the payload types of the ``exact`` and ``escrow`` schemes.
 """
 
+from ._a2a import (
+    A2A_X402_ERROR,
+    A2A_X402_EXTENSIONS,
+    A2A_X402_PAYLOAD,
+    A2A_X402_RECEIPTS,
+    A2A_X402_REQUIRED,
+    A2A_X402_STATUS,
+    A2A_X402_V01,
+    A2A_X402_V02,
+    a2a_error_code,
+    integral,
+)
 from ._codec import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -188,6 +200,16 @@ from ._verify import (
 )
 
 __all__ = [
+    "A2A_X402_ERROR",
+    "A2A_X402_EXTENSIONS",
+    "A2A_X402_PAYLOAD",
+    "A2A_X402_RECEIPTS",
+    "A2A_X402_REQUIRED",
+    "A2A_X402_STATUS",
+    "A2A_X402_V01",
+    "A2A_X402_V02",
+    "a2a_error_code",
+    "integral",
     "MCP_INTERNAL_ERROR",
     "MCP_INVALID_PARAMS",
     "MPP_CREDENTIAL_META",
