@@ -501,6 +501,11 @@ class SpendPolicy:
         with self._lock:
             return self._spent_by.get(payee.lower(), 0)
 
+    def spent_by_payee(self) -> dict[str, int]:
+        """What has been spent with each payee so far (lower-cased addresses)."""
+        with self._lock:
+            return dict(self._spent_by)
+
     # -- checks
     def _payee_limit(self, payee: str) -> int | None:
         if isinstance(self.per_payee_budget, dict):
