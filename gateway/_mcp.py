@@ -89,7 +89,8 @@ class PaidTools(Extension):
     The payments go through `paywall`: a `PaymentMiddleware` (its store, schemes, MPP secret and realm;
     `pay_to` and `asset` default to its own) or a bare `Paywall` (then pass `pay_to` and `asset`), given
     here, later with `bind`, or made by `http_app`. `resource_url` is the x402 `resource.url` of every tool
-    (the MCP server's URL; default `mcp://tool/<name>`).
+    (the MCP server's URL; default `mcp://tool/<name>`). One `PaidTools` per server (its identifier is the
+    x402 extension's): name every paid tool of the server in it.
     """
 
     identifier = X402_EXTENSION

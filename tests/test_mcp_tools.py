@@ -12,15 +12,18 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp.client import advertise
+from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
 
-from escrow import DevnetState
+from escrow import DevnetState, ExactEvm, Rpc, TxSender
 from examples.paid_tools import build_app
-from gateway import MemoryStore
+from gateway import Asset, ExactScheme, MemoryStore, Paywall
+from gateway.mcp import PaidTools
 from tests._gateways import Chain
 from tests._serving import serving
 from x402 import (
+    MCP_INTERNAL_ERROR,
     MCP_INVALID_PARAMS,
     MPP_CREDENTIAL_META,
     MPP_EXTENSION,
@@ -179,3 +182,57 @@ async def test_policy_refuses_before_signing(env: Env) -> None:
             await McpPayer(tight).call_tool(session, "summarize", {"text": "t"})
     assert tight.policy.spent == tight.policy.reserved == 0
     assert (await env.store.stats()).settled == 0
+
+
+async def test_structured_content_without_output_schema_metering_hook_and_unbound_tools(
+    devnet: DevnetState,
+) -> None:
+    """A tool without an outputSchema gets the PaymentRequired in structuredContent too; a price function of
+    the arguments prices each call; a priced tool whose extension has no paywall is never served free."""
+    asset = Asset(
+        address=devnet.contracts["usdc"],
+        chain_id=devnet.chain_id,
+        name=devnet.usdc_name,
+        version=devnet.usdc_version,
+    )
+    rpc = Rpc(devnet.rpc_url)
+    scheme = ExactScheme(
+        ExactEvm(rpc, TxSender(rpc, devnet.accounts[3].private_key, chain_id=devnet.chain_id))
+    )
+    paywall = Paywall([scheme], store=MemoryStore(), secrets=[b"s" * 32])
+    paid = PaidTools(
+        {"count": lambda args: 100 * len(str(args.get("text", ""))), "orphan": "$0.001"},
+        paywall=paywall,
+        pay_to=devnet.accounts[2].address,
+        asset=asset,
+    )
+    unbound = PaidTools({"locked": "$0.001"})
+    ran: list[str] = []
+    server = paid.attach(MCPServer("t", extensions=[paid]))
+    other = MCPServer("u", extensions=[unbound])
+
+    @server.tool(structured_output=False)
+    def count(text: str) -> str:
+        ran.append(text)
+        return str(len(text))
+
+    @other.tool(structured_output=False)
+    def locked() -> str:
+        ran.append("locked")
+        return "secret"
+
+    try:
+        async with Client(server) as session:
+            unpaid = await session.call_tool("count", {"text": "abcd"})
+            assert unpaid.is_error and unpaid.structured_content is not None
+            assert unpaid.structured_content["accepts"][0]["amount"] == "400"  # 100 per character
+            assert _required(unpaid) == unpaid.structured_content
+            longer = await session.call_tool("count", {"text": "abcdefgh"})
+            assert _required(longer)["accepts"][0]["amount"] == "800"
+        async with Client(other) as session:
+            with pytest.raises(MCPError) as raised:
+                await session.call_tool("locked", {})
+            assert raised.value.code == MCP_INTERNAL_ERROR
+    finally:
+        await rpc.aclose()
+    assert ran == []  # nothing ran unpaid
