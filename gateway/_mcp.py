@@ -8,9 +8,9 @@ The same pipeline as an HTTP route (verify -> claim -> the tool runs -> settle, 
 same store, schemes and settlement; only the wire differs (`x402._mcp`). An unpaid call to a priced tool is
 answered in both bindings at once:
 
-- by default, a tool result with `isError: true`: x402's `PaymentRequired` in `structuredContent` (left out
-  for a tool with an `outputSchema`, whose structured result it would not match) and as JSON in
-  `content[0].text`, and the MPP `-32042` data in `_meta["org.paymentauth/payment-required"]` (mppx's
+- by default, a tool result with `isError: true`: x402's `PaymentRequired` in `structuredContent` (made to
+  match the tool's `outputSchema` when it has one, or left out when it cannot: see `_structured`) and as
+  JSON in `content[0].text`, and the MPP `-32042` data in `_meta["org.paymentauth/payment-required"]` (mppx's
   fallback for servers that answer with results);
 - to a client that announces MPP (`capabilities.experimental.payment`, or the `org.paymentauth/payment`
   extension), a JSON-RPC error `-32042` whose `data` has the MPP `challenges` and the x402 `PaymentRequired`
@@ -29,6 +29,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal, TypeAlias
 
+import jsonschema
 import msgspec
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension
@@ -107,7 +108,7 @@ class PaidTools(Extension):
         self.calls = PricedCalls(tools, what="tool", paywall=paywall, pay_to=pay_to, asset=asset)
         self.resource_url = resource_url
         self._server: MCPServer[Any] | None = None
-        self._schemas: set[str] | None = None
+        self._schemas: dict[str, dict[str, Any] | None] | None = None
 
     def bind(self, paywall: PaywallSource) -> None:
         """Charge through `paywall` from now on."""
@@ -162,18 +163,18 @@ class PaidTools(Extension):
             raise MCPError(MCP_INTERNAL_ERROR, "pricing failed") from None
         paywall = self.paywall
         offers = paywall.offers(quote)
-        has_schema = await self._has_output_schema(params.name)
+        schema = await self._output_schema(params.name)
         try:
             found = _find_credential(meta)
         except PaymentFailed as exc:
-            return self._refusal(quote, offers, exc, _binding_hint(meta), has_schema)
+            return self._refusal(quote, offers, exc, _binding_hint(meta), schema)
         if found is None:
-            return self._required(quote, offers, ctx, meta, has_schema)
+            return self._required(quote, offers, ctx, meta, schema)
         binding, dialect, raw = found
         try:
             attempt = await paywall.verify(quote, offers, dialect, raw, host="")
         except PaymentFailed as exc:
-            return self._refusal(quote, offers, exc, binding, has_schema)
+            return self._refusal(quote, offers, exc, binding, schema)
         try:
             result = await call_next(ctx)
         except BaseException:
@@ -185,15 +186,16 @@ class PaidTools(Extension):
         try:
             receipt = await paywall.settle(attempt)
         except PaymentFailed as exc:
-            return self._refusal(quote, offers, exc, binding, has_schema, settling=True)
+            return self._refusal(quote, offers, exc, binding, schema, settling=True)
         return _with_receipt(result, binding, attempt, receipt)
 
-    async def _has_output_schema(self, name: str) -> bool:
+    async def _output_schema(self, name: str) -> dict[str, Any] | None:
+        """The tool's declared `outputSchema` (None when it has none, or the server was not attached)."""
         if self._schemas is None:
             if self._server is None:
-                return False
-            self._schemas = {t.name for t in await self._server.list_tools() if t.output_schema is not None}
-        return name in self._schemas
+                return None
+            self._schemas = {t.name: t.output_schema for t in await self._server.list_tools()}
+        return self._schemas.get(name)
 
     # -- answers -------------------------------------------------------------------------------------------
 
@@ -226,14 +228,14 @@ class PaidTools(Extension):
         offers: list[Offer],
         ctx: ServerRequestContext[Any, Any],
         meta: Mapping[str, Any],
-        has_schema: bool,
+        schema: dict[str, Any] | None,
     ) -> CallToolResult:
         detail = f"payment is required for the tool {quote.path}"
         required = self._payment_required(quote, offers, "payment required")
         mpp = self._mpp_data(quote, offers, detail=detail)
         if _wants_mpp(ctx, meta):
             raise MCPError(MPP_PAYMENT_REQUIRED, "Payment Required", {**mpp, "x402": required})
-        return _x402_result(required, has_schema, meta={MPP_REQUIRED_META: mpp})
+        return _x402_result(required, schema, meta={MPP_REQUIRED_META: mpp})
 
     def _refusal(
         self,
@@ -241,7 +243,7 @@ class PaidTools(Extension):
         offers: list[Offer],
         exc: PaymentFailed,
         binding: _Binding,
-        has_schema: bool,
+        schema: dict[str, Any] | None,
         *,
         settling: bool = False,
     ) -> CallToolResult:
@@ -259,16 +261,33 @@ class PaidTools(Extension):
         required = self._payment_required(quote, offers, error)
         if settling:
             required["error"] = f"Settlement failed: {reason}"
-        return _x402_result(required, has_schema)
+        return _x402_result(required, schema)
+
+
+def _structured(required: dict[str, Any], text: str, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `structuredContent` of a payment-required result: the `PaymentRequired` itself (x402 clients read
+    it first), as long as it is valid for the tool's `outputSchema` (some SDKs validate error results too).
+    mcp 2's wrapper schema for a plain return (`{"result": ...}`) is met by adding `result` (the same JSON
+    text); for any other schema it is left out, and clients read `content[0].text`."""
+    if schema is None:
+        return required
+    try:
+        validator = jsonschema.Draft202012Validator(schema)
+        for candidate in (required, {**required, "result": text}):
+            if validator.is_valid(candidate):
+                return candidate
+    except jsonschema.SchemaError:
+        pass
+    return None
 
 
 def _x402_result(
-    required: dict[str, Any], has_schema: bool, *, meta: dict[str, Any] | None = None
+    required: dict[str, Any], schema: dict[str, Any] | None, *, meta: dict[str, Any] | None = None
 ) -> CallToolResult:
     text = json_encode(required).decode()
     return CallToolResult(
         is_error=True,
-        structured_content=None if has_schema else required,
+        structured_content=_structured(required, text, schema),
         content=[TextContent(type="text", text=text)],
         _meta=meta,
     )

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import pytest
 from mcp import Client
 from mcp.client import advertise
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
+from pydantic import BaseModel
 
 from escrow import DevnetState, ExactEvm, Rpc, TxSender
 from examples.paid_tools import build_app
@@ -43,6 +45,11 @@ from x402.client_mcp import McpPayer, mcp_offers, mcp_payment_meta
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
 PRICE = 1000  # $0.001 of a 6-decimal token
+
+
+class Summary(BaseModel):
+    summary: str
+    words: int
 
 
 def _required(result: CallToolResult) -> dict[str, Any]:
@@ -84,11 +91,13 @@ async def test_x402_binding_pays_summarize_exactly_the_price(env: Env) -> None:
         assert tool.output_schema is not None  # mcp 2 declares one for `-> str`
         unpaid = await session.call_tool("summarize", {"text": "a long text to summarize"})
         assert unpaid.is_error
-        # The PaymentRequired would not match the outputSchema: it is in content[0].text only.
-        assert unpaid.structured_content is None
         text = unpaid.content[0]
         assert isinstance(text, TextContent) and json.loads(text.text)["x402Version"] == 2
         assert json.loads(text.text)["accepts"][0]["amount"] == str(PRICE)
+        # structuredContent is the PaymentRequired, made valid for the tool's `{"result": str}` schema.
+        structured = unpaid.structured_content
+        assert structured is not None and structured["x402Version"] == 2 and structured["result"] == text.text
+        assert jsonschema.Draft202012Validator(tool.output_schema).is_valid(structured)
         # The MPP side of the same answer: mppx reads the -32042 data from the result's _meta.
         assert (unpaid.meta or {})[MPP_REQUIRED_META]["challenges"][0]["request"]["amount"] == str(PRICE)
         paid = await McpPayer(env.auth).call_tool(session, "summarize", {"text": "a long text to summarize"})
@@ -201,7 +210,7 @@ async def test_structured_content_without_output_schema_metering_hook_and_unboun
     )
     paywall = Paywall([scheme], store=MemoryStore(), secrets=[b"s" * 32])
     paid = PaidTools(
-        {"count": lambda args: 100 * len(str(args.get("text", ""))), "orphan": "$0.001"},
+        {"count": lambda args: 100 * len(str(args.get("text", ""))), "typed": lambda args: 300},
         paywall=paywall,
         pay_to=devnet.accounts[2].address,
         asset=asset,
@@ -216,6 +225,11 @@ async def test_structured_content_without_output_schema_metering_hook_and_unboun
         ran.append(text)
         return str(len(text))
 
+    @server.tool()
+    def typed(text: str) -> Summary:
+        ran.append(text)
+        return Summary(summary=text[:3], words=len(text.split()))
+
     @other.tool(structured_output=False)
     def locked() -> str:
         ran.append("locked")
@@ -229,6 +243,10 @@ async def test_structured_content_without_output_schema_metering_hook_and_unboun
             assert _required(unpaid) == unpaid.structured_content
             longer = await session.call_tool("count", {"text": "abcdefgh"})
             assert _required(longer)["accepts"][0]["amount"] == "800"
+            # An outputSchema the PaymentRequired cannot meet: no structuredContent, the text carries it.
+            typed_unpaid = await session.call_tool("typed", {"text": "a b"})
+            assert typed_unpaid.is_error and typed_unpaid.structured_content is None
+            assert _required(typed_unpaid)["accepts"][0]["amount"] == "300"
         async with Client(other) as session:
             with pytest.raises(MCPError) as raised:
                 await session.call_tool("locked", {})
