@@ -155,6 +155,7 @@ from ._mpp import (
     rfc3339,
     verify_challenge,
 )
+from ._network import Amount, InvalidAmount, InvalidNetwork, Network, to_atomic_units
 from ._schemes import (
     V1_NETWORKS,
     caip2_namespace,
@@ -230,6 +231,7 @@ __all__ = [
     "x402_payment_in",
     "AUTHORIZATION_HEADER",
     "Address",
+    "Amount",
     "AuthorizationKind",
     "Bytes32Hex",
     "ESCROW_DOMAIN_NAME",
@@ -251,7 +253,9 @@ __all__ = [
     "FacilitatorRequestV1",
     "GrantMessage",
     "HexBytes",
+    "InvalidAmount",
     "InvalidChallenge",
+    "InvalidNetwork",
     "InvalidSignature",
     "LocalSigner",
     "MAX_BODY_BYTES",
@@ -263,6 +267,7 @@ __all__ = [
     "MppChallenge",
     "MppCredential",
     "MppReceipt",
+    "Network",
     "NoPayableOffer",
     "NonceCounter",
     "PAYMENT_AUTHORIZATION_HEADER",
@@ -366,6 +371,7 @@ __all__ = [
     "sign_payment",
     "sign_revoke",
     "sign_transfer_authorization",
+    "to_atomic_units",
     "typed_data_digest",
     "verify_challenge",
     "verify_exact_payment",
