@@ -11,9 +11,10 @@ it is verified, the task runs, the payment settles, and the task completes with 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from escrow import DevnetState, ExactEvm, Rpc, TxSender
-from gateway import Asset, ExactScheme, PaymentMiddleware, PaymentStore
+from escrow import Chain
+from gateway import PaymentMiddleware
 from gateway.a2a import PaidAgent, agent_card
 
 __all__ = ["TASK_PRICE", "build_app", "main", "word_count"]
@@ -26,33 +27,12 @@ def word_count(text: str) -> str:
     return f"{len(text.split())} words"
 
 
-def build_app(
-    state: DevnetState,
-    url: str,
-    *,
-    payee: str | None = None,
-    relayer_key: str | None = None,
-    store: PaymentStore | str | None = None,
-) -> PaymentMiddleware:
-    """The agent's ASGI app, advertised at `url`, charging `TASK_PRICE` per task in `exact` on `state`."""
-    rpc = Rpc(state.rpc_url)
-    relayer = TxSender(rpc, relayer_key or state.accounts[3].private_key, chain_id=state.chain_id)
-    asset = Asset(
-        address=state.contracts["usdc"],
-        chain_id=state.chain_id,
-        name=state.usdc_name,
-        version=state.usdc_version,
-        decimals=state.usdc_decimals,
-    )
+def build_app(chain: Chain, url: str, *, pay_to: str, **options: Any) -> PaymentMiddleware:
+    """The agent's ASGI app, advertised at `url`, charging `TASK_PRICE` per task on `chain` to `pay_to`;
+    `options` go to `PaymentMiddleware` (store, schemes, settle, ...)."""
     agent = PaidAgent(word_count, price=TASK_PRICE, resource_url=url, description="Count words")
     card = agent_card("Word counter", url, description="Counts the words of a text; $0.002 per task")
-    return agent.http_app(
-        card,
-        schemes=[ExactScheme(ExactEvm(rpc, relayer))],
-        pay_to=payee or state.accounts[2].address,
-        asset=asset,
-        store=store,
-    )
+    return agent.http_app(card, chain=chain, pay_to=pay_to, **options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payee", default="2", help="devnet account index (or 0x address) that gets paid")
     parser.add_argument("--store", default=None, help="payment store URL (default: $AGENTPAY_STORE)")
     args = parser.parse_args(argv)
-    state = DevnetState.load(args.devnet)
-    payee = args.payee if args.payee.startswith("0x") else state.accounts[int(args.payee)].address
+    chain = Chain.from_devnet(args.devnet)
+    payee = args.payee if args.payee.startswith("0x") else chain.accounts[int(args.payee)].address
     url = f"http://{args.host}:{args.port}/"
-    app = build_app(state, url, payee=payee, store=args.store)
+    app = build_app(chain, url, pay_to=payee, store=args.store)
     print(f"paid A2A agent on {url} (payee {payee})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

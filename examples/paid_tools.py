@@ -6,17 +6,19 @@ Tools: `summarize(text)` costs $0.001 (TestUSDC, paid to devnet account 2 by def
 unpaid `summarize` call is answered in both MCP payment bindings at once (x402's `isError` result with the
 `PaymentRequired`, and MPP's challenges; a client announcing MPP gets JSON-RPC -32042), and a paid one
 returns its receipt in `_meta`. The payments go through the same paywall as the HTTP sub-agent's
-(`examples.subagent`): EIP-3009 `exact`, settled before the result leaves.
+(`examples.subagent`): the chain's schemes (`exact`, and `escrow` for session keys), its settlers and
+recovery.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from escrow import DevnetState, ExactEvm, Rpc, TxSender
-from gateway import Asset, ExactScheme, PaymentMiddleware, PaymentStore
+from escrow import Chain
+from gateway import PaymentMiddleware
 from gateway.mcp import PaidTools
 
 __all__ = ["SUMMARIZE_PRICE", "build_app", "build_server", "main"]
@@ -40,31 +42,11 @@ def build_server() -> tuple[MCPServer, PaidTools]:
     return server, paid
 
 
-def build_app(
-    state: DevnetState,
-    *,
-    payee: str | None = None,
-    relayer_key: str | None = None,
-    store: PaymentStore | str | None = None,
-) -> PaymentMiddleware:
-    """The ASGI app: the MCP server at /mcp behind a paywall that settles `exact` payments on `state`."""
-    rpc = Rpc(state.rpc_url)
-    relayer = TxSender(rpc, relayer_key or state.accounts[3].private_key, chain_id=state.chain_id)
-    asset = Asset(
-        address=state.contracts["usdc"],
-        chain_id=state.chain_id,
-        name=state.usdc_name,
-        version=state.usdc_version,
-        decimals=state.usdc_decimals,
-    )
+def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware:
+    """The ASGI app: the MCP server at /mcp behind a paywall on `chain` paying `pay_to`; `options` go to
+    `PaymentMiddleware` (store, schemes, settle, ...)."""
     server, paid = build_server()
-    return paid.http_app(
-        server,
-        schemes=[ExactScheme(ExactEvm(rpc, relayer))],
-        pay_to=payee or state.accounts[2].address,
-        asset=asset,
-        store=store,
-    )
+    return paid.http_app(server, chain=chain, pay_to=pay_to, **options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payee", default="2", help="devnet account index (or 0x address) that gets paid")
     parser.add_argument("--store", default=None, help="payment store URL (default: $AGENTPAY_STORE)")
     args = parser.parse_args(argv)
-    state = DevnetState.load(args.devnet)
-    payee = args.payee if args.payee.startswith("0x") else state.accounts[int(args.payee)].address
-    app = build_app(state, payee=payee, store=args.store)
+    chain = Chain.from_devnet(args.devnet)
+    payee = args.payee if args.payee.startswith("0x") else chain.accounts[int(args.payee)].address
+    app = build_app(chain, pay_to=payee, store=args.store)
     print(f"paid tools: MCP on http://{args.host}:{args.port}/mcp (payee {payee})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -29,8 +29,6 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from escrow import AgentEscrow, EscrowError, Rpc
 from x402 import (
-    GrantMessage,
-    LocalSigner,
     MppReceipt,
     NoPayableOffer,
     SettleResponse,
@@ -40,16 +38,14 @@ from x402 import (
 )
 from x402.client import (
     PAYMENT_ERROR_EXTENSION,
-    Eip3009Wallet,
     Offer,
     PaymentAuth,
     SpendPolicy,
     offers_from_response,
     receipt_of,
 )
-from x402.client_escrow import EscrowWallet, SessionKeyWallet
+from x402.client_escrow import SessionKeyWallet, SessionWalletFile
 
-from ._errors import GatewayError
 from ._pricing import Amount, to_atomic
 
 __all__ = ["DEFAULT_MAX_BODY_CHARS", "WalletTools", "load_wallet_tools"]
@@ -259,28 +255,6 @@ def _amount(value: Amount) -> Amount:
     return int(text) if text.isdigit() else text
 
 
-class _NetworkFile(msgspec.Struct, frozen=True, kw_only=True):
-    network: str
-    chain_id: int
-    token: str
-    token_name: str
-    token_version: str
-    token_decimals: int = 6
-    rpc_url: str = ""
-    escrow: str = ""
-
-
-class _WalletFile(msgspec.Struct, frozen=True, kw_only=True):
-    """The session wallet file an owner hands an orchestrator: its network, the session key, the grant the
-    owner signed for it, and optionally a small hot key that pays `exact` where the escrow is not taken."""
-
-    network: _NetworkFile
-    session_key: str
-    grant: GrantMessage
-    fallback_key: str = ""
-    version: int = 1
-
-
 def load_wallet_tools(
     path: str,
     *,
@@ -288,36 +262,17 @@ def load_wallet_tools(
     max_per_call: Amount | None = None,
     budget: Amount | None = None,
 ) -> WalletTools:
-    """`WalletTools` for a session wallet file; the spend policy carries the grant's per-call cap and budget
-    (or the tighter `max_per_call` / `budget` given here) and allows the network's token only."""
-    try:
-        with open(path, "rb") as file:
-            data = msgspec.json.decode(file.read(), type=_WalletFile)
-        network, grant = data.network, data.grant
-        if not network.escrow:
-            raise ValueError(f"the wallet's network {network.network} names no escrow")
-        escrow = EscrowWallet.from_grant(
-            LocalSigner(data.session_key), grant, chain_id=network.chain_id, escrow=network.escrow
-        )
-        domain = {network.token: (network.token_name, network.token_version)}
-        fallback = (
-            Eip3009Wallet(LocalSigner(data.fallback_key), network.chain_id, domain)
-            if data.fallback_key
-            else None
-        )
-        decimals = network.token_decimals
-        cap = (
-            grant.max_per_call
-            if max_per_call is None
-            else min(grant.max_per_call, to_atomic(_amount(max_per_call), decimals))
-        )
-        total = grant.budget if budget is None else min(grant.budget, to_atomic(_amount(budget), decimals))
-    except OSError as exc:
-        raise GatewayError(
-            f"cannot read the wallet file {path}: {exc.strerror}", code="invalid_wallet_file"
-        ) from None
-    except (msgspec.DecodeError, ValueError, X402Error) as exc:
-        raise GatewayError(f"invalid wallet file {path}: {exc}", code="invalid_wallet_file") from None
+    """`WalletTools` for a session wallet file (`x402.client_escrow.SessionWalletFile`, which
+    `escrow.Chain.open_session` writes); the spend policy carries the grant's per-call cap and budget (or
+    the tighter `max_per_call` / `budget` given here) and allows the network's token only."""
+    file = SessionWalletFile.load(path)  # InvalidWalletFile (an X402Error) for a bad file
+    wallet = SessionKeyWallet.from_file(file)
+    network, grant = file.network, file.grant
+    cap, total = grant.max_per_call, grant.budget
+    if max_per_call is not None:
+        cap = min(cap, network.atomic(_amount(max_per_call)))
+    if budget is not None:
+        total = min(total, network.atomic(_amount(budget)))
     policy = SpendPolicy(max_per_call=cap, total_budget=total, allowed_assets=[network.token])
-    auth = PaymentAuth(SessionKeyWallet(escrow, fallback), policy)
-    return WalletTools(auth, rpc_url=rpc_url or network.rpc_url or None, decimals=decimals)
+    auth = PaymentAuth(wallet, policy)
+    return WalletTools(auth, rpc_url=rpc_url or network.rpc_url or None, decimals=network.token_decimals)

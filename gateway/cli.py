@@ -202,11 +202,16 @@ def _settlements(parser: argparse.ArgumentParser) -> None:
 
 
 def _mcp_run(args: argparse.Namespace) -> int:
+    from x402 import X402Error
+
     from ._wallet_mcp import load_wallet_tools  # needs the `mcp` package: imported only here
 
-    tools = load_wallet_tools(
-        args.wallet, rpc_url=args.rpc, max_per_call=args.max_per_call, budget=args.budget
-    )
+    try:
+        tools = load_wallet_tools(
+            args.wallet, rpc_url=args.rpc, max_per_call=args.max_per_call, budget=args.budget
+        )
+    except X402Error as exc:  # a bad wallet file or amount: one error line, like every other failure
+        raise GatewayError(exc.message, code=exc.code) from None
     tools.server().run("stdio")  # stdout is the protocol's: nothing else is printed
     return 0
 

@@ -12,6 +12,7 @@ import pytest
 from a2a.client import Client, ClientConfig, create_client
 from a2a.types import TaskState
 
+from escrow import Chain as EscrowChain
 from escrow import DevnetState
 from examples.a2a_agent import build_app
 from gateway import MemoryStore
@@ -57,7 +58,8 @@ async def env(devnet: DevnetState) -> AsyncIterator[Env]:
     auth = PaymentAuth(chain.wallet(payer), SpendPolicy(max_per_call=10_000, total_budget=100_000))
 
     def build(base: str) -> object:
-        return build_app(devnet, base + "/", payee=payee.address, relayer_key=relayer_key, store=store)
+        network = EscrowChain.from_devnet(devnet, relayer=relayer_key)
+        return build_app(network, base + "/", pay_to=payee.address, store=store)
 
     try:
         async with serving(build) as base, httpx.AsyncClient(timeout=30) as http:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from escrow import Chain as EscrowChain
 from escrow import DevnetState
 from examples.paid_tools import build_app
 from gateway import MemoryStore
@@ -50,7 +51,8 @@ async def test_official_x402_mcp_client_pays_summarize(devnet: DevnetState) -> N
         payer, payee, relayer = await chain.key(), await chain.key(), await chain.key()
         await chain.mint(payer.address, 1_000_000)
         store = MemoryStore()
-        app = build_app(devnet, payee=payee.address, relayer_key=key_hex(relayer), store=store)
+        network = EscrowChain.from_devnet(devnet, relayer=key_hex(relayer))
+        app = build_app(network, pay_to=payee.address, store=store)
         before = await chain.balance(payee.address)
         async with serving(lambda _: app) as base:
             out = await asyncio.to_thread(

@@ -18,11 +18,12 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel
 
+from escrow import Chain as EscrowChain
 from escrow import DevnetState, ExactEvm, Rpc, TxSender
 from examples.paid_tools import build_app
 from gateway import Asset, ExactScheme, MemoryStore, Paywall
 from gateway.mcp import PaidTools
-from tests._gateways import Chain
+from tests._gateways import Chain, key_hex
 from tests._serving import serving
 from x402 import (
     MCP_INTERNAL_ERROR,
@@ -75,7 +76,8 @@ async def env(devnet: DevnetState) -> AsyncIterator[Env]:
     payer, payee, relayer = await chain.key(), await chain.key(), await chain.key()
     await chain.mint(payer.address, 1_000_000)
     store = MemoryStore()
-    app = build_app(devnet, payee=payee.address, relayer_key="0x" + relayer._key.secret.hex(), store=store)
+    network = EscrowChain.from_devnet(devnet, relayer=key_hex(relayer))
+    app = build_app(network, pay_to=payee.address, store=store)
     auth = PaymentAuth(chain.wallet(payer), SpendPolicy(max_per_call=10_000, total_budget=100_000))
     try:
         async with serving(lambda _: app) as base:
@@ -141,7 +143,7 @@ async def test_nested_x402_form_is_accepted_and_answered_nested(env: Env) -> Non
     before = await env.chain.balance(env.payee)
     async with Client(env.url) as session:
         unpaid = await session.call_tool("summarize", {"text": "t"})
-        (offer,) = [o for o in mcp_offers(unpaid) if o.protocol == "x402v2"]
+        (offer,) = [o for o in mcp_offers(unpaid) if o.protocol == "x402v2" and o.scheme == "exact"]
         reservation, credential = env.auth.authorize(offer)
         flat = mcp_payment_meta(offer, credential)[X402_PAYMENT_META]
         paid = await session.call_tool(
@@ -158,7 +160,7 @@ async def test_replayed_and_malformed_credentials_get_the_binding_error(env: Env
     async with Client(env.url) as session:
         # x402: a replay is an isError result with the reason and the offers again, never the output.
         unpaid = await session.call_tool("summarize", {"text": "t"})
-        (offer,) = [o for o in mcp_offers(unpaid) if o.protocol == "x402v2"]
+        (offer,) = [o for o in mcp_offers(unpaid) if o.protocol == "x402v2" and o.scheme == "exact"]
         meta = mcp_payment_meta(offer, env.auth.wallet.pay(offer))
         assert not (await session.call_tool("summarize", {"text": "t"}, meta=meta)).is_error  # type: ignore[arg-type]
         replay = await session.call_tool("summarize", {"text": "t"}, meta=meta)  # type: ignore[arg-type]
@@ -170,7 +172,7 @@ async def test_replayed_and_malformed_credentials_get_the_binding_error(env: Env
         assert not_object.is_error and _required(not_object)["error"] == Reason.INVALID_PAYLOAD
 
         # MPP: malformed -> -32602; replayed -> -32043 with fresh challenges and the failure.
-        mpp_offer = next(o for o in mcp_offers(unpaid) if o.protocol == "mpp")
+        mpp_offer = next(o for o in mcp_offers(unpaid) if o.protocol == "mpp" and env.auth.wallet.can_pay(o))
         mpp_meta = mcp_payment_meta(mpp_offer, env.auth.wallet.pay(mpp_offer))
         assert not (await session.call_tool("summarize", {"text": "t"}, meta=mpp_meta)).is_error  # type: ignore[arg-type]
         with pytest.raises(MCPError) as replayed:

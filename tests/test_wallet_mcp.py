@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult, TextContent
 
+from escrow import Chain as EscrowChain
 from escrow import DevnetState
 from examples.subagent import build_app
 from gateway import MemoryStore
@@ -28,40 +28,8 @@ pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP = 1500  # the grant's per-call cap: /hello ($0.001) fits, /weather ($0.002) does not
-
-
-def write_wallet(
-    devnet: DevnetState, path: Path, *, session: LocalSigner, payer: str, fallback: LocalSigner
-) -> None:
-    """A session wallet file as an owner hands it over (network, session key, signed grant, hot key)."""
-    now = int(time.time())
-    wallet = {
-        "version": 1,
-        "network": {
-            "network": f"eip155:{devnet.chain_id}",
-            "chain_id": devnet.chain_id,
-            "token": devnet.contracts["usdc"],
-            "token_name": devnet.usdc_name,
-            "token_version": devnet.usdc_version,
-            "token_decimals": devnet.usdc_decimals,
-            "rpc_url": devnet.rpc_url,
-            "escrow": devnet.contracts["escrow"],
-        },
-        "session_key": key_hex(session),
-        "grant": {
-            "payer": payer,
-            "signer": session.address,
-            "token": devnet.contracts["usdc"],
-            "maxPerCall": CAP,
-            "budget": 10_000,
-            "validAfter": now - 60,
-            "validUntil": now + 3600,
-            "payees": [],
-            "epoch": 1,
-        },
-        "fallback_key": key_hex(fallback),
-    }
-    path.write_text(json.dumps(wallet))
+BUDGET = 10_000
+DEPOSIT = 100_000
 
 
 def data(result: CallToolResult) -> Any:
@@ -86,18 +54,26 @@ class Env:
     base: str
     payee: str
     hot: LocalSigner
+    owner: str
     session: Client
 
 
 @pytest.fixture
 async def env(devnet: DevnetState, tmp_path: Path) -> AsyncIterator[Env]:
     chain = Chain(devnet)
-    payee, relayer, hot = await chain.key(), await chain.key(), await chain.key()
-    session_key = LocalSigner.random()
+    payee, relayer, hot, owner = [await chain.key() for _ in range(4)]
     await chain.mint(hot.address, 1_000_000)
+    await chain.mint(owner.address, 1_000_000)
     wallet = tmp_path / "orchestrator.session.json"
-    write_wallet(devnet, wallet, session=session_key, payer=devnet.accounts[5].address, fallback=hot)
-    app = build_app(devnet, payee=payee.address, relayer_key=key_hex(relayer), store=MemoryStore())
+    async with EscrowChain.from_devnet(devnet, relayer=key_hex(relayer)) as owner_side:
+        # The owner grants a fresh session key offline and deposits $0.1 into the escrow; the relayer sends
+        # both. The file also carries a small hot key for sub-agents that take `exact` only.
+        session_file = await owner_side.open_session(
+            owner, max_per_call=CAP, budget=BUDGET, deposit=DEPOSIT, fallback_key=key_hex(hot)
+        )
+        session_file.dump(wallet)
+    network = EscrowChain.from_devnet(devnet, relayer=key_hex(relayer))
+    app = build_app(network, pay_to=payee.address, schemes=["exact", "escrow"], store=MemoryStore())
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "gateway", "mcp", "--wallet", str(wallet)],
@@ -106,7 +82,7 @@ async def env(devnet: DevnetState, tmp_path: Path) -> AsyncIterator[Env]:
     )
     try:
         async with serving(lambda _: app) as base, Client(params) as session:
-            yield Env(chain, base, payee.address, hot, session)
+            yield Env(chain, base, payee.address, hot, owner.address, session)
     finally:
         await chain.aclose()
 
@@ -118,15 +94,18 @@ async def test_fetch_paid_pays_hello_and_reports_the_receipt(env: Env) -> None:
     out = data(await env.session.call_tool("fetch_paid", {"url": env.base + "/hello"}))
     assert out["status"] == 200 and json.loads(out["body"])["paid"] is True
     assert out["receipt"]["success"] is True and out["receipt"]["transaction"].startswith("0x")
-    assert out["paid"]["amount"] == str(PRICE) and out["paid"]["scheme"] == "exact"
+    # The session key pays through the escrow (the owner's deposit) whenever the sub-agent takes it.
+    assert out["paid"]["amount"] == str(PRICE) and out["paid"]["scheme"] == "escrow"
     assert await env.chain.balance(env.payee) - before == PRICE
 
     status = data(await env.session.call_tool("spend_status", {}))
-    assert status["spent"] == PRICE and status["left"] == 10_000 - PRICE
+    assert status["spent"] == PRICE and status["left"] == BUDGET - PRICE
     assert status["perPayee"] == {env.payee.lower(): PRICE}
     grant = status["grant"]
-    assert grant["windowOpen"] is True and grant["maxPerCall"] == CAP and grant["deposit"] == 0
-    assert grant["onChain"]["live"] is False  # this grant was never relayed: the chain says so
+    assert grant["payer"] == env.owner and grant["windowOpen"] is True and grant["maxPerCall"] == CAP
+    assert grant["deposit"] == DEPOSIT - PRICE
+    assert grant["onChain"]["live"] is True and grant["onChain"]["spent"] == PRICE
+    assert grant["onChain"]["budget"] == BUDGET
 
 
 async def test_list_offers_says_what_it_costs(env: Env) -> None:
