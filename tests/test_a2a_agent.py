@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from escrow import Chain as EscrowChain
 from escrow import DevnetState
 from examples.a2a_agent import build_app
 from gateway import MemoryStore
-from tests._gateways import Chain
+from tests._gateways import Chain, key_hex
 from tests._serving import serving
 from x402 import (
     A2A_X402_ERROR,
@@ -31,6 +32,7 @@ from x402 import (
 )
 from x402.client import PaymentAuth, SpendPolicy
 from x402.client_a2a import A2aPayer, task_metadata
+from x402.client_escrow import SessionKeyWallet
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
@@ -178,3 +180,24 @@ async def test_policy_refuses_before_signing(env: Env) -> None:
         await A2aPayer(tight).send_text(env.client, "too expensive")
     assert tight.policy.reserved == tight.policy.spent == 0
     assert A2A_X402_EXTENSIONS  # both URIs requested by the payer's context
+
+
+async def test_the_orchestrators_session_wallet_pays_a_task_through_the_escrow(
+    env: Env, devnet: DevnetState, tmp_path: Path
+) -> None:
+    """The same session-key wallet file `agentpay mcp` serves pays an A2A task, from the owner's deposit."""
+    owner = await env.chain.key()
+    await env.chain.mint(owner.address, 1_000_000)
+    path = tmp_path / "orchestrator.session.json"
+    async with EscrowChain.from_devnet(devnet, relayer=key_hex(await env.chain.key())) as owner_side:
+        file = await owner_side.open_session(owner, max_per_call="$0.005", budget="$0.05", deposit="$0.1")
+        file.dump(path)
+        before = await owner_side.escrow.deposit_of(owner.address, devnet.contracts["usdc"])
+        wallet = SessionKeyWallet.load(path)
+        auth = PaymentAuth(wallet, SpendPolicy(max_per_call="$0.005", total_budget="$0.05"))
+        paid = await A2aPayer(auth).send_text(env.client, "paid from the escrow")
+        assert paid.completed and paid.answer == "4 words"
+        assert paid.offer is not None and paid.offer.scheme == "escrow"
+        assert isinstance(paid.receipt, SettleResponse) and paid.receipt.success
+        after = await owner_side.escrow.deposit_of(owner.address, devnet.contracts["usdc"])
+    assert before - after == PRICE
