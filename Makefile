@@ -4,14 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PEERS  := .venv-peers
 MCP_PEERS := .venv-mcp-peers
+NODE_PEERS := tests/peers/node
 STAMP_PY    := $(VENV)/.installed
 STAMP_NODE  := node_modules/.installed
 STAMP_PEERS := $(PEERS)/.installed
 STAMP_MCP_PEERS := $(MCP_PEERS)/.installed
+STAMP_NODE_PEERS := $(NODE_PEERS)/node_modules/.installed
 
 .PHONY: setup demo test lint typecheck contracts contracts-check forge-test pytest clean
 
-setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS)
+setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS)
 
 $(STAMP_PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,12 @@ $(STAMP_MCP_PEERS): tests/peers/requirements-mcp.txt
 	$(PYTHON) -m venv $(MCP_PEERS)
 	$(MCP_PEERS)/bin/pip install -q --upgrade pip
 	$(MCP_PEERS)/bin/pip install -q -r tests/peers/requirements-mcp.txt
+	touch $@
+
+# mppx's MCP client (MPP over MCP) for the MCP interop test: its own package.json and lock, so the project's
+# toolchain (anvil, forge, solc-js) stays as pinned.
+$(STAMP_NODE_PEERS): $(NODE_PEERS)/package.json $(NODE_PEERS)/package-lock.json
+	cd $(NODE_PEERS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 demo: $(STAMP_PY) $(STAMP_NODE)
@@ -61,8 +69,8 @@ contracts-check: $(STAMP_NODE)
 forge-test: $(STAMP_NODE)
 	cd contracts && ../node_modules/.bin/forge test --offline
 
-pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS)
+pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(PEERS) $(MCP_PEERS) node_modules contracts/out contracts/cache .agentpay
+	rm -rf $(VENV) $(PEERS) $(MCP_PEERS) $(NODE_PEERS)/node_modules node_modules contracts/out contracts/cache .agentpay

@@ -8,8 +8,9 @@ the `PaymentRequired` in `structuredContent` and again as JSON in `content[0].te
 (`{"paymentPayload": ...}` / `{"settlementResponse": ...}`); servers accept both.
 
 MPP (`draft-payment-transport-mcp-00`): a JSON-RPC error `-32042` whose `data.challenges` lists challenges
-with a native-JSON `request`; the credential is `params._meta["org.paymentauth/credential"]` =
-`{"challenge": <echoed>, "payload": ..., "source"?}`, the receipt `result._meta["org.paymentauth/receipt"]`.
+with a native-JSON `request` (`opaque` stays base64url); the credential is
+`params._meta["org.paymentauth/credential"]` = `{"challenge": <echoed>, "payload": ..., "source"?}`, the
+receipt `result._meta["org.paymentauth/receipt"]`.
 mppx also reads the `-32042` data from `result._meta["org.paymentauth/payment-required"]` of a successful
 result. `-32042` is also MCP 2025-11-25's `URLElicitationRequiredError`: the payload tells them apart
 (`data.challenges` is MPP, `data.elicitations` is an elicitation, `data.x402` or a bare `PaymentRequired` is
@@ -89,7 +90,8 @@ def _native(value: Any, what: str) -> dict[str, Any]:
 
 
 def mpp_challenge_to_json(challenge: MppChallenge) -> dict[str, Any]:
-    """An MPP challenge as MCP carries it: `request` (and `opaque`) as native JSON objects."""
+    """An MPP challenge as MCP carries it: `request` as a native JSON object, `opaque` as the base64url
+    string the client must echo unmodified (as mppx reads it)."""
     out: dict[str, Any] = {
         "id": challenge.id,
         "realm": challenge.realm,
@@ -97,13 +99,10 @@ def mpp_challenge_to_json(challenge: MppChallenge) -> dict[str, Any]:
         "intent": challenge.intent,
         "request": challenge.request_json(),
     }
-    for name in ("description", "digest", "expires"):
+    for name in ("description", "digest", "expires", "opaque"):
         value = getattr(challenge, name)
         if value is not None:
             out[name] = value
-    opaque = challenge.opaque_json()
-    if opaque is not None:
-        out["opaque"] = opaque
     return out
 
 
