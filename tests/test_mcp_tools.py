@@ -14,8 +14,8 @@ import pytest
 from mcp import Client
 from mcp.client import advertise
 from mcp.server.mcpserver import MCPServer
-from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, TextContent
+from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
+from mcp_types import CallToolResult, ElicitRequestURLParams, TextContent
 from pydantic import BaseModel
 
 from escrow import Chain as EscrowChain
@@ -35,12 +35,13 @@ from x402 import (
     MPP_VERIFICATION_FAILED,
     X402_EXTENSION,
     X402_PAYMENT_META,
+    LocalSigner,
     MppReceipt,
     Reason,
     SettleResponse,
     SpendPolicyViolation,
 )
-from x402.client import PaymentAuth, SpendPolicy
+from x402.client import Eip3009Wallet, PaymentAuth, SpendPolicy
 from x402.client_mcp import McpPayer, mcp_offers, mcp_payment_meta
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
@@ -256,3 +257,23 @@ async def test_structured_content_without_output_schema_metering_hook_and_unboun
     finally:
         await rpc.aclose()
     assert ran == []  # nothing ran unpaid
+
+
+async def test_a_url_elicitation_is_not_taken_for_a_payment() -> None:
+    """-32042 is also MCP 2025-11-25's URL elicitation: the payer re-raises it untouched, pays nothing."""
+    server = MCPServer("elicits")
+
+    @server.tool()
+    def login() -> str:
+        raise UrlElicitationRequiredError(
+            [ElicitRequestURLParams(message="sign in", url="https://example.com/auth", elicitation_id="e1")]
+        )
+
+    policy = SpendPolicy(max_per_call=10_000)
+    payer = McpPayer(PaymentAuth(Eip3009Wallet(LocalSigner.random(), 31337, {}), policy))
+    async with Client(server) as session:
+        with pytest.raises(MCPError) as raised:
+            await payer.call_tool(session, "login")
+    assert raised.value.code == MPP_PAYMENT_REQUIRED
+    assert raised.value.data["elicitations"][0]["elicitationId"] == "e1"
+    assert policy.spent == policy.reserved == 0
