@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from x402 import (
+    MPP_CREDENTIAL_META,
     MPP_PAYMENT_REQUIRED,
     X402_EXTENSION,
     X402_PAYMENT_META,
@@ -140,3 +141,25 @@ def test_integral_undoes_a_struct_round_trip(value: Any) -> None:
         return {k: as_struct(x) for k, x in v.items()}
 
     assert integral(as_struct(value)) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    meta=st.dictionaries(
+        st.sampled_from([X402_PAYMENT_META, X402_EXTENSION, MPP_CREDENTIAL_META, "other"]),
+        _wild | st.dictionaries(st.sampled_from(["paymentPayload", "challenge", "payload"]), _wild),
+    )
+)
+def test_any_meta_is_a_credential_none_or_a_400(meta: dict[str, Any]) -> None:
+    """What a paid tool reads from `_meta`: one credential, none, or a 400-class refusal; nothing else."""
+    from gateway import PaymentFailed
+    from gateway._mcp import _find_credential
+
+    try:
+        found = _find_credential(meta)
+    except PaymentFailed as exc:
+        assert exc.status_hint == 400
+        return
+    if found is not None:
+        binding, dialect, raw = found
+        assert (binding == "mpp") == (dialect == "mpp") and isinstance(raw, bytes)
