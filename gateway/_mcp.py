@@ -12,6 +12,8 @@ answered in both bindings at once:
   match the tool's `outputSchema` when it has one, or left out when it cannot: see `_structured`) and as
   JSON in `content[0].text`, and the MPP `-32042` data in `_meta["org.paymentauth/payment-required"]` (mppx's
   fallback for servers that answer with results);
+- to a client that advertised the x402 extension (`org.x402/payment`, MCP 2026-07-28), its binding:
+  `{"resultType": "payment_required", "paymentRequired": ...}` (MPP's data in `_meta` again);
 - to a client that announces MPP (`capabilities.experimental.payment`, or the `org.paymentauth/payment`
   extension), a JSON-RPC error `-32042` whose `data` has the MPP `challenges` and the x402 `PaymentRequired`
   under `x402`.
@@ -63,6 +65,7 @@ from x402 import (
     parse_receipt,
     x402_payment_in,
 )
+from x402.client_mcp import PaymentRequiredResult
 
 from ._errors import PaymentFailed
 from ._middleware import PaymentMiddleware
@@ -229,10 +232,12 @@ class PaidTools(Extension):
         ctx: ServerRequestContext[Any, Any],
         meta: Mapping[str, Any],
         schema: dict[str, Any] | None,
-    ) -> CallToolResult:
+    ) -> CallToolResult | PaymentRequiredResult:
         detail = f"payment is required for the tool {quote.path}"
         required = self._payment_required(quote, offers, "payment required")
         mpp = self._mpp_data(quote, offers, detail=detail)
+        if _advertised(ctx, meta, X402_EXTENSION):  # the x402 extension binding: preferred when offered
+            return PaymentRequiredResult(paymentRequired=required, _meta={MPP_REQUIRED_META: mpp})
         if _wants_mpp(ctx, meta):
             raise MCPError(MPP_PAYMENT_REQUIRED, "Payment Required", {**mpp, "x402": required})
         return _x402_result(required, schema, meta={MPP_REQUIRED_META: mpp})
@@ -337,13 +342,24 @@ def _find_credential(meta: Mapping[str, Any]) -> tuple[_Binding, Dialect, bytes]
         raise PaymentFailed(f"malformed payment: {exc}", code="invalid_payload", status_hint=400) from None
 
 
-def _wants_mpp(ctx: ServerRequestContext[Any, Any], meta: Mapping[str, Any]) -> bool:
-    """Whether the client announced MPP: per request (2026-07-28 `_meta` capabilities) or at initialize."""
+def _capabilities(ctx: ServerRequestContext[Any, Any], meta: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The client's capabilities: per request (2026-07-28 `_meta`) or from its initialize."""
     caps: Any = meta.get("io.modelcontextprotocol/clientCapabilities")
     if not isinstance(caps, Mapping):
         session_caps = getattr(ctx.session, "client_capabilities", None)
         caps = session_caps.model_dump(by_alias=True) if session_caps is not None else {}
-    experimental, extensions = caps.get("experimental"), caps.get("extensions")
-    return (isinstance(experimental, Mapping) and "payment" in experimental) or (
-        isinstance(extensions, Mapping) and MPP_EXTENSION in extensions
+    out: Mapping[str, Any] = caps
+    return out
+
+
+def _advertised(ctx: ServerRequestContext[Any, Any], meta: Mapping[str, Any], identifier: str) -> bool:
+    extensions = _capabilities(ctx, meta).get("extensions")
+    return isinstance(extensions, Mapping) and identifier in extensions
+
+
+def _wants_mpp(ctx: ServerRequestContext[Any, Any], meta: Mapping[str, Any]) -> bool:
+    """Whether the client announced MPP (`experimental.payment`, or the `org.paymentauth/payment` ext.)."""
+    experimental = _capabilities(ctx, meta).get("experimental")
+    return (isinstance(experimental, Mapping) and "payment" in experimental) or _advertised(
+        ctx, meta, MPP_EXTENSION
     )

@@ -42,7 +42,13 @@ from x402 import (
     SpendPolicyViolation,
 )
 from x402.client import Eip3009Wallet, PaymentAuth, SpendPolicy
-from x402.client_mcp import McpPayer, mcp_offers, mcp_payment_meta
+from x402.client_mcp import (
+    McpPayer,
+    PaymentRequiredResult,
+    X402McpExtension,
+    mcp_offers,
+    mcp_payment_meta,
+)
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
@@ -124,6 +130,19 @@ async def test_mpp_binding_pays_summarize_exactly_the_price(env: Env) -> None:
     assert paid.offer is not None and paid.offer.protocol == "mpp"
     assert isinstance(paid.receipt, MppReceipt) and paid.receipt.reference.startswith("0x")
     assert paid.receipt.challenge_id == paid.offer.challenge.id  # type: ignore[union-attr]
+    assert await env.chain.balance(env.payee) - before == PRICE
+
+
+async def test_x402_extension_binding_for_clients_that_advertise_it(env: Env) -> None:
+    """A client advertising `org.x402/payment` gets `resultType: payment_required` (claimed and resolved by
+    `X402McpExtension`), pays it, and gets the receipt; one that does not never sees that result type."""
+    before = await env.chain.balance(env.payee)
+    async with Client(env.url, extensions=[X402McpExtension()]) as session:
+        raw = await session.session.call_tool("summarize", {"text": "x"}, allow_claimed=True)
+        assert isinstance(raw, PaymentRequiredResult) and raw.payment_required["accepts"]
+        assert MPP_REQUIRED_META in (raw.meta or {})
+        paid = await McpPayer(env.auth).call_tool(session, "summarize", {"text": "extension binding"})
+    assert isinstance(paid.receipt, SettleResponse) and paid.receipt.success
     assert await env.chain.balance(env.payee) - before == PRICE
 
 

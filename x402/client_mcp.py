@@ -15,6 +15,9 @@ returns (x402 result) or raises (MPP `MCPError`) the server's answer. A `-32042`
 (`data.elicitations`) is not a payment and is re-raised untouched.
 
 To be answered in MPP's JSON-RPC binding, announce it: `Client(url, extensions=[advertise(MPP_EXTENSION)])`.
+For x402's extension binding (`resultType: "payment_required"`, MCP 2026-07-28), construct the client with
+`X402McpExtension()`: it advertises `org.x402/payment` and turns that result into the `isError` form the
+payer reads.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 from mcp import Client
+from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, RequestParamsMeta, TextContent
+from mcp_types import CallToolResult, RequestParamsMeta, Result, TextContent
+from pydantic import Field
 
 from ._codec import json_decode, json_encode
 from ._errors import X402Error
@@ -46,7 +51,46 @@ from ._mpp import MppCredential, MppReceipt
 from ._types import PaymentPayload, PaymentRequired, SettleResponse
 from .client import Credential, Offer, PaymentAuth, Receipt, _mpp_offer, offers_from_payment_required
 
-__all__ = ["McpPayer", "PaidToolCall", "mcp_offers", "mcp_payment_meta", "mcp_receipt"]
+__all__ = [
+    "McpPayer",
+    "PaidToolCall",
+    "PaymentRequiredResult",
+    "X402McpExtension",
+    "mcp_offers",
+    "mcp_payment_meta",
+    "mcp_receipt",
+]
+
+
+class PaymentRequiredResult(Result):
+    """x402's MCP extension binding: `{"resultType": "payment_required", "paymentRequired": {...}}`, which
+    a server may send only to a client that advertised `org.x402/payment`."""
+
+    result_type: Literal["payment_required"] = "payment_required"
+    payment_required: dict[str, Any] = Field(alias="paymentRequired")
+
+
+async def _as_tool_error(result: PaymentRequiredResult, ctx: ClaimContext) -> CallToolResult:
+    del ctx
+    required = result.payment_required
+    text = json_encode(required).decode()
+    return CallToolResult(
+        is_error=True,
+        structured_content=required,
+        content=[TextContent(type="text", text=text)],
+        _meta=result.meta,
+    )
+
+
+class X402McpExtension(ClientExtension):
+    """Advertises `org.x402/payment` and claims its `payment_required` results (as the `isError` form)."""
+
+    identifier = X402_EXTENSION
+
+    def claims(self) -> list[ResultClaim[Any]]:
+        return [
+            ResultClaim(result_type="payment_required", model=PaymentRequiredResult, resolve=_as_tool_error)
+        ]
 
 
 @dataclass(frozen=True, slots=True)
