@@ -17,8 +17,10 @@ from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, Rou
 from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
+    ClaimLost,
     MemoryStore,
     PaymentStore,
+    Purged,
     QueueStats,
     Settlement,
     SettlementState,
@@ -38,6 +40,7 @@ __all__ = [
     "Asset",
     "Attempt",
     "Challenger",
+    "ClaimLost",
     "ConfigurationError",
     "Dialect",
     "Event",
@@ -57,6 +60,7 @@ __all__ = [
     "Presented",
     "Price",
     "PriceFunction",
+    "Purged",
     "QueueStats",
     "Quote",
     "RouteTable",
