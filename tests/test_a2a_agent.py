@@ -12,6 +12,7 @@ import httpx
 import pytest
 from a2a.client import Client, ClientConfig, create_client
 from a2a.types import TaskState
+from a2a.utils.errors import UnsupportedOperationError
 
 from escrow import Chain as EscrowChain
 from escrow import DevnetState
@@ -108,7 +109,7 @@ async def test_replayed_payment_fails_the_task_and_charges_once(env: Env) -> Non
     """A payload that paid one task, presented on a second task: DUPLICATE_NONCE, nothing charged twice."""
     before = await env.chain.balance(env.payee)
     payer = A2aPayer(env.auth)
-    captured: list[dict[str, object]] = []
+    captured: list[tuple[dict[str, object], str, str]] = []
     original = payer._send
 
     async def spy(client: Client, message: object) -> object:
@@ -116,12 +117,12 @@ async def test_replayed_payment_fails_the_task_and_charges_once(env: Env) -> Non
 
         meta = MessageToDict(message.metadata) if message.HasField("metadata") else {}  # type: ignore[attr-defined]
         if A2A_X402_PAYLOAD in meta:
-            captured.append(meta)
+            captured.append((meta, message.task_id, message.context_id))  # type: ignore[attr-defined]
         return await original(client, message)  # type: ignore[arg-type]
 
     payer._send = spy  # type: ignore[method-assign]
     assert (await payer.send_text(env.client, "first task")).completed
-    (payment,) = captured
+    ((payment, first_id, first_context),) = captured
 
     # A second task; answer its payment-required with the first task's payment.
     from a2a.helpers.proto_helpers import new_text_part
@@ -145,7 +146,20 @@ async def test_replayed_payment_fails_the_task_and_charges_once(env: Env) -> Non
     assert meta[A2A_X402_STATUS] == "payment-failed" and meta[A2A_X402_ERROR] == "DUPLICATE_NONCE"
     assert meta[A2A_X402_RECEIPTS][0]["success"] is False
     assert not failed.artifacts  # no work delivered unpaid
+
+    # The same payment again on the task it already paid: that task is over; nothing runs or settles again.
+    again = Message(
+        message_id="m-4",
+        role=Role.ROLE_USER,
+        task_id=first_id,
+        context_id=first_context,
+        parts=[new_text_part("payment")],
+        metadata=payment,
+    )
+    with pytest.raises(UnsupportedOperationError, match="terminal state"):
+        await original(env.client, again)
     assert await env.chain.balance(env.payee) - before == PRICE
+    assert (await env.store.stats()).settled == 1
 
 
 @pytest.mark.parametrize(
