@@ -245,6 +245,39 @@ def _settlements(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_settlements_run)
 
 
+# -- agentpay mcp
+
+
+def _mcp_run(args: argparse.Namespace) -> int:
+    from x402 import X402Error
+
+    from ._wallet_mcp import load_wallet_tools  # needs the `mcp` package: imported only here
+
+    try:
+        tools = load_wallet_tools(
+            args.wallet, rpc_url=args.rpc, max_per_call=args.max_per_call, budget=args.budget
+        )
+    except X402Error as exc:  # a bad wallet file or amount: one error line, like every other failure
+        raise GatewayError(exc.message, code=exc.code) from None
+    tools.server().run("stdio")  # stdout is the protocol's: nothing else is printed
+    return 0
+
+
+@command(
+    "mcp", help="serve a session-key wallet to MCP hosts over stdio (fetch_paid, list_offers, spend_status)"
+)
+def _mcp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wallet", required=True, help="session wallet file the owner wrote (keep it private)"
+    )
+    parser.add_argument("--rpc", help="node URL for the escrow deposit and grant (default: the wallet's)")
+    parser.add_argument(
+        "--max-per-call", help="a tighter per-call cap than the grant's ($0.01 or atomic units)"
+    )
+    parser.add_argument("--budget", help="a tighter total budget than the grant's ($1 or atomic units)")
+    parser.set_defaults(func=_mcp_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="agentpay", description="agentpay: agent-to-agent payments over x402 and MPP")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(_COMMANDS) + "}")
