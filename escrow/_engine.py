@@ -12,8 +12,8 @@ warning line, and the `on_outcome` callback. A scheme adds only its part, a `Sch
 - `name` (log label), `malformed` (dead code of an undecodable payload), `decode(raw) -> payment`;
 - `async submit(engine, jobs) -> outcomes`: send a batch of (item, payment) jobs and judge the receipts;
 - `async reconcile(engine, jobs) -> outcomes`: recovery, record what the chain already shows, never send;
-- `outcome(job, status, ...)`: the `SettleOutcome` of a job (amount, payer, payee, ...);
-- `retry_at(payment, now=, delay=)` / `gives_up(payment, now)`: when a failed job is tried again, or never;
+- `parties(payment)`: amount, payer, payee (and signer) for the job's `SettleOutcome`;
+- `retry_at(engine, payment, delay=)` / `gives_up(payment, now)`: when a failed job is tried again, or never;
 - `on_settled(engine, job)` / `on_dead(engine, job, recorded=)`: counters to move (reservations, spend).
 
 Inside `submit` / `reconcile` a part reports through `engine.settled(jobs, tx_hash, status)`,
@@ -28,13 +28,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, Literal, Protocol, TypeAlias, TypeVar
+from typing import Generic, Literal, NamedTuple, Protocol, TypeAlias, TypedDict, TypeVar
 
 import msgspec
 
 from ._queue import QueuedItem, SettlementQueue
 
-__all__ = ["Job", "SchemeSettlement", "SettleOutcome", "SettlementEngine", "Status"]
+__all__ = [
+    "EngineOptions",
+    "Job",
+    "Parties",
+    "SchemeSettlement",
+    "SettleOutcome",
+    "SettlementEngine",
+    "Status",
+]
 
 log = logging.getLogger("agentpay.settler")
 
@@ -50,6 +58,15 @@ class SettleOutcome(msgspec.Struct, frozen=True, kw_only=True):
     amount: int = 0
     payer: str = ""
     payee: str = ""
+    signer: str = ""
+
+
+class Parties(NamedTuple):
+    """Who pays whom how much, for a payment's `SettleOutcome`."""
+
+    amount: int
+    payer: str
+    payee: str
     signer: str = ""
 
 
@@ -70,13 +87,27 @@ class SchemeSettlement(Protocol[P, Q]):
 
     async def submit(self, engine: SettlementEngine[P, Q], jobs: list[Job[P]]) -> list[SettleOutcome]: ...
     async def reconcile(self, engine: SettlementEngine[P, Q], jobs: list[Job[P]]) -> list[SettleOutcome]: ...
-    def outcome(
-        self, job: Job[P], status: Status, *, code: str = "", tx_hash: str = "", gas: int = 0
-    ) -> SettleOutcome: ...
-    def retry_at(self, payment: P, *, now: float, delay: float) -> float: ...
+    def parties(self, payment: P) -> Parties: ...
+    def retry_at(self, engine: SettlementEngine[P, Q], payment: P, *, delay: float) -> float: ...
     def gives_up(self, payment: P, now: float) -> bool: ...
     async def on_settled(self, engine: SettlementEngine[P, Q], job: Job[P]) -> None: ...
     async def on_dead(self, engine: SettlementEngine[P, Q], job: Job[P], *, recorded: bool) -> None: ...
+
+
+class EngineOptions(TypedDict, total=False):
+    """The engine's knobs, as keywords of every settler (each scheme has its own defaults)."""
+
+    kind: str  # the store queue drained
+    batch_size: int  # a batch is settled when it holds this many items...
+    max_age: float  # ...or its oldest item is this many seconds old
+    tick: float  # seconds between steps of `run`
+    lease_seconds: float  # how long a leased item is ours before another settler may take it
+    receipt_timeout: float  # how long a sent transaction's receipt is awaited
+    retry_base: float  # backoff after the first failure, doubling with each attempt...
+    retry_cap: float  # ...up to this
+    max_attempts: int | None  # failures after which an item is dead (None: the scheme decides)
+    on_outcome: Callable[[SettleOutcome], Awaitable[None] | None] | None  # told every settled outcome
+    clock: Callable[[], float]
 
 
 class SettlementEngine(Generic[P, Q]):
@@ -88,8 +119,8 @@ class SettlementEngine(Generic[P, Q]):
         scheme: SchemeSettlement[P, Q],
         *,
         kind: str,
-        batch_size: int,
-        max_age: float,
+        batch_size: int = 32,
+        max_age: float = 1.0,
         tick: float = 0.05,
         lease_seconds: float = 120.0,
         receipt_timeout: float = 30.0,
@@ -113,6 +144,7 @@ class SettlementEngine(Generic[P, Q]):
         self.on_outcome = on_outcome
         self.clock = clock
         self._buffer: list[QueuedItem] = []
+        self.paid = 0  # payments settled by this engine's own transactions
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -190,6 +222,22 @@ class SettlementEngine(Generic[P, Q]):
 
     # -- outcomes, recorded under each item's lease --------------------------------------------------------
 
+    def outcome(
+        self, job: Job[P], status: Status, *, code: str = "", tx_hash: str = "", gas: int = 0
+    ) -> SettleOutcome:
+        amount, payer, payee, signer = self.scheme.parties(job[1])
+        return SettleOutcome(
+            key=job[0].key,
+            status=status,
+            code=code,
+            tx_hash=tx_hash,
+            gas=gas,
+            amount=amount,
+            payer=payer,
+            payee=payee,
+            signer=signer,
+        )
+
     def backoff(self, attempts: int) -> float:
         """Seconds before a job that failed `attempts` times is tried again."""
         return min(self.retry_cap, self.retry_base * 2.0 ** min(max(attempts - 1, 0), 30))
@@ -206,9 +254,11 @@ class SettlementEngine(Generic[P, Q]):
     ) -> list[SettleOutcome]:
         """`jobs` landed in `tx_hash`: move the scheme's counters, then record them settled."""
         out = []
+        if status == "settled":
+            self.paid += len(jobs)
         for job in jobs:
             await self.scheme.on_settled(self, job)
-            out.append(self.scheme.outcome(job, status, tx_hash=tx_hash, gas=gas))
+            out.append(self.outcome(job, status, tx_hash=tx_hash, gas=gas))
         by_lease: dict[str | None, list[str]] = {}
         for item, _ in jobs:  # a batch may hold items of several leases
             by_lease.setdefault(item.lease_token, []).append(item.key)
@@ -222,9 +272,9 @@ class SettlementEngine(Generic[P, Q]):
         code = error.split(":", 1)[0]
         if not self.may_retry(job):
             return await self.dead(job, code, f"gave up after {item.attempts} attempts: {error}")
-        retry_at = self.scheme.retry_at(payment, now=self.clock(), delay=self.backoff(item.attempts))
+        retry_at = self.scheme.retry_at(self, payment, delay=self.backoff(item.attempts))
         await self.store.mark_failed(item.key, error=error, retry_at=retry_at, lease=item.lease_token)
-        return self.scheme.outcome(job, "retry", code=code)
+        return self.outcome(job, "retry", code=code)
 
     async def dead(self, job: Job[P], code: str, detail: str, *, tx_hash: str = "") -> SettleOutcome:
         """A dead letter: never tried again; the store's `error` says why (`"<code>: <detail>"`)."""
@@ -233,4 +283,4 @@ class SettlementEngine(Generic[P, Q]):
             item.key, error=f"{code}: {detail}", retry_at=None, lease=item.lease_token
         )
         await self.scheme.on_dead(self, job, recorded=recorded)
-        return self.scheme.outcome(job, "dead", code=code, tx_hash=tx_hash)
+        return self.outcome(job, "dead", code=code, tx_hash=tx_hash)

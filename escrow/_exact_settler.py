@@ -34,18 +34,19 @@ import asyncio
 import os
 import re
 import signal
-import time
-from collections.abc import Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from x402 import Eip712Domain, ExactEvmPayload, Reason
 
-from ._engine import Job, SettlementEngine, SettleOutcome, Status
+from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome
 from ._exact import AUTHORIZATION_USED_TOPIC, ExactEvm, authorization_state_calldata, has_transfer
 from ._queue import SettlementQueue
 from ._rpc import ChainError, Receipt
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "KIND",
@@ -149,16 +150,12 @@ class ExactSettlement:
     name = KIND
     malformed = "exact_payment_malformed"
 
-    def __init__(
-        self, exact: ExactEvm, *, expiry_margin: float, lookback_blocks: int, retry_base: float
-    ) -> None:
+    def __init__(self, exact: ExactEvm, *, expiry_margin: float, lookback_blocks: int) -> None:
         self.exact = exact
         self.rpc = exact.relayer.rpc  # everything after verification goes where the relayer sends
         self.expiry_margin = expiry_margin  # a transfer must be mined before validBefore: keep this much
         self.lookback_blocks = lookback_blocks
-        self.retry_base = retry_base
         self.sent = 0  # transactions this settler broadcast
-        self.paid = 0  # payments settled by them
         self.batches: list[int] = []  # transactions per batch
 
     def decode(self, raw: bytes) -> ExactPayment:
@@ -337,7 +334,6 @@ class ExactSettlement:
             elif not receipt.ok:
                 reverted.append((w, tx_hash))
             elif has_transfer(receipt, w[1].asset, w[1].payload.authorization):
-                self.paid += 1
                 out.extend(await engine.settled([w], tx_hash, "settled"))
             else:
                 detail = f"in {tx_hash}"
@@ -365,16 +361,16 @@ class ExactSettlement:
         await engine.store.mark_failed(
             w[0].key, error=error, retry_at=valid_before + 1.0, lease=w[0].lease_token
         )
-        return self.outcome(w, "retry", code="exact_unsettled")
+        return engine.outcome(w, "retry", code="exact_unsettled")
 
     async def _dead(self, engine: Engine, w: Work, code: str, detail: str) -> SettleOutcome:
         auth = w[1].payload.authorization
         who = f"{auth.value} of {w[1].asset} from {auth.from_} to {auth.to} (nonce {auth.nonce})"
         return await engine.dead(w, code, detail if code == NEVER_SETTLED else f"{detail}: lost {who}")
 
-    def retry_at(self, payment: ExactPayment, *, now: float, delay: float) -> float:
-        last = int(payment.payload.authorization.valid_before) - self.expiry_margin
-        return max(now + min(self.retry_base, delay), min(now + delay, last))  # one try before it expires
+    def retry_at(self, engine: Engine, payment: ExactPayment, *, delay: float) -> float:
+        now, last = engine.clock(), int(payment.payload.authorization.valid_before) - self.expiry_margin
+        return max(now + min(engine.retry_base, delay), min(now + delay, last))  # one try before it expires
 
     def gives_up(self, payment: ExactPayment, now: float) -> bool:
         return False  # an expired authorization is dead before sending, with its own code (`_send`)
@@ -385,20 +381,12 @@ class ExactSettlement:
     async def on_dead(self, engine: Engine, job: Work, *, recorded: bool) -> None:
         await unreserve_once(engine.store, job[0].key, job[1])
 
-    def outcome(
-        self, job: Work, status: Status, *, code: str = "", tx_hash: str = "", gas: int = 0
-    ) -> SettleOutcome:
-        auth = job[1].payload.authorization
-        return SettleOutcome(
-            key=job[0].key,
-            status=status,
-            code=code,
-            tx_hash=tx_hash,
-            gas=gas,
-            amount=int(auth.value),
-            payer=auth.from_,
-            payee=auth.to,
-        )
+    def parties(self, payment: ExactPayment) -> Parties:
+        auth = payment.payload.authorization
+        return Parties(int(auth.value), auth.from_, auth.to)
+
+
+_DEFAULTS: Final[EngineOptions] = {"kind": KIND, "batch_size": 64, "max_age": 0.5, "retry_cap": 60.0}
 
 
 class ExactSettler(SettlementEngine[ExactPayment, ExactQueue]):
@@ -409,53 +397,23 @@ class ExactSettler(SettlementEngine[ExactPayment, ExactQueue]):
         store: ExactQueue,
         exact: ExactEvm,
         *,
-        kind: str = KIND,
-        batch_size: int = 64,
-        max_age: float = 0.5,
-        tick: float = 0.05,
-        lease_seconds: float = 120.0,
-        receipt_timeout: float = 30.0,
-        retry_base: float = 1.0,
-        retry_cap: float = 60.0,
         expiry_margin: float = 6.0,
         lookback_blocks: int = 500_000,
-        clock: Callable[[], float] = time.time,
+        **options: Unpack[EngineOptions],
     ) -> None:
-        self.part = ExactSettlement(
-            exact, expiry_margin=expiry_margin, lookback_blocks=lookback_blocks, retry_base=retry_base
-        )
-        super().__init__(
-            store,
-            self.part,
-            kind=kind,
-            batch_size=batch_size,
-            max_age=max_age,
-            tick=tick,
-            lease_seconds=lease_seconds,
-            receipt_timeout=receipt_timeout,
-            retry_base=retry_base,
-            retry_cap=retry_cap,
-            clock=clock,
-        )
+        self.part = ExactSettlement(exact, expiry_margin=expiry_margin, lookback_blocks=lookback_blocks)
+        settings: EngineOptions = {**_DEFAULTS, **options}
+        super().__init__(store, self.part, **settings)
         self.exact = exact
         self.rpc = self.part.rpc
         self.expiry_margin = expiry_margin
         self.lookback_blocks = lookback_blocks
+        self.batches = self.part.batches  # transactions per batch
 
     @property
     def sent(self) -> int:
         """Transactions this settler broadcast."""
         return self.part.sent
-
-    @property
-    def paid(self) -> int:
-        """Payments settled by this settler's transactions."""
-        return self.part.paid
-
-    @property
-    def batches(self) -> list[int]:
-        """Transactions per batch."""
-        return self.part.batches
 
 
 def _who(payment: ExactPayment) -> tuple[str, str]:

@@ -22,20 +22,22 @@ pays once and the second submission reconciles to `settled_elsewhere`.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from x402._escrow import EscrowCode, EscrowPayload, reason_code
 
-from ._engine import Job, SettlementEngine, SettleOutcome, Status
+from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome, Status
 from ._escrow import AgentEscrow, EscrowEvent, topic_address
 from ._escrow_verify import EscrowClaim
 from ._queue import QueuedItem
 from ._queue import SettlementQueue as _BaseQueue
 from ._rpc import ChainError, Receipt, TxSender
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "EscrowSettlement",
@@ -111,7 +113,6 @@ class EscrowSettlement:
     def __init__(self, sender: TxSender) -> None:
         self.sender = sender
         self.gas_used = 0  # total over every batch this settler sent
-        self.paid = 0  # payments settled by this settler's transactions
         self.batches: list[tuple[int, int]] = []  # (payments, gasUsed) per transaction
 
     def decode(self, raw: bytes) -> EscrowClaim:
@@ -177,7 +178,6 @@ class EscrowSettlement:
             else:
                 out.append(await self.dead(engine, job, reason_code(reason), receipt.transaction_hash))
         if settled:
-            self.paid += len(settled)
             out.extend(
                 await engine.settled(settled, receipt.transaction_hash, "settled", gas=gas // len(group))
             )
@@ -243,8 +243,8 @@ class EscrowSettlement:
         )
         return await engine.dead(job, code, detail, tx_hash=tx_hash)
 
-    def retry_at(self, payment: EscrowClaim, *, now: float, delay: float) -> float:
-        return now + delay
+    def retry_at(self, engine: Engine, payment: EscrowClaim, *, delay: float) -> float:
+        return engine.clock() + delay
 
     def gives_up(self, payment: EscrowClaim, now: float) -> bool:
         return int(payment.payload.payment.deadline) <= now
@@ -266,22 +266,9 @@ class EscrowSettlement:
             if account is not None:
                 await engine.store.sub_pending(account, int(claim.payload.payment.amount))
 
-    def outcome(
-        self, job: Pair, status: Status, *, code: str = "", tx_hash: str = "", gas: int = 0
-    ) -> SettleOutcome:
-        item, claim = job
-        p = claim.payload.payment
-        return SettleOutcome(
-            key=item.key,
-            status=status,
-            code=code,
-            tx_hash=tx_hash,
-            gas=gas,
-            amount=int(p.amount),
-            payer=p.payer,
-            payee=p.payee,
-            signer=claim.signer,
-        )
+    def parties(self, payment: EscrowClaim) -> Parties:
+        p = payment.payload.payment
+        return Parties(int(p.amount), p.payer, p.payee, payment.signer)
 
 
 async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEvent | None:
@@ -303,57 +290,29 @@ async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEven
     return None
 
 
+_DEFAULTS: Final[EngineOptions] = {
+    "kind": KIND,
+    "batch_size": 32,
+    "max_age": 2.0,
+    "retry_cap": 300.0,
+    "max_attempts": 20,
+}
+
+
 class EscrowSettler(SettlementEngine[EscrowClaim, SettlementQueue]):
     """Drains `escrow` claims from a store into batched `settle` transactions sent by `sender`."""
 
-    def __init__(
-        self,
-        store: SettlementQueue,
-        sender: TxSender,
-        *,
-        batch_size: int = 32,
-        max_age: float = 2.0,
-        tick: float = 0.05,
-        lease_seconds: float = 120.0,
-        receipt_timeout: float = 30.0,
-        retry_base: float = 1.0,
-        retry_cap: float = 300.0,
-        max_attempts: int = 20,
-        on_outcome: Callable[[SettleOutcome], Awaitable[None] | None] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, store: SettlementQueue, sender: TxSender, **options: Unpack[EngineOptions]) -> None:
         self.part = EscrowSettlement(sender)
-        super().__init__(
-            store,
-            self.part,
-            kind=KIND,
-            batch_size=batch_size,
-            max_age=max_age,
-            tick=tick,
-            lease_seconds=lease_seconds,
-            receipt_timeout=receipt_timeout,
-            retry_base=retry_base,
-            retry_cap=retry_cap,
-            max_attempts=max_attempts,
-            on_outcome=on_outcome,
-            clock=clock,
-        )
+        settings: EngineOptions = {**_DEFAULTS, **options}
+        super().__init__(store, self.part, **settings)
         self.sender = sender
+        self.batches = self.part.batches  # (payments, gasUsed) per transaction
 
     @property
     def gas_used(self) -> int:
-        """Total gas over every batch this settler sent."""
+        """Total gas over every transaction this settler sent."""
         return self.part.gas_used
-
-    @property
-    def paid(self) -> int:
-        """Payments settled by this settler's transactions."""
-        return self.part.paid
-
-    @property
-    def batches(self) -> list[tuple[int, int]]:
-        """(payments, gasUsed) per transaction."""
-        return self.part.batches
 
     find_settlement = staticmethod(find_settlement)
 
@@ -388,5 +347,5 @@ class EscrowSettler(SettlementEngine[EscrowClaim, SettlementQueue]):
         for event in escrow.decode_logs(receipt):
             if event.name == "PaymentFailed":
                 return receipt.transaction_hash, reason_code(int(event.args["reason"]))
-        self.part.paid += 1
+        self.paid += 1
         return receipt.transaction_hash, ""
