@@ -19,6 +19,8 @@ warning line, and the `on_outcome` callback. A scheme adds only its part, a `Sch
 Inside `submit` / `reconcile` a part reports through `engine.settled(jobs, tx_hash, status)`,
 `engine.retry(job, error)` and `engine.dead(job, code, detail)`. `exact` (EIP-3009) and `escrow` (batched
 `settle`) are parts today; channel and `upto` settlement would be two more, with no loop of their own.
+Each public settler (`ExactSettler`, `EscrowSettler`) is a `SettlementEngine` subclass that builds its
+part and passes its own defaults for the knobs (`EngineOptions`, the same keywords for every scheme).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ authorization's `validBefore`), `dead` (the payee's loss, with a reason code; or
 `exact:now` records, see `gateway._recovery`): it never sends, so a payment whose response never left is
 never charged by recovery; an authorization still unused is looked at again once it can no longer land.
 
+The loop (lease, batch, backoff, dead letters) is `escrow._engine.SettlementEngine`; this module is the
+`exact` part (`ExactSettlement`) and its reservation counters.
+
 Relayer keys: `TxSender` counts its account nonce in process, so every process that settles needs its own
 relayer key (several replicas sharing one would race on the account nonce).
 """

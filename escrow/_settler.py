@@ -18,6 +18,10 @@ Outcomes, per claim:
 
 The contract's nonce bitmap makes every path idempotent: a claim submitted twice, or by two settlers at once,
 pays once and the second submission reconciles to `settled_elsewhere`.
+
+`reconcile_items` is the record-only variant for `escrow:now` records a crashed gateway left open (see
+`gateway._recovery`): it never sends. The loop (lease, batch, backoff, retry cap, dead letters) is
+`escrow._engine.SettlementEngine`; this module is the `escrow` part (`EscrowSettlement`) and its counters.
 """
 
 from __future__ import annotations
