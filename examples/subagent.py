@@ -43,6 +43,8 @@ from escrow._rpc import Rpc, TxSender
 from gateway import Asset, ExactScheme, PaidRoute, PaymentMiddleware, PaymentStore, SettleMode
 from gateway._recovery import Recovery
 
+from ._discovery import DISCOVERY
+
 __all__ = ["PRICES", "Tuning", "build_app", "main"]
 
 PRICES = {"GET /hello": "$0.001", "GET /weather": "$0.002"}
@@ -167,6 +169,7 @@ def build_app(
         settle=settle,
         claim_ttl=tuning.claim_ttl,
         accept_pympp_challenge_hash=pympp_compat,
+        discovery=DISCOVERY,  # /openapi.json, /llms.txt, /discovery/resources
     )
     return paid
 

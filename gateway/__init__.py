@@ -5,9 +5,11 @@
 """
 
 from ._answers import Answer, Challenger, v1_network
+from ._discovery import Discovery
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
 from ._facilitator import facilitator_app
+from ._metrics import Metrics, payment_id
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
@@ -37,12 +39,14 @@ __all__ = [
     "Challenger",
     "ConfigurationError",
     "Dialect",
+    "Discovery",
     "Event",
     "ExactChain",
     "ExactScheme",
     "GatewayError",
     "InvalidTransition",
     "MemoryStore",
+    "Metrics",
     "MppOffer",
     "Offer",
     "PaidRoute",
@@ -70,6 +74,7 @@ __all__ = [
     "backoff",
     "facilitator_app",
     "open_store",
+    "payment_id",
     "to_atomic",
     "v1_network",
 ]

@@ -41,6 +41,7 @@ from x402 import (
 
 from ._answers import Challenger, Headers, receipt_headers, settle_failure_headers, v1_network
 from ._errors import GatewayError, PaymentFailed
+from ._metrics import PaymentObserver
 from ._pricing import Quote
 from ._scheme import Dialect, Offer, Presented, Scheme, Verified, in_flight_kind
 from ._state import Event, PaymentState, Tracker
@@ -139,6 +140,7 @@ class Paywall:
         self.pympp_compat = accept_pympp_challenge_hash
         self.clock = clock
         self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl)
+        self.observer: PaymentObserver | None = None  # telemetry; the middleware sets it
 
     def realm_for(self, host: str) -> str:
         return self.realm or host.rsplit(":", 1)[0] or "localhost"
@@ -162,6 +164,8 @@ class Paywall:
             else:
                 offer, presented = self._mpp(raw, quote, offers, host=host, now=now)
             attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
+            if self.observer is not None:
+                attempt.tracker.listener = self.observer.watch(attempt, quote)
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
             raise as_payment_failed(exc, during="verify") from exc
