@@ -5,6 +5,7 @@
 """
 
 from ._answers import Answer, Challenger, v1_network
+from ._dashboard import dashboard_app
 from ._discovery import Discovery
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
@@ -72,6 +73,7 @@ __all__ = [
     "Tracker",
     "Verified",
     "backoff",
+    "dashboard_app",
     "facilitator_app",
     "open_store",
     "payment_id",
