@@ -198,7 +198,7 @@ def _settlements(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_settlements_run)
 
 
-def _port(value: str) -> int:
+def _listen_port(value: str) -> int:
     if not value.isdigit() or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {value!r}")
     return int(value)
@@ -241,7 +241,9 @@ def _dashboard(parser: argparse.ArgumentParser) -> None:
         help="store URL: sqlite:///payments.db, postgresql://host/db?schema=x (default: $AGENTPAY_STORE)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8403, help="port (default: 8403; 0 picks a free one)")
+    parser.add_argument(
+        "--port", type=_listen_port, default=8403, help="port (default: 8403; 0 picks a free one)"
+    )
     parser.add_argument("--decimals", type=int, default=6, help="token decimals for display (default: 6)")
     parser.add_argument("--symbol", default="USDC", help="token symbol for display (default: USDC)")
     parser.set_defaults(func=_dashboard_run)
