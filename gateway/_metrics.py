@@ -13,8 +13,8 @@ the 402 to the payment. Other fields: `event`, `state`, `route`, `scheme`, `paye
 `Metrics` owns a Prometheus registry. Counters and the latency histogram are updated in process; the queue
 gauges (depth per state, age of the oldest due item, dead letters) are read from the store's `stats()` and
 `list_settlements` when `/metrics` is scraped, so they are the same on every replica sharing the store.
-Settlers report their outcomes (gas, latency of deferred settlements) through `Metrics.settle_outcome`,
-which has the signature `EscrowSettler(on_outcome=...)` expects.
+Settlers report their outcomes (gas, latency of deferred settlements) through `Metrics.settler_hook(store)`
+(the `EscrowSettler(on_outcome=...)` callback; call it on what `ExactSettler.step()` returns).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import Scope, Send
@@ -149,6 +149,19 @@ class Metrics:
                     "amount": outcome.amount,
                 },
             )
+
+    def settler_hook(self, store: PaymentStore) -> Callable[[SettleOutcome], Awaitable[None]]:
+        """`EscrowSettler(on_outcome=metrics.settler_hook(store))`, or call it on each outcome `step()`
+        returns: counts the outcome and its gas, and observes its latency from the queued item's age."""
+
+        async def hook(outcome: SettleOutcome) -> None:
+            try:
+                item = await store.get_settlement(outcome.key)
+            except Exception:  # metrics never fail a settlement
+                item = None
+            await self.settle_outcome(outcome, created_at=None if item is None else item.created_at)
+
+        return hook
 
     async def collect_store(self, store: PaymentStore) -> None:
         """Refresh the queue gauges from the store (at scrape time)."""

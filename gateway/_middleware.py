@@ -151,6 +151,11 @@ class PaymentMiddleware:
     (by its `Content-Length` or by the bytes the app sends) releases the payment uncharged and is answered
     502 (problem+json) without the content. Serve larger payloads from an unpriced URL the paid response
     names, or raise the limit.
+
+    Operator endpoints, off by default: `discovery=True` (or a `Discovery`) serves `/openapi.json`,
+    `/llms.txt` and `/discovery/resources` generated from `routes`; `metrics=True` (or a `Metrics`) serves
+    Prometheus metrics at `/metrics`. Payment log records (logger `agentpay.payments`) carry a `payment_id`
+    either way; see docs/operations.md.
     """
 
     def __init__(

@@ -129,13 +129,13 @@ async def test_queue_gauges_and_settler_outcomes_in_deferred_mode(deferred: Shop
     assert 0.3 <= value(m, "agentpay_settlement_queue_oldest_seconds") < 30
 
     queued = await shop.store.list_settlements(states=["queued"])
-    created = {item.key: item.created_at for item in queued}
     dead_key = queued[0].key  # an operator gives up on one: a dead letter
     await shop.store.mark_failed(dead_key, error="test: given up", retry_at=None)
     settler = ExactSettler(shop.store, shop.exact, max_age=0)
     outcomes = await settler.drain()
+    hook = shop.metrics.settler_hook(shop.store)
     for outcome in outcomes:
-        await shop.metrics.settle_outcome(outcome, created_at=created[outcome.key])
+        await hook(outcome)
     assert sorted(o.status for o in outcomes) == ["settled", "settled"]
 
     m = await scrape(shop)
@@ -161,8 +161,9 @@ async def test_payment_id_follows_an_mpp_payment_from_its_402_to_its_settlement(
     pid = payment_id(item.key)
     assert pid.startswith("pay_") and len(pid) == 20
     settler = ExactSettler(shop.store, shop.exact, max_age=0)
+    hook = shop.metrics.settler_hook(shop.store)
     for outcome in await settler.drain():
-        await shop.metrics.settle_outcome(outcome, created_at=item.created_at)
+        await hook(outcome)
 
     records = [r for r in caplog.records if r.name == "agentpay.payments"]
     (challenge,) = [r for r in records if getattr(r, "event", None) == "challenge"]
