@@ -193,9 +193,8 @@ class Metrics:
 class PaymentObserver:
     """Turns pipeline transitions into log records and (with `metrics`) counter updates."""
 
-    def __init__(self, metrics: Metrics | None = None, *, settle_mode: str = "before-response") -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
-        self.settle_mode = settle_mode
 
     def watch(self, attempt: Attempt, quote: Quote) -> Callable[[PaymentState, Event], None]:
         """The listener for one attempt's tracker."""

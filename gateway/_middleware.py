@@ -213,7 +213,7 @@ class PaymentMiddleware:
         config = Discovery() if discovery is True else discovery or None
         self.discovery = None if config is None else DiscoveryDocuments(config, self.routes, self.paywall)
         self.metrics = Metrics() if metrics is True else metrics or None
-        self.observer = PaymentObserver(self.metrics, settle_mode=self.paywall.settle_mode)
+        self.observer = PaymentObserver(self.metrics)
         self.paywall.observer = self.observer
 
     async def _serve_ops(self, scope: Scope, send: Send) -> bool:
