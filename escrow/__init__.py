@@ -3,9 +3,13 @@
 Contract artifacts (`load_artifact`), and the devnet: `Devnet` runs a local chain (anvil, or a py-evm node
 when anvil is absent) with EntryPoint v0.7 at its canonical address, TestUSDC and funded accounts, and
 describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that outlives its caller.
+
+`Chain` is the front door: a network description (`x402.Network`, from a file or a devnet), its node client
+and relayer; the gateway takes its schemes, settlers and recovery from it, an owner opens session keys.
 """
 
 from ._account import (
+    UNLIMITED_GAS_BUDGET,
     AgentAccount,
     AgentAccountFactory,
     ArgRule,
@@ -17,6 +21,7 @@ from ._account import (
 from ._account import sign_install_offline as sign_session_key_install_offline
 from ._account import sign_revoke_offline as sign_session_key_revoke_offline
 from ._artifacts import Artifact, ArtifactError, EscrowError, artifact_exists, load_artifact
+from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
 from ._devnet import (
     CREATE2_DEPLOYER,
     DEPLOYMENTS,
@@ -31,6 +36,7 @@ from ._devnet_node import DevnetError
 from ._escrow import AgentEscrow, Erc20, GrantInfo
 from ._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
 from ._exact import ExactEvm, ExactRejected
+from ._exact_settler import ExactSettler
 from ._grants import (
     SignedDeposit,
     SignedGrant,
@@ -48,6 +54,7 @@ from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSe
 from ._settler import EscrowSettler, SettleOutcome
 from ._userop import (
     Bundler,
+    Call,
     NonceLanes,
     OwnerKey,
     PackedUserOperation,
@@ -69,7 +76,10 @@ __all__ = [
     "artifact_exists",
     "ArtifactError",
     "Bundler",
+    "Call",
     "CallPermission",
+    "Chain",
+    "ChainConfigError",
     "ChainError",
     "Deployment",
     "deposit",
@@ -86,9 +96,12 @@ __all__ = [
     "EscrowVerifier",
     "ExactEvm",
     "ExactRejected",
+    "ExactSettler",
     "GrantCache",
     "GrantInfo",
     "load_artifact",
+    "load_network",
+    "network_of_devnet",
     "NonceLanes",
     "OwnerKey",
     "PackedUserOperation",
@@ -101,6 +114,7 @@ __all__ = [
     "Rpc",
     "SessionKey",
     "SessionPolicy",
+    "UNLIMITED_GAS_BUDGET",
     "SettleOutcome",
     "sign_deposit_authorization",
     "sign_deposit_permit",

@@ -2,7 +2,7 @@
 
     account = await AgentAccount.counterfactual(rpc, factory=factory_address, owner=owner.address)
     # ...fund account.address; the first operation deploys it through its initCode
-    policy = SessionPolicy(valid_until=now + 86400, permissions=(
+    policy = SessionPolicy(valid_until=now + 86400, gas_budget=10**16, permissions=(
         CallPermission.to(escrow, "pay(address,uint256,bytes32)", ArgRule.less_or_equal(1, cap)),
     ))
     await account.install_session_key(session.address, policy, owner=OwnerKey(owner), bundler=bundler)
@@ -70,6 +70,7 @@ __all__ = [
     "SignedSessionKeyInstall",
     "SignedSessionKeyRevoke",
     "StoredArgRule",
+    "UNLIMITED_GAS_BUDGET",
     "abi_word",
     "account_typed_data",
     "install_typed_data",
@@ -213,6 +214,7 @@ class CallPermission(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
     @classmethod
     def plain_transfer(cls, target: str, *, value_limit: int) -> CallPermission:
+        """Native transfers to `target` with empty calldata only (any calldata at all is refused)."""
         return cls(target=to_checksum_address(target), selector="0x00000000", value_limit=value_limit)
 
     def abi(self) -> tuple[Any, ...]:
@@ -232,17 +234,26 @@ class CallPermission(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
         }
 
 
+UNLIMITED_GAS_BUDGET: Final = 2**128 - 1
+"""The largest `gas_budget`: no cap on what the key's operations may spend on gas, said explicitly."""
+
+
 class SessionPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Everything a session key may do (`SessionPolicy` in `SessionKeyTypes.sol`); 0 means "no limit" for
-    `valid_until`, `max_uses`, `interval` (with `max_uses_per_interval`) and `gas_budget`."""
+    `valid_until`, `max_uses` and `interval` (with `max_uses_per_interval`).
+
+    `gas_budget` (wei of worst-case UserOperation cost over the key's life) is required and nonzero, as the
+    account requires it at install: a key that bundles its own operations picks their fee rate and collects
+    the fees, so a key without a budget could turn the account's ETH into fees paid to itself. Pass
+    `UNLIMITED_GAS_BUDGET` only for a key you would trust with the account's whole ETH balance."""
 
     permissions: tuple[CallPermission, ...]
+    gas_budget: int
     valid_after: int = 0
     valid_until: int = 0
     max_uses: int = 0
     interval: int = 0
     max_uses_per_interval: int = 0
-    gas_budget: int = 0
 
     def __post_init__(self) -> None:
         if not self.permissions:
@@ -251,6 +262,11 @@ class SessionPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
             raise ValueError("valid_until is before valid_after")
         if (self.interval == 0) != (self.max_uses_per_interval == 0):
             raise ValueError("interval and max_uses_per_interval go together")
+        if not 1 <= self.gas_budget <= UNLIMITED_GAS_BUDGET:
+            raise ValueError(
+                f"gas_budget must be in [1, 2**128 - 1] wei, not {self.gas_budget}: a session key"
+                " without a gas budget could spend the account's ETH on fees"
+            )
 
     def abi(self) -> tuple[Any, ...]:
         return (

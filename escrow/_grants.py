@@ -6,9 +6,13 @@ Everything an owner signs can be signed offline, with no node, and relayed by an
     signed.dump("grant.json")                                   # on the offline machine
     await relay_grant(escrow, relayer, SignedGrant.load("grant.json"))   # anywhere else
 
-A fresh session key's first grant is epoch 1, so the owner needs no chain state to sign it; a re-grant or a
-revoke names the epoch it creates or ends (`GrantInfo.epoch` + 1, or the current one). Deposits are relayed
-the same way with an EIP-3009 `ReceiveWithAuthorization` (to = the escrow) or an EIP-2612 permit.
+Epochs are the owner's version numbers for one session key's grants, and only go up: number every signed
+grant and revoke for a key from one increasing counter (1, 2, 3, ... or the signing time in seconds), so the
+owner needs no chain state to sign. A grant must be numbered above the key's current epoch (a fresh key's is
+0); a revoke through epoch N ends the live grant and refuses forever every grant numbered N or below, in
+whatever order a relayer submits them. To revoke, name at least the highest epoch you ever signed a grant with
+for that key: a renewal signed earlier and held by someone else then cannot outlive the revoke. Deposits are
+relayed the same way with an EIP-3009 `ReceiveWithAuthorization` (to = the escrow) or an EIP-2612 permit.
 
 When the payer is the owner's `AgentAccount` (the money lives in the smart account, not in the owner's EOA),
 pass `account=<its address>`: the payer becomes the account, and the owner signs the ERC-7739 nested form
@@ -105,6 +109,12 @@ class SignedDeposit(_File, frozen=True, kw_only=True):
     signature: str
 
 
+def _check_epoch(epoch: int) -> None:
+    # The contract refuses these too, but only once relayed: an offline file must be usable when signed.
+    if not 1 <= epoch <= 2**32 - 1:
+        raise EscrowError(f"epoch {epoch} is not in [1, 2**32 - 1]", code="invalid_epoch")
+
+
 def _check_target(escrow: AgentEscrow, signed: _File, chain_id: int) -> None:
     if signed.escrow.lower() != escrow.address.lower() or signed.chain_id != chain_id:
         raise EscrowError(
@@ -141,7 +151,9 @@ def sign_grant_offline(
     account: str | None = None,
 ) -> SignedGrant:
     """The owner's `grantWithSig` authorisation (the payer is the owner's address unless given). With
-    `account`, the payer is that `AgentAccount` of the owner, which signs through ERC-1271 (ERC-7739)."""
+    `account`, the payer is that `AgentAccount` of the owner, which signs through ERC-1271 (ERC-7739).
+    `epoch` must be above every epoch the owner signed for `signer` before (grant or revoke)."""
+    _check_epoch(epoch)
     if account is not None:
         if payer is not None and payer.lower() != account.lower():
             raise ValueError("with `account`, the payer is that account")
@@ -196,8 +208,10 @@ async def grant(escrow: AgentEscrow, payer: TxSender, message: GrantMessage) -> 
 def sign_revoke_offline(
     owner: Signer, *, chain_id: int, escrow: str, signer: str, epoch: int, account: str | None = None
 ) -> SignedRevoke:
-    """The owner's `revokeWithSig` for the grant currently at `epoch` (the grant of the owner's `account`,
-    signed through ERC-1271, when given)."""
+    """The owner's `revokeWithSig` of `signer` through `epoch` (for the owner's `account`, signed through
+    ERC-1271, when given): ends the live grant and refuses every grant numbered `epoch` or below, relayed
+    before or after it. Name at least the highest epoch you signed a grant with for `signer`."""
+    _check_epoch(epoch)
     escrow = to_checksum_address(escrow)
     signer = to_checksum_address(signer)
     domain = escrow_domain(chain_id, escrow)
@@ -231,8 +245,10 @@ async def relay_revoke(escrow: AgentEscrow, relayer: TxSender, signed: SignedRev
     return await _send(relayer, escrow.address, data)
 
 
-async def revoke(escrow: AgentEscrow, payer: TxSender, signer: str) -> Receipt:
-    return await _send(payer, escrow.address, escrow.abi.encode("revoke", signer))
+async def revoke(escrow: AgentEscrow, payer: TxSender, signer: str, *, epoch: int) -> Receipt:
+    """The payer revokes `signer` directly, through `epoch` (see `sign_revoke_offline`)."""
+    _check_epoch(epoch)
+    return await _send(payer, escrow.address, escrow.abi.encode("revoke", signer, epoch))
 
 
 # --------------------------------------------------------------------------------------------- deposits

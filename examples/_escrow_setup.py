@@ -22,25 +22,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from escrow._account import (
+from escrow import (
     AgentAccount,
+    AgentEscrow,
     ArgRule,
+    Call,
     CallPermission,
+    Erc20,
     SessionPolicy,
-    SignedSessionKeyInstall,
-    sign_install_offline,
-)
-from escrow._escrow import AgentEscrow, Erc20
-from escrow._grants import (
     SignedDeposit,
     SignedGrant,
+    SignedSessionKeyInstall,
+    TxSender,
     relay_deposit,
     relay_grant,
     sign_deposit_authorization,
     sign_grant_offline,
 )
-from escrow._rpc import TxSender
-from escrow._userop import Call
+from escrow import sign_session_key_install_offline as sign_install_offline
 from x402 import Eip712Domain, Signer
 
 __all__ = ["GrantTerms", "OfflineFiles", "relay", "sign_offline", "top_up_calls", "top_up_policy"]

@@ -2,11 +2,12 @@
 
     agent = SubAgent.escrow(state, name="summarizer", pay_to=account, settler_key=key, routes={"/x": 1_000})
     async with serving(agent):           # uvicorn on 127.0.0.1:<free port>, in this event loop
-        ...                              # agent.url; agent.store / agent.settler: the operator's view
+        ...                              # agent.url; agent.store / agent.batches: the operator's view
 
 An `escrow` sub-agent verifies each session-key payment (signature, grant, cap, budget: one `check` call),
-serves the request, and queues the claim; its own settler, running inside the app, submits the queued claims
-in one batched `settle` once the oldest is `max_age` seconds old, and pays that gas with the sub-agent's key.
+serves the request, and queues the claim; its settler, run by the middleware's lifespan, submits the queued
+claims in one batched `settle` once the oldest is `max_age` seconds old, paying the gas with the sub-agent's
+key.
 An `exact` sub-agent settles each EIP-3009 payment before it responds (one `transferWithAuthorization`).
 Either way the money goes to `pay_to`: here, the sub-agent's own counterfactual smart-account address.
 """
@@ -25,16 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from escrow import DevnetState
-from escrow._escrow import AgentEscrow
-from escrow._escrow_verify import EscrowVerifier, GrantCache
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
-from escrow._settler import EscrowSettler
-from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware, QueueStats, Scheme
-from gateway._escrow_scheme import EscrowScheme
+from escrow import Chain, DevnetState
+from gateway import MemoryStore, PaymentMiddleware, QueueStats, SettlementOptions
 
-__all__ = ["CREDIT_CALLS", "SubAgent", "demo_asset", "serving"]
+__all__ = ["CREDIT_CALLS", "SubAgent", "serving"]
 
 #: An escrow sub-agent's default credit limit, in calls of its dearest route: how much it serves one payer
 #: before that payer's earlier calls have settled. Past it, a call is settled before its response.
@@ -43,19 +38,9 @@ CREDIT_CALLS = 10
 Kind = Literal["escrow", "exact"]
 
 
-def demo_asset(state: DevnetState) -> Asset:
-    return Asset(
-        address=state.contracts["usdc"],
-        chain_id=state.chain_id,
-        name=state.usdc_name,
-        version=state.usdc_version,
-        decimals=state.usdc_decimals,
-    )
-
-
 class SubAgent:
-    """One sub-agent: a Starlette app with priced `GET` routes, its gateway, its store and (for `escrow`) its
-    settler. Build it with `SubAgent.escrow` or `SubAgent.exact`; serve it with `serving`."""
+    """One sub-agent: a Starlette app with priced `GET` routes behind its gateway, with its store and (for
+    `escrow`) its settler. Build it with `SubAgent.escrow` or `SubAgent.exact`; serve it with `serving`."""
 
     def __init__(
         self,
@@ -73,26 +58,7 @@ class SubAgent:
         self.prices = dict(routes)
         self.served: dict[str, int] = dict.fromkeys(routes, 0)
         self.url = ""
-        self.rpc = Rpc(state.rpc_url)
-        self.sender = TxSender(self.rpc, settler_key, chain_id=state.chain_id)
         self.store = MemoryStore()
-        self.settler: EscrowSettler | None = None
-        scheme: Scheme
-        if kind == "escrow":
-            escrow = AgentEscrow(self.rpc, state.contracts["escrow"])
-            # Settle once the oldest queued claim is `max_age` old, or 32 are queued: one transaction a batch.
-            self.settler = EscrowSettler(self.store, self.sender, batch_size=32, max_age=max_age)
-            verifier = EscrowVerifier(
-                escrow, chain_id=state.chain_id, cache=GrantCache(escrow, poll_interval=1.0)
-            )
-            # The most it serves one payer unsettled; past it, a payment is settled before its response. The
-            # payer's deposit bounds every gateway anyway; this bounds what this one risks if the payer
-            # spends the deposit elsewhere first (see docs/schemes/escrow.md, "Exposure").
-            if credit_limit is None:
-                credit_limit = CREDIT_CALLS * max(routes.values())
-            scheme = EscrowScheme(verifier, self.store, self.settler, credit_limit=credit_limit)
-        else:
-            scheme = ExactScheme(ExactEvm(self.rpc, self.sender))
 
         async def work(request: Request) -> Response:
             path = request.url.path
@@ -103,18 +69,21 @@ class SubAgent:
             return JSONResponse({"ok": True, "agent": name})
 
         self.app = PaymentMiddleware(
-            Starlette(
-                routes=[*(Route(path, work) for path in routes), Route("/health", health)],
-                lifespan=self._lifespan,
-            ),
+            Starlette(routes=[*(Route(path, work) for path in routes), Route("/health", health)]),
             routes={f"GET {path}": price for path, price in routes.items()},
-            schemes=[scheme],
+            chain=Chain.from_devnet(state, relayer=settler_key),  # the sub-agent pays its settlement gas
+            schemes=[kind],
             pay_to=pay_to,
-            asset=demo_asset(state),
             store=self.store,
-            # Escrow funds are locked in the deposit, so the sub-agent may serve first and settle in batches;
-            # an `exact` authorization is only money once it is on chain, so it settles before responding.
+            # Escrow funds are locked in the deposit, so the sub-agent may serve first and settle in batches
+            # (one transaction once the oldest queued claim is `max_age` old, or 32 are queued); an `exact`
+            # authorization is only money once it is on chain, so it settles before responding.
             settle="deferred" if kind == "escrow" else "before-response",
+            settlement=SettlementOptions(
+                batch_size=32,
+                max_age=max_age,
+                credit_limit=CREDIT_CALLS * max(routes.values()) if credit_limit is None else credit_limit,
+            ),
         )
 
     @classmethod
@@ -130,21 +99,15 @@ class SubAgent:
         return cls(state, name=name, kind="exact", pay_to=pay_to, settler_key=settler_key, routes=routes)
 
     @property
+    def batches(self) -> list[tuple[int, int]]:
+        """(payments, gas) of each settlement transaction the escrow settler sent."""
+        settler = self.app.settlers.get("escrow")
+        return list(getattr(settler, "batches", []))
+
+    @property
     def earned(self) -> int:
         """What the sub-agent served, priced: what its account must have received once everything settled."""
         return sum(self.prices[path] * count for path, count in self.served.items())
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        loop = None if self.settler is None else asyncio.create_task(self.settler.run(stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            if loop is not None:
-                await loop  # `run` settles whatever is still queued before it returns
-            await self.rpc.aclose()
 
     async def settled(self, *, timeout: float = 30.0) -> QueueStats:
         """Wait until the settler has dealt with every queued claim (settled or dead); the final counts."""

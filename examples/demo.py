@@ -28,26 +28,35 @@ from pathlib import Path
 
 import httpx
 
-from escrow import Devnet, DevnetState
-from escrow._account import AgentAccount, AgentAccountFactory
-from escrow._escrow import AgentEscrow, Erc20
-from escrow._rpc import Rpc, TxSender
-from escrow._userop import Bundler, SessionKey, UserOpRejected
+from escrow import (
+    AgentAccount,
+    AgentAccountFactory,
+    AgentEscrow,
+    Bundler,
+    Devnet,
+    DevnetState,
+    Erc20,
+    Rpc,
+    SessionKey,
+    TxSender,
+    UserOpRejected,
+)
 from x402 import (
     PAYMENT_REQUIRED_HEADER,
     Eip712Domain,
+    GrantMessage,
     LocalSigner,
     NoPayableOffer,
     SettleResponse,
+    Signer,
     SpendPolicyViolation,
     decode_payment_required,
 )
-from x402.client import PaymentAuth, receipt_of
-from x402.client_escrow import EscrowWallet
+from x402.client import Eip3009Wallet, PaymentAuth, SpendPolicy, receipt_of
+from x402.client_escrow import EscrowWallet, SessionKeyAuth
 
 from ._escrow_setup import GrantTerms, relay, sign_offline, top_up_calls, top_up_policy
 from ._escrow_subagents import SubAgent, serving
-from .orchestrator import call_many, session_key_auth
 
 __all__ = ["main"]
 
@@ -277,8 +286,7 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
         print(flush=True)
         for agent in (summarizer, translator):
             stats = await agent.settled()
-            assert agent.settler is not None
-            for count, gas in agent.settler.batches:
+            for count, gas in agent.batches:
                 say(
                     "settled",
                     f"{agent.name:<11}{count} payments, one settle(): {gas:,} gas, {gas // count:,} each",
@@ -327,6 +335,30 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
     )
     say("grant", f"spent {usd(info.spent)} of its {usd(info.budget)} USDC budget: {verdict}")
     return ok and spent_ok
+
+
+def session_key_auth(
+    state: DevnetState, session: Signer, grant: GrantMessage, *, hot_wallet: Signer
+) -> SessionKeyAuth:
+    """The orchestrator's payer: `session` pays `escrow` offers for the grant's payer (its smart account);
+    `hot_wallet` pays `exact` offers (EIP-3009) where the escrow is not accepted.
+
+    One spend policy covers both, and carries the grant's limits: a call over the per-call cap, or past the
+    budget, is refused by the client before anything is signed (the escrow would refuse it anyway).
+    """
+    token = state.contracts["usdc"]
+    wallet = EscrowWallet.from_grant(
+        session, grant, chain_id=state.chain_id, escrow=state.contracts["escrow"]
+    )
+    wallet.max_per_call = None  # the spend policy below refuses over-cap calls, with its reason
+    policy = SpendPolicy(max_per_call=grant.max_per_call, total_budget=grant.budget, allowed_assets=[token])
+    fallback = Eip3009Wallet(hot_wallet, state.chain_id, {token: (state.usdc_name, state.usdc_version)})
+    return SessionKeyAuth(wallet, policy, fallback=fallback)
+
+
+async def call_many(client: httpx.AsyncClient, url: str, count: int) -> list[httpx.Response]:
+    """`count` paid calls to `url` at once: concurrent payments by one key never share a nonce."""
+    return list(await asyncio.gather(*(client.get(url) for _ in range(count))))
 
 
 def _report(agent: SubAgent, path: str, responses: Sequence[httpx.Response]) -> list[str]:

@@ -2,9 +2,12 @@
 
 `PaymentMiddleware` puts a paywall (x402 v1/v2 and MPP at once) in front of an ASGI app; schemes such as
 `ExactScheme` (EIP-3009) plug in through the `Scheme` protocol; shared state lives behind `PaymentStore`.
+With `chain=` (an `escrow.Chain`) the middleware builds the schemes itself and runs their settlers and
+recovery in its lifespan, tuned by `SettlementOptions`.
 """
 
 from ._answers import Answer, Challenger, v1_network
+from ._chain_payments import SettlementOptions
 from ._dashboard import dashboard_app
 from ._discovery import Discovery
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
@@ -65,6 +68,7 @@ __all__ = [
     "Scheme",
     "Settlement",
     "SettleMode",
+    "SettlementOptions",
     "SettlementState",
     "StoreConfigError",
     "StoreError",

@@ -10,15 +10,17 @@ One 402 carries:
 
 A refused payment is answered in the dialect the client spoke, with the reason code from `x402.error_answer`:
 x402 gets 400 for malformed input and 402 otherwise, with the reason in `PAYMENT-REQUIRED.error`, the body's
-`error`/`invalidReason`, and every offer again; MPP gets 402 + problem+json + a fresh challenge. The one
-exception is a replayed credential in MPP: 403 and no new challenge (as pympp answers), because a fresh
-challenge would invite an agent to pay a second time for a request it already paid for.
+`error`/`invalidReason`, and every offer again; MPP gets 402 + problem+json + a fresh challenge, a replayed
+credential included (the core spec's status-code table: an already-used challenge is 402 `invalid-challenge`
+with a fresh challenge). `replay_status=403` answers a replay as pympp does instead: 403, problem type
+`verification-failed` and no new challenge, so that an auto-paying agent is not invited to pay twice.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
 
@@ -47,11 +49,15 @@ from x402 import (
 from ._pricing import Quote
 from ._scheme import Dialect, Offer, Verified
 
-__all__ = ["Answer", "Challenger", "receipt_headers", "settle_failure_headers", "v1_network"]
+__all__ = ["Answer", "Challenger", "ReplayStatus", "receipt_headers", "settle_failure_headers", "v1_network"]
 
 Headers = list[tuple[bytes, bytes]]
+#: How an MPP replay is answered: 402 + fresh challenge (the core spec) or 403 without one (pympp).
+ReplayStatus = Literal[402, 403]
 
 _TITLE_402 = "Payment Required"
+_PYMPP_REPLAY_TYPE = "https://paymentauth.org/problems/verification-failed"  # pympp's CredentialReplayedError
+_PYMPP_REPLAY_TITLE = "Verification Failed"
 _REQUIRED = "payment_required"
 _V2_REQUIRED = "PAYMENT-SIGNATURE header is required"
 _V1_REQUIRED = "X-PAYMENT header is required"
@@ -108,9 +114,12 @@ _STATIC_LIMIT = 1024
 class Challenger:
     """Builds 402s. MPP challenge ids are HMACs under `secret` (the first of several while rotating)."""
 
-    def __init__(self, secret: bytes, *, ttl: float) -> None:
+    def __init__(self, secret: bytes, *, ttl: float, replay_status: ReplayStatus = 402) -> None:
+        if replay_status not in (402, 403):
+            raise ValueError(f"an MPP replay is answered with 402 or 403, not {replay_status!r}")
         self.secret = secret
         self.ttl = ttl
+        self.replay_status = replay_status
         self._static: dict[Quote, _Static] = {}
         self._expires: tuple[int, str] = (-1, "")
 
@@ -186,9 +195,11 @@ class Challenger:
             status = failure.mpp_status if dialect == "mpp" else failure.status
             code = v2_error = v1_error = failure.invalid_reason
             problem_type, title = failure.problem_type, failure.title
+            if dialect == "mpp" and failure.replayed and self.replay_status == 403:
+                status, problem_type, title = 403, _PYMPP_REPLAY_TYPE, _PYMPP_REPLAY_TITLE
             detail = detail or title
         static = self._prepared(quote, offers)
-        # MPP answers a replay with 403 and no fresh challenge: the client must not be invited to pay again.
+        # A 403 (pympp's replay answer) carries no fresh challenge: the client must not be invited to pay.
         challenges = [] if status == 403 else self._challenges(static, quote, realm=realm, now=now)
         if failure is None:
             payment_required = static.payment_required

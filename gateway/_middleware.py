@@ -22,13 +22,15 @@ import os
 import secrets as _secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from x402 import MIN_SECRET_BYTES, X402Error, error_answer
 
-from ._answers import Answer, Headers
+from ._answers import Answer, Headers, ReplayStatus
+from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
 from ._discovery import Discovery, DiscoveryDocuments
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
 from ._metrics import Metrics, PaymentObserver
@@ -37,6 +39,9 @@ from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable, route_path
 from ._scheme import Dialect, Offer, Scheme
 from ._store import MemoryStore, PaymentStore
 from ._stores import open_store
+
+if TYPE_CHECKING:
+    from escrow import Chain, EscrowSettler, ExactSettler
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_HELD_BYTES", "DEFAULT_STORE_URL", "PaymentMiddleware"]
 
@@ -152,6 +157,19 @@ class PaymentMiddleware:
     502 (problem+json) without the content. Serve larger payloads from an unpriced URL the paid response
     names, or raise the limit.
 
+    MPP: `realm` names the protection space bound into every challenge (default `"localhost"`); the
+    request's `Host` is used instead only when it is one of `realm_hosts`, never otherwise (a client-chosen
+    realm could re-cut challenge ids). Credentials binding the challenge by the spec's challengeHash or
+    pympp 0.16's are both accepted; `mpp_strict=True` takes the spec's only. A replayed credential gets 402
+    `invalid-challenge` with a fresh challenge (the core spec); `mpp_replay_status=403` answers as pympp.
+
+    With `chain=` (an `escrow.Chain`), `schemes` may be left out (both `exact` and `escrow` when the chain
+    has an escrow) or name them (`schemes=["escrow"]`), `asset` defaults to the chain's token, and the
+    middleware's lifespan runs what those schemes need: the settlers of deferred payments and recovery,
+    tuned by `settlement` (`SettlementOptions`), stopped (queues flushed) and the chain's clients closed
+    at shutdown. A server that sends no lifespan events gets them started on the first paid request; call
+    `startup()` / `shutdown()` to drive them yourself.
+
     Operator endpoints, off by default: `discovery=True` (or a `Discovery`) serves `/openapi.json`,
     `/llms.txt` and `/discovery/resources` generated from `routes`; `metrics=True` (or a `Metrics`) serves
     Prometheus metrics at `/metrics`. Payment log records (logger `agentpay.payments`) carry a `payment_id`
@@ -163,18 +181,22 @@ class PaymentMiddleware:
         app: ASGIApp,
         *,
         routes: Mapping[str, PaidRoute | Price],
-        schemes: Sequence[Scheme],
+        schemes: Sequence[Scheme | str] | None = None,
+        chain: Chain | None = None,
+        settlement: SettlementOptions | None = None,
         pay_to: str | None = None,
         asset: Asset | None = None,
         store: PaymentStore | str | None = None,
         secret: bytes | str | Sequence[bytes | str] | None = None,
         realm: str | None = None,
+        realm_hosts: Sequence[str] = (),
         settle: SettleMode = "before-response",
         challenge_ttl: float = 300.0,
         claim_ttl: float = 300.0,
-        accept_pympp_challenge_hash: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+        mpp_strict: bool = False,
+        mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
         discovery: Discovery | bool = False,
         metrics: Metrics | bool = False,
@@ -185,6 +207,22 @@ class PaymentMiddleware:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_held_bytes = max_held_bytes
+        self.chain = chain
+        placeholder = MemoryStore() if store is None or isinstance(store, str) else store
+        self._payments: ChainPayments | None = None
+        if chain is not None:
+            if schemes is not None and not all(isinstance(s, str) for s in schemes):
+                raise ConfigurationError(
+                    "with chain=, name the schemes (schemes=['escrow']) or leave them out"
+                )
+            names = None if schemes is None else [str(s) for s in schemes]
+            self._payments = ChainPayments(
+                chain, names, store=placeholder, claim_ttl=claim_ttl, options=settlement
+            )
+            schemes = self._payments.schemes
+            asset = asset or chain_asset(chain)
+        elif schemes is None or any(isinstance(s, str) for s in schemes):
+            raise ConfigurationError("pass chain= (an escrow.Chain), or scheme objects in schemes=")
         self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
         # A URL is opened (connect, migrate) at lifespan startup, or on the first paid request when the
         # server sends no lifespan events; until then the paywall holds a placeholder nothing is written to.
@@ -196,14 +234,16 @@ class PaymentMiddleware:
         self._opened: PaymentStore | None = None
         self._opening = asyncio.Lock()
         self.paywall = Paywall(
-            schemes,
-            store=MemoryStore() if store is None or isinstance(store, str) else store,
+            [s for s in schemes if not isinstance(s, str)],
+            store=placeholder,
             secrets=_secret_list(secret),
             realm=realm,
+            realm_hosts=realm_hosts,
             settle=settle,
             challenge_ttl=challenge_ttl,
             claim_ttl=claim_ttl,
-            accept_pympp_challenge_hash=accept_pympp_challenge_hash,
+            mpp_strict=mpp_strict,
+            mpp_replay_status=mpp_replay_status,
             clock=clock,
         )
         self._ops_endpoints(discovery, metrics)
@@ -241,12 +281,33 @@ class PaymentMiddleware:
             await self._opened.close()
             self._opened = None
 
+    async def startup(self) -> None:
+        """Open the store and start the chain's settlers and recovery (idempotent; lifespan startup)."""
+        store = await self.open_store()
+        if self._payments is not None:
+            await self._payments.start(store)
+
+    async def shutdown(self) -> None:
+        """Stop the settlers (they flush what they hold) and close the chain's clients (idempotent)."""
+        payments, self._payments = self._payments, None
+        if payments is not None:
+            await payments.stop()
+            await payments.chain.aclose()
+
+    @property
+    def settlers(self) -> dict[str, ExactSettler | EscrowSettler]:
+        """The settlers `chain=` runs, by scheme name (empty without `chain=`)."""
+        return {} if self._payments is None else self._payments.settlers
+
     def _lifespan_receive(self, receive: Receive) -> Receive:
-        # The store opens before the app's own startup runs, so the app's lifespan can hand it to a settler.
+        # The store opens before the app's own startup runs, so the app's lifespan can hand it to a settler;
+        # the settlers stop before the app's shutdown runs, while the store is still open.
         async def wrapped() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self.open_store()
+                await self.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
             return message
 
         return wrapped
@@ -256,6 +317,7 @@ class PaymentMiddleware:
             try:
                 await self.app(scope, self._lifespan_receive(receive), send)
             finally:
+                await self.shutdown()
                 await self.close_store()  # after the app's shutdown, which may still settle
             return
         if scope["type"] != "http":
@@ -267,9 +329,11 @@ class PaymentMiddleware:
         if entry is None:
             await self.app(scope, receive, send)
             return
-        if self._store_url is not None and self._opened is None:
+        if (self._store_url is not None and self._opened is None) or (
+            self._payments is not None and self._payments.recovery is None
+        ):
             try:
-                await self.open_store()
+                await self.startup()  # no lifespan events from this server: open and start on first use
             except GatewayError:  # e.g. the database is down: 503, never a 500, and nothing is charged
                 await _send_answer(send, _STORE_UNAVAILABLE)
                 return

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final, Literal
 
 import msgspec
 
@@ -32,6 +32,7 @@ from x402 import (
     X402Error,
     challenge_hash,
     challenge_hash_pympp,
+    check_bound_field,
     decode_payment_signature,
     decode_x_payment,
     parse_credential,
@@ -39,7 +40,7 @@ from x402 import (
     verify_challenge,
 )
 
-from ._answers import Challenger, Headers, receipt_headers, settle_failure_headers, v1_network
+from ._answers import Challenger, Headers, ReplayStatus, receipt_headers, settle_failure_headers, v1_network
 from ._errors import GatewayError, PaymentFailed
 from ._metrics import PaymentObserver
 from ._pricing import Quote
@@ -47,13 +48,17 @@ from ._scheme import Dialect, Offer, Presented, Scheme, Verified, in_flight_kind
 from ._state import Event, PaymentState, Tracker
 from ._store import PaymentStore, StoreError
 
-__all__ = ["Attempt", "Paywall", "SettleMode", "as_payment_failed"]
+__all__ = ["DEFAULT_REALM", "Attempt", "Paywall", "SettleMode", "as_payment_failed"]
 
 SettleMode = Literal["before-response", "deferred"]
 
 log = logging.getLogger("agentpay.gateway")
 
 _PENDING = {Reason.SETTLEMENT_PENDING}
+
+#: The MPP realm when none is configured (pympp's default too). Never the request's `Host`: the realm is
+#: bound into the challenge id, and a client-chosen one could re-cut it (see `x402.check_bound_field`).
+DEFAULT_REALM: Final = "localhost"
 
 
 class Attempt:
@@ -121,29 +126,42 @@ class Paywall:
         store: PaymentStore,
         secrets: Sequence[bytes],
         realm: str | None = None,
+        realm_hosts: Iterable[str] = (),
         settle: SettleMode = "before-response",
         challenge_ttl: float = 300.0,
         claim_ttl: float = 300.0,
-        accept_pympp_challenge_hash: bool = False,
+        mpp_strict: bool = False,
+        mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not schemes:
             raise GatewayError("at least one payment scheme is required", code="configuration_error")
         if settle not in ("before-response", "deferred"):
             raise GatewayError(f"unknown settle mode {settle!r}", code="configuration_error")
+        if mpp_replay_status not in (402, 403):
+            raise GatewayError(
+                f"mpp_replay_status must be 402 or 403, not {mpp_replay_status!r}", code="configuration_error"
+            )
         self.schemes = {scheme.name: scheme for scheme in schemes}
         self.store = store
         self.secrets = list(secrets)
-        self.realm = realm
+        self.realm = _realm(realm if realm is not None else DEFAULT_REALM, "realm")
+        self.realm_hosts = frozenset(_realm(h, "realm_hosts entry").lower() for h in realm_hosts)
         self.settle_mode: SettleMode = settle
         self.claim_ttl = claim_ttl
-        self.pympp_compat = accept_pympp_challenge_hash
+        self.mpp_strict = mpp_strict
         self.clock = clock
-        self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl)
+        self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl, replay_status=mpp_replay_status)
         self.observer: PaymentObserver | None = None  # telemetry; the middleware sets it
 
     def realm_for(self, host: str) -> str:
-        return self.realm or host.rsplit(":", 1)[0] or "localhost"
+        """The MPP realm of a request to `host` (its `Host` header): the host's own name when it is one of
+        `realm_hosts`, else the configured `realm`. An unlisted `Host` never becomes the realm."""
+        if self.realm_hosts:
+            name = _host_name(host)
+            if name in self.realm_hosts:
+                return name
+        return self.realm
 
     def offers(self, quote: Quote) -> list[Offer]:
         names = quote.schemes or tuple(self.schemes)
@@ -170,6 +188,8 @@ class Paywall:
         except Exception as exc:
             raise as_payment_failed(exc, during="verify") from exc
         attempt.tracker.fire(Event.VERIFIED)
+        if attempt.presented.bindings:
+            _log_binding(attempt.presented)
         verified = attempt.verified
         try:
             claimed = await self.store.claim(verified.key, ttl=self.claim_ttl)
@@ -210,7 +230,9 @@ class Paywall:
         if ch.realm != self.realm_for(host):
             raise InvalidChallenge("the challenge was issued for another realm")
         expires = ch.expires_at()
-        if expires is None or expires.timestamp() <= now:
+        if expires is None:  # mpp-tools: missing_credential_expires_rejected_with_route_expiry
+            raise InvalidChallenge("the challenge has no expiry", code=Reason.INVALID_CHALLENGE)
+        if expires.timestamp() <= now:
             raise InvalidChallenge("the challenge expired", code=Reason.CHALLENGE_EXPIRED)
         request = ch.request_json()
         if request.pop("_mppx_scope", None) != Challenger.scope(quote):
@@ -227,8 +249,10 @@ class Paywall:
             raise InvalidChallenge(
                 "the challenge no longer matches the price", code=Reason.CHALLENGE_BINDING_MISMATCH
             )
+        # Both forms commit to the same HMAC-checked id and realm: the spec's keccak256(id || realm) and
+        # pympp 0.16's keccak256(JSON [id, realm]); `mpp_strict` takes the spec's only.
         bindings: tuple[bytes, ...] = (challenge_hash(ch.id, ch.realm),)
-        if self.pympp_compat:
+        if not self.mpp_strict:
             bindings += (challenge_hash_pympp(ch.id, ch.realm),)
         presented = Presented(
             dialect="mpp",
@@ -340,6 +364,42 @@ class Paywall:
             await step
         except Exception as exc:
             log.error("clean-up after a refused payment failed: %r", exc)
+
+
+def _realm(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise GatewayError(f"{what} must be a non-empty string", code="configuration_error")
+    try:
+        check_bound_field("realm", value)
+    except ValueError as exc:
+        raise GatewayError(f"{what} {value[:64]!r}: {exc}", code="configuration_error") from None
+    return value
+
+
+def _host_name(host: str) -> str:
+    """`Host` without its port, lower-cased (`[::1]:8000` -> `[::1]`, `API.example:443` -> `api.example`)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower() if "]" in host else ""
+    return host.partition(":")[0].lower()
+
+
+def _log_binding(presented: Presented) -> None:
+    """Say which challengeHash form a verified MPP credential used (the second is pympp 0.16's)."""
+    nonce = presented.payload.get("nonce")
+    if not isinstance(nonce, str):
+        return
+    hexed = nonce.lower().removeprefix("0x")
+    forms = ("spec keccak256(id || realm)", "pympp keccak256(JSON [id, realm])")
+    for form, binding in zip(forms, presented.bindings, strict=False):
+        if binding.hex() == hexed:
+            challenge_id = presented.challenge.id if presented.challenge else "?"
+            log.log(
+                logging.DEBUG if form.startswith("spec") else logging.INFO,
+                "MPP challenge %s bound by the %s challengeHash",
+                challenge_id[:16],
+                form,
+            )
+            return
 
 
 def _same(a: str, b: str) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, TypeAlias
 
 import msgspec
@@ -23,6 +23,8 @@ from eth_utils.address import to_checksum_address
 from starlette.requests import Request
 from starlette.routing import compile_path
 from starlette.types import Scope
+
+from x402 import InvalidAmount, to_atomic_units
 
 from ._errors import ConfigurationError
 
@@ -80,25 +82,10 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
 
 def to_atomic(amount: Amount, decimals: int) -> int:
     """Atomic units of `amount`: ints are atomic already; strings and Decimals are human amounts."""
-    if isinstance(amount, bool) or not isinstance(amount, int | str | Decimal):
-        raise ConfigurationError(f"price must be a number, not {amount!r}")
-    if isinstance(amount, int):
-        atomic = amount
-    else:
-        text = amount.strip().removeprefix("$").replace("_", "") if isinstance(amount, str) else amount
-        try:
-            value = Decimal(text)
-        except (InvalidOperation, ValueError):
-            raise ConfigurationError(f"unparseable price {amount!r}") from None
-        if not value.is_finite():
-            raise ConfigurationError(f"price must be finite, got {amount!r}")
-        scaled = value.scaleb(decimals)
-        if scaled != scaled.to_integral_value():
-            raise ConfigurationError(f"price {amount!r} is finer than the asset's {decimals} decimals")
-        atomic = int(scaled)
-    if atomic < 0:
-        raise ConfigurationError(f"price must not be negative, got {amount!r}")
-    return atomic
+    try:
+        return to_atomic_units(amount, decimals)
+    except InvalidAmount as exc:  # a price is the operator's configuration, not the payer's input
+        raise ConfigurationError(f"price: {exc.message}") from None
 
 
 async def resolve(price: Price, request: Request, decimals: int) -> int:

@@ -356,7 +356,11 @@ async def test_session_key_cannot_reach_the_money_any_other_way(devnet: DevnetSt
                 SessionPolicyKind.CALL,
                 0,
             ),
-            "escrow.revoke": ([Call(escrow, 0, calldata("revoke(address)", me))], SessionPolicyKind.CALL, 0),
+            "escrow.revoke": (
+                [Call(escrow, 0, calldata("revoke(address,uint32)", me, 1))],
+                SessionPolicyKind.CALL,
+                0,
+            ),
             "escrow.depositFor another payer": (
                 [Call(escrow, 0, calldata("depositFor(address,address,uint256)", me, usdc, USDC))],
                 SessionPolicyKind.CALL,

@@ -56,7 +56,9 @@ async def test_sixteen_concurrent_operations_on_sixteen_lanes(devnet: DevnetStat
         key = SessionKey(LocalSigner.random())
         payees = [LocalSigner.random().address for _ in range(16)]
         policy = SessionPolicy(
-            permissions=tuple(CallPermission.plain_transfer(p, value_limit=ETH) for p in payees), max_uses=16
+            permissions=tuple(CallPermission.plain_transfer(p, value_limit=ETH) for p in payees),
+            max_uses=16,
+            gas_budget=ETH,
         )
         await account.install_session_key(key.address, policy, owner=owner, bundler=env.bundler)
 
@@ -119,6 +121,7 @@ async def test_owner_signs_offline_into_a_file(devnet: DevnetState, tmp_path: Pa
         policy = SessionPolicy(
             permissions=(CallPermission.plain_transfer(payee, value_limit=ETH),),
             valid_until=await env.now() + 3600,
+            gas_budget=ETH,
         )
         deadline = await env.now() + 600
 
@@ -155,7 +158,9 @@ async def test_owner_signs_offline_into_a_file(devnet: DevnetState, tmp_path: Pa
         assert info.value.violation is not None and info.value.violation.policy == SessionPolicyKind.KEY
 
         # A tampered file (widened policy) does not verify.
-        wider = SessionPolicy(permissions=(CallPermission.plain_transfer(payee, value_limit=10 * ETH),))
+        wider = SessionPolicy(
+            permissions=(CallPermission.plain_transfer(payee, value_limit=10 * ETH),), gas_budget=ETH
+        )
         forged = sign_install_offline(
             LocalSigner.random(),
             chain_id=env.chain_id,

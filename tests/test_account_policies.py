@@ -50,7 +50,7 @@ def usdc_policy(s: Setup, **limits: int) -> SessionPolicy:
                 ArgRule.less_or_equal(1, CAP),
             ),
         ),
-        **limits,
+        **{"gas_budget": ETH, **limits},
     )
 
 
@@ -128,9 +128,25 @@ async def test_argument_rules_are_enforced(devnet: DevnetState) -> None:
         assert await balance(s, s.payee) == 0
 
 
+async def test_plain_transfer_permission_allows_empty_calldata_only(devnet: DevnetState) -> None:
+    """Issue 9 item 11: `(target, 0x00000000)` means plain transfers; calldata that merely starts with four
+    zero bytes (it would reach the target's fallback) or has 1-3 bytes is refused at validation."""
+    async with setup(devnet) as s:
+        policy = SessionPolicy(
+            permissions=(CallPermission.plain_transfer(s.usdc, value_limit=0),), gas_budget=ETH
+        )
+        key = await new_key(s, policy)
+        for data in (b"\x00" * 4 + bytes(64), b"\x00" * 4, b"\x00"):
+            err = await rejected(s, [Call(s.usdc, 0, data)], key)
+            assert err.violation is not None and err.violation.policy == SessionPolicyKind.CALL, data
+            assert err.code == "session_call_not_allowed"
+
+
 async def test_value_limit(devnet: DevnetState) -> None:
     async with setup(devnet) as s:
-        policy = SessionPolicy(permissions=(CallPermission.plain_transfer(s.payee, value_limit=ETH),))
+        policy = SessionPolicy(
+            permissions=(CallPermission.plain_transfer(s.payee, value_limit=ETH),), gas_budget=ETH
+        )
         key = await new_key(s, policy)
         assert (await s.account.execute([Call(s.payee, ETH)], signer=key, bundler=s.env.bundler)).success
         err = await rejected(s, [Call(s.payee, ETH + 1)], key)

@@ -13,6 +13,7 @@ from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
 
 from escrow._account import (
+    UNLIMITED_GAS_BUDGET,
     ArgCondition,
     ArgRule,
     CallPermission,
@@ -168,12 +169,20 @@ def test_rules_and_policies_validate() -> None:
     assert permission.selector == "0xa9059cbb"
     assert CallPermission.to(ADDR, "0xA9059CBB").selector == "0xa9059cbb"
     with pytest.raises(ValueError):
-        SessionPolicy(permissions=())
+        SessionPolicy(permissions=(), gas_budget=1)
     with pytest.raises(ValueError):
-        SessionPolicy(permissions=(permission,), interval=60)
+        SessionPolicy(permissions=(permission,), interval=60, gas_budget=1)
     with pytest.raises(ValueError):
-        SessionPolicy(permissions=(permission,), valid_after=10, valid_until=5)
-    policy = SessionPolicy(permissions=(permission,), interval=60, max_uses_per_interval=3)
+        SessionPolicy(permissions=(permission,), valid_after=10, valid_until=5, gas_budget=1)
+    # No implicit "unlimited" gas: a budget is required, nonzero, and fits uint128.
+    for budget in (0, -1, 2**128):
+        with pytest.raises(ValueError, match="gas_budget"):
+            SessionPolicy(permissions=(permission,), gas_budget=budget)
+    with pytest.raises(TypeError, match="gas_budget"):
+        SessionPolicy(permissions=(permission,))  # type: ignore[call-arg]
+    policy = SessionPolicy(
+        permissions=(permission,), interval=60, max_uses_per_interval=3, gas_budget=UNLIMITED_GAS_BUDGET
+    )
     assert SessionPolicy.from_abi(_roundtrip(policy.abi())) == policy
 
 
@@ -189,6 +198,7 @@ def test_offline_files_round_trip(tmp_path: Path) -> None:
     policy = SessionPolicy(
         permissions=(CallPermission.to(ADDR, "pay(address,uint256)", ArgRule.one_of(0, [ADDR, 7])),),
         valid_until=2**40,
+        gas_budget=10**16,
     )
     signed = sign_install_offline(
         owner, chain_id=1, account=ADDR, key=ADDR, policy=policy, deadline=99, nonce=2**130

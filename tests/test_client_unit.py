@@ -10,6 +10,7 @@ a ten-line sync bridge to the same ASGI app: the same ``PaymentAuth`` object dri
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -42,6 +43,7 @@ from x402 import (
     SettleResponse,
     SpendPolicyViolation,
     X402Error,
+    b64url_encode,
     challenge_hash,
     challenge_id,
     convert_payload,
@@ -105,6 +107,7 @@ class Paywall:
     offer_mpp: bool = True
     offer_v1: bool = True
     verify_domain_name: str = DOMAIN_NAME  # what the server believes the token's domain is
+    strict: bool = False  # MPP: take the spec's challengeHash only (not pympp 0.16's too)
     hits: int = 0
     paid: list[str] = field(default_factory=list)  # protocol of each accepted payment
     nonces: list[str] = field(default_factory=list)
@@ -237,6 +240,7 @@ class Paywall:
                     payload,
                     token_name=self.verify_domain_name,
                     token_version=DOMAIN_VERSION,
+                    strict=self.strict,
                 )
                 self._claim(payload.nonce)
                 mpp = MppReceipt(
@@ -489,15 +493,37 @@ def test_refused_payment_releases_the_budget_and_returns_the_402(
     assert refused.headers["WWW-Authenticate"].startswith("Payment ")  # a fresh challenge came back
 
 
-def test_pympp_compat_wallet_is_refused_by_a_spec_server(paywall: Paywall, sync_client: httpx.Client) -> None:
+def test_pympp_compat_wallet_pays_a_default_server_and_not_a_strict_one(
+    paywall: Paywall, sync_client: httpx.Client
+) -> None:
     policy = SpendPolicy()
     auth = PaymentAuth(wallet(pympp_compat=True), policy=policy, prefer=("mpp",))
+    assert sync_client.get("/paid", auth=auth).status_code == 200
+    assert paywall.paid == ["mpp"] and policy.spent == 1000
+    paywall.strict = True
     response = sync_client.get("/paid", auth=auth)
     assert response.status_code == 402
     problem = response.extensions[PAYMENT_ERROR_EXTENSION]
     assert problem.type == PROBLEM_BASE + "invalid-challenge"
     assert problem.invalid_reason == Reason.CHALLENGE_BINDING_MISMATCH
-    assert policy.spent == 0 and policy.reserved == 0
+    assert policy.spent == 1000 and policy.reserved == 0
+
+
+@pytest.mark.parametrize(
+    "receipt",
+    [
+        {"method": "evm", "reference": "0x01", "timestamp": "2026-01-01T00:00:00Z"},  # no status
+        {"method": "evm", "reference": "0x01", "status": "success", "timestamp": "yesterday"},
+        {"method": "evm", "reference": "0x01", "status": "success", "timestamp": "2026-01-01T00:00:00"},
+    ],
+)
+def test_a_receipt_that_is_not_to_the_letter_is_a_typed_error(receipt: dict[str, Any]) -> None:
+    """Issue 9 item 16: such a Payment-Receipt used to read as a success."""
+    value = b64url_encode(json.dumps(receipt).encode())
+    response = httpx.Response(200, headers={"Payment-Receipt": value, "Cache-Control": "private"})
+    with pytest.raises(MalformedPayment) as info:
+        receipt_of(response)
+    assert info.value.code == Reason.INVALID_PAYLOAD
 
 
 # ------------------------------------------------------------------------------------------- remember
@@ -722,7 +748,7 @@ def test_mpp_credential_on_the_wire_names_its_type(paywall: Paywall, sync_client
     "authorization"`` (draft-evm-charge-00 tells credential kinds apart by it), with every other member."""
     for compat in (False, True):
         sync_client.get("/paid", auth=PaymentAuth(wallet(pympp_compat=compat), prefer=("mpp",)))
-    assert len(paywall.mpp_payloads) == 2  # the pympp-compat one is refused, but it was sent and read
+    assert len(paywall.mpp_payloads) == 2  # both read (and, by default, both paid)
     for raw in paywall.mpp_payloads:
         assert raw["type"] == "authorization"
         assert set(raw) == {"type", "from", "to", "value", "validAfter", "validBefore", "nonce", "signature"}

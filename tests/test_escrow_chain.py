@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from escrow import DevnetState
+from escrow import DevnetState, EscrowError
 from escrow._escrow import AgentEscrow, Erc20
 from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache, accounts_for
 from escrow._exact import ExactEvm
@@ -54,6 +54,7 @@ from x402._escrow import (
     sign_grant,
     sign_payment,
 )
+from x402._keccak import keccak256 as keccak
 from x402.client import receipt_of
 from x402.client_escrow import EscrowWallet, SessionKeyAuth
 
@@ -254,7 +255,57 @@ async def test_owner_signs_offline_someone_else_relays(chain: Chain, tmp_path: P
     revoke.dump(tmp_path / "revoke.json")
     await relay_revoke(chain.escrow, chain.relayer, SignedRevoke.load(tmp_path / "revoke.json"))
     info = await chain.escrow.grant_of(env.owner.address, session.address)
+    assert not info.live and info.epoch == 1
+
+
+@pytest.mark.parametrize("revoke_first", [True, False])
+async def test_signed_revoke_beats_a_presigned_renewal_in_either_relay_order(
+    chain: Chain, tmp_path: Path, revoke_first: bool
+) -> None:
+    """Issue 9 item 8: the owner signed a renewal (epoch 2) that someone else holds, then revokes through 2.
+    Whichever file a relayer submits first, the key ends revoked and its payments are refused."""
+    env = chain.env
+    session = LocalSigner.random()
+    common: dict[str, Any] = {
+        "chain_id": env.chain_id,
+        "escrow": env.escrow,
+        "signer": session.address,
+        "token": env.usdc,
+        "max_per_call": 5 * PRICE,
+        "budget": 50 * PRICE,
+        "valid_until": int(time.time()) + 3600,
+    }
+    await relay_grant(chain.escrow, chain.relayer, sign_grant_offline(env.owner, epoch=1, **common))
+    sign_grant_offline(env.owner, epoch=2, **common).dump(tmp_path / "renewal.json")
+    sign_revoke_offline(
+        env.owner, chain_id=env.chain_id, escrow=env.escrow, signer=session.address, epoch=2
+    ).dump(tmp_path / "revoke.json")
+    renewal = SignedGrant.load(tmp_path / "renewal.json")
+    revoke = SignedRevoke.load(tmp_path / "revoke.json")
+
+    if revoke_first:
+        await relay_revoke(chain.escrow, chain.relayer, revoke)
+        stale = keccak(b"EscrowStaleEpoch(address,address,uint32,uint32)")[:4].hex()
+        with pytest.raises(RevertError, match=stale):  # current epoch 2, renewal names 2
+            await relay_grant(chain.escrow, chain.relayer, renewal)
+    else:
+        await relay_grant(chain.escrow, chain.relayer, renewal)
+        await relay_revoke(chain.escrow, chain.relayer, revoke)
+    info = await chain.escrow.grant_of(env.owner.address, session.address)
     assert not info.live and info.epoch == 2
+    for epoch in (1, 2):
+        reason, _ = await chain.escrow.check(
+            chain.sign(session, renewal.grant, payee(), nonce=epoch, epoch=epoch)
+        )
+        assert reason != 0
+
+
+def test_epochs_outside_uint32_are_refused_before_signing() -> None:
+    owner = LocalSigner.random()
+    for epoch in (0, 2**32):
+        with pytest.raises(EscrowError) as info:
+            sign_revoke_offline(owner, chain_id=1, escrow=owner.address, signer=owner.address, epoch=epoch)
+        assert info.value.code == "invalid_epoch"
 
 
 async def test_relayed_deposits(chain: Chain) -> None:
@@ -296,7 +347,7 @@ async def test_session_key_cannot_move_funds_any_other_way(chain: Chain) -> None
         escrow.abi.encode("requestWithdrawal", env.usdc, PRICE),
         escrow.abi.encode("withdrawOwed", env.usdc, session.address),
         escrow.abi.encode("grant", session.address, (env.usdc, 10**12, 10**12, 0, 2**32 - 1), []),
-        escrow.abi.encode("revoke", session.address),  # only touches the key's own (empty) grants
+        escrow.abi.encode("revoke", session.address, 1),  # only touches the key's own (empty) grants
     ):
         try:
             await call(data)

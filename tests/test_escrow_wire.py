@@ -238,10 +238,10 @@ def test_every_escrow_code_has_its_own_error_answer() -> None:
     codes = [v for k, v in vars(EscrowCode).items() if k.isupper()]
     assert len(codes) == 18
     assert all(code in _TABLE for code in codes)
-    # a replayed payment must not invite the client to pay again (as `exact`); an expired one is expired
+    # a replayed payment is answered as for `exact` (MPP: 402 invalid-challenge, or 403 behind an option)
     for code in (EscrowCode.NONCE_USED, EscrowCode.NONCE_REUSED):
-        assert error_answer(code).mpp_status == 403
-        assert error_answer(code).mpp_status == error_answer(Reason.NONCE_ALREADY_USED).mpp_status
+        assert error_answer(code).replayed and error_answer(code).mpp_status == 402
+        assert error_answer(code) == replace(error_answer(Reason.NONCE_ALREADY_USED), invalid_reason=code)
     for code, like in (
         (EscrowCode.DEADLINE_EXPIRED, Reason.VALID_BEFORE),  # payment-expired
         (EscrowCode.AMOUNT_MISMATCH, Reason.VALUE_MISMATCH),  # payment-insufficient

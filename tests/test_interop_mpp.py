@@ -2,10 +2,12 @@
 
 Codec level (no chain): pympp parses and HMAC-verifies our challenges, we parse and verify pympp's, and
 the ``evm/charge`` challenge hash: pympp 0.16 signs ``keccak256(json.dumps([id, realm]))`` where the
-spec (draft-evm-charge-00) and mppx use ``keccak256(id || realm)``.
+spec (draft-evm-charge-00) and mppx use ``keccak256(id || realm)``. Both commit to the same HMAC-checked
+id and realm, so our gateway takes both by default (``mpp_strict=True``: the spec's only).
 
-End to end (devnet): the pympp client pays our gateway's MPP challenge, and our client pays a pympp
-server (``Mpp`` + ``evm`` charge with a settle hook that broadcasts ``transferWithAuthorization``).
+End to end (devnet): the pympp client pays our gateway's MPP challenge in its default configuration, and
+our client pays a pympp server (``Mpp`` + ``evm`` charge with a settle hook that broadcasts
+``transferWithAuthorization``).
 """
 
 from __future__ import annotations
@@ -65,15 +67,15 @@ CHALLENGE_HASH_INPUTS = [
 def test_pympp_challenge_hash_is_not_the_spec_hash() -> None:
     """Documents the pympp 0.16 deviation: its EIP-3009 nonce for native evm/charge credentials is
     keccak256(JSON.stringify([id, realm])) (``mpp/methods/evm/_eip3009.py::challenge_hash``), not the
-    spec's keccak256(abi.encodePacked(id, realm)) that our gateway requires by default."""
+    spec's keccak256(abi.encodePacked(id, realm)) (which alone our gateway takes in strict mode)."""
     theirs = pympp({"challenge_hash": CHALLENGE_HASH_INPUTS})["challenge_hash"]
     for (cid, realm), their_hash in zip(CHALLENGE_HASH_INPUTS, theirs, strict=True):
         assert their_hash != "0x" + challenge_hash(cid, realm).hex()
 
 
 def test_our_pympp_compat_hash_reproduces_pympp() -> None:
-    """``x402.challenge_hash_pympp`` (the opt-in compatibility nonce) must equal what pympp signs,
-    byte for byte, or the compatibility flag accepts nothing pympp sends."""
+    """``x402.challenge_hash_pympp`` (the second nonce form the gateway takes) must equal what pympp
+    signs, byte for byte, or the gateway accepts nothing pympp sends."""
     theirs = pympp({"challenge_hash": CHALLENGE_HASH_INPUTS})["challenge_hash"]
     ours = ["0x" + challenge_hash_pympp(cid, realm).hex() for cid, realm in CHALLENGE_HASH_INPUTS]
     assert ours == theirs
@@ -219,12 +221,40 @@ def pympp_client(devnet: DevnetState, url: str, key: str, *args: str) -> dict[st
 
 
 @pytest.mark.chain
-def test_pympp_native_credential_rejected_by_default(devnet: DevnetState, funds: Funds) -> None:
-    """pympp 0.16 signs its native evm/charge credential with nonce keccak256(json.dumps([id, realm]));
-    the spec (and mppx) require keccak256(id || realm). By default our gateway holds to the spec: the
-    credential is refused with a 402 (verification failed), nothing is settled and nothing moves."""
+def test_pympp_client_pays_our_gateway_in_its_default_configuration(
+    devnet: DevnetState, funds: Funds
+) -> None:
+    """Issue 9 item 12: the official Python MPP client, unmodified, against ``PaymentMiddleware`` with no
+    MPP option at all (no realm either): paid content, a spec receipt that pympp parses, money moved once
+    per call."""
     payer = funds.payer()
-    with GatewayServer(devnet, devnet.accounts[GATEWAY_RELAYER].private_key, Account.create().address) as gw:
+    with GatewayServer(
+        devnet, devnet.accounts[GATEWAY_RELAYER].private_key, Account.create().address, realm=None
+    ) as gw:
+        out = pympp_client(devnet, f"{gw.url}/paid", payer.key.hex(), "--n", "2")
+
+    assert [r.get("status") for r in out["results"]] == [200, 200], out
+    for credential in out["credentials"]:
+        assert credential["realm"] == "localhost"  # the fixed default realm, not the Host "127.0.0.1:…"
+        assert credential["nonce"] == credential["pympp_challenge_hash"] != credential["spec_challenge_hash"]
+    for result in out["results"]:
+        receipt = result["payment_receipt"]
+        assert receipt["status"] == "success" and receipt["method"] == "evm", result
+        assert funds.tx_ok(receipt["reference"])
+        assert result["cache_control"] is not None and "private" in result["cache_control"]
+        assert result["body"]["server"] == "agentpay"
+    assert funds.balance(gw.pay_to) == 2 * PRICE
+    assert funds.balance(payer.address) == 98 * PRICE
+
+
+@pytest.mark.chain
+def test_pympp_native_credential_refused_in_strict_mode(devnet: DevnetState, funds: Funds) -> None:
+    """With ``mpp_strict=True`` the gateway holds to the spec's challengeHash: pympp 0.16's credential is
+    refused with a 402 and a fresh challenge, nothing is settled and nothing moves."""
+    payer = funds.payer()
+    with GatewayServer(
+        devnet, devnet.accounts[GATEWAY_RELAYER].private_key, Account.create().address, mpp_strict=True
+    ) as gw:
         out = pympp_client(devnet, f"{gw.url}/paid", payer.key.hex())
 
     (credential,) = out["credentials"]
@@ -236,35 +266,10 @@ def test_pympp_native_credential_rejected_by_default(devnet: DevnetState, funds:
     assert result["status"] == 402, out
     refusal = out["exchanges"][-1]
     assert refusal["status"] == 402 and refusal["www_authenticate"], "a refusal carries a fresh challenge"
-    assert refusal["body"]["type"] in {
-        "https://paymentauth.org/problems/invalid-challenge",
-        "https://paymentauth.org/problems/verification-failed",
-    }, refusal
+    assert refusal["body"]["type"] == "https://paymentauth.org/problems/invalid-challenge", refusal
+    assert refusal["body"]["invalidReason"] == "challenge_binding_mismatch", refusal
     assert funds.balance(gw.pay_to) == 0
     assert funds.balance(payer.address) == 100 * PRICE
-
-
-@pytest.mark.chain
-def test_pympp_client_pays_our_gateway_under_compat_flag(devnet: DevnetState, funds: Funds) -> None:
-    """With ``accept_pympp_challenge_hash=True`` the gateway also accepts pympp 0.16's nonce."""
-    payer = funds.payer()
-    with GatewayServer(
-        devnet,
-        devnet.accounts[GATEWAY_RELAYER].private_key,
-        Account.create().address,
-        accept_pympp_challenge_hash=True,
-    ) as gw:
-        out = pympp_client(devnet, f"{gw.url}/paid", payer.key.hex(), "--n", "2")
-
-    assert [r.get("status") for r in out["results"]] == [200, 200], out
-    for result in out["results"]:
-        receipt = result["payment_receipt"]
-        assert receipt["status"] == "success" and receipt["method"] == "evm", result
-        assert funds.tx_ok(receipt["reference"])
-        assert result["cache_control"] is not None and "private" in result["cache_control"]
-        assert result["body"]["server"] == "agentpay"
-    assert funds.balance(gw.pay_to) == 2 * PRICE
-    assert funds.balance(payer.address) == 98 * PRICE
 
 
 # ----------------------------------------------------------------------------- our client pays pympp

@@ -315,19 +315,21 @@ def test_verify_mpp_authorization() -> None:
     payer = verify_mpp_authorization(challenge, payload, token_name="USD Coin", token_version="2", now=NOW)
     assert payer == LocalSigner(KEY).address
 
-    # A pympp 0.16 client binds with its own formula: refused by default, accepted behind the flag.
+    # A pympp 0.16 client binds with its own formula: accepted by default (it commits to the same id and
+    # realm), refused in strict mode.
     pympp = _mpp_payload(challenge, nonce=challenge_hash_pympp(challenge.id, challenge.realm))
-    with pytest.raises(InvalidChallenge) as info:
+    assert (
         verify_mpp_authorization(challenge, pympp, token_name="USD Coin", token_version="2", now=NOW)
+        == LocalSigner(KEY).address
+    )
+    with pytest.raises(InvalidChallenge) as info:
+        verify_mpp_authorization(
+            challenge, pympp, token_name="USD Coin", token_version="2", now=NOW, strict=True
+        )
     assert info.value.code == Reason.CHALLENGE_BINDING_MISMATCH
     assert (
         verify_mpp_authorization(
-            challenge,
-            pympp,
-            token_name="USD Coin",
-            token_version="2",
-            now=NOW,
-            accept_pympp_challenge_hash=True,
+            challenge, payload, token_name="USD Coin", token_version="2", now=NOW, strict=True
         )
         == LocalSigner(KEY).address
     )

@@ -6,6 +6,8 @@ Vectors marked "mpp-tools" are transcribed from tempoxyz/mpp-tools ``conformance
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from typing import Any
@@ -17,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from x402 import (
+    PROBLEM_BASE,
     MalformedPayment,
     MppChallenge,
     MppCredential,
@@ -29,6 +32,7 @@ from x402 import (
     challenge_hash,
     challenge_hash_pympp,
     challenge_id,
+    check_bound_field,
     decode_json_param,
     decode_problem,
     encode_json_param,
@@ -45,6 +49,7 @@ from x402 import (
     rfc3339,
     verify_challenge,
 )
+from x402._errors import _TABLE, Reason, X402Error, error_answer
 
 SECRET = "test-vector-secret-minimum-32-byte-secret"
 
@@ -203,6 +208,83 @@ def test_verify_challenge_detects_tampering_and_supports_rotation() -> None:
         {"id": "x"},
     ):
         assert not verify_challenge(SECRET, msgspec.structs.replace(good, **change))
+
+
+# ------------------------------------------------------------------- challenge ids cannot be re-cut (#9.6)
+
+_SLOTS = ("realm", "method", "intent", "request", "expires", "digest", "opaque")
+
+
+def _unescaped_id(secret: str, slots: list[str]) -> str:
+    """What a server joining the slots without looking at them issues (the pre-fix gateway did)."""
+    return b64url_encode(hmac.new(secret.encode(), "|".join(slots).encode(), hashlib.sha256).digest())
+
+
+def test_a_host_chosen_realm_cannot_be_recut_into_another_challenge() -> None:
+    """The attack of issue 9 item 6 at the wire: the server binds realm = the Host header; a client sends
+    ``Host: victim|evm|charge|<request>|2099-01-01T00:00:00Z``, so the HMAC input of the challenge it gets
+    reads, cut at other pipes, as realm ``victim`` expiring in 2099 with the rest of the slots moved into
+    ``digest``. That id must not verify as such a challenge, and no id is issued for such a realm."""
+    request = encode_json_param({"amount": "1000", "currency": "0x" + "11" * 20})
+    expires = "2026-01-01T00:00:00Z"
+    opaque = encode_json_param({"_mpp_nonce": "00" * 16})
+    host = f"victim|evm|charge|{request}|2099-01-01T00:00:00Z"
+    issued = _unescaped_id(SECRET, [host, "evm", "charge", request, expires, "", opaque])
+    recut = MppChallenge(
+        id=issued, realm="victim", method="evm", intent="charge", request=request,
+        expires="2099-01-01T00:00:00Z", digest=f"evm|charge|{request}|{expires}|", opaque=opaque,
+    )  # fmt: skip
+    assert "|".join(getattr(recut, name) for name in _SLOTS) == "|".join(
+        [host, "evm", "charge", request, expires, "", opaque]
+    )  # the same HMAC input, cut elsewhere
+    assert not verify_challenge(SECRET, recut)
+    with pytest.raises(ValueError, match="slots"):
+        challenge_id(SECRET, host, "evm", "charge", request, expires, None, opaque)
+
+
+@pytest.mark.parametrize("field", [*_SLOTS, "header"])
+def test_no_bound_field_may_carry_a_pipe(field: str) -> None:
+    values = {"realm": "api.example.com", "method": "evm", "intent": "charge", "request": "e30",
+              "expires": "2030-01-01T00:00:00Z", "digest": "sha-256=:AAAA:", "opaque": "e30",
+              "header": "Payment-Authorization"}  # fmt: skip
+    values[field] = "a|b"
+    with pytest.raises(ValueError, match="slots"):
+        challenge_id(SECRET, values["realm"], values["method"], values["intent"], values["request"],
+                     values["expires"], values["digest"], values["opaque"], header=values["header"])  # fmt: skip
+    with pytest.raises(ValueError):
+        check_bound_field(field, "a|b")
+    check_bound_field(field, "a-b")  # no error
+
+
+@settings(max_examples=500)
+@given(
+    fields=st.lists(st.text(alphabet="ab|", min_size=1, max_size=5), min_size=7, max_size=7),
+    data=st.data(),
+)
+def test_only_the_issued_cut_of_an_hmac_input_verifies(fields: list[str], data: st.DataObject) -> None:
+    """Property: an unescaping server was made to bind ``fields``; of every way to cut the same HMAC
+    input back into seven slots, the only one that verifies is the issued one, and only when no field
+    holds a pipe (then it is the only cut there is)."""
+    joined = "|".join(fields)
+    pipes = [i for i, c in enumerate(joined) if c == "|"]
+    chosen = sorted(data.draw(st.lists(st.sampled_from(pipes), min_size=6, max_size=6, unique=True)))
+    bounds = [-1, *chosen, len(joined)]
+    cut = [joined[a + 1 : b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    challenge = MppChallenge(
+        id=_unescaped_id(SECRET, fields), realm=cut[0], method=cut[1], intent=cut[2], request=cut[3],
+        expires=cut[4], digest=cut[5], opaque=cut[6],
+    )  # fmt: skip
+    clean = not any("|" in f for f in fields)
+    assert verify_challenge(SECRET, challenge) == (clean and cut == fields)
+    if clean:
+        assert cut == fields  # six pipes, six cuts: the issued one
+
+
+def test_opaque_must_be_base64url_like_request() -> None:
+    wire = 'Payment id="x", realm="r", method="evm", intent="charge", request="e30", opaque="e30|x"'
+    with pytest.raises(MalformedPayment):
+        parse_www_authenticate(wire)
+    assert parse_www_authenticate(wire.replace("e30|x", "e30"))[0].opaque == "e30"
 
 
 # ------------------------------------------------------------------------------------------ base64url
@@ -550,6 +632,48 @@ def test_receipt_round_trip_and_shape() -> None:
         parse_receipt(b64url_encode(b'{"method":"evm","reference":"0x01","status":"failed","timestamp":"t"}'))
 
 
+def _receipt(**fields: Any) -> str:
+    base = {"method": "evm", "reference": "0x01", "status": "success", "timestamp": "2026-01-01T00:00:00Z"}
+    return b64url_encode(json.dumps({k: v for k, v in {**base, **fields}.items() if v is not None}).encode())
+
+
+def test_receipt_without_status_is_a_typed_error_not_a_success() -> None:
+    """Issue 9 item 16: core spec "Payment-Receipt": ``status`` MUST be "success"; a receipt that does not
+    say so is not a proof of success, whatever else it carries."""
+    with pytest.raises(MalformedPayment, match="status") as info:
+        parse_receipt(_receipt(status=None))
+    assert info.value.code == "invalid_payload" and info.value.status_hint == 400
+    for status in ("failed", "", "SUCCESS", 1):
+        with pytest.raises(MalformedPayment):
+            parse_receipt(_receipt(status=status))
+    assert parse_receipt(_receipt()).status == "success"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["t", "", "2026-01-01", "2026-01-01T00:00:00", "2026-01-01 00:00:00Z", "20260101T000000Z",
+     "2026-01-01T00:00Z", "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-01-01T24:00:00Z",
+     "2026-01-01T00:00:61Z", "2026-01-01T00:00:00+2400", "2026-01-01T00:00:00+24:00", "2026-W01-1T00:00:00Z",
+     "２０２６-01-01T00:00:00Z", " 2026-01-01T00:00:00Z", "2026-01-01T00:00:00.Z"],
+)  # fmt: skip
+def test_receipt_timestamp_must_be_rfc3339(timestamp: str) -> None:
+    with pytest.raises(MalformedPayment, match="RFC 3339"):
+        parse_receipt(_receipt(timestamp=timestamp))
+    with pytest.raises(ValueError, match="RFC 3339"):  # and we never send one
+        format_receipt(MppReceipt(method="evm", timestamp=timestamp, reference="0x01"))
+
+
+@pytest.mark.parametrize(
+    "timestamp,epoch",
+    [("2026-01-01T00:00:00Z", 1767225600), ("2026-01-01t00:00:00.123456789z", 1767225600.123456),
+     ("2026-01-01T05:30:00+05:30", 1767225600), ("2025-12-31T19:00:00-05:00", 1767225600),
+     ("2016-12-31T23:59:60Z", 1483228799)],
+)  # fmt: skip
+def test_rfc3339_receipt_timestamps_parse(timestamp: str, epoch: float) -> None:
+    assert parse_receipt(_receipt(timestamp=timestamp)).timestamp == timestamp
+    assert parse_rfc3339(timestamp).timestamp() == pytest.approx(epoch)
+
+
 @given(st.text(max_size=200) | st.binary(max_size=200))
 def test_receipt_any_input_gives_only_the_typed_error(data: str | bytes) -> None:
     try:
@@ -606,6 +730,59 @@ def test_one_problem_body_serves_mpp_and_x402_v1_clients() -> None:
         encode_problem(ProblemDetails(type="about:blank", title="Verification Failed", status=402))
     )
     assert minimal == {"type": "about:blank", "title": "Verification Failed", "status": 402}
+
+
+#: draft-httpauth-payment "Error Codes" (paymentauth.org/problems/…): every type and its HTTP status.
+SPEC_PROBLEMS = {
+    "payment-required": 402, "payment-insufficient": 402, "payment-expired": 402, "verification-failed": 402,
+    "method-unsupported": 400, "malformed-credential": 402, "invalid-challenge": 402,
+}  # fmt: skip
+
+
+def test_every_problem_type_we_send_is_the_core_specs_with_its_status() -> None:
+    """Issue 9 item 16: each code the gateway can answer an MPP client with maps to one of the core spec's
+    problem types, at the status the spec gives that type; a server-side failure (5xx) borrows none."""
+    for code in _TABLE:
+        answer = error_answer(code)
+        if answer.mpp_status >= 500:
+            assert answer.problem_type == "about:blank", code
+            continue
+        name = answer.problem_type.removeprefix(PROBLEM_BASE)
+        assert SPEC_PROBLEMS.get(name) == answer.mpp_status, (code, name, answer.mpp_status)
+    assert (
+        error_answer(X402Error("db down", code="store_unavailable", status_hint=503)).problem_type
+        == "about:blank"
+    )
+    # The status-code table: an already-used challenge id is 402 + invalid-challenge + a fresh challenge.
+    for code in (Reason.NONCE_ALREADY_USED, "escrow_nonce_used", "escrow_nonce_reused"):
+        answer = error_answer(code)
+        assert (answer.mpp_status, answer.problem_type, answer.replayed) == (
+            402, PROBLEM_BASE + "invalid-challenge", True,
+        )  # fmt: skip
+    assert not any(error_answer(code).replayed for code in _TABLE if code not in _REPLAY_CODES)
+
+
+_REPLAY_CODES = {Reason.NONCE_ALREADY_USED, "escrow_nonce_used", "escrow_nonce_reused"}
+
+
+@pytest.mark.parametrize(
+    "case,code,error_type",
+    [  # mpp-tools conformance/server-verification/cases.json: errorType per case, and the code we raise
+        (
+            "missing_credential_expires_rejected_with_route_expiry",
+            Reason.INVALID_CHALLENGE,
+            "invalid-challenge",
+        ),
+        ("expired_credential_rejected", Reason.CHALLENGE_EXPIRED, "payment-expired"),
+        ("tampered_challenge_id_rejected", Reason.INVALID_CHALLENGE, "invalid-challenge"),
+        ("realm_mismatch_rejected", Reason.INVALID_CHALLENGE, "invalid-challenge"),
+        ("request_mismatch_rejected", Reason.CHALLENGE_BINDING_MISMATCH, "invalid-challenge"),
+        ("intent_verification_error_reported", Reason.SIGNATURE, "verification-failed"),
+    ],
+)
+def test_server_verification_vectors_problem_types(case: str, code: str, error_type: str) -> None:
+    answer = error_answer(code)
+    assert (answer.problem_type, answer.mpp_status) == (PROBLEM_BASE + error_type, 402), case
 
 
 def test_rfc3339() -> None:

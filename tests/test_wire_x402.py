@@ -488,7 +488,8 @@ def test_error_tree_and_answers() -> None:
     assert error_answer(Reason.UNSUPPORTED_SCHEME).problem_type.endswith("/method-unsupported")
     assert error_answer(Reason.UNSUPPORTED_SCHEME).mpp_status == 400
     assert error_answer(Reason.CHALLENGE_BINDING_MISMATCH).problem_type.endswith("/invalid-challenge")
-    assert error_answer(Reason.NONCE_ALREADY_USED).mpp_status == 403
+    assert error_answer(Reason.NONCE_ALREADY_USED).mpp_status == 402  # MPP core spec: invalid-challenge
+    assert error_answer(Reason.NONCE_ALREADY_USED).replayed
     # unknown reasons (the x402 set is open) are verification failures
     assert error_answer("invalid_exact_evm_token_name_mismatch").problem_type.endswith("/verification-failed")
     for code in (

@@ -107,6 +107,7 @@ from ._mpp import (
     challenge_hash,
     challenge_hash_pympp,
     challenge_id,
+    check_bound_field,
     decode_json_param,
     decode_problem,
     encode_json_param,
@@ -122,6 +123,7 @@ from ._mpp import (
     rfc3339,
     verify_challenge,
 )
+from ._network import Amount, InvalidAmount, InvalidNetwork, Network, to_atomic_units
 from ._schemes import (
     V1_NETWORKS,
     caip2_namespace,
@@ -169,6 +171,7 @@ from ._verify import (
 __all__ = [
     "AUTHORIZATION_HEADER",
     "Address",
+    "Amount",
     "AuthorizationKind",
     "Bytes32Hex",
     "ESCROW_DOMAIN_NAME",
@@ -190,7 +193,9 @@ __all__ = [
     "FacilitatorRequestV1",
     "GrantMessage",
     "HexBytes",
+    "InvalidAmount",
     "InvalidChallenge",
+    "InvalidNetwork",
     "InvalidSignature",
     "LocalSigner",
     "MAX_BODY_BYTES",
@@ -202,6 +207,7 @@ __all__ = [
     "MppChallenge",
     "MppCredential",
     "MppReceipt",
+    "Network",
     "NoPayableOffer",
     "NonceCounter",
     "PAYMENT_AUTHORIZATION_HEADER",
@@ -247,6 +253,7 @@ __all__ = [
     "challenge_hash",
     "challenge_hash_pympp",
     "challenge_id",
+    "check_bound_field",
     "convert_payload",
     "decode_escrow_payload",
     "decode_evm_charge_request",
@@ -304,6 +311,7 @@ __all__ = [
     "sign_payment",
     "sign_revoke",
     "sign_transfer_authorization",
+    "to_atomic_units",
     "typed_data_digest",
     "verify_challenge",
     "verify_exact_payment",

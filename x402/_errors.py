@@ -18,6 +18,7 @@ gateway answers the same failure the same way in both protocols.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final
 
 __all__ = [
@@ -157,6 +158,10 @@ class ErrorAnswer:
     problem_type: str  # RFC 9457 type URI for an MPP client
     title: str  # RFC 9457 title
     mpp_status: int  # HTTP status for an MPP client (the MPP core spec answers 402 for nearly everything)
+    #: The payment was already presented (a replay). The MPP core spec answers 402 `invalid-challenge`
+    #: with a fresh challenge ("already-used challenge id"); a server may instead answer as pympp does
+    #: (403, no challenge) so that an auto-paying client is not invited to pay again.
+    replayed: bool = False
 
 
 def _p(name: str) -> str:
@@ -170,6 +175,9 @@ _VERIFICATION = ("verification-failed", "Verification Failed")
 _MALFORMED = ("malformed-credential", "Malformed Credential")
 _CHALLENGE = ("invalid-challenge", "Invalid Challenge")
 _METHOD = ("method-unsupported", "Method Unsupported")
+# A failure on the server's side is no payment problem: every paymentauth.org type is a 402 (or 400), so a
+# 5xx answer says "about:blank" (RFC 9457 §4.2.1) instead of borrowing one of them.
+_SERVER = ("", "Internal Server Error")
 
 # code -> (x402 status, MPP problem, MPP status)
 _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
@@ -187,15 +195,16 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
     Reason.VALUE_MISMATCH: (402, _INSUFFICIENT, 402),
     Reason.VALID_BEFORE: (402, _EXPIRED, 402),
     Reason.VALID_AFTER: (402, _VERIFICATION, 402),
-    # A replayed credential must not invite the client to pay again: MPP answers 403 (as pympp does).
-    Reason.NONCE_ALREADY_USED: (402, _VERIFICATION, 403),
+    # A replay: the core spec's status-code table answers an already-used challenge with 402
+    # `invalid-challenge` and a fresh challenge (`_REPLAYS`; the gateway can answer 403 as pympp does).
+    Reason.NONCE_ALREADY_USED: (402, _CHALLENGE, 402),
     Reason.INSUFFICIENT_BALANCE: (402, _VERIFICATION, 402),
     Reason.INSUFFICIENT_FUNDS: (402, _VERIFICATION, 402),
     Reason.INVALID_TRANSACTION_STATE: (402, _VERIFICATION, 402),
     Reason.TRANSACTION_FAILED: (402, _VERIFICATION, 402),
     Reason.SETTLEMENT_PENDING: (402, _VERIFICATION, 402),
-    Reason.UNEXPECTED_VERIFY_ERROR: (500, _VERIFICATION, 500),
-    Reason.UNEXPECTED_SETTLE_ERROR: (500, _VERIFICATION, 500),
+    Reason.UNEXPECTED_VERIFY_ERROR: (500, _SERVER, 500),
+    Reason.UNEXPECTED_SETTLE_ERROR: (500, _SERVER, 500),
     Reason.INVALID_CHALLENGE: (402, _CHALLENGE, 402),
     Reason.CHALLENGE_BINDING_MISMATCH: (402, _CHALLENGE, 402),
     Reason.CHALLENGE_EXPIRED: (402, _EXPIRED, 402),
@@ -207,9 +216,9 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
     "escrow_deadline_too_soon": (402, _VERIFICATION, 402),
     "escrow_invalid_payee": (402, _VERIFICATION, 402),
     "invalid_escrow_signature": (402, _VERIFICATION, 402),
-    # A replay (store claim or on-chain bitmap), or a nonce that paid another payment: 403 as for `exact`.
-    "escrow_nonce_used": (402, _VERIFICATION, 403),
-    "escrow_nonce_reused": (402, _VERIFICATION, 403),
+    # A replay (store claim or on-chain bitmap), or a nonce that paid another payment: as for `exact`.
+    "escrow_nonce_used": (402, _CHALLENGE, 402),
+    "escrow_nonce_reused": (402, _CHALLENGE, 402),
     "escrow_grant_not_found": (402, _VERIFICATION, 402),
     "escrow_grant_revoked": (402, _VERIFICATION, 402),
     "escrow_token_mismatch": (402, _VERIFICATION, 402),
@@ -225,11 +234,23 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
 }
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return _SERVER[1]
+
+
+#: Codes meaning "this payment was already presented" (see `ErrorAnswer.replayed`).
+_REPLAYS: Final = frozenset({Reason.NONCE_ALREADY_USED, "escrow_nonce_used", "escrow_nonce_reused"})
+
+
 def error_answer(error: X402Error | str) -> ErrorAnswer:
     """Map an error (or a bare code) to the answer a server gives an x402 and an MPP client.
 
     Unknown codes (the x402 reason set is open) are verification failures: 402 ``verification-failed``
-    when the error's status hint is 402, else the hint itself with ``malformed-credential``.
+    when the error's status hint is 402, ``malformed-credential`` (x402: 400) when it is 400; a 5xx hint
+    is answered as itself with ``about:blank``.
     """
     code = error if isinstance(error, str) else error.code
     row = _TABLE.get(code)
@@ -238,10 +259,15 @@ def error_answer(error: X402Error | str) -> ErrorAnswer:
         if hint == 400:
             row = (400, _MALFORMED, 402)
         elif hint >= 500:
-            row = (hint, _VERIFICATION, hint)
+            row = (hint, ("", _phrase(hint)), hint)
         else:
             row = (hint, _VERIFICATION, 402)
     status, (name, title), mpp_status = row
     return ErrorAnswer(
-        status=status, invalid_reason=code, problem_type=_p(name), title=title, mpp_status=mpp_status
+        status=status,
+        invalid_reason=code,
+        problem_type=_p(name) if name else "about:blank",
+        title=title,
+        mpp_status=mpp_status,
+        replayed=code in _REPLAYS,
     )

@@ -243,7 +243,8 @@ class GrantMessage(_Explicit, frozen=True, kw_only=True):
     """What an owner signs to grant ``signer`` (``AgentEscrow.grantWithSig``); also the signed-grant file.
 
     ``payees`` and ``epoch`` are signed: they are always written out, so a file is readable without
-    knowing this class's defaults."""
+    knowing this class's defaults. ``epoch`` is the owner's version number for this key's grant: it must be
+    above the key's current epoch on chain, and a revoke through it or higher refuses it forever."""
 
     payer: Address
     signer: Address
@@ -414,7 +415,8 @@ def recover_grant(domain: Eip712Domain, grant: GrantMessage, signature: bytes) -
 
 
 def sign_revoke(owner: Signer, domain: Eip712Domain, *, payer: str, signer: str, epoch: int) -> bytes:
-    """The payer's signature for ``revokeWithSig`` of the grant currently at ``epoch``."""
+    """The payer's signature for ``revokeWithSig`` of ``signer`` through ``epoch``: every grant numbered
+    ``epoch`` or below is refused, whichever is relayed first."""
     return owner.sign_hash(revoke_digest(domain, payer, signer, epoch))
 
 

@@ -5,7 +5,9 @@
 - credentials: ``Authorization: Payment <base64url-nopad(JSON)>``;
 - receipts: ``Payment-Receipt: <base64url-nopad(JSON)>``;
 - challenge binding: ``id = base64url(HMAC-SHA256(secret, "realm|method|intent|request|expires|digest|
-  opaque"))`` with ``request`` and ``opaque`` as base64url of JCS (RFC 8785) JSON;
+  opaque"))`` with ``request`` and ``opaque`` as base64url of JCS (RFC 8785) JSON; the slots are joined
+  unescaped, so a field containing ``|`` could move the slot boundaries: such fields are never issued nor
+  verified (:func:`check_bound_field`);
 - problem details (RFC 9457) that one body can share with an x402 v1 client.
 
 Parsers raise only :class:`~x402.MalformedPayment`. Formatters raise ``ValueError`` for values that cannot
@@ -20,7 +22,7 @@ import hmac
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from hashlib import sha256
 from typing import Annotated, Any, Final
 
@@ -49,6 +51,7 @@ __all__ = [
     "challenge_hash",
     "challenge_hash_pympp",
     "challenge_id",
+    "check_bound_field",
     "decode_json_param",
     "encode_json_param",
     "encode_problem",
@@ -102,7 +105,7 @@ class MppChallenge(_Wire, frozen=True, kw_only=True):
     description: _Str | None = None
     digest: _Str | None = None
     expires: _Str | None = None
-    opaque: _Str | None = None
+    opaque: _B64 | None = None  # base64url of JCS JSON, as `request` (so it can never carry a "|")
     #: Non-default credential header (``Payment-Authorization``) when the server needs ``Authorization``.
     header: _Tok | None = None
 
@@ -129,7 +132,8 @@ class MppCredential(_Wire, frozen=True, kw_only=True):
 class MppReceipt(_Wire, frozen=True, kw_only=True, tag_field="status", tag="success"):
     """The JSON object inside ``Payment-Receipt``. ``status`` is always ``"success"`` (receipts are only
     issued for successful payments): it is the msgspec tag, so it is always encoded and any other value
-    fails to decode."""
+    fails to decode. :func:`parse_receipt` also refuses a receipt without ``status`` (msgspec alone would
+    accept a missing tag) and one whose ``timestamp`` is not RFC 3339."""
 
     method: _Tok
     timestamp: _Str
@@ -250,18 +254,45 @@ def rfc3339(when: datetime | float) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: RFC 3339 §5.6 ``date-time``: full-date "T" partial-time time-offset ("T"/"Z" may be lower case).
+_RFC3339: Final = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,32}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # \d is [0-9], not every Unicode digit
+)
+
+
 def parse_rfc3339(value: str) -> datetime:
-    """Parse an RFC 3339 date-time into an aware datetime; raise :class:`MalformedPayment` otherwise."""
-    text = value.strip()
-    if len(text) > 64 or "T" not in text.upper():
-        raise MalformedPayment(f"not an RFC 3339 date-time: {value[:64]!r}")
+    """Parse an RFC 3339 ``date-time`` into an aware datetime; raise :class:`MalformedPayment` otherwise.
+
+    Exactly the RFC's grammar: ``datetime.fromisoformat`` alone would also take ISO 8601 forms RFC 3339
+    excludes (no seconds, no offset, basic format, week dates). A leap second (``:60``) is read as ``:59``.
+    """
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) and len(value) <= 64 else None
+    if match is None:
+        raise MalformedPayment(f"not an RFC 3339 date-time: {str(value)[:64]!r}")
+    year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = match.groups()
     try:
-        dt = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "zZ" else text)
+        if zulu is None and (int(off_h) > 23 or int(off_m) > 59):
+            raise ValueError("offset out of range")
+        offset = (
+            UTC
+            if zulu is not None
+            else timezone((-1 if sign == "-" else 1) * timedelta(hours=int(off_h), minutes=int(off_m)))
+        )
+        if int(second) > 60:
+            raise ValueError("second out of range")
+        return datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            min(int(second), 59),
+            int((frac or "0")[:6].ljust(6, "0")),
+            tzinfo=offset,
+        )
     except ValueError:
         raise MalformedPayment(f"not an RFC 3339 date-time: {value[:64]!r}") from None
-    if dt.tzinfo is None:
-        raise MalformedPayment(f"RFC 3339 date-time without an offset: {value[:64]!r}")
-    return dt
 
 
 # ------------------------------------------------------------------------------------ challenge binding
@@ -273,6 +304,59 @@ def _param(value: str | Mapping[str, Any] | None) -> str:
     if isinstance(value, str):
         return value
     return encode_json_param(value)
+
+
+def check_bound_field(name: str, value: str) -> None:
+    """Refuse a value that cannot be an HMAC slot (``ValueError``).
+
+    The slots are joined with an unescaped ``|``: a field holding one would shift the boundaries, so that
+    ``realm="a|evm"`` issued with ``method="charge"`` hashes like ``realm="a"``, ``method="evm|charge"``…
+    and whoever picks such a field (a ``Host`` header used as realm) re-cuts the id into a challenge
+    with another realm or expiry. A lone surrogate has no UTF-8 form and is refused as well.
+    """
+    if "|" in value:
+        raise ValueError(f"challenge {name}: '|' would shift the challenge-binding slots")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"challenge {name}: not encodable as UTF-8") from None
+
+
+def _slots(
+    realm: str,
+    method: str,
+    intent: str,
+    request: str,
+    expires: str | None,
+    digest: str | None,
+    opaque: str | None,
+    header: str | None,
+) -> list[str]:
+    named = [
+        ("realm", realm),
+        ("method", method),
+        ("intent", intent),
+        ("request", request),
+        ("expires", expires or ""),
+        ("digest", digest or ""),
+    ]
+    if header and header.lower() != AUTHORIZATION_HEADER.lower():
+        named.append(("header", header))
+    named.append(("opaque", opaque or ""))
+    for name, value in named:
+        check_bound_field(name, value)
+    return [value for _, value in named]
+
+
+def _mac(key: bytes, slots: list[str]) -> str:
+    return b64url_encode(hmac.new(key, "|".join(slots).encode("utf-8"), sha256).digest())
+
+
+def _key(secret: bytes | str) -> bytes:
+    key = secret.encode() if isinstance(secret, str) else secret
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"challenge-binding secret must be at least {MIN_SECRET_BYTES} bytes")
+    return key
 
 
 def challenge_id(
@@ -292,28 +376,21 @@ def challenge_id(
     ``request`` / ``opaque`` are either the base64url strings as on the wire (used verbatim) or JSON
     objects (JCS-serialised and base64url-encoded here). A non-default credential ``header``
     (``Payment-Authorization``) is bound in a slot before ``opaque``, as the SDKs do; ``Authorization``
-    is the implicit default and never bound.
+    is the implicit default and never bound. Raises ``ValueError`` for a weak secret or a field that
+    :func:`check_bound_field` refuses (nothing is issued that could be re-cut).
     """
-    key = secret.encode() if isinstance(secret, str) else secret
-    if len(key) < MIN_SECRET_BYTES:
-        raise ValueError(f"challenge-binding secret must be at least {MIN_SECRET_BYTES} bytes")
-    slots = [realm, method, intent, _param(request), expires or "", digest or ""]
-    if header and header.lower() != AUTHORIZATION_HEADER.lower():
-        slots.append(header)
-    slots.append(_param(opaque))
-    mac = hmac.new(key, "|".join(slots).encode("utf-8"), sha256).digest()
-    return b64url_encode(mac)
+    key = _key(secret)
+    slots = _slots(realm, method, intent, _param(request), expires, digest, _param(opaque) or None, header)
+    return _mac(key, slots)
 
 
 def verify_challenge(secrets: bytes | str | Sequence[bytes | str], challenge: MppChallenge) -> bool:
     """Whether ``challenge.id`` is the HMAC of its parameters under one of ``secrets`` (constant time per
-    secret; pass several to keep accepting challenges issued before a rotation)."""
+    secret; pass several to keep accepting challenges issued before a rotation). A challenge with a field
+    :func:`check_bound_field` refuses is never valid, whatever its id: its slots are ambiguous."""
     keys: Sequence[bytes | str] = [secrets] if isinstance(secrets, bytes | str) else secrets
-    presented = challenge.id.encode("utf-8", "surrogatepass")
-    ok = False
-    for key in keys:
-        expected = challenge_id(
-            key,
+    try:
+        slots = _slots(
             challenge.realm,
             challenge.method,
             challenge.intent,
@@ -321,9 +398,14 @@ def verify_challenge(secrets: bytes | str | Sequence[bytes | str], challenge: Mp
             challenge.expires,
             challenge.digest,
             challenge.opaque,
-            header=challenge.header,
+            challenge.header,
         )
-        ok |= hmac.compare_digest(expected.encode("ascii"), presented)
+    except ValueError:
+        return False
+    presented = challenge.id.encode("utf-8", "surrogatepass")
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(_mac(_key(key), slots).encode("ascii"), presented)
     return ok
 
 
@@ -633,16 +715,30 @@ def parse_credential(value: str | bytes) -> MppCredential:
 
 
 def format_receipt(receipt: MppReceipt) -> str:
-    """``Payment-Receipt`` value: base64url-nopad of the JSON receipt."""
+    """``Payment-Receipt`` value: base64url-nopad of the JSON receipt (``ValueError`` when its
+    ``timestamp`` is not RFC 3339: a receipt that :func:`parse_receipt` would refuse is never sent)."""
+    try:
+        parse_rfc3339(receipt.timestamp)
+    except MalformedPayment as exc:
+        raise ValueError(f"receipt timestamp: {exc.message}") from None
     return b64url_encode(_json_encoder.encode(receipt))
 
 
 def parse_receipt(value: str | bytes) -> MppReceipt:
+    """Parse a ``Payment-Receipt`` value, to the letter of the core spec: ``status`` must be present and
+    ``"success"``, ``timestamp`` an RFC 3339 date-time; anything else raises :class:`MalformedPayment`
+    (code ``invalid_payload``), never a receipt that reads as a success."""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if not isinstance(value, str):
         raise MalformedPayment("Payment-Receipt: expected str or bytes")
-    receipt: MppReceipt = _decode(
-        _receipt_decoder, b64url_decode(value.strip(_OWS), what="receipt"), "Payment-Receipt"
-    )
+    raw = b64url_decode(value.strip(_OWS), what="receipt")
+    fields: dict[str, Any] = _decode(_object_decoder, raw, "Payment-Receipt")
+    if "status" not in fields:
+        raise MalformedPayment('Payment-Receipt: no status (a receipt must say "success")')
+    receipt: MppReceipt = _decode(_receipt_decoder, raw, "Payment-Receipt")
+    try:
+        parse_rfc3339(receipt.timestamp)
+    except MalformedPayment as exc:
+        raise MalformedPayment(f"Payment-Receipt: timestamp: {exc.message}") from None
     return receipt

@@ -135,14 +135,15 @@ def verify_mpp_authorization(
     token_name: str,
     token_version: str,
     now: int | None = None,
-    accept_pympp_challenge_hash: bool = False,
+    strict: bool = False,
 ) -> str:
     """Check an ``evm``/``charge`` ``authorization`` credential against its (already HMAC-verified)
     challenge; return the payer. The token's EIP-712 ``name``/``version`` are server configuration (the
     challenge does not carry them).
 
-    ``accept_pympp_challenge_hash`` also accepts pympp 0.16's non-standard nonce
-    (:func:`~x402.challenge_hash_pympp`).
+    The nonce must bind the challenge: the spec's :func:`~x402.challenge_hash`, or pympp 0.16's
+    :func:`~x402.challenge_hash_pympp` (both commit to the same HMAC-checked id and realm); ``strict``
+    accepts the spec's form only.
     """
     request: EvmChargeRequest = decode_evm_charge_request(challenge.request_json())
     if challenge.method != "evm" or challenge.intent != "charge":
@@ -159,7 +160,7 @@ def verify_mpp_authorization(
         raise InvalidChallenge("challenge expired", code=Reason.CHALLENGE_EXPIRED)
     nonce = payload.nonce.lower()
     expected = {"0x" + challenge_hash(challenge.id, challenge.realm).hex()}
-    if accept_pympp_challenge_hash:
+    if not strict:
         expected.add("0x" + challenge_hash_pympp(challenge.id, challenge.realm).hex())
     if nonce not in expected:
         raise InvalidChallenge("nonce is not the challenge hash", code=Reason.CHALLENGE_BINDING_MISMATCH)

@@ -63,6 +63,7 @@ from ._mpp import (
     parse_receipt,
     parse_www_authenticate,
 )
+from ._network import Amount, Network, to_atomic_units
 from ._schemes import V1_NETWORKS, encode_scheme_payload
 from ._signer import Signer
 from ._types import (
@@ -334,6 +335,13 @@ class Eip3009Wallet:
         self._pympp_compat = pympp_compat
         self._mpp_default_validity = mpp_default_validity
 
+    @classmethod
+    def for_network(cls, signer: Signer, network: Network, **kwargs: Any) -> Eip3009Wallet:
+        """Pays `network`'s token, with the EIP-712 domain the network description names."""
+        return cls(
+            signer, network.chain_id, {network.token: (network.token_name, network.token_version)}, **kwargs
+        )
+
     @property
     def address(self) -> str:
         return self.signer.address
@@ -440,7 +448,8 @@ class Reservation:
 
 
 class SpendPolicy:
-    """Client-side spending limits, in atomic units of the asset.
+    """Client-side spending limits. Amounts are atomic units (`2_000`) or human ones (`"$0.002"`), the
+    latter converted with `decimals` (the token's, 6 for USDC).
 
     - ``max_per_call``: the largest single payment;
     - ``total_budget``: reserved + spent, over every payee;
@@ -457,19 +466,23 @@ class SpendPolicy:
     def __init__(
         self,
         *,
-        max_per_call: int | None = None,
-        total_budget: int | None = None,
-        per_payee_budget: int | Mapping[str, int] | None = None,
+        max_per_call: Amount | None = None,
+        total_budget: Amount | None = None,
+        per_payee_budget: Amount | Mapping[str, Amount] | None = None,
         allowed_assets: Collection[str] | None = None,
         allowed_payees: Collection[str] | None = None,
         allowed_networks: Collection[str] | None = None,
+        decimals: int = 6,
     ) -> None:
-        self.max_per_call = max_per_call
-        self.total_budget = total_budget
+        def atomic(amount: Amount | None) -> int | None:
+            return None if amount is None else to_atomic_units(amount, decimals)
+
+        self.max_per_call = atomic(max_per_call)
+        self.total_budget = atomic(total_budget)
         self.per_payee_budget: int | dict[str, int] | None = (
-            {k.lower(): v for k, v in per_payee_budget.items()}
+            {k.lower(): to_atomic_units(v, decimals) for k, v in per_payee_budget.items()}
             if isinstance(per_payee_budget, Mapping)
-            else per_payee_budget
+            else atomic(per_payee_budget)
         )
         self.allowed_assets = None if allowed_assets is None else {a.lower() for a in allowed_assets}
         self.allowed_payees = None if allowed_payees is None else {p.lower() for p in allowed_payees}

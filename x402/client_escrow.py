@@ -5,7 +5,11 @@ with an ``escrow`` credential) out of its owner's escrow deposit, within the gra
     auth = PaymentAuth(SessionKeyWallet(wallet, fallback=Eip3009Wallet(...)))  # escrow first, exact otherwise
     async with httpx.AsyncClient(auth=auth) as client: ...
 
-(``SessionKeyAuth(wallet, fallback=...)`` is the same thing spelled shorter.)
+(``SessionKeyAuth(wallet, fallback=...)`` is the same thing spelled shorter.) An orchestrator usually gets
+all of this as one file from its owner (:class:`SessionWalletFile`, written by ``escrow.Chain.open_session``):
+
+    wallet = SessionKeyWallet.load("orchestrator.session.json")
+    auth = PaymentAuth(wallet, SpendPolicy(max_per_call="$0.002", total_budget="$0.05"))
 
 ``can_pay`` checks what the key can check offline (chain, escrow, token, per-call cap, payee list, window);
 the grant's budget and revocation are the gateway's and the escrow's to enforce. Nonces count up from a
@@ -15,11 +19,15 @@ share one storage word on chain.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
-from ._errors import NoPayableOffer
+import msgspec
+
+from ._errors import NoPayableOffer, X402Error
 from ._escrow import (
     ESCROW_DOMAIN_NAME,
     ESCROW_DOMAIN_VERSION,
@@ -31,11 +39,12 @@ from ._escrow import (
     sign_payment,
 )
 from ._evm_charge import did_pkh
+from ._network import Amount, Network, to_atomic_units
 from ._schemes import encode_scheme_payload
-from ._signer import Signer
-from .client import EVM_CHARGE, Credential, Offer, PaymentAuth, SpendPolicy, Wallet
+from ._signer import LocalSigner, Signer
+from .client import EVM_CHARGE, Credential, Eip3009Wallet, Offer, PaymentAuth, SpendPolicy, Wallet
 
-__all__ = ["EscrowWallet", "SessionKeyAuth", "SessionKeyWallet"]
+__all__ = ["EscrowWallet", "InvalidWalletFile", "SessionKeyAuth", "SessionKeyWallet", "SessionWalletFile"]
 
 _DEFAULT_DEADLINE = 3600
 
@@ -54,12 +63,13 @@ class EscrowWallet:
         escrow: str,
         token: str,
         epoch: int = 1,
-        max_per_call: int | None = None,
+        max_per_call: Amount | None = None,
         payees: Sequence[str] = (),
         valid_after: int = 0,
         valid_until: int | None = None,
         nonces: NonceCounter | None = None,
         clock: Any = time.time,
+        decimals: int = 6,
     ) -> None:
         self.session = session
         self.payer = payer
@@ -68,7 +78,8 @@ class EscrowWallet:
         self.escrow = escrow
         self.token = token
         self.epoch = epoch
-        self.max_per_call = max_per_call
+        # `"$0.002"` or atomic units; `decimals` are the token's.
+        self.max_per_call = None if max_per_call is None else to_atomic_units(max_per_call, decimals)
         self.payees = frozenset(p.lower() for p in payees)
         self.valid_after = valid_after
         self.valid_until = valid_until
@@ -152,6 +163,51 @@ class EscrowWallet:
         return Credential(payload=encode_scheme_payload(signed), source=source)
 
 
+class InvalidWalletFile(X402Error):
+    """A session wallet file that cannot be read, or whose grant is not for its session key."""
+
+    default_code = "invalid_wallet_file"
+    default_status = 400
+
+
+class SessionWalletFile(msgspec.Struct, frozen=True, kw_only=True):
+    """What an owner hands an orchestrator (`orchestrator.session.json`; keep it private: it holds a key).
+
+    `session_key`: the hot key (hex); `grant`: the escrow grant its owner signed for it (its `payer` is whose
+    deposit pays); `network`: the chain, escrow and token it pays on; `fallback_key` (optional): a small
+    EOA wallet that pays `exact` offers where the escrow is not accepted.
+    """
+
+    network: Network
+    session_key: str
+    grant: GrantMessage
+    fallback_key: str = ""
+    version: int = 1
+
+    def to_json(self) -> bytes:
+        return msgspec.json.format(msgspec.json.encode(self), indent=2)
+
+    def dump(self, path: str | Path) -> None:
+        """Write atomically, readable by its owner only."""
+        target = Path(path)
+        partial = target.with_name(target.name + ".tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(self.to_json() + b"\n")
+        partial.replace(target)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SessionWalletFile:
+        try:
+            return msgspec.json.decode(Path(path).read_bytes(), type=cls)
+        except OSError as exc:
+            raise InvalidWalletFile(f"cannot read the wallet file {path}: {exc.strerror}") from None
+        except msgspec.DecodeError as exc:
+            raise InvalidWalletFile(f"invalid wallet file {path}: {exc}") from None
+        except X402Error as exc:  # e.g. its network description contradicts itself
+            raise InvalidWalletFile(f"invalid wallet file {path}: {exc.message}") from None
+
+
 class SessionKeyWallet:
     """The escrow wallet first, ``fallback`` (e.g. an :class:`~x402.client.Eip3009Wallet`) for what the
     session key cannot pay.
@@ -166,6 +222,35 @@ class SessionKeyWallet:
         self.fallback = fallback
         methods = (*escrow.mpp_methods, *getattr(fallback, "mpp_methods", ()))
         self.mpp_methods: tuple[str, ...] = tuple(dict.fromkeys(methods))
+
+    @classmethod
+    def from_file(cls, file: SessionWalletFile) -> SessionKeyWallet:
+        network = file.network
+        if not network.escrow:
+            raise InvalidWalletFile(f"the wallet's network {network.network} names no escrow")
+        try:
+            session = LocalSigner(file.session_key)
+            escrow = EscrowWallet.from_grant(
+                session, file.grant, chain_id=network.chain_id, escrow=network.escrow
+            )
+            fallback = (
+                Eip3009Wallet.for_network(LocalSigner(file.fallback_key), network)
+                if file.fallback_key
+                else None
+            )
+        except ValueError as exc:  # a malformed key, or a grant for another key
+            raise InvalidWalletFile(f"invalid wallet file: {exc}") from None
+        return cls(escrow, fallback)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SessionKeyWallet:
+        """The wallet an owner wrote with `SessionWalletFile.dump` (see `escrow.Chain.open_session`)."""
+        return cls.from_file(SessionWalletFile.load(path))
+
+    @property
+    def address(self) -> str:
+        """Whose money pays: the grant's payer (the owner's account)."""
+        return self.escrow.payer
 
     def can_pay(self, offer: Offer) -> bool:
         return self.escrow.can_pay(offer) or (self.fallback is not None and self.fallback.can_pay(offer))

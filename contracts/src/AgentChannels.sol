@@ -30,6 +30,11 @@ import {IAgentChannels} from "./escrow/IAgentChannels.sol";
  * Storage: four slots per channel (amounts are kept as `uint96` next to addresses; the ABI keeps the draft's
  * `uint128`, and a deposit above 2^96 - 1 base units reverts), so a settlement reads four slots and writes one.
  *
+ * Payouts: the payee's share is transferred to it (a payee the token refuses can only block itself). Split shares
+ * and the payer's refund go to parties the payee does not choose, so a transfer the token refuses (a blocklisted
+ * recipient) never reverts a settlement or a close: the amount is owed to its recipient, who pulls it later with
+ * {withdrawOwed}, as {AgentEscrow} does with failed payouts.
+ *
  * WARNING: Fee-on-transfer and rebasing tokens are not supported.
  */
 contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
@@ -58,6 +63,7 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
 
     mapping(bytes32 channelId => ChannelData) private _channels;
     mapping(bytes32 channelId => Split[]) private _splits;
+    mapping(address recipient => mapping(address token => uint256)) private _owed;
 
     constructor() EIP712("EVM Payment Channel", "1") {}
 
@@ -141,7 +147,24 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
         _finalize(channelId, c);
     }
 
+    /// @inheritdoc IAgentChannels
+    function withdrawOwed(address token, address to) external nonReentrant returns (uint256 amount) {
+        // Sending to this contract would strand the tokens outside every channel's books.
+        require(to != address(this), ChannelInvalidRecipient(to));
+        amount = _owed[msg.sender][token];
+        require(amount != 0, ChannelNothingOwed(msg.sender, token));
+        delete _owed[msg.sender][token];
+        emit OwedWithdrawn(msg.sender, token, to, amount);
+
+        IERC20(token).safeTransfer(to, amount);
+    }
+
     // ------------------------------------------------------------------ views
+
+    /// @inheritdoc IAgentChannels
+    function owedTo(address recipient, address token) external view returns (uint256) {
+        return _owed[recipient][token];
+    }
 
     /// @inheritdoc IAgentChannels
     function computeChannelId(address payer, address payee, address token, bytes32 salt, address authorizedSigner)
@@ -198,7 +221,8 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
         returns (uint8 count)
     {
         uint256 n = recipients.length;
-        require(n == bps.length && n <= MAX_SPLITS, ChannelInvalidSplits());
+        require(n <= MAX_SPLITS, ChannelTooManySplits(n, MAX_SPLITS));
+        require(n == bps.length, ChannelInvalidSplits());
         uint256 total;
         for (uint256 i; i < n; ++i) {
             require(recipients[i] != address(0) && bps[i] != 0, ChannelInvalidSplits());
@@ -234,9 +258,17 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
             Split memory split = _splits[channelId][i];
             uint256 share = uint256(delta) * split.bps / 10_000;
             rest -= share;
-            if (share != 0) token.safeTransfer(split.recipient, share);
+            if (share != 0) _payOrOwe(channelId, token, split.recipient, share);
         }
         token.safeTransfer(c.payee, rest);
+    }
+
+    /// @dev Transfers `amount` to `recipient`; if the token refuses (e.g. a blocklisted recipient), it is owed instead.
+    function _payOrOwe(bytes32 channelId, IERC20 token, address recipient, uint256 amount) private {
+        if (!token.trySafeTransfer(recipient, amount)) {
+            _owed[recipient][address(token)] += amount;
+            emit PayoutDeferred(channelId, recipient, address(token), amount);
+        }
     }
 
     function _finalize(bytes32 channelId, ChannelData storage c) private {
@@ -247,6 +279,7 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
         c.closeRequestedAt = 0;
         emit ChannelClosed(channelId, settled, refund);
 
-        if (refund != 0) IERC20(c.token).safeTransfer(c.payer, refund);
+        // A payer the token refuses must not keep the payee from closing: its refund is owed instead.
+        if (refund != 0) _payOrOwe(channelId, IERC20(c.token), c.payer, refund);
     }
 }

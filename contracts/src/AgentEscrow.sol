@@ -33,10 +33,15 @@ import {IERC3009Receive} from "./escrow/IERC3009Receive.sol";
  * payee: the payer can still *spend* it (or revoke a key) before a deferred payment settles, so deferred
  * settlement is credit the payee extends; channels ({AgentChannels}) reserve funds per payee.
  *
- * Grant versions: each (payer, signer) grant carries an `epoch` that every grant change advances by one (a
- * re-grant, or a revoke). Payments name the epoch they were signed under, so a re-grant starts a fresh budget
- * and neither it nor a revoke can be undone by replaying payments signed under an older version; signed grant
- * changes name the epoch they create (or end), which makes them single-use and ordered per signer.
+ * Grant versions: each (payer, signer) grant carries an `epoch`, a version number the payer chooses and only ever
+ * raises (a counter, or the signing time in seconds). A grant change must name an epoch above the current one,
+ * so a signed grant is single-use and an older grant can never replace a newer one. A revoke names the epoch it
+ * revokes *through*: it ends the live grant and raises the epoch to that number, so every grant signed with an
+ * epoch at or below it is refused forever, whether it was relayed before the revoke or is relayed after it. A
+ * revoke therefore wins over every grant the payer signed before it, in any relay order, as long as the payer
+ * numbers a revoke at least as high as the grants it means to end. Payments name the epoch they were signed
+ * under, so a re-grant starts a fresh budget and neither it nor a revoke can be undone by replaying payments
+ * signed under an older version.
  *
  * WARNING: Fee-on-transfer and rebasing tokens are not supported: deposits are credited at face value.
  *
@@ -207,7 +212,10 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         external
         returns (uint32 epoch)
     {
-        epoch = _grants[msg.sender][signer].terms.epoch + 1;
+        uint32 current = _grants[msg.sender][signer].terms.epoch;
+        // A key revoked through the last epoch is retired for good.
+        require(current != type(uint32).max, EscrowStaleEpoch(msg.sender, signer, current, current));
+        epoch = current + 1;
         _grant(msg.sender, signer, params, payees, epoch);
     }
 
@@ -220,8 +228,9 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint32 epoch,
         bytes calldata signature
     ) external {
-        uint32 expected = _grants[payer][signer].terms.epoch + 1;
-        require(epoch == expected, EscrowEpochMismatch(payer, signer, expected, epoch));
+        // Strictly above the current epoch: a grant at or below a revoke's epoch, or below a newer grant, is dead.
+        uint32 current = _grants[payer][signer].terms.epoch;
+        require(epoch > current, EscrowStaleEpoch(payer, signer, current, epoch));
         bytes32 digest = _hashTypedDataV4(
             keccak256(
                 abi.encode(
@@ -243,17 +252,15 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /// @inheritdoc IAgentEscrow
-    function revoke(address signer) external returns (uint32 epoch) {
-        return _revoke(msg.sender, signer);
+    function revoke(address signer, uint32 epoch) external {
+        _revoke(msg.sender, signer, epoch);
     }
 
     /// @inheritdoc IAgentEscrow
     function revokeWithSig(address payer, address signer, uint32 epoch, bytes calldata signature) external {
-        uint32 current = _grants[payer][signer].terms.epoch;
-        require(epoch == current, EscrowEpochMismatch(payer, signer, current, epoch));
         bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(REVOKE_TYPEHASH, payer, signer, epoch)));
         require(SignatureChecker.isValidSignatureNowCalldata(payer, digest, signature), EscrowInvalidSignature(payer));
-        _revoke(payer, signer);
+        _revoke(payer, signer, epoch);
     }
 
     // ------------------------------------------------------------------ payments
@@ -429,10 +436,16 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         );
     }
 
-    function _revoke(address payer, address signer) private returns (uint32 epoch) {
+    /**
+     * @dev Ends every grant of (`payer`, `signer`) up to `epoch`. A revoke below the current epoch is refused: the
+     * grant now live was signed with a higher number, i.e. after this revoke. Replaying a revoke changes nothing.
+     */
+    function _revoke(address payer, address signer, uint32 epoch) private {
         Grant storage g = _grants[payer][signer];
-        epoch = g.terms.epoch + 1;
-        // Only the epoch survives: it is what tells "revoked" from "never granted" and voids older payments.
+        uint32 current = g.terms.epoch;
+        require(epoch != 0 && epoch >= current, EscrowStaleEpoch(payer, signer, current, epoch));
+        // Only the epoch survives: it is what tells "revoked" from "never granted", voids older payments and
+        // refuses every signed grant numbered at or below it.
         g.terms = GrantTerms(address(0), epoch, 0, 0);
         delete g.limits;
         delete g.budget;

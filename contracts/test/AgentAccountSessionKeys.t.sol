@@ -137,6 +137,38 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         assertEq(recorder.received(), 1 ether);
     }
 
+    /// @dev A plain-transfer permission `(target, 0x00000000)` matches empty calldata only (issue 9, item 11).
+    function test_Call_PlainTransferPermissionRefusesZeroPrefixedCalldata() public {
+        CallPermission[] memory permissions = new CallPermission[](1);
+        permissions[0] = _permission(address(recorder), bytes4(0), 1 ether, new ArgRule[](0));
+        _install(key, _policy(permissions));
+
+        // Four zero bytes and then anything: reaches the target's fallback, not a plain transfer.
+        _handleViolation(
+            _session(_execute1(address(recorder), 0, abi.encodePacked(bytes4(0), uint256(1), uint256(2)))),
+            key,
+            SessionPolicyKind.Call,
+            0,
+            0
+        );
+        _handleViolation(_session(_execute1(address(recorder), 0, hex"00000000")), key, SessionPolicyKind.Call, 0, 0);
+        // One to three bytes have no selector at all.
+        _handleViolation(_session(_execute1(address(recorder), 0, hex"00")), key, SessionPolicyKind.Call, 0, 0);
+        _handleViolation(_session(_execute1(address(recorder), 0, hex"000000")), key, SessionPolicyKind.Call, 0, 0);
+        // Empty calldata is the plain transfer the permission was granted for.
+        _handle(_session(_execute1(address(recorder), 1 ether, "")));
+        assertEq(recorder.received(), 1 ether);
+    }
+
+    /// @dev Whatever calldata a plain-transfer key sends, only empty calldata passes validation.
+    function testFuzz_Call_PlainTransferPermissionOnlyEmptyCalldata(bytes memory data) public {
+        vm.assume(data.length != 0);
+        CallPermission[] memory permissions = new CallPermission[](1);
+        permissions[0] = _permission(address(recorder), bytes4(0), 1 ether, new ArgRule[](0));
+        _install(key, _policy(permissions));
+        _handleViolation(_session(_execute1(address(recorder), 0, data)), key, SessionPolicyKind.Call, 0, 0);
+    }
+
     function test_Call_NonCanonicalEncodingSeesSameCalls() public {
         _install(key, _recordPolicy());
         Recorder other = new Recorder();
@@ -409,6 +441,33 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         op.gasFees = bytes32((PRIORITY_FEE << 128) | (MAX_FEE / 2));
         _handle(_signSession(op, key, keyPk));
         assertEq(recorder.calls(), 2);
+    }
+
+    /// @dev No implicit "unlimited" gas: a key with no budget, bundling its own operations, would set their fee
+    /// rate and collect the fees from the account's balance. Installing one is refused (issue 9, item 11).
+    function test_Gas_BudgetRequiredAtInstall() public {
+        SessionPolicy memory policy = _recordPolicy();
+        policy.gasBudget = 0;
+        vm.prank(owner);
+        vm.expectRevert(abi.encodeWithSelector(IAgentAccountSessionKeys.SessionKeyInvalidPolicy.selector, key, 9, 0));
+        account.installSessionKey(key, policy);
+        assertEq(account.sessionKey(key).id, 0);
+    }
+
+    /// @dev A key that is its own bundler and names a fee rate that would burn the account's balance is stopped at
+    /// validation by its budget: the account pays nothing and the key collects nothing.
+    function test_Gas_SelfBundlingKeyCannotTurnBalanceIntoFees() public {
+        SessionPolicy memory policy = _recordPolicy();
+        policy.gasBudget = 0.01 ether;
+        _install(key, policy);
+        uint256 balance = address(account).balance;
+        PackedUserOperation memory op = _op(_recordCall(1, 1));
+        uint256 gasTotal = PRE_VERIFICATION_GAS + VERIFICATION_GAS + CALL_GAS;
+        uint256 greedyFee = balance / gasTotal; // the whole balance as fees
+        op.gasFees = bytes32((greedyFee << 128) | greedyFee);
+        _handleViolation(_signSession(op, key, keyPk), key, SessionPolicyKind.Gas, 0, 0);
+        assertEq(address(account).balance, balance);
+        assertEq(account.sessionKey(key).gasSpent, 0);
     }
 
     // ------------------------------------------------------------------ revocation

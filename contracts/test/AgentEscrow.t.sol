@@ -399,9 +399,7 @@ contract AgentEscrowTest is EscrowTestBase {
         assertTrue(escrow.isPayeeAllowed(payer, sessionKey, payee));
 
         // Single use: the epoch has moved on.
-        vm.expectRevert(
-            abi.encodeWithSelector(IAgentEscrow.EscrowEpochMismatch.selector, payer, sessionKey, 2, 1)
-        );
+        vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowStaleEpoch.selector, payer, sessionKey, 1, 1));
         escrow.grantWithSig(payer, sessionKey, g, payees, 1, sig);
     }
 
@@ -414,13 +412,15 @@ contract AgentEscrowTest is EscrowTestBase {
         assertEq(escrow.grantOf(address(wallet), sessionKey).epoch, 1);
     }
 
-    function test_grantWithSig_revertsOnWrongEpoch() public {
+    function test_grantWithSig_takesAnyHigherEpoch_neverALowerOne() public {
         IAgentEscrow.GrantParams memory g = _params(10e6, 100e6);
-        bytes memory sig = signPacked(payerKey, _grantDigest(payer, sessionKey, g, new address[](0), 2));
-        vm.expectRevert(
-            abi.encodeWithSelector(IAgentEscrow.EscrowEpochMismatch.selector, payer, sessionKey, 1, 2)
-        );
-        escrow.grantWithSig(payer, sessionKey, g, new address[](0), 2, sig);
+        bytes memory sig5 = signPacked(payerKey, _grantDigest(payer, sessionKey, g, new address[](0), 5));
+        bytes memory sig3 = signPacked(payerKey, _grantDigest(payer, sessionKey, g, new address[](0), 3));
+        escrow.grantWithSig(payer, sessionKey, g, new address[](0), 5, sig5);
+        assertEq(escrow.grantOf(payer, sessionKey).epoch, 5);
+        // An older grant relayed late cannot replace the newer one.
+        vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowStaleEpoch.selector, payer, sessionKey, 5, 3));
+        escrow.grantWithSig(payer, sessionKey, g, new address[](0), 3, sig3);
     }
 
     function test_grantWithSig_revertsOnTamperedParams() public {
@@ -443,7 +443,7 @@ contract AgentEscrowTest is EscrowTestBase {
         vm.prank(sessionKey);
         escrow.grant(other, g, new address[](0));
         vm.prank(sessionKey);
-        escrow.revoke(sessionKey);
+        escrow.revoke(sessionKey, 7);
         IAgentEscrow.GrantInfo memory info = escrow.grantOf(payer, sessionKey);
         assertEq(info.epoch, 1);
         assertEq(info.budget, 100e6);
@@ -453,20 +453,20 @@ contract AgentEscrowTest is EscrowTestBase {
     function test_revoke_endsGrantAndEmits() public {
         _grantDefault();
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.GrantRevoked(payer, sessionKey, 2);
+        emit IAgentEscrow.GrantRevoked(payer, sessionKey, 1);
         vm.prank(payer);
-        assertEq(escrow.revoke(sessionKey), 2);
+        escrow.revoke(sessionKey, 1);
         IAgentEscrow.GrantInfo memory info = escrow.grantOf(payer, sessionKey);
         assertEq(info.token, address(0));
-        assertEq(info.epoch, 2);
+        assertEq(info.epoch, 1);
         assertEq(info.budget, 0);
         assertFalse(escrow.isPayeeAllowed(payer, sessionKey, payee));
 
         IAgentEscrow.Payment memory p = _payment(1e6, 0);
         assertEq(_reason(_settle(p, _sign(sessionKeyPk, p))), _reason(IAgentEscrow.Reason.GrantRevoked));
-        // Signing with the new epoch does not help: the grant is gone.
+        // Signing with a later epoch does not help: no grant was ever issued under it.
         p = _payment(payer, payee, 1e6, 0, 2);
-        assertEq(_reason(_settle(p, _sign(sessionKeyPk, p))), _reason(IAgentEscrow.Reason.GrantRevoked));
+        assertEq(_reason(_settle(p, _sign(sessionKeyPk, p))), _reason(IAgentEscrow.Reason.GrantNotFound));
     }
 
     function test_revoke_touchesNoOtherSigner() public {
@@ -474,7 +474,7 @@ contract AgentEscrowTest is EscrowTestBase {
         _grantDefault();
         vm.startPrank(payer);
         escrow.grant(key2, _params(10e6, 100e6), new address[](0));
-        escrow.revoke(sessionKey);
+        escrow.revoke(sessionKey, 1);
         vm.stopPrank();
         IAgentEscrow.Payment memory p = _payment(1e6, 0);
         assertEq(_reason(_settle(p, _sign(key2Pk, p))), 0);
@@ -485,10 +485,8 @@ contract AgentEscrowTest is EscrowTestBase {
         IAgentEscrow.GrantParams memory g = _params(10e6, 100e6);
         bytes memory sig = signPacked(payerKey, _grantDigest(payer, sessionKey, g, new address[](0), 1));
         vm.prank(payer);
-        escrow.revoke(sessionKey); // nothing granted yet: epoch 0 -> 1
-        vm.expectRevert(
-            abi.encodeWithSelector(IAgentEscrow.EscrowEpochMismatch.selector, payer, sessionKey, 2, 1)
-        );
+        escrow.revoke(sessionKey, 1); // nothing granted yet: epoch 0 -> 1
+        vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowStaleEpoch.selector, payer, sessionKey, 1, 1));
         escrow.grantWithSig(payer, sessionKey, g, new address[](0), 1, sig);
     }
 
@@ -496,17 +494,15 @@ contract AgentEscrowTest is EscrowTestBase {
         _grantDefault();
         bytes memory sig = signPacked(payerKey, _revokeDigest(payer, sessionKey, 1));
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.GrantRevoked(payer, sessionKey, 2);
+        emit IAgentEscrow.GrantRevoked(payer, sessionKey, 1);
         vm.prank(relayer);
         escrow.revokeWithSig(payer, sessionKey, 1, sig);
         assertEq(escrow.grantOf(payer, sessionKey).token, address(0));
 
-        // Replay fails, and cannot revoke a later grant.
+        // A replay cannot revoke a later grant.
         vm.prank(payer);
         escrow.grant(sessionKey, _params(10e6, 100e6), new address[](0));
-        vm.expectRevert(
-            abi.encodeWithSelector(IAgentEscrow.EscrowEpochMismatch.selector, payer, sessionKey, 3, 1)
-        );
+        vm.expectRevert(abi.encodeWithSelector(IAgentEscrow.EscrowStaleEpoch.selector, payer, sessionKey, 2, 1));
         escrow.revokeWithSig(payer, sessionKey, 1, sig);
     }
 
@@ -789,7 +785,7 @@ contract AgentEscrowTest is EscrowTestBase {
         IAgentEscrow.Payment memory p = _payment(1e6, 0);
         bytes memory sig = _sign(sessionKeyPk, p);
         vm.prank(payer);
-        escrow.revoke(sessionKey);
+        escrow.revoke(sessionKey, 1);
         _expectFailure(p, sig, IAgentEscrow.Reason.GrantRevoked);
     }
 
@@ -1070,7 +1066,8 @@ contract AgentEscrowTest is EscrowTestBase {
             1,
             hex"a57b4cd676cd198482302f7af7932969f614a8ff106de43a2c304fff86070bba2944a28fd8b1b0884e925b914c30c5b0d4d912af342075864ca2c634262cc7ed1b"
         );
-        assertEq(at.grantOf(vPayer, vSigner).epoch, 2);
+        assertEq(at.grantOf(vPayer, vSigner).epoch, 1);
+        assertEq(at.grantOf(vPayer, vSigner).token, address(0));
     }
 }
 

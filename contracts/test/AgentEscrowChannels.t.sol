@@ -140,7 +140,7 @@ contract AgentChannelsTest is Test {
         r = new address[](9);
         b = new uint16[](9);
         for (uint256 i; i < 9; ++i) (r[i], b[i]) = (address(uint160(0x100 + i)), 1);
-        vm.expectRevert(IAgentChannels.ChannelInvalidSplits.selector); // more than MAX_SPLITS
+        vm.expectRevert(abi.encodeWithSelector(IAgentChannels.ChannelTooManySplits.selector, 9, 8));
         channels.open(payee, address(usdc), 1, SALT, sessionKey, r, b);
         vm.stopPrank();
     }

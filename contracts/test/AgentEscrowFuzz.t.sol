@@ -117,10 +117,10 @@ contract AgentEscrowFuzzTest is EscrowTestBase {
         changes = uint8(bound(changes, 1, 20));
         vm.startPrank(payer);
         for (uint256 i; i < changes; ++i) {
-            if (i % 3 == 2) escrow.revoke(sessionKey);
+            if (i % 3 == 2) escrow.revoke(sessionKey, escrow.grantOf(payer, sessionKey).epoch + 1);
             else escrow.grant(sessionKey, _params(10e6, 100e6), new address[](0));
         }
-        if (endWithRevoke) escrow.revoke(sessionKey);
+        if (endWithRevoke) escrow.revoke(sessionKey, escrow.grantOf(payer, sessionKey).epoch + 1);
         else escrow.grant(sessionKey, _params(10e6, 100e6), new address[](0));
         vm.stopPrank();
 

@@ -80,7 +80,8 @@ async def _measure(state: DevnetState) -> dict[str, Any]:
         install = await account.install_session_key(
             plain.address,
             SessionPolicy(
-                permissions=(CallPermission.to(usdc, "transfer(address,uint256)", payee_rule, cap),)
+                permissions=(CallPermission.to(usdc, "transfer(address,uint256)", payee_rule, cap),),
+                gas_budget=ETH,
             ),
             owner=owner,
             bundler=bundler,

@@ -68,7 +68,7 @@ class GatewayServer:
         routes: Mapping[str, PaidRoute | Price] | None = None,
         realm: str | None = "gateway.interop",
         settle: SettleMode = "before-response",
-        accept_pympp_challenge_hash: bool = False,
+        mpp_strict: bool = False,
         ready_timeout: float = 30,
     ) -> None:
         self.devnet = devnet
@@ -77,7 +77,7 @@ class GatewayServer:
         self.routes = routes or {"GET /paid": 1000, "POST /paid": 1000}
         self.realm = realm
         self.settle = settle
-        self.accept_pympp_challenge_hash = accept_pympp_challenge_hash
+        self.mpp_strict = mpp_strict
         self.ready_timeout = ready_timeout
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -106,7 +106,7 @@ class GatewayServer:
                 secret=SECRET,
                 realm=self.realm,
                 settle=self.settle,
-                accept_pympp_challenge_hash=self.accept_pympp_challenge_hash,
+                mpp_strict=self.mpp_strict,
             )
             config = uvicorn.Config(app, log_level="warning", lifespan="off")
             self._server = uvicorn.Server(config)

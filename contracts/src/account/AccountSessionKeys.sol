@@ -48,7 +48,10 @@ import {SessionKeyTypedData} from "./SessionKeyTypedData.sol";
  *
  * - Call policy: `callData` must be `execute(mode, executionData)` in ERC-7821 batch mode; every call of the batch
  *   must match an allowed `(target, selector)` ({CallPermission}), send at most its `valueLimit`, and satisfy all
- *   its {ArgRule}s. Calls to the account itself (or to `address(0)`, which ERC-7821 maps to the account) are never
+ *   its {ArgRule}s. A call's selector is the first four bytes of its calldata; empty calldata (a plain native
+ *   transfer) matches only the selector `0x00000000`, and calldata of 1 to 3 bytes, or of 4 or more starting with
+ *   `0x00000000`, matches nothing (so a plain-transfer permission never lets arbitrary calldata through, and no
+ *   function whose selector is `0x00000000` can be allowed). Calls to the account itself (or to `address(0)`, which ERC-7821 maps to the account) are never
  *   allowed, so a session key can neither install keys nor reach any other owner function.
  * - Timestamp policy: `validAfter` / `validUntil`, returned in the validation data.
  * - Rate-limit policy, counted in UserOperations (a batch counts once):
@@ -61,7 +64,12 @@ import {SessionKeyTypedData} from "./SessionKeyTypedData.sol";
  *     operations execute per window, exactly, without reading the clock during validation (ERC-7562).
  * - Gas policy: `gasBudget` wei; each operation is charged its worst case, `(preVerificationGas +
  *   verificationGasLimit + callGasLimit + paymasterVerificationGasLimit + paymasterPostOpGasLimit) * maxFeePerGas`,
- *   at validation (nothing is refunded afterwards, as the EntryPoint's actual cost is not known yet).
+ *   at validation (nothing is refunded afterwards, as the EntryPoint's actual cost is not known yet). Every key
+ *   has one: installing a policy with `gasBudget == 0` reverts. A key that submits its own operations (it is its
+ *   own bundler, so it collects their fees) chooses `maxFeePerGas`; without a budget it could turn the account's
+ *   whole native balance into fees paid to itself. An owner who truly wants no cap says so with
+ *   `type(uint128).max`. The budget counts operations sponsored by a paymaster too (an ERC-20 paymaster still
+ *   charges the account).
  *
  * Limits are per call (`valueLimit`, argument rules) or per UserOperation (rate limit, gas): a batch of `n` calls
  * may move `n` times a per-call cap in one operation. Bound the batch's total where it matters (e.g. a budget in the
@@ -96,7 +104,6 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint32 maxUses;
         uint32 uses;
         bool windowed;
-        bool budgeted;
     }
 
     /// @dev Slot 1 of a key: the per-window rate limit.
@@ -297,7 +304,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
 
         _checkSessionCalls($, key, core.id, userOp.callData);
         (uint48 validAfter, uint48 validUntil) = _useSessionRateLimit(session, core, key, window);
-        if (core.budgeted) _useSessionGas(session.gas, key, userOp);
+        _useSessionGas(session.gas, key, userOp); // every key has a budget: see {_installSessionKey}
         emit SessionKeyUsed(key, core.id);
 
         (address recovered, ECDSA.RecoverError err,) =
@@ -340,9 +347,13 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (target == address(0) || target == address(this)) {
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
         }
-        bytes4 selector; // empty calldata: selector 0x00000000
+        // Empty calldata is a plain transfer, selector 0x00000000. Calldata that merely *starts* with four zero bytes
+        // is not: it would reach the target's fallback (or a function with that selector) under a permission granted
+        // for plain transfers. Calldata of 1-3 bytes has no selector at all. Both match no permission.
+        bytes4 selector;
         if (data.length >= 4) {
             selector = bytes4(data[0:4]);
+            if (selector == bytes4(0)) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
         } else if (data.length != 0) {
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
         }
@@ -461,6 +472,8 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (policy.validUntil != 0 && policy.validUntil < policy.validAfter) revert SessionKeyInvalidPolicy(key, 2, 0);
         if ((policy.interval == 0) != (policy.maxUsesPerInterval == 0)) revert SessionKeyInvalidPolicy(key, 3, 0);
         if (policy.permissions.length == 0) revert SessionKeyInvalidPolicy(key, 4, 0);
+        // No implicit "unlimited": a key that bundles its own operations sets their fee rate and collects the fees.
+        if (policy.gasBudget == 0) revert SessionKeyInvalidPolicy(key, 9, 0);
 
         SessionKeysStorage storage $ = _getSessionKeysStorage();
         uint64 previous = $.sessions[key].core.id;
@@ -474,8 +487,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             validUntil: policy.validUntil,
             maxUses: policy.maxUses,
             uses: 0,
-            windowed: policy.interval != 0,
-            budgeted: policy.gasBudget != 0
+            windowed: policy.interval != 0
         });
         session.rate = SessionWindow({
             interval: policy.interval, maxUsesPerInterval: policy.maxUsesPerInterval, window: 0, windowUses: 0

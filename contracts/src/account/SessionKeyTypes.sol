@@ -54,8 +54,9 @@ struct ArgRule {
 }
 
 /**
- * @dev One allowed `(target, selector)` pair. `selector == 0x00000000` allows calls with empty calldata (plain
- * native transfers). `valueLimit` caps the native value of each call. Every rule must hold.
+ * @dev One allowed `(target, selector)` pair. `selector == 0x00000000` allows only calls with empty calldata (plain
+ * native transfers): calldata of 1 to 3 bytes, or starting with four zero bytes, matches no permission.
+ * `valueLimit` caps the native value of each call. Every rule must hold.
  */
 struct CallPermission {
     address target;
@@ -75,8 +76,9 @@ struct CallPermission {
  *   `[w * interval, (w + 1) * interval - 1]` of Unix time (`interval == 0`: no per-window limit; both set or both
  *   zero). See {AccountSessionKeys} for how this is enforced without reading the clock.
  * - `gasBudget`: wei the key's UserOperations may commit, counted at their worst case
- *   `(preVerificationGas + verificationGasLimit + callGasLimit + paymaster gas limits) * maxFeePerGas`
- *   (`0`: unlimited).
+ *   `(preVerificationGas + verificationGasLimit + callGasLimit + paymaster gas limits) * maxFeePerGas`. Required
+ *   (`0` is refused at install): a key that bundles its own operations picks their fee rate and collects the fees,
+ *   so an unbounded key could drain the account's native balance. `type(uint128).max` is an explicit "no cap".
  * - `permissions`: the call policy; at least one entry, no duplicate `(target, selector)`.
  */
 struct SessionPolicy {
@@ -94,8 +96,8 @@ struct SessionPolicy {
  * the key is not installed; every install takes a fresh `id`, so nothing from an earlier grant (counters,
  * permissions) survives a revoke and reinstall.
  *
- * `uses` counts only when `maxUses != 0`, `window`/`windowUses` only when `interval != 0`, and `gasSpent` only
- * when `gasBudget != 0`: unlimited policies cost no storage write.
+ * `uses` counts only when `maxUses != 0` and `window`/`windowUses` only when `interval != 0`: unlimited policies
+ * cost no storage write. `gasSpent` always counts, since every key has a gas budget.
  */
 struct SessionKeyState {
     // slot 0

@@ -53,6 +53,15 @@ interface IAgentChannels {
     /// @dev The channel is finalized; `refund` went back to the payer.
     event ChannelClosed(bytes32 indexed channelId, uint128 settled, uint128 refund);
 
+    /**
+     * @dev The transfer of `amount` of `token` to `recipient` (a split recipient, or the payer's refund) failed, e.g.
+     * because the token blocklists it; the amount is owed to `recipient`, who pulls it with {withdrawOwed}.
+     */
+    event PayoutDeferred(bytes32 indexed channelId, address indexed recipient, address indexed token, uint256 amount);
+
+    /// @dev `recipient` pulled `amount` of `token` it was owed, to `to`.
+    event OwedWithdrawn(address indexed recipient, address indexed token, address to, uint256 amount);
+
     // ------------------------------------------------------------------ errors
 
     /// @dev A channel with this id already exists (or existed: ids are never reused).
@@ -70,7 +79,7 @@ interface IAgentChannels {
     /// @dev Open needs a payee and a token.
     error ChannelInvalidParty(address payee, address token);
 
-    /// @dev The splits are malformed: lengths differ, more than {MAX_SPLITS}, a zero recipient or bps, or a sum of
+    /// @dev The splits are malformed: lengths differ, a zero recipient or bps, or a sum of
     /// 10,000 bps or more (the payee must keep a remainder).
     error ChannelInvalidSplits();
 
@@ -82,6 +91,15 @@ interface IAgentChannels {
 
     /// @dev The voucher signature is not the channel's authorized signer's (or the payer's when none is set).
     error ChannelInvalidSignature(bytes32 channelId);
+
+    /// @dev `count` splits were given; a channel takes at most `max`, since every settlement pays each of them.
+    error ChannelTooManySplits(uint256 count, uint256 max);
+
+    /// @dev `recipient` is owed nothing in `token`.
+    error ChannelNothingOwed(address recipient, address token);
+
+    /// @dev Owed funds cannot be sent to `to` (the channels contract itself).
+    error ChannelInvalidRecipient(address to);
 
     /// @dev {withdraw} needs a {requestClose} first.
     error ChannelCloseNotRequested(bytes32 channelId);
@@ -111,8 +129,9 @@ interface IAgentChannels {
 
     /**
      * @notice Payee only: claims up to the voucher's `cumulativeAmount` without closing; pays the delta (minus splits).
-     * Allowed while a close is pending.
-     * @dev Emits {ChannelSettled}.
+     * Allowed while a close is pending. A split whose transfer fails (e.g. a recipient the token blocklists) does
+     * not block the payee: its share is owed to the recipient instead ({withdrawOwed}).
+     * @dev Emits {ChannelSettled}, and {PayoutDeferred} per failed split transfer.
      */
     function settle(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external;
 
@@ -124,8 +143,9 @@ interface IAgentChannels {
 
     /**
      * @notice Payee only: settles the final voucher (if it moves past what was settled) and refunds the rest to the
-     * payer. A `cumulativeAmount` not above the settled amount needs no signature: the payee only gives up.
-     * @dev Emits {ChannelSettled} (if anything was due) and {ChannelClosed}.
+     * payer. A `cumulativeAmount` not above the settled amount needs no signature: the payee only gives up. A failed
+     * split or refund transfer is owed to its recipient instead of blocking the close.
+     * @dev Emits {ChannelSettled} (if anything was due), {ChannelClosed}, and {PayoutDeferred} per failed transfer.
      */
     function close(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external;
 
@@ -141,7 +161,17 @@ interface IAgentChannels {
      */
     function withdraw(bytes32 channelId) external;
 
+    /**
+     * @notice Sends the caller (a split recipient or payer whose transfer failed) what it is owed in `token`, to
+     * `to` (e.g. an address the token does not block).
+     * @dev Emits {OwedWithdrawn}.
+     */
+    function withdrawOwed(address token, address to) external returns (uint256 amount);
+
     // ------------------------------------------------------------------ views
+
+    /// @notice What `recipient` is owed in `token` after failed split or refund transfers.
+    function owedTo(address recipient, address token) external view returns (uint256);
 
     /// @notice The channel id `open` derives: `keccak256(abi.encode(payer, payee, token, salt, authorizedSigner,
     /// address(this), block.chainid))`.

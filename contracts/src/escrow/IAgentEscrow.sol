@@ -96,7 +96,7 @@ interface IAgentEscrow {
         address[] payees
     );
 
-    /// @dev `payer` revoked `signer`; `epoch` is the grant version now current (the revoked one plus one).
+    /// @dev `payer` revoked `signer` through `epoch`: no grant numbered at or below it can be live again.
     event GrantRevoked(address indexed payer, address indexed signer, uint32 epoch);
 
     /// @dev A payment by `signer` (the payer itself or its session key) settled; `nonce` is now used.
@@ -136,8 +136,12 @@ interface IAgentEscrow {
     /// @dev `payee` cannot be allow-listed (zero address, the escrow itself, or listed twice), or receive owed funds.
     error EscrowInvalidPayee(address payee);
 
-    /// @dev The signed grant change names `given`, but the grant of (`payer`, `signer`) expects `expected`.
-    error EscrowEpochMismatch(address payer, address signer, uint32 expected, uint32 given);
+    /**
+     * @dev A grant change names epoch `given`, but the grant of (`payer`, `signer`) is at `current`: a grant must
+     * be above it (else it was revoked, or superseded by a newer grant), a revoke at least at it and nonzero (else
+     * the live grant was signed after the revoke).
+     */
+    error EscrowStaleEpoch(address payer, address signer, uint32 current, uint32 given);
 
     /// @dev The signature is not `payer`'s (ECDSA for an EOA, ERC-1271 for a contract).
     error EscrowInvalidSignature(address payer);
@@ -223,7 +227,7 @@ interface IAgentEscrow {
     /**
      * @notice Grants `signer` (a session key) the right to sign payments from the caller's deposit, within
      * `params`, to the listed `payees` only (empty: any payee). Replaces any grant `signer` already has: the
-     * epoch advances, spend restarts at zero and payments signed under older epochs stop settling.
+     * epoch advances by one, spend restarts at zero and payments signed under older epochs stop settling.
      * @dev Emits {GrantIssued}.
      */
     function grant(address signer, GrantParams calldata params, address[] calldata payees)
@@ -232,9 +236,10 @@ interface IAgentEscrow {
 
     /**
      * @notice Same as {grant}, for `payer`, authorised by `payer`'s EIP-712 `Grant` signature (ECDSA or ERC-1271);
-     * anyone may relay it. `epoch` must be the grant's current epoch plus one, which makes the signature
-     * single-use and ordered per signer.
-     * @dev Emits {GrantIssued}.
+     * anyone may relay it. `epoch` is the payer's version number for this grant and must be above the grant's
+     * current epoch, which makes the signature single-use, lets a newer grant never be replaced by an older one,
+     * and refuses it forever once a revoke through an epoch at or above it has landed.
+     * @dev Emits {GrantIssued}. Reverts with {EscrowStaleEpoch} when `epoch` is not above the current one.
      */
     function grantWithSig(
         address payer,
@@ -246,15 +251,19 @@ interface IAgentEscrow {
     ) external;
 
     /**
-     * @notice Revokes `signer`'s grant from the caller, effective for every payment not yet settled; no other
-     * signer is touched. Also usable on a signer with no live grant, to burn a signed grant before it is relayed.
-     * @dev Emits {GrantRevoked}.
+     * @notice Revokes the caller's grants to `signer` through `epoch`: the live grant ends (effective for every
+     * payment not yet settled) and every grant numbered at or below `epoch`, signed but not yet relayed, is refused
+     * forever. No other signer is touched. Pass the highest epoch you ever signed a grant for `signer` with (or any
+     * higher number; `type(uint32).max` retires the key for good).
+     * @dev Emits {GrantRevoked}. Reverts with {EscrowStaleEpoch} when `epoch` is zero or below the current epoch
+     * (a grant signed after this revoke is live).
      */
-    function revoke(address signer) external returns (uint32 epoch);
+    function revoke(address signer, uint32 epoch) external;
 
     /**
-     * @notice Same as {revoke}, for `payer`, authorised by `payer`'s EIP-712 `Revoke` signature naming the
-     * grant's current `epoch`; anyone may relay it.
+     * @notice Same as {revoke}, for `payer`, authorised by `payer`'s EIP-712 `Revoke` signature (ECDSA or
+     * ERC-1271) naming the `epoch` to revoke through; anyone may relay it, in any order with the payer's signed
+     * grants: it wins over every grant numbered at or below `epoch`. Relaying it again changes nothing.
      * @dev Emits {GrantRevoked}.
      */
     function revokeWithSig(address payer, address signer, uint32 epoch, bytes calldata signature) external;

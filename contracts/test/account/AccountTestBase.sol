@@ -286,9 +286,10 @@ abstract contract AccountTestBase is Test, IEntryPointEvents {
         return CallPermission({target: target, selector: selector, valueLimit: valueLimit, rules: rules});
     }
 
-    /// @dev A policy with `permissions` only: no time bounds, no rate limit, no gas budget.
+    /// @dev A policy with `permissions` only: no time bounds, no rate limit, and a gas budget no test reaches.
     function _policy(CallPermission[] memory permissions) internal pure returns (SessionPolicy memory policy) {
         policy.permissions = permissions;
+        policy.gasBudget = type(uint128).max;
     }
 
     /// @dev Allows `Recorder.record(a, b)` with no rules and no value.
