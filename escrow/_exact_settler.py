@@ -37,7 +37,7 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 import msgspec
@@ -125,6 +125,7 @@ class ExactSettler:
         expiry_margin: float = 6.0,
         lookback_blocks: int = 500_000,
         clock: Callable[[], float] = time.time,
+        on_outcome: Callable[[SettleOutcome], Awaitable[None] | None] | None = None,
     ) -> None:
         self.store = store
         self.exact = exact
@@ -144,6 +145,7 @@ class ExactSettler:
         self.sent = 0  # transactions this settler broadcast
         self.paid = 0  # payments settled by them
         self.batches: list[int] = []  # transactions per batch
+        self.on_outcome = on_outcome  # told every outcome (metrics), as `EscrowSettler`'s
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -196,6 +198,11 @@ class ExactSettler:
         troubles = Counter(f"{o.status} {o.code}" for o in out if o.status in ("retry", "dead"))
         if troubles:  # one line per batch, not per payment: an outage must not flood the log
             log.warning("exact settlement of %d payment(s): %s", len(items), dict(troubles))
+        if self.on_outcome is not None:
+            for outcome in out:
+                result = self.on_outcome(outcome)
+                if result is not None:
+                    await result
         return out
 
     async def _outcomes(self, items: Sequence[QueuedItem], *, send: bool) -> list[SettleOutcome]:
@@ -364,7 +371,8 @@ class ExactSettler:
                 reverted.append((w, tx_hash))
             elif has_transfer(receipt, w[1].asset, w[1].payload.authorization):
                 self.paid += 1
-                out.append(await self._settled(w, tx_hash, "settled"))
+                settled = await self._settled(w, tx_hash, "settled")
+                out.append(msgspec.structs.replace(settled, gas=int(receipt.gas_used, 16)))
             else:
                 out.append(await self._dead(w, "invalid_exact_evm_transfer_event_mismatch", f"in {tx_hash}"))
         if reverted:

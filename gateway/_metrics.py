@@ -13,8 +13,8 @@ the 402 to the payment. Other fields: `event`, `state`, `route`, `scheme`, `paye
 `Metrics` owns a Prometheus registry. Counters and the latency histogram are updated in process; the queue
 gauges (depth per state, age of the oldest due item, dead letters) are read from the store's `stats()` and
 `list_settlements` when `/metrics` is scraped, so they are the same on every replica sharing the store.
-Settlers report their outcomes (gas, latency of deferred settlements) through `Metrics.settler_hook(store)`
-(the `EscrowSettler(on_outcome=...)` callback; call it on what `ExactSettler.step()` returns).
+Settlers report their outcomes (gas, latency of deferred settlements) through `Metrics.settler_hook(store)`,
+their `on_outcome` callback; `PaymentMiddleware(chain=..., metrics=...)` installs it on the settlers it runs.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Metrics:
     async def settle_outcome(
         self, outcome: SettleOutcome, *, kind: str = "", created_at: float | None = None
     ) -> None:
-        """Count one settler outcome (`EscrowSettler(on_outcome=metrics.settle_outcome)`)."""
+        """Count one settler outcome; `created_at` (its queued item's) gives its settlement latency."""
         kind = kind or outcome.key.partition(":")[0]
         self.outcomes.labels(kind, outcome.status).inc()
         if outcome.gas:
@@ -150,13 +150,17 @@ class Metrics:
                 },
             )
 
-    def settler_hook(self, store: PaymentStore) -> Callable[[SettleOutcome], Awaitable[None]]:
-        """`EscrowSettler(on_outcome=metrics.settler_hook(store))`, or call it on each outcome `step()`
-        returns: counts the outcome and its gas, and observes its latency from the queued item's age."""
+    def settler_hook(
+        self, store: PaymentStore | Callable[[], PaymentStore]
+    ) -> Callable[[SettleOutcome], Awaitable[None]]:
+        """A settler's `on_outcome` (`ExactSettler`, `EscrowSettler`): counts the outcome and its gas, and
+        observes its latency from the queued item's age. `store` may be a function returning the store in
+        use (the middleware's, once opened). `PaymentMiddleware(chain=..., metrics=...)` installs it."""
 
         async def hook(outcome: SettleOutcome) -> None:
             try:
-                item = await store.get_settlement(outcome.key)
+                active = store() if callable(store) else store
+                item = await active.get_settlement(outcome.key)
             except Exception:  # metrics never fail a settlement
                 item = None
             await self.settle_outcome(outcome, created_at=None if item is None else item.created_at)

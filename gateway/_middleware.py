@@ -255,6 +255,11 @@ class PaymentMiddleware:
         self.metrics = Metrics() if metrics is True else metrics or None
         self.observer = PaymentObserver(self.metrics)
         self.paywall.observer = self.observer
+        if self.metrics is not None and self._payments is not None:  # the settlers `chain=` runs
+            hook = self.metrics.settler_hook(lambda: self.paywall.store)
+            for settler in self._payments.settlers.values():
+                if settler.on_outcome is None:
+                    settler.on_outcome = hook
 
     async def _serve_ops(self, scope: Scope, send: Send) -> bool:
         if self.discovery is not None and await self.discovery.handle(scope, send):

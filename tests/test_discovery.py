@@ -288,7 +288,7 @@ def test_mppx_validate_passes_against_the_example_subagent(devnet: DevnetState, 
         stderr=subprocess.PIPE,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://localhost:{port}"  # the MPP realm the sub-agent binds (the default, "localhost")
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -16,13 +16,24 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
+from starlette.routing import Route
 
-from escrow import DevnetState
+from escrow import Chain, DevnetState
 from escrow._exact_settler import ExactSettler
 from escrow._rpc import Rpc
-from gateway import ExactScheme, MemoryStore, Metrics, PaymentMiddleware, PaymentStore, open_store, payment_id
-from tests._ops_world import HELLO, REPORT, Shop
+from gateway import (
+    ExactScheme,
+    MemoryStore,
+    Metrics,
+    PaymentMiddleware,
+    PaymentStore,
+    SettlementOptions,
+    open_store,
+    payment_id,
+)
+from tests._ops_world import HELLO, RELAYER, REPORT, Shop, _hello
 from tests.test_store import BACKENDS, isolated_url, item, run
+from x402 import LocalSigner
 
 pytestmark = [pytest.mark.anyio]
 
@@ -243,3 +254,44 @@ def test_gauges_read_every_store_backend(url: str) -> None:
         assert metrics.dead_letters._value.get() == 1  # type: ignore[attr-defined]
 
     run(url, body)
+
+
+async def test_chain_middleware_reports_its_own_settlers_outcomes(devnet: DevnetState) -> None:
+    """`PaymentMiddleware(chain=..., metrics=True, settle="deferred")`: the settler the middleware runs
+    reports each settlement's latency and gas, and the queue drains to `settled`."""
+    chain = Chain.from_devnet(devnet, relayer=RELAYER)
+    app = PaymentMiddleware(
+        Starlette(routes=[Route("/hello", _hello)]),
+        routes={"GET /hello": "$0.001"},
+        chain=chain,
+        pay_to=LocalSigner.random().address,
+        store=MemoryStore(),
+        settle="deferred",
+        settlement=SettlementOptions(max_age=0.05),
+        metrics=True,
+    )
+    rpc = Rpc(devnet.rpc_url)
+    shop = Shop(devnet, rpc, MemoryStore(), settle="deferred", metrics=Metrics())  # its payer and wallet
+    await shop.client.aclose()
+    shop.app = app
+    shop.client = httpx.AsyncClient(transport=shop.transport(), base_url="http://shop.test")
+    try:
+        payer = await shop.payer()
+        async with shop.paying(payer) as client:
+            for _ in range(3):
+                assert (await client.get("/hello")).status_code == 200
+            deadline = time.monotonic() + 30
+            while True:
+                m = await scrape(shop)
+                if value(m, "agentpay_settlements_total", kind="exact", status="settled") == 3:
+                    break
+                assert time.monotonic() < deadline, m
+                await asyncio.sleep(0.1)
+        assert value(m, "agentpay_settlement_seconds_count", kind="exact", mode="deferred") == 3
+        assert value(m, "agentpay_settlement_gas_total", kind="exact") > 3 * 21_000  # real transfers' gas
+        assert value(m, "agentpay_settlement_queue", state="settled") == 3
+        assert value(m, "agentpay_settlement_queue_oldest_seconds") == 0
+    finally:
+        await app.shutdown()
+        await shop.aclose()
+        await rpc.aclose()
