@@ -181,10 +181,15 @@ class Metrics:
         self.dead_letters.set(stats.dead)
         self.queue_age.set(max(0.0, time.time() - oldest[0].created_at) if oldest else 0.0)
 
-    async def handle(self, scope: Scope, send: Send, store: PaymentStore) -> None:
+    async def handle(self, scope: Scope, send: Send, store: PaymentStore | None) -> None:
+        """Answer a scrape; `store` None: it could not be opened (counted, the queue gauges keep their
+        last values)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        await self.collect_store(store)
+        if store is None:
+            self.scrape_errors.inc()
+        else:
+            await self.collect_store(store)
         body = generate_latest(self.registry)
         headers = [
             (b"content-type", CONTENT_TYPE_LATEST.encode()),

@@ -266,7 +266,11 @@ class PaymentMiddleware:
             return True
         if self.metrics is not None and scope["method"] in ("GET", "HEAD"):
             if route_path(scope) == self.metrics.path:
-                await self.metrics.handle(scope, send, await self.open_store())
+                try:
+                    store: PaymentStore | None = await self.open_store()
+                except GatewayError:  # the database is down: the counters are still worth a scrape
+                    store = None
+                await self.metrics.handle(scope, send, store)
                 return True
         return False
 

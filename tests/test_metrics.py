@@ -295,3 +295,27 @@ async def test_chain_middleware_reports_its_own_settlers_outcomes(devnet: Devnet
         await app.shutdown()
         await shop.aclose()
         await rpc.aclose()
+
+
+async def test_a_scrape_answers_when_the_store_cannot_even_be_opened(devnet: DevnetState) -> None:
+    """A store URL whose database is down: paid requests get 503, `/metrics` still answers 200."""
+    rpc = Rpc(devnet.rpc_url)
+    shop = Shop(devnet, rpc, MemoryStore(), settle="before-response", metrics=Metrics())
+    app = PaymentMiddleware(
+        Starlette(routes=[Route("/hello", _hello)]),
+        routes={"GET /hello": 1},
+        schemes=[ExactScheme(shop.exact)],
+        pay_to=shop.payee,
+        asset=shop.asset,
+        store="postgresql://agentpay@127.0.0.1:1/nothing-listens-here",
+        metrics=True,
+    )
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+            assert (await client.get("/hello")).status_code == 503
+            response = await client.get("/metrics")
+        assert response.status_code == 200
+        assert "agentpay_metrics_store_errors_total 1.0" in response.text
+    finally:
+        await shop.aclose()
+        await rpc.aclose()
