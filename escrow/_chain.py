@@ -30,9 +30,8 @@ from ._devnet import DevnetAccount, DevnetState
 from ._escrow import AgentEscrow, Erc20
 from ._escrow_verify import EscrowVerifier, GrantCache
 from ._exact import ExactEvm
-from ._exact_settler import ExactSettler
+from ._exact_settler import ExactQueue, ExactSettler
 from ._grants import relay_deposit, relay_grant, sign_deposit_authorization, sign_grant_offline
-from ._queue import SettlementQueue
 from ._rpc import Rpc, TxSender
 from ._settler import EscrowSettler
 from ._settler import SettlementQueue as EscrowQueue
@@ -222,7 +221,7 @@ class Chain:
             self._verifier = EscrowVerifier(escrow, chain_id=self.network.chain_id, cache=cache)
         return self._verifier
 
-    def exact_settler(self, store: SettlementQueue, **options: Any) -> ExactSettler:
+    def exact_settler(self, store: ExactQueue, **options: Any) -> ExactSettler:
         """The batching settler of deferred `exact` payments queued in `store`."""
         return ExactSettler(store, self.exact(), **options)
 

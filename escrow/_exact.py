@@ -51,6 +51,7 @@ _ERROR_STRING: Final = keccak(text="Error(string)")[:4]
 _BAD_TIME: Final = keccak(text="ERC3009InvalidAuthorizationTime(uint256,uint256)")[:4]
 _TRANSFER_TOPIC: Final = "0x" + keccak(text="Transfer(address,address,uint256)").hex()
 _AUTHORIZATION_STATE: Final = keccak(text="authorizationState(address,bytes32)")[:4]
+_BALANCE_OF: Final = keccak(text="balanceOf(address)")[:4]
 #: `AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce)`: how a used authorization is found
 AUTHORIZATION_USED_TOPIC: Final = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
 SIMULATION_FAILED: Final = "invalid_exact_evm_transaction_simulation_failed"
@@ -131,12 +132,14 @@ class ExactEvm:
         gas_limit_contract: int = 400_000,
         receipt_timeout: float = 30.0,
         errors: Mapping[bytes, str] | None = None,
+        lookback_blocks: int = 500_000,
     ) -> None:
         self.rpc = rpc
         self.relayer = relayer
         self.gas_limit = gas_limit
         self.gas_limit_contract = gas_limit_contract
         self.receipt_timeout = receipt_timeout
+        self.lookback_blocks = lookback_blocks  # how far back `settled_by` looks for the transfer
         self._errors = dict(errors or {})
 
     @staticmethod
@@ -166,11 +169,12 @@ class ExactEvm:
         signature = _signature_bytes(payload.signature)
         return self.calldata(payload.authorization, signature), self.gas_for(signature)
 
-    async def verify(self, domain: Eip712Domain, payload: ExactEvmPayload) -> None:
+    async def verify(self, domain: Eip712Domain, payload: ExactEvmPayload) -> int:
         """Check the signature (EOA or strict ERC-1271) and simulate the transfer; raise `ExactRejected`.
 
         `domain.verifying_contract` is the token. Off-chain checks (amount, recipient, window) are the
-        caller's; this is everything that needs the chain.
+        caller's; this is everything that needs the chain. Returns the payer's token balance at the same
+        block, so the caller can hold it against what is already accepted but not yet settled.
         """
         auth = payload.authorization
         signature = _signature_bytes(payload.signature)
@@ -178,11 +182,13 @@ class ExactEvm:
         digest = authorization_digest(domain, auth)
         check_1271 = _IS_VALID_SIGNATURE + abi_encode(["bytes32", "bytes"], [digest, signature])
         simulate = {"from": self.relayer.address, "to": asset, "data": _hex(self.calldata(auth, signature))}
-        code, magic, simulated = await self.rpc.batch(
+        balance_of = _BALANCE_OF + abi_encode(["address"], [_address(auth.from_)])
+        code, magic, simulated, balance = await self.rpc.batch(
             [
                 ("eth_getCode", [auth.from_, "latest"]),
                 ("eth_call", [{"to": auth.from_, "data": _hex(check_1271)}, "latest"]),
                 ("eth_call", [simulate, "latest"]),
+                ("eth_call", [{"to": asset, "data": _hex(balance_of)}, "latest"]),
             ]
         )
         if isinstance(code, ChainError):
@@ -201,12 +207,31 @@ class ExactEvm:
             raise ExactRejected(f"simulation reverted ({reason})", code=reason)
         if isinstance(simulated, ChainError):
             raise simulated
+        if isinstance(balance, ChainError):
+            raise balance
+        return int(balance, 16) if isinstance(balance, str) and balance not in ("0x", "") else 0
 
-    async def settle(self, domain: Eip712Domain, payload: ExactEvmPayload) -> str:
-        """Broadcast `transferWithAuthorization`, wait for the receipt, check the Transfer event; tx hash."""
+    async def settle(self, domain: Eip712Domain, payload: ExactEvmPayload, *, pending: str = "") -> str:
+        """Land `transferWithAuthorization` and return the hash of the transaction whose `Transfer` paid it.
+
+        `pending` is a transaction an earlier attempt sent for this very authorization: while the node
+        still knows it, it is waited for rather than sent again. A transaction that reverts because the
+        authorization was already used (a mempool copier front-ran us, or our own earlier send landed) is
+        not a failure when the transaction that used it carries this payment's `Transfer`: the payee was
+        paid, once, and that transaction's hash is returned. `ReceiptTimeout` (code `settlement_pending`)
+        means the outcome is not known yet.
+        """
         auth = payload.authorization
         signature = _signature_bytes(payload.signature)
         asset = domain.verifying_contract
+        if pending and await self.rpc.request("eth_getTransactionByHash", [pending]) is not None:
+            receipt = await self.rpc.wait_for_receipt(pending, timeout=self.receipt_timeout)
+            if receipt.ok and has_transfer(receipt, asset, auth):
+                return receipt.transaction_hash
+        if pending:  # dropped, reverted or paid by another transaction: the chain says which
+            landed = await self.settled_by(asset, auth)
+            if landed:
+                return landed
         try:
             receipt = await self.relayer.transact(
                 asset,
@@ -215,12 +240,46 @@ class ExactEvm:
                 timeout=self.receipt_timeout,
             )
         except TransactionFailed as exc:
+            landed = await self.settled_by(asset, auth)
+            if landed:
+                return landed
             raise ExactRejected(str(exc), code=Reason.TRANSACTION_FAILED) from exc
         if not has_transfer(receipt, asset, auth):
             raise ExactRejected(
                 f"no matching Transfer event in {receipt.transaction_hash}", code=TRANSFER_EVENT_MISMATCH
             )
         return receipt.transaction_hash
+
+    async def settled_by(self, asset: str, auth: Eip3009Authorization) -> str:
+        """The transaction that used `auth` with its very `Transfer` (token, from, to, value), or "".
+
+        "" when the authorization is unused, or was used without this transfer (canceled, or the nonce
+        paid something else). Found through `authorizationState` and the `AuthorizationUsed` log.
+        """
+        state = await self.rpc.call(asset, authorization_state_calldata(auth.from_, auth.nonce))
+        if not any(state):
+            return ""
+        head = int(await self.rpc.request("eth_blockNumber", []), 16)
+        logs = await self.rpc.request(
+            "eth_getLogs",
+            [
+                {
+                    "address": asset,
+                    "fromBlock": hex(max(0, head - self.lookback_blocks)),
+                    "toBlock": "latest",
+                    "topics": [
+                        AUTHORIZATION_USED_TOPIC,
+                        "0x" + "00" * 12 + auth.from_[2:].lower(),
+                        auth.nonce.lower(),
+                    ],
+                }
+            ],
+        )
+        if not isinstance(logs, list) or not logs:
+            return ""
+        tx_hash = str(logs[-1]["transactionHash"])
+        receipt = await self.rpc.get_receipt(tx_hash)
+        return tx_hash if receipt is not None and has_transfer(receipt, asset, auth) else ""
 
 
 def _hex(data: bytes) -> str:

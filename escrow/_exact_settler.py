@@ -38,7 +38,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 
@@ -53,9 +53,13 @@ __all__ = [
     "KIND",
     "ExactPayment",
     "ExactSettler",
+    "ExactQueue",
     "decode_payment",
     "encode_payment",
+    "exact_reservation",
     "fault_point",
+    "pending_transaction",
+    "unreserve_once",
 ]
 
 log = logging.getLogger("agentpay.settler")
@@ -63,6 +67,7 @@ log = logging.getLogger("agentpay.settler")
 KIND: Final = "exact"
 NEVER_SETTLED: Final = "exact_never_settled"
 _PENDING_TX = re.compile(r"sent in (0x[0-9a-fA-F]{64})")
+_FOREVER: Final = 100 * 365 * 86400.0  # claim TTL of a once-marker: it outlives every payment
 _FAULTS: Final = frozenset(filter(None, os.environ.get("AGENTPAY_FAULT", "").split(",")))
 
 
@@ -86,6 +91,9 @@ class ExactPayment(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     chain_id: int
     asset: str
     payload: ExactEvmPayload
+    # The store counter holding this payment's amount against the payer's balance until it settles or is
+    # given up on (`exact_reservation`); "" when the gateway reserved nothing.
+    reserved: str = ""
 
     @property
     def domain(self) -> Eip712Domain:
@@ -100,7 +108,37 @@ def decode_payment(raw: bytes) -> ExactPayment:
     return _decode(raw)
 
 
-ExactQueue = SettlementQueue  # the exact settler needs no more of the store than leasing and outcomes
+def pending_transaction(error: str | None) -> str:
+    """The transaction a record's error says was sent and not yet seen mined (`sent in 0x...`), or ""."""
+    found = _PENDING_TX.search(error or "")
+    return found.group(1) if found else ""
+
+
+class ExactQueue(SettlementQueue, Protocol):
+    """The part of `gateway.PaymentStore` the exact settler uses: the queue, and the payer reservations."""
+
+    async def sub_pending(self, account: str, amount: int) -> None: ...
+    async def claim(self, key: str, *, ttl: float) -> str | None: ...
+
+
+def exact_reservation(chain_id: int, asset: str, payer: str) -> str:
+    """The store counter of a payer's accepted-but-unsettled `exact` payments of one token on one chain."""
+    return f"exact:{chain_id}:{asset.lower()}:{payer.lower()}:pending"
+
+
+async def unreserve_once(store: ExactQueue, key: str, payment: ExactPayment) -> None:
+    """Give back the reservation of the payment `key` once it is final (settled, or given up on).
+
+    Whoever reports the outcome first (the gateway that settled it before serving, a settler, recovery)
+    moves the counter; a permanent `<key>#unreserved` marker keeps a second report from moving it again,
+    which would let the payer spend the same balance twice.
+    """
+    if not payment.reserved:
+        return
+    # A claim that outlives any payment is as permanent as a finalized one, at one store round trip.
+    if await store.claim(f"{key}#unreserved", ttl=_FOREVER) is None:
+        return
+    await store.sub_pending(payment.reserved, int(payment.payload.authorization.value))
 
 
 Work = tuple[QueuedItem, ExactPayment]
@@ -212,7 +250,9 @@ class ExactSettler:
             try:
                 payment = decode_payment(item.payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.store.mark_failed(item.key, error=f"exact_payment_malformed: {exc}", retry_at=None)
+                await self.store.mark_failed(
+                    item.key, error=f"exact_payment_malformed: {exc}", retry_at=None, lease=item.lease_token
+                )
                 out.append(SettleOutcome(key=item.key, status="dead", code="exact_payment_malformed"))
                 continue
             if payment.chain_id != self.exact.relayer.chain_id:
@@ -291,7 +331,10 @@ class ExactSettler:
                 logs[-1]["transactionHash"] if isinstance(logs, list) and logs else None for logs in found
             ]
             lookups = [h for h in hashes if h is not None]
-            receipts = await self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in lookups])
+            # An empty JSON-RPC batch is an invalid request: all canceled means nothing to look up.
+            receipts = (
+                await self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in lookups]) if lookups else []
+            )
         except ChainError as exc:
             return [await self._retry(w, f"{exc.code}: looking up the earlier transfer: {exc}") for w in used]
         by_hash = dict(zip(lookups, receipts, strict=True))
@@ -391,11 +434,17 @@ class ExactSettler:
         if valid_before <= self.clock():
             return await self._dead(w, NEVER_SETTLED, "the authorization expired unused: nothing was charged")
         error = "exact_unsettled: not on chain; final once the authorization expires"
-        await self.store.mark_failed(w[0].key, error=error, retry_at=valid_before + 1.0)
+        sent = pending_transaction(w[0].error)
+        if sent:  # kept, so the same credential presented again waits for it rather than sending again
+            error += f" (sent in {sent})"
+        await self.store.mark_failed(
+            w[0].key, error=error, retry_at=valid_before + 1.0, lease=w[0].lease_token
+        )
         return _outcome(w, "retry", code="exact_unsettled")
 
     async def _settled(self, w: Work, tx_hash: str, status: Status) -> SettleOutcome:
-        await self.store.mark_settled([w[0].key], tx_hash=tx_hash)
+        await self.store.mark_settled([w[0].key], tx_hash=tx_hash, lease=w[0].lease_token)
+        await unreserve_once(self.store, w[0].key, w[1])
         return _outcome(w, status, tx_hash=tx_hash)
 
     async def _retry(self, w: Work, error: str) -> SettleOutcome:
@@ -404,7 +453,7 @@ class ExactSettler:
         delay = min(self.retry_cap, self.retry_base * 2.0 ** min(max(item.attempts - 1, 0), 30))
         last = int(payment.payload.authorization.valid_before) - self.expiry_margin
         retry_at = max(now + min(self.retry_base, delay), min(now + delay, last))  # one try before it expires
-        await self.store.mark_failed(item.key, error=error, retry_at=retry_at)
+        await self.store.mark_failed(item.key, error=error, retry_at=retry_at, lease=item.lease_token)
         return _outcome(w, "retry", code=error.split(":", 1)[0])
 
     async def _dead(self, w: Work, code: str, detail: str) -> SettleOutcome:
@@ -412,7 +461,10 @@ class ExactSettler:
         auth = payment.payload.authorization
         who = f"{auth.value} of {payment.asset} from {auth.from_} to {auth.to} (nonce {auth.nonce})"
         message = detail if code == NEVER_SETTLED else f"{detail}: lost {who}"
-        await self.store.mark_failed(item.key, error=f"{code}: {message}", retry_at=None)
+        await self.store.mark_failed(
+            item.key, error=f"{code}: {message}", retry_at=None, lease=item.lease_token
+        )
+        await unreserve_once(self.store, item.key, payment)
         return _outcome(w, "dead", code=code)
 
 

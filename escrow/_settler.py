@@ -60,8 +60,8 @@ class SettlementQueue(_BaseQueue, Protocol):
     async def get_settlement(self, key: str) -> QueuedItem | None: ...
     async def add_pending(self, account: str, amount: int, *, limit: int) -> bool: ...
     async def sub_pending(self, account: str, amount: int) -> None: ...
-    async def claim(self, key: str, *, ttl: float) -> bool: ...
-    async def finalize(self, key: str) -> None: ...
+    async def claim(self, key: str, *, ttl: float) -> str | None: ...
+    async def finalize(self, key: str, *, keep_until: float | None = None) -> None: ...
 
 
 Status = Literal["settled", "settled_elsewhere", "retry", "dead"]
@@ -159,12 +159,17 @@ class EscrowSettler:
             try:
                 claim = decode_claim(item.payload)
             except msgspec.DecodeError as exc:
-                await self.store.mark_failed(item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None)
+                await self.store.mark_failed(
+                    item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None, lease=item.lease_token
+                )
                 out.append(SettleOutcome(key=item.key, status="dead", code="escrow_claim_malformed"))
                 continue
             if claim.chain_id != self.sender.chain_id:
                 await self.store.mark_failed(
-                    item.key, error="escrow_wrong_chain: not this relayer's chain", retry_at=None
+                    item.key,
+                    error="escrow_wrong_chain: not this relayer's chain",
+                    retry_at=None,
+                    lease=item.lease_token,
                 )
                 out.append(SettleOutcome(key=item.key, status="dead", code="escrow_wrong_chain"))
                 continue
@@ -243,13 +248,19 @@ class EscrowSettler:
     ) -> list[SettleOutcome]:
         out = []
         for item, claim in pairs:
-            if await self.count_once(item.key):  # whoever reports it: this settler, another, or recovery
+            deadline = float(int(claim.payload.payment.deadline))
+            # whoever reports it: this settler, another, or recovery
+            if await self.count_once(item.key, keep_until=deadline):
                 amount = int(claim.payload.payment.amount)
                 await self.count_settled(claim)
                 if claim.credit is not None:
                     await self.store.sub_pending(claim.credit, amount)
             out.append(self._outcome(item, claim, status, tx_hash=tx_hash, gas=gas))
-        await self.store.mark_settled([item.key for item, _ in pairs], tx_hash=tx_hash)
+        by_lease: dict[str | None, list[str]] = {}
+        for item, _ in pairs:  # a batch may hold items of several leases
+            by_lease.setdefault(item.lease_token, []).append(item.key)
+        for lease, keys in by_lease.items():
+            await self.store.mark_settled(keys, tx_hash=tx_hash, lease=lease)
         return out
 
     async def count_settled(self, claim: EscrowClaim) -> None:
@@ -260,16 +271,18 @@ class EscrowSettler:
             if account is not None:
                 await self.store.add_pending(account, amount, limit=_UINT256_MAX)
 
-    async def count_once(self, key: str) -> bool:
+    async def count_once(self, key: str, *, keep_until: float | None = None) -> bool:
         """True exactly once per settled payment `key`: the one caller that may move its spend counters.
 
-        A permanent marker in the store, taken before the counters move: a crash in between under-counts
-        this gateway's settled spend, so it refuses early; counting twice would let it overspend a grant.
+        A permanent marker in the store (kept at least until `keep_until`, the payment's deadline, after
+        which it cannot be reported settled again), taken before the counters move: a crash in between
+        under-counts this gateway's settled spend, so it refuses early; counting twice would let it
+        overspend a grant.
         """
         marker = f"{key}#counted"
-        if not await self.store.claim(marker, ttl=_FOREVER):
+        if await self.store.claim(marker, ttl=_FOREVER) is None:
             return False
-        await self.store.finalize(marker)
+        await self.store.finalize(marker, keep_until=keep_until)
         return True
 
     async def _retry(self, item: QueuedItem, claim: EscrowClaim, error: str) -> SettleOutcome:
@@ -279,7 +292,9 @@ class EscrowSettler:
                 item, claim, code, "", detail=f"gave up after {item.attempts} attempts: {error}"
             )
         delay = min(self.retry_cap, self.retry_base * 2.0 ** max(item.attempts - 1, 0))
-        await self.store.mark_failed(item.key, error=error, retry_at=self.clock() + delay)
+        await self.store.mark_failed(
+            item.key, error=error, retry_at=self.clock() + delay, lease=item.lease_token
+        )
         return self._outcome(item, claim, "retry", code=error.split(":", 1)[0])
 
     async def _dead(
@@ -291,7 +306,11 @@ class EscrowSettler:
             f"lost {amount} of {p.token} from payer {p.payer} (session key {claim.signer}, nonce {p.nonce})"
             + (f" in {tx_hash}" if tx_hash else "")
         )
-        await self.store.mark_failed(item.key, error=f"{code}: {detail}", retry_at=None)
+        recorded = await self.store.mark_failed(
+            item.key, error=f"{code}: {detail}", retry_at=None, lease=item.lease_token
+        )
+        if not recorded:  # another settler holds it now (or it settled): its outcome moves the counters
+            return self._outcome(item, claim, "dead", code=code, tx_hash=tx_hash)
         # Never charged: give back every reservation it held.
         for account in (claim.reserved, claim.deposit_reserved, claim.credit):
             if account is not None:

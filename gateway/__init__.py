@@ -20,8 +20,10 @@ from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, Rou
 from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
+    ClaimLost,
     MemoryStore,
     PaymentStore,
+    Purged,
     QueueStats,
     Settlement,
     SettlementState,
@@ -41,6 +43,7 @@ __all__ = [
     "Asset",
     "Attempt",
     "Challenger",
+    "ClaimLost",
     "ConfigurationError",
     "Dialect",
     "Discovery",
@@ -62,6 +65,7 @@ __all__ = [
     "Presented",
     "Price",
     "PriceFunction",
+    "Purged",
     "QueueStats",
     "Quote",
     "RouteTable",

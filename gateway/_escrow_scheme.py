@@ -37,7 +37,7 @@ from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, 
 from ._errors import PaymentFailed
 from ._pricing import Quote
 from ._scheme import MppOffer, Offer, Presented, Verified
-from ._store import PaymentStore, Settlement, backoff
+from ._store import ClaimLost, PaymentStore, Settlement, backoff
 
 __all__ = ["EscrowScheme", "EscrowState"]
 
@@ -51,6 +51,7 @@ class EscrowState(msgspec.Struct, kw_only=True):
     pooled: bool = False  # the payer's deposit pool reserved (to give back on release)
     reserved: bool = False  # the grant's budget reserved
     credited: bool = False  # counted on this gateway's credit to the payer
+    reserve_holder: str = ""  # our token on the `<key>#reserve` claim ("" once given back)
 
 
 class EscrowScheme:
@@ -141,9 +142,10 @@ class EscrowScheme:
         key = f"escrow:{self.chain_id}:{self.escrow.lower()}:{pre.signer.lower()}:{int(p.nonce)}"
         # Our own claim, taken before any counter moves, so a replay can never reserve twice.
         # A served payment stays finalized under `key` forever, while our claim expires: check both.
-        if await self.store.is_finalized(key) or not await self.store.claim(
-            key + "#reserve", ttl=self.claim_ttl
-        ):
+        if await self.store.is_finalized(key):
+            raise PaymentRejected(Reason.NONCE_ALREADY_USED, "this payment was already presented")
+        reserve = await self.store.claim(key + "#reserve", ttl=self.claim_ttl)
+        if reserve is None:
             raise PaymentRejected(Reason.NONCE_ALREADY_USED, "this payment was already presented")
         session = pre.grant is not None
         credit, reserved, settled = accounts_for(self.chain_id, self.escrow, p.payer, pre.signer, p.epoch)
@@ -160,7 +162,7 @@ class EscrowScheme:
             deposit_reserved=pool.reserved,
             deposit_settled=pool.settled,
         )
-        state = EscrowState(claim=claim, settle_now=False)
+        state = EscrowState(claim=claim, settle_now=False, reserve_holder=reserve)
         try:
             # The `settled` counters are read before the chain: see `escrow._exposure` for why the order
             # makes the reservations below safe while other payments land.
@@ -191,7 +193,13 @@ class EscrowScheme:
                 state.credited = await self.store.add_pending(credit, amount, limit=self.credit_limit)
                 state.settle_now = not state.credited
             verified = Verified(
-                scheme=self.name, key=key, payer=p.payer, amount=amount, network=req.network, state=state
+                scheme=self.name,
+                key=key,
+                payer=p.payer,
+                amount=amount,
+                network=req.network,
+                state=state,
+                expires_at=float(int(p.deadline)),
             )
             if state.settle_now and self.settle_in_verify:
                 await self._settle_now(verified, record=True, now=now)
@@ -210,7 +218,7 @@ class EscrowScheme:
             raise PaymentFailed(f"the escrow refused to settle: {code}", code=code, status_hint=402)
         state.tx_hash = tx_hash
         # Counted once: recovery may report this same settlement again if we die before it is recorded.
-        if await self.settler.count_once(verified.key):
+        if await self.settler.count_once(verified.key, keep_until=verified.expires_at):
             await self.settler.count_settled(claim)
         if record:
             # The pipeline's later enqueue of this key is a no-op: the record already says settled.
@@ -249,6 +257,7 @@ class EscrowScheme:
             payer=verified.payer,
             amount=verified.amount,
             created_at=now,
+            expires_at=verified.expires_at,
         )
 
     def settlement(self, verified: Verified, *, now: float) -> Settlement:
@@ -269,7 +278,9 @@ class EscrowScheme:
             try:
                 claim = decode_claim(item.payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.store.mark_failed(item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None)
+                await self.store.mark_failed(
+                    item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None, lease=item.lease_token
+                )
                 out.append(SettleOutcome(key=item.key, status="dead", code="escrow_claim_malformed"))
                 continue
             p = claim.payload.payment
@@ -279,7 +290,9 @@ class EscrowScheme:
                 found = await settler.find_settlement(escrow, claim) if used else None
             except ChainError as exc:
                 retry_at = time.time() + backoff(item.attempts)
-                await self.store.mark_failed(item.key, error=f"{exc.code}: {exc}", retry_at=retry_at)
+                await self.store.mark_failed(
+                    item.key, error=f"{exc.code}: {exc}", retry_at=retry_at, lease=item.lease_token
+                )
                 out.append(SettleOutcome(key=item.key, status="retry", code=exc.code))
                 continue
             # The settler's own bookkeeping (pending counters, dead letters) keeps both paths identical.
@@ -292,7 +305,9 @@ class EscrowScheme:
                 out.append(await settler._dead(item, claim, "escrow_never_settled", "", detail=detail))
             else:
                 error = "escrow_unsettled: not paid by the escrow; final once the payment's deadline passes"
-                await self.store.mark_failed(item.key, error=error, retry_at=int(p.deadline) + 1.0)
+                await self.store.mark_failed(
+                    item.key, error=error, retry_at=int(p.deadline) + 1.0, lease=item.lease_token
+                )
                 out.append(SettleOutcome(key=item.key, status="retry", code="escrow_unsettled"))
         return out
 
@@ -316,4 +331,9 @@ class EscrowScheme:
             if taken and account is not None:
                 await self.store.sub_pending(account, amount)
         state.pooled = state.reserved = state.credited = False
-        await self.store.release(key + "#reserve")
+        holder, state.reserve_holder = state.reserve_holder, ""
+        if holder:
+            try:
+                await self.store.release(key + "#reserve", holder)
+            except ClaimLost:  # it ran out: nothing left to free
+                pass

@@ -165,22 +165,22 @@ class _Facilitator:
             return _answer(self._settle_failure(failure.code), failure)
         # Two concurrent /settle calls for one payment: one broadcasts, the other is told it was used.
         try:
-            claimed = await self.store.claim(verified.key, ttl=300.0)
+            holder = await self.store.claim(verified.key, ttl=300.0)
         except StoreError as exc:  # nothing was sent: the caller may try again
             failure = as_payment_failed(exc, during="settle")
             return _answer(self._settle_failure(failure.code, verified.payer), failure)
-        if not claimed:
+        if holder is None:
             return _json(self._settle_failure(Reason.NONCE_ALREADY_USED, verified.payer))
         try:
             tx_hash = await self.scheme.settle(verified)
         except Exception as exc:
             failure = as_payment_failed(exc, during="settle")
             if failure.status_hint == 402 and failure.code != Reason.SETTLEMENT_PENDING:
-                await _quietly(self.store.release(verified.key))
+                await _quietly(self.store.release(verified.key, holder))
             return _json(self._settle_failure(failure.code, verified.payer))
         # The money has moved: the answer is a success even if the store cannot record it (the chain refuses
         # the nonce from now on, so the claim only saves a failing simulation).
-        await _quietly(self.store.finalize(verified.key))
+        await _quietly(self.store.finalize(verified.key, keep_until=verified.expires_at))
         amount = str(verified.amount)
         return _json(
             SettleResponse(

@@ -12,6 +12,10 @@ Memory is bounded on both sides of the app. A request body the paywall reads bef
 the payment is released uncharged and the payer gets a 502 instead of the content, since content that cannot
 be held cannot be withheld until the payment is settled, and a payment is never charged for content that is
 not delivered.
+
+A priced request's body must arrive within `body_timeout` seconds of the request's start, or the request
+ends with 408 (and its claim is released): a client trickling its body would otherwise hold a worker, and
+before the claim was kept alive, stretch the handler past the claim's TTL.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ class PaymentMiddleware:
     the defaults for routes that name none. `secret` keys the MPP challenge HMAC (several: the first signs,
     all verify, for rotation); a random one is made when absent, which is fine for a single process.
     `settle="before-response"` settles on-chain before the response leaves; `"deferred"` enqueues the
-    payment in the store for a batching settler.
+    payment in the store for a batching settler. `body_timeout` bounds how long a priced request's body
+    may take to arrive (then 408).
 
     `max_body_bytes` (default 1 MiB) bounds the request body the paywall reads before any credential is
     checked, which only a route priced by a function of the request needs: a larger `Content-Length`, or more
@@ -198,6 +203,7 @@ class PaymentMiddleware:
         mpp_strict: bool = False,
         mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
+        body_timeout: float = 30.0,
         discovery: Discovery | bool = False,
         metrics: Metrics | bool = False,
     ) -> None:
@@ -223,6 +229,7 @@ class PaymentMiddleware:
             asset = asset or chain_asset(chain)
         elif schemes is None or any(isinstance(s, str) for s in schemes):
             raise ConfigurationError("pass chain= (an escrow.Chain), or scheme objects in schemes=")
+        self.body_timeout = body_timeout
         self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
         # A URL is opened (connect, migrate) at lifespan startup, or on the first paid request when the
         # server sends no lifespan events; until then the paywall holds a placeholder nothing is written to.
@@ -346,11 +353,17 @@ class PaymentMiddleware:
             except GatewayError:  # e.g. the database is down: 503, never a 500, and nothing is charged
                 await _send_answer(send, _STORE_UNAVAILABLE)
                 return
-        request_receive = receive
+        bounded = _BoundedBody(receive, self.body_timeout)
+        request_receive: Receive = bounded
+        receive = bounded
         if callable(entry.route.price):
             # A pricing function may read the body; each reader then gets its own replay of it. It is read
-            # before any credential is checked, so its size is bounded.
-            body = await _read_body(receive, scope["headers"], self.max_body_bytes)
+            # before any credential is checked, so its size and its time are bounded.
+            try:
+                body = await _read_body(receive, scope["headers"], self.max_body_bytes)
+            except _BodyTimeout:
+                await _send_answer(send, _request_timeout(self.body_timeout))
+                return
             if body is None:
                 await _send_answer(send, _too_large(self.max_body_bytes))
                 return
@@ -393,7 +406,8 @@ class PaymentMiddleware:
         try:
             await self.app(scope, receive, held.send)
         except Exception:
-            if not held.overflowed:  # else `_TooLarge` (perhaps wrapped by the app) is answered below
+            # `_TooLarge` or `_BodyTimeout` (perhaps wrapped by the app) are answered below
+            if not held.overflowed and not bounded.timed_out:
                 await paywall.release(attempt)
                 raise
         except BaseException:
@@ -403,6 +417,10 @@ class PaymentMiddleware:
             # Too large to hold until settled: nothing of it is sent, so nothing is charged.
             await paywall.release(attempt)
             await _send_answer(send, _HELD_TOO_LARGE)
+            return
+        if bounded.timed_out:  # whether the app let `_BodyTimeout` through or answered (held, never sent)
+            await paywall.release(attempt)
+            await _send_answer(send, _request_timeout(self.body_timeout))
             return
         if held.start is None or held.status >= 400:
             await paywall.release(attempt)
@@ -465,6 +483,46 @@ _HELD_TOO_LARGE = Answer(
     body=b'{"type":"about:blank","title":"Bad Gateway","status":502,'
     b'"detail":"the paid response is larger than the gateway holds until payment; nothing was charged"}',
 )
+
+
+def _request_timeout(seconds: float) -> Answer:
+    detail = f"the request body did not arrive within {seconds:g} s"
+    body = (
+        b'{"type":"about:blank","title":"Request Timeout","status":408,"detail":"' + detail.encode() + b'"}'
+    )
+    return Answer(
+        status=408,
+        headers=[(b"content-type", b"application/problem+json"), (b"connection", b"close")],
+        body=body,
+    )
+
+
+class _BodyTimeout(Exception):
+    """The client did not deliver the request body in time (raised inside the app's `receive`)."""
+
+
+class _BoundedBody:
+    """A `receive` that lets the request body take at most `timeout` seconds from the request's start;
+    after the last body chunk it passes through unbounded (an app may wait for the disconnect)."""
+
+    def __init__(self, receive: Receive, timeout: float) -> None:
+        self._receive = receive
+        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._complete = False
+        self.timed_out = False
+
+    async def __call__(self) -> Message:
+        if self._complete:
+            return await self._receive()
+        left = self._deadline - asyncio.get_running_loop().time()
+        try:
+            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+        except TimeoutError:
+            self.timed_out = True
+            raise _BodyTimeout("the request body did not arrive in time") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self._complete = True
+        return message
 
 
 def _server_error(exc: GatewayError) -> Answer:

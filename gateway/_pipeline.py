@@ -10,10 +10,18 @@ transaction is out is recoverable (`gateway._recovery`); `settle="deferred"` que
 receipt for a batching settler, unless the scheme's `settle_now` asks for this payment to settle first.
 Every failure leaves as `PaymentFailed` carrying the x402 reason code; `x402.error_answer` turns that into
 the status and problem type of the dialect.
+
+The replay claim is bound to this request (the store's holder token) and kept alive while the handler and
+the settlement run: a task renews it every third of `claim_ttl`. A slow handler is legitimate work, so it
+is not failed when it outlives one TTL; what must never happen is that its claim lapses and a copy of the
+credential is claimed and served meanwhile. Should renewing fail anyway (store outage, a stalled loop),
+`complete` refuses a claim this request no longer holds (`claim_lost`), so at most one request serves it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -46,7 +54,7 @@ from ._metrics import PaymentObserver
 from ._pricing import Quote
 from ._scheme import Dialect, Offer, Presented, Scheme, Verified, in_flight_kind
 from ._state import Event, PaymentState, Tracker
-from ._store import PaymentStore, StoreError
+from ._store import ClaimLost, PaymentStore, StoreError
 
 __all__ = ["DEFAULT_REALM", "Attempt", "Paywall", "SettleMode", "as_payment_failed"]
 
@@ -64,7 +72,7 @@ DEFAULT_REALM: Final = "localhost"
 class Attempt:
     """One presented payment on its way through the pipeline."""
 
-    __slots__ = ("dialect", "offer", "presented", "scheme", "tracker", "verified")
+    __slots__ = ("dialect", "holder", "keeper", "offer", "presented", "scheme", "tracker", "verified")
 
     def __init__(self, dialect: Dialect, offer: Offer, presented: Presented, scheme: Scheme) -> None:
         self.dialect = dialect
@@ -73,6 +81,8 @@ class Attempt:
         self.scheme = scheme
         self.verified: Verified | None = None
         self.tracker = Tracker()
+        self.holder = ""  # our token on the replay claim
+        self.keeper: asyncio.Task[None] | None = None  # renews the claim while the request runs
 
     @property
     def state(self) -> PaymentState:
@@ -143,6 +153,7 @@ class Paywall:
                 f"mpp_replay_status must be 402 or 403, not {mpp_replay_status!r}", code="configuration_error"
             )
         self.schemes = {scheme.name: scheme for scheme in schemes}
+        self._store = store
         self.store = store
         self.secrets = list(secrets)
         self.realm = _realm(realm if realm is not None else DEFAULT_REALM, "realm")
@@ -153,6 +164,20 @@ class Paywall:
         self.clock = clock
         self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl, replay_status=mpp_replay_status)
         self.observer: PaymentObserver | None = None  # telemetry; the middleware sets it
+
+    @property
+    def store(self) -> PaymentStore:
+        return self._store
+
+    @store.setter
+    def store(self, store: PaymentStore) -> None:
+        # Schemes that keep state in the store (`ExactScheme` reservations) follow the middleware's store,
+        # which a URL-configured middleware swaps in at startup.
+        self._store = store
+        for scheme in self.schemes.values():
+            use_store = getattr(scheme, "use_store", None)
+            if use_store is not None:
+                use_store(store)
 
     def realm_for(self, host: str) -> str:
         """The MPP realm of a request to `host` (its `Host` header): the host's own name when it is one of
@@ -186,21 +211,47 @@ class Paywall:
                 attempt.tracker.listener = self.observer.watch(attempt, quote)
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
-            raise as_payment_failed(exc, during="verify") from exc
+            raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         attempt.tracker.fire(Event.VERIFIED)
         if attempt.presented.bindings:
             _log_binding(attempt.presented)
         verified = attempt.verified
         try:
-            claimed = await self.store.claim(verified.key, ttl=self.claim_ttl)
+            holder = await self.store.claim(_claim_key(verified), ttl=self.claim_ttl)
+            # A resumed payment is served once: a receipt means another retry served it meanwhile.
+            if (
+                holder is not None
+                and verified.resume
+                and await self.store.get_receipt(verified.key) is not None
+            ):
+                await self.store.release(_claim_key(verified), holder)
+                holder = None
         except StoreError as exc:
             await self._release_scheme(attempt.scheme, verified)
             raise as_payment_failed(exc, during="verify") from exc
-        if not claimed:
+        if holder is None:
             await self._release_scheme(attempt.scheme, verified)
             attempt.tracker.fire(Event.REPLAYED)
+            if verified.resume and await self.store.get_receipt(verified.key) is None:
+                raise _retry_later(
+                    PaymentFailed(
+                        "another request is confirming this payment", code=Reason.SETTLEMENT_PENDING
+                    )
+                )
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
+        attempt.holder = holder
+        attempt.keeper = asyncio.get_running_loop().create_task(
+            self._keep_claim(_claim_key(verified), holder)
+        )
         attempt.tracker.fire(Event.CLAIMED)
+        reserve = getattr(attempt.scheme, "reserve", None)  # optional: see `gateway._scheme.Reserves`
+        if reserve is not None:
+            try:
+                await reserve(verified)
+            except Exception as exc:
+                await self._stop_keeping(attempt)
+                await self._free(attempt, verified)
+                raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         fault_point("after_verify")
         return attempt
 
@@ -265,11 +316,32 @@ class Paywall:
 
     # -- after the app -------------------------------------------------------------------------------------
 
+    async def _keep_claim(self, key: str, holder: str) -> None:
+        """Renew the claim every third of its TTL until the request is done (see the module doc)."""
+        while True:
+            await asyncio.sleep(max(self.claim_ttl / 3, 0.05))
+            try:
+                await self.store.renew(key, holder, ttl=self.claim_ttl)
+            except ClaimLost:
+                log.error("the claim on %s lapsed while its request ran; it will not be served", key)
+                return
+            except Exception as exc:  # an outage: try again; `complete` judges at the end
+                log.warning("renewing the claim on %s failed: %r", key, exc)
+
+    @staticmethod
+    async def _stop_keeping(attempt: Attempt) -> None:
+        keeper, attempt.keeper = attempt.keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
     async def release(self, attempt: Attempt) -> None:
         """The app failed: drop the claim, charge nothing; the same payment may be presented again."""
         attempt.tracker.fire(Event.HANDLER_FAILED)
         assert attempt.verified is not None
-        await self._free(attempt.scheme, attempt.verified)
+        await self._stop_keeping(attempt)
+        await self._free(attempt, attempt.verified)
 
     async def settle(self, attempt: Attempt) -> Headers:
         """The app succeeded: settle now (or enqueue), record the receipt; the receipt headers to add."""
@@ -278,21 +350,25 @@ class Paywall:
         attempt.tracker.fire(Event.SERVED)
         now = self.clock()
         settle_now = getattr(attempt.scheme, "settle_now", None)
-        if self.settle_mode == "deferred" and not (settle_now is not None and settle_now(verified)):
-            return await self._enqueue(attempt, verified, now)
-        return await self._settle_now(attempt, verified, now)
+        try:
+            if self.settle_mode == "deferred" and not (settle_now is not None and settle_now(verified)):
+                return await self._enqueue(attempt, verified, now)
+            return await self._settle_now(attempt, verified, now)
+        finally:
+            await self._stop_keeping(attempt)
 
     async def _settle_now(self, attempt: Attempt, verified: Verified, now: float) -> Headers:
         scheme, key = attempt.scheme, verified.key
         try:
             # Recorded before the transaction leaves: if this process dies from here on, recovery finds the
-            # record and asks the chain what became of it (see gateway._recovery).
+            # record and asks the chain what became of it (see gateway._recovery). A resumed payment's
+            # record is the earlier attempt's (a second enqueue is a no-op).
             settlement = scheme.settlement(verified, now=now)
             kind = in_flight_kind(settlement.kind)
             await self.store.enqueue(msgspec.structs.replace(settlement, kind=kind))
         except Exception as exc:
             attempt.tracker.fire(Event.SETTLE_FAILED)
-            await self._free(scheme, verified)  # nothing was sent
+            await self._free(attempt, verified)  # nothing was sent
             raise as_payment_failed(exc, during="settle") from exc
         attempt.tracker.fire(Event.RECORDED)
         fault_point("after_handler")
@@ -306,14 +382,22 @@ class Paywall:
             # until its TTL runs out and leaves the record to recovery, for the chain (the nonce is used or
             # not) to judge.
             if failure.status_hint == 402 and failure.code not in _PENDING:
-                await self._free(scheme, verified)
+                await self._free(attempt, verified)
                 await self._quietly(
                     self.store.mark_failed(
                         key, error=f"{failure.code}: refused before serving: {failure.message}", retry_at=None
                     )
                 )
+            elif failure.code in _PENDING:
+                # The transaction may still land. Its hash goes on the record, so the same credential
+                # presented again waits for it (`Verified.resume`) instead of being refused as a replay.
+                sent = getattr(exc, "tx_hash", "")
+                error = f"{failure.code}: sent in {sent}" if sent else f"{failure.code}: {failure.message}"
+                await self._quietly(self.store.mark_failed(key, error=error, retry_at=now))
+                if verified.resume:
+                    await self._quietly(self.store.release(_claim_key(verified), attempt.holder))
             failure.headers = settle_failure_headers(attempt.dialect, verified, failure.code)
-            raise failure from exc
+            raise _retry_later(failure) from exc
         fault_point("after_send")
         headers, receipt = receipt_headers(
             attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
@@ -321,7 +405,16 @@ class Paywall:
         try:
             # Finalize first: a crash between the two leaves a finalized key with an open record, which
             # recovery settles from the chain; the other order could leave a paid key claimable.
-            await self.store.complete(key, receipt=receipt)
+            if verified.resume:  # the key's own claim may still be the first attempt's (or recovery's)
+                await self.store.finalize(key, keep_until=verified.expires_at)
+                await self.store.put_receipt(key, receipt)
+                await self.store.complete(
+                    _claim_key(verified), attempt.holder, receipt=receipt, keep_until=verified.expires_at
+                )
+            else:
+                await self.store.complete(
+                    key, attempt.holder, receipt=receipt, keep_until=verified.expires_at
+                )
             await self.store.mark_settled([key], tx_hash=tx_hash)
         except Exception as exc:
             # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
@@ -336,21 +429,28 @@ class Paywall:
         )
         try:
             settlement = attempt.scheme.settlement(verified, now=now)
-            await self.store.complete(verified.key, receipt=receipt, settlement=settlement)
+            await self.store.complete(
+                verified.key,
+                attempt.holder,
+                receipt=receipt,
+                settlement=settlement,
+                keep_until=verified.expires_at,
+            )
         except Exception as exc:
-            # Not queued means never settled: withhold the content and free the payment.
+            # Not queued means never settled: withhold the content and free the payment (unless the claim
+            # lapsed: then it may be another request's now, and release refuses to touch it).
             failure = as_payment_failed(exc, during="settle")
             attempt.tracker.fire(Event.SETTLE_FAILED)
-            await self._free(attempt.scheme, verified)
+            await self._free(attempt, verified)
             raise failure from exc
         attempt.tracker.fire(Event.QUEUED)
         fault_point("after_handler")
         return headers
 
-    async def _free(self, scheme: Scheme, verified: Verified) -> None:
+    async def _free(self, attempt: Attempt, verified: Verified) -> None:
         """Nothing will be charged: drop the claim and let the scheme give back what `verify` reserved."""
-        await self._quietly(self.store.release(verified.key))
-        await self._release_scheme(scheme, verified)
+        await self._quietly(self.store.release(_claim_key(verified), attempt.holder))
+        await self._release_scheme(attempt.scheme, verified)
 
     async def _release_scheme(self, scheme: Scheme, verified: Verified) -> None:
         release = getattr(scheme, "release", None)  # optional: see `gateway._scheme.Releases`
@@ -358,7 +458,7 @@ class Paywall:
             await self._quietly(release(verified))
 
     @staticmethod
-    async def _quietly(step: Awaitable[None]) -> None:
+    async def _quietly(step: Awaitable[object]) -> None:
         # Clean-up after a failure must not mask the failure: a claim left behind expires with its TTL.
         try:
             await step
@@ -400,6 +500,21 @@ def _log_binding(presented: Presented) -> None:
                 form,
             )
             return
+
+
+def _claim_key(verified: Verified) -> str:
+    """The replay claim an attempt holds: the payment's key, or `<key>#resume` for a resumed payment."""
+    return verified.key + "#resume" if verified.resume else verified.key
+
+
+#: Seconds a client is asked to wait before presenting a payment whose settlement is pending again.
+RETRY_AFTER_SECONDS = 2
+
+
+def _retry_later(failure: PaymentFailed) -> PaymentFailed:
+    if failure.code in _PENDING:
+        failure.headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
+    return failure
 
 
 def _same(a: str, b: str) -> bool:

@@ -22,6 +22,9 @@ maybe on another replica: it is left alone (its lease keeps other passes off it 
 claim has expired, recovery takes the claim itself while it asks the chain, so the payment cannot be served
 meanwhile. The claim TTL must therefore exceed a handler's run time plus one settlement.
 
+With `retention` set, a third loop purges the store every `purge_every` seconds (see `PaymentStore.purge`:
+nothing goes before its payment's validity has ended), so a long-running gateway's store stops growing.
+
 Every loop step is supervised: a store or RPC outage is logged and retried with backoff, never fatal.
 """
 
@@ -36,7 +39,7 @@ from typing import Protocol
 from escrow._settler import SettleOutcome
 
 from ._scheme import in_flight_kind
-from ._store import PaymentStore, Settlement, backoff
+from ._store import ClaimLost, PaymentStore, Settlement, backoff
 
 __all__ = ["Reconciler", "Recovery", "Stepper"]
 
@@ -78,6 +81,8 @@ class Recovery:
         batch: int = 100,
         start_timeout: float = 30.0,
         stop_timeout: float = 30.0,
+        retention: float | None = None,
+        purge_every: float = 600.0,
     ) -> None:
         self.store = store
         self.settlers = list(settlers)
@@ -87,6 +92,8 @@ class Recovery:
         self.batch = batch
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.retention = retention
+        self.purge_every = purge_every
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -101,23 +108,30 @@ class Recovery:
                 leased = await self.store.lease(
                     in_flight_kind(kind), limit=self.batch, lease_seconds=self.claim_ttl
                 )
-                ours = [item for item in leased if await self._take(item.key)]
+                taken = {item.key: await self._take(item.key) for item in leased}
+                ours = [item for item in leased if taken[item.key] is not None]
                 if ours:
                     outcomes = await reconciler.reconcile_items(ours)
+                    expiry = {item.key: item.expires_at for item in ours}
                     for outcome in outcomes:
-                        if outcome.status in _PAID:
-                            await self.store.finalize(outcome.key)  # paid: never served again
-                        else:
-                            await self.store.release(outcome.key)  # not charged: may be presented again
+                        holder = taken.get(outcome.key)
+                        if outcome.status in _PAID:  # paid: never served again
+                            await self.store.finalize(outcome.key, keep_until=expiry.get(outcome.key))
+                        elif holder:  # not charged: may be presented again
+                            with contextlib.suppress(ClaimLost):  # lapsed: already free
+                                await self.store.release(outcome.key, holder)
                     out.extend(outcomes)
                 if len(leased) < self.batch:
                     break
         return out
 
-    async def _take(self, key: str) -> bool:
+    async def _take(self, key: str) -> str | None:
+        """Our holder token ("" when finalized: nothing to hold), or None when a live request owns it."""
         # Finalized: its request completed after the transaction, only the record is missing. Otherwise the
         # claim decides: held means a live request owns the payment.
-        return await self.store.is_finalized(key) or await self.store.claim(key, ttl=self.claim_ttl)
+        if await self.store.is_finalized(key):
+            return ""
+        return await self.store.claim(key, ttl=self.claim_ttl)
 
     # -- the loops -----------------------------------------------------------------------------------------
 
@@ -136,6 +150,8 @@ class Recovery:
         self._tasks = [loop.create_task(self._drive(settler)) for settler in self.settlers]
         if self.reconcilers:
             self._tasks.append(loop.create_task(self._reconcile_loop()))
+        if self.retention is not None:
+            self._tasks.append(loop.create_task(self._purge_loop(self.retention)))
 
     async def stop(self) -> None:
         """Stop the loops; each settler gets one last forced step (bounded by `stop_timeout`)."""
@@ -179,6 +195,21 @@ class Recovery:
             except Exception as exc:
                 failures += 1
                 log.error("recovery pass failed (%d in a row): %r", failures, exc)
+
+    async def _purge_loop(self, retention: float) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                purged = await self.store.purge(retention=retention)
+                failures = 0
+                if purged.claims or purged.settlements:
+                    log.info("purged %s", purged)
+            except Exception as exc:
+                failures += 1
+                log.error("purge failed (%d in a row): %r", failures, exc)
+            await self._pause(
+                backoff(failures, base=self.purge_every, cap=3600.0) if failures else self.purge_every
+            )
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -5,10 +5,13 @@ presented payment against that offer (`verify`), and moves the money (`settle` n
 durable queue a batching settler drains). The pipeline owns everything shared between schemes: decoding the
 three wire forms, matching `accepted` / MPP challenges to offers, the replay claim, and the answers.
 
-Two methods are optional (the pipeline looks for them; see `Releases` and `ChoosesSettlement`):
-`release(verified)` gives back what `verify` reserved when the payment ends up not charged (handler failed,
-settlement refused), and `settle_now(verified)` asks for this one payment to be settled before the response
-even under `settle="deferred"` (an escrow payer past its credit limit).
+Four methods are optional (the pipeline looks for them; see `Reserves`, `Releases`, `ChoosesSettlement`):
+`reserve(verified)` holds what the payment needs once its replay claim is taken (so a replay never holds
+anything), `release(verified)` gives back what `verify` or `reserve` held when the payment ends up not
+charged (handler failed, settlement refused), `settle_now(verified)` asks for this one payment to be
+settled before the response even under `settle="deferred"` (a payer past its credit limit), and
+`use_store(store)` hands the scheme the middleware's store (`ExactScheme` keeps its reservations there),
+again whenever the middleware opens it.
 
 A payment settled before its response is first recorded in the store under `in_flight_kind(kind)`
 (`exact:now`, ...), so that recovery can find it if the process dies while its transaction is out.
@@ -34,6 +37,7 @@ __all__ = [
     "Offer",
     "Presented",
     "Releases",
+    "Reserves",
     "Scheme",
     "Verified",
     "in_flight_kind",
@@ -74,7 +78,15 @@ class Presented(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Verified(msgspec.Struct, frozen=True, kw_only=True):
-    """A payment that passed every check; `key` is its replay key (one claim per key, ever)."""
+    """A payment that passed every check; `key` is its replay key (one claim per key, ever).
+
+    `expires_at`: when the signed payment stops being valid (its deadline, `validBefore`); the store keeps
+    the key finalized at least that long. None: unknown, kept forever.
+
+    `resume`: the very credential of an earlier request whose settlement before its response did not
+    finish in time (`settlement_pending`) and which was never served. The pipeline takes the claim
+    `<key>#resume` instead of `key`, confirms the settlement (`settle`), and serves it once.
+    """
 
     scheme: str
     key: str
@@ -82,6 +94,8 @@ class Verified(msgspec.Struct, frozen=True, kw_only=True):
     amount: int
     network: str
     state: Any = None  # the scheme's own data for `settle` / `settlement`
+    expires_at: float | None = None
+    resume: bool = False
 
 
 class Scheme(Protocol):
@@ -106,6 +120,14 @@ class Scheme(Protocol):
 
     def settlement(self, verified: Verified, *, now: float) -> Settlement:
         """The durable queue item for deferred settlement by a batching settler."""
+        ...
+
+
+class Reserves(Protocol):
+    """Optional: a scheme that holds something (a payer's balance) once the replay claim is taken."""
+
+    async def reserve(self, verified: Verified) -> None:
+        """Hold what `verified` needs, or raise (X402Error / PaymentFailed) to refuse it."""
         ...
 
 

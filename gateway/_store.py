@@ -6,13 +6,23 @@ cache in front) and unit tests (memory) run the same pipeline. Every method is a
 is the one multi-step operation, atomic as a whole, so a served payment can never be finalized without its
 settlement being queued. Backends are picked by URL with `open_store` (see `gateway/_stores`).
 
+Claims and leases are bound to their holder: `claim` and `lease` hand out a fresh random token, and only
+that token may `renew`/`release`/`complete` the claim (else `ClaimLost`) or record a leased settlement's
+outcome, so a request that outlived its claim, or a settler that outlived its lease, cannot finish what a
+newer holder now owns. `purge` keeps the store from growing forever: it drops settled rows and finalized
+claims once both their retention and the payment's own validity (`keep_until` / `Settlement.expires_at`)
+have passed, never earlier: a finalized claim forgotten while its authorization is still valid would make
+that payment replayable.
+
 Times are Unix seconds from the caller's clock (`time.time()`); replicas need clocks in sync to well
 under a claim's TTL. Amounts are non-negative integers of any size (uint256 fits).
 """
 
 from __future__ import annotations
 
+import math
 import random
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Literal, Protocol
@@ -22,8 +32,10 @@ import msgspec
 from gateway._errors import GatewayError
 
 __all__ = [
+    "ClaimLost",
     "MemoryStore",
     "PaymentStore",
+    "Purged",
     "QueueStats",
     "Settlement",
     "SettlementState",
@@ -32,6 +44,7 @@ __all__ = [
     "StoreSchemaError",
     "StoreUnavailable",
     "backoff",
+    "new_token",
     "open_store",
 ]
 
@@ -63,12 +76,26 @@ class StoreSchemaError(StoreError):
     default_code = "store_schema_too_new"
 
 
+class ClaimLost(StoreError):
+    """The caller no longer holds the claim it names: it expired (and may now be someone else's), was
+    released, or was finalized. Nothing was written; the payment must not be served by this caller."""
+
+    default_code = "claim_lost"
+    default_status = 409
+
+
+def new_token() -> str:
+    """A fresh holder token for a claim or a lease (unguessable, so no other caller can forge it)."""
+    return secrets.token_hex(16)
+
+
 class Settlement(msgspec.Struct, frozen=True, kw_only=True):
     """One served payment waiting to reach the chain.
 
     `key` is the replay key of the payment (unique); `kind` names the settler that handles it (`exact`,
-    `escrow`, ...); `payload` is the settler's own encoding of the signed payment. `attempts` counts leases
-    handed out; `retry_at` / `lease_until` are set by the queue and shown to operators.
+    `escrow`, ...); `payload` is the settler's own encoding of the signed payment; `expires_at` the end of
+    the payment's validity (None: unknown, then the row is never purged). `attempts` counts leases handed
+    out; `retry_at` / `lease_until` / `lease_token` (whose lease it is) / `settled_at` are set by the queue.
     """
 
     key: str
@@ -83,6 +110,18 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     retry_at: float | None = None
     lease_until: float | None = None
+    lease_token: str | None = None
+    settled_at: float | None = None
+    expires_at: float | None = None
+
+
+class Purged(msgspec.Struct, frozen=True, kw_only=True):
+    """What one `purge` removed: claims (expired unfinalized ones, and finalized ones past retention and
+    validity), the receipts of those finalized claims, and settled queue rows past retention and validity."""
+
+    claims: int
+    receipts: int
+    settlements: int
 
 
 class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,32 +137,59 @@ class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
 class PaymentStore(Protocol):
     """Shared gateway state. Implementations: memory (tests), SQLite (default), PostgreSQL, Redis in front."""
 
-    async def claim(self, key: str, *, ttl: float) -> bool:
-        """Atomically claim `key` unless a live or finalized claim holds it. An expired claim may be taken."""
+    async def claim(self, key: str, *, ttl: float) -> str | None:
+        """Atomically claim `key` unless a live or finalized claim holds it (an expired claim may be taken).
+
+        Returns the holder token that `renew`, `release` and `complete` need, or None when refused.
+        """
         ...
 
-    async def release(self, key: str) -> None:
-        """Drop a claim that was never finalized (the handler failed: nothing is charged)."""
+    async def renew(self, key: str, holder: str, *, ttl: float) -> None:
+        """Keep a live claim alive for `ttl` more seconds; `ClaimLost` unless `holder` still holds it."""
         ...
 
-    async def finalize(self, key: str) -> None:
-        """Make a claim permanent: the payment was served, the key can never be claimed again."""
+    async def release(self, key: str, holder: str) -> None:
+        """Drop a live claim that was never finalized (nothing is charged); `ClaimLost` unless `holder`
+        still holds it (then nothing changes: an expired claim may already be another request's)."""
+        ...
+
+    async def finalize(self, key: str, *, keep_until: float | None = None) -> None:
+        """Make `key` permanently unclaimable, whoever holds it (recovery, count-once markers).
+
+        `keep_until` is when the payment stops being valid anyway (its deadline): `purge` keeps the key at
+        least that long. None: kept forever.
+        """
         ...
 
     async def is_finalized(self, key: str) -> bool:
         """True once `finalize` (or `complete`) ran for `key`."""
         ...
 
-    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
+    async def complete(
+        self,
+        key: str,
+        holder: str | None,
+        *,
+        receipt: bytes,
+        settlement: Settlement | None = None,
+        keep_until: float | None = None,
+    ) -> None:
         """`finalize` + `put_receipt` + `enqueue` (when given) as one atomic step, in one round trip.
 
-        Prefer it to the three calls: a crash between them could leave a served payment finalized but
-        never queued for settlement.
+        Refused with `ClaimLost` (writing nothing) unless `holder` still holds a live claim on `key`; a
+        None `holder` finalizes unconditionally, as `finalize` does. Prefer it to the three calls: a crash
+        between them could leave a served payment finalized but never queued for settlement.
         """
         ...
 
     async def purge_expired_claims(self) -> int:
         """Delete claims that expired unfinalized (housekeeping); returns how many went."""
+        ...
+
+    async def purge(self, *, retention: float) -> Purged:
+        """Delete what is no longer needed: expired unfinalized claims; finalized claims (and their
+        receipts) and settled rows once `retention` seconds have passed since they were finalized/settled
+        *and* the payment's validity (`keep_until`, `expires_at`) has ended. Rows of unknown validity stay."""
         ...
 
     async def put_receipt(self, key: str, receipt: bytes) -> None:
@@ -141,19 +207,26 @@ class PaymentStore(Protocol):
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         """Lease up to `limit` due settlements of `kind` (queued, retry due, or lease expired), oldest first.
 
-        Each leased item has `attempts` incremented. No item is handed to two leasers at once; an item
-        whose lease ran out (its settler crashed) is due again.
+        Each leased item has `attempts` incremented and carries this lease's `lease_token`. No item is
+        handed to two leasers at once; an item whose lease ran out (its settler crashed) is due again.
         """
         ...
 
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
-        """Record that `keys` settled in transaction `tx_hash` (final, whatever state they were in)."""
+    async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
+        """Record that `keys` settled in transaction `tx_hash` (final); returns the keys recorded.
+
+        With `lease`, only items still leased under that token are recorded: a settler whose lease ran
+        out and was handed to another must not finish that one's work. Without, any unsettled item is.
+        """
         ...
 
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
+    async def mark_failed(
+        self, key: str, *, error: str, retry_at: float | None, lease: str | None = None
+    ) -> bool:
         """Record a failure: retry at `retry_at` (see `backoff`), or a dead letter when None.
 
-        Ignored for a settled item: a late failure report never undoes a settlement.
+        Ignored (False) for a settled item, since a late failure report never undoes a settlement, and,
+        with `lease`, for an item no longer leased under that token.
         """
         ...
 
@@ -241,6 +314,24 @@ def _due(item: Settlement, now: float) -> bool:
     return item.state == "leased" and (item.lease_until or 0.0) <= now
 
 
+def _ours(item: Settlement | None, lease: str | None) -> bool:
+    """May this caller record `item`'s outcome: unsettled, and still its lease when it names one."""
+    if item is None or item.state == "settled":
+        return False
+    return lease is None or (item.state == "leased" and item.lease_token == lease)
+
+
+def _purgeable(until: float | None, done_at: float | None, retention: float, now: float) -> bool:
+    """Past both its validity (`until`; None: unknown, kept) and its retention since `done_at`."""
+    return until is not None and done_at is not None and until <= now and done_at + retention <= now
+
+
+class _Claim(msgspec.Struct):
+    expires_at: float  # a live claim's end; once finalized, the payment's validity end (inf: unknown)
+    holder: str | None
+    finalized_at: float | None = None  # None: not finalized
+
+
 class MemoryStore:
     """In-process store for unit tests and single-process demos; forgets everything on exit.
 
@@ -248,42 +339,93 @@ class MemoryStore:
     """
 
     def __init__(self) -> None:
-        self._claims: dict[str, float] = {}  # key -> expiry (inf once finalized)
+        self._claims: dict[str, _Claim] = {}
         self._receipts: dict[str, bytes] = {}
         self._queue: dict[str, Settlement] = {}
         self._pending: dict[str, int] = {}
         self._high_water: dict[str, int] = {}
 
-    async def claim(self, key: str, *, ttl: float) -> bool:
+    def _held(self, key: str, holder: str, now: float) -> _Claim:
+        claim = self._claims.get(key)
+        if (
+            claim is None
+            or claim.finalized_at is not None
+            or claim.holder != holder
+            or claim.expires_at <= now
+        ):
+            raise ClaimLost(f"the claim on {key} is no longer held by this request")
+        return claim
+
+    async def claim(self, key: str, *, ttl: float) -> str | None:
         now = time.time()
-        expiry = self._claims.get(key)
-        if expiry is not None and expiry > now:
-            return False
-        self._claims[key] = now + ttl
-        return True
+        claim = self._claims.get(key)
+        if claim is not None and (claim.finalized_at is not None or claim.expires_at > now):
+            return None
+        token = new_token()
+        self._claims[key] = _Claim(expires_at=now + ttl, holder=token)
+        return token
 
-    async def release(self, key: str) -> None:
-        if self._claims.get(key) != float("inf"):
-            self._claims.pop(key, None)
+    async def renew(self, key: str, holder: str, *, ttl: float) -> None:
+        now = time.time()
+        self._held(key, holder, now).expires_at = now + ttl
 
-    async def finalize(self, key: str) -> None:
-        self._claims[key] = float("inf")
+    async def release(self, key: str, holder: str) -> None:
+        self._held(key, holder, time.time())
+        del self._claims[key]
+
+    def _finalize(self, key: str, keep_until: float | None) -> None:
+        until = math.inf if keep_until is None else keep_until
+        self._claims[key] = _Claim(expires_at=until, holder=None, finalized_at=time.time())
+
+    async def finalize(self, key: str, *, keep_until: float | None = None) -> None:
+        claim = self._claims.get(key)
+        if claim is None or claim.finalized_at is None:
+            self._finalize(key, keep_until)
 
     async def is_finalized(self, key: str) -> bool:
-        return self._claims.get(key) == float("inf")
+        claim = self._claims.get(key)
+        return claim is not None and claim.finalized_at is not None
 
-    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
-        self._claims[key] = float("inf")
+    async def complete(
+        self,
+        key: str,
+        holder: str | None,
+        *,
+        receipt: bytes,
+        settlement: Settlement | None = None,
+        keep_until: float | None = None,
+    ) -> None:
+        if holder is not None:
+            self._held(key, holder, time.time())
+        await self.finalize(key, keep_until=keep_until)
         self._receipts[key] = receipt
         if settlement is not None:
             self._enqueue(settlement)
 
     async def purge_expired_claims(self) -> int:
         now = time.time()
-        expired = [key for key, expiry in self._claims.items() if expiry <= now]
+        expired = [k for k, c in self._claims.items() if c.finalized_at is None and c.expires_at <= now]
         for key in expired:
             del self._claims[key]
         return len(expired)
+
+    async def purge(self, *, retention: float) -> Purged:
+        expired = await self.purge_expired_claims()
+        now = time.time()
+        final = [
+            k for k, c in self._claims.items() if _purgeable(c.expires_at, c.finalized_at, retention, now)
+        ]
+        for key in final:
+            del self._claims[key]
+        receipts = [key for key in final if self._receipts.pop(key, None) is not None]
+        settled = [
+            k
+            for k, item in self._queue.items()
+            if item.state == "settled" and _purgeable(item.expires_at, item.settled_at, retention, now)
+        ]
+        for key in settled:
+            del self._queue[key]
+        return Purged(claims=expired + len(final), receipts=len(receipts), settlements=len(settled))
 
     async def put_receipt(self, key: str, receipt: bytes) -> None:
         self._receipts[key] = receipt
@@ -296,12 +438,20 @@ class MemoryStore:
 
     def _enqueue(self, item: Settlement) -> None:
         fresh = msgspec.structs.replace(
-            item, state="queued", attempts=0, tx_hash=None, error=None, retry_at=None, lease_until=None
+            item,
+            state="queued",
+            attempts=0,
+            tx_hash=None,
+            error=None,
+            retry_at=None,
+            lease_until=None,
+            lease_token=None,
+            settled_at=None,
         )
         self._queue.setdefault(item.key, fresh)
 
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
-        now = time.time()
+        now, token = time.time(), new_token()
         due = sorted(
             (item for item in self._queue.values() if item.kind == kind and _due(item, now)),
             key=lambda item: (item.created_at, item.key),
@@ -313,28 +463,42 @@ class MemoryStore:
                 state="leased",
                 attempts=item.attempts + 1,
                 lease_until=now + lease_seconds,
+                lease_token=token,
                 retry_at=None,
             )
             self._queue[item.key] = leased
             out.append(leased)
         return out
 
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
-        for key in keys:
+    async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
+        now, done = time.time(), []
+        for key in dict.fromkeys(keys):
             item = self._queue.get(key)
-            if item is not None:
+            if item is not None and _ours(item, lease):
                 self._queue[key] = msgspec.structs.replace(
-                    item, state="settled", tx_hash=tx_hash, error=None, retry_at=None, lease_until=None
+                    item,
+                    state="settled",
+                    tx_hash=tx_hash,
+                    error=None,
+                    retry_at=None,
+                    lease_until=None,
+                    lease_token=None,
+                    settled_at=now,
                 )
+                done.append(key)
+        return done
 
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
+    async def mark_failed(
+        self, key: str, *, error: str, retry_at: float | None, lease: str | None = None
+    ) -> bool:
         item = self._queue.get(key)
-        if item is None or item.state == "settled":
-            return
+        if item is None or not _ours(item, lease):
+            return False
         state: SettlementState = "dead" if retry_at is None else "failed"
         self._queue[key] = msgspec.structs.replace(
-            item, state=state, error=error, retry_at=retry_at, lease_until=None
+            item, state=state, error=error, retry_at=retry_at, lease_until=None, lease_token=None
         )
+        return True
 
     async def get_settlement(self, key: str) -> Settlement | None:
         return self._queue.get(key)

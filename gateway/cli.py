@@ -144,10 +144,26 @@ def _limit(value: str) -> int:
     return int(value)
 
 
+_WEEK = 7 * 86400.0
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds (>= 0): {value!r}")
+    return seconds
+
+
 async def _queue_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     store = await open_store(args.store)
+    purged = None
     try:
         requeued = {key: await store.requeue(key) for key in args.requeue}
+        if args.purge:
+            purged = await store.purge(retention=args.retention)
         stats = await store.stats()
         dead = await store.dead_letters(kind=args.kind, limit=args.limit)
     finally:
@@ -160,6 +176,8 @@ async def _queue_report(args: argparse.Namespace) -> tuple[dict[str, Any], list[
     }
     if requeued:
         report["requeued"] = requeued
+    if purged is not None:
+        report["purged"] = {**msgspec.to_builtins(purged), "retention_seconds": args.retention}
     return report, [key for key, done in requeued.items() if not done]
 
 
@@ -171,6 +189,13 @@ def _settlements_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # a driver's own error (authentication, bad database name, ...)
         raise GatewayError(f"cannot read the store: {type(exc).__name__}: {exc}", code="cli_store") from None
     sys.stdout.write(json.dumps(report) + "\n")
+    if "purged" in report:  # the human line goes to stderr: stdout stays one JSON document
+        p = report["purged"]
+        print(
+            f"purged {p['claims']} claim(s), {p['receipts']} receipt(s) and {p['settlements']} settled"
+            f" row(s) past {args.retention:g} s of retention and their payments' validity",
+            file=sys.stderr,
+        )
     if missing:
         return _fail(
             f"nothing to requeue under {', '.join(missing)} (only dead or retry-waiting items can be)"
@@ -195,6 +220,19 @@ def _settlements(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kind", help="list only dead letters of this kind (exact, escrow, exact:now, ...)")
     parser.add_argument("--limit", type=_limit, default=100, help="most dead letters listed (default: 100)")
+    parser.add_argument(
+        "--purge",
+        action="store_true",
+        help="delete expired claims, and finalized claims, their receipts and settled rows that are past"
+        ' --retention and their payment\'s validity; reports the counts under "purged"',
+    )
+    parser.add_argument(
+        "--retention",
+        type=_seconds,
+        default=_WEEK,
+        metavar="SECONDS",
+        help=f"how long finalized claims and settled rows are kept at least (default: {_WEEK:g}, a week)",
+    )
     parser.set_defaults(func=_settlements_run)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from escrow import DevnetState, stop_detached
 from escrow._devnet_node import pid_alive
+from gateway._store import PaymentStore
 
 AGENTPAY = shutil.which("agentpay", path=str(Path(sys.executable).parent)) or "agentpay"
 
@@ -125,3 +128,66 @@ def test_port_in_use(state_file: Path) -> None:
         result = agentpay("devnet", "up", "--state", str(state_file), "--port", str(port))
     assert_one_line_error(result, f"port {port}")
     assert not state_file.exists()
+
+
+# -- agentpay settlements --purge
+
+
+@pytest.fixture(params=["sqlite", "postgres", "postgres+redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    from tests.test_store import isolated_url
+
+    with isolated_url(request.param, tmp_path) as url:
+        yield url
+
+
+def _fill(url: str) -> None:
+    """Three served payments: one past its validity, one still valid, one dead letter; all settled or dead."""
+    from tests.test_store import item, run
+
+    async def body(store: PaymentStore) -> None:
+        now = time.time()
+        for key, until in (("old", now - 60), ("valid", now + 3600), ("lost", now - 60)):
+            holder = await store.claim(key, ttl=30)
+            settlement = item(key, expires_at=until)
+            await store.complete(key, holder, receipt=b"r", settlement=settlement, keep_until=until)
+        await store.lease("escrow", limit=10, lease_seconds=30)
+        await store.mark_settled(["old", "valid"], tx_hash="0xt")
+        await store.mark_failed("lost", error="escrow_nonce_reused: lost", retry_at=None)
+
+    run(url, body)
+
+
+def test_settlements_purge_reports_what_it_removed(store_url: str) -> None:
+    _fill(store_url)
+    kept = agentpay("settlements", "--store", store_url, "--purge")  # the default retention is a week
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout)["purged"] == {
+        "claims": 0,
+        "receipts": 0,
+        "settlements": 0,
+        "retention_seconds": 7 * 86400.0,
+    }
+
+    purge = agentpay("settlements", "--store", store_url, "--purge", "--retention", "0")
+    assert purge.returncode == 0, purge.stderr
+    report = json.loads(purge.stdout)
+    # "old" and the dead letter's claims (with receipts) are past their validity; only "old" settled.
+    assert report["purged"] == {"claims": 2, "receipts": 2, "settlements": 1, "retention_seconds": 0.0}
+    assert report["stats"] == {"queued": 0, "leased": 0, "settled": 1, "failed": 0, "dead": 1}
+    assert [d["key"] for d in report["dead_letters"]] == ["lost"]  # dead letters are never purged
+    assert purge.stderr.strip() == (
+        "purged 2 claim(s), 2 receipt(s) and 1 settled row(s) past 0 s of retention and their payments'"
+        " validity"
+    )
+
+    again = agentpay("settlements", "--store", store_url, "--purge", "--retention", "0")
+    assert json.loads(again.stdout)["purged"]["settlements"] == 0
+    plain = agentpay("settlements", "--store", store_url)
+    assert plain.returncode == 0 and "purged" not in json.loads(plain.stdout) and plain.stderr == ""
+
+
+def test_settlements_purge_refuses_a_bad_retention(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    for bad in ("-1", "soon", "inf"):
+        assert_one_line_error(agentpay("settlements", "--store", url, "--purge", "--retention", bad), bad)

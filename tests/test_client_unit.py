@@ -116,6 +116,9 @@ class Paywall:
     mpp_payloads: list[dict[str, Any]] = field(default_factory=list)  # raw credential payloads, as sent
     accept_payment: list[str | None] = field(default_factory=list)  # Accept-Payment of every request
     lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: int = 0  # answer this many paid requests `settlement_pending` before accepting one
+    retry_after: str = "0"
+    pending_nonces: list[str] = field(default_factory=list)  # nonces answered `settlement_pending`
 
     def requirements(self, url: str) -> PaymentRequirements:
         return PaymentRequirements(
@@ -216,6 +219,14 @@ class Paywall:
                     )
                 exact = decode_exact_payload(payment.payload)
                 payer = verify_exact_payment(offered, exact, accepted=payment.accepted)
+                if self.pending > 0:  # the settlement outlasted the server's wait: come back later
+                    self.pending -= 1
+                    self.pending_nonces.append(exact.authorization.nonce)
+                    answer = self.payment_required(
+                        url, X402Error("still settling", code=Reason.SETTLEMENT_PENDING, status_hint=402)
+                    )
+                    answer.headers["Retry-After"] = self.retry_after
+                    return answer
                 self._claim(exact.authorization.nonce)
                 self.accepted_seen.append(payment.accepted)
                 receipt = {"PAYMENT-RESPONSE": self._settle(payer)}
@@ -794,3 +805,38 @@ def test_wallet_rank_comes_before_protocol_preference(paywall: Paywall, sync_cli
     auth = PaymentAuth(RankedWallet(wallet()), prefer=("mpp", "x402v2"))
     response = sync_client.get("/paid", auth=auth)
     assert response.status_code == 200 and paywall.paid == ["x402v1", "mpp"]
+
+
+# ------------------------------------------------------------------------- settlement pending (issue 9/17)
+
+
+def test_a_pending_settlement_is_retried_with_the_same_credential(paywall: Paywall) -> None:
+    paywall.pending = 2
+    policy = SpendPolicy(max_per_call=1000)
+    with httpx.Client(
+        transport=SyncASGITransport(paywall.app()),
+        base_url="http://paywall.test",
+        auth=PaymentAuth(wallet(), policy, prefer=("x402v2",)),
+    ) as client:
+        response = client.get("/paid")
+    assert response.status_code == 200 and receipt_of(response) is not None
+    # One 402 challenge, then the one signed payment three times: never signed (or paid) twice.
+    assert paywall.hits == 4 and len(paywall.nonces) == 1
+    assert paywall.pending_nonces == paywall.nonces * 2
+    assert policy.spent == 1000 and policy.reserved == 0
+
+
+@pytest.mark.anyio
+async def test_pending_retries_are_bounded_and_honour_retry_after(paywall: Paywall) -> None:
+    paywall.pending, paywall.retry_after = 10, "0.2"
+    policy = SpendPolicy(max_per_call=1000)
+    auth = PaymentAuth(wallet(), policy, prefer=("x402v2",), settlement_retries=2)
+    started = time.monotonic()
+    async with async_client(paywall, auth) as client:
+        response = await client.get("/paid")
+    assert time.monotonic() - started >= 0.4  # two waits of Retry-After
+    assert response.status_code == 402
+    error = response.extensions[PAYMENT_ERROR_EXTENSION]
+    assert error.invalid_reason == Reason.SETTLEMENT_PENDING
+    assert paywall.hits == 4 and len(set(paywall.pending_nonces)) == 1 and paywall.nonces == []
+    assert policy.spent == 0 and policy.reserved == 0  # not served: the reservation is released

@@ -217,7 +217,7 @@ async def test_a_revocation_the_grant_cache_has_not_polled_yet_is_refused(devnet
 
         kw = {"pay_to": pay_to, "amount": PRICE, "token": payer.usdc.address}
         await verifier.verify(signed(1), now=time.time(), **kw)
-        revoke = payer.escrow.abi.encode("revoke", payer.session.address)
+        revoke = payer.escrow.abi.encode("revoke", payer.session.address, 1)  # through epoch 1
         await payer.tx.transact(payer.escrow.address, revoke, gas=200_000)
         with pytest.raises(EscrowRejected) as refused:
             await verifier.verify(signed(2), now=time.time(), **kw)

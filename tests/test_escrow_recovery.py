@@ -477,15 +477,15 @@ class _StoreThatCannotRecord(MemoryStore):
 
     broken = True
 
-    async def complete(self, key: str, **kwargs: Any) -> None:
+    async def complete(self, key: str, holder: str | None, **kwargs: Any) -> None:
         if self.broken:
             raise RuntimeError("store unavailable")
-        await super().complete(key, **kwargs)
+        await super().complete(key, holder, **kwargs)
 
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
+    async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         if self.broken:
             raise RuntimeError("store unavailable")
-        await super().mark_settled(keys, tx_hash=tx_hash)
+        return await super().mark_settled(keys, tx_hash=tx_hash, lease=lease)
 
 
 async def test_a_settlement_recovery_reports_again_is_counted_once(chain: Chain) -> None:

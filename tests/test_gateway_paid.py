@@ -505,18 +505,17 @@ async def test_crashing_handler_charges_nothing_and_frees_the_payment(env: Env) 
     assert await env.balance(env.payee) == PRICE
 
 
-async def test_failed_settlement_withholds_the_content(env: Env) -> None:
+async def test_settlement_front_run_with_the_same_authorization_is_served(env: Env) -> None:
+    # Issue 9 item 7: the payee was paid (by the copy), so the content is served, and charged once.
     payer = await env.payer()
     response = await env.client.get("/race", headers={"PAYMENT-SIGNATURE": env.v2_header(payer)})
-    assert response.status_code == 402
-    assert "secret" not in response.text
+    assert response.status_code == 200 and response.json() == {"secret": "content"}
     settle = decode_payment_response(response.headers["payment-response"])
-    assert (
-        not settle.success and settle.error_reason == "transaction_failed" and settle.payer == payer.address
-    )
-    assert _reason(response) == "transaction_failed"
-    assert _fresh_challenge(response)
+    assert settle.success and settle.payer == payer.address
+    receipt = await env.rpc.get_receipt(settle.transaction)  # the front-runner's transaction
+    assert receipt is not None and receipt.ok
     assert await env.balance(env.payee) == PRICE  # paid once, by the front-runner's transaction
+    assert await env.balance(payer.address) == 99 * PRICE
 
 
 async def test_deferred_mode_serves_and_queues_the_settlement(deferred_env: Env) -> None:

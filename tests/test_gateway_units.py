@@ -326,16 +326,20 @@ async def test_definite_settle_failure_releases_the_claim() -> None:
 
 
 @pytest.mark.anyio
-async def test_pending_settlement_keeps_the_claim() -> None:
+async def test_pending_settlement_is_resumed_by_the_same_credential() -> None:
     chain = StubChain(fail_settle=Reason.SETTLEMENT_PENDING)
     header = _header(LocalSigner.random())
     async with _client(_app(chain)) as client:
         response = await client.get("/hello", headers={"PAYMENT-SIGNATURE": header})
-        assert response.status_code == 402
+        assert response.status_code == 402 and response.json()["error"] == Reason.SETTLEMENT_PENDING
+        assert response.headers["retry-after"] == "2"
         chain.fail_settle = None
+        # The same credential again is not a replay: once the chain confirms it, it is served (once).
         response = await client.get("/hello", headers={"PAYMENT-SIGNATURE": header})
-    # The first transaction may still land: the payment stays claimed until the claim's TTL runs out.
+        assert response.status_code == 200 and response.json() == {"hello": "world"}
+        response = await client.get("/hello", headers={"PAYMENT-SIGNATURE": header})
     assert response.status_code == 402 and response.json()["error"] == Reason.NONCE_ALREADY_USED
+    assert len(chain.settled) == 1
 
 
 @pytest.mark.anyio

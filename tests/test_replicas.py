@@ -42,6 +42,7 @@ REPLICAS = {"sqlite": 1, "postgres": 3, "postgres+redis": 3}
 PAYMENTS = 1000
 PAYERS = 4
 CONCURRENCY = 24
+HEADROOM = 3 * 64 * PRICE  # three settlers' batches (see below)
 
 
 @pytest.fixture
@@ -99,8 +100,11 @@ async def test_replicas_serve_and_settle_each_payment_once(
         await _one_payment_to_every_replica(chain, replicas, url, payee)
 
         payers = [LocalSigner.random() for _ in range(PAYERS)]
-        for payer in payers:  # exactly enough: payer n % PAYERS pays call n
-            await chain.mint(payer.address, PAYMENTS // PAYERS * PRICE)
+        # Payer n % PAYERS pays call n. Each holds a headroom above its share: a settlement that landed
+        # counts against the payer twice until its settler records it (the `exact` reservation refuses
+        # early, never late), and three settlers' batches may be landing at once.
+        for payer in payers:
+            await chain.mint(payer.address, PAYMENTS // PAYERS * PRICE + HEADROOM)
         start = await chain.block()
         # One client per (payer, replica); `remember=True`: after the first 402, each call is one
         # round trip that carries its payment.
@@ -142,7 +146,7 @@ async def test_replicas_serve_and_settle_each_payment_once(
         assert sum([await chain.sent(r) for r in relayers]) == PAYMENTS + 1
         assert await chain.balance(payee) == (PAYMENTS + 1) * PRICE
         for payer in payers:
-            assert await chain.balance(payer.address) == 0
+            assert await chain.balance(payer.address) == HEADROOM  # each charged its share, once
     finally:
         await chain.aclose()
 

@@ -23,7 +23,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway._store import (
+    ClaimLost,
     PaymentStore,
+    Purged,
     Settlement,
     StoreConfigError,
     StoreSchemaError,
@@ -124,7 +126,12 @@ def run(url: str, body: Callable[[PaymentStore], Awaitable[None]]) -> None:
 
 
 def item(
-    key: str, *, kind: str = "escrow", payload: bytes = b"signed", created_at: float | None = None
+    key: str,
+    *,
+    kind: str = "escrow",
+    payload: bytes = b"signed",
+    created_at: float | None = None,
+    expires_at: float | None = None,
 ) -> Settlement:
     return Settlement(
         key=key,
@@ -133,6 +140,7 @@ def item(
         payer="0xpayer",
         amount=2**130 + 7,  # past int64 and uint128: the column must hold uint256
         created_at=time.time() if created_at is None else created_at,
+        expires_at=expires_at,
     )
 
 
@@ -142,7 +150,7 @@ def item(
 def test_claim_is_exclusive_under_100_concurrent_claims(url: str) -> None:
     async def body(store: PaymentStore) -> None:
         results = await asyncio.gather(*(store.claim("k", ttl=30) for _ in range(100)))
-        assert results.count(True) == 1
+        assert len([token for token in results if token is not None]) == 1
 
     run(url, body)
 
@@ -160,9 +168,11 @@ def test_expired_claim_is_claimable_again(url: str) -> None:
 
 def test_finalized_claim_is_permanent_and_release_cannot_undo_it(url: str) -> None:
     async def body(store: PaymentStore) -> None:
-        assert await store.claim("k", ttl=0.2)
+        holder = await store.claim("k", ttl=0.2)
+        assert holder
         await store.finalize("k")
-        await store.release("k")
+        with pytest.raises(ClaimLost):
+            await store.release("k", holder)
         await asyncio.sleep(0.4)
         assert not await store.claim("k", ttl=30)
         assert await store.is_finalized("k")
@@ -173,10 +183,61 @@ def test_finalized_claim_is_permanent_and_release_cannot_undo_it(url: str) -> No
 
 def test_release_frees_an_unfinalized_claim(url: str) -> None:
     async def body(store: PaymentStore) -> None:
+        holder = await store.claim("k", ttl=30)
+        assert holder
+        await store.release("k", holder)
         assert await store.claim("k", ttl=30)
-        await store.release("k")
-        assert await store.claim("k", ttl=30)
-        await store.release("never-claimed")
+        with pytest.raises(ClaimLost) as err:
+            await store.release("never-claimed", holder)
+        assert err.value.code == "claim_lost"
+
+    run(url, body)
+
+
+def test_only_the_claims_holder_may_release_renew_or_complete_it(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        first = await store.claim("k", ttl=0.3)
+        assert first
+        await asyncio.sleep(0.5)  # the first request outlived its claim ...
+        second = await store.claim("k", ttl=30)  # ... and a copy of the credential took it
+        assert second and second != first
+        for stale in (
+            store.complete("k", first, receipt=b"stale", settlement=item("k")),
+            store.release("k", first),
+            store.renew("k", first, ttl=30),
+            store.complete("k", "forged", receipt=b"forged"),
+        ):
+            with pytest.raises(ClaimLost) as err:
+                await stale
+            assert err.value.code == "claim_lost" and err.value.status_hint == 409
+        # Refused means nothing written: not finalized, no receipt, nothing queued, the claim still held.
+        assert not await store.is_finalized("k") and await store.get_receipt("k") is None
+        assert await store.get_settlement("k") is None
+        assert await store.claim("k", ttl=30) is None
+        await store.complete("k", second, receipt=b"r", settlement=item("k"))
+        assert await store.is_finalized("k") and await store.get_receipt("k") == b"r"
+        with pytest.raises(ClaimLost):  # finalized: nobody holds a claim on it any more
+            await store.complete("k", second, receipt=b"again")
+        assert await store.get_receipt("k") == b"r"
+
+    run(url, body)
+
+
+def test_renewing_keeps_a_claim_alive_past_its_ttl(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        holder = await store.claim("k", ttl=0.4)
+        assert holder
+        for _ in range(5):  # a second in all: more than twice the TTL
+            await asyncio.sleep(0.2)
+            await store.renew("k", holder, ttl=0.4)
+            assert await store.claim("k", ttl=30) is None
+        await store.complete("k", holder, receipt=b"r")
+        assert await store.is_finalized("k")
+        other = await store.claim("other", ttl=0.2)
+        assert other
+        await asyncio.sleep(0.4)
+        with pytest.raises(ClaimLost):  # too late: it lapsed
+            await store.renew("other", other, ttl=30)
 
     run(url, body)
 
@@ -186,7 +247,7 @@ def test_purge_expired_claims_keeps_live_and_finalized(url: str) -> None:
         assert await store.claim("short", ttl=0.1)
         assert await store.claim("long", ttl=30)
         assert await store.claim("final", ttl=0.1)
-        await store.finalize("final")
+        await store.finalize("final", keep_until=time.time() - 1)
         await asyncio.sleep(0.3)
         expected = 0 if "cache=" in url else 1  # the Redis cache expires its claims itself
         assert await store.purge_expired_claims() == expected
@@ -213,10 +274,10 @@ def test_receipts_round_trip(url: str) -> None:
 
 def test_complete_finalizes_records_and_enqueues_once(url: str) -> None:
     async def body(store: PaymentStore) -> None:
-        assert await store.claim("k", ttl=30)
-        await store.complete("k", receipt=b"r1", settlement=item("k"))
-        await store.complete("k", receipt=b"r2", settlement=item("k", payload=b"other"))
-        await store.complete("no-settlement", receipt=b"r3")
+        holder = await store.claim("k", ttl=30)
+        await store.complete("k", holder, receipt=b"r1", settlement=item("k"))
+        await store.complete("k", None, receipt=b"r2", settlement=item("k", payload=b"other"))
+        await store.complete("no-settlement", None, receipt=b"r3")
         assert await store.is_finalized("k") and await store.is_finalized("no-settlement")
         assert not await store.claim("k", ttl=30)
         assert await store.get_receipt("k") == b"r2"
@@ -316,6 +377,114 @@ def test_failed_item_is_retried_after_its_backoff_and_settles(url: str) -> None:
     run(url, body)
 
 
+def test_a_late_settler_cannot_finish_a_lease_another_settler_now_holds(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        await store.enqueue(item("a"))
+        [mine] = await store.lease("escrow", limit=10, lease_seconds=0.3)
+        assert mine.lease_token
+        await asyncio.sleep(0.5)  # this settler stalls; its lease runs out and another settler takes it
+        [theirs] = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert theirs.lease_token and theirs.lease_token != mine.lease_token and theirs.attempts == 2
+        assert await store.mark_settled(["a"], tx_hash="0xlate", lease=mine.lease_token) == []
+        assert not await store.mark_failed("a", error="late", retry_at=None, lease=mine.lease_token)
+        held = await store.get_settlement("a")
+        assert held is not None and held.state == "leased" and held.lease_token == theirs.lease_token
+        assert held.tx_hash is None and held.error is None
+        assert await store.mark_failed(
+            "a", error="rpc down", retry_at=time.time() + 0.2, lease=theirs.lease_token
+        )
+        # Waiting for its retry: leased by nobody, so no lease token finishes it, and the next lease can.
+        assert await store.mark_settled(["a"], tx_hash="0xlate", lease=theirs.lease_token) == []
+        await asyncio.sleep(0.4)
+        [again] = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert await store.mark_settled(["a", "a", "missing"], tx_hash="0xok", lease=again.lease_token) == [
+            "a"
+        ]
+        settled = await store.get_settlement("a")
+        assert settled is not None and settled.state == "settled" and settled.tx_hash == "0xok"
+        assert settled.lease_token is None and settled.settled_at is not None
+        assert await store.mark_settled(["a"], tx_hash="0xother") == []  # final: never rewritten
+
+    run(url, body)
+
+
+def test_purge_waits_for_retention_and_the_payments_validity(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        now = time.time()
+        soon = now + 1.0
+        # (key, the payment's validity end): past, still valid for a second, unknown
+        for key, until in (("old", now - 10), ("valid", soon), ("unknown", None)):
+            holder = await store.claim(key, ttl=30)
+            settlement = item(key, expires_at=until)
+            await store.complete(key, holder, receipt=b"r", settlement=settlement, keep_until=until)
+        await store.enqueue(item("unsettled", expires_at=now - 10))
+        await store.enqueue(item("dead", expires_at=now - 10))
+        leased = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert len(leased) == 5
+        assert await store.mark_settled(["old", "valid", "unknown"], tx_hash="0xt") == [
+            "old",
+            "valid",
+            "unknown",
+        ]
+        await store.mark_failed("unsettled", error="retry", retry_at=now + 3600)
+        await store.mark_failed("dead", error="lost", retry_at=None)
+        assert await store.claim("live", ttl=30)
+        assert await store.claim("lapsed", ttl=0.1)
+        await asyncio.sleep(0.3)
+        lapsed = 0 if "cache=" in url else 1  # the Redis cache expires its live claims itself
+
+        # A long retention keeps every finalized claim and settled row.
+        assert await store.purge(retention=3600) == Purged(claims=lapsed, receipts=0, settlements=0)
+        # A short one: only "old" is past both its retention and its validity.
+        assert await store.purge(retention=0.2) == Purged(claims=1, receipts=1, settlements=1)
+        assert await store.get_settlement("old") is None and await store.get_receipt("old") is None
+        assert await store.is_finalized("valid") and await store.claim("valid", ttl=30) is None
+        assert await store.get_receipt("valid") == b"r"
+
+        await asyncio.sleep(max(0.0, soon - time.time()) + 0.1)  # now "valid" expired too
+        assert await store.purge(retention=0.2) == Purged(claims=1, receipts=1, settlements=1)
+        assert not await store.is_finalized("valid") and await store.get_settlement("valid") is None
+        # Unknown validity, unsettled and dead rows, and live claims stay.
+        assert await store.purge(retention=0) == Purged(claims=0, receipts=0, settlements=0)
+        assert await store.is_finalized("unknown") and await store.get_receipt("unknown") == b"r"
+        remaining = {key: await store.get_settlement(key) for key in ("unknown", "unsettled", "dead")}
+        assert {key: s.state for key, s in remaining.items() if s is not None} == {
+            "unknown": "settled",
+            "unsettled": "failed",
+            "dead": "dead",
+        }
+        assert await store.claim("live", ttl=30) is None
+
+    run(url, body)
+
+
+def test_recovery_purges_the_store_while_the_gateway_runs(url: str) -> None:
+    from gateway._recovery import Recovery
+
+    async def body(store: PaymentStore) -> None:
+        past, future = time.time() - 60, time.time() + 3600
+        for key, until in (("old", past), ("valid", future)):
+            holder = await store.claim(key, ttl=30)
+            await store.complete(
+                key, holder, receipt=b"r", settlement=item(key, expires_at=until), keep_until=until
+            )
+        await store.lease("escrow", limit=10, lease_seconds=30)
+        await store.mark_settled(["old", "valid"], tx_hash="0xt")
+        recovery = Recovery(store, retention=0.0, purge_every=0.1)
+        await recovery.start()
+        try:
+            for _ in range(50):
+                if await store.get_settlement("old") is None:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await recovery.stop()
+        assert await store.get_settlement("old") is None and await store.get_receipt("old") is None
+        assert await store.is_finalized("valid") and await store.get_settlement("valid") is not None
+
+    run(url, body)
+
+
 def test_dead_letters_are_listed_and_can_be_requeued(url: str) -> None:
     async def body(store: PaymentStore) -> None:
         await store.enqueue(item("a"))
@@ -389,8 +558,8 @@ def test_high_water_only_rises(url: str) -> None:
 
 def test_data_survives_closing_and_reopening(durable_url: str) -> None:
     async def write(store: PaymentStore) -> None:
-        assert await store.claim("served", ttl=30)
-        await store.complete("served", receipt=b"receipt", settlement=item("served"))
+        holder = await store.claim("served", ttl=30)
+        await store.complete("served", holder, receipt=b"receipt", settlement=item("served"))
         assert await store.claim("in-flight", ttl=30)
         await store.enqueue(item("dead"))
         await store.lease("escrow", limit=1, lease_seconds=30)
@@ -461,6 +630,66 @@ def test_migrations_apply_once_and_refuse_a_newer_schema(durable_url: str) -> No
     assert err.value.code == "store_schema_too_new"
 
 
+def _create_version_1(url: str) -> None:
+    """A store as the first schema version left it: one finalized claim, its receipt, one settled row."""
+    from gateway._stores import postgres, sqlite
+
+    rows = (
+        "INSERT INTO {p}claims (key, expires_at, finalized) VALUES ('legacy', 0, {true})",
+        "INSERT INTO {p}receipts (key, receipt) VALUES ('legacy', {blob})",
+        "INSERT INTO {p}settlements (key, kind, payload, payer, amount, created_at, attempts, state, tx_hash)"
+        " VALUES ('legacy', 'exact', {blob}, '0xp', 7, 1, 1, 'settled', '0xt')",
+    )
+    if url.startswith("sqlite:"):
+        con = sqlite3.connect(url.removeprefix("sqlite:///"))
+        con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+        for statement in sqlite.MIGRATIONS[0]:
+            con.execute(statement.format(p=""))
+        for row in rows:
+            con.execute(row.format(p="", true=1, blob="x'00'"))
+        con.execute("INSERT INTO schema_version VALUES (1, 0)")
+        con.commit()
+        con.close()
+        return
+    schema = url.split("schema=")[1].split("&")[0]
+
+    async def create() -> None:
+        con = await asyncpg.connect(PG_URL)
+        try:
+            await con.execute(f"CREATE SCHEMA {schema}")
+            await con.execute(
+                f"CREATE TABLE {schema}.schema_version"
+                " (version integer PRIMARY KEY, applied_at float8 NOT NULL)"
+            )
+            await con.execute(postgres.MIGRATIONS[0].format(s=schema))
+            for row in rows:
+                await con.execute(row.format(p=schema + ".", true="true", blob="'\\x00'::bytea"))
+            await con.execute(f"INSERT INTO {schema}.schema_version VALUES (1, 0)")
+        finally:
+            await con.close()
+
+    asyncio.run(create())
+
+
+def test_migrating_from_version_1_keeps_old_rows_and_never_purges_them(durable_url: str) -> None:
+    _create_version_1(durable_url)
+
+    async def body(store: PaymentStore) -> None:
+        legacy = await store.get_settlement("legacy")
+        assert legacy is not None and legacy.state == "settled" and legacy.lease_token is None
+        assert legacy.expires_at is None and legacy.settled_at is None
+        # Their payments' validity is unknown: kept, and still refusing a replay, whatever the retention.
+        assert await store.purge(retention=0) == Purged(claims=0, receipts=0, settlements=0)
+        assert await store.is_finalized("legacy") and await store.claim("legacy", ttl=30) is None
+        assert await store.get_receipt("legacy") == b"\x00"
+        holder = await store.claim("new", ttl=30)  # the new columns work on the migrated tables
+        await store.complete("new", holder, receipt=b"r", keep_until=time.time() - 1)
+        assert await store.purge(retention=0) == Purged(claims=1, receipts=1, settlements=0)
+
+    run(durable_url, body)
+    assert versions_of(durable_url) == [1, 2]
+
+
 def test_close_twice_is_harmless(url: str) -> None:
     async def main() -> None:
         store = await open_store(url)
@@ -528,15 +757,16 @@ def test_redis_cache_falls_back_on_postgres_when_redis_forgets(tmp_path: Path) -
         prefix = url.split("cache_prefix=")[1]
 
         async def body(store: PaymentStore) -> None:
-            assert await store.claim("k", ttl=30)
-            await store.complete("k", receipt=b"r", settlement=item("k"))
+            holder = await store.claim("k", ttl=30)
+            await store.complete("k", holder, receipt=b"r", settlement=item("k"))
             await delete_prefix(prefix)  # Redis restarted empty
             assert await store.is_finalized("k")
             assert not await store.claim("k", ttl=30)  # PostgreSQL still knows, and repairs the marker
             assert not await store.claim("k", ttl=30)
             assert await store.get_receipt("k") == b"r"
-            assert await store.claim("live", ttl=30)
-            await store.release("live")
+            live = await store.claim("live", ttl=30)
+            assert live
+            await store.release("live", live)
             assert await store.claim("live", ttl=30)
 
         run(url, body)

@@ -142,8 +142,9 @@ async def _worker(argv: list[str]) -> object:
         await asyncio.sleep(max(0.0, float(start_at) - time.time()))
         if what == "serve":  # until killed
             for n in range(100_000):
-                assert await store.claim(f"p{n}", ttl=60)
-                await store.complete(f"p{n}", receipt=b"receipt", settlement=item(f"p{n}"))
+                holder = await store.claim(f"p{n}", ttl=60)
+                assert holder
+                await store.complete(f"p{n}", holder, receipt=b"receipt", settlement=item(f"p{n}"))
                 print(f"p{n}", flush=True)
         if what == "lease-and-hang":
             for s in await store.lease("escrow", limit=10, lease_seconds=4.0):
@@ -151,7 +152,8 @@ async def _worker(argv: list[str]) -> object:
             await asyncio.sleep(120)
         if what == "claim":
             key, count = rest[0], int(rest[1])
-            return sum(await asyncio.gather(*(store.claim(key, ttl=60) for _ in range(count))))
+            tokens = await asyncio.gather(*(store.claim(key, ttl=60) for _ in range(count)))
+            return sum(token is not None for token in tokens)
         got: list[str] = []
         while batch := await store.lease("escrow", limit=5, lease_seconds=120):
             got += [s.key for s in batch]

@@ -50,6 +50,8 @@ class Reason:
     NETWORK_MISMATCH: Final = "network_mismatch"
     INVALID_PAYMENT_REQUIREMENTS: Final = "invalid_payment_requirements"
     INSUFFICIENT_FUNDS: Final = "insufficient_funds"
+    # Ours: the balance covers the payment, but not on top of the payer's accepted, unsettled payments.
+    INSUFFICIENT_FUNDS_PENDING: Final = "insufficient_funds_pending"
     INVALID_TRANSACTION_STATE: Final = "invalid_transaction_state"
     UNEXPECTED_VERIFY_ERROR: Final = "unexpected_verify_error"
     UNEXPECTED_SETTLE_ERROR: Final = "unexpected_settle_error"
@@ -200,6 +202,7 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
     Reason.NONCE_ALREADY_USED: (402, _CHALLENGE, 402),
     Reason.INSUFFICIENT_BALANCE: (402, _VERIFICATION, 402),
     Reason.INSUFFICIENT_FUNDS: (402, _VERIFICATION, 402),
+    Reason.INSUFFICIENT_FUNDS_PENDING: (402, _VERIFICATION, 402),
     Reason.INVALID_TRANSACTION_STATE: (402, _VERIFICATION, 402),
     Reason.TRANSACTION_FAILED: (402, _VERIFICATION, 402),
     Reason.SETTLEMENT_PENDING: (402, _VERIFICATION, 402),

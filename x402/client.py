@@ -16,6 +16,10 @@ Outcome of the paid retry:
 
 - status < 400: the reservation is committed and the parsed receipt is put in
   ``response.extensions["x402_receipt"]`` (also available through :func:`receipt_of`);
+- a 402 whose reason is ``settlement_pending`` (the server's settlement outlasted its wait; the money may
+  be on its way): the *same* credential is sent again after the answer's ``Retry-After`` (capped at
+  ``max_retry_wait``), at most ``settlement_retries`` times, so the payment is served once its transfer is
+  confirmed and never paid twice; the reservation is held meanwhile;
 - otherwise (a second 402, a 4xx/5xx): the reservation is released and the response is returned as is,
   with ``response.extensions["x402_payment_error"]`` describing the refusal when the server sent one. No
   exception is raised: the caller sees the server's answer.
@@ -33,6 +37,7 @@ from collections.abc import AsyncGenerator, Callable, Collection, Generator, Ite
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+import anyio
 import httpx
 
 from ._codec import (
@@ -115,6 +120,9 @@ ACCEPT_PAYMENT_HEADER: Final = "Accept-Payment"
 #: The MPP method/intent that :class:`Eip3009Wallet` and the escrow session-key wallet answer.
 EVM_CHARGE: Final = "evm/charge"
 _REMEMBER_MAX: Final = 1024
+#: ``request.extensions`` key through which the flow asks its driver to wait before sending (seconds).
+_WAIT: Final = "x402_wait"
+_SETTLEMENT_PENDING: Final = "settlement_pending"
 
 
 # ---------------------------------------------------------------------------------------------- offers
@@ -602,6 +610,24 @@ def _payment_error(response: httpx.Response) -> Any:
     return None
 
 
+def _settlement_pending(response: httpx.Response) -> bool:
+    """Whether a refused paid request says its settlement is still pending (same credential may retry)."""
+    if response.status_code != 402:
+        return False
+    error = _payment_error(response)
+    code = getattr(error, "error_reason", None) or getattr(error, "invalid_reason", None)
+    return code == _SETTLEMENT_PENDING
+
+
+def _retry_after(response: httpx.Response, *, default: float, cap: float) -> float:
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value) if value else default
+    except ValueError:  # an HTTP date: not worth parsing for a bounded wait
+        seconds = default
+    return min(max(seconds, 0.0), cap)
+
+
 # ------------------------------------------------------------------------------------------- the auth
 
 
@@ -617,6 +643,10 @@ class PaymentAuth(httpx.Auth):
     When MPP is among the preferred protocols and the wallet lists ``mpp_methods``, every request carries
     ``Accept-Payment: <method/intent>, ...`` (as pympp's client sends it) unless the caller set one;
     ``accept_payment=False`` turns that off.
+
+    ``settlement_retries`` (default 3) bounds how often a paid request answered ``settlement_pending`` is
+    sent again with the same credential; each retry waits the answer's ``Retry-After`` (1 s when absent),
+    at most ``max_retry_wait`` seconds. 0 turns the retries off.
     """
 
     requires_request_body = True  # the paid retry re-sends the body
@@ -629,8 +659,12 @@ class PaymentAuth(httpx.Auth):
         prefer: Sequence[ProtocolName] = DEFAULT_PREFERENCE,
         remember: bool = False,
         accept_payment: bool = True,
+        settlement_retries: int = 3,
+        max_retry_wait: float = 10.0,
     ) -> None:
         self.wallet = wallet
+        self.settlement_retries = max(0, settlement_retries)
+        self.max_retry_wait = max_retry_wait
         self.policy = policy if policy is not None else SpendPolicy()
         self.prefer = tuple(prefer)
         self.remember = remember
@@ -730,13 +764,23 @@ class PaymentAuth(httpx.Auth):
             response.extensions[RECEIPT_EXTENSION] = receipt
         return True
 
+    def _send_paid(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, httpx.Response]:
+        """Send a paid request; while its settlement is pending, the same credential again (bounded)."""
+        response = yield request
+        for _ in range(self.settlement_retries):
+            if not _settlement_pending(response):
+                break
+            request.extensions[_WAIT] = _retry_after(response, default=1.0, cap=self.max_retry_wait)
+            response = yield request
+        return response
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if self.accept_payment is not None and ACCEPT_PAYMENT_HEADER not in request.headers:
             request.headers[ACCEPT_PAYMENT_HEADER] = self.accept_payment
         remembered = self._recall(request)
         if remembered is not None:
             reservation = self._pay(request, remembered)
-            response = yield request
+            response = yield from self._send_paid(request)
             if self._finish(response, remembered, reservation):
                 return
             self._memorise(request, None)
@@ -753,7 +797,7 @@ class PaymentAuth(httpx.Auth):
             return
         offer = self.choose(offers)
         reservation = self._pay(request, offer)
-        response = yield request
+        response = yield from self._send_paid(request)
         if self._finish(response, offer, reservation):
             self._memorise(request, offer)
 
@@ -765,6 +809,9 @@ class PaymentAuth(httpx.Auth):
         flow = self.auth_flow(request)
         request = next(flow)
         while True:
+            wait = request.extensions.pop(_WAIT, None)
+            if wait:
+                time.sleep(wait)
             response = yield request
             if response.status_code >= 400:
                 response.read()
@@ -779,6 +826,9 @@ class PaymentAuth(httpx.Auth):
         flow = self.auth_flow(request)
         request = next(flow)
         while True:
+            wait = request.extensions.pop(_WAIT, None)
+            if wait:
+                await anyio.sleep(wait)
             response = yield request
             if response.status_code >= 400:
                 await response.aread()

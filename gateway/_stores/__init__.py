@@ -24,7 +24,8 @@ from gateway._store import MemoryStore, PaymentStore, Settlement, StoreConfigErr
 __all__ = ["COLUMNS", "check_identifier", "open_store", "settlement_from_row"]
 
 COLUMNS = (
-    "key, kind, payload, payer, amount, created_at, attempts, state, tx_hash, error, retry_at, lease_until"
+    "key, kind, payload, payer, amount, created_at, attempts, state, tx_hash, error, retry_at, lease_until,"
+    " lease_token, settled_at, expires_at"
 )
 
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,47}")
@@ -52,6 +53,9 @@ def settlement_from_row(row: Sequence[Any]) -> Settlement:
         error=row[9],
         retry_at=row[10],
         lease_until=row[11],
+        lease_token=row[12],
+        settled_at=row[13],
+        expires_at=row[14],
     )
 
 

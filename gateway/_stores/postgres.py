@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
-from gateway._store import QueueStats, Settlement, StoreSchemaError, StoreUnavailable
+from gateway._store import (
+    ClaimLost,
+    Purged,
+    QueueStats,
+    Settlement,
+    StoreSchemaError,
+    StoreUnavailable,
+    new_token,
+)
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
 from gateway._stores._queries import list_query
 
@@ -40,36 +49,73 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE {s}.pending (account text PRIMARY KEY, amount numeric(78, 0) NOT NULL);
     CREATE TABLE {s}.high_water (channel_id text PRIMARY KEY, cumulative numeric(78, 0) NOT NULL);
     """,
+    # 2: holder tokens for claims and leases; validity and settlement times for `purge` (older rows keep
+    # NULL finalized_at / settled_at / expires_at and are never purged)
+    """
+    ALTER TABLE {s}.claims ADD COLUMN holder text, ADD COLUMN finalized_at double precision;
+    ALTER TABLE {s}.settlements ADD COLUMN lease_token text, ADD COLUMN settled_at double precision,
+        ADD COLUMN expires_at double precision;
+    CREATE INDEX claims_expiry ON {s}.claims (finalized, expires_at);
+    """,
+)
+
+_HELD = " WHERE key = $1 AND holder = $2 AND NOT finalized AND expires_at > $3 RETURNING 1"
+_FINAL_DUE = "finalized AND expires_at <= $1 AND finalized_at + $2 <= $1"
+# Unsettled, and (with a lease token) still leased under it: see `PaymentStore.mark_settled`.
+_OURS = " AND state <> 'settled' AND ($3::text IS NULL OR (state = 'leased' AND lease_token = $3))"
+_QUEUE_IT = (  # the settlement half of `complete`; $8 NULL: none
+    " INSERT INTO {s}.settlements (key, kind, payload, payer, amount, created_at, expires_at, state)"
+    " SELECT $8::text, $3::text, $4::bytea, $5::text, $6::numeric, $7::float8, $11::float8, 'queued'"
 )
 
 _SQL = {
-    "claim": "INSERT INTO {s}.claims AS t (key, expires_at) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE"
-    " SET expires_at = excluded.expires_at WHERE NOT t.finalized AND t.expires_at <= $3 RETURNING 1",
-    "release": "DELETE FROM {s}.claims WHERE key = $1 AND NOT finalized",
-    "finalize": "INSERT INTO {s}.claims (key, expires_at, finalized) VALUES ($1, 0, true)"
-    " ON CONFLICT (key) DO UPDATE SET finalized = true",
+    "claim": "INSERT INTO {s}.claims AS t (key, expires_at, holder) VALUES ($1, $2, $4) ON CONFLICT (key)"
+    " DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
+    " WHERE NOT t.finalized AND t.expires_at <= $3 RETURNING 1",
+    "renew": "UPDATE {s}.claims SET expires_at = $4" + _HELD,
+    "release": "DELETE FROM {s}.claims" + _HELD,
+    "finalize": "INSERT INTO {s}.claims AS t (key, expires_at, finalized, finalized_at)"
+    " VALUES ($1, $2, true, $3) ON CONFLICT (key) DO UPDATE SET finalized = true,"
+    " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
+    " WHERE NOT t.finalized",
     "is_finalized": "SELECT finalized FROM {s}.claims WHERE key = $1",
-    # finalize + receipt + optional enqueue ($8 NULL: none) as one statement: one round trip, one commit
-    "complete": "WITH f AS (INSERT INTO {s}.claims (key, expires_at, finalized) VALUES ($1, 0, true)"
-    " ON CONFLICT (key) DO UPDATE SET finalized = true), r AS (INSERT INTO {s}.receipts (key, receipt)"
-    " VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
-    " INSERT INTO {s}.settlements (key, kind, payload, payer, amount, created_at, state)"
-    " SELECT $8::text, $3::text, $4::bytea, $5::text, $6::numeric, $7::float8, 'queued' WHERE $8 IS NOT NULL"
-    " ON CONFLICT (key) DO NOTHING",
+    # finalize + receipt + optional enqueue as one statement: one round trip, one commit. Checked: only
+    # through the live claim of holder $12 (an UPDATE re-checks its condition on the row's newest version).
+    "complete": "WITH f AS (UPDATE {s}.claims SET finalized = true, expires_at = $10, holder = NULL,"
+    " finalized_at = $9 WHERE key = $1 AND holder = $12 AND NOT finalized AND expires_at > $9 RETURNING key),"
+    " r AS (INSERT INTO {s}.receipts (key, receipt) SELECT key, $2::bytea FROM f"
+    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt),"
+    " q AS (" + _QUEUE_IT + " FROM f WHERE $8 IS NOT NULL ON CONFLICT (key) DO NOTHING)"
+    " SELECT count(*) FROM f",
+    "complete_any": "WITH f AS (INSERT INTO {s}.claims AS t (key, expires_at, finalized, finalized_at)"
+    " VALUES ($1, $10, true, $9) ON CONFLICT (key) DO UPDATE SET finalized = true,"
+    " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
+    " WHERE NOT t.finalized), r AS (INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $2)"
+    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
+    + _QUEUE_IT
+    + " WHERE $8 IS NOT NULL ON CONFLICT (key) DO NOTHING",
     "purge": "DELETE FROM {s}.claims WHERE NOT finalized AND expires_at <= $1",
+    "purge_all": "WITH rc AS (DELETE FROM {s}.receipts WHERE key IN (SELECT key FROM {s}.claims WHERE "
+    + _FINAL_DUE
+    + ") RETURNING 1), c AS (DELETE FROM {s}.claims WHERE (NOT finalized AND expires_at <= $1) OR ("
+    + _FINAL_DUE
+    + ") RETURNING 1), q AS (DELETE FROM {s}.settlements WHERE state = 'settled' AND expires_at <= $1"
+    " AND settled_at + $2 <= $1 RETURNING 1)"
+    " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM rc), (SELECT count(*) FROM q)",
     "put_receipt": "INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $2)"
     " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt",
     "get_receipt": "SELECT receipt FROM {s}.receipts WHERE key = $1",
-    "enqueue": "INSERT INTO {s}.settlements (key, kind, payload, payer, amount, created_at, state)"
-    " VALUES ($1, $2, $3, $4, $5, $6, 'queued') ON CONFLICT (key) DO NOTHING",
+    "enqueue": "INSERT INTO {s}.settlements (key, kind, payload, payer, amount, created_at, expires_at,"
+    " state) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued') ON CONFLICT (key) DO NOTHING",
     "lease": "UPDATE {s}.settlements SET state = 'leased', attempts = attempts + 1, lease_until = $4,"
-    " retry_at = NULL WHERE key IN (SELECT key FROM {s}.settlements WHERE kind = $1 AND (state = 'queued'"
-    " OR (state = 'failed' AND retry_at <= $2) OR (state = 'leased' AND lease_until <= $2))"
+    " lease_token = $5, retry_at = NULL WHERE key IN (SELECT key FROM {s}.settlements WHERE kind = $1 AND"
+    " (state = 'queued' OR (state = 'failed' AND retry_at <= $2) OR (state = 'leased' AND lease_until <= $2))"
     " ORDER BY created_at, key LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING " + COLUMNS,
     "mark_settled": "UPDATE {s}.settlements SET state = 'settled', tx_hash = $2, error = NULL,"
-    " retry_at = NULL, lease_until = NULL WHERE key = ANY($1::text[])",
-    "mark_failed": "UPDATE {s}.settlements SET state = $2, error = $3, retry_at = $4, lease_until = NULL"
-    " WHERE key = $1 AND state <> 'settled'",
+    " retry_at = NULL, lease_until = NULL, lease_token = NULL, settled_at = $4"
+    " WHERE key = ANY($1::text[])" + _OURS + " RETURNING key",
+    "mark_failed": "UPDATE {s}.settlements SET state = $4, error = $2, retry_at = $5, lease_until = NULL,"
+    " lease_token = NULL WHERE key = $1" + _OURS + " RETURNING 1",
     "get_settlement": "SELECT " + COLUMNS + " FROM {s}.settlements WHERE key = $1",
     "dead_letters": "SELECT " + COLUMNS + " FROM {s}.settlements WHERE state = 'dead'"
     " AND ($1::text IS NULL OR kind = $1) ORDER BY created_at, key LIMIT $2",
@@ -155,27 +201,52 @@ class PostgresStore:
 
     # claims
 
-    async def claim(self, key: str, *, ttl: float) -> bool:
-        now = time.time()
-        return await self._call("fetchval", "claim", key, now + ttl, now) is not None
+    async def claim(self, key: str, *, ttl: float) -> str | None:
+        now, token = time.time(), new_token()
+        return token if await self._call("fetchval", "claim", key, now + ttl, now, token) else None
 
-    async def release(self, key: str) -> None:
-        await self._call("execute", "release", key)
+    async def _held(self, name: str, key: str, holder: str, *more: Any) -> None:
+        if await self._call("fetchval", name, key, holder, time.time(), *more) is None:
+            raise ClaimLost(f"the claim on {key} is no longer held by this request")
 
-    async def finalize(self, key: str) -> None:
-        await self._call("execute", "finalize", key)
+    async def renew(self, key: str, holder: str, *, ttl: float) -> None:
+        await self._held("renew", key, holder, time.time() + ttl)
+
+    async def release(self, key: str, holder: str) -> None:
+        await self._held("release", key, holder)
+
+    async def finalize(self, key: str, *, keep_until: float | None = None) -> None:
+        until = math.inf if keep_until is None else keep_until
+        await self._call("execute", "finalize", key, until, time.time())
 
     async def is_finalized(self, key: str) -> bool:
         return bool(await self._call("fetchval", "is_finalized", key))
 
-    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
+    async def complete(
+        self,
+        key: str,
+        holder: str | None,
+        *,
+        receipt: bytes,
+        settlement: Settlement | None = None,
+        keep_until: float | None = None,
+    ) -> None:
         s = settlement
         queued = (None,) * 6 if s is None else (s.kind, s.payload, s.payer, s.amount, s.created_at, s.key)
-        await self._call("execute", "complete", key, receipt, *queued)
+        until = math.inf if keep_until is None else keep_until
+        args = (key, receipt, *queued, time.time(), until, None if s is None else s.expires_at)
+        if holder is None:
+            await self._call("execute", "complete_any", *args)
+        elif not await self._call("fetchval", "complete", *args, holder):
+            raise ClaimLost(f"the claim on {key} is no longer held by this request")
 
     async def purge_expired_claims(self) -> int:
         status: str = await self._call("execute", "purge", time.time())
         return int(status.rsplit(" ", 1)[-1])
+
+    async def purge(self, *, retention: float) -> Purged:
+        row = await self._call("fetchrow", "purge_all", time.time(), float(retention))
+        return Purged(claims=row[0], receipts=row[1], settlements=row[2])
 
     # receipts
 
@@ -189,22 +260,26 @@ class PostgresStore:
     # settlement queue
 
     async def enqueue(self, item: Settlement) -> None:
+        i = item
         await self._call(
-            "execute", "enqueue", item.key, item.kind, item.payload, item.payer, item.amount, item.created_at
+            "execute", "enqueue", i.key, i.kind, i.payload, i.payer, i.amount, i.created_at, i.expires_at
         )
 
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         now = time.time()
-        rows = await self._call("fetch", "lease", kind, now, max(limit, 0), now + lease_seconds)
+        rows = await self._call("fetch", "lease", kind, now, max(limit, 0), now + lease_seconds, new_token())
         return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
 
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
-        await self._call("execute", "mark_settled", keys, tx_hash)
+    async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
+        rows = await self._call("fetch", "mark_settled", keys, tx_hash, lease, time.time())
+        done = {row[0] for row in rows}
+        return [key for key in dict.fromkeys(keys) if key in done]
 
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
-        await self._call(
-            "execute", "mark_failed", key, "dead" if retry_at is None else "failed", error, retry_at
-        )
+    async def mark_failed(
+        self, key: str, *, error: str, retry_at: float | None, lease: str | None = None
+    ) -> bool:
+        state = "dead" if retry_at is None else "failed"
+        return await self._call("fetchval", "mark_failed", key, error, lease, state, retry_at) is not None
 
     async def get_settlement(self, key: str) -> Settlement | None:
         row = await self._call("fetchrow", "get_settlement", key)

@@ -1,18 +1,22 @@
 """Redis in front of a durable store: live claims in Redis, everything else in the durable store.
 
-A live claim exists only in Redis (`SET NX PX`: atomic, and it expires by itself when a replica dies
-mid-request), which takes one write per paid request, and every claim/release of a failed handler, off
-the durable store. That store stays the source of truth for finalized claims and everything else:
-`finalize`/`complete` write only there, and a claim that wins in Redis is still refused when the durable
-store says the key was finalized (the refusal leaves a "final" marker in Redis, so further replays of
-that key stop at Redis). Redis down means claims fail with `StoreUnavailable` (closed, never open):
-falling back to another claim path on some replicas would let two replicas take the same key.
+A live claim exists only in Redis (`SET NX PX` of `c:<holder token>`: atomic, and it expires by itself
+when a replica dies mid-request), which takes one write per paid request, and every claim/release of a
+failed handler, off the durable store. That store stays the source of truth for finalized claims and
+everything else: `finalize`/`complete` write there (`complete` first checks the holder in Redis and
+stretches the claim over the durable write, so it cannot expire and be re-taken meanwhile), and a claim
+that wins in Redis is still refused when the durable store says the key was finalized (the refusal
+leaves a "final" marker in Redis, so further replays of that key stop at Redis). Redis down means claims
+fail with `StoreUnavailable` (closed, never open): falling back to another claim path on some replicas
+would let two replicas take the same key.
 
 Trade-offs, documented: a fresh claim costs a Redis round trip plus a durable read (instead of one
 durable write), so on one host the cache is slower; it pays when the durable store's write capacity is
 what many replicas contend for. If Redis loses a *live* claim (restart without persistence), a duplicate
 of that payment arriving within its TTL could be served twice; it is still settled and charged once (the
-queue is idempotent per key). All replicas sharing a database must use the same cache.
+queue is idempotent per key). All replicas sharing a database must use the same cache. A "final" marker
+may outlive the durable row that `purge` removed (up to `cache_ttl`): it then refuses a payment whose
+validity ended anyway, which is harmless.
 """
 
 from __future__ import annotations
@@ -24,16 +28,39 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from gateway._store import PaymentStore, QueueStats, Settlement, StoreUnavailable
+from gateway._store import (
+    ClaimLost,
+    PaymentStore,
+    Purged,
+    QueueStats,
+    Settlement,
+    StoreUnavailable,
+    new_token,
+)
 
 __all__ = ["RedisCachedStore"]
 
 T = TypeVar("T")
 
 _DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-_CLAIMED, _FINAL = b"c", b"f"
-# Delete only a live claim: a release must never wipe the "final" marker.
-_RELEASE = "if redis.call('GET', KEYS[1]) == 'c' then return redis.call('DEL', KEYS[1]) end return 0"
+_FINAL = b"f"
+# Only the holder's own live claim is touched: a release must never wipe the "final" marker or another
+# request's claim. ARGV[1] is "c:<holder token>"; `_RENEW`'s ARGV[2] the new TTL in milliseconds.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2])"
+    " end return 0"
+)
+# How long `complete` holds the claim while it writes to the durable store (after which the key is final).
+_COMPLETE_GRACE = 60.0
+
+
+def _value(holder: str) -> bytes:
+    return b"c:" + holder.encode()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _client_options() -> dict[str, Any]:
@@ -55,6 +82,7 @@ class RedisCachedStore:
         self._prefix = prefix
         self._final_ms = max(1, math.ceil(final_ttl * 1000))
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
 
     @classmethod
     async def open(cls, inner: PaymentStore, url: str, *, prefix: str, final_ttl: float) -> RedisCachedStore:
@@ -78,36 +106,65 @@ class RedisCachedStore:
 
     # claims: the cached part
 
-    async def claim(self, key: str, *, ttl: float) -> bool:
-        ck = self._ck(key)
-        if not await self._r(self._redis.set(ck, _CLAIMED, nx=True, px=max(1, math.ceil(ttl * 1000)))):
-            return False
+    async def claim(self, key: str, *, ttl: float) -> str | None:
+        ck, holder = self._ck(key), new_token()
+        if not await self._r(self._redis.set(ck, _value(holder), nx=True, px=_ms(ttl))):
+            return None
         try:
             finalized = await self._inner.is_finalized(key)
         except BaseException:
-            await self._r(self._release(keys=[ck]))  # do not block the key for a whole TTL
+            await self._r(self._release(keys=[ck], args=[_value(holder)]))  # do not block it for a whole TTL
             raise
         if finalized:
             await self._r(self._redis.set(ck, _FINAL, px=self._final_ms))  # repair the cache
-            return False
-        return True
+            return None
+        return holder
 
-    async def release(self, key: str) -> None:
-        await self._r(self._release(keys=[self._ck(key)]))
+    async def _held(self, script: Any, key: str, holder: str, *more: object) -> None:
+        if not await self._r(script(keys=[self._ck(key)], args=[_value(holder), *more])):
+            raise ClaimLost(f"the claim on {key} is no longer held by this request")
+
+    async def renew(self, key: str, holder: str, *, ttl: float) -> None:
+        await self._held(self._renew, key, holder, _ms(ttl))
+
+    async def release(self, key: str, holder: str) -> None:
+        await self._held(self._release, key, holder)
 
     # everything else: the durable store
 
-    async def finalize(self, key: str) -> None:
-        await self._inner.finalize(key)  # the Redis claim refuses replays until its TTL; then `claim` asks
+    async def finalize(self, key: str, *, keep_until: float | None = None) -> None:
+        await self._inner.finalize(key, keep_until=keep_until)
+        await self._mark_final(key)
+
+    async def _mark_final(self, key: str) -> None:
+        """Replace a live claim by the "final" marker: replays stop at Redis, and no holder remains."""
+        try:
+            await self._r(self._redis.set(self._ck(key), _FINAL, px=self._final_ms))
+        except StoreUnavailable:  # the durable store is the truth; `claim` asks it when the marker is gone
+            pass
 
     async def is_finalized(self, key: str) -> bool:
         return await self._inner.is_finalized(key)
 
-    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
-        await self._inner.complete(key, receipt=receipt, settlement=settlement)
+    async def complete(
+        self,
+        key: str,
+        holder: str | None,
+        *,
+        receipt: bytes,
+        settlement: Settlement | None = None,
+        keep_until: float | None = None,
+    ) -> None:
+        if holder is not None:  # still ours, and kept so through the durable write below
+            await self._held(self._renew, key, holder, _ms(_COMPLETE_GRACE))
+        await self._inner.complete(key, None, receipt=receipt, settlement=settlement, keep_until=keep_until)
+        await self._mark_final(key)
 
     async def purge_expired_claims(self) -> int:
         return await self._inner.purge_expired_claims()  # Redis expires its own claims
+
+    async def purge(self, *, retention: float) -> Purged:
+        return await self._inner.purge(retention=retention)
 
     async def put_receipt(self, key: str, receipt: bytes) -> None:
         await self._inner.put_receipt(key, receipt)
@@ -121,11 +178,13 @@ class RedisCachedStore:
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         return await self._inner.lease(kind, limit=limit, lease_seconds=lease_seconds)
 
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
-        await self._inner.mark_settled(keys, tx_hash=tx_hash)
+    async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
+        return await self._inner.mark_settled(keys, tx_hash=tx_hash, lease=lease)
 
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
-        await self._inner.mark_failed(key, error=error, retry_at=retry_at)
+    async def mark_failed(
+        self, key: str, *, error: str, retry_at: float | None, lease: str | None = None
+    ) -> bool:
+        return await self._inner.mark_failed(key, error=error, retry_at=retry_at, lease=lease)
 
     async def get_settlement(self, key: str) -> Settlement | None:
         return await self._inner.get_settlement(key)

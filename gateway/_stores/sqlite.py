@@ -15,6 +15,7 @@ a power loss, which for a finalized payment or a queued settlement is money; `no
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import sqlite3
 import threading
@@ -23,7 +24,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway._store import QueueStats, Settlement, StoreConfigError, StoreSchemaError, StoreUnavailable
+from gateway._store import (
+    ClaimLost,
+    Purged,
+    QueueStats,
+    Settlement,
+    StoreConfigError,
+    StoreSchemaError,
+    StoreUnavailable,
+    new_token,
+)
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
 from gateway._stores._queries import list_query
 
@@ -46,6 +56,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX {p}settlements_state ON {p}settlements (state, created_at)",
         "CREATE TABLE {p}pending (account TEXT PRIMARY KEY, amount TEXT NOT NULL) WITHOUT ROWID",
         "CREATE TABLE {p}high_water (channel_id TEXT PRIMARY KEY, cumulative TEXT NOT NULL) WITHOUT ROWID",
+    ),
+    (  # 2: holder tokens for claims and leases; validity and settlement times for `purge`
+        "ALTER TABLE {p}claims ADD COLUMN holder TEXT",
+        "ALTER TABLE {p}claims ADD COLUMN finalized_at REAL",  # NULL on older rows: never purged
+        "ALTER TABLE {p}settlements ADD COLUMN lease_token TEXT",
+        "ALTER TABLE {p}settlements ADD COLUMN settled_at REAL",
+        "ALTER TABLE {p}settlements ADD COLUMN expires_at REAL",
+        "CREATE INDEX {p}claims_expiry ON {p}claims (finalized, expires_at)",
     ),
 )
 
@@ -206,37 +224,61 @@ class SQLiteStore:
 
     # claims
 
-    async def claim(self, key: str, *, ttl: float) -> bool:
-        now, p = time.time(), self._p
+    async def claim(self, key: str, *, ttl: float) -> str | None:
+        now, p, token = time.time(), self._p, new_token()
         sql = (
-            f"INSERT INTO {p}claims (key, expires_at, finalized) VALUES (?, ?, 0) ON CONFLICT (key) DO UPDATE"
-            f" SET expires_at = excluded.expires_at WHERE {p}claims.finalized = 0"
-            f" AND {p}claims.expires_at <= ? RETURNING 1"
+            f"INSERT INTO {p}claims (key, expires_at, finalized, holder) VALUES (?, ?, 0, ?)"
+            " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
+            f" WHERE {p}claims.finalized = 0 AND {p}claims.expires_at <= ? RETURNING 1"
         )
-        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, now)).fetchall())
-        return bool(rows)
+        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, token, now)).fetchall())
+        return token if rows else None
 
-    async def release(self, key: str) -> None:
-        sql = f"DELETE FROM {self._p}claims WHERE key = ? AND finalized = 0"
-        await self._run(lambda con: con.execute(sql, (key,)))
+    def _held(self, con: sqlite3.Connection, sql: str, key: str, holder: str, *first: Any) -> None:
+        """Run `sql` (ending in the "still held" condition) on a live claim of `holder`, or ClaimLost."""
+        held = " WHERE key = ? AND holder = ? AND finalized = 0 AND expires_at > ?"
+        if not con.execute(sql + held, (*first, key, holder, time.time())).rowcount:
+            raise ClaimLost(f"the claim on {key} is no longer held by this request")
 
-    def _finalize(self, con: sqlite3.Connection, key: str) -> None:
+    async def renew(self, key: str, holder: str, *, ttl: float) -> None:
+        sql = f"UPDATE {self._p}claims SET expires_at = ?"
+        await self._run(lambda con: self._held(con, sql, key, holder, time.time() + ttl))
+
+    async def release(self, key: str, holder: str) -> None:
+        sql = f"DELETE FROM {self._p}claims"
+        await self._run(lambda con: self._held(con, sql, key, holder))
+
+    def _finalize(self, con: sqlite3.Connection, key: str, keep_until: float | None) -> None:
+        p = self._p
+        until = math.inf if keep_until is None else keep_until
         con.execute(
-            f"INSERT INTO {self._p}claims (key, expires_at, finalized) VALUES (?, 0, 1)"
-            " ON CONFLICT (key) DO UPDATE SET finalized = 1",
-            (key,),
+            f"INSERT INTO {p}claims (key, expires_at, finalized, holder, finalized_at)"
+            " VALUES (?, ?, 1, NULL, ?) ON CONFLICT (key) DO UPDATE SET finalized = 1,"
+            " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
+            f" WHERE {p}claims.finalized = 0",
+            (key, until, time.time()),
         )
 
-    async def finalize(self, key: str) -> None:
-        await self._run(lambda con: self._finalize(con, key))
+    async def finalize(self, key: str, *, keep_until: float | None = None) -> None:
+        await self._run(lambda con: self._finalize(con, key, keep_until))
 
     async def is_finalized(self, key: str) -> bool:
         sql = f"SELECT 1 FROM {self._p}claims WHERE key = ? AND finalized = 1"
         return bool(await self._run(lambda con: con.execute(sql, (key,)).fetchall()))
 
-    async def complete(self, key: str, *, receipt: bytes, settlement: Settlement | None = None) -> None:
+    async def complete(
+        self,
+        key: str,
+        holder: str | None,
+        *,
+        receipt: bytes,
+        settlement: Settlement | None = None,
+        keep_until: float | None = None,
+    ) -> None:
         def body(con: sqlite3.Connection) -> None:
-            self._finalize(con, key)
+            if holder is not None:  # a savepoint of its own: ClaimLost here writes nothing
+                self._held(con, f"UPDATE {self._p}claims SET holder = holder", key, holder)
+            self._finalize(con, key, keep_until)
             self._put_receipt(con, key, receipt)
             if settlement is not None:
                 self._enqueue(con, settlement)
@@ -247,6 +289,27 @@ class SQLiteStore:
         sql = f"DELETE FROM {self._p}claims WHERE finalized = 0 AND expires_at <= ?"
         now = time.time()
         return await self._run(lambda con: con.execute(sql, (now,)).rowcount)
+
+    async def purge(self, *, retention: float) -> Purged:
+        p, now = self._p, time.time()
+        final = "finalized = 1 AND expires_at <= :now AND finalized_at + :keep <= :now"
+        args = {"now": now, "keep": retention}
+
+        def body(con: sqlite3.Connection) -> Purged:
+            receipts = con.execute(
+                f"DELETE FROM {p}receipts WHERE key IN (SELECT key FROM {p}claims WHERE {final})", args
+            ).rowcount
+            claims = con.execute(
+                f"DELETE FROM {p}claims WHERE (finalized = 0 AND expires_at <= :now) OR ({final})", args
+            ).rowcount
+            settlements = con.execute(
+                f"DELETE FROM {p}settlements WHERE state = 'settled' AND expires_at <= :now"
+                " AND settled_at + :keep <= :now",
+                args,
+            ).rowcount
+            return Purged(claims=claims, receipts=receipts, settlements=settlements)
+
+        return await self._run(body)
 
     # receipts
 
@@ -269,9 +332,17 @@ class SQLiteStore:
 
     def _enqueue(self, con: sqlite3.Connection, item: Settlement) -> None:
         con.execute(
-            f"INSERT INTO {self._p}settlements (key, kind, payload, payer, amount, created_at, state)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'queued') ON CONFLICT (key) DO NOTHING",
-            (item.key, item.kind, item.payload, item.payer, str(item.amount), item.created_at),
+            f"INSERT INTO {self._p}settlements (key, kind, payload, payer, amount, created_at, expires_at,"
+            " state) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued') ON CONFLICT (key) DO NOTHING",
+            (
+                item.key,
+                item.kind,
+                item.payload,
+                item.payer,
+                str(item.amount),
+                item.created_at,
+                item.expires_at,
+            ),
         )
 
     async def enqueue(self, item: Settlement) -> None:
@@ -281,34 +352,44 @@ class SQLiteStore:
         now, p = time.time(), self._p
         sql = (
             f"UPDATE {p}settlements SET state = 'leased', attempts = attempts + 1, lease_until = ?,"
-            f" retry_at = NULL WHERE key IN (SELECT key FROM {p}settlements WHERE kind = ? AND"
-            " (state = 'queued' OR (state = 'failed' AND retry_at <= ?) OR (state = 'leased' AND"
+            f" lease_token = ?, retry_at = NULL WHERE key IN (SELECT key FROM {p}settlements WHERE kind = ?"
+            " AND (state = 'queued' OR (state = 'failed' AND retry_at <= ?) OR (state = 'leased' AND"
             f" lease_until <= ?)) ORDER BY created_at, key LIMIT ?) RETURNING {COLUMNS}"
         )
-        args = (now + lease_seconds, kind, now, now, max(limit, 0))
+        args = (now + lease_seconds, new_token(), kind, now, now, max(limit, 0))
         rows = await self._run(lambda con: con.execute(sql, args).fetchall())
         return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
 
-    async def mark_settled(self, keys: list[str], *, tx_hash: str) -> None:
+    # Unsettled, and (with a lease token) still leased under it: see `PaymentStore.mark_settled`.
+    _OURS = " WHERE key = ? AND state <> 'settled' AND (? IS NULL OR (state = 'leased' AND lease_token = ?))"
+
+    async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         sql = (
             f"UPDATE {self._p}settlements SET state = 'settled', tx_hash = ?, error = NULL, retry_at = NULL,"
-            " lease_until = NULL WHERE key = ?"
+            " lease_until = NULL, lease_token = NULL, settled_at = ?" + self._OURS
         )
+        now = time.time()
 
-        def body(con: sqlite3.Connection) -> None:
-            # Return nothing: an executemany cursor handed to the event loop's thread and dropped there
-            # while this thread runs the next statement makes SQLite fail with "API misuse".
-            con.executemany(sql, [(tx_hash, key) for key in keys])
+        def body(con: sqlite3.Connection) -> list[str]:
+            # rowcount, not a cursor: a cursor dropped on the event loop's thread while this thread runs
+            # the next statement makes SQLite fail with "API misuse".
+            return [
+                key
+                for key in dict.fromkeys(keys)
+                if con.execute(sql, (tx_hash, now, key, lease, lease)).rowcount
+            ]
 
-        await self._run(body)
+        return await self._run(body)
 
-    async def mark_failed(self, key: str, *, error: str, retry_at: float | None) -> None:
+    async def mark_failed(
+        self, key: str, *, error: str, retry_at: float | None, lease: str | None = None
+    ) -> bool:
         sql = (
-            f"UPDATE {self._p}settlements SET state = ?, error = ?, retry_at = ?, lease_until = NULL"
-            " WHERE key = ? AND state <> 'settled'"
+            f"UPDATE {self._p}settlements SET state = ?, error = ?, retry_at = ?, lease_until = NULL,"
+            " lease_token = NULL" + self._OURS
         )
-        args = ("dead" if retry_at is None else "failed", error, retry_at, key)
-        await self._run(lambda con: con.execute(sql, args))
+        args = ("dead" if retry_at is None else "failed", error, retry_at, key, lease, lease)
+        return bool(await self._run(lambda con: con.execute(sql, args).rowcount))
 
     async def get_settlement(self, key: str) -> Settlement | None:
         sql = f"SELECT {COLUMNS} FROM {self._p}settlements WHERE key = ?"

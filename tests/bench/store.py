@@ -77,8 +77,9 @@ async def paid(store: PaymentStore) -> Request:
 async def complete(store: PaymentStore) -> Request:
     async def request(n: int) -> None:
         key = f"pay-{n}"
-        assert await store.claim(key, ttl=60)
-        await store.complete(key, receipt=RECEIPT, settlement=_settlement(key))
+        holder = await store.claim(key, ttl=60)
+        assert holder
+        await store.complete(key, holder, receipt=RECEIPT, settlement=_settlement(key))
 
     return request
 
