@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PEERS  := .venv-peers
+MCP_PEERS := .venv-mcp-peers
+NODE_PEERS := tests/peers/node
 STAMP_PY    := $(VENV)/.installed
 STAMP_NODE  := node_modules/.installed
 STAMP_PEERS := $(PEERS)/.installed
+STAMP_MCP_PEERS := $(MCP_PEERS)/.installed
+STAMP_NODE_PEERS := $(NODE_PEERS)/node_modules/.installed
 
 .PHONY: setup demo test lint typecheck contracts contracts-check forge-test pytest clean
 
-setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS)
+setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS)
 
 $(STAMP_PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +30,19 @@ $(STAMP_PEERS): tests/peers/requirements.txt
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/pip install -q --upgrade pip
 	$(PEERS)/bin/pip install -q -r tests/peers/requirements.txt
+	touch $@
+
+# The official x402 MCP helpers pin `mcp` 1.x (agentpay runs 2.x): a venv of their own for the MCP interop peer.
+$(STAMP_MCP_PEERS): tests/peers/requirements-mcp.txt
+	$(PYTHON) -m venv $(MCP_PEERS)
+	$(MCP_PEERS)/bin/pip install -q --upgrade pip
+	$(MCP_PEERS)/bin/pip install -q -r tests/peers/requirements-mcp.txt
+	touch $@
+
+# mppx's MCP client (MPP over MCP) for the MCP interop test: its own package.json and lock, so the project's
+# toolchain (anvil, forge, solc-js) stays as pinned.
+$(STAMP_NODE_PEERS): $(NODE_PEERS)/package.json $(NODE_PEERS)/package-lock.json
+	cd $(NODE_PEERS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 demo: $(STAMP_PY) $(STAMP_NODE)
@@ -52,8 +69,8 @@ contracts-check: $(STAMP_NODE)
 forge-test: $(STAMP_NODE)
 	cd contracts && ../node_modules/.bin/forge test --offline
 
-pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS)
+pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(PEERS) node_modules contracts/out contracts/cache .agentpay
+	rm -rf $(VENV) $(PEERS) $(MCP_PEERS) $(NODE_PEERS)/node_modules node_modules contracts/out contracts/cache .agentpay

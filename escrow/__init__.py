@@ -21,6 +21,7 @@ from ._account import (
 from ._account import sign_install_offline as sign_session_key_install_offline
 from ._account import sign_revoke_offline as sign_session_key_revoke_offline
 from ._artifacts import Artifact, ArtifactError, EscrowError, artifact_exists, load_artifact
+from ._bundler_rpc import BundlerError, BundlerRpc, UserOpSubmitter
 from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
 from ._devnet import (
     CREATE2_DEPLOYER,
@@ -50,6 +51,7 @@ from ._grants import (
     sign_grant_offline,
     sign_revoke_offline,
 )
+from ._paymaster import PaymasterMode, PaymasterRefused, PaymasterRpc, SponsorService
 from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._settler import EscrowSettler, SettleOutcome
 from ._userop import (
@@ -76,6 +78,8 @@ __all__ = [
     "artifact_exists",
     "ArtifactError",
     "Bundler",
+    "BundlerError",
+    "BundlerRpc",
     "Call",
     "CallPermission",
     "Chain",
@@ -105,6 +109,9 @@ __all__ = [
     "NonceLanes",
     "OwnerKey",
     "PackedUserOperation",
+    "PaymasterMode",
+    "PaymasterRefused",
+    "PaymasterRpc",
     "PolicyViolation",
     "Receipt",
     "relay_deposit",
@@ -127,10 +134,12 @@ __all__ = [
     "SignedRevoke",
     "SignedSessionKeyInstall",
     "SignedSessionKeyRevoke",
+    "SponsorService",
     "start_detached",
     "stop_detached",
     "TransactionFailed",
     "TxSender",
     "UserOpRejected",
     "UserOpResult",
+    "UserOpSubmitter",
 ]

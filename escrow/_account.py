@@ -39,13 +39,13 @@ from eth_utils.crypto import keccak
 from x402 import Signer, typed_data_digest
 
 from ._artifacts import load_artifact
+from ._bundler_rpc import UserOpSubmitter
 from ._escrow import ContractAbi
 from ._rpc import Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._userop import (
     ENTRYPOINT_V07,
     SESSION_SIGNATURE_LENGTH,
     AccountError,
-    Bundler,
     Call,
     NonceLanes,
     OwnerKey,
@@ -58,6 +58,7 @@ from ._userop import (
     UserOpSigner,
     encode_execute,
 )
+from ._userop_fill import Sponsor, fill_user_op
 
 __all__ = [
     "AgentAccount",
@@ -834,13 +835,22 @@ class AgentAccount:
         max_fee_per_gas: int | None = None,
         max_priority_fee_per_gas: int = _PRIORITY_FEE,
         with_init_code: bool | None = None,
+        bundler: UserOpSubmitter | None = None,
+        paymaster: Sponsor | None = None,
     ) -> PackedUserOperation:
-        """A signed operation running `calls` as one atomic ERC-7821 batch, with gas limits and fees set."""
+        """A signed operation running `calls` as one atomic ERC-7821 batch, with gas limits and fees set.
+
+        With a standard bundler (`BundlerRpc`), its `eth_estimateUserOperationGas` and fee suggestions replace
+        the local estimates; with a `paymaster` (ERC-7677), the operation carries its sponsorship."""
+        fees_given, call_gas_given = max_fee_per_gas is not None, call_gas_limit is not None
+        verification_gas_given = verification_gas_limit is not None
         call_data = encode_execute(calls)
         if with_init_code is None:
             with_init_code = not await self.is_deployed()
         if call_gas_limit is None:
-            call_gas_limit = await self._estimate_call_gas(call_data)
+            # A standard bundler estimates it in its own simulation (`fill_user_op`).
+            bundler_estimates = hasattr(bundler, "estimate")
+            call_gas_limit = 0 if bundler_estimates else await self._estimate_call_gas(call_data)
         if verification_gas_limit is None:
             session = isinstance(signer, SessionKey)
             verification_gas_limit = (
@@ -874,6 +884,17 @@ class AgentAccount:
         )
         calldata_gas = sum(16 if b else 4 for b in encoded)
         op = msgspec.structs.replace(op, pre_verification_gas=21_000 + calldata_gas + 5_000)
+        if paymaster is not None or hasattr(bundler, "estimate"):
+            op = await fill_user_op(
+                op,
+                signer=signer,
+                timestamp=timestamp,
+                bundler=bundler,
+                paymaster=paymaster,
+                fees_given=fees_given,
+                estimate_call_gas=not call_gas_given,
+                estimate_verification_gas=not verification_gas_given,
+            )
         return op.signed(signer, chain_id=self.chain_id, timestamp=timestamp, entry_point=self.entry_point)
 
     async def execute(
@@ -881,50 +902,51 @@ class AgentAccount:
         calls: Sequence[Call],
         *,
         signer: UserOpSigner,
-        bundler: Bundler,
+        bundler: UserOpSubmitter,
         call_gas_limit: int | None = None,
         verification_gas_limit: int | None = None,
         max_fee_per_gas: int | None = None,
+        paymaster: Sponsor | None = None,
     ) -> UserOpResult:
         """Run `calls` atomically as one operation signed by `signer` (owner or session key).
 
-        Returns once it landed; `result.success` is false if a call reverted (then none took effect). Raises
-        `UserOpRejected` if validation refused it (it never ran): for a session key, `violation` says which
-        policy failed.
+        `bundler` is our own `Bundler` or a standard one (`BundlerRpc`); `paymaster` (ERC-7677) sponsors the
+        gas. Returns once it landed; `result.success` is false if a call reverted (then none took effect).
+        Raises `UserOpRejected` if validation refused it (it never ran): for a session key, `violation` says
+        which policy failed.
         """
+        limits = (call_gas_limit, verification_gas_limit, max_fee_per_gas)
         if not await self.is_deployed():
             async with self._deploying:
                 if not await self.is_deployed():
-                    result = await self._execute(
-                        calls, signer, bundler, call_gas_limit, verification_gas_limit, max_fee_per_gas, True
-                    )
+                    result = await self._execute(calls, signer, bundler, limits, paymaster, True)
                     self._deployed = True
                     return result
-        return await self._execute(
-            calls, signer, bundler, call_gas_limit, verification_gas_limit, max_fee_per_gas, False
-        )
+        return await self._execute(calls, signer, bundler, limits, paymaster, False)
 
     async def _execute(
         self,
         calls: Sequence[Call],
         signer: UserOpSigner,
-        bundler: Bundler,
-        call_gas_limit: int | None,
-        verification_gas_limit: int | None,
-        max_fee_per_gas: int | None,
+        bundler: UserOpSubmitter,
+        limits: tuple[int | None, int | None, int | None],
+        paymaster: Sponsor | None,
         with_init_code: bool,
     ) -> UserOpResult:
+        call_gas_limit, verification_gas_limit, max_fee_per_gas = limits
         async with self.lanes.lane() as lane:
-            op = await self.prepare(
-                calls,
-                signer=signer,
-                nonce=lane.nonce,
-                call_gas_limit=call_gas_limit,
-                verification_gas_limit=verification_gas_limit,
-                max_fee_per_gas=max_fee_per_gas,
-                with_init_code=with_init_code,
-            )
             try:
+                op = await self.prepare(
+                    calls,
+                    signer=signer,
+                    nonce=lane.nonce,
+                    call_gas_limit=call_gas_limit,
+                    verification_gas_limit=verification_gas_limit,
+                    max_fee_per_gas=max_fee_per_gas,
+                    with_init_code=with_init_code,
+                    bundler=bundler,
+                    paymaster=paymaster,
+                )
                 result = await bundler.send(op)
             except UserOpRejected as rejected:
                 lane.unused()
@@ -963,14 +985,16 @@ class AgentAccount:
         return Call(self.address, 0, self._abi.encode("revokeSessionKey", to_checksum_address(key)))
 
     async def install_session_key(
-        self, key: str, policy: SessionPolicy, *, owner: OwnerKey, bundler: Bundler
+        self, key: str, policy: SessionPolicy, *, owner: OwnerKey, bundler: UserOpSubmitter
     ) -> UserOpResult:
         """Install (or replace) `key` with an operation the owner signs."""
         return (
             await self.execute([self.install_call(key, policy)], signer=owner, bundler=bundler)
         ).raise_for_status()
 
-    async def revoke_session_key(self, key: str, *, owner: OwnerKey, bundler: Bundler) -> UserOpResult:
+    async def revoke_session_key(
+        self, key: str, *, owner: OwnerKey, bundler: UserOpSubmitter
+    ) -> UserOpResult:
         """Revoke `key` with an operation the owner signs; effective for the next operation."""
         return (await self.execute([self.revoke_call(key)], signer=owner, bundler=bundler)).raise_for_status()
 

@@ -28,6 +28,7 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from ._artifacts import Artifact, artifact_exists, load_artifact
+from ._devnet_bundler import BundlerProcess, start_alto
 from ._devnet_node import ANVIL_MNEMONIC, DevnetError, NodeProcess, resolve_backend, start_node
 
 __all__ = [
@@ -66,7 +67,13 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment("usdc", "TestUSDC", required=True),
     Deployment("escrow", "AgentEscrow", lambda env: (15 * 60,)),  # withdrawal delay: the documented minimum
     Deployment("account_factory", "AgentAccountFactory", lambda env: (env["entrypoint"],)),
+    # Sponsor key and owner: the deployer (accounts[0]); `deploy` funds its EntryPoint deposit.
+    Deployment(
+        "paymaster", "AgentPaymaster", lambda env: (env["entrypoint"], env["deployer"], env["deployer"])
+    ),
 )
+#: The devnet paymaster's EntryPoint deposit, in wei: what it can sponsor before anyone tops it up.
+PAYMASTER_DEPOSIT = 1_000 * 10**18
 
 
 class DevnetAccount(msgspec.Struct, frozen=True):
@@ -87,6 +94,8 @@ class DevnetState(msgspec.Struct, frozen=True, kw_only=True):
     usdc_version: str
     usdc_decimals: int
     pid: int  # the node process (anvil or the py-evm node)
+    bundler_url: str | None = None  # the Alto bundler (`agentpay devnet up --bundler`), ERC-7769 JSON-RPC
+    bundler_pid: int | None = None
     supervisor_pid: int | None = None  # the detached supervisor that owns the node (`agentpay devnet up`)
     log_file: str | None = None
 
@@ -166,7 +175,7 @@ class _Chain:
             tx["to"] = to
         return int(self.rpc("eth_estimateGas", tx), 16)
 
-    def send(self, account: DevnetAccount, to: str | None, data: bytes, gas: int) -> str:
+    def send(self, account: DevnetAccount, to: str | None, data: bytes, gas: int, value: int = 0) -> str:
         if not self._max_fee:
             base = int(self.rpc("eth_getBlockByNumber", "latest", False)["baseFeePerGas"], 16)
             self._max_fee = 2 * base + _TIP  # base fees only fall on a devnet of nearly empty blocks
@@ -181,7 +190,7 @@ class _Chain:
             "maxFeePerGas": self._max_fee,
             "maxPriorityFeePerGas": _TIP,
             "data": data,
-            "value": 0,
+            "value": value,
             **({"to": to_checksum_address(to)} if to is not None else {}),
         }
         signed = Account.sign_transaction(tx, account.private_key)
@@ -273,6 +282,11 @@ def deploy(
                 f"no code at {address} after deploying {row.artifact}", code="devnet_deploy_failed"
             )
         contracts[row.key] = address
+    if "paymaster" in contracts:
+        fund = _selector("addDeposit()")
+        gas = chain.estimate(deployer.address, contracts["paymaster"], fund) * 2
+        tx_hash = chain.send(deployer, contracts["paymaster"], fund, gas, PAYMASTER_DEPOSIT)
+        chain.wait(tx_hash, "paymaster deposit")
     usdc = contracts["usdc"]
     decimals = abi_decode(["uint8"], chain.call(usdc, _selector("decimals()")))[0]
     mints = [
@@ -302,11 +316,14 @@ class Devnet:
         accounts: int = 10,
         usdc_each: int = 1_000_000,
         log: IO[bytes] | None = None,
+        bundler: bool = False,
     ) -> None:
         if accounts < 1:
             raise DevnetError("a devnet needs at least one account (the deployer)", code="devnet_accounts")
         self._backend, self._port, self._log = backend, port, log
         self._count, self._usdc_each = accounts, usdc_each
+        self._want_bundler = bundler
+        self._bundler: BundlerProcess | None = None
         self._node: NodeProcess | None = None
         self._state: DevnetState | None = None
 
@@ -324,12 +341,16 @@ class Devnet:
         if self._state is not None:
             return self._state
         backend, anvil = resolve_backend(self._backend)
+        if self._want_bundler and backend != "anvil":
+            raise DevnetError("the bundler needs the anvil backend", code="devnet_bundler_backend")
         accounts = anvil_accounts(self._count)
         self._node = node = start_node(backend, anvil, port=self._port, accounts=self._count, log=self._log)
         try:
             chain = _Chain(node.rpc_url)
             try:
                 contracts, name, version, decimals = deploy(chain, accounts, self._usdc_each)
+                if self._want_bundler:
+                    self._bundler = self._start_bundler(chain, node.rpc_url)
             finally:
                 chain.close()
         except BaseException:
@@ -346,13 +367,27 @@ class Devnet:
             usdc_version=version,
             usdc_decimals=decimals,
             pid=node.pid,
+            bundler_url=self._bundler.url if self._bundler else None,
+            bundler_pid=self._bundler.pid if self._bundler else None,
         )
         return self._state
 
+    def _start_bundler(self, chain: _Chain, rpc_url: str) -> BundlerProcess:
+        """Alto, with a fresh executor key funded by `anvil_setBalance` (shared with no other account)."""
+        executor = Account.create()
+        chain.rpc("anvil_setBalance", executor.address, hex(10_000 * 10**18))
+        return start_alto(rpc_url, executor_key="0x" + bytes(executor.key).hex(), log=self._log)
+
+    @property
+    def bundler(self) -> BundlerProcess | None:
+        return self._bundler
+
     def stop(self) -> None:
+        if self._bundler is not None:
+            self._bundler.stop()
         if self._node is not None:
             self._node.stop()
-        self._node = self._state = None
+        self._node = self._state = self._bundler = None
 
     def __enter__(self) -> DevnetState:
         return self.start()

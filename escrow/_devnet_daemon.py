@@ -31,7 +31,12 @@ __all__ = ["devnet_running", "start_detached", "stop_detached"]
 
 
 def start_detached(
-    *, log_path: str | Path, backend: str | None = None, port: int | None = None, accounts: int = 10
+    *,
+    log_path: str | Path,
+    backend: str | None = None,
+    port: int | None = None,
+    accounts: int = 10,
+    bundler: bool = False,
 ) -> DevnetState:
     """Start a devnet that keeps running after this process exits; its output goes to `log_path`."""
     chosen, _ = resolve_backend(backend)
@@ -41,6 +46,7 @@ def start_detached(
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "escrow._devnet_daemon", "--log", str(log), "--backend", chosen]
     command += ["--accounts", str(accounts)] + (["--port", str(port)] if port is not None else [])
+    command += ["--bundler"] if bundler else []
     with open(log, "wb") as stderr:  # truncated here; the supervisor and the node append to it
         supervisor = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
@@ -98,13 +104,19 @@ def stop_detached(state: DevnetState, timeout: float = 10.0) -> bool:
     """Stop the devnet named by `state` and wait until its processes are gone. False if none was running."""
     live = [
         pid
-        for pid, marker in ((state.supervisor_pid, "escrow._devnet_daemon"), (state.pid, _node_marker(state)))
+        for pid, marker in (
+            (state.supervisor_pid, "escrow._devnet_daemon"),
+            (state.pid, _node_marker(state)),
+            (state.bundler_pid, "alto"),
+        )
         if pid is not None and _ours(pid, marker)
     ]
     if not live:
         return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(live[0], signal.SIGTERM)  # the supervisor if alive: it stops and reaps the node
+    supervisor_alive = state.supervisor_pid is not None and live[0] == state.supervisor_pid
+    for pid in live[:1] if supervisor_alive else live:  # the supervisor stops and reaps node and bundler
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while any(pid_alive(pid) for pid in live):
         if time.monotonic() > deadline:
@@ -130,14 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend")
     parser.add_argument("--port", type=int)
     parser.add_argument("--accounts", type=int, default=10)
+    parser.add_argument("--bundler", action="store_true")
     args = parser.parse_args(argv)
     stopping = False
     with open(args.log, "a+b") as log:
-        devnet = Devnet(backend=args.backend, port=args.port, accounts=args.accounts, log=log)
+        devnet = Devnet(
+            backend=args.backend, port=args.port, accounts=args.accounts, log=log, bundler=args.bundler
+        )
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             nonlocal stopping
             stopping = True
+            if devnet.bundler is not None:
+                devnet.bundler.proc.terminate()
             if devnet.node is not None:
                 devnet.node.proc.terminate()
 

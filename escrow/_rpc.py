@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from typing import Any
 
 import httpx
 import msgspec
-from eth_account import Account
-from eth_utils.address import to_checksum_address
 
 from ._artifacts import EscrowError
 
 __all__ = [
+    "BUMP_PERCENT",
     "ChainError",
     "Log",
     "Receipt",
@@ -68,14 +66,18 @@ class TransactionFailed(ChainError):
 
 
 class ReceiptTimeout(ChainError):
-    """No receipt arrived in time; the transaction may still land (the caller must not assume failure)."""
+    """No receipt arrived in time; the transaction may still land (the caller must not assume failure).
+
+    `tx_hashes` is every hash sent for that nonce (the original and its fee-bumped replacements): whichever
+    lands is the outcome, and at most one can."""
 
     code = "settlement_pending"
     status_hint = 402
 
-    def __init__(self, message: str, *, tx_hash: str) -> None:
+    def __init__(self, message: str, *, tx_hash: str, tx_hashes: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.tx_hash = tx_hash
+        self.tx_hashes = tx_hashes or (tx_hash,)
 
 
 class Log(msgspec.Struct, frozen=True):
@@ -324,124 +326,5 @@ class Rpc:
             await self._client.aclose()
 
 
-class _Pending:
-    __slots__ = ("data", "future", "gas", "to", "value")
-
-    def __init__(
-        self, to: str | None, data: bytes, gas: int, value: int, future: asyncio.Future[str]
-    ) -> None:
-        self.to, self.data, self.gas, self.value, self.future = to, data, gas, value, future
-
-
-class TxSender:
-    """A relayer key that signs EIP-1559 transactions locally, with a local nonce counter.
-
-    Sends are group-committed: callers queue their transaction, and one flusher at a time takes everything
-    queued, numbers it with consecutive nonces, signs it and broadcasts it as one JSON-RPC batch (in nonce
-    order). Concurrent settlements therefore never share a nonce, and a node that mines on arrival (anvil's
-    automine) packs many of them into each block. The nonce is read from the chain once and then counted
-    locally; any send error drops the counter and the next batch reads it again from the node's pending count.
-    """
-
-    def __init__(
-        self,
-        rpc: Rpc,
-        private_key: str | bytes,
-        *,
-        chain_id: int,
-        priority_fee: int = 1_000_000_000,
-        fee_ttl: float = 5.0,
-        max_batch: int = 64,
-    ) -> None:
-        self.rpc = rpc
-        self._account = Account.from_key(private_key)
-        self.address: str = self._account.address
-        self.chain_id = chain_id
-        self._priority_fee = priority_fee
-        self._fee_ttl = fee_ttl
-        self._max_batch = max_batch
-        self._max_fee: int | None = None
-        self._fee_at = 0.0
-        self._nonce: int | None = None
-        self._queue: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def _fees(self) -> int:
-        now = time.monotonic()
-        if self._max_fee is None or now - self._fee_at > self._fee_ttl:
-            # Twice the current price absorbs base-fee growth between refreshes; the excess is never charged.
-            self._max_fee = 2 * await self.rpc.gas_price() + self._priority_fee
-            self._fee_at = now
-        return self._max_fee
-
-    async def send(self, to: str | None, data: bytes, *, gas: int, value: int = 0) -> str:
-        """Sign and broadcast one transaction (`to=None` creates a contract); returns its hash as soon as
-        the node accepted it."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        target = None if to is None else to_checksum_address(to)
-        self._queue.append(_Pending(target, data, gas, value, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-            try:
-                await self._send_batch(batch)
-            except ChainError as exc:
-                self._nonce = None
-                self._max_fee = None
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-            except BaseException as exc:  # never leave a caller waiting forever
-                self._nonce = None
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(ChainError(f"relayer failed: {exc!r}"))
-                if not isinstance(exc, Exception):
-                    raise
-
-    async def _send_batch(self, batch: list[_Pending]) -> None:
-        max_fee = await self._fees()
-        if self._nonce is None:
-            self._nonce = await self.rpc.get_transaction_count(self.address, "pending")
-        raws = []
-        for offset, item in enumerate(batch):
-            tx: dict[str, Any] = {
-                "type": 2,
-                "chainId": self.chain_id,
-                "nonce": self._nonce + offset,
-                "value": item.value,
-                "data": item.data,
-                "gas": item.gas,
-                "maxFeePerGas": max_fee,
-                "maxPriorityFeePerGas": min(self._priority_fee, max_fee),
-            }
-            if item.to is not None:
-                tx["to"] = item.to
-            raws.append(self._account.sign_transaction(tx).raw_transaction)
-        results = await self.rpc.batch([("eth_sendRawTransaction", [_hex(raw)]) for raw in raws])
-        self._nonce += len(batch)
-        failed = False
-        for item, result in zip(batch, results, strict=True):
-            if isinstance(result, ChainError):
-                failed = True
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(str(result))
-        if failed:
-            # A refused transaction leaves a gap (or the counter was stale): ask the node again next time.
-            self._nonce = None
-            self._max_fee = None
-
-    async def transact(
-        self, to: str | None, data: bytes, *, gas: int, value: int = 0, timeout: float = 30.0
-    ) -> Receipt:
-        """Send and wait for the receipt; a reverted transaction raises `TransactionFailed`."""
-        tx_hash = await self.send(to, data, gas=gas, value=value)
-        receipt = await self.rpc.wait_for_receipt(tx_hash, timeout=timeout)
-        if not receipt.ok:
-            raise TransactionFailed(f"transaction {tx_hash} reverted", tx_hash=tx_hash)
-        return receipt
+# The relayer lives in its own module (it grew stuck-transaction replacement); it is still named from here.
+from ._sender import BUMP_PERCENT, TxSender  # noqa: E402

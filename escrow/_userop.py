@@ -74,6 +74,7 @@ _GET_NONCE: Final = keccak(text="getNonce(address,uint192)")[:4]
 _FAILED_OP: Final = keccak(text="FailedOp(uint256,string)")[:4]
 _FAILED_OP_WITH_REVERT: Final = keccak(text="FailedOpWithRevert(uint256,string,bytes)")[:4]
 _POLICY_VIOLATION: Final = keccak(text="SessionKeyPolicyViolation(address,uint8,uint256,uint256)")[:4]
+_PAYMASTER_SPEND_LIMIT: Final = keccak(text="AgentPaymasterSpendLimit(address,uint256,uint256,uint256)")[:4]
 _USER_OPERATION_EVENT: Final = (
     "0x" + keccak(text="UserOperationEvent(bytes32,address,address,uint256,bool,uint256,uint256)").hex()
 )
@@ -147,8 +148,9 @@ class UserOpRejected(AccountError):
 
     `reason` is the EntryPoint's (`"AA23 reverted"`, `"AA24 signature error"`, `"AA22 expired or not due"`,
     `"AA25 invalid account nonce"`, ...); `inner` the account's revert data for `AA23`; `violation` the
-    session-key policy that failed, when known. `code` names the policy (`session_argument_rule`, ...) or the
-    EntryPoint check (`userop_signature_invalid`, `userop_nonce_invalid`, `userop_rejected`).
+    session-key policy that failed, when known. `code` names the policy (`session_argument_rule`, ...), the
+    EntryPoint check (`userop_signature_invalid`, `userop_nonce_invalid`, ...) or a paymaster's
+    refusal (`paymaster_spend_limit`, `paymaster_signature_invalid`, `paymaster_outside_validity`, ...).
     """
 
     code = "userop_rejected"
@@ -170,13 +172,19 @@ class UserOpRejected(AccountError):
         message = f"user operation rejected: {reason}"
         if violation is not None:
             message += f" ({violation.describe()})"
-        super().__init__(message, code=_rejection_code(reason, violation))
+        super().__init__(message, code=_rejection_code(reason, violation, inner))
 
 
-def _rejection_code(reason: str, violation: PolicyViolation | None) -> str:
+def _rejection_code(reason: str, violation: PolicyViolation | None, inner: bytes = b"") -> str:
     if violation is not None:
         return violation.policy.code
+    if reason.startswith("AA33") and inner[:4] == _PAYMASTER_SPEND_LIMIT:
+        return "paymaster_spend_limit"
     for prefix, code in (
+        ("AA34", "paymaster_signature_invalid"),
+        ("AA32", "paymaster_outside_validity"),
+        ("AA31", "paymaster_deposit_low"),
+        ("AA3", "paymaster_refused"),
         ("AA24", "userop_signature_invalid"),
         ("AA25", "userop_nonce_invalid"),
         ("AA22", "userop_outside_validity"),

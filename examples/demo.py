@@ -33,11 +33,14 @@ from escrow import (
     AgentAccountFactory,
     AgentEscrow,
     Bundler,
+    BundlerRpc,
     Devnet,
+    DevnetError,
     DevnetState,
     Erc20,
     Rpc,
     SessionKey,
+    SponsorService,
     TxSender,
     UserOpRejected,
 )
@@ -101,18 +104,28 @@ class Ledger:
 
 async def story(state: DevnetState, workdir: Path) -> bool:
     rpc = Rpc(state.rpc_url)
+    alto = BundlerRpc(state.bundler_url, chain_id=state.chain_id, node=rpc) if state.bundler_url else None
     try:
-        return await _story(state, rpc, workdir)
+        return await _story(state, rpc, workdir, alto)
     finally:
+        if alto is not None:
+            await alto.aclose()
         await rpc.aclose()
 
 
-async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
+async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc | None) -> bool:
     chain_id = state.chain_id
     usdc, escrow = Erc20(rpc, state.contracts["usdc"]), AgentEscrow(rpc, state.contracts["escrow"])
     bank = TxSender(rpc, state.accounts[0].private_key, chain_id=chain_id)  # the devnet's faucet
     relayer = TxSender(rpc, state.accounts[3].private_key, chain_id=chain_id)
-    bundler = Bundler(rpc, relayer, chain_id=chain_id)
+    # UserOperations go through the devnet's Alto bundler (standard ERC-4337 JSON-RPC) when it runs, else
+    # through our own handleOps relayer; either way AgentPaymaster pays their gas: the account holds no ETH.
+    bundler: Bundler | BundlerRpc = alto or Bundler(rpc, relayer, chain_id=chain_id)
+    sponsor = SponsorService(
+        paymaster=state.contracts["paymaster"],
+        signer=LocalSigner(state.accounts[0].private_key),
+        chain_id=chain_id,
+    )
     factory = state.contracts["account_factory"]
 
     # -- the parties ---------------------------------------------------------------------------------------
@@ -147,11 +160,10 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
     agents = (summarizer, translator, weather)
 
     await bank.transact(usdc.address, usdc.abi.encode("mint", account.address, ACCOUNT_FUNDS), gas=100_000)
-    await bank.transact(account.address, b"", gas=21_000, value=ETH)  # the key's UserOperation gas
     say(
         "owner",
         f"{short(owner.address)} (key offline) owns account {short(account.address)}:"
-        f" {usd(ACCOUNT_FUNDS)} USDC and 1 ETH, not deployed yet",
+        f" {usd(ACCOUNT_FUNDS)} USDC and no ETH, not deployed yet",
     )
 
     # -- 1. the owner signs offline; a relayer sends ------------------------------------------------------
@@ -259,7 +271,9 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
 
         # -- 4. the hot key tops up the escrow from the account, within its cap only ------------------------
         key = SessionKey(session)
-        topped = await account.execute(top_up_calls(usdc, escrow, TOP_UP), signer=key, bundler=bundler)
+        topped = await account.execute(
+            top_up_calls(usdc, escrow, TOP_UP), signer=key, bundler=bundler, paymaster=sponsor
+        )
         if not topped.success:
             say("top-up?", f"the session key's top-up reverted: 0x{topped.revert_reason.hex()}")
             return False
@@ -267,8 +281,12 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path) -> bool:
             "top-up",
             f"the session key moved {usd(TOP_UP)} USDC from the account into the escrow (one UserOperation)",
         )
+        via = "the Alto bundler (eth_sendUserOperation)" if state.bundler_url else "our handleOps relayer"
+        say("", f"  through {via}; AgentPaymaster paid its gas, {topped.actual_gas_cost // 10**9:,} gwei")
         try:
-            await account.execute(top_up_calls(usdc, escrow, 5 * TOP_UP_CAP), signer=key, bundler=bundler)
+            await account.execute(
+                top_up_calls(usdc, escrow, 5 * TOP_UP_CAP), signer=key, bundler=bundler, paymaster=sponsor
+            )
             say("refused?", "the over-cap top-up went through: the account's policy failed")
             return False
         except UserOpRejected as rejected:
@@ -408,11 +426,18 @@ def main(argv: list[str] | None = None) -> None:
         "agentpay demo: an orchestrator pays sub-agents from its smart account, with a scoped session key\n"
     )
     with tempfile.TemporaryDirectory(prefix="agentpay-demo-") as tmp:
-        devnet = Devnet()
-        state = devnet.start()
+        devnet = Devnet(bundler=True)
+        try:
+            state = devnet.start()
+        except DevnetError as exc:  # the py-evm backend, or an install without Alto: our own bundler then
+            say("devnet", f"no ERC-4337 bundler ({exc})")
+            devnet = Devnet()
+            state = devnet.start()
         try:
             contracts = state.contracts
             say("devnet", f"{state.backend} (pid {state.pid}) at {state.rpc_url}, chain {state.chain_id}")
+            if state.bundler_url:
+                say("", f"Alto ERC-4337 bundler (pid {state.bundler_pid}) at {state.bundler_url}")
             say(
                 "",
                 f"TestUSDC {short(contracts['usdc'])}, AgentEscrow {short(contracts['escrow'])},"
@@ -421,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
             ok = asyncio.run(story(state, Path(tmp)))
         finally:
             devnet.stop()
-    gone = not _alive(state.pid)
+    gone = not _alive(state.pid) and not (state.bundler_pid and _alive(state.bundler_pid))
     print()
     say(
         "stopped",

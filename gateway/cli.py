@@ -74,7 +74,11 @@ def _devnet_up(args: argparse.Namespace) -> int:
             f"stop it with `agentpay devnet down --state {path}`"
         )
     state = start_detached(
-        log_path=path.with_suffix(".log"), backend=args.backend, port=args.port, accounts=args.accounts
+        log_path=path.with_suffix(".log"),
+        backend=args.backend,
+        port=args.port,
+        accounts=args.accounts,
+        bundler=args.bundler,
     )
     try:
         state.dump(path)
@@ -126,6 +130,11 @@ def _devnet(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=_port, help="RPC port on 127.0.0.1 (default: a free one)")
     up.add_argument("--backend", choices=["auto", "anvil", "pyevm"], help="default: anvil if installed")
     up.add_argument("--accounts", type=_count, default=10, help="funded test accounts (default: 10)")
+    up.add_argument(
+        "--bundler",
+        action="store_true",
+        help="also run the Alto ERC-4337 bundler (npm @pimlico/alto; anvil only); state gains bundler_url",
+    )
     up.set_defaults(func=_devnet_up)
     down = actions.add_parser("down", help="stop the devnet and remove its state file")
     down.set_defaults(func=_devnet_down)
@@ -236,6 +245,42 @@ def _settlements(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_settlements_run)
 
 
+# -- agentpay mcp
+
+
+def _mcp_run(args: argparse.Namespace) -> int:
+    from x402 import X402Error
+
+    from ._wallet_mcp import load_wallet_tools  # needs the `mcp` package: imported only here
+
+    try:
+        tools = load_wallet_tools(
+            args.wallet, rpc_url=args.rpc, max_per_call=args.max_per_call, budget=args.budget
+        )
+    except X402Error as exc:  # a bad wallet file or amount: one error line, like every other failure
+        raise GatewayError(exc.message, code=exc.code) from None
+    tools.server().run("stdio")  # stdout is the protocol's: nothing else is printed
+    return 0
+
+
+@command(
+    "mcp", help="serve a session-key wallet to MCP hosts over stdio (fetch_paid, list_offers, spend_status)"
+)
+def _mcp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wallet", required=True, help="session wallet file the owner wrote (keep it private)"
+    )
+    parser.add_argument("--rpc", help="node URL for the escrow deposit and grant (default: the wallet's)")
+    parser.add_argument(
+        "--max-per-call", help="a tighter per-call cap than the grant's ($0.01 or atomic units)"
+    )
+    parser.add_argument("--budget", help="a tighter total budget than the grant's ($1 or atomic units)")
+    parser.set_defaults(func=_mcp_run)
+
+
+# -- agentpay dashboard
+
+
 def _listen_port(value: str) -> int:
     if not value.isdigit() or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {value!r}")
@@ -307,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     return status
 
+
+from . import _cli_account, _cli_escrow, _cli_keys, _cli_pay, _cli_relay  # noqa: E402,F401 (their commands)
 
 if __name__ == "__main__":
     sys.exit(main())

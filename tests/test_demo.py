@@ -90,6 +90,9 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
     assert "spend policy, before signing: amount 5000 exceeds max_per_call 2000" in out
     assert "the sub-agent answers 402 escrow_amount_exceeds_cap" in out
     assert re.search(r"by the account: session_argument_rule\n.*usdc.approve, argument rule 1", out), out
+    # The top-up went through Alto, sponsored: the account never held ETH.
+    assert "100 USDC and no ETH" in out
+    assert re.search(r"through the Alto bundler \(eth_sendUserOperation\); AgentPaymaster paid", out), out
 
     # Settled in batches, with the gas per payment.
     batches = re.findall(

@@ -8,6 +8,18 @@ session-key wallet (both kept out of this namespace so that ``import x402`` neve
 Importing the package registers the payload types of the ``exact`` and ``escrow`` schemes.
 """
 
+from ._a2a import (
+    A2A_X402_ERROR,
+    A2A_X402_EXTENSIONS,
+    A2A_X402_PAYLOAD,
+    A2A_X402_RECEIPTS,
+    A2A_X402_REQUIRED,
+    A2A_X402_STATUS,
+    A2A_X402_V01,
+    A2A_X402_V02,
+    a2a_error_code,
+    integral,
+)
 from ._codec import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -90,6 +102,26 @@ from ._evm_charge import (
     decode_evm_charge_request,
     did_pkh,
 )
+from ._mcp import (
+    MCP_INTERNAL_ERROR,
+    MCP_INVALID_PARAMS,
+    MPP_CREDENTIAL_META,
+    MPP_EXTENSION,
+    MPP_PAYMENT_REQUIRED,
+    MPP_RECEIPT_META,
+    MPP_REQUIRED_META,
+    MPP_VERIFICATION_FAILED,
+    X402_EXTENSION,
+    X402_PAYMENT_META,
+    X402_RESPONSE_META,
+    McpPaymentKind,
+    classify_mcp_error,
+    mpp_challenge_from_json,
+    mpp_challenge_to_json,
+    mpp_credential_from_json,
+    mpp_credential_to_json,
+    x402_payment_in,
+)
 from ._mpp import (
     AUTHORIZATION_HEADER,
     MAX_MPP_HEADER_BYTES,
@@ -169,6 +201,34 @@ from ._verify import (
 )
 
 __all__ = [
+    "A2A_X402_ERROR",
+    "A2A_X402_EXTENSIONS",
+    "A2A_X402_PAYLOAD",
+    "A2A_X402_RECEIPTS",
+    "A2A_X402_REQUIRED",
+    "A2A_X402_STATUS",
+    "A2A_X402_V01",
+    "A2A_X402_V02",
+    "a2a_error_code",
+    "integral",
+    "MCP_INTERNAL_ERROR",
+    "MCP_INVALID_PARAMS",
+    "MPP_CREDENTIAL_META",
+    "MPP_EXTENSION",
+    "MPP_PAYMENT_REQUIRED",
+    "MPP_RECEIPT_META",
+    "MPP_REQUIRED_META",
+    "MPP_VERIFICATION_FAILED",
+    "X402_EXTENSION",
+    "X402_PAYMENT_META",
+    "X402_RESPONSE_META",
+    "McpPaymentKind",
+    "classify_mcp_error",
+    "mpp_challenge_from_json",
+    "mpp_challenge_to_json",
+    "mpp_credential_from_json",
+    "mpp_credential_to_json",
+    "x402_payment_in",
     "AUTHORIZATION_HEADER",
     "Address",
     "Amount",

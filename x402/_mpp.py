@@ -85,7 +85,7 @@ _SCHEME: Final = "payment"
 
 _Id = Annotated[str, Meta(min_length=1, max_length=1024)]
 _Tok = Annotated[str, Meta(min_length=1, max_length=256)]
-_B64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*$", max_length=MAX_MPP_HEADER_BYTES)]
+_B64 = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]*\Z", max_length=MAX_MPP_HEADER_BYTES)]  # \Z: no final \n
 _Str = Annotated[str, Meta(max_length=8192)]
 
 

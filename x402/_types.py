@@ -35,12 +35,13 @@ __all__ = [
     "VerifyResponse",
 ]
 
-# Constrained scalar types, checked while decoding.
-Address = Annotated[str, Meta(pattern=r"^0x[0-9a-fA-F]{40}$")]
-Bytes32Hex = Annotated[str, Meta(pattern=r"^0x[0-9a-fA-F]{64}$")]
-Uint256Str = Annotated[str, Meta(pattern=r"^[0-9]{1,78}$")]
+# Constrained scalar types, checked while decoding. msgspec matches with `re.search`, where `$` also matches
+# before a final "\n": `\Z` is the true end, so "0x…\n" (a different replay key, a node error) is refused.
+Address = Annotated[str, Meta(pattern=r"^0x[0-9a-fA-F]{40}\Z")]
+Bytes32Hex = Annotated[str, Meta(pattern=r"^0x[0-9a-fA-F]{64}\Z")]
+Uint256Str = Annotated[str, Meta(pattern=r"^[0-9]{1,78}\Z")]
 #: 0x-prefixed hex; 65 bytes for an EOA, longer for ERC-1271 / ERC-6492 smart-wallet signatures.
-HexBytes = Annotated[str, Meta(pattern=r"^0x([0-9a-fA-F]{2})*$", max_length=32770)]
+HexBytes = Annotated[str, Meta(pattern=r"^0x([0-9a-fA-F]{2})*\Z", max_length=32770)]
 _Short = Annotated[str, Meta(max_length=256)]
 _Text = Annotated[str, Meta(max_length=4096)]
 _Url = Annotated[str, Meta(max_length=4096)]

@@ -74,6 +74,7 @@ from ._signer import Signer
 from ._types import (
     PaymentPayload,
     PaymentPayloadV1,
+    PaymentRequired,
     PaymentRequirements,
     PaymentRequirementsV1,
     ResourceInfo,
@@ -96,6 +97,7 @@ __all__ = [
     "Reservation",
     "SpendPolicy",
     "Wallet",
+    "offers_from_payment_required",
     "offers_from_response",
     "payment_headers",
     "receipt_of",
@@ -155,13 +157,19 @@ class Offer:
 
     @property
     def chain_id(self) -> int | None:
-        if self.network.startswith("eip155:") and self.network[7:].isdigit():
-            return int(self.network[7:])
+        digits = self.network[7:]
+        # ASCII only: str.isdigit() also takes "²" (int() refuses it) and "١٢٣" (int() reads 123).
+        if self.network.startswith("eip155:") and digits.isascii() and digits.isdigit():
+            return int(digits)
         return None
 
 
 def _v2_offers(value: str) -> list[Offer]:
-    required = decode_payment_required(value)
+    return offers_from_payment_required(decode_payment_required(value))
+
+
+def offers_from_payment_required(required: PaymentRequired) -> list[Offer]:
+    """The offers of an x402 v2 ``PaymentRequired`` (however it arrived: header, MCP result, A2A task)."""
     return [
         Offer(
             protocol="x402v2",
@@ -516,6 +524,11 @@ class SpendPolicy:
         with self._lock:
             return self._spent_by.get(payee.lower(), 0)
 
+    def spent_by_payee(self) -> dict[str, int]:
+        """What has been spent with each payee so far (lower-cased addresses)."""
+        with self._lock:
+            return dict(self._spent_by)
+
     # -- checks
     def _payee_limit(self, payee: str) -> int | None:
         if isinstance(self.per_payee_budget, dict):
@@ -732,10 +745,20 @@ class PaymentAuth(httpx.Auth):
                 self._memory.popitem(last=False)
 
     # -- the flow
-    def _pay(self, request: httpx.Request, offer: Offer) -> Reservation:
-        reservation = self.policy.reserve(offer)  # raises before anything is signed
+    def authorize(self, offer: Offer) -> tuple[Reservation, Credential]:
+        """Reserve ``offer.amount`` in the policy (raising :class:`SpendPolicyViolation` before anything is
+        signed), then sign; the caller commits or releases the reservation once the outcome is known. The
+        HTTP flow uses it, and so do the other transports (:mod:`x402.client_mcp`, :mod:`x402.client_a2a`)."""
+        reservation = self.policy.reserve(offer)
         try:
-            credential = self.wallet.pay(offer)
+            return reservation, self.wallet.pay(offer)
+        except BaseException:
+            reservation.release()
+            raise
+
+    def _pay(self, request: httpx.Request, offer: Offer) -> Reservation:
+        reservation, credential = self.authorize(offer)
+        try:
             headers = payment_headers(offer, credential)
         except BaseException:
             reservation.release()

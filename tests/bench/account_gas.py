@@ -9,7 +9,9 @@ includes the 21k intrinsic cost and the calldata, like the EOA baselines it sits
   (timestamp, lifetime count, per-window rate limit, gas budget: `session_all_policies`),
 - on a nonce lane already used (`single_call`, `batch_of_3`) or never used before (`new_lane`),
 
-beside the same transfer sent by an EOA (`plain_transfer`). `deploy` is the first operation of a
+beside the same transfer sent by an EOA (`plain_transfer`), and the session key's single call sponsored by
+`AgentPaymaster` (`sponsored_session_single_call`: verifying mode, where the sponsor's deposit pays, and token
+mode, where the account pays in USDC at a signed price). `deploy` is the first operation of a
 counterfactual account (initCode through the factory), `install_session_key` an owner operation installing
 one key. The last line printed is one JSON object.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from escrow import Devnet, DevnetState
 from escrow._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
+from escrow._paymaster import SponsorService
 from escrow._rpc import Rpc, TxSender
 from escrow._userop import Bundler, Call, OwnerKey, SessionKey, UserOpResult
 from tests.test_account_env import calldata
@@ -123,6 +126,33 @@ async def _measure(state: DevnetState) -> dict[str, Any]:
             out.setdefault("single_call", {})[name] = single.bundle_gas_used
             out.setdefault("batch_of_3", {})[name] = batch.bundle_gas_used
             out.setdefault("new_lane", {})[name] = fresh.bundle_gas_used
+
+        # the same session-key transfer, sponsored by AgentPaymaster: verifying (the sponsor's deposit pays)
+        # and token (the account pays in USDC at a signed price), beside the unsponsored one
+        paymaster = state.contracts["paymaster"]
+        sponsor = SponsorService(
+            paymaster=paymaster,
+            signer=LocalSigner(state.deployer.private_key),
+            chain_id=state.chain_id,
+            spend_limit=ETH,
+        )
+        await run(owner, [Call(usdc, 0, calldata("approve(address,uint256)", paymaster, 2**256 - 1))])
+        modes: dict[str, SponsorService | None] = {
+            "unsponsored": None,
+            "verifying": sponsor,
+            "token": sponsor.token(usdc, 3_000 * 10**6),
+        }
+        for name, paid_by in modes.items():
+            for _ in range(2):  # the first one warms the paymaster's per-account slots
+                result = await account.execute(
+                    [transfer(1)], signer=plain, bundler=bundler, paymaster=paid_by
+                )
+                assert result.success, result
+            out.setdefault("sponsored_session_single_call", {})[name] = result.bundle_gas_used
+        out["sponsorship_overhead"] = {
+            k: out["sponsored_session_single_call"][k] - out["sponsored_session_single_call"]["unsponsored"]
+            for k in ("verifying", "token")
+        }
 
         # the EOA baseline: the same transfer, sent directly
         eoa_tx = TxSender(rpc, _hex(eoa), chain_id=state.chain_id)

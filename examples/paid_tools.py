@@ -1,0 +1,72 @@
+"""A sub-agent that sells MCP tools: streamable HTTP at /mcp, settling on a devnet.
+
+    python -m examples.paid_tools --devnet .agentpay/devnet.json --port 8403
+
+Tools: `summarize(text)` costs $0.001 (TestUSDC, paid to devnet account 2 by default), `ping()` is free. An
+unpaid `summarize` call is answered in both MCP payment bindings at once (x402's `isError` result with the
+`PaymentRequired`, and MPP's challenges; a client announcing MPP gets JSON-RPC -32042), and a paid one
+returns its receipt in `_meta`. The payments go through the same paywall as the HTTP sub-agent's
+(`examples.subagent`): the chain's schemes (`exact`, and `escrow` for session keys), its settlers and
+recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+
+from escrow import Chain
+from gateway import PaymentMiddleware
+from gateway.mcp import PaidTools
+
+__all__ = ["SUMMARIZE_PRICE", "build_app", "build_server", "main"]
+
+SUMMARIZE_PRICE = "$0.001"
+
+
+def build_server() -> tuple[MCPServer, PaidTools]:
+    """The MCP server and its paid-tool extension (not yet bound to a paywall)."""
+    paid = PaidTools({"summarize": SUMMARIZE_PRICE})
+    server = MCPServer("paid-tools", instructions="summarize costs $0.001; ping is free", extensions=[paid])
+
+    @server.tool(description="Summarize a text (paid: $0.001)")
+    def summarize(text: str) -> str:
+        return text[:60] + ("..." if len(text) > 60 else "")
+
+    @server.tool(description="Check the server is up (free)")
+    def ping() -> str:
+        return "pong"
+
+    return server, paid
+
+
+def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware:
+    """The ASGI app: the MCP server at /mcp behind a paywall on `chain` paying `pay_to`; `options` go to
+    `PaymentMiddleware` (store, schemes, settle, ...)."""
+    server, paid = build_server()
+    return paid.http_app(server, chain=chain, pay_to=pay_to, **options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devnet", required=True, help="devnet state file (agentpay devnet up writes one)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8403)
+    parser.add_argument("--payee", default="2", help="devnet account index (or 0x address) that gets paid")
+    parser.add_argument("--store", default=None, help="payment store URL (default: $AGENTPAY_STORE)")
+    args = parser.parse_args(argv)
+    chain = Chain.from_devnet(args.devnet)
+    payee = args.payee if args.payee.startswith("0x") else chain.accounts[int(args.payee)].address
+    app = build_app(chain, pay_to=payee, store=args.store)
+    print(f"paid tools: MCP on http://{args.host}:{args.port}/mcp (payee {payee})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
