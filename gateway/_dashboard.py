@@ -49,6 +49,7 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     grant: str  # "payer → session key (epoch n)" for escrow; "" for a direct transfer
     amount: int
     created_at: float
+    settled_at: float | None
     state: str
     tx_hash: str
     attempts: int
@@ -80,6 +81,7 @@ def _row(item: Settlement) -> Row:
         grant=grant,
         amount=item.amount,
         created_at=item.created_at,
+        settled_at=item.settled_at,
         state=item.state,
         tx_hash=item.tx_hash or "",
         attempts=item.attempts,
@@ -112,15 +114,20 @@ def _totals(rows: list[Row], key: str) -> list[tuple[str, Totals]]:
 
 
 def _series(rows: list[Row], now: float, *, buckets: int = 24) -> dict[str, Any]:
-    """Paid calls and settled calls per time bucket, from the oldest row shown to now."""
+    """Paid calls (by when they were served) and settlements (by when they settled) per time bucket, from
+    the oldest row shown to now."""
     start = min((r.created_at for r in rows), default=now - 3600.0)
     span = max(now - start, 60.0)
     width = span / buckets
     calls, settled = [0] * buckets, [0] * buckets
+
+    def bucket(ts: float) -> int:
+        return max(0, min(int((ts - start) / width), buckets - 1))
+
     for r in rows:
-        i = min(int((r.created_at - start) / width), buckets - 1)
-        calls[i] += 1
-        settled[i] += r.state == "settled"
+        calls[bucket(r.created_at)] += 1
+        if r.state == "settled":
+            settled[bucket(r.settled_at or r.created_at)] += 1
     return {"start": start, "width": width, "calls": calls, "settled": settled}
 
 
