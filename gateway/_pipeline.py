@@ -29,8 +29,8 @@ from typing import Final, Literal
 
 import msgspec
 
-from escrow._artifacts import EscrowError
-from escrow._exact_settler import fault_point
+from escrow.chain._artifacts import EscrowError
+from escrow.payments._exact_settler import fault_point
 from x402 import (
     InvalidChallenge,
     PaymentRejected,

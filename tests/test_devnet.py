@@ -18,7 +18,7 @@ from escrow import (
     DevnetState,
     load_artifact,
 )
-from escrow._devnet_node import pid_alive
+from escrow.devnet._node import pid_alive
 
 USDC_EACH = 1_000_000 * 10**6
 

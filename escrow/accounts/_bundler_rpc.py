@@ -25,7 +25,7 @@ import msgspec
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from ._rpc import ChainError, Receipt, Rpc
+from ..chain._rpc import ChainError, Receipt, Rpc
 from ._userop import (
     ENTRYPOINT_V07,
     AccountError,

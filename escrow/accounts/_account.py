@@ -38,10 +38,10 @@ from eth_utils.crypto import keccak
 
 from x402 import Signer, typed_data_digest
 
-from ._artifacts import load_artifact
+from ..chain._abi import ContractAbi
+from ..chain._artifacts import load_artifact
+from ..chain._rpc import Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._bundler_rpc import UserOpSubmitter
-from ._escrow import ContractAbi
-from ._rpc import Receipt, RevertError, Rpc, TransactionFailed, TxSender
 from ._userop import (
     ENTRYPOINT_V07,
     SESSION_SIGNATURE_LENGTH,

@@ -32,8 +32,8 @@ from eth_utils.crypto import keccak
 
 from x402 import Signer
 
-from ._artifacts import EscrowError
-from ._rpc import ChainError, Receipt, RevertError, Rpc, TxSender
+from ..chain._artifacts import EscrowError
+from ..chain._rpc import ChainError, Receipt, RevertError, Rpc, TxSender
 
 __all__ = [
     "BATCH_MODE",

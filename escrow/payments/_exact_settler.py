@@ -44,9 +44,9 @@ import msgspec
 
 from x402 import Eip712Domain, ExactEvmPayload, Reason
 
+from ..chain._rpc import ChainError, Receipt
 from ._exact import AUTHORIZATION_USED_TOPIC, ExactEvm, authorization_state_calldata, has_transfer
 from ._queue import QueuedItem, SettlementQueue
-from ._rpc import ChainError, Receipt
 from ._settler import SettleOutcome, Status
 
 __all__ = [

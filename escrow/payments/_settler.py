@@ -31,11 +31,11 @@ import msgspec
 
 from x402._escrow import EscrowCode, EscrowPayload, reason_code
 
+from ..chain._rpc import ChainError, Receipt, TxSender
 from ._escrow import AgentEscrow, EscrowEvent, topic_address
 from ._escrow_verify import EscrowClaim
 from ._queue import QueuedItem
 from ._queue import SettlementQueue as _BaseQueue
-from ._rpc import ChainError, Receipt, TxSender
 
 __all__ = ["EscrowSettler", "SettleOutcome", "SettlementQueue", "decode_claim", "encode_claim"]
 
@@ -266,7 +266,8 @@ class EscrowSettler:
 
     async def count_settled(self, claim: EscrowClaim) -> None:
         """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
-        reservations (pending = reserved - settled; see `escrow._exposure`). Only after `count_once`."""
+        reservations (pending = reserved - settled; see `escrow.payments._exposure`). Only after
+        `count_once`."""
         amount = int(claim.payload.payment.amount)
         for account in (claim.settled, claim.deposit_settled):
             if account is not None:
