@@ -28,7 +28,9 @@ from escrow.accounts._account import (
     install_typed_data,
     revoke_typed_data,
 )
-from escrow.accounts._userop import ENTRYPOINT_V07, Bundler, Call, OwnerKey, PackedUserOperation, user_op_hash
+from escrow.accounts._self_bundler import Bundler
+from escrow.accounts._signers import OwnerKey
+from escrow.accounts._userop import ENTRYPOINT_V07, Call, PackedUserOperation, user_op_hash
 from escrow.chain._rpc import Rpc, TxSender
 from escrow.payments._escrow import deploy_contract
 from x402 import LocalSigner, typed_data_digest

@@ -30,7 +30,8 @@ from escrow.accounts._account import (
     sign_install_offline,
     sign_typed_data_as_account,
 )
-from escrow.accounts._userop import Call, OwnerKey, SessionKey, SessionPolicyKind, UserOpRejected
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import Call, SessionPolicyKind, UserOpRejected
 from escrow.chain._rpc import RevertError
 from escrow.payments._escrow import AgentEscrow, Erc20
 from escrow.payments._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache

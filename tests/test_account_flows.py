@@ -20,14 +20,8 @@ from escrow.accounts._account import (
     sign_install_offline,
     sign_revoke_offline,
 )
-from escrow.accounts._userop import (
-    AccountError,
-    Call,
-    OwnerKey,
-    SessionKey,
-    SessionPolicyKind,
-    UserOpRejected,
-)
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import AccountError, Call, SessionPolicyKind, UserOpRejected
 from tests.test_account_env import ETH, account_env, calldata
 from x402 import LocalSigner
 

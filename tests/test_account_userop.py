@@ -24,14 +24,12 @@ from escrow.accounts._account import (
     sign_install_offline,
     sign_revoke_offline,
 )
+from escrow.accounts._signers import NonceLanes, OwnerKey, SessionKey
 from escrow.accounts._userop import (
     BATCH_MODE,
     Call,
-    NonceLanes,
-    OwnerKey,
     PackedUserOperation,
     PolicyViolation,
-    SessionKey,
     SessionPolicyKind,
     UserOpRejected,
     decode_handle_ops_error,

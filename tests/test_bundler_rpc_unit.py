@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from escrow.accounts._bundler_rpc import _rejection, user_op_from_json, user_op_to_json
 from escrow.accounts._paymaster import PaymasterMode, SponsorService, SponsorTerms, decode_paymaster_and_data
-from escrow.accounts._userop import PackedUserOperation, SessionKey, SessionPolicyKind
+from escrow.accounts._signers import SessionKey
+from escrow.accounts._userop import PackedUserOperation, SessionPolicyKind
 from escrow.accounts._userop_fill import placeholder_signature
 from x402 import LocalSigner, recover_hash, typed_data_digest
 

@@ -13,7 +13,8 @@ from escrow import DevnetState
 from escrow.accounts._account import AgentAccount
 from escrow.accounts._bundler_rpc import BundlerRpc
 from escrow.accounts._paymaster import SponsorService
-from escrow.accounts._userop import Call, OwnerKey
+from escrow.accounts._signers import OwnerKey
+from escrow.accounts._userop import Call
 from escrow.chain._rpc import Rpc
 from escrow.devnet._node import pid_alive
 from tests.test_cli import agentpay, assert_one_line_error, pgrep, state_file  # noqa: F401 (fixture)

@@ -19,17 +19,9 @@ from ._account import sign_install_offline as sign_session_key_install_offline
 from ._account import sign_revoke_offline as sign_session_key_revoke_offline
 from ._bundler_rpc import BundlerError, BundlerRpc, UserOpSubmitter
 from ._paymaster import PaymasterMode, PaymasterRefused, PaymasterRpc, SponsorService
-from ._userop import (
-    Bundler,
-    Call,
-    NonceLanes,
-    OwnerKey,
-    PackedUserOperation,
-    PolicyViolation,
-    SessionKey,
-    UserOpRejected,
-    UserOpResult,
-)
+from ._self_bundler import Bundler, UserOpResult
+from ._signers import NonceLanes, OwnerKey, SessionKey
+from ._userop import Call, PackedUserOperation, PolicyViolation, UserOpRejected
 
 __all__ = [
     "UNLIMITED_GAS_BUDGET",

@@ -1,26 +1,17 @@
-"""ERC-4337 v0.7 user operations: build, hash, sign, bundle and submit them ourselves.
-
-    op = PackedUserOperation(sender=account, nonce=lane.nonce, call_data=encode_execute(calls), ...)
-    op = op.signed(SessionKey(key_signer, interval=3600), chain_id=chain_id, timestamp=now)
-    result = await bundler.send(op)         # UserOpResult, or UserOpRejected saying which policy failed
+"""ERC-4337 v0.7 user operations: their types, hash, encoding and errors.
 
 - `PackedUserOperation` holds the unpacked fields; `user_op_hash` is the EntryPoint v0.7 hash (not EIP-712),
-  which `OwnerKey` and `SessionKey` sign with the EIP-191 prefix, as `AgentAccount` verifies.
+  which `OwnerKey` and `SessionKey` (`_signers`) sign with the EIP-191 prefix, as `AgentAccount` verifies.
 - `encode_execute` builds the ERC-7821 batch call (`execute(bytes32 mode, bytes executionData)`) every
   `AgentAccount` operation uses, one call or many: the batch is atomic.
-- `NonceLanes` hands out ERC-4337 2D nonce keys so concurrent operations of one account never collide.
-- `Bundler` is our own bundler: operations submitted concurrently are group-committed into one `handleOps`
-  transaction sent by a relayer key; `eth_estimateGas` of the bundle is the simulation, and an operation that
-  fails validation is dropped from the bundle and reported with the EntryPoint's reason (`AA23 reverted`,
-  `AA24 signature error`, ...) and, for a session key, the policy that failed (`PolicyViolation`).
+- `UserOpRejected` says why an operation failed validation: the EntryPoint's reason (`AA23 reverted`, `AA24
+  signature error`, ...) and, for a session key, the policy that failed (`PolicyViolation`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Final, Protocol, runtime_checkable
 
 import msgspec
@@ -30,34 +21,25 @@ from eth_abi.exceptions import DecodingError
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from x402 import Signer
-
 from ..chain._artifacts import EscrowError
-from ..chain._rpc import ChainError, Receipt, RevertError, Rpc, TxSender
 
 __all__ = [
     "BATCH_MODE",
     "ENTRYPOINT_V07",
     "AccountError",
     "BundleFailed",
-    "Bundler",
     "Call",
-    "Lane",
-    "NonceLanes",
-    "OwnerKey",
     "PackedUserOperation",
     "SESSION_SIGNATURE_LENGTH",
     "PolicyViolation",
-    "SessionKey",
     "SessionPolicyKind",
     "UserOpRejected",
-    "UserOpResult",
-    "UserOpSigner",
     "decode_handle_ops_error",
     "encode_execute",
     "encode_handle_ops",
     "personal_digest",
     "user_op_hash",
+    "UserOpSigner",
 ]
 
 ENTRYPOINT_V07: Final = to_checksum_address("0x0000000071727De22E5E9d8BAf0edAc6f37da032")
@@ -235,6 +217,16 @@ def _decode_violation(inner: bytes) -> PolicyViolation | None:
 # ---------------------------------------------------------------------------------------------- operations
 
 
+@runtime_checkable
+class UserOpSigner(Protocol):
+    """Produces the `signature` field of a user operation from its hash."""
+
+    @property
+    def address(self) -> str: ...
+
+    def sign_user_op(self, user_op_hash: bytes, *, timestamp: int) -> bytes: ...
+
+
 class Call(msgspec.Struct, frozen=True):
     """One call of an ERC-7821 batch."""
 
@@ -354,335 +346,3 @@ def encode_handle_ops(ops: Sequence[PackedUserOperation], beneficiary: str) -> b
     return _HANDLE_OPS + abi_encode(
         [f"{_PACKED_OP_TYPE}[]", "address"], [[op.packed() for op in ops], beneficiary]
     )
-
-
-# ---------------------------------------------------------------------------------------------- signers
-
-
-@runtime_checkable
-class UserOpSigner(Protocol):
-    """Produces the `signature` field of a user operation from its hash."""
-
-    @property
-    def address(self) -> str: ...
-
-    def sign_user_op(self, user_op_hash: bytes, *, timestamp: int) -> bytes: ...
-
-
-class OwnerKey:
-    """The account owner: a plain 65-byte ECDSA signature of the EIP-191 digest of the hash."""
-
-    __slots__ = ("signer",)
-
-    def __init__(self, signer: Signer) -> None:
-        self.signer = signer
-
-    @property
-    def address(self) -> str:
-        return self.signer.address
-
-    def sign_user_op(self, user_op_hash: bytes, *, timestamp: int) -> bytes:
-        return self.signer.sign_hash(personal_digest(user_op_hash))
-
-    def __repr__(self) -> str:
-        return f"OwnerKey({self.address})"
-
-
-class SessionKey:
-    """A session key: `key (20) ++ window (6) ++ ECDSA signature (65)`.
-
-    `interval` is the key's rate-limit interval (0 when it has none); the window claimed is the one holding
-    `timestamp`, which should be the chain's current time. An operation that lands in another window than the
-    one it claims is rejected by the EntryPoint (`AA22`), so near a window's end, allow for block time.
-    """
-
-    __slots__ = ("interval", "signer")
-
-    def __init__(self, signer: Signer, *, interval: int = 0) -> None:
-        self.signer = signer
-        self.interval = interval
-
-    @property
-    def address(self) -> str:
-        return self.signer.address
-
-    def window(self, timestamp: int) -> int:
-        return timestamp // self.interval if self.interval else 0
-
-    def sign_user_op(self, user_op_hash: bytes, *, timestamp: int) -> bytes:
-        return (
-            bytes.fromhex(self.address[2:])
-            + self.window(timestamp).to_bytes(6, "big")
-            + self.signer.sign_hash(personal_digest(user_op_hash))
-        )
-
-    def __repr__(self) -> str:
-        return f"SessionKey({self.address}, interval={self.interval})"
-
-
-# ---------------------------------------------------------------------------------------------- nonce lanes
-
-
-class Lane:
-    """One 2D nonce lane held by one in-flight operation: `nonce` is the next one to use on it."""
-
-    __slots__ = ("_lanes", "index", "key", "nonce", "state")
-
-    def __init__(self, lanes: NonceLanes, index: int, key: int, nonce: int) -> None:
-        self._lanes, self.index, self.key, self.nonce = lanes, index, key, nonce
-        self.state = "unknown"  # "used" (nonce consumed), "unused" (not consumed), or "unknown"
-
-    def used(self) -> None:
-        """The operation landed (executed or not): its nonce is consumed."""
-        self.state = "used"
-
-    def unused(self) -> None:
-        """The operation was rejected before it could consume its nonce."""
-        self.state = "unused"
-
-
-class NonceLanes:
-    """Allocates ERC-4337 nonce keys ("lanes") so concurrent operations of one account never collide.
-
-    Each in-flight operation holds a lane of its own; the lowest free lane is handed out first, so a steady
-    load keeps reusing the same few lanes (the first use of a lane costs about 17k gas more: the EntryPoint's
-    sequence slot goes from zero to one). The key of lane `i` is `prefix << 32 | i`: processes that submit for
-    the same account must use distinct prefixes. Sequence numbers are read from the EntryPoint on first use
-    and then tracked locally; a lane whose fate is unknown (timeout, transport error) is read again next time.
-    """
-
-    def __init__(
-        self,
-        rpc: Rpc,
-        sender: str,
-        *,
-        entry_point: str = ENTRYPOINT_V07,
-        prefix: int = 0,
-        max_lanes: int = 1024,
-    ) -> None:
-        if not 0 <= prefix < 2**160:
-            raise ValueError("prefix must fit in 160 bits")
-        self.rpc, self.sender, self.entry_point = rpc, to_checksum_address(sender), entry_point
-        self.prefix, self.max_lanes = prefix, max_lanes
-        self._free: list[int] = []
-        self._next_index = 0
-        self._sequence: dict[int, int] = {}
-        self._available = asyncio.Condition()
-
-    def key(self, index: int) -> int:
-        return (self.prefix << 32) | index
-
-    async def next_nonce(self, key: int) -> int:
-        """`EntryPoint.getNonce(sender, key)`: `key << 64 | sequence`."""
-        data = _GET_NONCE + abi_encode(["address", "uint192"], [self.sender, key])
-        return int.from_bytes(await self.rpc.call(self.entry_point, data), "big")
-
-    @asynccontextmanager
-    async def lane(self) -> AsyncIterator[Lane]:
-        """Hold a lane for one operation; mark it `used()` once the operation landed."""
-        async with self._available:
-            while not self._free and self._next_index >= self.max_lanes:
-                await self._available.wait()
-            if self._free:
-                index = min(self._free)
-                self._free.remove(index)
-            else:
-                index, self._next_index = self._next_index, self._next_index + 1
-        key = self.key(index)
-        try:
-            if index in self._sequence:
-                nonce = (key << 64) | self._sequence[index]
-            else:
-                nonce = await self.next_nonce(key)
-        except BaseException:
-            await self._release(index)
-            raise
-        lane = Lane(self, index, key, nonce)
-        try:
-            yield lane
-        finally:
-            if lane.state == "used":
-                self._sequence[index] = (nonce & (2**64 - 1)) + 1
-            elif lane.state == "unused":
-                self._sequence[index] = nonce & (2**64 - 1)
-            else:
-                self._sequence.pop(index, None)
-            await self._release(index)
-
-    async def _release(self, index: int) -> None:
-        async with self._available:
-            self._free.append(index)
-            self._available.notify()
-
-
-# ---------------------------------------------------------------------------------------------- bundler
-
-
-class UserOpResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The outcome of a landed operation (from its `UserOperationEvent`). `success` is false when its calls
-    reverted (the batch is atomic: none of them took effect); `revert_reason` is then the revert data."""
-
-    user_op_hash: str
-    sender: str
-    nonce: int
-    success: bool
-    actual_gas_cost: int
-    actual_gas_used: int
-    revert_reason: bytes = b""
-    deployed: bool = False
-    tx_hash: str = ""
-    bundle_gas_used: int = 0  # gasUsed of the whole handleOps transaction
-    bundle_size: int = 1
-
-    def raise_for_status(self) -> UserOpResult:
-        if not self.success:
-            raise AccountError(
-                f"user operation {self.user_op_hash} reverted: 0x{self.revert_reason.hex()}",
-                code="userop_execution_reverted",
-            )
-        return self
-
-
-class _Queued:
-    __slots__ = ("future", "op")
-
-    def __init__(self, op: PackedUserOperation, future: asyncio.Future[UserOpResult]) -> None:
-        self.op, self.future = op, future
-
-
-class Bundler:
-    """Submits user operations through `handleOps`, signed and paid by a relayer key (`TxSender`).
-
-    `send` group-commits: operations that arrive while a bundle is in flight go together into the next one
-    (at most `max_bundle`). Before sending, the bundle is simulated with `eth_estimateGas`; an operation that
-    fails validation is removed and its caller gets `UserOpRejected`, and the rest is simulated again. The
-    relayer is reimbursed by the EntryPoint (`beneficiary`, the relayer by default).
-    """
-
-    def __init__(
-        self,
-        rpc: Rpc,
-        relayer: TxSender,
-        *,
-        chain_id: int,
-        entry_point: str = ENTRYPOINT_V07,
-        beneficiary: str | None = None,
-        max_bundle: int = 32,
-        receipt_timeout: float = 60.0,
-    ) -> None:
-        self.rpc, self.relayer, self.chain_id = rpc, relayer, chain_id
-        self.entry_point = to_checksum_address(entry_point)
-        self.beneficiary = to_checksum_address(beneficiary or relayer.address)
-        self.max_bundle = max_bundle
-        self.receipt_timeout = receipt_timeout
-        self._queue: list[_Queued] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def send(self, op: PackedUserOperation) -> UserOpResult:
-        """Submit one signed operation and wait until it landed; `UserOpRejected` if validation refused it."""
-        future: asyncio.Future[UserOpResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(op, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await future
-
-    async def simulate(self, ops: Sequence[PackedUserOperation]) -> int:
-        """Gas of `handleOps(ops)` by `eth_estimateGas`; `UserOpRejected` for the first op that fails."""
-        data = encode_handle_ops(ops, self.beneficiary)
-        tx = {"from": self.relayer.address, "to": self.entry_point, "data": "0x" + data.hex()}
-        try:
-            return int(await self.rpc.request("eth_estimateGas", [tx]), 16)
-        except RevertError as exc:
-            decoded = decode_handle_ops_error(exc.data)
-            if decoded is None:
-                raise BundleFailed(f"handleOps simulation reverted: {exc} 0x{exc.data.hex()}") from None
-            index, reason, inner = decoded
-            op = ops[index] if 0 <= index < len(ops) else None
-            digest = (
-                ""
-                if op is None
-                else "0x" + op.hash(chain_id=self.chain_id, entry_point=self.entry_point).hex()
-            )
-            raise UserOpRejected(
-                reason, op_index=index, inner=inner, violation=_decode_violation(inner), user_op_hash=digest
-            ) from None
-
-    async def _flush(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[: self.max_bundle], self._queue[self.max_bundle :]
-            try:
-                await self._bundle(batch)
-            except BaseException as exc:  # never leave a caller waiting forever
-                error = exc if isinstance(exc, EscrowError) else BundleFailed(f"bundler failed: {exc!r}")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                if not isinstance(exc, Exception):
-                    raise
-
-    async def _bundle(self, batch: list[_Queued]) -> None:
-        live = list(batch)
-        while live:
-            try:
-                gas = await self.simulate([item.op for item in live])
-                break
-            except UserOpRejected as rejected:
-                if not 0 <= rejected.op_index < len(live):
-                    raise
-                item = live.pop(rejected.op_index)
-                item.future.set_exception(rejected)
-        else:
-            return
-        data = encode_handle_ops([item.op for item in live], self.beneficiary)
-        try:
-            tx_hash = await self.relayer.send(self.entry_point, data, gas=gas + gas // 4 + 20_000)
-            receipt = await self.rpc.wait_for_receipt(tx_hash, timeout=self.receipt_timeout)
-        except ChainError as exc:
-            raise BundleFailed(f"handleOps transaction failed: {exc}") from exc
-        if not receipt.ok:
-            raise BundleFailed(f"handleOps transaction {receipt.transaction_hash} reverted")
-        results = _parse_receipt(receipt, size=len(live))
-        for item in live:
-            digest = "0x" + item.op.hash(chain_id=self.chain_id, entry_point=self.entry_point).hex()
-            result = results.get(digest)
-            if result is None:
-                item.future.set_exception(BundleFailed(f"no UserOperationEvent for {digest}"))
-            else:
-                item.future.set_result(result)
-
-
-def _parse_receipt(receipt: Receipt, *, size: int) -> dict[str, UserOpResult]:
-    reasons: dict[str, bytes] = {}
-    deployed: set[str] = set()
-    events = []
-    for log in receipt.logs:
-        if not log.topics:
-            continue
-        topic = log.topics[0]
-        if topic == _USER_OPERATION_REVERT_REASON:
-            _nonce, reason = abi_decode(["uint256", "bytes"], bytes.fromhex(log.data[2:]))
-            reasons[log.topics[1]] = bytes(reason)
-        elif topic == _ACCOUNT_DEPLOYED:
-            deployed.add(log.topics[1])
-        elif topic == _USER_OPERATION_EVENT:
-            events.append(log)
-    out: dict[str, UserOpResult] = {}
-    for log in events:
-        nonce, success, cost, used = abi_decode(
-            ["uint256", "bool", "uint256", "uint256"], bytes.fromhex(log.data[2:])
-        )
-        digest = log.topics[1]
-        out[digest] = UserOpResult(
-            user_op_hash=digest,
-            sender=to_checksum_address("0x" + log.topics[2][-40:]),
-            nonce=int(nonce),
-            success=bool(success),
-            actual_gas_cost=int(cost),
-            actual_gas_used=int(used),
-            revert_reason=reasons.get(digest, b""),
-            deployed=digest in deployed,
-            tx_hash=receipt.transaction_hash,
-            bundle_gas_used=int(receipt.gas_used, 16),
-            bundle_size=size,
-        )
-    return out
