@@ -38,8 +38,9 @@ from ._errors import ConfigurationError, GatewayError, PaymentFailed
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
 from ._scheme import Dialect, Offer, Scheme
-from ._store import MemoryStore, PaymentStore
+from ._store import PaymentStore
 from ._stores import open_store
+from ._stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from escrow import Chain, EscrowSettler, ExactSettler

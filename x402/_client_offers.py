@@ -24,14 +24,8 @@ from ._codec import (
 )
 from ._errors import X402Error
 from ._evm_charge import decode_evm_charge_request
-from ._mpp import (
-    AUTHORIZATION_HEADER,
-    MppChallenge,
-    MppCredential,
-    MppReceipt,
-    format_credential,
-    parse_www_authenticate,
-)
+from ._mpp import AUTHORIZATION_HEADER, MppChallenge, MppCredential, MppReceipt
+from ._mpp_header import format_credential, parse_www_authenticate
 from ._schemes import V1_NETWORKS
 from ._types import (
     PaymentPayload,

@@ -72,13 +72,8 @@ from ._codec import (
     decode_payment_response,
 )
 from ._errors import NoPayableOffer, SpendPolicyViolation, X402Error
-from ._mpp import (
-    AUTHORIZATION_HEADER,
-    PAYMENT_RECEIPT_HEADER,
-    MppReceipt,
-    decode_problem,
-    parse_receipt,
-)
+from ._mpp import AUTHORIZATION_HEADER, PAYMENT_RECEIPT_HEADER, MppReceipt, decode_problem
+from ._mpp_header import parse_receipt
 from ._types import (
     SettleResponse,
 )
