@@ -2,9 +2,12 @@
 
 `exact` (EIP-3009 `transferWithAuthorization`: `ExactEvm`, `ExactSettler`) and `escrow` (`AgentEscrow`
 bindings, `EscrowVerifier`, `EscrowSettler`), grants and deposits signed offline and relayed, exposure
-arithmetic, and the settlement queue protocol a store satisfies. Uses `escrow.chain` and `escrow.accounts`.
+arithmetic, and the one settlement engine (`SettlementEngine`: lease, batch, backoff, dead letters) with a
+small part per scheme (`SchemeSettlement`) over the queue protocol a store satisfies.
+Uses `escrow.chain` and `escrow.accounts`.
 """
 
+from ._engine import EngineOptions, SchemeSettlement, SettlementEngine
 from ._escrow import AgentEscrow, Erc20, GrantInfo
 from ._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
 from ._exact import ExactEvm, ExactRejected
@@ -26,6 +29,7 @@ from ._settler import EscrowSettler, SettleOutcome
 
 __all__ = [
     "AgentEscrow",
+    "EngineOptions",
     "Erc20",
     "EscrowClaim",
     "EscrowRejected",
@@ -36,7 +40,9 @@ __all__ = [
     "ExactSettler",
     "GrantCache",
     "GrantInfo",
+    "SchemeSettlement",
     "SettleOutcome",
+    "SettlementEngine",
     "SignedDeposit",
     "SignedGrant",
     "SignedRevoke",
