@@ -15,11 +15,7 @@ from typing import Any
 
 from eth_account import Account
 
-from escrow import (
-    sign_deposit_authorization,
-    sign_grant_offline,
-    sign_revoke_offline,
-)
+from escrow import sign_deposit_authorization, sign_grant_offline, sign_revoke_offline
 from escrow.chain._abi import ContractAbi
 from escrow.payments._escrow import escrow_artifact
 from x402 import Network

@@ -31,10 +31,7 @@ import msgspec
 
 from escrow.chain._artifacts import EscrowError
 from escrow.payments._exact_settler import fault_point
-from x402 import (
-    Reason,
-    X402Error,
-)
+from x402 import Reason, X402Error
 
 from ._answers import Challenger, Headers, ReplayStatus, receipt_headers, settle_failure_headers
 from ._decode import check_realm, decode_mpp, decode_x402v1, decode_x402v2, host_name, log_binding

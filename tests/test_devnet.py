@@ -11,13 +11,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError
 from web3.types import RPCEndpoint
 
-from escrow import (
-    ENTRYPOINT_ADDRESS,
-    Devnet,
-    DevnetError,
-    DevnetState,
-    load_artifact,
-)
+from escrow import ENTRYPOINT_ADDRESS, Devnet, DevnetError, DevnetState, load_artifact
 from escrow.devnet._node import pid_alive
 
 USDC_EACH = 1_000_000 * 10**6

@@ -51,14 +51,7 @@ from x402 import (
     parse_credential,
     verify_challenge,
 )
-from x402.client import (
-    Eip3009Wallet,
-    Offer,
-    PaymentAuth,
-    SpendPolicy,
-    offers_from_response,
-    payment_headers,
-)
+from x402.client import Eip3009Wallet, Offer, PaymentAuth, SpendPolicy, offers_from_response, payment_headers
 
 pytestmark = [pytest.mark.chain]
 

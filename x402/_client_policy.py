@@ -6,9 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Mapping
 
-from ._client_offers import (
-    Offer,
-)
+from ._client_offers import Offer
 from ._errors import SpendPolicyViolation
 from ._network import Amount, to_atomic_units
 

@@ -6,18 +6,11 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, Protocol, runtime_checkable
 
-from ._client_offers import (
-    EVM_CHARGE,
-    Credential,
-    Offer,
-)
+from ._client_offers import EVM_CHARGE, Credential, Offer
 from ._eip712 import Eip712Domain, sign_transfer_authorization
 from ._errors import MalformedPayment, NoPayableOffer
 from ._evm_charge import EvmChargeRequest, MppAuthorizationPayload, decode_evm_charge_request, did_pkh
-from ._mpp import (
-    challenge_hash,
-    challenge_hash_pympp,
-)
+from ._mpp import challenge_hash, challenge_hash_pympp
 from ._network import Network
 from ._schemes import encode_scheme_payload
 from ._signer import Signer

@@ -58,25 +58,13 @@ from ._client_offers import (
     offers_from_response,
     payment_headers,
 )
-from ._client_policy import (
-    Reservation,
-    SpendPolicy,
-)
-from ._client_wallets import (
-    Eip3009Wallet,
-    Wallet,
-)
-from ._codec import (
-    PAYMENT_RESPONSE_HEADER,
-    X_PAYMENT_RESPONSE_HEADER,
-    decode_payment_response,
-)
+from ._client_policy import Reservation, SpendPolicy
+from ._client_wallets import Eip3009Wallet, Wallet
+from ._codec import PAYMENT_RESPONSE_HEADER, X_PAYMENT_RESPONSE_HEADER, decode_payment_response
 from ._errors import NoPayableOffer, SpendPolicyViolation, X402Error
 from ._mpp import AUTHORIZATION_HEADER, PAYMENT_RECEIPT_HEADER, MppReceipt, decode_problem
 from ._mpp_header import parse_receipt
-from ._types import (
-    SettleResponse,
-)
+from ._types import SettleResponse
 
 __all__ = [
     "ACCEPT_PAYMENT_HEADER",

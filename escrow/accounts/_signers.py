@@ -19,11 +19,7 @@ from eth_utils.address import to_checksum_address
 from x402 import Signer
 
 from ..chain._rpc import Rpc
-from ._userop import (
-    _GET_NONCE,
-    ENTRYPOINT_V07,
-    personal_digest,
-)
+from ._userop import _GET_NONCE, ENTRYPOINT_V07, personal_digest
 
 __all__ = [
     "Lane",

@@ -7,14 +7,7 @@ import time
 
 import msgspec
 
-from gateway._store import (
-    ClaimLost,
-    Purged,
-    QueueStats,
-    Settlement,
-    SettlementState,
-    new_token,
-)
+from gateway._store import ClaimLost, Purged, QueueStats, Settlement, SettlementState, new_token
 
 __all__ = ["MemoryStore"]
 
