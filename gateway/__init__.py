@@ -21,7 +21,6 @@ from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
     ClaimLost,
-    MemoryStore,
     PaymentStore,
     Purged,
     QueueStats,
@@ -32,8 +31,9 @@ from ._store import (
     StoreSchemaError,
     StoreUnavailable,
     backoff,
-    open_store,
 )
+from ._stores import open_store
+from ._stores.memory import MemoryStore
 
 __all__ = [
     "TERMINAL",
