@@ -28,7 +28,8 @@ from x402 import Network
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-_PRIVATE = re.compile(r"^(x402|escrow|gateway)\._|^(x402|escrow|gateway)$")
+_PRIVATE_MODULE = re.compile(r"^(x402|escrow|gateway)(\.\w+)*\._")  # `escrow._x`, `escrow.chain._x`, ...
+_OURS = re.compile(r"^(x402|escrow|gateway)(\.\w+)*$")
 _BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -41,11 +42,11 @@ def private_imports(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names if _PRIVATE.match(alias.name) and "._" in alias.name]
+            found += [alias.name for alias in node.names if _PRIVATE_MODULE.match(alias.name)]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if "._" in node.module and _PRIVATE.match(node.module):
+            if _PRIVATE_MODULE.match(node.module):
                 found.append(node.module)
-            elif _PRIVATE.match(node.module):
+            elif _OURS.match(node.module):
                 found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     return found
 

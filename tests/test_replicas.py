@@ -20,6 +20,7 @@ import pytest
 
 from escrow import DevnetState
 from tests._gateways import (
+    FAST,
     PRICE,
     Chain,
     Gateway,
@@ -64,8 +65,13 @@ async def _replicas(
     chain: Chain, gateways: Gateways, url: str, backend: str, payee: str
 ) -> tuple[list[Gateway], list[str]]:
     relayers = [await chain.key() for _ in range(REPLICAS[backend])]
+    # Nothing is killed here, so leases need not be short: a lease must outlast a batch's sends and
+    # receipt wait (on a loaded machine a 64-payment batch can take longer than `FAST`'s 3 s), else the
+    # next settler sends the batch again (refused on chain by the used nonces, but a wasted transaction).
+    tuning = {**FAST, "lease-seconds": 60}
     replicas = [
-        gateways.new(store=url, settle="deferred", payee=payee, relayer_key=key_hex(r)) for r in relayers
+        gateways.new(store=url, settle="deferred", payee=payee, relayer_key=key_hex(r), tuning=tuning)
+        for r in relayers
     ]
     await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))
     return replicas, [r.address for r in relayers]

@@ -140,7 +140,10 @@ class SettlementEngine(Generic[P, Q]):
         self.max_age = max_age
         self.tick = tick
         self.lease_seconds = lease_seconds
-        self.receipt_timeout = receipt_timeout
+        # Never wait for a receipt past the lease: a send not seen mined is recorded as pending (with its
+        # hash) while the lease is still ours, so the settler that leases it next waits for that very
+        # transaction instead of sending the payment again.
+        self.receipt_timeout = min(receipt_timeout, lease_seconds / 2)
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.max_attempts = max_attempts  # None: retried until the scheme gives up on the payment
