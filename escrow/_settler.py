@@ -16,6 +16,11 @@ Outcomes, per claim:
 - `retry`: the transaction did not land (RPC down, timeout, revert) or the reason may pass later
   (`escrow_insufficient_deposit`, `escrow_grant_not_yet_valid`) before the payment's deadline; backoff.
 
+Metered claims (`EscrowClaim.actual` set: a charge below the signed maximum) go through `settleMetered`, which
+pays exactly the actual charge (the settler's sender must be the payee or an operator it allowed, else
+`escrow_not_payee_settler`); a claim of 0 is closed as `settled` with no transaction at all. The grant
+budget and deposit counters move by the actual charge; the rest of the maximum's reservation is given back.
+
 The contract's nonce bitmap makes every path idempotent: a claim submitted twice, or by two settlers at once,
 pays once and the second submission reconciles to `settled_elsewhere`.
 """
@@ -174,6 +179,9 @@ class EscrowSettler:
                 )
                 out.append(SettleOutcome(key=item.key, status="dead", code="escrow_wrong_chain"))
                 continue
+            if claim.charge == 0:  # metered to nothing: no transaction, and the nonce stays unused
+                out.extend(await self._settled([(item, claim)], "", "settled"))
+                continue
             groups.setdefault(claim.escrow.lower(), []).append((item, claim))
         for group in groups.values():
             out.extend(await self._settle_group(group))
@@ -184,8 +192,12 @@ class EscrowSettler:
                     await result
         return out
 
-    async def _submit(self, escrow: AgentEscrow, payloads: Sequence[EscrowPayload]) -> Receipt:
-        data = escrow.settle_calldata(payloads)
+    async def _submit(self, escrow: AgentEscrow, claims: Sequence[EscrowClaim]) -> Receipt:
+        payloads: list[EscrowPayload] = [claim.payload for claim in claims]
+        if any(claim.actual is not None for claim in claims):
+            data = escrow.settle_metered_calldata(payloads, [claim.charge for claim in claims])
+        else:  # the plain batch: cheaper calldata, and anyone may send it
+            data = escrow.settle_calldata(payloads)
         try:
             estimate = await self.sender.rpc.request(
                 "eth_estimateGas",
@@ -199,7 +211,7 @@ class EscrowSettler:
     async def _settle_group(self, group: list[tuple[QueuedItem, EscrowClaim]]) -> list[SettleOutcome]:
         escrow = AgentEscrow(self.sender.rpc, group[0][1].escrow)
         try:
-            receipt = await self._submit(escrow, [claim.payload for _, claim in group])
+            receipt = await self._submit(escrow, [claim for _, claim in group])
         except ChainError as exc:
             return [await self._retry(item, claim, f"{exc.code}: {exc}") for item, claim in group]
         gas = int(receipt.gas_used, 16)
@@ -237,7 +249,7 @@ class EscrowSettler:
         return SettleOutcome(
             key=item.key,
             status=status,
-            amount=int(p.amount),
+            amount=claim.charge,
             payer=p.payer,
             payee=p.payee,
             signer=claim.signer,
@@ -265,12 +277,19 @@ class EscrowSettler:
         return out
 
     async def count_settled(self, claim: EscrowClaim) -> None:
-        """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
-        reservations (pending = reserved - settled; see `escrow._exposure`). Only after `count_once`."""
-        amount = int(claim.payload.payment.amount)
-        for account in (claim.settled, claim.deposit_settled):
-            if account is not None:
-                await self.store.add_pending(account, amount, limit=_UINT256_MAX)
+        """A payment landed: raise its `settled` counters (budget and deposit) by what it paid, which is what
+        releases its reservations (pending = reserved - settled; see `escrow._exposure`); a metered charge
+        below the maximum also gives back the rest of the maximum it reserved. Only after `count_once`."""
+        charge = claim.charge
+        unused = int(claim.payload.payment.amount) - charge
+        for settled, reserved in (
+            (claim.settled, claim.reserved),
+            (claim.deposit_settled, claim.deposit_reserved),
+        ):
+            if settled is not None and charge:
+                await self.store.add_pending(settled, charge, limit=_UINT256_MAX)
+            if reserved is not None and unused:
+                await self.store.sub_pending(reserved, unused)
 
     async def count_once(self, key: str, *, keep_until: float | None = None) -> bool:
         """True exactly once per settled payment `key`: the one caller that may move its spend counters.
@@ -342,7 +361,7 @@ class EscrowSettler:
             a = event.args
             if (
                 str(a["token"]).lower() == p.token.lower()
-                and int(a["amount"]) == int(p.amount)
+                and int(a["amount"]) == claim.charge
                 and int(a["nonce"]) == int(p.nonce)
             ):
                 return event
@@ -353,10 +372,13 @@ class EscrowSettler:
     async def settle_now(self, claim: EscrowClaim) -> tuple[str, str]:
         """Settle one claim in its own transaction (a gateway past its credit limit, before it serves).
 
-        Returns (tx_hash, code): code "" when paid. Raises `ChainError` if the transaction did not land.
+        Returns (tx_hash, code): code "" when paid ("", "" for a metered charge of 0: nothing sent).
+        Raises `ChainError` if the transaction did not land.
         """
         escrow = AgentEscrow(self.sender.rpc, claim.escrow)
-        receipt = await self._submit(escrow, [claim.payload])
+        if claim.charge == 0:
+            return "", ""
+        receipt = await self._submit(escrow, [claim])
         self.gas_used += int(receipt.gas_used, 16)
         for event in escrow.decode_logs(receipt):
             if event.name == "PaymentFailed":

@@ -231,6 +231,8 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
     "escrow_amount_exceeds_cap": (402, _VERIFICATION, 402),
     "escrow_budget_exceeded": (402, _VERIFICATION, 402),  # as INSUFFICIENT_FUNDS
     "escrow_insufficient_deposit": (402, _VERIFICATION, 402),  # as INSUFFICIENT_BALANCE
+    "escrow_actual_exceeds_amount": (402, _VERIFICATION, 402),  # metered: settler asked past the maximum
+    "escrow_not_payee_settler": (402, _VERIFICATION, 402),  # metered: settler not allowed by the payee
     "escrow_recipient_mismatch": (402, _VERIFICATION, 402),  # as RECIPIENT_MISMATCH
     "escrow_amount_mismatch": (402, _INSUFFICIENT, 402),  # as VALUE_MISMATCH
     "escrow_contract_mismatch": (402, _VERIFICATION, 402),  # as NETWORK_MISMATCH
