@@ -282,7 +282,52 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     {
         uint256 n = payments.length;
         require(n == signatures.length, EscrowLengthMismatch(n, signatures.length));
-        return _settleBatch(payments, _noActuals(), signatures);
+        reasons = new Reason[](n);
+
+        // One payout per distinct (payee, token): totals accumulate in memory, found through a transient index.
+        address[] memory payees = new address[](n);
+        address[] memory tokens = new address[](n);
+        uint256[] memory totals = new uint256[](n);
+        uint256 groups;
+
+        for (uint256 i; i < n; ++i) {
+            Payment calldata payment = payments[i];
+            (Reason reason, address signer) = _check(payment, payment.amount, signatures[i]);
+            if (reason != Reason.None) {
+                reasons[i] = reason;
+                emit PaymentFailed(payment.payer, payment.nonce, i, reason);
+                continue;
+            }
+            _apply(payment, payment.amount, signer);
+
+            address payee = payment.payee;
+            address token = payment.token;
+            uint256 slot = _payoutSlot(payee, token);
+            uint256 group;
+            assembly ("memory-safe") {
+                group := tload(slot)
+            }
+            if (group == 0) {
+                payees[groups] = payee;
+                tokens[groups] = token;
+                group = ++groups;
+                assembly ("memory-safe") {
+                    tstore(slot, group)
+                }
+            }
+            totals[group - 1] += payment.amount;
+        }
+
+        for (uint256 j; j < groups; ++j) {
+            address payee = payees[j];
+            address token = tokens[j];
+            uint256 slot = _payoutSlot(payee, token);
+            // Cleared so that a second settle in the same transaction (multicall) starts from an empty index.
+            assembly ("memory-safe") {
+                tstore(slot, 0)
+            }
+            _payout(payee, token, totals[j]);
+        }
     }
 
     /// @inheritdoc IAgentEscrow
@@ -294,7 +339,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint256 n = payments.length;
         require(n == signatures.length, EscrowLengthMismatch(n, signatures.length));
         require(n == actuals.length, EscrowActualsLengthMismatch(n, actuals.length));
-        return _settleBatch(payments, actuals, signatures);
+        return _settleMetered(payments, actuals, signatures);
     }
 
     /// @inheritdoc IAgentEscrow
@@ -383,19 +428,11 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
 
     // ------------------------------------------------------------------ internals
 
-    /// @dev An empty calldata array: {_settleBatch} then charges every payment its full signed amount.
-    function _noActuals() private pure returns (uint256[] calldata actuals) {
-        assembly ("memory-safe") {
-            actuals.offset := 0
-            actuals.length := 0
-        }
-    }
-
     /**
-     * @dev The batch of {settle} (`actuals` empty: each payment's full amount) and {settleMetered}. One payout per
-     * distinct (payee, token): totals accumulate in memory, found through a transient index.
+     * @dev The batch of {settleMetered}: {settle}'s loop with a charge per entry (kept apart so that the plain batch,
+     * the hot path, pays none of the metered bookkeeping). One payout per distinct (payee, token).
      */
-    function _settleBatch(Payment[] calldata payments, uint256[] calldata actuals, bytes[] calldata signatures)
+    function _settleMetered(Payment[] calldata payments, uint256[] calldata actuals, bytes[] calldata signatures)
         private
         returns (Reason[] memory reasons)
     {
@@ -483,8 +520,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /**
-     * @dev Entry `i` of a batch: the charge (`actuals[i]`, or the signed amount when `actuals` is empty) and its
-     * checks. A metered charge above the maximum, or below it from someone the payee did not allow, fails
+     * @dev Entry `i` of a metered batch: the charge `actuals[i]` and its checks. A metered charge above the maximum, or below it from someone the payee did not allow, fails
      * before the signature is even looked at: neither can ever pass, whoever signed.
      */
     function _checkEntry(Payment calldata payment, uint256[] calldata actuals, uint256 i, bytes calldata signature)
@@ -492,14 +528,11 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         view
         returns (Reason reason, address signer, uint256 amount)
     {
-        amount = payment.amount;
-        if (actuals.length != 0) {
-            uint256 actual = actuals[i];
-            if (actual > amount) return (Reason.ActualExceedsAmount, address(0), actual);
-            if (actual != amount && msg.sender != payment.payee && !_settlers[payment.payee][msg.sender]) {
-                return (Reason.NotPayeeSettler, address(0), actual);
-            }
-            amount = actual;
+        amount = actuals[i];
+        uint256 maximum = payment.amount;
+        if (amount > maximum) return (Reason.ActualExceedsAmount, address(0), amount);
+        if (amount != maximum && msg.sender != payment.payee && !_settlers[payment.payee][msg.sender]) {
+            return (Reason.NotPayeeSettler, address(0), amount);
         }
         (reason, signer) = _check(payment, amount, signature);
     }
