@@ -8,16 +8,23 @@ only `witness.facilitator` call `settle`, so the key that signs the transaction 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from x402._upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayload
 
 from ._artifacts import load_artifact
-from ._escrow import ContractAbi, Erc20
-from ._rpc import Receipt, Rpc
+from ._escrow import ContractAbi, Erc20, topic_address
+from ._rpc import Log, Receipt, Rpc
 from ._sender import TxSender
 
-__all__ = ["UptoChain", "permit_args"]
+__all__ = ["UptoChain", "UptoSettlement", "permit_args"]
+
+
+class UptoSettlement(NamedTuple):
+    """A `Settled` log of the proxy: which transaction paid how much."""
+
+    tx_hash: str
+    amount: int
 
 
 @lru_cache(maxsize=1)
@@ -77,3 +84,28 @@ class UptoChain:
         return await self.sender.transact(
             self.proxy, self.settle_calldata(payload, amount), gas=200_000, timeout=timeout
         )
+
+    async def find_settlement(self, payload: UptoPayload, *, from_block: int = 0) -> UptoSettlement | None:
+        """The proxy's `Settled` log of this very authorization (owner, recipient, token, nonce)."""
+        a = payload.permit2_authorization
+        abi = _proxy_abi()
+        raw = await self.rpc.request(
+            "eth_getLogs",
+            [
+                {
+                    "address": self.proxy,
+                    "fromBlock": hex(from_block),
+                    "toBlock": "latest",
+                    "topics": [abi.topics["Settled"], topic_address(a.from_), topic_address(a.witness.to)],
+                }
+            ],
+        )
+        for entry in raw:
+            log = Log(address=entry["address"], topics=entry["topics"], data=entry["data"])
+            event = abi.decode_log(log, tx_hash=entry["transactionHash"])
+            if event is None:
+                continue
+            args = event.args
+            if int(args["nonce"]) == int(a.nonce) and str(args["token"]).lower() == a.permitted.token.lower():
+                return UptoSettlement(tx_hash=entry["transactionHash"], amount=int(args["amount"]))
+        return None

@@ -12,15 +12,21 @@ above the route's), token, signature, then the chain: Permit2 allowance (`permit
 Settlement is metered (`gateway._scheme.Meters`): `settle(verified, actual=n)` sends `proxy.settle(...,
 n, ...)`, so the payee receives exactly `n <= maximum`; 0 sends nothing. An `upto` payment is always
 settled before its response (`settle_now`), as x402 facilitators do: there is no batching settler for it.
+Its `upto:now` in-flight record is closed by `reconcile_items` (recovery: `reconcilers={"upto": scheme}`)
+from the chain alone: the proxy's `Settled` log of this authorization means settled; a Permit2 nonce used
+without one means the payer cancelled it; past its deadline unsettled means nothing was charged.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
 from escrow._rpc import ChainError
+from escrow._settler import SettleOutcome
 from escrow._upto import UptoChain
 from x402 import PaymentRejected, PaymentRequirements
 from x402._upto import UPTO_PROXY_ADDRESS, UPTO_SCHEME, UptoCode, decode_upto_payload, recover_upto
@@ -28,7 +34,7 @@ from x402._upto import UPTO_PROXY_ADDRESS, UPTO_SCHEME, UptoCode, decode_upto_pa
 from ._errors import PaymentFailed
 from ._pricing import Quote
 from ._scheme import Offer, Presented, Verified, check_actual
-from ._store import Settlement
+from ._store import PaymentStore, Settlement, backoff
 
 __all__ = ["UptoScheme"]
 
@@ -45,8 +51,14 @@ class UptoScheme:
     name = UPTO_SCHEME
     metered = True
 
-    def __init__(self, chain: UptoChain) -> None:
+    def __init__(self, chain: UptoChain, *, store: PaymentStore | None = None) -> None:
+        """`store`: where `reconcile_items` records outcomes (the middleware's store; see `use_store`)."""
         self.chain = chain
+        self.store = store
+
+    def use_store(self, store: PaymentStore) -> None:
+        if self.store is None:
+            self.store = store
 
     def offer(self, quote: Quote) -> Offer:
         asset = quote.asset
@@ -148,3 +160,57 @@ class UptoScheme:
             created_at=now,
             expires_at=verified.expires_at,
         )
+
+    async def reconcile_items(self, items: Sequence[Settlement]) -> list[SettleOutcome]:
+        """Close `upto:now` records a crashed gateway left open, from the chain, sending nothing."""
+        store = self.store
+        if store is None:
+            raise RuntimeError("UptoScheme.reconcile_items needs a store (use_store)")
+        out: list[SettleOutcome] = []
+        for item in items:
+            try:
+                payload = decode_upto_payload(msgspec.json.decode(item.payload))
+                a = payload.permit2_authorization
+                used = await self.chain.nonce_used(a.from_, int(a.nonce))
+                found = await self.chain.find_settlement(payload) if used else None
+            except ChainError as exc:
+                retry_at = time.time() + backoff(item.attempts)
+                await store.mark_failed(
+                    item.key, error=f"{exc.code}: {exc}", retry_at=retry_at, lease=item.lease_token
+                )
+                out.append(SettleOutcome(key=item.key, status="retry", code=exc.code))
+                continue
+            except (msgspec.DecodeError, PaymentRejected, ValueError) as exc:
+                await store.mark_failed(
+                    item.key, error=f"upto_record_malformed: {exc}", retry_at=None, lease=item.lease_token
+                )
+                out.append(SettleOutcome(key=item.key, status="dead", code="upto_record_malformed"))
+                continue
+            if found is not None:
+                await store.mark_settled([item.key], tx_hash=found.tx_hash, lease=item.lease_token)
+                out.append(
+                    SettleOutcome(
+                        key=item.key,
+                        status="settled",
+                        tx_hash=found.tx_hash,
+                        amount=found.amount,
+                        payer=a.from_,
+                    )
+                )
+            elif used or int(a.deadline) <= time.time():
+                code = UptoCode.NONCE_USED if used else "upto_never_settled"
+                detail = "cancelled by the payer" if used else "expired unsettled"
+                await store.mark_failed(
+                    item.key,
+                    error=f"{code}: {detail}; nothing was charged",
+                    retry_at=None,
+                    lease=item.lease_token,
+                )
+                out.append(SettleOutcome(key=item.key, status="dead", code=code, payer=a.from_))
+            else:
+                error = "upto_unsettled: not settled yet; final once the authorization's deadline passes"
+                await store.mark_failed(
+                    item.key, error=error, retry_at=int(a.deadline) + 1.0, lease=item.lease_token
+                )
+                out.append(SettleOutcome(key=item.key, status="retry", code="upto_unsettled"))
+        return out

@@ -25,7 +25,7 @@ from escrow._rpc import Rpc, TxSender
 from escrow._upto import UptoChain
 from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._pricing import Quote
-from gateway._scheme import Presented, Verified
+from gateway._scheme import Presented, Verified, in_flight_kind
 from gateway._upto import UptoScheme
 from x402 import LocalSigner, PaymentRejected, decode_payment_required
 from x402._errors import NoPayableOffer
@@ -232,3 +232,48 @@ async def test_our_client_pays_an_upto_route_and_is_capped_before_signing(env: E
     assert not capped.can_pay(offer)
     with pytest.raises(NoPayableOffer):
         capped.pay(offer)
+
+
+async def _lease_now(store: MemoryStore) -> list[Any]:
+    return await store.lease(in_flight_kind("upto"), limit=10, lease_seconds=60)
+
+
+async def test_recovery_closes_in_flight_records_from_the_chain(env: Env) -> None:
+    store = MemoryStore()
+    env.scheme.use_store(store)
+    now = time.time()
+    # 1. Settled, then the gateway died before recording it: recovery finds the proxy's log.
+    paid = await env.verify(env.sign())
+    record = env.scheme.settlement(paid, now=now, actual=3_000)
+    await store.enqueue(msgspec.structs.replace(record, kind=in_flight_kind("upto")))
+    tx = await env.scheme.settle(paid, actual=3_000)
+    # 2. Never settled, and past its deadline: final, nothing charged.
+    expired = env.sign(deadline=int(now) - 1)
+    gone = Verified(
+        scheme="upto",
+        key="upto:expired",
+        payer=env.payer.address,
+        amount=MAXIMUM,
+        network=env.asset.network,
+        state=expired,
+        expires_at=now - 1,
+    )
+    await store.enqueue(
+        msgspec.structs.replace(env.scheme.settlement(gone, now=now), kind=in_flight_kind("upto"))
+    )
+    # 3. Not settled, still valid: looked at again at its deadline.
+    pending = await env.verify(env.sign())
+    await store.enqueue(
+        msgspec.structs.replace(env.scheme.settlement(pending, now=now), kind=in_flight_kind("upto"))
+    )
+    outcomes = {o.key: o for o in await env.scheme.reconcile_items(await _lease_now(store))}
+    assert (outcomes[paid.key].status, outcomes[paid.key].tx_hash, outcomes[paid.key].amount) == (
+        "settled",
+        tx,
+        3_000,
+    )
+    assert (outcomes["upto:expired"].status, outcomes["upto:expired"].code) == ("dead", "upto_never_settled")
+    assert (outcomes[pending.key].status, outcomes[pending.key].code) == ("retry", "upto_unsettled")
+    item = await store.get_settlement(paid.key)
+    assert item is not None and item.state == "settled" and item.tx_hash == tx
+    assert await env.usdc.balance_of(env.pay_to) == 3_000

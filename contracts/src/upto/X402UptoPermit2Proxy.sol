@@ -25,8 +25,16 @@ contract X402UptoPermit2Proxy {
     string public constant WITNESS_TYPE_STRING =
         "Witness witness)TokenPermissions(address token,uint256 amount)Witness(address to,address facilitator,uint256 validAfter)";
 
-    /// @dev `owner` paid `amount` of `token` to `to` (at most the signed maximum), settled by `facilitator`.
-    event Settled(address indexed owner, address indexed to, address indexed facilitator, address token, uint256 amount);
+    /// @dev `owner` paid `amount` of `token` to `to` (at most the signed maximum) under Permit2 `nonce`, settled by
+    /// `facilitator`. The nonce lets a facilitator that lost track find its own settlement again.
+    event Settled(
+        address indexed owner,
+        address indexed to,
+        address indexed facilitator,
+        address token,
+        uint256 amount,
+        uint256 nonce
+    );
 
     /// @dev The settled amount is above the permitted maximum.
     error AmountExceedsPermitted();
@@ -65,6 +73,6 @@ contract X402UptoPermit2Proxy {
             WITNESS_TYPE_STRING,
             signature
         );
-        emit Settled(owner, witness.to, msg.sender, permit.permitted.token, amount);
+        emit Settled(owner, witness.to, msg.sender, permit.permitted.token, amount, permit.nonce);
     }
 }
