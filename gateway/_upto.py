@@ -25,9 +25,9 @@ from typing import Any
 
 import msgspec
 
-from escrow._rpc import ChainError
-from escrow._settler import SettleOutcome
-from escrow._upto import UptoChain
+from escrow.chain._rpc import ChainError
+from escrow.payments._settler import SettleOutcome
+from escrow.payments._upto import UptoChain
 from x402 import PaymentRejected, PaymentRequirements
 from x402._upto import UPTO_PROXY_ADDRESS, UPTO_SCHEME, UptoCode, decode_upto_payload, recover_upto
 

@@ -14,16 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from escrow._escrow_verify import (
+from escrow.chain._rpc import TxSender
+from escrow.payments._escrow_verify import (
     EscrowClaim,
     EscrowRejected,
     EscrowVerifier,
     GrantCache,
     accounts_for,
 )
-from escrow._exposure import deposit_accounts
-from escrow._rpc import TxSender
-from escrow._settler import EscrowSettler
+from escrow.payments._exposure import deposit_accounts
+from escrow.payments._settler import EscrowSettler
 from gateway import MemoryStore
 from gateway._escrow_scheme import EscrowScheme
 from gateway._pricing import Quote

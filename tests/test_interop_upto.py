@@ -17,8 +17,8 @@ from web3 import Web3
 from web3.contract import Contract
 
 from escrow import DevnetState
-from escrow._escrow import Erc20
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._escrow import Erc20
 from tests.conftest import Transact
 from tests.peers._harness import peers_missing, run_peer
 from tests.peers._ours import Funds, GatewayServer

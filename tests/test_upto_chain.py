@@ -20,9 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from escrow import DevnetState
-from escrow._escrow import Erc20
-from escrow._rpc import Rpc, TxSender
-from escrow._upto import UptoChain
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._escrow import Erc20
+from escrow.payments._upto import UptoChain
 from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._pricing import Quote
 from gateway._scheme import Presented, Verified, in_flight_kind

@@ -28,9 +28,9 @@ from web3 import Web3
 from web3.contract import Contract
 
 from escrow import DevnetState
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
-from escrow._upto import UptoChain
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
+from escrow.payments._upto import UptoChain
 from gateway import Asset, ExactScheme, MemoryStore, PaidRoute, PaymentMiddleware, Price, SettleMode
 from gateway._upto import UptoScheme
 

@@ -12,10 +12,11 @@ from typing import Any, NamedTuple
 
 from x402._upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoPayload
 
-from ._artifacts import load_artifact
-from ._escrow import ContractAbi, Erc20, topic_address
-from ._rpc import Log, Receipt, Rpc
-from ._sender import TxSender
+from ..chain._abi import ContractAbi
+from ..chain._artifacts import load_artifact
+from ..chain._rpc import Log, Receipt, Rpc
+from ..chain._sender import TxSender
+from ._escrow import Erc20, topic_address
 
 __all__ = ["UptoChain", "UptoSettlement", "permit_args"]
 
