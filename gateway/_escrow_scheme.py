@@ -17,6 +17,12 @@ the grant's budget, both shared by every gateway on the store (refuse past them:
 `settle_now`). Deferred payments become `escrow.EscrowClaim`s in the store's queue, which
 `escrow.EscrowSettler` drains; payments settled before their response are recorded as `escrow:now` first,
 and `reconcile_items` is how recovery closes such a record if the gateway died mid-settlement.
+
+Metered (`gateway._scheme.Meters`): the signed `amount` is the maximum, and it is what verification checks
+against the grant's per-call cap and reserves; `settle(verified, actual=n)` / `settlement(verified, now=,
+actual=n)` pay `n` through `AgentEscrow.settleMetered` (the settler's key must be the payee or allowed by it
+with `setSettler`), the budget and deposit counters then count `n`, and the rest is given back. `n == 0`
+sends nothing and releases everything.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, 
 
 from ._errors import PaymentFailed
 from ._pricing import Quote
-from ._scheme import MppOffer, Offer, Presented, Verified
+from ._scheme import MppOffer, Offer, Presented, Verified, check_actual
 from ._store import ClaimLost, PaymentStore, Settlement
 
 __all__ = ["EscrowScheme", "EscrowState"]
@@ -61,6 +67,7 @@ class EscrowScheme:
     """
 
     name = "escrow"
+    metered = True  # `settle` / `settlement` take `actual=` (see `gateway._scheme.Meters`)
 
     def __init__(
         self,
@@ -224,14 +231,22 @@ class EscrowScheme:
             await self.store.mark_settled([verified.key], tx_hash=tx_hash)
         return tx_hash
 
-    async def settle(self, verified: Verified) -> str:
+    async def settle(self, verified: Verified, *, actual: int | None = None) -> str:
         """Settle before the response (`settle="before-response"`, or past the credit limit).
 
-        A refusal raises `PaymentFailed`; the pipeline then calls `release` (nothing is charged).
+        `actual`: the metered charge, at most `verified.amount` (None: all of it). 0 sends nothing, gives
+        back every reservation and returns "". A refusal raises `PaymentFailed`; the pipeline then calls
+        `release` (nothing is charged).
         """
         state: EscrowState = verified.state
         if state.tx_hash:
             return state.tx_hash
+        charge = check_actual(verified, actual)
+        if charge == 0:
+            await self.release_state(state, verified.key)
+            return ""
+        if charge != verified.amount:
+            state.claim = msgspec.structs.replace(state.claim, actual=charge)
         tx_hash = await self._settle_now(verified, record=False, now=0.0)
         if state.credited:  # paid: this payment no longer sits on the payer's credit
             await self.store.sub_pending(state.claim.credit or "", verified.amount)
@@ -243,9 +258,12 @@ class EscrowScheme:
         state: EscrowState = verified.state
         return state.settle_now and not state.tx_hash
 
-    def _settlement(self, verified: Verified, now: float) -> Settlement:
+    def _settlement(self, verified: Verified, now: float, actual: int | None = None) -> Settlement:
         state: EscrowState = verified.state
         claim = state.claim
+        charge = check_actual(verified, actual)
+        if charge != int(claim.payload.payment.amount):
+            claim = msgspec.structs.replace(claim, actual=charge)
         if not state.credited:
             claim = msgspec.structs.replace(claim, credit=None)
         return Settlement(
@@ -253,13 +271,14 @@ class EscrowScheme:
             kind=self.name,
             payload=encode_claim(claim),
             payer=verified.payer,
-            amount=verified.amount,
+            amount=charge,
             created_at=now,
             expires_at=verified.expires_at,
         )
 
-    def settlement(self, verified: Verified, *, now: float) -> Settlement:
-        return self._settlement(verified, now)
+    def settlement(self, verified: Verified, *, now: float, actual: int | None = None) -> Settlement:
+        """The queue item paying `actual` (None: the signed maximum; 0: closed without a transaction)."""
+        return self._settlement(verified, now, actual)
 
     # -- recovery ------------------------------------------------------------------------------------------
 

@@ -236,7 +236,7 @@ def test_escrow_mpp_payload_always_names_its_type() -> None:
 
 def test_every_escrow_code_has_its_own_error_answer() -> None:
     codes = [v for k, v in vars(EscrowCode).items() if k.isupper()]
-    assert len(codes) == 18
+    assert len(codes) == 20
     assert all(code in _TABLE for code in codes)
     # a replayed payment is answered as for `exact` (MPP: 402 invalid-challenge, or 403 behind an option)
     for code in (EscrowCode.NONCE_USED, EscrowCode.NONCE_REUSED):

@@ -231,6 +231,23 @@ _TABLE: Final[dict[str, tuple[int, tuple[str, str], int]]] = {
     "escrow_amount_exceeds_cap": (402, _VERIFICATION, 402),
     "escrow_budget_exceeded": (402, _VERIFICATION, 402),  # as INSUFFICIENT_FUNDS
     "escrow_insufficient_deposit": (402, _VERIFICATION, 402),  # as INSUFFICIENT_BALANCE
+    "escrow_actual_exceeds_amount": (402, _VERIFICATION, 402),  # metered: settler asked past the maximum
+    "escrow_not_payee_settler": (402, _VERIFICATION, 402),  # metered: settler not allowed by the payee
+    # x402 `upto` (the official SDK's codes)
+    "invalid_permit2_spender": (402, _VERIFICATION, 402),
+    "invalid_permit2_recipient_mismatch": (402, _VERIFICATION, 402),
+    "upto_facilitator_mismatch": (402, _VERIFICATION, 402),
+    "permit2_deadline_expired": (402, _VERIFICATION, 402),
+    "permit2_not_yet_valid": (402, _VERIFICATION, 402),
+    "permit2_amount_mismatch": (402, _VERIFICATION, 402),
+    "permit2_token_mismatch": (402, _VERIFICATION, 402),
+    "invalid_permit2_signature": (402, _VERIFICATION, 402),
+    "permit2_allowance_required": (412, _VERIFICATION, 402),  # the spec's status: approve Permit2 first
+    "permit2_insufficient_balance": (402, _VERIFICATION, 402),
+    "permit2_nonce_used": (402, _CHALLENGE, 402),
+    "invalid_upto_evm_network_mismatch": (402, _VERIFICATION, 402),
+    "invalid_upto_evm_transaction_failed": (402, _VERIFICATION, 402),
+    "invalid_upto_evm_payload_settlement_exceeds_amount": (402, _VERIFICATION, 402),
     "escrow_recipient_mismatch": (402, _VERIFICATION, 402),  # as RECIPIENT_MISMATCH
     "escrow_amount_mismatch": (402, _INSUFFICIENT, 402),  # as VALUE_MISMATCH
     "escrow_contract_mismatch": (402, _VERIFICATION, 402),  # as NETWORK_MISMATCH

@@ -104,7 +104,7 @@ _Epoch = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 
 
 class EscrowCode:
-    """Stable error codes of the scheme. The first fourteen are ``IAgentEscrow.Reason`` one to one."""
+    """Stable error codes of the scheme. The first sixteen are ``IAgentEscrow.Reason`` one to one."""
 
     DEADLINE_EXPIRED: Final = "escrow_deadline_expired"
     INVALID_PAYEE: Final = "escrow_invalid_payee"
@@ -119,6 +119,8 @@ class EscrowCode:
     AMOUNT_EXCEEDS_CAP: Final = "escrow_amount_exceeds_cap"
     BUDGET_EXCEEDED: Final = "escrow_budget_exceeded"
     INSUFFICIENT_DEPOSIT: Final = "escrow_insufficient_deposit"
+    ACTUAL_EXCEEDS_AMOUNT: Final = "escrow_actual_exceeds_amount"  # metered: above the signed maximum
+    NOT_PAYEE_SETTLER: Final = "escrow_not_payee_settler"  # metered: below the maximum, sender not allowed
     # Off-chain only.
     RECIPIENT_MISMATCH: Final = "escrow_recipient_mismatch"  # the payment pays someone else than payTo
     AMOUNT_MISMATCH: Final = "escrow_amount_mismatch"  # the payment is not the price
@@ -143,6 +145,8 @@ REASON_CODES: Final[tuple[str, ...]] = (
     EscrowCode.AMOUNT_EXCEEDS_CAP,
     EscrowCode.BUDGET_EXCEEDED,
     EscrowCode.INSUFFICIENT_DEPOSIT,
+    EscrowCode.ACTUAL_EXCEEDS_AMOUNT,
+    EscrowCode.NOT_PAYEE_SETTLER,
 )
 
 

@@ -8,6 +8,7 @@ import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/Signa
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {IAgentChannels} from "./escrow/IAgentChannels.sol";
+import {IERC3009Receive} from "./escrow/IERC3009Receive.sol";
 
 /**
  * @title AgentChannels
@@ -24,8 +25,9 @@ import {IAgentChannels} from "./escrow/IAgentChannels.sol";
  * Voucher signatures: 65-byte low-s ECDSA from the authorized signer (or ERC-1271 when that signer is a contract),
  * through OpenZeppelin's {SignatureChecker}.
  *
- * Not implemented from the draft: `openWithAuthorization` / `topUpWithAuthorization` (the fee-payer profile); their
- * 14-parameter ABI does not compile without `via_ir`.
+ * Relayed profile: {openWithAuthorization} / {topUpWithAuthorization} pull the deposit with the payer's EIP-3009
+ * `receiveWithAuthorization` (the draft's nonce derivation, `NonceMismatch` on a mismatch); their parameters are
+ * grouped in one struct each (the draft's flat lists need `via_ir`, which the rest of the build does not use).
  *
  * Storage: four slots per channel (amounts are kept as `uint96` next to addresses; the ABI keeps the draft's
  * `uint128`, and a deposit above 2^96 - 1 base units reverts), so a settlement reads four slots and writes one.
@@ -96,6 +98,52 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
     }
 
     /// @inheritdoc IAgentChannels
+    function openWithAuthorization(OpenAuthorization calldata auth, bytes calldata signature)
+        external
+        nonReentrant
+        returns (bytes32 channelId)
+    {
+        address payee = auth.payee;
+        address token = auth.token;
+        require(payee != address(0) && token != address(0), ChannelInvalidParty(payee, token));
+        require(auth.deposit != 0, ChannelZeroDeposit());
+        address from = auth.from;
+        bytes32 expected = keccak256(abi.encode(from, payee, token, auth.salt, auth.authorizedSigner));
+        require(auth.nonce == expected, ChannelNonceMismatch(expected, auth.nonce));
+        channelId = _channelId(from, payee, token, auth.salt, auth.authorizedSigner);
+        ChannelData storage c = _channels[channelId];
+        require(c.payer == address(0), ChannelAlreadyExists(channelId));
+
+        c.payer = from;
+        c.payee = payee;
+        c.token = token;
+        c.deposit = SafeCast.toUint96(auth.deposit);
+        c.authorizedSigner = auth.authorizedSigner;
+        emit ChannelOpened(channelId, from, payee, token, auth.authorizedSigner, auth.deposit, auth.salt);
+
+        // `receive` (not `transfer`) WithAuthorization: the token checks that we are both recipient and caller, so the
+        // authorization cannot be front-run into a plain transfer that opens no channel.
+        IERC3009Receive(token).receiveWithAuthorization(
+            from, address(this), auth.deposit, auth.validAfter, auth.validBefore, auth.nonce, signature
+        );
+    }
+
+    /// @inheritdoc IAgentChannels
+    function topUpWithAuthorization(TopUpAuthorization calldata auth, bytes calldata signature) external nonReentrant {
+        bytes32 channelId = auth.channelId;
+        ChannelData storage c = _live(channelId);
+        require(auth.from == c.payer, ChannelUnauthorized(channelId, auth.from));
+        require(auth.additionalDeposit != 0, ChannelZeroDeposit());
+        bytes32 expected = keccak256(abi.encode(channelId, auth.additionalDeposit, auth.from, auth.topUpSalt));
+        require(auth.nonce == expected, ChannelNonceMismatch(expected, auth.nonce));
+        _addDeposit(channelId, c, auth.additionalDeposit);
+
+        IERC3009Receive(c.token).receiveWithAuthorization(
+            auth.from, address(this), auth.additionalDeposit, auth.validAfter, auth.validBefore, auth.nonce, signature
+        );
+    }
+
+    /// @inheritdoc IAgentChannels
     function settle(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external nonReentrant {
         ChannelData storage c = _live(channelId);
         require(msg.sender == c.payee, ChannelUnauthorized(channelId, msg.sender));
@@ -106,14 +154,7 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
     function topUp(bytes32 channelId, uint128 additionalDeposit) external nonReentrant {
         ChannelData storage c = _live(channelId);
         require(msg.sender == c.payer, ChannelUnauthorized(channelId, msg.sender));
-        uint128 deposit = c.deposit + additionalDeposit;
-        c.deposit = SafeCast.toUint96(deposit);
-        emit ChannelToppedUp(channelId, additionalDeposit, deposit);
-        if (c.closeRequestedAt != 0) {
-            // Topping up says "keep going": the pending close would otherwise cut the payee's new funds short.
-            c.closeRequestedAt = 0;
-            emit ChannelCloseCancelled(channelId);
-        }
+        _addDeposit(channelId, c, additionalDeposit);
 
         IERC20(c.token).safeTransferFrom(msg.sender, address(this), additionalDeposit);
     }
@@ -208,6 +249,17 @@ contract AgentChannels is IAgentChannels, EIP712, ReentrancyGuardTransient {
         returns (bytes32)
     {
         return keccak256(abi.encode(payer, payee, token, salt, authorizedSigner, address(this), block.chainid));
+    }
+
+    function _addDeposit(bytes32 channelId, ChannelData storage c, uint128 additionalDeposit) private {
+        uint128 deposit = c.deposit + additionalDeposit;
+        c.deposit = SafeCast.toUint96(deposit);
+        emit ChannelToppedUp(channelId, additionalDeposit, deposit);
+        if (c.closeRequestedAt != 0) {
+            // Topping up says "keep going": the pending close would otherwise cut the payee's new funds short.
+            c.closeRequestedAt = 0;
+            emit ChannelCloseCancelled(channelId);
+        }
     }
 
     function _live(bytes32 channelId) private view returns (ChannelData storage c) {

@@ -74,6 +74,14 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint32 payeeCount; // 0: any payee
     }
 
+    /// @dev The payouts of one batch: one total per distinct (payee, token), `groups` of them in use.
+    struct Payouts {
+        address[] payees;
+        address[] tokens;
+        uint256[] totals;
+        uint256 groups;
+    }
+
     /// @dev A pending withdrawal; `amount == 0` means none.
     struct Withdrawal {
         uint208 amount;
@@ -106,6 +114,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     mapping(bytes32 key => bool) private _payeeAllowed;
     mapping(address signer => mapping(uint256 word => uint256 bits)) private _nonceBitmap;
     mapping(address payee => mapping(address token => uint256)) private _owed;
+    mapping(address payee => mapping(address operator => bool)) private _settlers;
 
     /// @param withdrawalDelay seconds a payer waits to withdraw (deployments: 15 minutes or more).
     constructor(uint256 withdrawalDelay) EIP712("AgentEscrow", "1") {
@@ -283,13 +292,13 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
 
         for (uint256 i; i < n; ++i) {
             Payment calldata payment = payments[i];
-            (Reason reason, address signer) = _check(payment, signatures[i]);
+            (Reason reason, address signer) = _check(payment, payment.amount, signatures[i]);
             if (reason != Reason.None) {
                 reasons[i] = reason;
                 emit PaymentFailed(payment.payer, payment.nonce, i, reason);
                 continue;
             }
-            _apply(payment, signer);
+            _apply(payment, payment.amount, signer);
 
             address payee = payment.payee;
             address token = payment.token;
@@ -322,11 +331,35 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /// @inheritdoc IAgentEscrow
+    function settleMetered(Payment[] calldata payments, uint256[] calldata actuals, bytes[] calldata signatures)
+        external
+        nonReentrant
+        returns (Reason[] memory reasons)
+    {
+        uint256 n = payments.length;
+        require(n == signatures.length, EscrowLengthMismatch(n, signatures.length));
+        require(n == actuals.length, EscrowActualsLengthMismatch(n, actuals.length));
+        return _settleMetered(payments, actuals, signatures);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function setSettler(address operator, bool allowed) external {
+        _settlers[msg.sender][operator] = allowed;
+        emit SettlerSet(msg.sender, operator, allowed);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function isSettler(address payee, address operator) external view returns (bool) {
+        return operator == payee || _settlers[payee][operator];
+    }
+
+    /// @inheritdoc IAgentEscrow
     function settleOne(Payment calldata payment, bytes calldata signature) external nonReentrant {
-        (Reason reason, address signer) = _check(payment, signature);
+        uint256 amount = payment.amount;
+        (Reason reason, address signer) = _check(payment, amount, signature);
         require(reason == Reason.None, EscrowPaymentRejected(reason));
-        _apply(payment, signer);
-        _payout(payment.payee, payment.token, payment.amount);
+        _apply(payment, amount, signer);
+        _payout(payment.payee, payment.token, amount);
     }
 
     /// @inheritdoc IAgentEscrow
@@ -335,7 +368,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         view
         returns (Reason reason, address signer)
     {
-        return _check(payment, signature);
+        return _check(payment, payment.amount, signature);
     }
 
     // ------------------------------------------------------------------ views
@@ -395,6 +428,40 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
 
     // ------------------------------------------------------------------ internals
 
+    /**
+     * @dev The batch of {settleMetered}: {settle}'s loop with a charge per entry (kept apart so that the plain batch,
+     * the hot path, pays none of the metered bookkeeping). One payout per distinct (payee, token).
+     */
+    function _settleMetered(Payment[] calldata payments, uint256[] calldata actuals, bytes[] calldata signatures)
+        private
+        returns (Reason[] memory reasons)
+    {
+        uint256 n = payments.length;
+        reasons = new Reason[](n);
+        Payouts memory payouts = Payouts(new address[](n), new address[](n), new uint256[](n), 0);
+        for (uint256 i; i < n; ++i) {
+            Payment calldata payment = payments[i];
+            (Reason reason, address signer, uint256 amount) = _checkEntry(payment, actuals, i, signatures[i]);
+            if (reason != Reason.None) {
+                reasons[i] = reason;
+                emit PaymentFailed(payment.payer, payment.nonce, i, reason);
+                continue;
+            }
+            _apply(payment, amount, signer);
+            _addToGroup(payouts, payment.payee, payment.token, amount);
+        }
+        for (uint256 j; j < payouts.groups; ++j) {
+            address payee = payouts.payees[j];
+            address token = payouts.tokens[j];
+            uint256 slot = _payoutSlot(payee, token);
+            // Cleared so that a second settle in the same transaction (multicall) starts from an empty index.
+            assembly ("memory-safe") {
+                tstore(slot, 0)
+            }
+            _payout(payee, token, payouts.totals[j]);
+        }
+    }
+
     function _credit(address payer, address token, address from, uint256 amount) private {
         _deposits[payer][token] += amount;
         emit Deposited(payer, token, from, amount);
@@ -453,10 +520,48 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /**
-     * @dev The checks of one payment, in the order the scheme documents, without side effects. `signer` is who
-     * signed (the payer, or a session key of the payer), or zero when nobody valid did.
+     * @dev Entry `i` of a metered batch: the charge `actuals[i]` and its checks. A metered charge above the maximum, or below it from someone the payee did not allow, fails
+     * before the signature is even looked at: neither can ever pass, whoever signed.
      */
-    function _check(Payment calldata payment, bytes calldata signature)
+    function _checkEntry(Payment calldata payment, uint256[] calldata actuals, uint256 i, bytes calldata signature)
+        private
+        view
+        returns (Reason reason, address signer, uint256 amount)
+    {
+        amount = actuals[i];
+        uint256 maximum = payment.amount;
+        if (amount > maximum) return (Reason.ActualExceedsAmount, address(0), amount);
+        if (amount != maximum && msg.sender != payment.payee && !_settlers[payment.payee][msg.sender]) {
+            return (Reason.NotPayeeSettler, address(0), amount);
+        }
+        (reason, signer) = _check(payment, amount, signature);
+    }
+
+    /// @dev Adds `amount` to the (payee, token) payout group of a batch, opening the group if it is new.
+    function _addToGroup(Payouts memory payouts, address payee, address token, uint256 amount) private {
+        uint256 slot = _payoutSlot(payee, token);
+        uint256 group;
+        assembly ("memory-safe") {
+            group := tload(slot)
+        }
+        if (group == 0) {
+            group = ++payouts.groups;
+            payouts.payees[group - 1] = payee;
+            payouts.tokens[group - 1] = token;
+            assembly ("memory-safe") {
+                tstore(slot, group)
+            }
+        }
+        payouts.totals[group - 1] += amount;
+    }
+
+    /**
+     * @dev The checks of one payment charged `amount` (its signed amount, or a metered charge at most that), in
+     * the order the scheme documents, without side effects. The per-call cap holds the signed maximum; the budget
+     * and the deposit hold `amount`. `signer` is who signed (the payer, or a session key of the payer), or zero
+     * when nobody valid did.
+     */
+    function _check(Payment calldata payment, uint256 amount, bytes calldata signature)
         private
         view
         returns (Reason reason, address signer)
@@ -472,7 +577,6 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint256 nonce = payment.nonce;
         if (_nonceBitmap[signer][nonce >> 8] & (1 << (nonce & 0xff)) != 0) return (Reason.NonceUsed, signer);
 
-        uint256 amount = payment.amount;
         if (signer != payer) {
             reason = _checkGrant(_grants[payer][signer], payment, signer, amount);
             if (reason != Reason.None) return (reason, signer);
@@ -498,16 +602,16 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             limits.payeeCount != 0
                 && !_payeeAllowed[_payeeKey(payment.payer, signer, terms.epoch, payment.payee)]
         ) return Reason.PayeeNotAllowed;
-        if (amount > limits.maxPerCall) return Reason.AmountExceedsCap;
+        // The cap bounds what the key signed for (the maximum), not just what this settlement charges.
+        if (payment.amount > limits.maxPerCall) return Reason.AmountExceedsCap;
         if (amount > limits.remaining) return Reason.BudgetExceeded;
         return Reason.None;
     }
 
-    /// @dev Applies a payment that {_check} accepted: uses its nonce and debits the deposit and the grant.
-    function _apply(Payment calldata payment, address signer) private {
+    /// @dev Applies a payment that {_check} accepted for `amount`: uses its nonce and debits the deposit and grant.
+    function _apply(Payment calldata payment, uint256 amount, address signer) private {
         address payer = payment.payer;
         address token = payment.token;
-        uint256 amount = payment.amount;
         uint256 nonce = payment.nonce;
         _nonceBitmap[signer][nonce >> 8] |= 1 << (nonce & 0xff);
         unchecked {

@@ -39,6 +39,7 @@ contract AgentEscrowInvariantTest is Test {
         assertFalse(handler.violationBudget(), "model: spent > budget");
         assertFalse(handler.violationSpendMismatch(), "on-chain spend != model");
         assertFalse(handler.violationCap(), "a payment above the per-call cap settled");
+        assertFalse(handler.violationMetered(), "a metered entry paid past its maximum, or below it for a stranger");
     }
 
     /// @dev A payment (signer, nonce) settles at most once, and replays of settled payments always fail.
@@ -65,6 +66,7 @@ contract AgentEscrowInvariantTest is Test {
         for (uint256 i; i < 4; ++i) handler.grant(i, i, 50e6, 300e6, 0, 2 hours, uint8(i));
         for (uint256 i; i < 20; ++i) {
             handler.settle(uint256(keccak256(abi.encode(i))), 4);
+            handler.settleMetered(uint256(keccak256(abi.encode("metered", i))), 4, i);
             if (i % 5 == 4) handler.replay(i);
             if (i == 10) handler.revoke(0, 0);
             handler.warp(5 minutes);
@@ -72,6 +74,7 @@ contract AgentEscrowInvariantTest is Test {
         assertGt(handler.settledCount(), 10, "too few settled");
         assertGt(handler.failedCount(), 10, "too few failed");
         assertGt(handler.replayAttempts(), 0, "no replays");
+        assertGt(handler.meteredSettledCount(), 5, "too few metered settlements");
         invariant_balanceMatchesBooks();
         invariant_spendWithinBudget();
         invariant_noDoubleSettlement();

@@ -44,6 +44,8 @@ __all__ = [
 CREATE2_DEPLOYER = to_checksum_address("0x4e59b44847b379578588920ca78fbf26c0b4956c")
 ENTRYPOINT_ADDRESS = to_checksum_address("0x0000000071727De22E5E9d8BAf0edAc6f37da032")
 ENTRYPOINT_SALT = "0x90d8084deab30c2a37c45e8d47f49f2f7965183cb6990a98943ef94940681de3"
+PERMIT2_ADDRESS = to_checksum_address("0x000000000022D473030F116dDEE9F6B43aC78BA3")
+UPTO_PROXY_ADDRESS = to_checksum_address("0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002")
 _POLL = 0.005
 _TIP = 10**9
 
@@ -51,7 +53,9 @@ _TIP = 10**9
 class Deployment(NamedTuple):
     """One row of the deployment table. `args` maps the addresses deployed so far (plus `deployer`) to the
     constructor arguments. With `salt`, the contract goes through the CREATE2 deployer and must land at
-    `address`; otherwise the deployer account creates it. A `required` row fails the devnet if its artifact
+    `address`; with `place_at`, its runtime code is set at that address (`anvil_setCode`: contracts clients
+    expect at a canonical address whose real deployment we cannot replay, skipped on nodes without it);
+    otherwise the deployer account creates it. A `required` row fails the devnet if its artifact
     is missing; the others are skipped until their contract is built."""
 
     key: str
@@ -60,6 +64,7 @@ class Deployment(NamedTuple):
     salt: str | None = None
     address: str | None = None
     required: bool = False
+    place_at: str | None = None  # runtime code put at this address with `anvil_setCode` (no constructor)
 
 
 DEPLOYMENTS: tuple[Deployment, ...] = (
@@ -71,6 +76,9 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment(
         "paymaster", "AgentPaymaster", lambda env: (env["entrypoint"], env["deployer"], env["deployer"])
     ),
+    # x402 `upto`: clients hard-code both addresses (spender = the proxy, which calls Permit2 by address).
+    Deployment("permit2", "Permit2", place_at=PERMIT2_ADDRESS),
+    Deployment("upto_proxy", "X402UptoPermit2Proxy", place_at=UPTO_PROXY_ADDRESS),
 )
 #: The devnet paymaster's EntryPoint deposit, in wei: what it can sponsor before anyone tops it up.
 PAYMASTER_DEPOSIT = 1_000 * 10**18
@@ -236,6 +244,10 @@ def _create2_address(salt: bytes, initcode: bytes) -> ChecksumAddress:
 def _deploy_row(
     chain: _Chain, deployer: DevnetAccount, row: Deployment, env: Mapping[str, str]
 ) -> ChecksumAddress:
+    if row.place_at is not None:
+        code = load_artifact(row.artifact).deployed_bytecode
+        chain.rpc("anvil_setCode", row.place_at, code)
+        return to_checksum_address(row.place_at)
     initcode = _initcode(load_artifact(row.artifact), row.args(env), row.artifact)
     if row.salt is None:
         gas = chain.estimate(deployer.address, None, initcode)
@@ -276,6 +288,8 @@ def deploy(
         try:
             address = _deploy_row(chain, deployer, row, {**contracts, "deployer": deployer.address})
         except DevnetError as exc:
+            if row.place_at is not None and not row.required:
+                continue  # a node without `anvil_setCode` (py-evm): no `upto` on it
             raise DevnetError(f"deploying {row.artifact}: {exc}", code=exc.code) from None
         if chain.rpc("eth_getCode", address, "latest") == "0x":
             raise DevnetError(

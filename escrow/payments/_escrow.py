@@ -212,6 +212,23 @@ class AgentEscrow:
             "settle", [payment_tuple(p.payment) for p in payloads], [_sig(p) for p in payloads]
         )
 
+    def settle_metered_calldata(self, payloads: Sequence[EscrowPayload], actuals: Sequence[int]) -> bytes:
+        """`settleMetered`: entry i pays `actuals[i]` (at most its signed amount). Below the maximum only
+        the payee or an operator it allowed (`set_settler_calldata`) may send this."""
+        return self.abi.encode(
+            "settleMetered",
+            [payment_tuple(p.payment) for p in payloads],
+            [int(a) for a in actuals],
+            [_sig(p) for p in payloads],
+        )
+
+    def set_settler_calldata(self, operator: str, allowed: bool = True) -> bytes:
+        """Sent by a payee: lets `operator` settle its metered payments below their maximum."""
+        return self.abi.encode("setSettler", operator, allowed)
+
+    async def is_settler(self, payee: str, operator: str) -> bool:
+        return bool((await self._view("isSettler", payee, operator))[0])
+
     def settle_one_calldata(self, payload: EscrowPayload) -> bytes:
         return self.abi.encode("settleOne", payment_tuple(payload.payment), _sig(payload))
 

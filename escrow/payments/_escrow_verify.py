@@ -66,7 +66,8 @@ class EscrowClaim(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     grant budget: given back only on failure / raised on settlement) and `deposit_reserved` /
     `deposit_settled` (the same for the payer's deposit pool, see `escrow.payments._exposure`).
     `from_block` bounds the log search that tells "settled by someone else" from "nonce used by another
-    payment".
+    payment". `actual`: a metered charge below the signed amount (the maximum; None: the full amount), paid
+    through `settleMetered`; the reservations hold the maximum until the outcome is known.
     """
 
     chain_id: int
@@ -79,6 +80,12 @@ class EscrowClaim(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     settled: str | None = None
     deposit_reserved: str | None = None
     deposit_settled: str | None = None
+    actual: int | None = None
+
+    @property
+    def charge(self) -> int:
+        """What settling this claim pays: the metered actual, or the signed amount."""
+        return int(self.payload.payment.amount) if self.actual is None else self.actual
 
 
 def accounts_for(chain_id: int, escrow: str, payer: str, signer: str, epoch: int) -> tuple[str, str, str]:

@@ -16,6 +16,11 @@ Outcomes, per claim:
 - `retry`: the transaction did not land (RPC down, timeout, revert) or the reason may pass later
   (`escrow_insufficient_deposit`, `escrow_grant_not_yet_valid`) before the payment's deadline; backoff.
 
+Metered claims (`EscrowClaim.actual` set: a charge below the signed maximum) go through `settleMetered`, which
+pays exactly the actual charge (the settler's sender must be the payee or an operator it allowed, else
+`escrow_not_payee_settler`); a claim of 0 is closed as `settled` with no transaction at all. The grant
+budget and deposit counters move by the actual charge; the rest of the maximum's reservation is given back.
+
 The contract's nonce bitmap makes every path idempotent: a claim submitted twice, or by two settlers at once,
 pays once and the second submission reconciles to `settled_elsewhere`.
 
@@ -100,12 +105,19 @@ async def count_once(store: SettlementQueue, key: str, *, keep_until: float | No
 
 
 async def count_settled(store: SettlementQueue, claim: EscrowClaim) -> None:
-    """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
-    reservations (pending = reserved - settled; see `escrow.payments._exposure`). Only after `count_once`."""
-    amount = int(claim.payload.payment.amount)
-    for account in (claim.settled, claim.deposit_settled):
-        if account is not None:
-            await store.add_pending(account, amount, limit=_UINT256_MAX)
+    """A payment landed: raise its `settled` counters (budget and deposit) by what it paid, which is what
+    releases its reservations (pending = reserved - settled; see `escrow.payments._exposure`); a metered
+    charge below the maximum also gives back the rest of the maximum it reserved. Only after `count_once`."""
+    charge = claim.charge
+    unused = int(claim.payload.payment.amount) - charge
+    for settled, reserved in (
+        (claim.settled, claim.reserved),
+        (claim.deposit_settled, claim.deposit_reserved),
+    ):
+        if settled is not None and charge:
+            await store.add_pending(settled, charge, limit=_UINT256_MAX)
+        if reserved is not None and unused:
+            await store.sub_pending(reserved, unused)
 
 
 class EscrowSettlement:
@@ -136,15 +148,20 @@ class EscrowSettlement:
                 )
                 out.append(SettleOutcome(key=item.key, status="dead", code="escrow_wrong_chain"))
                 continue
+            if claim.charge == 0:  # metered to nothing: no transaction, and the nonce stays unused
+                out.extend(await engine.settled([(item, claim)], "", "settled"))
+                continue
             groups.setdefault(claim.escrow.lower(), []).append((item, claim))
         for group in groups.values():
             out.extend(await self._settle_group(engine, group))
         return out
 
-    async def transact(
-        self, escrow: AgentEscrow, payloads: Sequence[EscrowPayload], timeout: float
-    ) -> Receipt:
-        data = escrow.settle_calldata(payloads)
+    async def transact(self, escrow: AgentEscrow, claims: Sequence[EscrowClaim], timeout: float) -> Receipt:
+        payloads: list[EscrowPayload] = [claim.payload for claim in claims]
+        if any(claim.actual is not None for claim in claims):
+            data = escrow.settle_metered_calldata(payloads, [claim.charge for claim in claims])
+        else:  # the plain batch: cheaper calldata, and anyone may send it
+            data = escrow.settle_calldata(payloads)
         try:
             estimate = await self.sender.rpc.request(
                 "eth_estimateGas",
@@ -158,9 +175,7 @@ class EscrowSettlement:
     async def _settle_group(self, engine: Engine, group: list[Pair]) -> list[SettleOutcome]:
         escrow = AgentEscrow(self.sender.rpc, group[0][1].escrow)
         try:
-            receipt = await self.transact(
-                escrow, [claim.payload for _, claim in group], engine.receipt_timeout
-            )
+            receipt = await self.transact(escrow, [claim for _, claim in group], engine.receipt_timeout)
         except ChainError as exc:
             return [await engine.retry(job, f"{exc.code}: {exc}") for job in group]
         gas = int(receipt.gas_used, 16)
@@ -273,7 +288,7 @@ class EscrowSettlement:
 
     def parties(self, payment: EscrowClaim) -> Parties:
         p = payment.payload.payment
-        return Parties(int(p.amount), p.payer, p.payee, payment.signer)
+        return Parties(payment.charge, p.payer, p.payee, payment.signer)
 
 
 async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEvent | None:
@@ -288,7 +303,7 @@ async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEven
         a = event.args
         if (
             str(a["token"]).lower() == p.token.lower()
-            and int(a["amount"]) == int(p.amount)
+            and int(a["amount"]) == claim.charge
             and int(a["nonce"]) == int(p.nonce)
         ):
             return event
@@ -344,10 +359,13 @@ class EscrowSettler(SettlementEngine[EscrowClaim, SettlementQueue]):
     async def settle_now(self, claim: EscrowClaim) -> tuple[str, str]:
         """Settle one claim in its own transaction (a gateway past its credit limit, before it serves).
 
-        Returns (tx_hash, code): code "" when paid. Raises `ChainError` if the transaction did not land.
+        Returns (tx_hash, code): code "" when paid ("", "" for a metered charge of 0: nothing sent).
+        Raises `ChainError` if the transaction did not land.
         """
         escrow = AgentEscrow(self.sender.rpc, claim.escrow)
-        receipt = await self.part.transact(escrow, [claim.payload], self.receipt_timeout)
+        if claim.charge == 0:
+            return "", ""
+        receipt = await self.part.transact(escrow, [claim], self.receipt_timeout)
         self.part.gas_used += int(receipt.gas_used, 16)
         for event in escrow.decode_logs(receipt):
             if event.name == "PaymentFailed":

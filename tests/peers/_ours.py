@@ -30,7 +30,9 @@ from web3.contract import Contract
 from escrow import DevnetState
 from escrow.chain._rpc import Rpc, TxSender
 from escrow.payments._exact import ExactEvm
+from escrow.payments._upto import UptoChain
 from gateway import Asset, ExactScheme, MemoryStore, PaidRoute, PaymentMiddleware, Price, SettleMode
+from gateway._upto import UptoScheme
 
 SECRET = b"interop-tests-secret-of-at-least-32-bytes!!"
 
@@ -70,6 +72,7 @@ class GatewayServer:
         settle: SettleMode = "before-response",
         mpp_strict: bool = False,
         ready_timeout: float = 30,
+        upto: bool = False,
     ) -> None:
         self.devnet = devnet
         self.relayer_key = relayer_key
@@ -79,6 +82,7 @@ class GatewayServer:
         self.settle = settle
         self.mpp_strict = mpp_strict
         self.ready_timeout = ready_timeout
+        self.upto = upto  # offer x402 `upto` (the relayer key is the facilitator) instead of `exact`
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -99,7 +103,9 @@ class GatewayServer:
             app = PaymentMiddleware(
                 _app(),
                 routes=self.routes,
-                schemes=[ExactScheme(ExactEvm(rpc, relayer))],
+                schemes=[UptoScheme(UptoChain(rpc, relayer))]
+                if self.upto
+                else [ExactScheme(ExactEvm(rpc, relayer))],
                 pay_to=self.pay_to,
                 asset=devnet_asset(self.devnet),
                 store=MemoryStore(),

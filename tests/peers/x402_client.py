@@ -39,6 +39,7 @@ from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload, TypedDataField
+from x402.mechanisms.evm.upto import UptoEvmClientScheme
 from x402.mechanisms.evm.utils import create_nonce
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas.v1 import PaymentRequirementsV1
@@ -163,6 +164,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     allowed = [{"network": network, "asset": args.asset, "max_amount_per_payment": args.max_amount}]
     if args.mode == "v2":
         client.register(network, ExactEvmScheme(signer=account))
+        if args.upto:  # the official `upto` client: Permit2 witness signatures (approve Permit2 first)
+            client.register(network, UptoEvmClientScheme(account))
     else:
         for v1_network in await discover_v1_networks(args.url, args.method):
             if v1_network in V1_NETWORK_CHAIN_IDS:
@@ -207,6 +210,7 @@ def main() -> None:
     parser.add_argument("--private-key")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body")
+    parser.add_argument("--upto", action="store_true", help="also register the official upto client")
     emit(asyncio.run(run(parser.parse_args())))
 
 

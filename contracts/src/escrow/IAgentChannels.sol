@@ -25,6 +25,39 @@ interface IAgentChannels {
         uint16 bps;
     }
 
+    /**
+     * @dev A relayed open (the draft's "Relayed / Gasless Operations profile"): `from` signed an EIP-3009
+     * `ReceiveWithAuthorization` of `deposit` to this contract, with `nonce` =
+     * `keccak256(abi.encode(from, payee, token, salt, authorizedSigner))`. One struct rather than the draft's flat
+     * parameter list, which does not compile without `via_ir`; the fields and their meaning are the draft's.
+     */
+    struct OpenAuthorization {
+        address payee;
+        address token;
+        uint128 deposit;
+        bytes32 salt;
+        address authorizedSigner;
+        address from;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+
+    /**
+     * @dev A relayed top-up: the channel's payer `from` signed an EIP-3009 `ReceiveWithAuthorization` of
+     * `additionalDeposit` to this contract, with `nonce` = `keccak256(abi.encode(channelId, additionalDeposit, from,
+     * topUpSalt))`.
+     */
+    struct TopUpAuthorization {
+        bytes32 channelId;
+        uint128 additionalDeposit;
+        address from;
+        bytes32 topUpSalt;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+
     // ------------------------------------------------------------------ events
 
     /// @dev `payer` opened `channelId` to `payee` with `deposit` of `token`; vouchers are signed by `authorizedSigner`.
@@ -110,7 +143,37 @@ interface IAgentChannels {
     /// @dev The grace period runs until `readyAt`.
     error ChannelCloseNotReady(bytes32 channelId, uint256 readyAt);
 
+    /// @dev A relayed open or top-up whose EIP-3009 nonce is not the one derived from its terms.
+    error ChannelNonceMismatch(bytes32 expected, bytes32 given);
+
+    /// @dev A zero deposit (or top-up): a channel nobody can be paid from.
+    error ChannelZeroDeposit();
+
     // ------------------------------------------------------------------ draft-evm-session-00 core
+
+    /**
+     * @notice Opens a channel from `auth.from` (the payer) without a transaction from it: the caller relays the
+     * payer's EIP-3009 `receiveWithAuthorization` (USDC v2.2 `bytes signature` form) of `auth.deposit` to this
+     * contract. The channel is the one {open} from `auth.from` would create, without splits.
+     * @dev Emits {ChannelOpened}. Reverts `ChannelNonceMismatch` if `auth.nonce` is not derived from the terms (so a
+     * relayer cannot open a channel to another payee or signer with the payer's authorization).
+     * @param auth the channel's terms and the EIP-3009 authorization's fields
+     * @param signature the payer's signature of the EIP-3009 authorization
+     * @return channelId the new channel
+     */
+    function openWithAuthorization(OpenAuthorization calldata auth, bytes calldata signature)
+        external
+        returns (bytes32 channelId);
+
+    /**
+     * @notice Adds `auth.additionalDeposit` to a live channel from its payer, relayed: the caller submits the payer's
+     * EIP-3009 `receiveWithAuthorization` to this contract. Cancels a pending close, as {topUp} does.
+     * @dev Emits {ChannelToppedUp}. Reverts `ChannelUnauthorized` if `auth.from` is not the channel's payer and
+     * `ChannelNonceMismatch` if `auth.nonce` is not derived from the terms.
+     * @param auth the top-up's terms and the EIP-3009 authorization's fields
+     * @param signature the payer's signature of the EIP-3009 authorization
+     */
+    function topUpWithAuthorization(TopUpAuthorization calldata auth, bytes calldata signature) external;
 
     /**
      * @notice Opens a channel from the caller (the payer) to `payee`, pulling `deposit` of `token` (approve first).

@@ -69,7 +69,9 @@ interface IAgentEscrow {
         PayeeNotAllowed, // 10 escrow_payee_not_allowed
         AmountExceedsCap, // 11 escrow_amount_exceeds_cap
         BudgetExceeded, // 12 escrow_budget_exceeded
-        InsufficientDeposit // 13 escrow_insufficient_deposit
+        InsufficientDeposit, // 13 escrow_insufficient_deposit
+        ActualExceedsAmount, // 14 escrow_actual_exceeds_amount (metered: more than the signed maximum)
+        NotPayeeSettler // 15 escrow_not_payee_settler (metered: a charge below the maximum by a stranger)
     }
 
     // ------------------------------------------------------------------ events
@@ -113,10 +115,16 @@ interface IAgentEscrow {
     /// @dev `payee` pulled `amount` of `token` it was owed, to `to`.
     event OwedWithdrawn(address indexed payee, address indexed token, address to, uint256 amount);
 
+    /// @dev `payee` allowed (or stopped allowing) `operator` to settle its metered payments below their maximum.
+    event SettlerSet(address indexed payee, address indexed operator, bool allowed);
+
     // ------------------------------------------------------------------ errors
 
     /// @dev {settle} got `payments` payments but `signatures` signatures.
     error EscrowLengthMismatch(uint256 payments, uint256 signatures);
+
+    /// @dev {settleMetered} got `actuals` of another length than its payments.
+    error EscrowActualsLengthMismatch(uint256 payments, uint256 actuals);
 
     /// @dev A single-payment call ({settleOne}) was rejected for `reason`.
     error EscrowPaymentRejected(Reason reason);
@@ -286,6 +294,33 @@ interface IAgentEscrow {
      * @dev Emits {PaymentSettled}.
      */
     function settleOne(Payment calldata payment, bytes calldata signature) external;
+
+    /**
+     * @notice Metered settlement: like {settle}, but entry `i` pays `actuals[i]`, at most the signed `amount`
+     * (the maximum). The grant's `maxPerCall` caps the signed maximum; its budget and the deposit are debited
+     * only the actual charge. A charge below the maximum may be chosen only by the payee or an operator it
+     * allowed ({setSettler}); from anyone else such an entry fails with `NotPayeeSettler`, so neither the payer
+     * nor a front-runner can burn a payment's nonce for less than the payee asked. Every entry uses its nonce:
+     * the remainder of the maximum is never payable later.
+     * @dev Entries fail independently with `PaymentFailed` (`ActualExceedsAmount` when `actuals[i] > amount`).
+     * @param payments the signed payments (`amount` = the maximum each signer authorized)
+     * @param actuals the charge of each entry, `actuals[i] <= payments[i].amount`
+     * @param signatures one signature per payment
+     * @return reasons per entry, `None` when it settled
+     */
+    function settleMetered(Payment[] calldata payments, uint256[] calldata actuals, bytes[] calldata signatures)
+        external
+        returns (Reason[] memory reasons);
+
+    /**
+     * @notice Allows (or stops allowing) `operator` to settle the caller's metered payments below their maximum.
+     * @param operator the settler (e.g. a gateway's relayer key)
+     * @param allowed true to allow, false to revoke
+     */
+    function setSettler(address operator, bool allowed) external;
+
+    /// @notice Whether `operator` may settle `payee`'s metered payments below their maximum (the payee always may).
+    function isSettler(address payee, address operator) external view returns (bool);
 
     /**
      * @notice What {settle} would decide for this payment now, and who signed it (zero if no one valid).

@@ -59,6 +59,8 @@ contract EscrowHandler is Test {
     bool public violationReplayAccepted;
     bool public violationWithdrawAmount;
     bool public violationEpoch;
+    bool public violationMetered; // a metered entry paid past its signed maximum, or below it for a stranger
+    uint256 public meteredSettledCount;
 
     constructor(AgentEscrow escrow_, TestUSDC usdc_) {
         escrow = escrow_;
@@ -76,6 +78,11 @@ contract EscrowHandler is Test {
             payerKeys[i] = uint256(keccak256(abi.encode("inv payer", i)));
             payers[i] = vm.addr(payerKeys[i]);
             payees[i] = address(uint160(0xBEE0 + i));
+        }
+        // Payees 0 and 1 let this handler settle their metered payments below the maximum; payee 2 does not.
+        for (uint256 i; i < 2; ++i) {
+            vm.prank(payees[i]);
+            escrow_.setSettler(address(this), true);
         }
         for (uint256 i; i < 4; ++i) {
             keyPks[i] = uint256(keccak256(abi.encode("inv key", i)));
@@ -193,9 +200,13 @@ contract EscrowHandler is Test {
         Batch memory b = _build(seed, uint8(bound(count, 1, 4)));
         IAgentEscrow.Reason[] memory reasons = escrow.settle(b.ps, b.sigs);
         for (uint256 i; i < reasons.length; ++i) {
-            if (reasons[i] == IAgentEscrow.Reason.None) _recordSettled(b, i);
+            if (reasons[i] == IAgentEscrow.Reason.None) _recordSettled(b, i, b.ps[i].amount);
             else ++failedCount;
         }
+        _checkSpend();
+    }
+
+    function _checkSpend() internal {
         for (uint256 pi; pi < 3; ++pi) {
             for (uint256 ki; ki < 4; ++ki) {
                 GhostGrant storage g = ghostGrants[pi][ki];
@@ -209,6 +220,33 @@ contract EscrowHandler is Test {
                 }
             }
         }
+    }
+
+    /**
+     * @dev Settles a batch through {AgentEscrow-settleMetered}: each entry charged a random actual, mostly at or below
+     * its signed amount (sometimes above it). Budget and spend are modelled on what was paid.
+     */
+    function settleMetered(uint256 seed, uint8 count, uint256 actualSeed) external {
+        Batch memory b = _build(seed, uint8(bound(count, 1, 4)));
+        uint256[] memory actuals = new uint256[](b.ps.length);
+        for (uint256 i; i < actuals.length; ++i) {
+            uint256 r = uint256(keccak256(abi.encode(actualSeed, i)));
+            uint256 amount = b.ps[i].amount;
+            actuals[i] = r % 8 == 0 ? amount + 1 + r % 5 : bound(r >> 8, 0, amount);
+        }
+        IAgentEscrow.Reason[] memory reasons = escrow.settleMetered(b.ps, actuals, b.sigs);
+        for (uint256 i; i < reasons.length; ++i) {
+            if (reasons[i] != IAgentEscrow.Reason.None) {
+                ++failedCount;
+                continue;
+            }
+            ++meteredSettledCount;
+            if (actuals[i] > b.ps[i].amount || (actuals[i] < b.ps[i].amount && b.ps[i].payee == payees[2])) {
+                violationMetered = true;
+            }
+            _recordSettled(b, i, actuals[i]);
+        }
+        _checkSpend();
     }
 
     function _build(uint256 seed, uint256 count) internal view returns (Batch memory b) {
@@ -247,14 +285,15 @@ contract EscrowHandler is Test {
         }
     }
 
-    function _recordSettled(Batch memory b, uint256 i) internal {
+    /// @dev Records entry `i` of `b` settled for `charged` (its signed amount, or a metered actual).
+    function _recordSettled(Batch memory b, uint256 i, uint256 charged) internal {
         ++settledCount;
         IAgentEscrow.Payment memory p = b.ps[i];
         address signer = b.kis[i] < 4 ? keys[b.kis[i]] : p.payer;
         bytes32 id = keccak256(abi.encode(signer, p.nonce));
         if (settledIds[id]) violationDoubleSettle = true;
         settledIds[id] = true;
-        ghostPaid += p.amount;
+        ghostPaid += charged;
         settledPayments.push(p);
         settledSigs.push(b.sigs[i]);
         if (b.kis[i] == 4) return;
@@ -263,9 +302,9 @@ contract EscrowHandler is Test {
         if (!g.live || p.epoch != g.epoch || block.timestamp < g.validAfter || block.timestamp > g.validUntil) {
             violationDeadSigner = true;
         }
-        if (p.amount > g.cap) violationCap = true;
+        if (p.amount > g.cap) violationCap = true; // the cap holds the signed maximum
         if (g.restricted && !g.allowed[uint160(p.payee) - 0xBEE0]) violationPayee = true;
-        g.spent += p.amount;
+        g.spent += charged; // the budget counts what was paid
         if (g.spent > g.budget) violationBudget = true;
     }
 
