@@ -3,10 +3,17 @@ transactions, the payee receives exactly the actual charges, streams are billed 
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import msgspec
 import pytest
 
 from escrow import DevnetState
-from tests._sessions import TOKEN, UNIT, session
+from tests._sessions import TOKEN, UNIT, Session, session
+from x402 import LocalSigner, SpendPolicyViolation
+from x402._mpp import MppCredential, format_credential
+from x402._session import SessionReceipt, sign_voucher
 
 pytestmark = pytest.mark.anyio
 
@@ -40,3 +47,123 @@ async def test_stream_charges_exactly_n_tokens(devnet: DevnetState) -> None:
         receipt = await s.client.close("/stream")
         assert receipt is not None and receipt.spent == str(450 * TOKEN)
         assert await s.balance(s.payee) - before == 450 * TOKEN
+
+
+def _auth(s: Session, path: str, payload: dict[str, Any]) -> dict[str, str]:
+    challenge = s.client._challenge[path]
+    return {
+        "authorization": "Payment " + format_credential(MppCredential(challenge=challenge, payload=payload))
+    }
+
+
+def _voucher(
+    s: Session,
+    cumulative: int,
+    *,
+    signer: LocalSigner | None = None,
+    channel: str | None = None,
+    chain_id: int | None = None,
+    action: str = "voucher",
+) -> dict[str, Any]:
+    (ch,) = s.client.channels.values()
+    signature = sign_voucher(
+        signer or s.client.signer,
+        chain_id=chain_id or ch.chain_id,
+        escrow=ch.escrow,
+        channel=channel or ch.channel,
+        cumulative=cumulative,
+    )
+    return {
+        "action": action,
+        "channelId": channel or ch.channel,
+        "cumulativeAmount": str(cumulative),
+        "signature": signature,
+    }
+
+
+async def test_bad_vouchers_are_refused_with_the_channel_state(devnet: DevnetState) -> None:
+    async with session(devnet, deposit=5_000) as s:
+        assert (await s.client.request("GET", "/once")).status_code == 200  # opens the channel, 250 spent
+        (ch,) = s.client.channels.values()
+        accepted = ch.signed
+        # a duplicate voucher is a no-op after its signature check: it pays from the credit it holds
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(s, accepted)))
+        # (here the credit is used up, so it is refused for the balance, not as a stale voucher)
+        assert r.status_code == 402 and r.json()["type"].endswith("insufficient-balance"), r.text
+        before = await s.store.high_water(ch.channel)
+        # below the high-water mark: 402 with the current state
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(s, accepted - 1)))
+        assert r.status_code == 402 and r.json()["acceptedCumulative"] == str(before)
+        assert "www-authenticate" in r.headers
+        # above the deposit: 402 insufficient deposit
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(s, 5_001)))
+        assert r.status_code == 402 and r.json()["title"] == "insufficient deposit", r.text
+        # signed by someone else, for another chain, for another channel: 402
+        for payload in (
+            _voucher(s, accepted + 250, signer=LocalSigner.random()),
+            _voucher(s, accepted + 250, chain_id=1),
+        ):
+            r = await s.client.http.get("/once", headers=_auth(s, "/once", payload))
+            assert r.status_code == 402 and r.json()["type"].endswith("signer-mismatch"), r.text
+        other = {**_voucher(s, accepted + 250), "channelId": "0x" + "11" * 32}
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", other))
+        assert r.status_code == 410 and r.json()["type"].endswith("channel-not-found")
+        swapped = {**_voucher(s, accepted + 250, channel="0x" + "11" * 32), "channelId": ch.channel}
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", swapped))
+        assert r.status_code == 402
+        # malformed: 400, never 500
+        r = await s.client.http.get(
+            "/once", headers=_auth(s, "/once", {"action": "voucher", "channelId": "x"})
+        )
+        assert r.status_code == 400
+        # state intact: nothing above was accepted or charged
+        assert await s.store.high_water(ch.channel) == before
+        assert (await s.client.request("GET", "/once")).status_code == 200
+
+
+async def test_top_up_and_close_answer_204_without_the_handler(devnet: DevnetState) -> None:
+    async with session(devnet, deposit=1_000) as s:
+        calls = 0
+        for _ in range(4):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+            calls += 1
+        # the deposit (1,000) is used up: the next voucher would exceed it
+        with pytest.raises(SpendPolicyViolation):
+            await s.client.request("GET", "/once")
+        (ch,) = s.client.channels.values()
+        await s.opener.top_up(escrow=s.escrow, channel=ch.channel, amount=1_000)
+        r = await s.client.http.post(
+            "/once", headers=_auth(s, "/once", {"action": "topUp", "channelId": ch.channel})
+        )
+        assert r.status_code == 204 and r.content == b""
+        ch.deposit += 1_000
+        assert (await s.client.request("GET", "/once")).status_code == 200
+        before = await s.balance(s.payee)
+        late = _voucher(s, 1_500)
+        receipt = await s.client.close("/once")
+        assert receipt is not None and receipt.reference == ch.channel and receipt.spent == "1250"
+        assert await s.balance(s.payee) - before == 1250
+        # the channel is finalized: further vouchers are refused
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", late))
+        assert r.status_code == 410
+
+
+async def test_concurrent_requests_on_one_channel_never_overspend(devnet: DevnetState) -> None:
+    async with session(devnet) as s:
+        assert (await s.client.request("GET", "/meter?units=1")).status_code == 200
+        (ch,) = s.client.channels.values()
+        # Twenty requests at once presenting one voucher that covers a single maximum: one is served.
+        payload = _voucher(s, ch.spent + 100 * UNIT)
+        rs = await asyncio.gather(
+            *(s.client.http.get("/meter?units=100", headers=_auth(s, "/meter", payload)) for _ in range(20))
+        )
+        assert sorted(r.status_code for r in rs).count(200) == 1
+        assert await s.store.high_water(ch.channel + "#spent") == UNIT + 100 * UNIT
+
+
+async def test_voucher_posted_during_a_stream_is_not_charged(devnet: DevnetState) -> None:
+    async with session(devnet, served=True) as s:
+        events = [e async for e in s.client.stream("/stream?tokens=250")]
+        assert sum(1 for e, _ in events if e == "message") == 250
+        receipt = msgspec.json.decode(events[-1][1], type=SessionReceipt)
+        assert receipt.spent == str(250 * TOKEN) and receipt.units == 250
