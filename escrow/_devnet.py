@@ -71,6 +71,7 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment(
         "paymaster", "AgentPaymaster", lambda env: (env["entrypoint"], env["deployer"], env["deployer"])
     ),
+    Deployment("channels", "AgentChannels"),  # MPP sessions (draft-evm-session-00); last: addresses above stay
 )
 #: The devnet paymaster's EntryPoint deposit, in wei: what it can sponsor before anyone tops it up.
 PAYMASTER_DEPOSIT = 1_000 * 10**18

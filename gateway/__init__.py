@@ -8,13 +8,16 @@ recovery in its lifespan, tuned by `SettlementOptions`.
 
 from ._answers import Answer, Challenger, v1_network
 from ._chain_payments import SettlementOptions
+from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler, EoaChannelOpener
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
 from ._facilitator import facilitator_app
+from ._metering import SettlesForLess, charge
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
 from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
+from ._session import SessionPaywall, SessionProblem, SessionRoute, billed_sse
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
     ClaimLost,
@@ -35,14 +38,19 @@ from ._store import (
 __all__ = [
     "TERMINAL",
     "TRANSITIONS",
+    "AgentChannelsChain",
     "Amount",
     "Answer",
     "Asset",
     "Attempt",
     "Challenger",
+    "ChannelChain",
+    "ChannelInfo",
+    "ChannelSettler",
     "ClaimLost",
     "ConfigurationError",
     "Dialect",
+    "EoaChannelOpener",
     "Event",
     "ExactChain",
     "ExactScheme",
@@ -65,10 +73,14 @@ __all__ = [
     "Quote",
     "RouteTable",
     "Scheme",
-    "Settlement",
+    "SessionPaywall",
+    "SessionProblem",
+    "SessionRoute",
     "SettleMode",
+    "Settlement",
     "SettlementOptions",
     "SettlementState",
+    "SettlesForLess",
     "StoreConfigError",
     "StoreError",
     "StoreSchemaError",
@@ -76,6 +88,8 @@ __all__ = [
     "Tracker",
     "Verified",
     "backoff",
+    "billed_sse",
+    "charge",
     "facilitator_app",
     "open_store",
     "to_atomic",

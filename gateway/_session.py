@@ -32,6 +32,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from escrow import Chain, TxSender
 from x402 import MalformedPayment, X402Error
 from x402._mpp import (
     MppChallenge,
@@ -45,12 +46,12 @@ from x402._mpp import (
 )
 from x402._session import SessionAction, SessionReceipt, parse_session_payload, recover_voucher
 
-from ._channels import ChannelChain, ChannelInfo, ChannelSettler
+from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler
 from ._metering import Meter
 from ._pricing import Amount, Asset, to_atomic
-from ._store import PaymentStore
+from ._store import PaymentStore, open_store
 
-__all__ = ["SessionPaywall", "SessionRoute", "billed_sse"]
+__all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 
 log = logging.getLogger("agentpay.gateway.session")
 
@@ -190,7 +191,7 @@ class SessionPaywall:
         chain: ChannelChain,
         asset: Asset,
         pay_to: str,
-        store: PaymentStore,
+        store: PaymentStore | str,
         secret: bytes | str,
         realm: str = "agentpay",
         settler: ChannelSettler | None = None,
@@ -202,7 +203,8 @@ class SessionPaywall:
         self.chain = chain
         self.asset = asset
         self.pay_to = pay_to
-        self.store = store
+        self._store_url = store if isinstance(store, str) else None
+        self._opened: PaymentStore | None = None if isinstance(store, str) else store
         self.secret = secret
         self.realm = realm
         self.settler = settler if settler is not None else ChannelSettler(chain)
@@ -210,6 +212,54 @@ class SessionPaywall:
         self.challenge_ttl = challenge_ttl
         self._channels: dict[str, _Channel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def on_chain(
+        cls,
+        app: ASGIApp,
+        chain: Chain,
+        *,
+        channels: str,
+        payee_key: str,
+        routes: Mapping[str, SessionRoute],
+        store: PaymentStore | str = "memory://",
+        secret: bytes | str,
+        **options: Any,
+    ) -> SessionPaywall:
+        """Sessions on the AgentChannels at `channels` of `chain`, settled by the payee's key (the
+        contract lets only the payee settle and close)."""
+        network = chain.network
+        sender = TxSender(chain.settle_rpc, payee_key, chain_id=network.chain_id)
+        asset = Asset(
+            address=network.token,
+            chain_id=network.chain_id,
+            name=network.token_name,
+            version=network.token_version,
+            decimals=network.token_decimals,
+        )
+        channel_chain = AgentChannelsChain(chain.rpc, channels, chain_id=network.chain_id, sender=sender)
+        return cls(
+            app,
+            routes=routes,
+            chain=channel_chain,
+            asset=asset,
+            pay_to=sender.address,
+            store=store,
+            secret=secret,
+            **options,
+        )
+
+    @property
+    def store(self) -> PaymentStore:
+        if self._opened is None:
+            raise RuntimeError("the session store opens with the first paid request")
+        return self._opened
+
+    async def _open_store(self) -> PaymentStore:
+        if self._opened is None:
+            assert self._store_url is not None
+            self._opened = await open_store(self._store_url)
+        return self._opened
 
     # -- wire --------------------------------------------------------------------------------------------
 
@@ -387,6 +437,7 @@ class SessionPaywall:
             if expires is not None and expires.timestamp() < time.time():
                 raise SessionProblem("challenge-expired", "the challenge has expired")
             action = parse_session_payload(credential.payload)
+            await self._open_store()
             ch = await self._channel(action.channel)
         except (SessionProblem, X402Error) as exc:
             if isinstance(exc, MalformedPayment):
