@@ -107,12 +107,16 @@ async def session(
     settle_every: int = 0,
     max_step: int = 10_000,
     served: bool = False,
+    payee_usdc: int = 0,
     **kw: Any,
 ) -> AsyncIterator[Session]:
     rpc = Rpc(devnet.rpc_url)
     try:
         escrow = await deploy_contract(rpc, devnet.deployer.private_key, escrow_artifact("AgentChannels"))
-        payee_key, payer_key = await _funded(rpc, devnet, 0), await _funded(rpc, devnet, 10 * deposit)
+        payee_key, payer_key = (
+            await _funded(rpc, devnet, payee_usdc),
+            await _funded(rpc, devnet, 10 * deposit),
+        )
         payee = TxSender(rpc, payee_key, chain_id=devnet.chain_id)
         chain = AgentChannelsChain(rpc, escrow, chain_id=devnet.chain_id, sender=payee)
         settler = ChannelSettler(chain)
