@@ -17,6 +17,20 @@ A payment settled before its response is first recorded in the store under `in_f
 (`exact:now`, ...), so that recovery can find it if the process dies while its transaction is out.
 
 `exact` (EIP-3009) is `gateway._exact.ExactScheme`; an escrow scheme is one more class with these methods.
+
+Metered settlement (`Meters`, optional): a scheme whose payments are signed for a MAXIMUM can settle an
+actual charge at or below it (`escrow`, `upto`). The interface the usage-pricing pipeline calls:
+
+- `Verified.amount` is always the signed maximum; it never changes.
+- `await scheme.settle(verified, actual=n)` settles `n` now and returns the transaction hash ("" when
+  `n == 0`: nothing is sent, and every reservation `verify` took is given back, as by `release`).
+- `scheme.settlement(verified, now=t, actual=n)` is the queue item for a deferred settlement of `n`;
+  `Settlement.amount` is `n` (the settler pays exactly that; an item of 0 is closed without a transaction).
+- `actual=None` (the default) means the full maximum, so fixed-price callers are unchanged.
+- `0 <= actual <= verified.amount`, else the scheme raises `ValueError` before anything moves (the
+  pipeline clamps a handler's over-report to the maximum and logs it before calling).
+- `metered` (a class attribute, True) tells the pipeline the scheme can do this; `exact` has none and must
+  be settled for its full amount.
 """
 
 from __future__ import annotations
@@ -36,10 +50,12 @@ __all__ = [
     "MppOffer",
     "Offer",
     "Presented",
+    "Meters",
     "Releases",
     "Reserves",
     "Scheme",
     "Verified",
+    "check_actual",
     "in_flight_kind",
 ]
 
@@ -121,6 +137,29 @@ class Scheme(Protocol):
     def settlement(self, verified: Verified, *, now: float) -> Settlement:
         """The durable queue item for deferred settlement by a batching settler."""
         ...
+
+
+class Meters(Protocol):
+    """Optional: a scheme that settles an actual charge at or below the signed maximum (see module doc)."""
+
+    metered: bool  # True
+
+    async def settle(self, verified: Verified, *, actual: int | None = None) -> str:
+        """Settle `actual` (None: the maximum) now; "" and nothing sent when it is 0."""
+        ...
+
+    def settlement(self, verified: Verified, *, now: float, actual: int | None = None) -> Settlement:
+        """The durable queue item settling `actual` (None: the maximum); `Settlement.amount == actual`."""
+        ...
+
+
+def check_actual(verified: Verified, actual: int | None) -> int:
+    """The charge a metered settlement pays: `actual`, or the maximum when None; refuses out of range."""
+    if actual is None:
+        return verified.amount
+    if not 0 <= actual <= verified.amount:
+        raise ValueError(f"actual charge {actual} outside [0, {verified.amount}] (the signed maximum)")
+    return actual
 
 
 class Reserves(Protocol):
