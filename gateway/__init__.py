@@ -12,7 +12,7 @@ from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSet
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
 from ._facilitator import facilitator_app
-from ._metering import SettlesForLess, charge
+from ._metering import charge
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
@@ -80,7 +80,6 @@ __all__ = [
     "Settlement",
     "SettlementOptions",
     "SettlementState",
-    "SettlesForLess",
     "StoreConfigError",
     "StoreError",
     "StoreSchemaError",

@@ -10,25 +10,28 @@ is charged the maximum and logged as an error (an operator's bug, not the payer'
 nothing is charged the maximum. Zero is a valid charge: nothing is settled for it.
 
 `exact` (EIP-3009) binds the value it transfers, so it cannot settle for less: a metered route is offered
-only in schemes that implement `SettlesForLess`.
+only in schemes that implement `gateway._scheme.Meters` (`metered = True`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.types import Message, Scope, Send
 
-from ._pricing import Amount, to_atomic
+from ._errors import ConfigurationError
+from ._pricing import Amount, RouteTable, to_atomic
 
 __all__ = [
     "OVERRIDES_HEADER",
     "Meter",
-    "SettlesForLess",
+    "can_meter",
+    "check_metered_routes",
     "actual_charge",
     "charge",
     "meter_of",
@@ -42,11 +45,22 @@ _OVERRIDES_RAW = OVERRIDES_HEADER.encode()
 _SCOPE_KEY = "agentpay.meter"
 
 
-@runtime_checkable
-class SettlesForLess(Protocol):
-    """A scheme that can settle a verified maximum for a smaller actual amount (escrow metered, upto)."""
+def check_metered_routes(routes: RouteTable, schemes: Mapping[str, object]) -> None:
+    """Refuse (ConfigurationError) a metered route no configured scheme can settle for less."""
+    for entry in routes.entries:
+        if not entry.route.metered:
+            continue
+        names = entry.route.schemes or tuple(schemes)
+        if not any(name in schemes and can_meter(schemes[name]) for name in names):
+            raise ConfigurationError(
+                f"route {entry.key!r} is metered, but none of its schemes ({', '.join(names)}) can settle"
+                " less than was signed (`exact` cannot): add a metered scheme (escrow, upto)"
+            )
 
-    metered: bool
+
+def can_meter(scheme: object) -> bool:
+    """Whether `scheme` settles an actual charge below the signed maximum (`gateway._scheme.Meters`)."""
+    return getattr(scheme, "metered", False) is True
 
 
 class Meter:

@@ -35,6 +35,7 @@ from x402 import MIN_SECRET_BYTES, X402Error, error_answer
 from ._answers import Answer, Headers, ReplayStatus
 from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
+from ._metering import Meter, check_metered_routes
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
 from ._scheme import Dialect, Offer, Scheme
@@ -241,6 +242,7 @@ class PaymentMiddleware:
             mpp_replay_status=mpp_replay_status,
             clock=clock,
         )
+        check_metered_routes(self.routes, self.paywall.schemes)
 
     async def open_store(self) -> PaymentStore:
         """Open the configured store once (idempotent); the paywall uses it from then on."""
@@ -357,8 +359,15 @@ class PaymentMiddleware:
         extensions = scope.get("extensions") or {}
         if any(name in extensions for name in _UNBUFFERABLE):
             scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k not in _UNBUFFERABLE}}
+        app_send: Send = held.send
+        meter: Meter | None = None
+        if quote.metered:  # the handler reports its charge; `Settlement-Overrides` never leaves
+            scope = dict(scope)
+            meter = Meter(quote.amount, quote.asset.decimals)
+            meter.install(scope)
+            app_send = meter.wrap_send(held.send)
         try:
-            await self.app(scope, receive, held.send)
+            await self.app(scope, receive, app_send)
         except Exception:
             # `_TooLarge` or `_BodyTimeout` (perhaps wrapped by the app) are answered below
             if not held.overflowed and not bounded.timed_out:
@@ -382,7 +391,7 @@ class PaymentMiddleware:
                 await held.flush(send)
             return
         try:
-            receipt = await paywall.settle(attempt)
+            receipt = await paywall.settle(attempt, actual=None if meter is None else meter.actual)
         except PaymentFailed as exc:
             await _send_answer(send, self._failure(quote, offers, host, exc, dialect))
             return

@@ -1,0 +1,200 @@
+"""Usage pricing and session vouchers, without a chain: what is charged never exceeds what was signed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+
+from gateway import (
+    Asset,
+    ConfigurationError,
+    ExactScheme,
+    MemoryStore,
+    PaidRoute,
+    PaymentMiddleware,
+    SessionProblem,
+)
+from gateway._channels import ChannelInfo
+from gateway._metering import actual_charge, parse_override
+from gateway._session import SessionPaywall, _Channel
+from tests.test_gateway_units import PAYEE, SECRET, USDC, StubChain
+from x402 import LocalSigner
+from x402._session import SessionAction, channel_id, recover_voucher, sign_voucher, voucher_digest
+from x402.client import Offer, SpendPolicy
+
+ESCROW = "0x" + "ab" * 20
+CHANNEL = "0x" + "cd" * 32
+
+
+def test_a_metered_route_is_never_offered_as_exact() -> None:
+    with pytest.raises(ConfigurationError, match="exact"):
+        PaymentMiddleware(
+            Starlette(),
+            routes={"GET /metered": PaidRoute(price="$0.01", metered=True)},
+            schemes=[ExactScheme(StubChain())],
+            pay_to=PAYEE,
+            asset=USDC,
+            secret=SECRET,
+        )
+    # a fixed-price route next to it is unaffected
+    PaymentMiddleware(
+        Starlette(),
+        routes={"GET /fixed": PaidRoute(price="$0.01")},
+        schemes=[ExactScheme(StubChain())],
+        pay_to=PAYEE,
+        asset=USDC,
+        secret=SECRET,
+    )
+
+
+@given(maximum=st.integers(0, 10**30), reported=st.none() | st.integers(0, 10**31))
+def test_the_charge_never_exceeds_the_maximum(maximum: int, reported: int | None) -> None:
+    charged = actual_charge(maximum, reported)
+    assert 0 <= charged <= maximum
+    assert charged == (maximum if reported is None else min(reported, maximum))
+
+
+def test_settlement_overrides_forms() -> None:
+    assert parse_override('{"amount": "300"}', 10_000, 6) == 300
+    assert parse_override('{"amount": "$0.0003"}', 10_000, 6) == 300
+    assert parse_override('{"amount": "50%"}', 10_001, 6) == 5000  # floored
+    for bad in (
+        "nope",
+        '{"amount": "-1"}',
+        '{"amount": "1e3"}',
+        '{"amount": "150%"}',
+        "[]",
+        '{"amount": true}',
+    ):
+        assert parse_override(bad, 10_000, 6) is None  # unreadable: the maximum is charged (and logged)
+
+
+def test_spend_policy_reserves_the_maximum_and_commits_the_actual() -> None:
+    policy = SpendPolicy(max_per_call=10_000, total_budget=20_000)
+    offer = Offer(
+        protocol="x402", scheme="upto", network="eip155:1", asset=ESCROW, amount=10_000, pay_to=PAYEE
+    )
+    held = policy.reserve(offer)
+    assert policy.reserved == 10_000
+    held.commit(300)
+    assert (policy.spent, policy.reserved) == (300, 0)
+    policy.reserve(offer).commit(10**9)  # a receipt claiming more than was held counts the maximum
+    assert policy.spent == 10_300
+
+
+def test_voucher_digest_and_channel_id_match_the_draft() -> None:
+    # hashVoucher is checked against the contract by the chain tests; here the pieces are stable.
+    signer = LocalSigner(b"\x01" * 32)
+    signature = sign_voucher(signer, chain_id=1, escrow=ESCROW, channel=CHANNEL, cumulative=7)
+    assert recover_voucher(chain_id=1, escrow=ESCROW, channel=CHANNEL, cumulative=7, signature=signature) == (
+        signer.address
+    )
+    assert voucher_digest(1, ESCROW, CHANNEL, 7) != voucher_digest(2, ESCROW, CHANNEL, 7)
+    cid = channel_id(
+        payer=signer.address,
+        payee=PAYEE,
+        token=ESCROW,
+        salt=CHANNEL,
+        authorized_signer=PAYEE,
+        escrow=ESCROW,
+        chain_id=1,
+    )
+    assert cid.startswith("0x") and len(cid) == 66
+
+
+class _NoChain:
+    """The chain as the paywall sees it: read only for a voucher above the cached deposit (a top-up?)."""
+
+    chain_id = 1
+    escrow = ESCROW
+
+    def __init__(self, info: ChannelInfo | None = None) -> None:
+        self.info = info
+        self.reads = 0
+
+    async def channel(self, channel_id: str) -> ChannelInfo:
+        if self.info is None:
+            raise AssertionError("no chain call on the voucher path")
+        self.reads += 1
+        return self.info
+
+    async def settle(self, channel_id: str, cumulative: int, signature: str) -> tuple[str, int]:
+        raise AssertionError("not settled here")
+
+    async def close(self, channel_id: str, cumulative: int, signature: str) -> tuple[str, int]:
+        raise AssertionError("not settled here")
+
+
+SESSION_KEY = LocalSigner(b"\x02" * 32)
+STRANGER = LocalSigner(b"\x03" * 32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 2_000), st.booleans(), st.sampled_from([1, 2])), min_size=1, max_size=12
+    )
+)
+def test_vouchers_accepted_are_monotonic_signed_and_within_the_deposit(
+    steps: list[tuple[int, bool, int]],
+) -> None:
+    deposit = 1_000
+
+    async def run() -> None:
+        store = MemoryStore()
+        info = ChannelInfo(
+            payer=PAYEE,
+            payee=PAYEE,
+            token=ESCROW,
+            authorized_signer=SESSION_KEY.address,
+            deposit=deposit,
+            settled=0,
+        )
+        chain = _NoChain(info)
+        paywall = SessionPaywall(
+            Starlette(),
+            routes={},
+            chain=chain,
+            asset=Asset(address=ESCROW, chain_id=1, name="USDC", version="2"),
+            pay_to=PAYEE,
+            store=store,
+            secret=SECRET,
+        )
+        info = ChannelInfo(
+            payer=PAYEE,
+            payee=PAYEE,
+            token=ESCROW,
+            authorized_signer=SESSION_KEY.address,
+            deposit=deposit,
+            settled=0,
+        )
+        ch = _Channel(CHANNEL, info, 0, 0)
+        for cumulative, honest, chain_id in steps:
+            signer = SESSION_KEY if honest else STRANGER
+            action = SessionAction(
+                action="voucher",
+                channel=CHANNEL,
+                cumulative=cumulative,
+                signature=sign_voucher(
+                    signer, chain_id=chain_id, escrow=ESCROW, channel=CHANNEL, cumulative=cumulative
+                ),
+            )
+            before = ch.accepted
+            ok = honest and chain_id == 1 and (cumulative == before or before < cumulative <= deposit)
+            async with ch.lock:
+                if ok:
+                    await paywall._accept(ch, action)
+                else:
+                    with pytest.raises(SessionProblem):
+                        await paywall._accept(ch, action)
+            assert ch.accepted == (max(before, cumulative) if ok else before)
+            assert ch.accepted <= deposit
+            assert await store.high_water(CHANNEL) == ch.accepted
+        # the chain is read only to re-check the deposit for a signed voucher above it
+        assert chain.reads <= sum(1 for c, honest, cid in steps if honest and cid == 1 and c > deposit)
+
+    asyncio.run(run())
