@@ -18,26 +18,42 @@ Outcomes, per claim:
 
 The contract's nonce bitmap makes every path idempotent: a claim submitted twice, or by two settlers at once,
 pays once and the second submission reconciles to `settled_elsewhere`.
+
+`reconcile_items` is the record-only variant for `escrow:now` records a crashed gateway left open (see
+`gateway._recovery`): it never sends. The loop (lease, batch, backoff, retry cap, dead letters) is
+`escrow._engine.SettlementEngine`; this module is the `escrow` part (`EscrowSettlement`) and its counters.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Literal, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from x402._escrow import EscrowCode, EscrowPayload, reason_code
 
+from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome, Status
 from ._escrow import AgentEscrow, EscrowEvent, topic_address
 from ._escrow_verify import EscrowClaim
 from ._queue import QueuedItem
 from ._queue import SettlementQueue as _BaseQueue
 from ._rpc import ChainError, Receipt, TxSender
 
-__all__ = ["EscrowSettler", "SettleOutcome", "SettlementQueue", "decode_claim", "encode_claim"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "EscrowSettlement",
+    "EscrowSettler",
+    "SettleOutcome",
+    "SettlementQueue",
+    "count_once",
+    "count_settled",
+    "decode_claim",
+    "encode_claim",
+    "find_settlement",
+]
 
 KIND: Final = "escrow"
 _NONCE_USED: Final = 4
@@ -64,109 +80,54 @@ class SettlementQueue(_BaseQueue, Protocol):
     async def finalize(self, key: str, *, keep_until: float | None = None) -> None: ...
 
 
-Status = Literal["settled", "settled_elsewhere", "retry", "dead"]
+Pair = Job[EscrowClaim]
+Engine = SettlementEngine[EscrowClaim, SettlementQueue]
 
 
-class SettleOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    key: str
-    status: Status
-    code: str = ""  # empty when settled
-    tx_hash: str = ""
-    replaced: tuple[str, ...] = ()  # hashes `tx_hash` replaced at the same nonce (stuck, fee-bumped)
-    gas: int = 0  # this payment's share of the transaction's gasUsed
-    amount: int = 0
-    payer: str = ""
-    payee: str = ""
-    signer: str = ""
+async def count_once(store: SettlementQueue, key: str, *, keep_until: float | None = None) -> bool:
+    """True exactly once per settled payment `key`: the one caller that may move its spend counters.
+
+    A permanent marker in the store (kept at least until `keep_until`, the payment's deadline, after which
+    it cannot be reported settled again), taken before the counters move: a crash in between under-counts
+    this gateway's settled spend, so it refuses early; counting twice would let it overspend a grant.
+    """
+    marker = f"{key}#counted"
+    if await store.claim(marker, ttl=_FOREVER) is None:
+        return False
+    await store.finalize(marker, keep_until=keep_until)
+    return True
 
 
-class EscrowSettler:
-    """Drains `escrow` claims from a store into batched `settle` transactions sent by `sender`."""
+async def count_settled(store: SettlementQueue, claim: EscrowClaim) -> None:
+    """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
+    reservations (pending = reserved - settled; see `escrow._exposure`). Only after `count_once`."""
+    amount = int(claim.payload.payment.amount)
+    for account in (claim.settled, claim.deposit_settled):
+        if account is not None:
+            await store.add_pending(account, amount, limit=_UINT256_MAX)
 
-    def __init__(
-        self,
-        store: SettlementQueue,
-        sender: TxSender,
-        *,
-        batch_size: int = 32,
-        max_age: float = 2.0,
-        tick: float = 0.05,
-        lease_seconds: float = 120.0,
-        receipt_timeout: float = 30.0,
-        retry_base: float = 1.0,
-        retry_cap: float = 300.0,
-        max_attempts: int = 20,
-        on_outcome: Callable[[SettleOutcome], Awaitable[None] | None] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
+
+class EscrowSettlement:
+    """The `escrow` part of the settlement engine: one `settle` transaction per escrow and batch, judged
+    from the receipt's `PaymentFailed` events (a `SchemeSettlement`)."""
+
+    name = KIND
+    malformed = "escrow_claim_malformed"
+
+    def __init__(self, sender: TxSender) -> None:
         self.sender = sender
-        self.batch_size = batch_size
-        self.max_age = max_age
-        self.tick = tick
-        self.lease_seconds = lease_seconds
-        self.receipt_timeout = receipt_timeout
-        self.retry_base = retry_base
-        self.retry_cap = retry_cap
-        self.max_attempts = max_attempts
-        self.on_outcome = on_outcome
-        self.clock = clock
-        self._buffer: list[QueuedItem] = []
         self.gas_used = 0  # total over every batch this settler sent
-        self.paid = 0  # payments settled by this settler's transactions
         self.batches: list[tuple[int, int]] = []  # (payments, gasUsed) per transaction
 
-    # -- the loop ------------------------------------------------------------------------------------------
+    def decode(self, raw: bytes) -> EscrowClaim:
+        return decode_claim(raw)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Settle until `stop` is set; then settle what is buffered and return."""
-        while not stop.is_set():
-            await self.step()
-            try:
-                await asyncio.wait_for(stop.wait(), self.tick)
-            except TimeoutError:
-                pass
-        await self.step(force=True)
-
-    async def step(self, *, force: bool = False) -> list[SettleOutcome]:
-        """Lease what is due; settle a batch if it is full, its oldest claim is `max_age` old, or `force`."""
-        room = self.batch_size - len(self._buffer)
-        if room > 0:
-            self._buffer.extend(await self.store.lease(KIND, limit=room, lease_seconds=self.lease_seconds))
-        if not self._buffer:
-            return []
-        oldest = min(item.created_at for item in self._buffer)
-        if not force and len(self._buffer) < self.batch_size and self.clock() - oldest < self.max_age:
-            return []
-        batch, self._buffer = self._buffer, []
-        return await self.settle_items(batch)
-
-    async def drain(self) -> list[SettleOutcome]:
-        """Settle everything due now, in full batches (tests, shutdown); stops at a batch that only got
-        retries, which are not due again until their backoff has passed."""
+    async def submit(self, engine: Engine, jobs: list[Pair]) -> list[SettleOutcome]:
+        groups: dict[str, list[Pair]] = {}
         out: list[SettleOutcome] = []
-        while True:
-            done = await self.step(force=True)
-            out.extend(done)
-            if all(o.status == "retry" for o in done):
-                return out
-
-    # -- one batch -----------------------------------------------------------------------------------------
-
-    async def settle_items(self, items: Sequence[QueuedItem]) -> list[SettleOutcome]:
-        groups: dict[str, list[tuple[QueuedItem, EscrowClaim]]] = {}
-        out: list[SettleOutcome] = []
-        for item in items:
-            try:
-                claim = decode_claim(item.payload)
-            except msgspec.DecodeError as exc:
-                await self.store.mark_failed(
-                    item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="dead", code="escrow_claim_malformed"))
-                continue
+        for item, claim in jobs:
             if claim.chain_id != self.sender.chain_id:
-                await self.store.mark_failed(
+                await engine.store.mark_failed(
                     item.key,
                     error="escrow_wrong_chain: not this relayer's chain",
                     retry_at=None,
@@ -176,15 +137,12 @@ class EscrowSettler:
                 continue
             groups.setdefault(claim.escrow.lower(), []).append((item, claim))
         for group in groups.values():
-            out.extend(await self._settle_group(group))
-        for outcome in out:
-            if self.on_outcome is not None:
-                result = self.on_outcome(outcome)
-                if result is not None:
-                    await result
+            out.extend(await self._settle_group(engine, group))
         return out
 
-    async def _submit(self, escrow: AgentEscrow, payloads: Sequence[EscrowPayload]) -> Receipt:
+    async def transact(
+        self, escrow: AgentEscrow, payloads: Sequence[EscrowPayload], timeout: float
+    ) -> Receipt:
         data = escrow.settle_calldata(payloads)
         try:
             estimate = await self.sender.rpc.request(
@@ -194,159 +152,191 @@ class EscrowSettler:
             gas = int(estimate, 16) * 6 // 5 + 20_000
         except ChainError:
             gas = 80_000 + 60_000 * len(payloads)  # a revert here is decided by the real transaction
-        return await self.sender.transact(escrow.address, data, gas=gas, timeout=self.receipt_timeout)
+        return await self.sender.transact(escrow.address, data, gas=gas, timeout=timeout)
 
-    async def _settle_group(self, group: list[tuple[QueuedItem, EscrowClaim]]) -> list[SettleOutcome]:
+    async def _settle_group(self, engine: Engine, group: list[Pair]) -> list[SettleOutcome]:
         escrow = AgentEscrow(self.sender.rpc, group[0][1].escrow)
         try:
-            receipt = await self._submit(escrow, [claim.payload for _, claim in group])
+            receipt = await self.transact(
+                escrow, [claim.payload for _, claim in group], engine.receipt_timeout
+            )
         except ChainError as exc:
-            return [await self._retry(item, claim, f"{exc.code}: {exc}") for item, claim in group]
+            return [await engine.retry(job, f"{exc.code}: {exc}") for job in group]
         gas = int(receipt.gas_used, 16)
         self.gas_used += gas
         self.batches.append((len(group), gas))
-        share = gas // len(group)
         failed: dict[int, int] = {}
         for event in escrow.decode_logs(receipt):
             if event.name == "PaymentFailed":
                 failed[int(event.args["index"])] = int(event.args["reason"])
         out: list[SettleOutcome] = []
-        settled: list[tuple[QueuedItem, EscrowClaim]] = []
-        for index, (item, claim) in enumerate(group):
+        settled: list[Pair] = []
+        for index, job in enumerate(group):
             reason = failed.get(index, 0)
             if reason == 0:
-                settled.append((item, claim))
+                settled.append(job)
             elif reason == _NONCE_USED:
-                out.append(await self._nonce_used(escrow, item, claim))
-            elif reason in _RETRYABLE and self._may_retry(item, claim):
-                out.append(await self._retry(item, claim, f"{reason_code(reason)}: will retry"))
+                out.append(await self.nonce_used(engine, escrow, job))
+            elif reason in _RETRYABLE and engine.may_retry(job):
+                out.append(await engine.retry(job, f"{reason_code(reason)}: will retry"))
             else:
-                out.append(await self._dead(item, claim, reason_code(reason), receipt.transaction_hash))
+                out.append(await self.dead(engine, job, reason_code(reason), receipt.transaction_hash))
         if settled:
-            self.paid += len(settled)
-            out.extend(await self._settled(settled, receipt.transaction_hash, "settled", share))
+            out.extend(
+                await engine.settled(settled, receipt.transaction_hash, "settled", gas=gas // len(group))
+            )
         return out
+
+    async def reconcile(self, engine: Engine, jobs: list[Pair]) -> list[SettleOutcome]:
+        """Close `escrow:now` records a crashed gateway left open, from the chain, sending nothing.
+
+        Paid by the escrow (this very payment in a `PaymentSettled` log): settled, counters moved as the
+        settler would. Unpaid past its deadline: final, nothing charged, reservations returned. Otherwise
+        looked at again at the deadline (the payer may present it again meanwhile).
+        """
+        out: list[SettleOutcome] = []
+        for job in jobs:
+            item, claim = job
+            p = claim.payload.payment
+            escrow = AgentEscrow(self.sender.rpc, claim.escrow)
+            try:
+                used = await escrow.nonce_used(claim.signer, int(p.nonce))
+                found = await find_settlement(escrow, claim) if used else None
+            except ChainError as exc:
+                retry_at = engine.clock() + engine.backoff(item.attempts)
+                await engine.store.mark_failed(
+                    item.key, error=f"{exc.code}: {exc}", retry_at=retry_at, lease=item.lease_token
+                )
+                out.append(SettleOutcome(key=item.key, status="retry", code=exc.code))
+                continue
+            if found is not None:
+                out.extend(await engine.settled([job], found.tx_hash, "settled_elsewhere"))
+            elif used:
+                out.append(await self.dead(engine, job, EscrowCode.NONCE_REUSED, ""))
+            elif int(p.deadline) <= engine.clock():
+                detail = "the payment expired unsettled: nothing was charged"
+                out.append(await self.dead(engine, job, "escrow_never_settled", "", detail=detail))
+            else:
+                error = "escrow_unsettled: not paid by the escrow; final once the payment's deadline passes"
+                await engine.store.mark_failed(
+                    item.key, error=error, retry_at=int(p.deadline) + 1.0, lease=item.lease_token
+                )
+                out.append(SettleOutcome(key=item.key, status="retry", code="escrow_unsettled"))
+        return out
+
+    async def nonce_used(self, engine: Engine, escrow: AgentEscrow, job: Pair) -> SettleOutcome:
+        """Tell "this payment was already settled" (fine) from "the nonce paid another payment" (a loss)."""
+        try:
+            found = await find_settlement(escrow, job[1])
+        except ChainError as exc:
+            return await engine.retry(job, f"{exc.code}: looking up the earlier settlement")
+        if found is None:
+            return await self.dead(engine, job, EscrowCode.NONCE_REUSED, "")
+        (outcome,) = await engine.settled([job], found.tx_hash, "settled_elsewhere")
+        return outcome
 
     # -- outcomes ------------------------------------------------------------------------------------------
 
-    def _may_retry(self, item: QueuedItem, claim: EscrowClaim) -> bool:
-        return item.attempts < self.max_attempts and int(claim.payload.payment.deadline) > self.clock()
-
-    def _outcome(self, item: QueuedItem, claim: EscrowClaim, status: Status, **kw: object) -> SettleOutcome:
-        p = claim.payload.payment
-        return SettleOutcome(
-            key=item.key,
-            status=status,
-            amount=int(p.amount),
-            payer=p.payer,
-            payee=p.payee,
-            signer=claim.signer,
-            **kw,  # type: ignore[arg-type]
+    async def dead(
+        self, engine: Engine, job: Pair, code: str, tx_hash: str, *, detail: str | None = None
+    ) -> SettleOutcome:
+        p = job[1].payload.payment
+        detail = detail or (
+            f"lost {int(p.amount)} of {p.token} from payer {p.payer} (session key {job[1].signer}, "
+            f"nonce {p.nonce})" + (f" in {tx_hash}" if tx_hash else "")
         )
+        return await engine.dead(job, code, detail, tx_hash=tx_hash)
 
-    async def _settled(
-        self, pairs: list[tuple[QueuedItem, EscrowClaim]], tx_hash: str, status: Status, gas: int = 0
-    ) -> list[SettleOutcome]:
-        out = []
-        for item, claim in pairs:
-            deadline = float(int(claim.payload.payment.deadline))
-            # whoever reports it: this settler, another, or recovery
-            if await self.count_once(item.key, keep_until=deadline):
-                amount = int(claim.payload.payment.amount)
-                await self.count_settled(claim)
-                if claim.credit is not None:
-                    await self.store.sub_pending(claim.credit, amount)
-            out.append(self._outcome(item, claim, status, tx_hash=tx_hash, gas=gas))
-        by_lease: dict[str | None, list[str]] = {}
-        for item, _ in pairs:  # a batch may hold items of several leases
-            by_lease.setdefault(item.lease_token, []).append(item.key)
-        for lease, keys in by_lease.items():
-            await self.store.mark_settled(keys, tx_hash=tx_hash, lease=lease)
-        return out
+    def retry_at(self, engine: Engine, payment: EscrowClaim, *, delay: float) -> float:
+        return engine.clock() + delay
 
-    async def count_settled(self, claim: EscrowClaim) -> None:
-        """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
-        reservations (pending = reserved - settled; see `escrow._exposure`). Only after `count_once`."""
-        amount = int(claim.payload.payment.amount)
-        for account in (claim.settled, claim.deposit_settled):
+    def gives_up(self, payment: EscrowClaim, now: float) -> bool:
+        return int(payment.payload.payment.deadline) <= now
+
+    async def on_settled(self, engine: Engine, job: Pair) -> None:
+        item, claim = job
+        deadline = float(int(claim.payload.payment.deadline))
+        # whoever reports it: this settler, another, or recovery
+        if await count_once(engine.store, item.key, keep_until=deadline):
+            await count_settled(engine.store, claim)
+            if claim.credit is not None:
+                await engine.store.sub_pending(claim.credit, int(claim.payload.payment.amount))
+
+    async def on_dead(self, engine: Engine, job: Pair, *, recorded: bool) -> None:
+        if not recorded:  # another settler holds it now (or it settled): its outcome moves the counters
+            return
+        claim = job[1]
+        for account in (claim.reserved, claim.deposit_reserved, claim.credit):  # never charged: give back
             if account is not None:
-                await self.store.add_pending(account, amount, limit=_UINT256_MAX)
+                await engine.store.sub_pending(account, int(claim.payload.payment.amount))
+
+    def parties(self, payment: EscrowClaim) -> Parties:
+        p = payment.payload.payment
+        return Parties(int(p.amount), p.payer, p.payee, payment.signer)
+
+
+async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEvent | None:
+    """The `PaymentSettled` log of exactly this payment, if the escrow has one."""
+    p = claim.payload.payment
+    events = await escrow.logs(
+        ["PaymentSettled"],
+        from_block=max(0, claim.from_block - _LOOKBACK),
+        topics=[topic_address(p.payer), topic_address(p.payee), topic_address(claim.signer)],
+    )
+    for event in events:
+        a = event.args
+        if (
+            str(a["token"]).lower() == p.token.lower()
+            and int(a["amount"]) == int(p.amount)
+            and int(a["nonce"]) == int(p.nonce)
+        ):
+            return event
+    return None
+
+
+_DEFAULTS: Final[EngineOptions] = {
+    "kind": KIND,
+    "batch_size": 32,
+    "max_age": 2.0,
+    "retry_cap": 300.0,
+    "max_attempts": 20,
+}
+
+
+class EscrowSettler(SettlementEngine[EscrowClaim, SettlementQueue]):
+    """Drains `escrow` claims from a store into batched `settle` transactions sent by `sender`."""
+
+    def __init__(self, store: SettlementQueue, sender: TxSender, **options: Unpack[EngineOptions]) -> None:
+        self.part = EscrowSettlement(sender)
+        settings: EngineOptions = {**_DEFAULTS, **options}
+        super().__init__(store, self.part, **settings)
+        self.sender = sender
+        self.batches = self.part.batches  # (payments, gasUsed) per transaction
+
+    @property
+    def gas_used(self) -> int:
+        """Total gas over every transaction this settler sent."""
+        return self.part.gas_used
+
+    find_settlement = staticmethod(find_settlement)
 
     async def count_once(self, key: str, *, keep_until: float | None = None) -> bool:
-        """True exactly once per settled payment `key`: the one caller that may move its spend counters.
+        """See `count_once`: True exactly once per settled payment `key`."""
+        return await count_once(self.store, key, keep_until=keep_until)
 
-        A permanent marker in the store (kept at least until `keep_until`, the payment's deadline, after
-        which it cannot be reported settled again), taken before the counters move: a crash in between
-        under-counts this gateway's settled spend, so it refuses early; counting twice would let it
-        overspend a grant.
-        """
-        marker = f"{key}#counted"
-        if await self.store.claim(marker, ttl=_FOREVER) is None:
-            return False
-        await self.store.finalize(marker, keep_until=keep_until)
-        return True
+    async def count_settled(self, claim: EscrowClaim) -> None:
+        """See `count_settled`: raise a landed payment's `settled` counters (only after `count_once`)."""
+        await count_settled(self.store, claim)
 
-    async def _retry(self, item: QueuedItem, claim: EscrowClaim, error: str) -> SettleOutcome:
-        if not self._may_retry(item, claim):
-            code = error.split(":", 1)[0]
-            return await self._dead(
-                item, claim, code, "", detail=f"gave up after {item.attempts} attempts: {error}"
-            )
-        delay = min(self.retry_cap, self.retry_base * 2.0 ** max(item.attempts - 1, 0))
-        await self.store.mark_failed(
-            item.key, error=error, retry_at=self.clock() + delay, lease=item.lease_token
-        )
-        return self._outcome(item, claim, "retry", code=error.split(":", 1)[0])
+    async def _settled(
+        self, pairs: list[Pair], tx_hash: str, status: Status, gas: int = 0
+    ) -> list[SettleOutcome]:
+        return await self.settled(pairs, tx_hash, status, gas=gas)
 
     async def _dead(
         self, item: QueuedItem, claim: EscrowClaim, code: str, tx_hash: str, *, detail: str | None = None
     ) -> SettleOutcome:
-        p = claim.payload.payment
-        amount = int(p.amount)
-        detail = detail or (
-            f"lost {amount} of {p.token} from payer {p.payer} (session key {claim.signer}, nonce {p.nonce})"
-            + (f" in {tx_hash}" if tx_hash else "")
-        )
-        recorded = await self.store.mark_failed(
-            item.key, error=f"{code}: {detail}", retry_at=None, lease=item.lease_token
-        )
-        if not recorded:  # another settler holds it now (or it settled): its outcome moves the counters
-            return self._outcome(item, claim, "dead", code=code, tx_hash=tx_hash)
-        # Never charged: give back every reservation it held.
-        for account in (claim.reserved, claim.deposit_reserved, claim.credit):
-            if account is not None:
-                await self.store.sub_pending(account, amount)
-        return self._outcome(item, claim, "dead", code=code, tx_hash=tx_hash)
-
-    async def _nonce_used(self, escrow: AgentEscrow, item: QueuedItem, claim: EscrowClaim) -> SettleOutcome:
-        """Tell "this payment was already settled" (fine) from "the nonce paid another payment" (a loss)."""
-        try:
-            found = await self.find_settlement(escrow, claim)
-        except ChainError as exc:
-            return await self._retry(item, claim, f"{exc.code}: looking up the earlier settlement")
-        if found is None:
-            return await self._dead(item, claim, EscrowCode.NONCE_REUSED, "")
-        (outcome,) = await self._settled([(item, claim)], found.tx_hash, "settled_elsewhere")
-        return outcome
-
-    @staticmethod
-    async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEvent | None:
-        """The `PaymentSettled` log of exactly this payment, if the escrow has one."""
-        p = claim.payload.payment
-        events = await escrow.logs(
-            ["PaymentSettled"],
-            from_block=max(0, claim.from_block - _LOOKBACK),
-            topics=[topic_address(p.payer), topic_address(p.payee), topic_address(claim.signer)],
-        )
-        for event in events:
-            a = event.args
-            if (
-                str(a["token"]).lower() == p.token.lower()
-                and int(a["amount"]) == int(p.amount)
-                and int(a["nonce"]) == int(p.nonce)
-            ):
-                return event
-        return None
+        return await self.part.dead(self, (item, claim), code, tx_hash, detail=detail)
 
     # -- settle before serving -------------------------------------------------------------------------------
 
@@ -356,8 +346,8 @@ class EscrowSettler:
         Returns (tx_hash, code): code "" when paid. Raises `ChainError` if the transaction did not land.
         """
         escrow = AgentEscrow(self.sender.rpc, claim.escrow)
-        receipt = await self._submit(escrow, [claim.payload])
-        self.gas_used += int(receipt.gas_used, 16)
+        receipt = await self.part.transact(escrow, [claim.payload], self.receipt_timeout)
+        self.part.gas_used += int(receipt.gas_used, 16)
         for event in escrow.decode_logs(receipt):
             if event.name == "PaymentFailed":
                 return receipt.transaction_hash, reason_code(int(event.args["reason"]))

@@ -20,24 +20,21 @@ and `reconcile_items` is how recovery closes such a record if the gateway died m
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from escrow._escrow import AgentEscrow
 from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
 from escrow._exposure import budget_limit, deposit_accounts, deposit_limit
-from escrow._rpc import ChainError
-from escrow._settler import EscrowSettler, SettleOutcome, decode_claim, encode_claim
+from escrow._settler import EscrowSettler, SettleOutcome, encode_claim
 from x402 import PaymentRejected, PaymentRequirements, Reason
 from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, decode_escrow_payload
 
 from ._errors import PaymentFailed
 from ._pricing import Quote
 from ._scheme import MppOffer, Offer, Presented, Verified
-from ._store import ClaimLost, PaymentStore, Settlement, backoff
+from ._store import ClaimLost, PaymentStore, Settlement
 
 __all__ = ["EscrowScheme", "EscrowState"]
 
@@ -272,44 +269,8 @@ class EscrowScheme:
         settler would. Unpaid past its deadline: final, nothing charged, reservations returned. Otherwise
         looked at again at the deadline (the payer may present it again meanwhile).
         """
-        out: list[SettleOutcome] = []
-        settler = self.settler
-        for item in items:
-            try:
-                claim = decode_claim(item.payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.store.mark_failed(
-                    item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="dead", code="escrow_claim_malformed"))
-                continue
-            p = claim.payload.payment
-            escrow = AgentEscrow(settler.sender.rpc, claim.escrow)
-            try:
-                used = await escrow.nonce_used(claim.signer, int(p.nonce))
-                found = await settler.find_settlement(escrow, claim) if used else None
-            except ChainError as exc:
-                retry_at = time.time() + backoff(item.attempts)
-                await self.store.mark_failed(
-                    item.key, error=f"{exc.code}: {exc}", retry_at=retry_at, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="retry", code=exc.code))
-                continue
-            # The settler's own bookkeeping (pending counters, dead letters) keeps both paths identical.
-            if found is not None:
-                out.extend(await settler._settled([(item, claim)], found.tx_hash, "settled_elsewhere"))
-            elif used:
-                out.append(await settler._dead(item, claim, EscrowCode.NONCE_REUSED, ""))
-            elif int(p.deadline) <= time.time():
-                detail = "the payment expired unsettled: nothing was charged"
-                out.append(await settler._dead(item, claim, "escrow_never_settled", "", detail=detail))
-            else:
-                error = "escrow_unsettled: not paid by the escrow; final once the payment's deadline passes"
-                await self.store.mark_failed(
-                    item.key, error=error, retry_at=int(p.deadline) + 1.0, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="retry", code="escrow_unsettled"))
-        return out
+        # The settler's own bookkeeping (pending counters, dead letters) keeps both paths identical.
+        return await self.settler.reconcile_items(items)
 
     # -- release -------------------------------------------------------------------------------------------
 
