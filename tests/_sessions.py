@@ -22,7 +22,7 @@ from gateway._channels import AgentChannelsChain, ChannelSettler, EoaChannelOpen
 from gateway._metering import charge
 from gateway._pricing import Asset
 from gateway._session import SessionPaywall, SessionRoute, billed_sse
-from gateway._store import MemoryStore
+from gateway._store import MemoryStore, PaymentStore
 from tests._serving import serving
 from x402 import LocalSigner
 from x402.client_session import SessionClient
@@ -80,7 +80,7 @@ class Session(NamedTuple):
     payer: str
     escrow: str
     usdc: str
-    store: MemoryStore
+    store: PaymentStore
 
     async def balance(self, who: str) -> int:
         abi = ContractAbi(escrow_artifact("TestUSDC").abi)
@@ -108,6 +108,7 @@ async def session(
     max_step: int = 10_000,
     served: bool = False,
     payee_usdc: int = 0,
+    store: PaymentStore | None = None,
     **kw: Any,
 ) -> AsyncIterator[Session]:
     rpc = Rpc(devnet.rpc_url)
@@ -126,7 +127,7 @@ async def session(
             name=devnet.usdc_name,
             version=devnet.usdc_version,
         )
-        store = MemoryStore()
+        store = store if store is not None else MemoryStore()
         paywall = SessionPaywall(
             app(),
             routes=ROUTES,

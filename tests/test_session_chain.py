@@ -4,13 +4,16 @@ transactions, the payee receives exactly the actual charges, streams are billed 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
 from escrow import DevnetState
-from tests._sessions import TOKEN, UNIT, Session, session
+from gateway import SessionPaywall, open_store
+from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
 from x402 import LocalSigner, SpendPolicyViolation
 from x402._mpp import MppCredential, format_credential
 from x402._session import SessionReceipt, sign_voucher
@@ -167,3 +170,37 @@ async def test_voucher_posted_during_a_stream_is_not_charged(devnet: DevnetState
         assert sum(1 for e, _ in events if e == "message") == 250
         receipt = msgspec.json.decode(events[-1][1], type=SessionReceipt)
         assert receipt.spent == str(250 * TOKEN) and receipt.units == 250
+
+
+async def test_a_restarted_gateway_keeps_the_high_water_mark_and_the_spend(
+    devnet: DevnetState, tmp_path: Path
+) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'payments.db'}")
+    try:
+        async with session(devnet, store=store) as s:
+            for _ in range(3):
+                assert (await s.client.request("GET", "/once")).status_code == 200
+            (ch,) = s.client.channels.values()
+            old = _voucher(s, 250)  # the first voucher, already used
+            current = _voucher(s, ch.signed)
+            # the process restarts: a new paywall over the same store and chain, nothing in memory
+            again = SessionPaywall(
+                app(),
+                routes=ROUTES,
+                chain=s.paywall.chain,
+                asset=s.paywall.asset,
+                pay_to=s.payee,
+                store=(second := await open_store(f"sqlite:///{tmp_path / 'payments.db'}")),
+                secret=b"s" * 32,
+            )
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=again), base_url="http://svc"
+            ) as http:
+                r = await http.get("/once", headers=_auth(s, "/once", old))
+                assert r.status_code == 402 and r.json()["acceptedCumulative"] == "750", r.text
+                # the last voucher again: its credit was spent before the restart, nothing is served twice
+                r = await http.get("/once", headers=_auth(s, "/once", current))
+                assert r.status_code == 402 and r.json()["spent"] == "750", r.text
+            await second.close()
+    finally:
+        await store.close()
