@@ -25,14 +25,13 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from escrow import Chain, TxSender
+from escrow import Chain, EscrowError, TransactionFailed, TxSender
 from x402 import MalformedPayment, X402Error
 from x402._mpp import (
     MppChallenge,
@@ -49,135 +48,12 @@ from x402._session import SessionAction, SessionReceipt, parse_session_payload, 
 from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler
 from ._metering import Meter
 from ._pricing import Amount, Asset, to_atomic
+from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
 from ._store import PaymentStore, open_store
 
 __all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 
 log = logging.getLogger("agentpay.gateway.session")
-
-PROBLEMS = "https://paymentauth.org/problems/session/"
-_SCOPE_KEY = "agentpay.session"
-#: A stream waiting for a voucher gives up after this long (the draft: about 60 s).
-VOUCHER_WAIT = 60.0
-
-
-class SessionRoute(msgspec.Struct, frozen=True, kw_only=True):
-    """A route paid over a session: `unit_price` per unit; a request reserves `units` units at most.
-
-    `metered`: the handler reports the actual charge (at most `units * unit_price`); otherwise a request
-    costs exactly `units * unit_price`. `stream`: the handler bills per unit with `billed_sse`.
-    """
-
-    unit_price: Any  # Amount
-    units: int = 1
-    unit_type: str = "request"
-    metered: bool = False
-    stream: bool = False
-    suggested_deposit: Any = None  # Amount | None
-
-
-class SessionProblem(X402Error):
-    """A session credential refused: `kind` is the draft's problem type, `state` the channel's numbers."""
-
-    default_code = "session_refused"
-    default_status = 402
-
-    def __init__(self, kind: str, message: str, *, status: int = 402, state: dict[str, Any] | None = None):
-        super().__init__(message, code=kind, status_hint=status)
-        self.kind = kind
-        self.state = state or {}
-
-
-class _Channel:
-    """What the paywall knows of one channel; mutated only under `lock`."""
-
-    def __init__(self, channel_id: str, info: ChannelInfo, accepted: int, spent: int) -> None:
-        self.id = channel_id
-        self.info = info
-        self.accepted = accepted
-        self.spent = spent
-        self.reserved = 0
-        # Accepted vouchers above what was handed to the settler, ascending: (cumulative, signature).
-        self.vouchers: list[tuple[int, str]] = []
-        self.lock = asyncio.Lock()
-        self.changed = asyncio.Condition(self.lock)
-        self.closed = False
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "channelId": self.id,
-            "acceptedCumulative": str(self.accepted),
-            "spent": str(self.spent),
-            "deposit": str(self.info.deposit),
-        }
-
-
-class _Context:
-    """The session a request is paid over, for `billed_sse` and `charge()`."""
-
-    def __init__(
-        self, paywall: SessionPaywall, channel: _Channel, challenge: str, route: SessionRoute
-    ) -> None:
-        self.paywall = paywall
-        self.channel = channel
-        self.challenge = challenge
-        self.unit = to_atomic(route.unit_price, paywall.asset.decimals)
-        self.units = 0
-
-    async def debit(self, units: int = 1) -> bytes | None:
-        """Charge `units`; when the credit is short, return the `payment-need-voucher` event to send and
-        wait (call again after sending it). None: charged."""
-        ch, cost = self.channel, self.unit * units
-        async with ch.lock:
-            if ch.accepted - ch.spent - ch.reserved >= cost:
-                await self.paywall._commit(ch, cost)
-                self.units += units
-                return None
-            need = {
-                "channelId": ch.id,
-                "requiredCumulative": str(ch.spent + ch.reserved + cost),
-                "acceptedCumulative": str(ch.accepted),
-                "deposit": str(ch.info.deposit),
-            }
-            return _event("payment-need-voucher", msgspec.json.encode(need))
-
-    async def wait_voucher(self, timeout: float) -> bool:
-        ch = self.channel
-        async with ch.lock:
-            before = ch.accepted
-            try:
-                await asyncio.wait_for(
-                    ch.changed.wait_for(lambda: ch.accepted > before or ch.closed), timeout
-                )
-            except TimeoutError:
-                return False
-            return not ch.closed
-
-    def receipt(self, *, units: int | None = None) -> SessionReceipt:
-        return self.paywall._receipt(self.channel, self.challenge, units=units)
-
-
-def _event(name: str, data: bytes) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
-
-
-async def billed_sse(request: Request, units: AsyncIterable[str]) -> AsyncIterable[bytes]:
-    """SSE body billing one unit per item of `units` over the request's session.
-
-    Pauses (sends `payment-need-voucher`, waits for a voucher) when the credit runs out; ends with
-    `payment-receipt`. Without a session (an unpaid route) it streams unbilled.
-    """
-    ctx: _Context | None = request.scope.get(_SCOPE_KEY)
-    async for item in units:
-        if ctx is not None:
-            while (need := await ctx.debit()) is not None:
-                yield need
-                if not await ctx.wait_voucher(VOUCHER_WAIT):
-                    yield _event("payment-receipt", msgspec.json.encode(ctx.receipt(units=ctx.units)))
-                    return
-        yield b"event: message\ndata: " + item.encode() + b"\n\n"
-    if ctx is not None:
-        yield _event("payment-receipt", msgspec.json.encode(ctx.receipt(units=ctx.units)))
 
 
 class SessionPaywall:
@@ -210,7 +86,7 @@ class SessionPaywall:
         self.settler = settler if settler is not None else ChannelSettler(chain)
         self.settle_every = to_atomic(settle_every, asset.decimals)
         self.challenge_ttl = challenge_ttl
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, Channel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
 
     @classmethod
@@ -309,7 +185,7 @@ class SessionPaywall:
         await send({"type": "http.response.body", "body": raw})
 
     def _receipt(
-        self, ch: _Channel, challenge: str, *, units: int | None = None, tx: str | None = None
+        self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
     ) -> SessionReceipt:
         return SessionReceipt(
             method="evm",
@@ -328,7 +204,7 @@ class SessionPaywall:
 
     # -- channel state -----------------------------------------------------------------------------------
 
-    async def _channel(self, channel_id: str) -> _Channel:
+    async def _channel(self, channel_id: str) -> Channel:
         ch = self._channels.get(channel_id)
         if ch is not None:
             return ch
@@ -341,7 +217,7 @@ class SessionPaywall:
             accepted = max(await self.store.high_water(channel_id), info.settled)
             spent = max(await self.store.high_water(channel_id + "#spent"), info.settled)
             self.settler.note_settled(channel_id, info.settled)
-            ch = self._channels[channel_id] = _Channel(channel_id, info, accepted, spent)
+            ch = self._channels[channel_id] = Channel(channel_id, info, accepted, spent)
             return ch
 
     def _check_channel(self, channel_id: str, info: ChannelInfo) -> None:
@@ -352,13 +228,13 @@ class SessionPaywall:
         if info.payee.lower() != self.pay_to.lower() or info.token.lower() != self.asset.address.lower():
             raise SessionProblem("channel-mismatch", "the channel pays another payee or token")
 
-    async def _refresh(self, ch: _Channel) -> None:
+    async def _refresh(self, ch: Channel) -> None:
         """Re-read the channel (a top-up, or a voucher above the cached deposit): the rare path."""
         info = await self.chain.channel(ch.id)
         self._check_channel(ch.id, info)
         ch.info = info
 
-    def _check_signature(self, ch: _Channel, action: SessionAction) -> None:
+    def _check_signature(self, ch: Channel, action: SessionAction) -> None:
         assert action.cumulative is not None and action.signature is not None
         try:
             signer = recover_voucher(
@@ -377,7 +253,7 @@ class SessionPaywall:
                 "signer-mismatch", "the voucher is not signed by the channel's signer", state=ch.state()
             )
 
-    async def _accept(self, ch: _Channel, action: SessionAction) -> None:
+    async def _accept(self, ch: Channel, action: SessionAction) -> None:
         """Steps 1-10 of the draft's voucher verification; caller holds `ch.lock`."""
         assert action.cumulative is not None and action.signature is not None
         if ch.closed or ch.info.close_requested_at:
@@ -402,7 +278,7 @@ class SessionPaywall:
         ch.vouchers.append((action.cumulative, action.signature))
         ch.changed.notify_all()
 
-    async def _commit(self, ch: _Channel, cost: int) -> None:
+    async def _commit(self, ch: Channel, cost: int) -> None:
         """Charge `cost` (caller holds the lock) and hand the settler what has become settleable."""
         if cost:
             ch.spent += cost
@@ -439,6 +315,10 @@ class SessionPaywall:
             action = parse_session_payload(credential.payload)
             await self._open_store()
             ch = await self._channel(action.channel)
+        except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
+            log.warning("reading channel failed: %s", exc)
+            await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+            return
         except (SessionProblem, X402Error) as exc:
             if isinstance(exc, MalformedPayment):
                 exc.status_hint = 400
@@ -448,6 +328,9 @@ class SessionPaywall:
             await self._serve(scope, receive, send, route, ch, action, ch_.id)
         except SessionProblem as exc:
             await self._problem(send, route, exc)
+        except EscrowError as exc:  # a top-up or deposit re-read failed on the chain
+            log.warning("channel %s: chain read failed: %s", ch.id, exc)
+            await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
 
     async def _serve(
         self,
@@ -455,7 +338,7 @@ class SessionPaywall:
         receive: Receive,
         send: Send,
         route: SessionRoute,
-        ch: _Channel,
+        ch: Channel,
         action: SessionAction,
         cid: str,
     ) -> None:
@@ -491,7 +374,7 @@ class SessionPaywall:
             await self._no_content(send, ch, cid)
             return
         if route.stream:
-            scope[_SCOPE_KEY] = _Context(self, ch, cid, route)
+            scope[SCOPE_KEY] = Context(self, ch, cid, route)
         meter = Meter(maximum, self.asset.decimals)
         meter.install(scope)
         committed = False
@@ -517,7 +400,7 @@ class SessionPaywall:
                 async with ch.lock:
                     ch.reserved -= maximum
 
-    async def _close(self, send: Send, ch: _Channel, action: SessionAction, cid: str) -> None:
+    async def _close(self, send: Send, ch: Channel, action: SessionAction, cid: str) -> None:
         """Close with the payer's final voucher, which must cover exactly what was spent (at most what it
         pre-authorized): the payee is paid the actual charges, never an unused pre-authorization."""
         assert action.cumulative is not None and action.signature is not None
@@ -533,13 +416,24 @@ class SessionPaywall:
                 )
             ch.closed = True
             ch.changed.notify_all()
-            tx = await self.settler.close(ch.id, action.cumulative, action.signature)
+            try:
+                tx = await self.settler.close(ch.id, action.cumulative, action.signature)
+            except Exception as exc:  # the channel stays open and usable; the payer may try again
+                ch.closed = False
+                log.warning("closing channel %s failed: %s", ch.id, exc)
+                reverted = isinstance(exc, TransactionFailed)
+                raise SessionProblem(
+                    "transaction-reverted" if reverted else "chain-unavailable",
+                    "the close transaction reverted" if reverted else "the chain is unreachable; retry later",
+                    status=409 if reverted else 503,
+                    state=ch.state(),
+                ) from None
             receipt = self._receipt(ch, cid, tx=tx)
         self._channels.pop(ch.id, None)
         await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
         await send({"type": "http.response.body", "body": b""})
 
-    async def _no_content(self, send: Send, ch: _Channel, cid: str) -> None:
+    async def _no_content(self, send: Send, ch: Channel, cid: str) -> None:
         receipt = self._receipt(ch, cid)
         await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
         await send({"type": "http.response.body", "body": b""})

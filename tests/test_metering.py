@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,8 @@ from gateway import (
 )
 from gateway._channels import ChannelInfo
 from gateway._metering import actual_charge, parse_override
-from gateway._session import SessionPaywall, _Channel
+from gateway._session import SessionPaywall
+from gateway._session_state import Channel as _Channel
 from tests.test_gateway_units import PAYEE, SECRET, USDC, StubChain
 from x402 import LocalSigner
 from x402._session import SessionAction, channel_id, recover_voucher, sign_voucher, voucher_digest
@@ -196,5 +198,42 @@ def test_vouchers_accepted_are_monotonic_signed_and_within_the_deposit(
             assert await store.high_water(CHANNEL) == ch.accepted
         # the chain is read only to re-check the deposit for a signed voucher above it
         assert chain.reads <= sum(1 for c, honest, cid in steps if honest and cid == 1 and c > deposit)
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_chain_answers_503_and_never_500() -> None:
+    from escrow import Rpc
+    from gateway import AgentChannelsChain, SessionRoute
+    from x402._mpp import MppCredential, format_credential
+
+    async def run() -> None:
+        rpc = Rpc("http://127.0.0.1:9", timeout=2.0)  # nothing listens on the discard port
+        route = SessionRoute(unit_price=100)
+        paywall = SessionPaywall(
+            Starlette(),
+            routes={"/x": route},
+            chain=AgentChannelsChain(rpc, ESCROW, chain_id=1),
+            asset=Asset(address=ESCROW, chain_id=1, name="USDC", version="2"),
+            pay_to=PAYEE,
+            store=MemoryStore(),
+            secret=SECRET,
+        )
+        payload = {
+            "action": "voucher",
+            "channelId": CHANNEL,
+            "cumulativeAmount": "100",
+            "signature": sign_voucher(
+                SESSION_KEY, chain_id=1, escrow=ESCROW, channel=CHANNEL, cumulative=100
+            ),
+        }
+        credential = MppCredential(challenge=paywall.challenge(route), payload=payload)
+        transport = httpx.ASGITransport(app=paywall)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as http:
+            r = await http.get("/x", headers={"authorization": "Payment " + format_credential(credential)})
+            assert r.status_code == 503 and r.json()["type"].endswith("chain-unavailable"), r.text
+            unpaid = await http.get("/x")
+            assert unpaid.status_code == 402 and "www-authenticate" in unpaid.headers
+        await rpc.aclose()
 
     asyncio.run(run())
