@@ -43,7 +43,7 @@ from x402._mpp import (
     rfc3339,
     verify_challenge,
 )
-from x402._session import SessionAction, SessionReceipt, parse_session_payload, recover_voucher
+from x402._session import SessionAction, SessionReceipt, parse_session_payload, voucher_signed_by
 
 from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler
 from ._metering import Meter
@@ -237,18 +237,19 @@ class SessionPaywall:
     def _check_signature(self, ch: Channel, action: SessionAction) -> None:
         assert action.cumulative is not None and action.signature is not None
         try:
-            signer = recover_voucher(
+            ok = voucher_signed_by(
                 chain_id=self.chain.chain_id,
                 escrow=self.chain.escrow,
                 channel=ch.id,
                 cumulative=action.cumulative,
                 signature=action.signature,
+                signer=ch.signer_bytes,
             )
         except X402Error:
             raise SessionProblem(
                 "invalid-signature", "the voucher signature is invalid", state=ch.state()
             ) from None
-        if signer.lower() != ch.info.signer.lower():
+        if not ok:
             raise SessionProblem(
                 "signer-mismatch", "the voucher is not signed by the channel's signer", state=ch.state()
             )

@@ -90,6 +90,15 @@ class Channel:
         self.changed = asyncio.Condition(self.lock)
         self.closed = False
 
+    @property
+    def info(self) -> ChannelInfo:
+        return self._info
+
+    @info.setter
+    def info(self, info: ChannelInfo) -> None:
+        self._info = info
+        self.signer_bytes = bytes.fromhex(info.signer[2:])  # compared with each voucher's recovered signer
+
     def state(self) -> dict[str, Any]:
         return {
             "channelId": self.id,

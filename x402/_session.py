@@ -18,7 +18,7 @@ import msgspec
 
 from ._errors import InvalidSignature, MalformedPayment
 from ._keccak import keccak256 as keccak
-from ._signer import Signer, recover_hash
+from ._signer import Signer, recover_hash, recover_hash_raw
 
 __all__ = [
     "SESSION_DOMAIN_NAME",
@@ -31,6 +31,7 @@ __all__ = [
     "recover_voucher",
     "sign_voucher",
     "voucher_digest",
+    "voucher_signed_by",
 ]
 
 SESSION_DOMAIN_NAME: Final = "EVM Payment Channel"
@@ -95,6 +96,20 @@ def recover_voucher(*, chain_id: int, escrow: str, channel: str, cumulative: int
     if len(raw) != 65:
         raise InvalidSignature("a voucher signature is 65 bytes of 0x-hex (r || s || v)")
     return recover_hash(voucher_digest(chain_id, escrow, channel, cumulative), raw)
+
+
+def voucher_signed_by(
+    *, chain_id: int, escrow: str, channel: str, cumulative: int, signature: str, signer: bytes
+) -> bool:
+    """Whether the voucher is signed by `signer` (20 address bytes): the verification hot path, which skips
+    the EIP-55 checksum `recover_voucher` computes. Raises InvalidSignature for a malformed signature."""
+    try:
+        raw = bytes.fromhex(signature[2:]) if signature[:2] in ("0x", "0X") else b""
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != 65:
+        raise InvalidSignature("a voucher signature is 65 bytes of 0x-hex (r || s || v)")
+    return recover_hash_raw(voucher_digest(chain_id, escrow, channel, cumulative), raw) == signer
 
 
 def channel_id(
