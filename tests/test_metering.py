@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from gateway import (
     Asset,
@@ -18,14 +22,28 @@ from gateway import (
     PaidRoute,
     PaymentMiddleware,
     SessionProblem,
+    Settlement,
+    Verified,
+    charge,
 )
+from gateway import Offer as Offer_
 from gateway._channels import ChannelInfo
 from gateway._metering import actual_charge, parse_override
+from gateway._scheme import check_actual
 from gateway._session import SessionPaywall
 from gateway._session_state import Channel as _Channel
 from tests.test_gateway_units import PAYEE, SECRET, USDC, StubChain
-from x402 import LocalSigner
+from x402 import (
+    LocalSigner,
+    PaymentPayload,
+    PaymentRequirements,
+    decode_payment_required,
+    decode_payment_response,
+    encode_payment_signature,
+)
+from x402._keccak import keccak256
 from x402._session import SessionAction, channel_id, recover_voucher, sign_voucher, voucher_digest
+from x402._signer import recover_hash
 from x402.client import Offer, SpendPolicy
 
 ESCROW = "0x" + "ab" * 20
@@ -235,5 +253,113 @@ def test_an_unreachable_chain_answers_503_and_never_500() -> None:
             unpaid = await http.get("/x")
             assert unpaid.status_code == 402 and "www-authenticate" in unpaid.headers
         await rpc.aclose()
+
+    asyncio.run(run())
+
+
+class _SignedMaximum:
+    """A minimal scheme that can settle for less (`Meters`): a payment is the payer's signature over
+    (id, maximum); `settle(actual=)` records what it would pay. It stands in for `escrow`/`upto` here so
+    that the pipeline's usage pricing is exercised without a chain; the chain paths have their own tests."""
+
+    name = "signed-max"
+    metered = True
+
+    def __init__(self) -> None:
+        self.settled: list[int] = []
+        self.released = 0
+
+    def offer(self, quote: Any) -> Offer_:
+        requirements = PaymentRequirements(
+            scheme=self.name,
+            network=quote.asset.network,
+            asset=quote.asset.address,
+            amount=str(quote.amount),
+            pay_to=quote.pay_to,
+            max_timeout_seconds=quote.max_timeout_seconds,
+        )
+        return Offer_(scheme=self.name, requirements=requirements)
+
+    async def verify(self, offer: Offer_, presented: Any, *, now: float) -> Verified:
+        payload = presented.payload
+        digest = keccak256(f"{payload['id']}:{offer.requirements.amount}".encode())
+        payer = recover_hash(digest, bytes.fromhex(payload["signature"][2:]))
+        return Verified(
+            scheme=self.name,
+            key=payload["id"],
+            payer=payer,
+            amount=int(offer.requirements.amount),
+            network="eip155:1",
+        )
+
+    async def settle(self, verified: Verified, *, actual: int | None = None) -> str:
+        amount = check_actual(verified, actual)
+        if amount == 0:
+            self.released += 1
+            return ""
+        self.settled.append(amount)
+        return "0x" + "ab" * 32
+
+    def settlement(self, verified: Verified, *, now: float, actual: int | None = None) -> Settlement:
+        return Settlement(
+            key=verified.key,
+            kind=self.name,
+            payload=b"",
+            payer=verified.payer,
+            amount=check_actual(verified, actual),
+            created_at=now,
+        )
+
+
+@pytest.mark.parametrize(
+    ("report", "charged"),
+    [
+        ("charge:300", 300),
+        ("header:300", 300),
+        ("header:$0.0004", 400),
+        ("charge:0", 0),
+        ("header:99999", 10_000),
+    ],
+)
+def test_a_metered_route_settles_the_actual_charge(report: str, charged: int) -> None:
+    scheme = _SignedMaximum()
+
+    async def handler(request: Request) -> Response:
+        how, _, amount = report.partition(":")
+        if how == "charge":
+            charge(request, int(amount))
+            return JSONResponse({"ok": True})
+        return JSONResponse({"ok": True}, headers={"Settlement-Overrides": f'{{"amount": "{amount}"}}'})
+
+    app = PaymentMiddleware(
+        Starlette(routes=[Route("/metered", handler)]),
+        routes={"GET /metered": PaidRoute(price="$0.01", metered=True)},
+        schemes=[ExactScheme(StubChain()), scheme],
+        pay_to=PAYEE,
+        asset=USDC,
+        secret=SECRET,
+        store=MemoryStore(),
+    )
+    payer = LocalSigner.random()
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as http:
+            challenge = await http.get("/metered")
+            required = decode_payment_required(challenge.headers["payment-required"])
+            assert [a.scheme for a in required.accepts] == ["signed-max"]  # never `exact`
+            accepted = required.accepts[0]
+            assert accepted.amount == "10000"
+            signature = payer.sign_hash(keccak256(f"p1:{accepted.amount}".encode()))
+            payment = PaymentPayload(
+                accepted=accepted, payload={"id": "p1", "signature": "0x" + signature.hex()}
+            )
+            r = await http.get("/metered", headers={"payment-signature": encode_payment_signature(payment)})
+            assert r.status_code == 200, r.text
+            assert "settlement-overrides" not in r.headers
+            receipt = decode_payment_response(r.headers["payment-response"])
+            assert receipt.amount == str(charged)
+            assert scheme.settled == ([charged] if charged else [])
+            assert receipt.transaction == ("0x" + "ab" * 32 if charged else "")
 
     asyncio.run(run())
