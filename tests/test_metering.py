@@ -44,7 +44,7 @@ from x402 import (
 from x402._keccak import keccak256
 from x402._session import SessionAction, channel_id, recover_voucher, sign_voucher, voucher_digest
 from x402._signer import recover_hash
-from x402.client import Offer, SpendPolicy
+from x402.client import Credential, Offer, PaymentAuth, SpendPolicy
 
 ESCROW = "0x" + "ab" * 20
 CHANNEL = "0x" + "cd" * 32
@@ -361,5 +361,50 @@ def test_a_metered_route_settles_the_actual_charge(report: str, charged: int) ->
             assert receipt.amount == str(charged)
             assert scheme.settled == ([charged] if charged else [])
             assert receipt.transaction == ("0x" + "ab" * 32 if charged else "")
+
+    asyncio.run(run())
+
+
+class _SignedMaxWallet:
+    def __init__(self, signer: LocalSigner) -> None:
+        self.signer = signer
+        self.count = 0
+
+    def can_pay(self, offer: Offer) -> bool:
+        return offer.scheme == "signed-max"
+
+    def pay(self, offer: Offer) -> Credential:
+        self.count += 1
+        key = f"p{self.count}-{self.signer.address}"
+        signature = self.signer.sign_hash(keccak256(f"{key}:{offer.amount}".encode()))
+        return Credential(payload={"id": key, "signature": "0x" + signature.hex()})
+
+
+def test_the_client_policy_holds_the_maximum_and_spends_the_actual_charge() -> None:
+    scheme = _SignedMaximum()
+
+    async def handler(request: Request) -> Response:
+        charge(request, "$0.0003")
+        return JSONResponse({"ok": True})
+
+    app = PaymentMiddleware(
+        Starlette(routes=[Route("/metered", handler)]),
+        routes={"GET /metered": PaidRoute(price="$0.01", metered=True)},
+        schemes=[scheme],
+        pay_to=PAYEE,
+        asset=USDC,
+        secret=SECRET,
+        store=MemoryStore(),
+    )
+    policy = SpendPolicy(max_per_call="$0.01", total_budget="$0.02")
+
+    async def run() -> None:
+        auth = PaymentAuth(_SignedMaxWallet(LocalSigner.random()), policy)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc", auth=auth) as http:
+            for _ in range(3):  # three calls fit a $0.02 budget: each holds $0.01 but spends $0.0003
+                assert (await http.get("/metered")).status_code == 200
+        assert (policy.spent, policy.reserved) == (900, 0)
+        assert scheme.settled == [300, 300, 300]
 
     asyncio.run(run())
