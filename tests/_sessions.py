@@ -25,6 +25,7 @@ from gateway._session import SessionPaywall, SessionRoute, billed_sse
 from gateway._store import MemoryStore, PaymentStore
 from tests._serving import serving
 from x402 import LocalSigner
+from x402.client import SpendPolicy
 from x402.client_session import SessionClient
 
 UNIT = 100  # $0.0001 per unit on /meter (maximum 100 units: $0.01)
@@ -109,6 +110,7 @@ async def session(
     served: bool = False,
     payee_usdc: int = 0,
     store: PaymentStore | None = None,
+    policy: SpendPolicy | None = None,
     **kw: Any,
 ) -> AsyncIterator[Session]:
     rpc = Rpc(devnet.rpc_url)
@@ -151,7 +153,12 @@ async def session(
                     httpx.AsyncClient(transport=httpx.ASGITransport(app=paywall), base_url="http://svc")
                 )
             client = SessionClient(
-                http, signer=LocalSigner.random(), opener=opener, deposit=deposit, max_voucher_step=max_step
+                http,
+                signer=LocalSigner.random(),
+                opener=opener,
+                deposit=deposit,
+                max_voucher_step=max_step,
+                policy=policy,
             )
             yield Session(
                 client,

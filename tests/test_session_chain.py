@@ -17,6 +17,7 @@ from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
 from x402 import LocalSigner, SpendPolicyViolation
 from x402._mpp import MppCredential, format_credential
 from x402._session import SessionReceipt, sign_voucher
+from x402.client import SpendPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -204,3 +205,24 @@ async def test_a_restarted_gateway_keeps_the_high_water_mark_and_the_spend(
             await second.close()
     finally:
         await store.close()
+
+
+async def test_the_spend_policy_holds_what_vouchers_authorize_and_spends_what_was_charged(
+    devnet: DevnetState,
+) -> None:
+    policy = SpendPolicy(max_per_call=10_000, total_budget=50_000)
+    async with session(devnet, policy=policy) as s:
+        for units in (3, 0, 5):
+            assert (await s.client.request("GET", f"/meter?units={units}")).status_code == 200
+        assert policy.spent == 8 * UNIT
+        assert policy.spent + policy.reserved <= 8 * UNIT + 10_000  # one maximum ahead, never more
+        await s.client.close("/meter")
+        assert (policy.spent, policy.reserved) == (8 * UNIT, 0)
+    # a route whose maximum is above the per-call cap is refused before any voucher is signed
+    strict = SpendPolicy(max_per_call=5_000)
+    async with session(devnet, policy=strict, max_step=10**9) as s:
+        with pytest.raises(SpendPolicyViolation):
+            await s.client.request("GET", "/meter?units=1")
+        (ch,) = s.client.channels.values()
+        # only the first, probing voucher (one unit) was signed; the $0.01 one never was
+        assert ch.signed == UNIT and (strict.spent, strict.reserved) == (0, UNIT)

@@ -24,6 +24,7 @@ from ._errors import NoPayableOffer, SpendPolicyViolation, X402Error
 from ._mpp import MppCredential, decode_json_param, format_credential, parse_www_authenticate
 from ._session import SessionReceipt, channel_id, sign_voucher
 from ._signer import Signer
+from .client import Offer, Reservation, SpendPolicy
 
 __all__ = ["ChannelOpener", "SessionClient"]
 
@@ -74,6 +75,7 @@ class SessionClient:
         opener: ChannelOpener,
         deposit: int,
         max_voucher_step: int,
+        policy: SpendPolicy | None = None,
     ) -> None:
         self.http = http
         self.signer = signer
@@ -84,6 +86,10 @@ class SessionClient:
         self._challenge: dict[str, Any] = {}
         self._step: dict[str, int] = {}
         self.receipts: list[SessionReceipt] = []
+        # SpendPolicy: what vouchers authorize beyond what was spent is held; what is spent is committed.
+        self.policy = policy
+        self._held: dict[str, Reservation] = {}
+        self._payee: dict[str, tuple[str, str, str]] = {}  # channel -> (payee, token, network)
 
     async def _channel(self, url: str, response: httpx.Response) -> tuple[_Open, Any]:
         challenge, request = _session_request(response)
@@ -114,6 +120,7 @@ class SessionClient:
             ch = self.channels[key] = _Open(
                 channel=cid, escrow=escrow, chain_id=int(details["chainId"]), deposit=self.deposit
             )
+            self._payee[cid] = (payee, str(request["currency"]), f"eip155:{int(details['chainId'])}")
         return ch, challenge
 
     def _voucher(self, ch: _Open, cumulative: int, action: str = "voucher") -> dict[str, Any]:
@@ -125,6 +132,8 @@ class SessionClient:
                 )
             if cumulative > ch.deposit:
                 raise SpendPolicyViolation(f"voucher {cumulative} above the channel deposit {ch.deposit}")
+        if action != "close" and cumulative > ch.signed:
+            self._hold(ch, cumulative - ch.spent)  # refused here, before signing, when the policy says no
         if cumulative != ch.signed or not ch.signature or action == "close":
             ch.signature = sign_voucher(
                 self.signer, chain_id=ch.chain_id, escrow=ch.escrow, channel=ch.channel, cumulative=cumulative
@@ -153,8 +162,56 @@ class SessionClient:
             raise X402Error(
                 f"receipt for channel {receipt.channel_id}, not {ch.channel}", code="receipt_mismatch"
             )
-        ch.spent = max(ch.spent, int(receipt.spent))
+        self._spend(ch, int(receipt.spent))
         self.receipts.append(receipt)
+
+    def _hold(self, ch: _Open, outstanding: int) -> None:
+        if self.policy is None:
+            return
+        payee, token, network = self._payee.get(ch.channel, (ch.escrow, ch.escrow, f"eip155:{ch.chain_id}"))
+        offer = Offer(
+            protocol="mpp",
+            scheme="evm/session",
+            network=network,
+            asset=token,
+            amount=outstanding,
+            pay_to=payee,
+        )
+        previous = self._held.pop(ch.channel, None)
+        if previous is not None:
+            previous.release()
+        try:
+            self._held[ch.channel] = self.policy.reserve(offer)
+        except SpendPolicyViolation:
+            if previous is not None:  # keep holding what the last voucher authorized
+                self._held[ch.channel] = self.policy.reserve(
+                    Offer(
+                        protocol="mpp",
+                        scheme="evm/session",
+                        network=network,
+                        asset=token,
+                        amount=previous.amount,
+                        pay_to=payee,
+                    )
+                )
+            raise
+
+    def _spend(self, ch: _Open, spent: int) -> None:
+        """The server charged up to `spent`: commit the difference, keep holding the rest authorized."""
+        delta = spent - ch.spent
+        ch.spent = max(ch.spent, spent)
+        if self.policy is None or delta <= 0:
+            return
+        held = self._held.pop(ch.channel, None)
+        if held is not None:
+            held.commit(delta)  # spends `delta`, frees the rest of the hold ...
+        rest = max(0, ch.signed - ch.spent)
+        if rest:  # ... which the signed vouchers still authorize: hold it again
+            payee, token, network = self._payee[ch.channel]
+            offer = Offer(
+                protocol="mpp", scheme="evm/session", network=network, asset=token, amount=rest, pay_to=payee
+            )
+            self._held[ch.channel] = self.policy.reserve(offer)
 
     def _known(self, url: str) -> tuple[_Open, Any] | None:
         """The channel and challenge already used for `url`'s path: pay it without a 402 round trip."""
@@ -229,7 +286,7 @@ class SessionClient:
                         need = msgspec.json.decode(data)
                         unit = int(decode_json_param(challenge.request)["amount"])
                         # A stream charges one unit at a time: the server has spent all but the next unit.
-                        ch.spent = max(ch.spent, int(need["requiredCumulative"]) - unit)
+                        self._spend(ch, int(need["requiredCumulative"]) - unit)
                         voucher = self._voucher(
                             ch, int(need["requiredCumulative"]) + self._stream_step(challenge)
                         )
@@ -243,7 +300,7 @@ class SessionClient:
                             )
                     elif event == "payment-receipt":
                         receipt = msgspec.json.decode(data, type=SessionReceipt)
-                        ch.spent = max(ch.spent, int(receipt.spent))
+                        self._spend(ch, int(receipt.spent))
                         self.receipts.append(receipt)
                         yield event, data
                     else:
@@ -266,6 +323,9 @@ class SessionClient:
         if ch is None:
             return None
         payload = self._voucher(ch, ch.spent, action="close")
+        held = self._held.pop(ch.channel, None)
+        if held is not None:  # the channel ends at what was spent: nothing more is authorized
+            held.release()
         response = await self.http.post(url, headers=self._auth(challenge, payload))
         if response.status_code != 204:
             raise X402Error(
