@@ -343,7 +343,8 @@ class ExactSettlement:
             elif has_transfer(receipt, w[1].asset, w[1].payload.authorization):
                 landed = receipt.transaction_hash  # a fee-bumped replacement of tx_hash, maybe
                 replaced = tuple(h for h in relayer.hashes(tx_hash) if h != landed)
-                out.extend(await engine.settled([w], landed, "settled", replaced=replaced))
+                gas = int(receipt.gas_used, 16)  # this transfer's own: `agentpay_settlement_gas_total`
+                out.extend(await engine.settled([w], landed, "settled", gas=gas, replaced=replaced))
             else:
                 detail = f"in {tx_hash}"
                 out.append(await self._dead(engine, w, "invalid_exact_evm_transfer_event_mismatch", detail))

@@ -57,7 +57,9 @@ from gateway import (
     charge,
 )
 
-__all__ = ["PRICES", "SESSION_ROUTES", "build_app", "main"]
+from ._discovery import DISCOVERY
+
+__all__ = ["PRICES", "SESSION_ROUTES", "build_app", "main", "with_sessions"]
 
 PRICES = {"GET /hello": "$0.001", "GET /weather": "$0.002"}
 UNIT_PRICE = Decimal("0.0001")  # /metered, per unit
@@ -138,7 +140,7 @@ def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware
     )
     summarize_route = PaidRoute(price=summarize_price, description="Summarize a text")
     routes: dict[str, PaidRoute | str] = {**PRICES, "POST /summarize": summarize_route}
-    return PaymentMiddleware(api, routes=routes, chain=chain, pay_to=pay_to, **options)
+    return PaymentMiddleware(api, routes=routes, chain=chain, pay_to=pay_to, discovery=DISCOVERY, **options)
 
 
 def with_sessions(

@@ -9,10 +9,13 @@ recovery in its lifespan, tuned by `SettlementOptions`.
 from ._answers import Answer, Challenger, v1_network
 from ._chain_payments import SettlementOptions
 from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler, EoaChannelOpener
+from ._dashboard import dashboard_app
+from ._discovery import Discovery
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
 from ._facilitator import facilitator_app
 from ._metering import charge
+from ._metrics import Metrics, payment_id
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
@@ -51,12 +54,14 @@ __all__ = [
     "ConfigurationError",
     "Dialect",
     "EoaChannelOpener",
+    "Discovery",
     "Event",
     "ExactChain",
     "ExactScheme",
     "GatewayError",
     "InvalidTransition",
     "MemoryStore",
+    "Metrics",
     "MppOffer",
     "Offer",
     "PaidRoute",
@@ -89,8 +94,10 @@ __all__ = [
     "backoff",
     "billed_sse",
     "charge",
+    "dashboard_app",
     "facilitator_app",
     "open_store",
+    "payment_id",
     "to_atomic",
     "v1_network",
 ]

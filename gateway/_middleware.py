@@ -21,6 +21,7 @@ before the claim was kept alive, stretch the handler past the claim's TTL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets as _secrets
 import time
@@ -34,10 +35,12 @@ from x402 import MIN_SECRET_BYTES, X402Error, error_answer
 
 from ._answers import Answer, Headers, ReplayStatus
 from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
+from ._discovery import Discovery, DiscoveryDocuments
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
 from ._metering import Meter, check_metered_routes
+from ._metrics import Metrics, PaymentObserver
 from ._pipeline import Paywall, SettleMode
-from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
+from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable, route_path
 from ._scheme import Dialect, Offer, Scheme
 from ._store import MemoryStore, PaymentStore
 from ._stores import open_store
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
     from escrow import Chain, EscrowSettler, ExactSettler
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_HELD_BYTES", "DEFAULT_STORE_URL", "PaymentMiddleware"]
+
+log = logging.getLogger("agentpay.gateway")
 
 # Durable by default: a served payment must survive a crash until it is settled. `AGENTPAY_STORE` overrides.
 DEFAULT_STORE_URL = "sqlite:///.agentpay/payments.db"
@@ -170,6 +175,11 @@ class PaymentMiddleware:
     tuned by `settlement` (`SettlementOptions`), stopped (queues flushed) and the chain's clients closed
     at shutdown. A server that sends no lifespan events gets them started on the first paid request; call
     `startup()` / `shutdown()` to drive them yourself.
+
+    Operator endpoints, off by default: `discovery=True` (or a `Discovery`) serves `/openapi.json`,
+    `/llms.txt` and `/discovery/resources` generated from `routes`; `metrics=True` (or a `Metrics`) serves
+    Prometheus metrics at `/metrics`. Payment log records (logger `agentpay.payments`) carry a `payment_id`
+    either way; see docs/operations.md.
     """
 
     def __init__(
@@ -195,6 +205,8 @@ class PaymentMiddleware:
         mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
         body_timeout: float = 30.0,
+        discovery: Discovery | bool = False,
+        metrics: Metrics | bool = False,
     ) -> None:
         for name, limit in (("max_body_bytes", max_body_bytes), ("max_held_bytes", max_held_bytes)):
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -243,6 +255,33 @@ class PaymentMiddleware:
             clock=clock,
         )
         check_metered_routes(self.routes, self.paywall.schemes)
+        self._ops_endpoints(discovery, metrics)
+
+    def _ops_endpoints(self, discovery: Discovery | bool, metrics: Metrics | bool) -> None:
+        """Opt-in operator endpoints (`discovery`, `metrics`; see gateway._discovery, gateway._metrics)."""
+        config = Discovery() if discovery is True else discovery or None
+        self.discovery = None if config is None else DiscoveryDocuments(config, self.routes, self.paywall)
+        self.metrics = Metrics() if metrics is True else metrics or None
+        self.observer = PaymentObserver(self.metrics)
+        self.paywall.observer = self.observer
+        if self.metrics is not None and self._payments is not None:  # the settlers `chain=` runs
+            hook = self.metrics.settler_hook(lambda: self.paywall.store)
+            for settler in self._payments.settlers.values():
+                if settler.on_outcome is None:
+                    settler.on_outcome = hook
+
+    async def _serve_ops(self, scope: Scope, send: Send) -> bool:
+        if self.discovery is not None and await self.discovery.handle(scope, send):
+            return True
+        if self.metrics is not None and scope["method"] in ("GET", "HEAD"):
+            if route_path(scope) == self.metrics.path:
+                try:
+                    store: PaymentStore | None = await self.open_store()
+                except GatewayError:  # the database is down: the counters are still worth a scrape
+                    store = None
+                await self.metrics.handle(scope, send, store)
+                return True
+        return False
 
     async def open_store(self) -> PaymentStore:
         """Open the configured store once (idempotent); the paywall uses it from then on."""
@@ -302,6 +341,8 @@ class PaymentMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if (self.discovery is not None or self.metrics is not None) and await self._serve_ops(scope, send):
+            return
         entry = self.routes.match(scope)
         if entry is None:
             await self.app(scope, receive, send)
@@ -334,6 +375,10 @@ class PaymentMiddleware:
         except GatewayError as exc:
             await _send_answer(send, _server_error(exc))
             return
+        except Exception as exc:  # a pricing function that cannot read this request (no JSON body, ...)
+            log.info("pricing %s failed: %s: %s", entry.key, type(exc).__name__, exc)
+            await _send_answer(send, _UNPRICEABLE)
+            return
         paywall = self.paywall
         offers = paywall.offers(quote)
         host = _host(scope)
@@ -346,6 +391,7 @@ class PaymentMiddleware:
             answer = paywall.challenger.payment_required(
                 quote, offers, realm=paywall.realm_for(host), now=paywall.clock()
             )
+            self.observer.challenged(quote, answer.headers)
             await _send_answer(send, answer)
             return
         dialect, raw = found
@@ -400,6 +446,8 @@ class PaymentMiddleware:
     def _failure(
         self, quote: Quote, offers: list[Offer], host: str, exc: PaymentFailed, dialect: Dialect | None
     ) -> Answer:
+        schemes = {offer.scheme for offer in offers}
+        self.observer.refused(quote, schemes.pop() if len(schemes) == 1 else "unknown", exc.code, dialect)
         # Known codes map through the shared table; unknown ones (store outages, ...) by their status hint.
         answer = error_answer(X402Error(exc.message, code=exc.code, status_hint=exc.status_hint))
         paywall = self.paywall
@@ -414,6 +462,13 @@ class PaymentMiddleware:
             extra_headers=exc.headers,
         )
 
+
+_UNPRICEABLE = Answer(
+    status=400,
+    headers=[(b"content-type", b"application/problem+json")],
+    body=b'{"type":"about:blank","title":"Bad Request","status":400,'
+    b'"detail":"the request could not be priced: check its body and parameters"}',
+)
 
 _STORE_UNAVAILABLE = Answer(
     status=503,

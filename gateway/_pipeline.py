@@ -51,6 +51,7 @@ from x402 import (
 from ._answers import Challenger, Headers, ReplayStatus, receipt_headers, settle_failure_headers, v1_network
 from ._errors import GatewayError, PaymentFailed
 from ._metering import can_meter
+from ._metrics import PaymentObserver
 from ._pricing import Quote
 from ._scheme import Dialect, Offer, Presented, Scheme, Verified, check_actual, in_flight_kind
 from ._state import Event, PaymentState, Tracker
@@ -174,6 +175,7 @@ class Paywall:
         self.mpp_strict = mpp_strict
         self.clock = clock
         self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl, replay_status=mpp_replay_status)
+        self.observer: PaymentObserver | None = None  # telemetry; the middleware sets it
 
     @property
     def store(self) -> PaymentStore:
@@ -222,6 +224,8 @@ class Paywall:
             else:
                 offer, presented = self._mpp(raw, quote, offers, host=host, now=now)
             attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
+            if self.observer is not None:
+                attempt.tracker.listener = self.observer.watch(attempt, quote)
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
             raise _retry_later(as_payment_failed(exc, during="verify")) from exc

@@ -177,10 +177,6 @@ class RouteTable:
             static = None if callable(route.price) else to_atomic(route.price, asset_.decimals)
             self._entries.append(_Entry(key, method.upper() or None, regex, route, static))
 
-    @property
-    def entries(self) -> tuple[_Entry, ...]:
-        return tuple(self._entries)
-
     def match(self, scope: Scope) -> _Entry | None:
         method, path = scope["method"], route_path(scope)
         # Starlette adds HEAD to every route that allows GET, so a HEAD request runs a GET endpoint.
@@ -222,3 +218,8 @@ class RouteTable:
             schemes=route.schemes,
             metered=route.metered,
         )
+
+    @property
+    def entries(self) -> tuple[_Entry, ...]:
+        """The paid routes in match order (discovery documents are generated from them)."""
+        return tuple(self._entries)

@@ -24,6 +24,7 @@ import math
 import random
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import msgspec
@@ -267,6 +268,24 @@ class PaymentStore(Protocol):
 
     async def close(self) -> None:
         """Release connections and files."""
+        ...
+
+    async def list_settlements(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        kind: str | None = None,
+        payer: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
+    ) -> list[Settlement]:
+        """Read-only: settlements matching every filter given, newest first (or `oldest_first`), paged.
+
+        `states`: any of these states; `kind`: exactly this kind (`exact`, `exact:now`, ...); `payer`: this
+        payer address (any case); `since`: created at or after this time. For dashboards and metrics.
+        """
         ...
 
 
@@ -525,3 +544,28 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+    async def list_settlements(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        kind: str | None = None,
+        payer: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
+    ) -> list[Settlement]:
+        wanted = None if states is None else set(states)
+        who = None if payer is None else payer.lower()
+        rows = [
+            item
+            for item in self._queue.values()
+            if (wanted is None or item.state in wanted)
+            and (kind is None or item.kind == kind)
+            and (who is None or item.payer.lower() == who)
+            and (since is None or item.created_at >= since)
+        ]
+        rows.sort(key=lambda item: (item.created_at, item.key), reverse=not oldest_first)
+        start = max(offset, 0)
+        return rows[start : start + max(limit, 0)]
