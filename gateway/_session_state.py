@@ -120,9 +120,11 @@ class Context:
 
     async def debit(self, units: int = 1) -> bytes | None:
         """Charge `units`; when the credit is short, return the `payment-need-voucher` event to send and
-        wait (call again after sending it). None: charged."""
+        wait (call again after sending it). None: charged. b"": the channel was closed, stop serving."""
         ch, cost = self.channel, self.unit * units
         async with ch.lock:
+            if ch.closed:  # its close voucher covers what was spent until now, nothing after
+                return b""
             if ch.accepted - ch.spent - ch.reserved >= cost:
                 await self.paywall._commit(ch, cost)
                 self.units += units
@@ -165,8 +167,9 @@ async def billed_sse(request: Request, units: AsyncIterable[str]) -> AsyncIterab
     async for item in units:
         if ctx is not None:
             while (need := await ctx.debit()) is not None:
-                yield need
-                if not await ctx.wait_voucher(VOUCHER_WAIT):
+                if need:
+                    yield need
+                if not need or not await ctx.wait_voucher(VOUCHER_WAIT):
                     yield _event("payment-receipt", msgspec.json.encode(ctx.receipt(units=ctx.units)))
                     return
         yield b"event: message\ndata: " + item.encode() + b"\n\n"
