@@ -24,7 +24,6 @@ from ._session import SessionPaywall, SessionProblem, SessionRoute, billed_sse
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
     ClaimLost,
-    MemoryStore,
     PaymentStore,
     Purged,
     QueueStats,
@@ -35,8 +34,9 @@ from ._store import (
     StoreSchemaError,
     StoreUnavailable,
     backoff,
-    open_store,
 )
+from ._stores import open_store
+from ._stores.memory import MemoryStore
 
 __all__ = [
     "TERMINAL",

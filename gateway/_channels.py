@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import msgspec
 
-from escrow._escrow import ContractAbi, escrow_artifact
-from escrow._rpc import Rpc
-from escrow._sender import TxSender
+from escrow.chain._abi import ContractAbi
+from escrow.chain._rpc import Rpc
+from escrow.chain._sender import TxSender
+from escrow.payments._escrow import escrow_artifact
 
 __all__ = ["AgentChannelsChain", "ChannelChain", "ChannelInfo", "ChannelSettler", "EoaChannelOpener"]
 

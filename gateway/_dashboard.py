@@ -31,7 +31,8 @@ from starlette.routing import Route
 
 from ._dashboard_html import render_page
 from ._metrics import Metrics, payment_id
-from ._store import PaymentStore, Settlement, open_store
+from ._store import PaymentStore, Settlement
+from ._stores import open_store
 
 __all__ = ["dashboard_app"]
 
@@ -61,11 +62,11 @@ def _row(item: Settlement) -> Row:
     base = item.kind.partition(":")[0]
     try:
         if base == "exact":
-            from escrow._exact_settler import decode_payment
+            from escrow.payments._exact_settler import decode_payment
 
             payee = decode_payment(item.payload).payload.authorization.to
         elif base == "escrow":
-            from escrow._settler import decode_claim
+            from escrow.payments._settler import decode_claim
 
             claim = decode_claim(item.payload)
             p = claim.payload.payment

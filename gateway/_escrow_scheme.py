@@ -9,7 +9,8 @@ batched settlement cheap, and a payment is only ever good for its payee and amou
 
 Verification = `escrow.EscrowVerifier` (signature, cached grant, cap, payee, window, deadline; then one chain
 read: deposit, requested withdrawal, the grant as of the latest block, and the contract's `check`) plus
-atomic store counters (`escrow._exposure`): the payer's deposit pool (net of any requested withdrawal) and
+atomic store counters (`escrow.payments._exposure`): the payer's deposit pool (net of any requested
+withdrawal) and
 the grant's budget, both shared by every gateway on the store (refuse past them:
 `escrow_insufficient_deposit`, `escrow_budget_exceeded`), and this gateway's credit to the payer (past its
 `credit_limit` the payment is settled before its response, after the handler succeeded: the pipeline asks
@@ -25,9 +26,9 @@ from typing import Any
 
 import msgspec
 
-from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
-from escrow._exposure import budget_limit, deposit_accounts, deposit_limit
-from escrow._settler import EscrowSettler, SettleOutcome, encode_claim
+from escrow.payments._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
+from escrow.payments._exposure import budget_limit, deposit_accounts, deposit_limit
+from escrow.payments._settler import EscrowSettler, SettleOutcome, encode_claim
 from x402 import PaymentRejected, PaymentRequirements, Reason
 from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, decode_escrow_payload
 
@@ -161,8 +162,8 @@ class EscrowScheme:
         )
         state = EscrowState(claim=claim, settle_now=False, reserve_holder=reserve)
         try:
-            # The `settled` counters are read before the chain: see `escrow._exposure` for why the order
-            # makes the reservations below safe while other payments land.
+            # The `settled` counters are read before the chain: see `escrow.payments._exposure` for why the
+            # order makes the reservations below safe while other payments land.
             pool_settled = await self.store.get_pending(pool.settled)
             budget_settled = await self.store.get_pending(settled) if session else 0
             checked = await self.verifier.confirm(pre, now=now)

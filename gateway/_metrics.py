@@ -33,7 +33,7 @@ from ._state import Event, PaymentState
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from escrow._settler import SettleOutcome
+    from escrow.payments._settler import SettleOutcome
 
     from ._pipeline import Attempt
     from ._pricing import Quote

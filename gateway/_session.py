@@ -32,9 +32,10 @@ import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from escrow import Chain, EscrowError, TransactionFailed, TxSender
-from x402 import MalformedPayment, X402Error
-from x402._mpp import (
+from x402 import (
+    MalformedPayment,
     MppChallenge,
+    X402Error,
     b64url_encode,
     challenge_id,
     encode_json_param,
@@ -49,7 +50,8 @@ from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSet
 from ._metering import Meter
 from ._pricing import Amount, Asset, to_atomic
 from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
-from ._store import PaymentStore, open_store
+from ._store import PaymentStore
+from ._stores import open_store
 
 __all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 

@@ -24,7 +24,7 @@ import msgspec
 from escrow import DevnetState, EscrowError, devnet_running, start_detached, stop_detached
 
 from ._errors import GatewayError
-from ._store import open_store
+from ._stores import open_store
 
 __all__ = ["command", "main"]
 

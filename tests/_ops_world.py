@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import DevnetState
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import Asset, ExactScheme, Metrics, PaidRoute, PaymentMiddleware, PaymentStore, SettleMode
 from x402 import LocalSigner
 from x402.client import Eip3009Wallet, PaymentAuth, SpendPolicy

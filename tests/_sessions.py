@@ -15,14 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from escrow import DevnetState
-from escrow._escrow import ContractAbi, deploy_contract, escrow_artifact
-from escrow._rpc import Rpc, TxSender
+from escrow import DevnetState, Rpc, TxSender
+from escrow.chain._abi import ContractAbi
+from escrow.payments._escrow import deploy_contract, escrow_artifact
+from gateway import MemoryStore, PaymentStore
 from gateway._channels import AgentChannelsChain, ChannelSettler, EoaChannelOpener
 from gateway._metering import charge
 from gateway._pricing import Asset
 from gateway._session import SessionPaywall, SessionRoute, billed_sse
-from gateway._store import MemoryStore, PaymentStore
 from tests._serving import serving
 from x402 import LocalSigner
 from x402.client import SpendPolicy

@@ -33,8 +33,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from escrow import DevnetState
-from escrow._exact_settler import ExactSettler, decode_payment
-from escrow._rpc import Rpc
+from escrow.chain._rpc import Rpc
+from escrow.payments._exact_settler import ExactSettler, decode_payment
 from gateway import Metrics, PaymentStore, dashboard_app, open_store, payment_id
 from tests._ops_world import HELLO, REPORT, Shop
 from x402 import LocalSigner, sign_transfer_authorization

@@ -27,8 +27,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import AgentEscrow, DevnetState, EscrowSettler, EscrowVerifier, GrantCache
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import Asset, Discovery, ExactScheme, MemoryStore, PaidRoute, PaymentMiddleware
 from gateway._escrow_scheme import EscrowScheme
 from x402 import decode_payment_required

@@ -22,8 +22,8 @@ import pytest
 
 import escrow
 from escrow import Devnet, DevnetState
-from escrow._escrow import AgentEscrow
-from escrow._rpc import TxSender
+from escrow.chain._rpc import TxSender
+from escrow.payments._escrow import AgentEscrow
 from tests._gateways import Chain, Gateway, Gateways, key_hex, read_store, reason, wait_settled
 from x402 import LocalSigner
 from x402.client import PaymentAuth, SpendPolicy

@@ -223,7 +223,7 @@ def test_vouchers_accepted_are_monotonic_signed_and_within_the_deposit(
 def test_an_unreachable_chain_answers_503_and_never_500() -> None:
     from escrow import Rpc
     from gateway import AgentChannelsChain, SessionRoute
-    from x402._mpp import MppCredential, format_credential
+    from x402 import MppCredential, format_credential
 
     async def run() -> None:
         rpc = Rpc("http://127.0.0.1:9", timeout=2.0)  # nothing listens on the discard port

@@ -19,8 +19,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from escrow import Chain, DevnetState
-from escrow._exact_settler import ExactSettler
-from escrow._rpc import Rpc
+from escrow.chain._rpc import Rpc
+from escrow.payments._exact_settler import ExactSettler
 from gateway import (
     ExactScheme,
     MemoryStore,

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from escrow._escrow_verify import EscrowVerifier, GrantCache
-from escrow._settler import EscrowSettler
+from escrow.payments._escrow_verify import EscrowVerifier, GrantCache
+from escrow.payments._settler import EscrowSettler
 from gateway import MemoryStore, Metrics, PaymentMiddleware, dashboard_app
 from gateway._escrow_scheme import EscrowScheme
 from tests.test_escrow_chain import PRICE, Chain, chain, env, payee, wallet  # noqa: F401  (fixtures)

@@ -14,8 +14,7 @@ import pytest
 from escrow import DevnetState
 from gateway import SessionPaywall, open_store
 from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
-from x402 import LocalSigner, SpendPolicyViolation
-from x402._mpp import MppCredential, format_credential
+from x402 import LocalSigner, MppCredential, SpendPolicyViolation, format_credential
 from x402._session import SessionReceipt, sign_voucher
 from x402.client import SpendPolicy
 

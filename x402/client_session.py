@@ -21,7 +21,8 @@ import httpx
 import msgspec
 
 from ._errors import NoPayableOffer, SpendPolicyViolation, X402Error
-from ._mpp import MppCredential, decode_json_param, format_credential, parse_www_authenticate
+from ._mpp import MppCredential, b64url_decode, decode_json_param
+from ._mpp_header import format_credential, parse_www_authenticate
 from ._session import SessionReceipt, channel_id, sign_voucher
 from ._signer import Signer
 from .client import Offer, Reservation, SpendPolicy
@@ -155,8 +156,6 @@ class SessionClient:
         value = response.headers.get("payment-receipt")
         if value is None:
             return
-        from ._mpp import b64url_decode
-
         receipt = msgspec.json.decode(b64url_decode(value), type=SessionReceipt)
         if receipt.channel_id != ch.channel:
             raise X402Error(
@@ -336,6 +335,4 @@ class SessionClient:
 
 
 def _b64(value: str) -> bytes:
-    from ._mpp import b64url_decode
-
     return b64url_decode(value)

@@ -29,11 +29,11 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from escrow import Devnet, DevnetState
+from gateway import MemoryStore
 from gateway._channels import ChannelInfo
 from gateway._session import SessionPaywall
 from gateway._session_state import Channel as _Channel
 from gateway._session_state import billed_sse
-from gateway._store import MemoryStore
 from tests._serving import serving
 from tests._sessions import UNIT, _tokens, session
 from x402 import LocalSigner

@@ -21,7 +21,8 @@ pays once and the second submission reconciles to `settled_elsewhere`.
 
 `reconcile_items` is the record-only variant for `escrow:now` records a crashed gateway left open (see
 `gateway._recovery`): it never sends. The loop (lease, batch, backoff, retry cap, dead letters) is
-`escrow._engine.SettlementEngine`; this module is the `escrow` part (`EscrowSettlement`) and its counters.
+`escrow.payments._engine.SettlementEngine`; this module is the `escrow` part (`EscrowSettlement`) and its
+counters.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import msgspec
 
 from x402._escrow import EscrowCode, EscrowPayload, reason_code
 
+from ..chain._rpc import ChainError, Receipt, TxSender
 from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome, Status
 from ._escrow import AgentEscrow, EscrowEvent, topic_address
 from ._escrow_verify import EscrowClaim
 from ._queue import QueuedItem
 from ._queue import SettlementQueue as _BaseQueue
-from ._rpc import ChainError, Receipt, TxSender
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -100,7 +101,7 @@ async def count_once(store: SettlementQueue, key: str, *, keep_until: float | No
 
 async def count_settled(store: SettlementQueue, claim: EscrowClaim) -> None:
     """A payment landed: raise its `settled` counters (budget and deposit), which is what releases its
-    reservations (pending = reserved - settled; see `escrow._exposure`). Only after `count_once`."""
+    reservations (pending = reserved - settled; see `escrow.payments._exposure`). Only after `count_once`."""
     amount = int(claim.payload.payment.amount)
     for account in (claim.settled, claim.deposit_settled):
         if account is not None:

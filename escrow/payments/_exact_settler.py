@@ -24,8 +24,8 @@ authorization's `validBefore`), `dead` (the payee's loss, with a reason code; or
 `exact:now` records, see `gateway._recovery`): it never sends, so a payment whose response never left is
 never charged by recovery; an authorization still unused is looked at again once it can no longer land.
 
-The loop (lease, batch, backoff, dead letters) is `escrow._engine.SettlementEngine`; this module is the
-`exact` part (`ExactSettlement`) and its reservation counters.
+The loop (lease, batch, backoff, dead letters) is `escrow.payments._engine.SettlementEngine`; this module is
+the `exact` part (`ExactSettlement`) and its reservation counters.
 
 Relayer keys: `TxSender` counts its account nonce in process, so every process that settles needs its own
 relayer key (several replicas sharing one would race on the account nonce).
@@ -43,10 +43,10 @@ import msgspec
 
 from x402 import Eip712Domain, ExactEvmPayload, Reason
 
+from ..chain._rpc import ChainError, Receipt
 from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome
 from ._exact import AUTHORIZATION_USED_TOPIC, ExactEvm, authorization_state_calldata, has_transfer
 from ._queue import SettlementQueue
-from ._rpc import ChainError, Receipt
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
