@@ -9,6 +9,12 @@ Routes (prices in TestUSDC, paid to devnet account 2 by default):
     GET  /weather?city=X   $0.002
     POST /summarize        $0.0001 per started 100 characters of `text` (priced from the request body)
     GET  /health           free
+    GET  /metered?units=N  usage-priced: at most $0.01, charged $0.0001 x N (N = 0..100)
+    GET  /stream?tokens=N  Server-Sent Events, $0.00001 per token (N = 1..100000)
+
+`/metered` and `/stream` are paid over an MPP session (`evm/session`): the payer opens a channel on the
+devnet's AgentChannels once and then sends a signed cumulative voucher per request (no transaction per
+call); the payee settles every `--settle-every` and when the payer closes the channel.
 
 Every priced route answers an unpaid request with one 402 that offers x402 v2, x402 v1 and MPP at once, for
 the schemes in `--schemes` (default `exact`; `exact,escrow` adds session-key payments through the escrow).
@@ -28,21 +34,40 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import secrets
+from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from escrow import Chain
-from gateway import PaidRoute, PaymentMiddleware, SettlementOptions
+from escrow import Chain, DevnetState
+from gateway import (
+    PaidRoute,
+    PaymentMiddleware,
+    SessionPaywall,
+    SessionRoute,
+    SettlementOptions,
+    billed_sse,
+    charge,
+)
 
 from ._discovery import DISCOVERY
 
-__all__ = ["PRICES", "build_app", "main"]
+__all__ = ["PRICES", "SESSION_ROUTES", "build_app", "main", "with_sessions"]
 
 PRICES = {"GET /hello": "$0.001", "GET /weather": "$0.002"}
+UNIT_PRICE = Decimal("0.0001")  # /metered, per unit
+#: Paid over an MPP session: a call to /metered holds at most 100 units ($0.01), is charged what it used.
+SESSION_ROUTES = {
+    "/metered": SessionRoute(unit_price=UNIT_PRICE, units=100, metered=True),
+    "/stream": SessionRoute(unit_price="$0.00001", unit_type="llm_token", stream=True),
+}
 
 
 async def hello(request: Request) -> Response:
@@ -57,6 +82,36 @@ async def weather(request: Request) -> Response:
 async def summarize(request: Request) -> Response:
     text = str((await request.json()).get("text", ""))
     return JSONResponse({"summary": text[:60] + ("..." if len(text) > 60 else ""), "chars": len(text)})
+
+
+def _count(request: Request, name: str, low: int, high: int) -> int | None:
+    text = request.query_params.get(name, str(low))
+    return int(text) if text.isdigit() and low <= int(text) <= high else None
+
+
+def _bad(name: str, low: int, high: int) -> Response:
+    body = {"type": "about:blank", "title": "bad request", "status": 400, "detail": f"{name}: {low}..{high}"}
+    return JSONResponse(body, status_code=400, media_type="application/problem+json")
+
+
+async def metered(request: Request) -> Response:
+    units = _count(request, "units", 0, 100)
+    if units is None:
+        return _bad("units", 0, 100)
+    charge(request, units * UNIT_PRICE)  # the actual charge, known after the work
+    return JSONResponse({"units": units, "charged": str(units * UNIT_PRICE)})
+
+
+async def _tokens(n: int) -> AsyncIterator[str]:
+    for i in range(n):
+        yield f"token-{i}"
+
+
+async def stream(request: Request) -> Response:
+    tokens = _count(request, "tokens", 1, 100_000)
+    if tokens is None:
+        return _bad("tokens", 1, 100_000)
+    return StreamingResponse(billed_sse(request, _tokens(tokens)), media_type="text/event-stream")
 
 
 async def health(request: Request) -> Response:
@@ -79,11 +134,28 @@ def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware
             Route("/weather", weather),
             Route("/summarize", summarize, methods=["POST"]),
             Route("/health", health),
+            Route("/metered", metered),
+            Route("/stream", stream, methods=["GET", "POST"]),  # POST: vouchers while a stream runs
         ]
     )
     summarize_route = PaidRoute(price=summarize_price, description="Summarize a text")
     routes: dict[str, PaidRoute | str] = {**PRICES, "POST /summarize": summarize_route}
     return PaymentMiddleware(api, routes=routes, chain=chain, pay_to=pay_to, discovery=DISCOVERY, **options)
+
+
+def with_sessions(
+    app: ASGIApp, chain: Chain, *, channels: str, payee_key: str, secret: str, settle_every: str = "$0.05"
+) -> SessionPaywall:
+    """`/metered` and `/stream` paid over MPP sessions on the AgentChannels at `channels`."""
+    return SessionPaywall.on_chain(
+        app,
+        chain,
+        channels=channels,
+        payee_key=payee_key,
+        routes=SESSION_ROUTES,
+        secret=secret,
+        settle_every=settle_every,
+    )
 
 
 def _index_or(value: str) -> int | str:
@@ -140,12 +212,22 @@ def main(argv: list[str] | None = None) -> None:
         settlement=SettlementOptions(**{name: getattr(args, name) for name in tuned}),
         mpp_strict=args.mpp_strict,
     )
+    served: ASGIApp = app
+    devnet = DevnetState.load(args.devnet)
+    if "channels" in devnet.contracts and isinstance(payee, int):
+        served = with_sessions(
+            app,
+            chain,
+            channels=devnet.contracts["channels"],
+            payee_key=chain.accounts[payee].private_key,
+            secret=os.environ.get("AGENTPAY_SESSION_SECRET") or secrets.token_hex(32),
+        )
     where = f"fd {args.fd}" if args.fd is not None else f"http://{args.host}:{args.port}"
     print(f"sub-agent: paid API on {where} (payee {pay_to}, settle {args.settle})", flush=True)
     if args.fd is not None:
-        uvicorn.run(app, fd=args.fd, log_level="warning")
+        uvicorn.run(served, fd=args.fd, log_level="warning")
     else:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(served, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ recovery in its lifespan, tuned by `SettlementOptions`.
 
 from ._answers import Answer, Challenger, v1_network
 from ._chain_payments import SettlementOptions
+from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler, EoaChannelOpener
 from ._dashboard import dashboard_app
 from ._discovery import Discovery
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
 from ._facilitator import facilitator_app
+from ._metering import charge
 from ._metrics import Metrics, payment_id
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
 from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
+from ._session import SessionPaywall, SessionProblem, SessionRoute, billed_sse
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
     ClaimLost,
@@ -38,14 +41,19 @@ from ._stores.memory import MemoryStore
 __all__ = [
     "TERMINAL",
     "TRANSITIONS",
+    "AgentChannelsChain",
     "Amount",
     "Answer",
     "Asset",
     "Attempt",
     "Challenger",
+    "ChannelChain",
+    "ChannelInfo",
+    "ChannelSettler",
     "ClaimLost",
     "ConfigurationError",
     "Dialect",
+    "EoaChannelOpener",
     "Discovery",
     "Event",
     "ExactChain",
@@ -70,8 +78,11 @@ __all__ = [
     "Quote",
     "RouteTable",
     "Scheme",
-    "Settlement",
+    "SessionPaywall",
+    "SessionProblem",
+    "SessionRoute",
     "SettleMode",
+    "Settlement",
     "SettlementOptions",
     "SettlementState",
     "StoreConfigError",
@@ -81,6 +92,8 @@ __all__ = [
     "Tracker",
     "Verified",
     "backoff",
+    "billed_sse",
+    "charge",
     "dashboard_app",
     "facilitator_app",
     "open_store",

@@ -249,9 +249,17 @@ def _v1(offer: Offer, quote: Quote) -> PaymentRequirementsV1:
 
 
 def receipt_headers(
-    dialect: Dialect, verified: Verified, *, tx_hash: str, now: float, challenge: MppChallenge | None
+    dialect: Dialect,
+    verified: Verified,
+    *,
+    tx_hash: str,
+    now: float,
+    challenge: MppChallenge | None,
+    amount: int | None = None,
 ) -> tuple[Headers, bytes]:
-    """The headers of a paid response (and the receipt bytes to record), in the dialect the client spoke."""
+    """The headers of a paid response (and the receipt bytes to record), in the dialect the client spoke.
+
+    `amount`: a metered payment's actual charge, carried as x402 `SettleResponse.amount`."""
     if dialect == "mpp":
         chain = verified.network.partition(":")[2]
         receipt = MppReceipt(
@@ -265,7 +273,11 @@ def receipt_headers(
         name = b"payment-receipt"
     else:
         response = SettleResponse(
-            success=True, payer=verified.payer, transaction=tx_hash, network=verified.network
+            success=True,
+            payer=verified.payer,
+            transaction=tx_hash,
+            network=verified.network,
+            amount=None if amount is None else str(amount),
         )
         value = encode_payment_response(response)
         name = b"payment-response" if dialect == "x402v2" else b"x-payment-response"

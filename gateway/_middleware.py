@@ -47,6 +47,7 @@ from ._bodies import (
 from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
 from ._discovery import Discovery, DiscoveryDocuments
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
+from ._metering import Meter, check_metered_routes
 from ._metrics import Metrics, PaymentObserver
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable, route_path
@@ -203,6 +204,7 @@ class PaymentMiddleware:
             mpp_replay_status=mpp_replay_status,
             clock=clock,
         )
+        check_metered_routes(self.routes, self.paywall.schemes)
         self._ops_endpoints(discovery, metrics)
 
     def _ops_endpoints(self, discovery: Discovery | bool, metrics: Metrics | bool) -> None:
@@ -353,8 +355,15 @@ class PaymentMiddleware:
         extensions = scope.get("extensions") or {}
         if any(name in extensions for name in _UNBUFFERABLE):
             scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k not in _UNBUFFERABLE}}
+        app_send: Send = held.send
+        meter: Meter | None = None
+        if quote.metered:  # the handler reports its charge; `Settlement-Overrides` never leaves
+            scope = dict(scope)
+            meter = Meter(quote.amount, quote.asset.decimals)
+            meter.install(scope)
+            app_send = meter.wrap_send(held.send)
         try:
-            await self.app(scope, receive, held.send)
+            await self.app(scope, receive, app_send)
         except Exception:
             # `TooLarge` or `BodyTimeout` (perhaps wrapped by the app) are answered below
             if not held.overflowed and not bounded.timed_out:
@@ -378,7 +387,7 @@ class PaymentMiddleware:
                 await held.flush(send)
             return
         try:
-            receipt = await paywall.settle(attempt)
+            receipt = await paywall.settle(attempt, actual=None if meter is None else meter.actual)
         except PaymentFailed as exc:
             await _send_answer(send, self._failure(quote, offers, host, exc, dialect))
             return

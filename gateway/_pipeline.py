@@ -36,11 +36,12 @@ from x402 import Reason, X402Error
 from ._answers import Challenger, Headers, ReplayStatus, receipt_headers, settle_failure_headers
 from ._decode import check_realm, decode_mpp, decode_x402v1, decode_x402v2, host_name, log_binding
 from ._errors import GatewayError, PaymentFailed
+from ._metering import can_meter
 from ._metrics import PaymentObserver
 from ._pricing import Quote
-from ._scheme import Dialect, Offer, Presented, Scheme, Verified, in_flight_kind
+from ._scheme import Dialect, Offer, Presented, Scheme, Verified, check_actual, in_flight_kind
 from ._state import Event, PaymentState, Tracker
-from ._store import ClaimLost, PaymentStore, StoreError
+from ._store import ClaimLost, PaymentStore, Settlement, StoreError
 
 __all__ = ["DEFAULT_REALM", "Attempt", "Paywall", "SettleMode", "as_payment_failed"]
 
@@ -58,7 +59,17 @@ DEFAULT_REALM: Final = "localhost"
 class Attempt:
     """One presented payment on its way through the pipeline."""
 
-    __slots__ = ("dialect", "holder", "keeper", "offer", "presented", "scheme", "tracker", "verified")
+    __slots__ = (
+        "actual",
+        "dialect",
+        "holder",
+        "keeper",
+        "offer",
+        "presented",
+        "scheme",
+        "tracker",
+        "verified",
+    )
 
     def __init__(self, dialect: Dialect, offer: Offer, presented: Presented, scheme: Scheme) -> None:
         self.dialect = dialect
@@ -69,6 +80,7 @@ class Attempt:
         self.tracker = Tracker()
         self.holder = ""  # our token on the replay claim
         self.keeper: asyncio.Task[None] | None = None  # renews the claim while the request runs
+        self.actual: int | None = None  # a metered route's charge (None: the whole amount)
 
     @property
     def state(self) -> PaymentState:
@@ -176,7 +188,12 @@ class Paywall:
 
     def offers(self, quote: Quote) -> list[Offer]:
         names = quote.schemes or tuple(self.schemes)
-        return [self.schemes[name].offer(quote) for name in names if name in self.schemes]
+        # A metered route (a maximum) is offered only in schemes that can settle for less: never `exact`.
+        return [
+            self.schemes[name].offer(quote)
+            for name in names
+            if name in self.schemes and (not quote.metered or can_meter(self.schemes[name]))
+        ]
 
     # -- verify --------------------------------------------------------------------------------------------
 
@@ -273,19 +290,43 @@ class Paywall:
         await self._stop_keeping(attempt)
         await self._free(attempt, attempt.verified)
 
-    async def settle(self, attempt: Attempt) -> Headers:
-        """The app succeeded: settle now (or enqueue), record the receipt; the receipt headers to add."""
+    async def settle(self, attempt: Attempt, *, actual: int | None = None) -> Headers:
+        """The app succeeded: settle now (or enqueue), record the receipt; the receipt headers to add.
+
+        `actual`: a metered route's charge (at most the signed maximum, see gateway._metering); 0 settles
+        nothing and sends no transaction."""
         verified = attempt.verified
         assert verified is not None
         attempt.tracker.fire(Event.SERVED)
         now = self.clock()
         settle_now = getattr(attempt.scheme, "settle_now", None)
+        if actual is not None:
+            attempt.actual = check_actual(verified, actual)
         try:
+            if attempt.actual == 0:
+                return await self._settle_nothing(attempt, verified, now)
             if self.settle_mode == "deferred" and not (settle_now is not None and settle_now(verified)):
                 return await self._enqueue(attempt, verified, now)
             return await self._settle_now(attempt, verified, now)
         finally:
             await self._stop_keeping(attempt)
+
+    async def _settle_nothing(self, attempt: Attempt, verified: Verified, now: float) -> Headers:
+        """A metered charge of 0: no transaction; the payment is complete and its holds are given back."""
+        headers, receipt = receipt_headers(
+            attempt.dialect, verified, tx_hash="", now=now, challenge=attempt.presented.challenge, amount=0
+        )
+        try:
+            await attempt.scheme.settle(verified, actual=0)  # type: ignore[call-arg]  # Meters: sends nothing
+            await self.store.complete(
+                verified.key, attempt.holder, receipt=receipt, keep_until=verified.expires_at
+            )
+        except Exception as exc:
+            attempt.tracker.fire(Event.SETTLE_FAILED)
+            await self._free(attempt, verified)
+            raise as_payment_failed(exc, during="settle") from exc
+        attempt.tracker.fire(Event.SETTLED)
+        return headers
 
     async def _settle_now(self, attempt: Attempt, verified: Verified, now: float) -> Headers:
         scheme, key = attempt.scheme, verified.key
@@ -293,7 +334,7 @@ class Paywall:
             # Recorded before the transaction leaves: if this process dies from here on, recovery finds the
             # record and asks the chain what became of it (see gateway._recovery). A resumed payment's
             # record is the earlier attempt's (a second enqueue is a no-op).
-            settlement = scheme.settlement(verified, now=now)
+            settlement = _settlement(scheme, verified, now, attempt.actual)
             kind = in_flight_kind(settlement.kind)
             await self.store.enqueue(msgspec.structs.replace(settlement, kind=kind))
         except Exception as exc:
@@ -303,7 +344,11 @@ class Paywall:
         attempt.tracker.fire(Event.RECORDED)
         fault_point("after_handler")
         try:
-            tx_hash = await scheme.settle(verified)
+            tx_hash = await (
+                scheme.settle(verified)
+                if attempt.actual is None
+                else scheme.settle(verified, actual=attempt.actual)  # type: ignore[call-arg]  # Meters
+            )
         except Exception as exc:
             failure = as_payment_failed(exc, during="settle")
             attempt.tracker.fire(Event.SETTLE_FAILED)
@@ -330,7 +375,12 @@ class Paywall:
             raise _retry_later(failure) from exc
         fault_point("after_send")
         headers, receipt = receipt_headers(
-            attempt.dialect, verified, tx_hash=tx_hash, now=now, challenge=attempt.presented.challenge
+            attempt.dialect,
+            verified,
+            tx_hash=tx_hash,
+            now=now,
+            challenge=attempt.presented.challenge,
+            amount=attempt.actual,
         )
         try:
             # Finalize first: a crash between the two leaves a finalized key with an open record, which
@@ -355,10 +405,15 @@ class Paywall:
 
     async def _enqueue(self, attempt: Attempt, verified: Verified, now: float) -> Headers:
         headers, receipt = receipt_headers(
-            attempt.dialect, verified, tx_hash="", now=now, challenge=attempt.presented.challenge
+            attempt.dialect,
+            verified,
+            tx_hash="",
+            now=now,
+            challenge=attempt.presented.challenge,
+            amount=attempt.actual,
         )
         try:
-            settlement = attempt.scheme.settlement(verified, now=now)
+            settlement = _settlement(attempt.scheme, verified, now, attempt.actual)
             await self.store.complete(
                 verified.key,
                 attempt.holder,
@@ -394,6 +449,12 @@ class Paywall:
             await step
         except Exception as exc:
             log.error("clean-up after a refused payment failed: %r", exc)
+
+
+def _settlement(scheme: Scheme, verified: Verified, now: float, actual: int | None) -> Settlement:
+    if actual is None:
+        return scheme.settlement(verified, now=now)
+    return scheme.settlement(verified, now=now, actual=actual)  # type: ignore[call-arg]  # Meters
 
 
 def _claim_key(verified: Verified) -> str:

@@ -62,6 +62,9 @@ class PaidRoute(msgspec.Struct, frozen=True, kw_only=True):
     mime_type: str = "application/json"
     max_timeout_seconds: int = 60
     schemes: tuple[str, ...] | None = None  # None: every scheme the middleware knows
+    #: `price` is a maximum: the handler reports the actual charge (`charge()`, `Settlement-Overrides`);
+    #: offered only in schemes that can settle for less (see gateway._metering).
+    metered: bool = False
 
 
 class Quote(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +81,7 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
     mime_type: str
     max_timeout_seconds: int
     schemes: tuple[str, ...] | None
+    metered: bool = False
 
 
 def to_atomic(amount: Amount, decimals: int) -> int:
@@ -212,6 +216,7 @@ class RouteTable:
             mime_type=route.mime_type,
             max_timeout_seconds=route.max_timeout_seconds,
             schemes=route.schemes,
+            metered=route.metered,
         )
 
     @property

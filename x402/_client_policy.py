@@ -29,10 +29,11 @@ class Reservation:
         self.amount = amount
         self._done = False
 
-    def commit(self) -> None:
+    def commit(self, actual: int | None = None) -> None:
+        """Count the payment as spent: `actual` (a metered charge, at most the maximum held) or all of it."""
         if not self._done:
             self._done = True
-            self._policy._settle(self, spent=True)
+            self._policy._settle(self, spent=True, actual=actual)
 
     def release(self) -> None:
         if not self._done:
@@ -146,8 +147,10 @@ class SpendPolicy:
             self._reserved_by[payee] = self._reserved_by.get(payee, 0) + amount
         return Reservation(self, payee, amount)
 
-    def _settle(self, reservation: Reservation, *, spent: bool) -> None:
+    def _settle(self, reservation: Reservation, *, spent: bool, actual: int | None = None) -> None:
         payee, amount = reservation.payee, reservation.amount
+        # A metered payment spends what it was charged; never more than was held (the signed maximum).
+        charged = amount if actual is None else max(0, min(actual, amount))
         with self._lock:
             self._reserved -= amount
             left = self._reserved_by.get(payee, 0) - amount
@@ -156,5 +159,5 @@ class SpendPolicy:
             else:
                 self._reserved_by.pop(payee, None)
             if spent:
-                self._spent += amount
-                self._spent_by[payee] = self._spent_by.get(payee, 0) + amount
+                self._spent += charged
+                self._spent_by[payee] = self._spent_by.get(payee, 0) + charged

@@ -77,6 +77,11 @@ class LocalSigner:
 def recover_hash(digest: bytes, signature: bytes) -> str:
     """The checksummed address that signed ``digest``; :class:`InvalidSignature` for a malformed,
     high-s, or unrecoverable signature (v must be 27 or 28, as the EIP-3009 token's ``ecrecover`` needs)."""
+    return checksum_address(recover_hash_raw(digest, signature))
+
+
+def recover_hash_raw(digest: bytes, signature: bytes) -> bytes:
+    """As :func:`recover_hash`, the 20 address bytes (no EIP-55 checksum: for hot-path comparisons)."""
     if len(digest) != 32:
         raise InvalidSignature("digest must be 32 bytes")
     if len(signature) != 65:
@@ -96,4 +101,4 @@ def recover_hash(digest: bytes, signature: bytes) -> str:
         )
     except Exception:  # libsecp256k1 reports failures as ValueError/Exception
         raise InvalidSignature("signature does not recover to a public key") from None
-    return _address_of(public_key)
+    return keccak(public_key.format(compressed=False)[1:])[-20:]

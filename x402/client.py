@@ -282,12 +282,14 @@ class PaymentAuth(httpx.Auth):
             if error is not None:
                 response.extensions[PAYMENT_ERROR_EXTENSION] = error
             return False
-        reservation.commit()
         response.extensions[OFFER_EXTENSION] = offer
         try:
             receipt = _parse_receipt(response)
         except X402Error:
             receipt = None
+        # A metered payment (upto, metered escrow) is charged what its receipt says, at most the maximum held.
+        actual = getattr(receipt, "amount", None)
+        reservation.commit(int(actual) if isinstance(actual, str) and actual.isdigit() else None)
         if receipt is not None:
             response.extensions[RECEIPT_EXTENSION] = receipt
         return True

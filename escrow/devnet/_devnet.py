@@ -79,6 +79,9 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     # x402 `upto`: clients hard-code both addresses (spender = the proxy, which calls Permit2 by address).
     Deployment("permit2", "Permit2", place_at=PERMIT2_ADDRESS),
     Deployment("upto_proxy", "X402UptoPermit2Proxy", place_at=UPTO_PROXY_ADDRESS),
+    Deployment(
+        "channels", "AgentChannels"
+    ),  # MPP sessions (draft-evm-session-00); last: addresses above stay
 )
 #: The devnet paymaster's EntryPoint deposit, in wei: what it can sponsor before anyone tops it up.
 PAYMASTER_DEPOSIT = 1_000 * 10**18

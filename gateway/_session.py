@@ -1,0 +1,457 @@
+"""MPP `session` intent (draft-evm-session-00) on AgentChannels: a paywall for per-unit priced routes.
+
+A payer opens a channel on AgentChannels (deposit, `authorizedSigner` = its session key) and then sends,
+with each request, a cumulative voucher: "the payee may take N in total". This paywall checks vouchers
+with no chain call per request: the channel (payer, signer, deposit) is read once and cached; the
+signature is recovered locally; the highest voucher (`acceptedCumulative`) and what was charged (`spent`)
+are persisted in the store (`raise_high_water`, under `<channel>` and `<channel>#spent`) before the
+handler runs. Voucher acceptance and charges are serialized per channel.
+
+Charges: a request route reserves its maximum (`SessionRoute.unit_price * units`) out of the channel's
+available credit (`accepted - spent`), runs the handler, and charges the actual amount (`charge()` or
+`Settlement-Overrides`, see `_metering`). A stream route (`stream=True`) charges per unit as the handler
+produces them (`billed_sse`): when the credit runs out it sends `payment-need-voucher` and pauses until a
+voucher arrives on a separate request (which is not itself charged), then resumes; it ends with a
+`payment-receipt` event.
+
+Settlement: vouchers are pre-authorizations ahead of `spent`; the settler is handed the highest voucher
+not above `spent` once it is `settle_every` past what was settled, and `close` settles the payer's final
+voucher (which the payer signs for exactly `spent`). So the payee receives exactly the actual charges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from escrow import Chain, EscrowError, TransactionFailed, TxSender
+from x402 import (
+    MalformedPayment,
+    MppChallenge,
+    X402Error,
+    b64url_encode,
+    challenge_id,
+    encode_json_param,
+    format_www_authenticate,
+    parse_credential,
+    rfc3339,
+    verify_challenge,
+)
+from x402._session import SessionAction, SessionReceipt, parse_session_payload, voucher_signed_by
+
+from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler
+from ._metering import Meter
+from ._pricing import Amount, Asset, to_atomic
+from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
+from ._store import PaymentStore
+from ._stores import open_store
+
+__all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
+
+log = logging.getLogger("agentpay.gateway.session")
+
+
+class SessionPaywall:
+    """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Mapping[str, SessionRoute],
+        chain: ChannelChain,
+        asset: Asset,
+        pay_to: str,
+        store: PaymentStore | str,
+        secret: bytes | str,
+        realm: str = "agentpay",
+        settler: ChannelSettler | None = None,
+        settle_every: Amount = 0,
+        challenge_ttl: float = 300.0,
+    ) -> None:
+        self.app = app
+        self.routes = dict(routes)
+        self.chain = chain
+        self.asset = asset
+        self.pay_to = pay_to
+        self._store_url = store if isinstance(store, str) else None
+        self._opened: PaymentStore | None = None if isinstance(store, str) else store
+        self.secret = secret
+        self.realm = realm
+        self.settler = settler if settler is not None else ChannelSettler(chain)
+        self.settle_every = to_atomic(settle_every, asset.decimals)
+        self.challenge_ttl = challenge_ttl
+        self._channels: dict[str, Channel] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def on_chain(
+        cls,
+        app: ASGIApp,
+        chain: Chain,
+        *,
+        channels: str,
+        payee_key: str,
+        routes: Mapping[str, SessionRoute],
+        store: PaymentStore | str = "memory://",
+        secret: bytes | str,
+        **options: Any,
+    ) -> SessionPaywall:
+        """Sessions on the AgentChannels at `channels` of `chain`, settled by the payee's key (the
+        contract lets only the payee settle and close)."""
+        network = chain.network
+        sender = TxSender(chain.settle_rpc, payee_key, chain_id=network.chain_id)
+        asset = Asset(
+            address=network.token,
+            chain_id=network.chain_id,
+            name=network.token_name,
+            version=network.token_version,
+            decimals=network.token_decimals,
+        )
+        channel_chain = AgentChannelsChain(chain.rpc, channels, chain_id=network.chain_id, sender=sender)
+        return cls(
+            app,
+            routes=routes,
+            chain=channel_chain,
+            asset=asset,
+            pay_to=sender.address,
+            store=store,
+            secret=secret,
+            **options,
+        )
+
+    @property
+    def store(self) -> PaymentStore:
+        if self._opened is None:
+            raise RuntimeError("the session store opens with the first paid request")
+        return self._opened
+
+    async def _open_store(self) -> PaymentStore:
+        if self._opened is None:
+            assert self._store_url is not None
+            self._opened = await open_store(self._store_url)
+        return self._opened
+
+    # -- wire --------------------------------------------------------------------------------------------
+
+    def request_object(self, route: SessionRoute) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "amount": str(to_atomic(route.unit_price, self.asset.decimals)),
+            "unitType": route.unit_type,
+            "currency": self.asset.address,
+            "recipient": self.pay_to,
+            "methodDetails": {
+                "chainId": self.chain.chain_id,
+                "escrowContract": self.chain.escrow,
+                "minVoucherDelta": "0",
+                "credentialTypes": ["hash"],
+            },
+        }
+        if route.suggested_deposit is not None:
+            request["suggestedDeposit"] = str(to_atomic(route.suggested_deposit, self.asset.decimals))
+        return request
+
+    def challenge(self, route: SessionRoute) -> MppChallenge:
+        request = encode_json_param(self.request_object(route))
+        expires = rfc3339(time.time() + self.challenge_ttl)
+        cid = challenge_id(self.secret, self.realm, "evm", "session", request, expires)
+        return MppChallenge(
+            id=cid, realm=self.realm, method="evm", intent="session", request=request, expires=expires
+        )
+
+    async def _problem(self, send: Send, route: SessionRoute, exc: SessionProblem | X402Error) -> None:
+        kind = exc.kind if isinstance(exc, SessionProblem) else "invalid-credential"
+        body: dict[str, Any] = {
+            "type": PROBLEMS + kind,
+            "title": kind.replace("-", " "),
+            "status": exc.status_hint,
+            "detail": exc.message,
+        }
+        if isinstance(exc, SessionProblem):
+            body.update(exc.state)
+            if kind == "amount-exceeds-deposit":
+                body["title"] = "insufficient deposit"
+        headers = [(b"content-type", b"application/problem+json")]
+        if exc.status_hint == 402:
+            headers.append((b"www-authenticate", format_www_authenticate(self.challenge(route)).encode()))
+        raw = msgspec.json.encode(body)
+        headers.append((b"content-length", str(len(raw)).encode()))
+        await send({"type": "http.response.start", "status": exc.status_hint, "headers": headers})
+        await send({"type": "http.response.body", "body": raw})
+
+    def _receipt(
+        self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
+    ) -> SessionReceipt:
+        return SessionReceipt(
+            method="evm",
+            intent="session",
+            status="success",
+            timestamp=rfc3339(time.time()),
+            reference=ch.id,
+            challenge_id=challenge,
+            channel_id=ch.id,
+            accepted_cumulative=str(ch.accepted),
+            spent=str(ch.spent),
+            chain_id=self.chain.chain_id,
+            units=units,
+            tx_hash=tx,
+        )
+
+    # -- channel state -----------------------------------------------------------------------------------
+
+    async def _channel(self, channel_id: str) -> Channel:
+        ch = self._channels.get(channel_id)
+        if ch is not None:
+            return ch
+        async with self._loading.setdefault(channel_id, asyncio.Lock()):
+            ch = self._channels.get(channel_id)
+            if ch is not None:
+                return ch
+            info = await self.chain.channel(channel_id)  # once per channel
+            self._check_channel(channel_id, info)
+            accepted = max(await self.store.high_water(channel_id), info.settled)
+            spent = max(await self.store.high_water(channel_id + "#spent"), info.settled)
+            self.settler.note_settled(channel_id, info.settled)
+            ch = self._channels[channel_id] = Channel(channel_id, info, accepted, spent)
+            return ch
+
+    def _check_channel(self, channel_id: str, info: ChannelInfo) -> None:
+        if not info.exists:
+            raise SessionProblem("channel-not-found", f"no channel {channel_id} on this escrow", status=410)
+        if info.finalized:
+            raise SessionProblem("channel-finalized", f"channel {channel_id} is closed", status=410)
+        if info.payee.lower() != self.pay_to.lower() or info.token.lower() != self.asset.address.lower():
+            raise SessionProblem("channel-mismatch", "the channel pays another payee or token")
+
+    async def _refresh(self, ch: Channel) -> None:
+        """Re-read the channel (a top-up, or a voucher above the cached deposit): the rare path."""
+        info = await self.chain.channel(ch.id)
+        self._check_channel(ch.id, info)
+        ch.info = info
+
+    def _check_signature(self, ch: Channel, action: SessionAction) -> None:
+        assert action.cumulative is not None and action.signature is not None
+        try:
+            ok = voucher_signed_by(
+                chain_id=self.chain.chain_id,
+                escrow=self.chain.escrow,
+                channel=ch.id,
+                cumulative=action.cumulative,
+                signature=action.signature,
+                signer=ch.signer_bytes,
+            )
+        except X402Error:
+            raise SessionProblem(
+                "invalid-signature", "the voucher signature is invalid", state=ch.state()
+            ) from None
+        if not ok:
+            raise SessionProblem(
+                "signer-mismatch", "the voucher is not signed by the channel's signer", state=ch.state()
+            )
+
+    async def _accept(self, ch: Channel, action: SessionAction) -> None:
+        """Steps 1-10 of the draft's voucher verification; caller holds `ch.lock`."""
+        assert action.cumulative is not None and action.signature is not None
+        if ch.closed or ch.info.close_requested_at:
+            raise SessionProblem("channel-finalized", "the payer asked to close this channel", status=410)
+        self._check_signature(ch, action)
+        if action.cumulative == ch.accepted:
+            return  # the same voucher again: a no-op once its signature is checked
+        if action.cumulative < ch.accepted:
+            raise SessionProblem(
+                "stale-voucher", "the voucher is below the highest one accepted", state=ch.state()
+            )
+        if action.cumulative > ch.info.deposit:
+            await self._refresh(ch)
+            if action.cumulative > ch.info.deposit:
+                raise SessionProblem(
+                    "amount-exceeds-deposit",
+                    f"the voucher ({action.cumulative}) is above the deposit ({ch.info.deposit})",
+                    state=ch.state(),
+                )
+        await self.store.raise_high_water(ch.id, action.cumulative)  # persisted before serving
+        ch.accepted = action.cumulative
+        ch.vouchers.append((action.cumulative, action.signature))
+        ch.changed.notify_all()
+
+    async def _commit(self, ch: Channel, cost: int) -> None:
+        """Charge `cost` (caller holds the lock) and hand the settler what has become settleable."""
+        if cost:
+            ch.spent += cost
+            await self.store.raise_high_water(ch.id + "#spent", ch.spent)
+        if not self.settle_every:
+            return
+        i = bisect.bisect_right(ch.vouchers, (ch.spent, "\xff"))
+        if i and ch.vouchers[i - 1][0] - self.settler.settled(ch.id) >= self.settle_every:
+            cumulative, signature = ch.vouchers[i - 1]
+            del ch.vouchers[:i]
+            self.settler.request(ch.id, cumulative, signature)
+
+    # -- ASGI --------------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        auth = _header(scope, b"authorization")
+        if auth is None or not auth[:8].lower() == "payment ":
+            await self._problem(send, route, SessionProblem("payment-required", "pay over an MPP session"))
+            return
+        try:
+            credential = parse_credential(auth[8:].strip())
+            ch_ = credential.challenge
+            if not verify_challenge(self.secret, ch_) or ch_.intent != "session" or ch_.method != "evm":
+                raise SessionProblem("challenge-not-found", "the challenge was not issued here")
+            if ch_.request_json() != self.request_object(route):
+                raise SessionProblem("challenge-mismatch", "the challenge was issued for another route")
+            expires = ch_.expires_at()
+            if expires is not None and expires.timestamp() < time.time():
+                raise SessionProblem("challenge-expired", "the challenge has expired")
+            action = parse_session_payload(credential.payload)
+            await self._open_store()
+            ch = await self._channel(action.channel)
+        except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
+            log.warning("reading channel failed: %s", exc)
+            await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+            return
+        except (SessionProblem, X402Error) as exc:
+            if isinstance(exc, MalformedPayment):
+                exc.status_hint = 400
+            await self._problem(send, route, exc)
+            return
+        try:
+            await self._serve(scope, receive, send, route, ch, action, ch_.id)
+        except SessionProblem as exc:
+            await self._problem(send, route, exc)
+        except EscrowError as exc:  # a top-up or deposit re-read failed on the chain
+            log.warning("channel %s: chain read failed: %s", ch.id, exc)
+            await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: SessionRoute,
+        ch: Channel,
+        action: SessionAction,
+        cid: str,
+    ) -> None:
+        if action.action == "topUp":
+            async with ch.lock:
+                await self._refresh(ch)
+                ch.changed.notify_all()
+            await self._no_content(send, ch, cid)
+            return
+        if action.action == "close":
+            await self._close(send, ch, action, cid)
+            return
+        maximum = 0 if route.stream else to_atomic(route.unit_price, self.asset.decimals) * route.units
+        async with ch.lock:
+            await self._accept(ch, action)
+            if (
+                action.action == "open"
+                or _header(scope, b"x-payment-voucher-only") is not None
+                or (route.stream and _is_voucher_post(scope))
+            ):
+                # A voucher posted to resume a stream (or an open) is management: it is not charged.
+                voucher_only = True
+            else:
+                voucher_only = False
+                if ch.accepted - ch.spent - ch.reserved < maximum:
+                    raise SessionProblem(
+                        "insufficient-balance",
+                        "the voucher does not cover this request",
+                        state={**ch.state(), "requiredCumulative": str(ch.spent + ch.reserved + maximum)},
+                    )
+                ch.reserved += maximum
+        if voucher_only:
+            await self._no_content(send, ch, cid)
+            return
+        if route.stream:
+            scope[SCOPE_KEY] = Context(self, ch, cid, route)
+        meter = Meter(maximum, self.asset.decimals)
+        meter.install(scope)
+        committed = False
+
+        async def paid_send(message: Message) -> None:
+            nonlocal committed
+            if message["type"] == "http.response.start" and not committed:
+                committed = True
+                message = meter.take_override(message)
+                status = int(message["status"])
+                async with ch.lock:
+                    ch.reserved -= maximum
+                    # A failed handler is not charged; a streamed route charged its units as it went.
+                    await self._commit(ch, meter.actual if status < 400 and not route.stream else 0)
+                    receipt = self._receipt(ch, cid)
+                message = {**message, "headers": [*message.get("headers", ()), *_receipt_headers(receipt)]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, paid_send)
+        finally:
+            if not committed:
+                async with ch.lock:
+                    ch.reserved -= maximum
+
+    async def _close(self, send: Send, ch: Channel, action: SessionAction, cid: str) -> None:
+        """Close with the payer's final voucher, which must cover exactly what was spent (at most what it
+        pre-authorized): the payee is paid the actual charges, never an unused pre-authorization."""
+        assert action.cumulative is not None and action.signature is not None
+        async with ch.lock:
+            if ch.closed:
+                raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
+            self._check_signature(ch, action)
+            if not ch.spent + ch.reserved <= action.cumulative <= max(ch.accepted, ch.spent):
+                raise SessionProblem(
+                    "close-mismatch",
+                    f"the close voucher ({action.cumulative}) must cover what was spent ({ch.spent})",
+                    state=ch.state(),
+                )
+            ch.closed = True
+            ch.changed.notify_all()
+            try:
+                tx = await self.settler.close(ch.id, action.cumulative, action.signature)
+            except Exception as exc:  # the channel stays open and usable; the payer may try again
+                ch.closed = False
+                log.warning("closing channel %s failed: %s", ch.id, exc)
+                reverted = isinstance(exc, TransactionFailed)
+                raise SessionProblem(
+                    "transaction-reverted" if reverted else "chain-unavailable",
+                    "the close transaction reverted" if reverted else "the chain is unreachable; retry later",
+                    status=409 if reverted else 503,
+                    state=ch.state(),
+                ) from None
+            receipt = self._receipt(ch, cid, tx=tx)
+        self._channels.pop(ch.id, None)
+        await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _no_content(self, send: Send, ch: Channel, cid: str) -> None:
+        receipt = self._receipt(ch, cid)
+        await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _receipt_headers(receipt: SessionReceipt) -> list[tuple[bytes, bytes]]:
+    return [(b"payment-receipt", b64url_encode(msgspec.json.encode(receipt)).encode())]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _is_voucher_post(scope: Scope) -> bool:
+    return scope["method"] in ("POST", "HEAD")

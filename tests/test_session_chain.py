@@ -1,0 +1,227 @@
+"""MPP sessions on AgentChannels (real anvil): many calls over one channel settle in a handful of
+transactions, the payee receives exactly the actual charges, streams are billed per token."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from escrow import DevnetState
+from gateway import SessionPaywall, open_store
+from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
+from x402 import LocalSigner, MppCredential, SpendPolicyViolation, format_credential
+from x402._session import SessionReceipt, sign_voucher
+from x402.client import SpendPolicy
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_thousand_calls_settle_in_a_handful_of_transactions(devnet: DevnetState) -> None:
+    async with session(devnet, settle_every=40_000) as s:
+        before = await s.balance(s.payee)
+        expected = 0
+        for i in range(1000):
+            units = i % 7  # 0..6 units; 0 is a valid charge
+            r = await s.client.request("GET", f"/meter?units={units}" + ("&via=header" if i % 2 else ""))
+            assert r.status_code == 200, r.text
+            assert "settlement-overrides" not in r.headers
+            expected += units * UNIT
+        await s.settler.drain()
+        receipt = await s.client.close("/meter")
+        assert receipt is not None and receipt.tx_hash and receipt.spent == str(expected)
+        assert await s.balance(s.payee) - before == expected
+        # one open, a few settles, one close
+        assert 1 <= len(s.settler.transactions) <= 8, s.settler.transactions
+        assert s.client.receipts[-1].reference == s.client.receipts[-1].channel_id
+
+
+async def test_stream_charges_exactly_n_tokens(devnet: DevnetState) -> None:
+    async with session(devnet, served=True) as s:
+        before = await s.balance(s.payee)
+        events = [e async for e in s.client.stream("/stream?tokens=450")]
+        messages = [d for e, d in events if e == "message"]
+        assert messages == [f"t{i}" for i in range(450)]
+        assert events[-1][0] == "payment-receipt"
+        receipt = await s.client.close("/stream")
+        assert receipt is not None and receipt.spent == str(450 * TOKEN)
+        assert await s.balance(s.payee) - before == 450 * TOKEN
+
+
+def _auth(s: Session, path: str, payload: dict[str, Any]) -> dict[str, str]:
+    challenge = s.client._challenge[path]
+    return {
+        "authorization": "Payment " + format_credential(MppCredential(challenge=challenge, payload=payload))
+    }
+
+
+def _voucher(
+    s: Session,
+    cumulative: int,
+    *,
+    signer: LocalSigner | None = None,
+    channel: str | None = None,
+    chain_id: int | None = None,
+    action: str = "voucher",
+) -> dict[str, Any]:
+    (ch,) = s.client.channels.values()
+    signature = sign_voucher(
+        signer or s.client.signer,
+        chain_id=chain_id or ch.chain_id,
+        escrow=ch.escrow,
+        channel=channel or ch.channel,
+        cumulative=cumulative,
+    )
+    return {
+        "action": action,
+        "channelId": channel or ch.channel,
+        "cumulativeAmount": str(cumulative),
+        "signature": signature,
+    }
+
+
+async def test_bad_vouchers_are_refused_with_the_channel_state(devnet: DevnetState) -> None:
+    async with session(devnet, deposit=5_000) as s:
+        assert (await s.client.request("GET", "/once")).status_code == 200  # opens the channel, 250 spent
+        (ch,) = s.client.channels.values()
+        accepted = ch.signed
+        # a duplicate voucher is a no-op after its signature check: it pays from the credit it holds
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(s, accepted)))
+        # (here the credit is used up, so it is refused for the balance, not as a stale voucher)
+        assert r.status_code == 402 and r.json()["type"].endswith("insufficient-balance"), r.text
+        before = await s.store.high_water(ch.channel)
+        # below the high-water mark: 402 with the current state
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(s, accepted - 1)))
+        assert r.status_code == 402 and r.json()["acceptedCumulative"] == str(before)
+        assert "www-authenticate" in r.headers
+        # above the deposit: 402 insufficient deposit
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(s, 5_001)))
+        assert r.status_code == 402 and r.json()["title"] == "insufficient deposit", r.text
+        # signed by someone else, for another chain, for another channel: 402
+        for payload in (
+            _voucher(s, accepted + 250, signer=LocalSigner.random()),
+            _voucher(s, accepted + 250, chain_id=1),
+        ):
+            r = await s.client.http.get("/once", headers=_auth(s, "/once", payload))
+            assert r.status_code == 402 and r.json()["type"].endswith("signer-mismatch"), r.text
+        other = {**_voucher(s, accepted + 250), "channelId": "0x" + "11" * 32}
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", other))
+        assert r.status_code == 410 and r.json()["type"].endswith("channel-not-found")
+        swapped = {**_voucher(s, accepted + 250, channel="0x" + "11" * 32), "channelId": ch.channel}
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", swapped))
+        assert r.status_code == 402
+        # malformed: 400, never 500
+        r = await s.client.http.get(
+            "/once", headers=_auth(s, "/once", {"action": "voucher", "channelId": "x"})
+        )
+        assert r.status_code == 400
+        # state intact: nothing above was accepted or charged
+        assert await s.store.high_water(ch.channel) == before
+        assert (await s.client.request("GET", "/once")).status_code == 200
+
+
+async def test_top_up_and_close_answer_204_without_the_handler(devnet: DevnetState) -> None:
+    async with session(devnet, deposit=1_000) as s:
+        calls = 0
+        for _ in range(4):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+            calls += 1
+        # the deposit (1,000) is used up: the next voucher would exceed it
+        with pytest.raises(SpendPolicyViolation):
+            await s.client.request("GET", "/once")
+        (ch,) = s.client.channels.values()
+        await s.opener.top_up(escrow=s.escrow, channel=ch.channel, amount=1_000)
+        r = await s.client.http.post(
+            "/once", headers=_auth(s, "/once", {"action": "topUp", "channelId": ch.channel})
+        )
+        assert r.status_code == 204 and r.content == b""
+        ch.deposit += 1_000
+        assert (await s.client.request("GET", "/once")).status_code == 200
+        before = await s.balance(s.payee)
+        late = _voucher(s, 1_500)
+        receipt = await s.client.close("/once")
+        assert receipt is not None and receipt.reference == ch.channel and receipt.spent == "1250"
+        assert await s.balance(s.payee) - before == 1250
+        # the channel is finalized: further vouchers are refused
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", late))
+        assert r.status_code == 410
+
+
+async def test_concurrent_requests_on_one_channel_never_overspend(devnet: DevnetState) -> None:
+    async with session(devnet) as s:
+        assert (await s.client.request("GET", "/meter?units=1")).status_code == 200
+        (ch,) = s.client.channels.values()
+        # Twenty requests at once presenting one voucher that covers a single maximum: one is served.
+        payload = _voucher(s, ch.spent + 100 * UNIT)
+        rs = await asyncio.gather(
+            *(s.client.http.get("/meter?units=100", headers=_auth(s, "/meter", payload)) for _ in range(20))
+        )
+        assert sorted(r.status_code for r in rs).count(200) == 1
+        assert await s.store.high_water(ch.channel + "#spent") == UNIT + 100 * UNIT
+
+
+async def test_voucher_posted_during_a_stream_is_not_charged(devnet: DevnetState) -> None:
+    async with session(devnet, served=True) as s:
+        events = [e async for e in s.client.stream("/stream?tokens=250")]
+        assert sum(1 for e, _ in events if e == "message") == 250
+        receipt = msgspec.json.decode(events[-1][1], type=SessionReceipt)
+        assert receipt.spent == str(250 * TOKEN) and receipt.units == 250
+
+
+async def test_a_restarted_gateway_keeps_the_high_water_mark_and_the_spend(
+    devnet: DevnetState, tmp_path: Path
+) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'payments.db'}")
+    try:
+        async with session(devnet, store=store) as s:
+            for _ in range(3):
+                assert (await s.client.request("GET", "/once")).status_code == 200
+            (ch,) = s.client.channels.values()
+            old = _voucher(s, 250)  # the first voucher, already used
+            current = _voucher(s, ch.signed)
+            # the process restarts: a new paywall over the same store and chain, nothing in memory
+            again = SessionPaywall(
+                app(),
+                routes=ROUTES,
+                chain=s.paywall.chain,
+                asset=s.paywall.asset,
+                pay_to=s.payee,
+                store=(second := await open_store(f"sqlite:///{tmp_path / 'payments.db'}")),
+                secret=b"s" * 32,
+            )
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=again), base_url="http://svc"
+            ) as http:
+                r = await http.get("/once", headers=_auth(s, "/once", old))
+                assert r.status_code == 402 and r.json()["acceptedCumulative"] == "750", r.text
+                # the last voucher again: its credit was spent before the restart, nothing is served twice
+                r = await http.get("/once", headers=_auth(s, "/once", current))
+                assert r.status_code == 402 and r.json()["spent"] == "750", r.text
+            await second.close()
+    finally:
+        await store.close()
+
+
+async def test_the_spend_policy_holds_what_vouchers_authorize_and_spends_what_was_charged(
+    devnet: DevnetState,
+) -> None:
+    policy = SpendPolicy(max_per_call=10_000, total_budget=50_000)
+    async with session(devnet, policy=policy) as s:
+        for units in (3, 0, 5):
+            assert (await s.client.request("GET", f"/meter?units={units}")).status_code == 200
+        assert policy.spent == 8 * UNIT
+        assert policy.spent + policy.reserved <= 8 * UNIT + 10_000  # one maximum ahead, never more
+        await s.client.close("/meter")
+        assert (policy.spent, policy.reserved) == (8 * UNIT, 0)
+    # a route whose maximum is above the per-call cap is refused before any voucher is signed
+    strict = SpendPolicy(max_per_call=5_000)
+    async with session(devnet, policy=strict, max_step=10**9) as s:
+        with pytest.raises(SpendPolicyViolation):
+            await s.client.request("GET", "/meter?units=1")
+        (ch,) = s.client.channels.values()
+        # only the first, probing voucher (one unit) was signed; the $0.01 one never was
+        assert ch.signed == UNIT and (strict.spent, strict.reserved) == (0, UNIT)

@@ -1,0 +1,199 @@
+"""MPP `session` intent on EVM (draft-evm-session-00), sans-I/O: vouchers, channel ids, wire payloads.
+
+A voucher is the EIP-712 message `Voucher(bytes32 channelId,uint128 cumulativeAmount)` under the domain
+`{name: "EVM Payment Channel", version: "1", chainId, verifyingContract: escrow}` (the AgentChannels
+contract). It authorizes the payee to take `cumulativeAmount` in total from the channel's deposit; each
+new voucher replaces the last, so only the highest one matters.
+
+The digest is computed here with a cached domain separator (no eth-account on the hot path): a server
+verifies one voucher per request, and the spec asks for no chain call per request.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Final
+
+import msgspec
+
+from ._errors import InvalidSignature, MalformedPayment
+from ._keccak import keccak256 as keccak
+from ._signer import Signer, recover_hash, recover_hash_raw
+
+__all__ = [
+    "SESSION_DOMAIN_NAME",
+    "SESSION_DOMAIN_VERSION",
+    "VOUCHER_TYPEHASH",
+    "SessionAction",
+    "SessionReceipt",
+    "channel_id",
+    "parse_session_payload",
+    "recover_voucher",
+    "sign_voucher",
+    "voucher_digest",
+    "voucher_signed_by",
+]
+
+SESSION_DOMAIN_NAME: Final = "EVM Payment Channel"
+SESSION_DOMAIN_VERSION: Final = "1"
+VOUCHER_TYPEHASH: Final = keccak(b"Voucher(bytes32 channelId,uint128 cumulativeAmount)")
+_DOMAIN_TYPEHASH: Final = keccak(
+    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+_UINT128_MAX: Final = 2**128 - 1
+
+
+def _address_bytes(value: str) -> bytes:
+    if not isinstance(value, str) or len(value) != 42 or value[:2] not in ("0x", "0X"):
+        raise MalformedPayment(f"not an address: {str(value)[:50]!r}")
+    try:
+        return bytes.fromhex(value[2:])
+    except ValueError:
+        raise MalformedPayment(f"not an address: {value[:50]!r}") from None
+
+
+def _bytes32(value: str, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value[2:]) if isinstance(value, str) and value[:2] in ("0x", "0X") else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise MalformedPayment(f"{what} is not a bytes32: {str(value)[:80]!r}")
+    return raw
+
+
+@lru_cache(maxsize=256)
+def _domain_separator(chain_id: int, escrow: str) -> bytes:
+    return keccak(
+        _DOMAIN_TYPEHASH
+        + keccak(SESSION_DOMAIN_NAME.encode())
+        + keccak(SESSION_DOMAIN_VERSION.encode())
+        + chain_id.to_bytes(32, "big")
+        + bytes(12)
+        + _address_bytes(escrow)
+    )
+
+
+def voucher_digest(chain_id: int, escrow: str, channel: str, cumulative: int) -> bytes:
+    """The EIP-712 digest a voucher signs (what `AgentChannels.hashVoucher` returns)."""
+    if not 0 <= cumulative <= _UINT128_MAX:
+        raise MalformedPayment("cumulativeAmount out of uint128 range")
+    struct_hash = keccak(VOUCHER_TYPEHASH + _bytes32(channel, "channelId") + cumulative.to_bytes(32, "big"))
+    return keccak(b"\x19\x01" + _domain_separator(chain_id, escrow) + struct_hash)
+
+
+def sign_voucher(signer: Signer, *, chain_id: int, escrow: str, channel: str, cumulative: int) -> str:
+    """A voucher signature as lowercase 0x-hex (65 bytes, r || s || v, low-s)."""
+    return "0x" + signer.sign_hash(voucher_digest(chain_id, escrow, channel, cumulative)).hex()
+
+
+def recover_voucher(*, chain_id: int, escrow: str, channel: str, cumulative: int, signature: str) -> str:
+    """The checksummed address that signed the voucher; InvalidSignature if none did (high-s refused)."""
+    try:
+        raw = bytes.fromhex(signature[2:]) if signature[:2] in ("0x", "0X") else b""
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != 65:
+        raise InvalidSignature("a voucher signature is 65 bytes of 0x-hex (r || s || v)")
+    return recover_hash(voucher_digest(chain_id, escrow, channel, cumulative), raw)
+
+
+def voucher_signed_by(
+    *, chain_id: int, escrow: str, channel: str, cumulative: int, signature: str, signer: bytes
+) -> bool:
+    """Whether the voucher is signed by `signer` (20 address bytes): the verification hot path, which skips
+    the EIP-55 checksum `recover_voucher` computes. Raises InvalidSignature for a malformed signature."""
+    try:
+        raw = bytes.fromhex(signature[2:]) if signature[:2] in ("0x", "0X") else b""
+    except (ValueError, TypeError):
+        raw = b""
+    if len(raw) != 65:
+        raise InvalidSignature("a voucher signature is 65 bytes of 0x-hex (r || s || v)")
+    return recover_hash_raw(voucher_digest(chain_id, escrow, channel, cumulative), raw) == signer
+
+
+def channel_id(
+    *, payer: str, payee: str, token: str, salt: str, authorized_signer: str, escrow: str, chain_id: int
+) -> str:
+    """`keccak256(abi.encode(payer, payee, token, salt, authorizedSigner, escrow, chainid))`, 0x-hex."""
+    words = b"".join(bytes(12) + _address_bytes(a) for a in (payer, payee, token))
+    words += _bytes32(salt, "salt") + bytes(12) + _address_bytes(authorized_signer)
+    words += bytes(12) + _address_bytes(escrow) + chain_id.to_bytes(32, "big")
+    return "0x" + keccak(words).hex()
+
+
+class SessionAction(msgspec.Struct, frozen=True, kw_only=True):
+    """One session credential payload (`open`, `voucher`, `topUp` or `close`), validated.
+
+    `cumulative`/`signature` are the voucher (absent for `topUp`); `hash` the payer's transaction for a
+    client-broadcast open or top-up (informational here: the server reads the channel itself).
+    """
+
+    action: str
+    channel: str
+    cumulative: int | None = None
+    signature: str | None = None
+    hash: str | None = None
+    additional_deposit: int | None = None
+
+
+_ACTIONS: Final = frozenset({"open", "voucher", "topUp", "close"})
+
+
+def _amount(payload: dict[str, Any], name: str) -> int:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 40:
+        raise MalformedPayment(f"session {name} must be a decimal string, got {str(value)[:40]!r}")
+    number = int(value)
+    if number > _UINT128_MAX:
+        raise MalformedPayment(f"session {name} out of uint128 range")
+    return number
+
+
+def parse_session_payload(payload: Any) -> SessionAction:
+    """Validate an MPP session credential `payload`; MalformedPayment says what is wrong."""
+    if not isinstance(payload, dict):
+        raise MalformedPayment("session payload must be an object")
+    action = payload.get("action")
+    if action not in _ACTIONS:
+        raise MalformedPayment(f"unknown session action {str(action)[:20]!r}")
+    channel = payload.get("channelId")
+    if not isinstance(channel, str):
+        raise MalformedPayment("session payload needs a channelId")
+    channel = "0x" + _bytes32(channel, "channelId").hex()
+    if action == "topUp":
+        return SessionAction(
+            action=action,
+            channel=channel,
+            hash=payload.get("hash") if isinstance(payload.get("hash"), str) else None,
+            additional_deposit=_amount(payload, "additionalDeposit")
+            if "additionalDeposit" in payload
+            else None,
+        )
+    signature = payload.get("signature")
+    if not isinstance(signature, str) or len(signature) != 132:
+        raise MalformedPayment("session voucher signature must be 65 bytes of 0x-hex")
+    return SessionAction(
+        action=action,
+        channel=channel,
+        cumulative=_amount(payload, "cumulativeAmount"),
+        signature=signature.lower(),
+        hash=payload.get("hash") if isinstance(payload.get("hash"), str) else None,
+    )
+
+
+class SessionReceipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """The session `Payment-Receipt` (draft-evm-session-00 §receipt); `reference` is the channel id."""
+
+    method: str
+    intent: str
+    status: str
+    timestamp: str
+    reference: str
+    challenge_id: str
+    channel_id: str
+    accepted_cumulative: str
+    spent: str
+    chain_id: int
+    units: int | None = None
+    tx_hash: str | None = None
