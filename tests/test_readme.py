@@ -81,7 +81,7 @@ def test_readme_blocks_import_public_names_only() -> None:
 
 
 def test_example_sizes_stay_small() -> None:
-    """The README's sub-agent is at most 15 lines of code and its orchestrator at most 10, imports included."""
+    """The README's sub-agent is at most 15 lines of code, its orchestrator at most 10, imports included."""
 
     def code(block: str) -> list[str]:
         return [line for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
