@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Literal
 
 import uvicorn
@@ -25,11 +25,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from escrow import Chain, DevnetState
 from gateway import MemoryStore, PaymentMiddleware, QueueStats, SettlementOptions
 
-__all__ = ["CREDIT_CALLS", "SubAgent", "serving"]
+__all__ = ["CREDIT_CALLS", "SubAgent", "serving", "serving_app"]
 
 #: An escrow sub-agent's default credit limit, in calls of its dearest route: how much it serves one payer
 #: before that payer's earlier calls have settled. Past it, a call is settled before its response.
@@ -134,25 +135,34 @@ class _InProcessServer(uvicorn.Server):
 @contextlib.asynccontextmanager
 async def serving(*agents: SubAgent) -> AsyncIterator[None]:
     """Serve `agents` with uvicorn on free local ports, in the running event loop; stop them on exit."""
-    servers: list[tuple[_InProcessServer, asyncio.Task[None]]] = []
-    try:
+    async with contextlib.AsyncExitStack() as stack:
         for agent in agents:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))  # the kernel picks the port; no race with other processes
-            agent.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-            config = uvicorn.Config(agent.app, log_level="warning", lifespan="on")
-            server = _InProcessServer(config)
-            task = asyncio.create_task(server.serve(sockets=[sock]))
-            servers.append((server, task))
-            while not server.started:
-                if task.done():
-                    task.result()  # raises what stopped it
-                    raise RuntimeError(f"sub-agent {agent.name} stopped while starting")
-                await asyncio.sleep(0.01)
+            agent.url = await stack.enter_async_context(serving_app(_built(agent.app), agent.name))
         yield
+
+
+def _built(app: ASGIApp) -> Callable[[str], ASGIApp]:
+    return lambda _url: app
+
+
+@contextlib.asynccontextmanager
+async def serving_app(build: Callable[[str], ASGIApp], name: str = "app") -> AsyncIterator[str]:
+    """Serve the app `build(base_url)` makes (it may need its own URL, as an A2A agent's card does) with
+    uvicorn on a free local port, in the running event loop; yield its base URL; stop it on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # the kernel picks the port; no race with other processes
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = _InProcessServer(uvicorn.Config(build(url), log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError(f"{name} stopped while starting")
+            await asyncio.sleep(0.01)
+        yield url
     finally:
-        for server, _ in servers:
-            server.should_exit = True
-        for _, task in servers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # each app's lifespan ends: its settler flushes, its RPC client closes
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # the app's lifespan ends: its settler flushes, its RPC client closes
+        sock.close()

@@ -10,7 +10,9 @@ The story (use case 3 of the brief): an orchestrator agent hires sub-agents and 
 2. The hot session key can pay through the escrow only: each payment at most the per-call cap, within a
    budget and a window, to the listed sub-agents only. On the account it can only top up the escrow deposit.
 3. Three sub-agents serve on local ports, each paid into its own counterfactual smart-account address: two
-   take `escrow` payments and settle them in batches; one takes `exact` (EIP-3009), settled per call.
+   take `escrow` payments and settle them in batches; one takes `exact` (EIP-3009), settled per call. The
+   same key also pays one paid MCP tool call (`examples.paid_tools`) and one paid A2A task
+   (`examples.a2a_agent`), each settled before its answer.
 4. Over-cap payments and top-ups are refused, with the reason; balances move by exactly what was served;
    everything is stopped at the end (no node left behind).
 """
@@ -60,6 +62,7 @@ from x402.client_escrow import EscrowWallet, SessionKeyAuth
 
 from ._escrow_setup import GrantTerms, relay, sign_offline, top_up_calls, top_up_policy
 from ._escrow_subagents import SubAgent, serving
+from ._protocol_agents import ProtocolAgent, pay_tool_and_task
 
 __all__ = ["main"]
 
@@ -134,7 +137,7 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
     session = LocalSigner.random()  # the orchestrator's hot key
     hot_wallet = LocalSigner(state.accounts[1].private_key)  # a small EOA wallet, for `exact`-only sellers
     sub_accounts = [
-        await AgentAccountFactory(rpc, factory).get_address(LocalSigner.random().address, 0) for _ in range(3)
+        await AgentAccountFactory(rpc, factory).get_address(LocalSigner.random().address, 0) for _ in range(5)
     ]
     summarizer = SubAgent.escrow(
         state,
@@ -158,6 +161,9 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
         routes={"/forecast": 1_500},
     )
     agents = (summarizer, translator, weather)
+    # Two more sellers, reached over the agent protocols rather than plain HTTP: an MCP tool and an A2A agent.
+    tools = ProtocolAgent.tools(state, pay_to=sub_accounts[3], settler_key=state.accounts[7].private_key)
+    counter = ProtocolAgent.a2a(state, pay_to=sub_accounts[4], settler_key=state.accounts[8].private_key)
 
     await bank.transact(usdc.address, usdc.abi.encode("mint", account.address, ACCOUNT_FUNDS), gas=100_000)
     say(
@@ -173,7 +179,7 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
         budget=BUDGET,
         valid_after=now - 60,
         valid_until=now + WINDOW,
-        payees=(summarizer.pay_to, translator.pay_to),
+        payees=(summarizer.pay_to, translator.pay_to, tools.pay_to, counter.pay_to),
     )
     policy = top_up_policy(
         usdc=usdc.address, escrow=escrow.address, cap=TOP_UP_CAP, valid_until=now + WINDOW, max_uses=5
@@ -204,7 +210,11 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
     say(
         "",
         f"session key {short(session.address)} granted {usd(MAX_PER_CALL)} USDC per call, budget"
-        f" {usd(BUDGET)}, {WINDOW // 60} min, payees: summarizer, translator;",
+        f" {usd(BUDGET)}, {WINDOW // 60} min,",
+    )
+    say(
+        "",
+        "payees: summarizer, translator, mcp tools, a2a agent;",
     )
     say(
         "",
@@ -218,7 +228,7 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
         {
             "account": account.address,
             "hot wallet": hot_wallet.address,
-            **{agent.name: agent.pay_to for agent in agents},
+            **{agent.name: agent.pay_to for agent in (*agents, tools, counter)},
         },
     )
     before = await ledger.read()
@@ -246,6 +256,9 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
                 exact_txs += _report(agent, path, responses)
                 if any(r.status_code != 200 for r in responses):
                     return False
+            # The same session key pays over the agent protocols: one MCP tool call, one A2A task.
+            if not await pay_tool_and_task(auth, tools, counter):
+                return False
 
             # -- 3. refusals -------------------------------------------------------------------------------
             deep = summarizer.url + "/deep-research"
@@ -321,11 +334,13 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
     # -- 6. balances ---------------------------------------------------------------------------------------
     after = await ledger.read()
     info = await escrow.grant_of(account.address, session.address)
-    escrow_paid = summarizer.earned + translator.earned
+    escrow_paid = summarizer.earned + translator.earned + tools.earned + counter.earned
     expected = {
         "summarizer": (summarizer.earned, _served(summarizer)),
         "translator": (translator.earned, _served(translator)),
         "weather": (weather.earned, _served(weather)),
+        tools.name: (tools.earned, f"what it served: 1 x {usd(tools.price)}"),
+        counter.name: (counter.earned, f"what it served: 1 x {usd(counter.price)}"),
         "hot wallet": (-weather.earned, "paid weather's exact call"),
         "account": (-TOP_UP, "the session key's top-up"),
         "escrow deposit": (

@@ -29,7 +29,14 @@ SUMMARIZE_PRICE = "$0.001"
 def build_server() -> tuple[MCPServer, PaidTools]:
     """The MCP server and its paid-tool extension (not yet bound to a paywall)."""
     paid = PaidTools({"summarize": SUMMARIZE_PRICE})
-    server = MCPServer("paid-tools", instructions="summarize costs $0.001; ping is free", extensions=[paid])
+    # WARNING: MCPServer configures the process's root logger at this level, and the demo serves it
+    # in-process (INFO would log every HTTP request the demo's clients make).
+    server = MCPServer(
+        "paid-tools",
+        instructions="summarize costs $0.001; ping is free",
+        extensions=[paid],
+        log_level="WARNING",
+    )
 
     @server.tool(description="Summarize a text (paid: $0.001)")
     def summarize(text: str) -> str:

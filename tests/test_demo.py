@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # `summarizer  0.000000  0.010000  +0.010000  exactly what it served: 10 x 0.001`
 _ROW = re.compile(
-    r"^\s+(?P<name>summarizer|translator|weather)\s+(?P<before>[\d.]+)\s+(?P<after>[\d.]+)\s+"
+    r"^\s+(?P<name>summarizer|translator|weather|mcp tools|a2a agent)\s+"
+    r"(?P<before>[\d.]+)\s+(?P<after>[\d.]+)\s+"
     r"(?P<change>[+-][\d.]+)\s+exactly what it served: (?P<served>.+)$",
     re.MULTILINE,
 )
@@ -86,6 +87,16 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
         r"^paid\s+weather .*1 x 200\s+exact, settled before the response: tx 0x", out, re.MULTILINE
     )
 
+    # The same session key pays one MCP tool call and one A2A task, each settled with its own transaction.
+    assert re.search(
+        r"^paid\s+mcp tools\s+MCP summarize\s+escrow, settled before the answer: tx 0x", out, re.MULTILINE
+    ), out
+    assert re.search(
+        r"^paid\s+a2a agent\s+A2A task\s+escrow, settled before the answer \(6 words\): tx 0x",
+        out,
+        re.MULTILINE,
+    ), out
+
     # Refused over the caps, each with its reason.
     assert "spend policy, before signing: amount 5000 exceeds max_per_call 2000" in out
     assert "the sub-agent answers 402 escrow_amount_exceeds_cap" in out
@@ -105,7 +116,7 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
 
     # Each sub-agent's balance rose by exactly what it served, as printed.
     rows = {m["name"]: m for m in _ROW.finditer(out)}
-    assert set(rows) == {"summarizer", "translator", "weather"}, out
+    assert set(rows) == {"summarizer", "translator", "weather", "mcp tools", "a2a agent"}, out
     for name, row in rows.items():
         before, after, change = Decimal(row["before"]), Decimal(row["after"]), Decimal(row["change"])
         assert after - before == change == _served_total(row["served"]) > 0, name
