@@ -532,8 +532,12 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (ruleCount > MAX_RULES_PER_PERMISSION) revert SessionKeyInvalidPolicy(key, 7, index);
         StoredPermission memory stored;
         (stored.allowed, stored.ruleCount, stored.valueLimit) = (true, uint8(ruleCount), permission.valueLimit);
-        if (ruleCount > 0) (stored.condition0, stored.offset0) = (permission.rules[0].condition, permission.rules[0].offset);
-        if (ruleCount > 1) (stored.condition1, stored.offset1) = (permission.rules[1].condition, permission.rules[1].offset);
+        if (ruleCount > 0) {
+            (stored.condition0, stored.offset0) = (permission.rules[0].condition, permission.rules[0].offset);
+        }
+        if (ruleCount > 1) {
+            (stored.condition1, stored.offset1) = (permission.rules[1].condition, permission.rules[1].offset);
+        }
         $.permissions[pid] = stored;
         for (uint256 r = 0; r < ruleCount; ++r) {
             ArgRule calldata rule = permission.rules[r];
