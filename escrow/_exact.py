@@ -260,10 +260,15 @@ class ExactEvm:
         "" when the authorization is unused, or was used without this transfer (canceled, or the nonce
         paid something else). Found through `authorizationState` and the `AuthorizationUsed` log.
         """
-        state = await self.rpc.call(asset, authorization_state_calldata(auth.from_, auth.nonce))
-        if not any(state):
+        # one round trip for both: the head is needed only when the authorization turns out used
+        query = {"to": asset, "data": _hex(authorization_state_calldata(auth.from_, auth.nonce))}
+        state, block = await self.rpc.batch([("eth_call", [query, "latest"]), ("eth_blockNumber", [])])
+        for answer in (state, block):
+            if isinstance(answer, ChainError):
+                raise answer
+        if not isinstance(state, str) or not any(bytes.fromhex(state[2:])):
             return ""
-        head = int(await self.rpc.request("eth_blockNumber", []), 16)
+        head = int(block, 16)
         logs = await self.rpc.request(
             "eth_getLogs",
             [

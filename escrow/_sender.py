@@ -11,7 +11,6 @@ import time
 from collections import OrderedDict
 from typing import Any, Final
 
-import rlp
 from eth_utils.address import to_checksum_address
 
 from x402 import LocalSigner
@@ -46,6 +45,25 @@ class _Sent:
         self.fields, self.hashes = fields, [tx_hash]
 
 
+def _rlp_length(length: int, short: int) -> bytes:
+    if length <= 55:
+        return bytes((short + length,))
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((short + 55 + len(size),)) + size
+
+
+def _rlp(item: int | bytes | list[Any]) -> bytes:
+    """RLP (the yellow paper's appendix B) of an int (big-endian, no leading zeros), bytes, or a list."""
+    if isinstance(item, list):
+        payload = b"".join(_rlp(x) for x in item)
+        return _rlp_length(len(payload), 0xC0) + payload
+    if isinstance(item, int):
+        item = item.to_bytes((item.bit_length() + 7) // 8, "big")
+    if len(item) == 1 and item[0] < 0x80:
+        return item
+    return _rlp_length(len(item), 0x80) + item
+
+
 def sign_eip1559(signer: LocalSigner, tx: dict[str, Any]) -> bytes:
     """The raw EIP-1559 (type 2) transaction `tx` signed by `signer`, with an empty access list.
 
@@ -66,9 +84,9 @@ def sign_eip1559(signer: LocalSigner, tx: dict[str, Any]) -> bytes:
         tx["data"],
         [],
     ]
-    signature = signer.sign_hash(keccak256(b"\x02" + rlp.encode(fields)))
+    signature = signer.sign_hash(keccak256(b"\x02" + _rlp(fields)))
     r, s, y_parity = signature[:32], signature[32:64], signature[64] - 27
-    return b"\x02" + rlp.encode([*fields, y_parity, int.from_bytes(r, "big"), int.from_bytes(s, "big")])
+    return b"\x02" + _rlp([*fields, y_parity, int.from_bytes(r, "big"), int.from_bytes(s, "big")])
 
 
 def _bump(fee: int) -> int:
