@@ -126,17 +126,33 @@ class _Committer:
         # a light batch never syncs more than `normal`, nor more than the configured mode
         self._light_sync = "off" if synchronous == "off" else "normal"
         self._sync = synchronous  # the mode the connection is in now
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Calls submitted during one event-loop iteration cross to the thread together, at its end: one
+        # wake-up of the thread (and one GIL hand-over) per iteration rather than per call.
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        self._pending_lock = threading.Lock()  # loops on other threads may share the store
         self._thread = threading.Thread(target=self._serve, name="agentpay-sqlite", daemon=True)
         self._thread.start()
 
     def submit(self, call: _Call, need: int = _DURABLE) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((call, future, loop, need))
+        with self._pending_lock:
+            pending = self._pending.get(loop)
+            if pending is None:
+                pending = self._pending[loop] = []
+                loop.call_soon(self._hand_over, loop)
+            pending.append((call, future, loop, need))
         return future
 
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._pending_lock:
+            jobs = self._pending.pop(loop, None)
+        if jobs:
+            self._jobs.put(jobs)
+
     async def stop(self) -> None:
+        self._hand_over(asyncio.get_running_loop())
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
 
@@ -146,16 +162,16 @@ class _Committer:
             first = self._jobs.get()
             if first is None:
                 break
-            batch = [first]
+            batch = list(first)
             while len(batch) < _MAX_BATCH:
                 try:
-                    job = self._jobs.get_nowait()
+                    jobs = self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if job is None:
+                if jobs is None:
                     stopping = True
                     break
-                batch.append(job)
+                batch.extend(jobs)
             outcomes = self._execute(batch)
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
             for (_, future, loop, _), outcome in zip(batch, outcomes, strict=True):
