@@ -1,4 +1,10 @@
-"""escrow: the chain side of agentpay.
+"""escrow: the chain side of agentpay, in four rooms by concern.
+
+`escrow.chain` (the chain client: RPC, transaction sender, artifacts, the `EscrowError` root),
+`escrow.devnet` (the local chain), `escrow.accounts` (ERC-4337 smart accounts, session keys, user
+operations) and `escrow.payments` (exact and escrow verification, grants, settlement). Imports run one way:
+devnet, accounts and payments use chain; payments uses accounts; chain uses none of them. Every public
+name of the rooms is re-exported here.
 
 Contract artifacts (`load_artifact`), and the devnet: `Devnet` runs a local chain (anvil, or a py-evm node
 when anvil is absent) with EntryPoint v0.7 at its canonical address, TestUSDC and funded accounts, and
@@ -8,37 +14,74 @@ describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that
 and relayer; the gateway takes its schemes, settlers and recovery from it, an owner opens session keys.
 """
 
-from ._account import (
+from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
+from .accounts import (
     UNLIMITED_GAS_BUDGET,
     AgentAccount,
     AgentAccountFactory,
     ArgRule,
+    Bundler,
+    BundlerError,
+    BundlerRpc,
+    Call,
     CallPermission,
+    NonceLanes,
+    OwnerKey,
+    PackedUserOperation,
+    PaymasterMode,
+    PaymasterRefused,
+    PaymasterRpc,
+    PolicyViolation,
+    SessionKey,
     SessionPolicy,
     SignedSessionKeyInstall,
     SignedSessionKeyRevoke,
+    SponsorService,
+    UserOpRejected,
+    UserOpResult,
+    UserOpSubmitter,
+    sign_session_key_install_offline,
+    sign_session_key_revoke_offline,
 )
-from ._account import sign_install_offline as sign_session_key_install_offline
-from ._account import sign_revoke_offline as sign_session_key_revoke_offline
-from ._artifacts import Artifact, ArtifactError, EscrowError, artifact_exists, load_artifact
-from ._bundler_rpc import BundlerError, BundlerRpc, UserOpSubmitter
-from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
-from ._devnet import (
+from .chain import (
+    Artifact,
+    ArtifactError,
+    ChainError,
+    EscrowError,
+    Receipt,
+    RevertError,
+    Rpc,
+    TransactionFailed,
+    TxSender,
+    artifact_exists,
+    load_artifact,
+)
+from .devnet import (
     CREATE2_DEPLOYER,
     DEPLOYMENTS,
     ENTRYPOINT_ADDRESS,
     Deployment,
     Devnet,
     DevnetAccount,
+    DevnetError,
     DevnetState,
+    devnet_running,
+    start_detached,
+    stop_detached,
 )
-from ._devnet_daemon import devnet_running, start_detached, stop_detached
-from ._devnet_node import DevnetError
-from ._escrow import AgentEscrow, Erc20, GrantInfo
-from ._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
-from ._exact import ExactEvm, ExactRejected
-from ._exact_settler import ExactSettler
-from ._grants import (
+from .payments import (
+    AgentEscrow,
+    Erc20,
+    EscrowClaim,
+    EscrowRejected,
+    EscrowSettler,
+    EscrowVerifier,
+    ExactEvm,
+    ExactRejected,
+    ExactSettler,
+    GrantCache,
+    GrantInfo,
+    SettleOutcome,
     SignedDeposit,
     SignedGrant,
     SignedRevoke,
@@ -50,20 +93,6 @@ from ._grants import (
     sign_deposit_permit,
     sign_grant_offline,
     sign_revoke_offline,
-)
-from ._paymaster import PaymasterMode, PaymasterRefused, PaymasterRpc, SponsorService
-from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
-from ._settler import EscrowSettler, SettleOutcome
-from ._userop import (
-    Bundler,
-    Call,
-    NonceLanes,
-    OwnerKey,
-    PackedUserOperation,
-    PolicyViolation,
-    SessionKey,
-    UserOpRejected,
-    UserOpResult,
 )
 
 __all__ = [

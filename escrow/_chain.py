@@ -25,16 +25,16 @@ from eth_abi.exceptions import DecodingError
 from x402 import Amount, GrantMessage, InvalidNetwork, LocalSigner, Network, Signer
 from x402.client_escrow import SessionWalletFile
 
-from ._artifacts import EscrowError
-from ._devnet import DevnetAccount, DevnetState
-from ._escrow import AgentEscrow, Erc20
-from ._escrow_verify import EscrowVerifier, GrantCache
-from ._exact import ExactEvm
-from ._exact_settler import ExactQueue, ExactSettler
-from ._grants import relay_deposit, relay_grant, sign_deposit_authorization, sign_grant_offline
-from ._rpc import Rpc, TxSender
-from ._settler import EscrowSettler
-from ._settler import SettlementQueue as EscrowQueue
+from .chain._artifacts import EscrowError
+from .chain._rpc import Rpc, TxSender
+from .devnet._devnet import DevnetAccount, DevnetState
+from .payments._escrow import AgentEscrow, Erc20
+from .payments._escrow_verify import EscrowVerifier, GrantCache
+from .payments._exact import ExactEvm
+from .payments._exact_settler import ExactQueue, ExactSettler
+from .payments._grants import relay_deposit, relay_grant, sign_deposit_authorization, sign_grant_offline
+from .payments._settler import EscrowSettler
+from .payments._settler import SettlementQueue as EscrowQueue
 
 __all__ = ["Chain", "ChainConfigError", "load_network", "network_of_devnet"]
 

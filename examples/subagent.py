@@ -38,6 +38,8 @@ from starlette.routing import Route
 from escrow import Chain
 from gateway import PaidRoute, PaymentMiddleware, SettlementOptions
 
+from ._discovery import DISCOVERY
+
 __all__ = ["PRICES", "build_app", "main"]
 
 PRICES = {"GET /hello": "$0.001", "GET /weather": "$0.002"}
@@ -81,7 +83,7 @@ def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware
     )
     summarize_route = PaidRoute(price=summarize_price, description="Summarize a text")
     routes: dict[str, PaidRoute | str] = {**PRICES, "POST /summarize": summarize_route}
-    return PaymentMiddleware(api, routes=routes, chain=chain, pay_to=pay_to, **options)
+    return PaymentMiddleware(api, routes=routes, chain=chain, pay_to=pay_to, discovery=DISCOVERY, **options)
 
 
 def _index_or(value: str) -> int | str:

@@ -8,9 +8,12 @@ recovery in its lifespan, tuned by `SettlementOptions`.
 
 from ._answers import Answer, Challenger, v1_network
 from ._chain_payments import SettlementOptions
+from ._dashboard import dashboard_app
+from ._discovery import Discovery
 from ._errors import ConfigurationError, GatewayError, InvalidTransition, PaymentFailed
 from ._exact import ExactChain, ExactScheme
 from ._facilitator import facilitator_app
+from ._metrics import Metrics, payment_id
 from ._middleware import PaymentMiddleware
 from ._pipeline import Attempt, Paywall, SettleMode
 from ._pricing import Amount, Asset, PaidRoute, Price, PriceFunction, Quote, RouteTable, to_atomic
@@ -18,7 +21,6 @@ from ._scheme import Dialect, MppOffer, Offer, Presented, Scheme, Verified
 from ._state import TERMINAL, TRANSITIONS, Event, PaymentState, Tracker
 from ._store import (
     ClaimLost,
-    MemoryStore,
     PaymentStore,
     Purged,
     QueueStats,
@@ -29,8 +31,9 @@ from ._store import (
     StoreSchemaError,
     StoreUnavailable,
     backoff,
-    open_store,
 )
+from ._stores import open_store
+from ._stores.memory import MemoryStore
 
 __all__ = [
     "TERMINAL",
@@ -43,12 +46,14 @@ __all__ = [
     "ClaimLost",
     "ConfigurationError",
     "Dialect",
+    "Discovery",
     "Event",
     "ExactChain",
     "ExactScheme",
     "GatewayError",
     "InvalidTransition",
     "MemoryStore",
+    "Metrics",
     "MppOffer",
     "Offer",
     "PaidRoute",
@@ -76,8 +81,10 @@ __all__ = [
     "Tracker",
     "Verified",
     "backoff",
+    "dashboard_app",
     "facilitator_app",
     "open_store",
+    "payment_id",
     "to_atomic",
     "v1_network",
 ]

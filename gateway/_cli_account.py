@@ -25,7 +25,7 @@ from escrow import (
     sign_session_key_install_offline,
     sign_session_key_revoke_offline,
 )
-from escrow._userop import ENTRYPOINT_V07
+from escrow.accounts._userop import ENTRYPOINT_V07
 from x402 import LocalSigner
 from x402.client_escrow import SessionWalletFile
 

@@ -15,12 +15,9 @@ from typing import Any
 
 from eth_account import Account
 
-from escrow import (
-    sign_deposit_authorization,
-    sign_grant_offline,
-    sign_revoke_offline,
-)
-from escrow._escrow import ContractAbi, escrow_artifact
+from escrow import sign_deposit_authorization, sign_grant_offline, sign_revoke_offline
+from escrow.chain._abi import ContractAbi
+from escrow.payments._escrow import escrow_artifact
 from x402 import Network
 
 from ._cli_common import (

@@ -35,7 +35,7 @@ from escrow import (
     relay_grant,
     relay_revoke,
 )
-from escrow._userop import ENTRYPOINT_V07
+from escrow.accounts._userop import ENTRYPOINT_V07
 
 from ._cli_common import (
     CliError,

@@ -9,7 +9,8 @@ batched settlement cheap, and a payment is only ever good for its payee and amou
 
 Verification = `escrow.EscrowVerifier` (signature, cached grant, cap, payee, window, deadline; then one chain
 read: deposit, requested withdrawal, the grant as of the latest block, and the contract's `check`) plus
-atomic store counters (`escrow._exposure`): the payer's deposit pool (net of any requested withdrawal) and
+atomic store counters (`escrow.payments._exposure`): the payer's deposit pool (net of any requested
+withdrawal) and
 the grant's budget, both shared by every gateway on the store (refuse past them:
 `escrow_insufficient_deposit`, `escrow_budget_exceeded`), and this gateway's credit to the payer (past its
 `credit_limit` the payment is settled before its response, after the handler succeeded: the pipeline asks
@@ -20,24 +21,21 @@ and `reconcile_items` is how recovery closes such a record if the gateway died m
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-from escrow._escrow import AgentEscrow
-from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
-from escrow._exposure import budget_limit, deposit_accounts, deposit_limit
-from escrow._rpc import ChainError
-from escrow._settler import EscrowSettler, SettleOutcome, decode_claim, encode_claim
+from escrow.payments._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, accounts_for
+from escrow.payments._exposure import budget_limit, deposit_accounts, deposit_limit
+from escrow.payments._settler import EscrowSettler, SettleOutcome, encode_claim
 from x402 import PaymentRejected, PaymentRequirements, Reason
 from x402._escrow import ESCROW_DOMAIN_NAME, ESCROW_DOMAIN_VERSION, EscrowCode, decode_escrow_payload
 
 from ._errors import PaymentFailed
 from ._pricing import Quote
 from ._scheme import MppOffer, Offer, Presented, Verified
-from ._store import ClaimLost, PaymentStore, Settlement, backoff
+from ._store import ClaimLost, PaymentStore, Settlement
 
 __all__ = ["EscrowScheme", "EscrowState"]
 
@@ -164,8 +162,8 @@ class EscrowScheme:
         )
         state = EscrowState(claim=claim, settle_now=False, reserve_holder=reserve)
         try:
-            # The `settled` counters are read before the chain: see `escrow._exposure` for why the order
-            # makes the reservations below safe while other payments land.
+            # The `settled` counters are read before the chain: see `escrow.payments._exposure` for why the
+            # order makes the reservations below safe while other payments land.
             pool_settled = await self.store.get_pending(pool.settled)
             budget_settled = await self.store.get_pending(settled) if session else 0
             checked = await self.verifier.confirm(pre, now=now)
@@ -272,44 +270,8 @@ class EscrowScheme:
         settler would. Unpaid past its deadline: final, nothing charged, reservations returned. Otherwise
         looked at again at the deadline (the payer may present it again meanwhile).
         """
-        out: list[SettleOutcome] = []
-        settler = self.settler
-        for item in items:
-            try:
-                claim = decode_claim(item.payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.store.mark_failed(
-                    item.key, error=f"escrow_claim_malformed: {exc}", retry_at=None, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="dead", code="escrow_claim_malformed"))
-                continue
-            p = claim.payload.payment
-            escrow = AgentEscrow(settler.sender.rpc, claim.escrow)
-            try:
-                used = await escrow.nonce_used(claim.signer, int(p.nonce))
-                found = await settler.find_settlement(escrow, claim) if used else None
-            except ChainError as exc:
-                retry_at = time.time() + backoff(item.attempts)
-                await self.store.mark_failed(
-                    item.key, error=f"{exc.code}: {exc}", retry_at=retry_at, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="retry", code=exc.code))
-                continue
-            # The settler's own bookkeeping (pending counters, dead letters) keeps both paths identical.
-            if found is not None:
-                out.extend(await settler._settled([(item, claim)], found.tx_hash, "settled_elsewhere"))
-            elif used:
-                out.append(await settler._dead(item, claim, EscrowCode.NONCE_REUSED, ""))
-            elif int(p.deadline) <= time.time():
-                detail = "the payment expired unsettled: nothing was charged"
-                out.append(await settler._dead(item, claim, "escrow_never_settled", "", detail=detail))
-            else:
-                error = "escrow_unsettled: not paid by the escrow; final once the payment's deadline passes"
-                await self.store.mark_failed(
-                    item.key, error=error, retry_at=int(p.deadline) + 1.0, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="retry", code="escrow_unsettled"))
-        return out
+        # The settler's own bookkeeping (pending counters, dead letters) keeps both paths identical.
+        return await self.settler.reconcile_items(items)
 
     # -- release -------------------------------------------------------------------------------------------
 

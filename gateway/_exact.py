@@ -9,7 +9,8 @@ payments are queued as `escrow.ExactPayment` for `escrow.ExactSettler`.
 Reservations. Each chain check looks at one authorization alone, so without more a payer holding 1 × price
 could sign ten authorizations and be served ten times under `settle="deferred"` (nine would revert later).
 Every accepted-but-unsettled payment is therefore reserved in the store, per (payer, token, network)
-(`escrow._exact_settler.exact_reservation`), atomically against the balance the verification read: a payment
+(`escrow.payments._exact_settler.exact_reservation`), atomically against the balance the verification read:
+a payment
 is refused with `insufficient_funds_pending` when balance − reserved < amount. The reservation is given
 back once the payment settles or is given up on (by whoever reports that first, once), or at once when it
 is not charged (handler failed, settlement refused). The reservation is taken by `reserve`, which the
@@ -38,7 +39,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from escrow._exact_settler import (
+from escrow.payments._exact_settler import (
     ExactPayment,
     decode_payment,
     encode_payment,

@@ -51,7 +51,8 @@ from ._errors import ConfigurationError, PaymentFailed
 from ._pipeline import as_payment_failed
 from ._pricing import Asset
 from ._scheme import Offer, Presented, Scheme, Verified
-from ._store import MemoryStore, PaymentStore, StoreError
+from ._store import PaymentStore, StoreError
+from ._stores.memory import MemoryStore
 
 __all__ = ["facilitator_app"]
 

@@ -21,10 +21,11 @@ before the claim was kept alive, stretch the handler past the claim's TTL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets as _secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -32,19 +33,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from x402 import MIN_SECRET_BYTES, X402Error, error_answer
 
-from ._answers import Answer, Headers, ReplayStatus
+from ._answers import Answer, ReplayStatus
+from ._bodies import (
+    HELD_TOO_LARGE,
+    BodyTimeout,
+    BoundedBody,
+    Held,
+    read_body,
+    replay_body,
+    request_timeout_answer,
+    too_large_answer,
+)
 from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
+from ._discovery import Discovery, DiscoveryDocuments
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
+from ._metrics import Metrics, PaymentObserver
 from ._pipeline import Paywall, SettleMode
-from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable
+from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable, route_path
 from ._scheme import Dialect, Offer, Scheme
-from ._store import MemoryStore, PaymentStore
+from ._store import PaymentStore
 from ._stores import open_store
+from ._stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from escrow import Chain, EscrowSettler, ExactSettler
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_HELD_BYTES", "DEFAULT_STORE_URL", "PaymentMiddleware"]
+
+log = logging.getLogger("agentpay.gateway")
 
 # Durable by default: a served payment must survive a crash until it is settled. `AGENTPAY_STORE` overrides.
 DEFAULT_STORE_URL = "sqlite:///.agentpay/payments.db"
@@ -78,67 +94,6 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-class _TooLarge(Exception):
-    """Raised into the app by `_Held.send`: its response outgrew the held-response limit."""
-
-
-class _Held:
-    """Holds the app's response until the payment is settled, up to `limit` body bytes."""
-
-    __slots__ = ("body", "head", "limit", "overflowed", "size", "start", "trailing")
-
-    def __init__(self, limit: int, *, head: bool = False) -> None:
-        self.start: Message | None = None
-        self.body: list[bytes] = []
-        self.trailing: list[Message] = []
-        self.limit = limit
-        # A HEAD response declares the GET body's length but has no body: Starlette still sends the GET
-        # body, which the server would drop; it is dropped here, neither held nor counted.
-        self.head = head
-        self.size = 0
-        self.overflowed = False
-
-    async def send(self, message: Message) -> None:
-        if self.overflowed:
-            raise _TooLarge
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.start = message
-            if not self.head and _content_length(message.get("headers", ())) > self.limit:
-                self._overflow()  # refused before a byte of it is buffered
-        elif kind == "http.response.body":
-            chunk = b"" if self.head else message.get("body", b"")
-            self.size += len(chunk)
-            if self.size > self.limit:
-                self._overflow()
-            self.body.append(chunk)
-        else:
-            self.trailing.append(message)
-
-    def _overflow(self) -> None:
-        # Raised into the app to stop it producing more (an endless stream would never end otherwise); an app
-        # that swallows it is still refused, by the flag.
-        self.overflowed = True
-        self.body.clear()
-        raise _TooLarge
-
-    @property
-    def status(self) -> int:
-        return 500 if self.start is None else int(self.start["status"])
-
-    async def flush(self, send: Send, extra: Headers | None = None) -> None:
-        assert self.start is not None
-        start = self.start
-        if extra:
-            replaced = {name for name, _ in extra}
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in replaced]
-            start = {**start, "headers": [*headers, *extra]}
-        await send(start)
-        await send({"type": "http.response.body", "body": b"".join(self.body)})
-        for message in self.trailing:
-            await send(message)
-
-
 class PaymentMiddleware:
     """Charge for routes. `routes` maps `"GET /path"` (or `"/path"`) to a price or a `PaidRoute`.
 
@@ -169,6 +124,11 @@ class PaymentMiddleware:
     tuned by `settlement` (`SettlementOptions`), stopped (queues flushed) and the chain's clients closed
     at shutdown. A server that sends no lifespan events gets them started on the first paid request; call
     `startup()` / `shutdown()` to drive them yourself.
+
+    Operator endpoints, off by default: `discovery=True` (or a `Discovery`) serves `/openapi.json`,
+    `/llms.txt` and `/discovery/resources` generated from `routes`; `metrics=True` (or a `Metrics`) serves
+    Prometheus metrics at `/metrics`. Payment log records (logger `agentpay.payments`) carry a `payment_id`
+    either way; see docs/operations.md.
     """
 
     def __init__(
@@ -194,6 +154,8 @@ class PaymentMiddleware:
         mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
         body_timeout: float = 30.0,
+        discovery: Discovery | bool = False,
+        metrics: Metrics | bool = False,
     ) -> None:
         for name, limit in (("max_body_bytes", max_body_bytes), ("max_held_bytes", max_held_bytes)):
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -241,6 +203,33 @@ class PaymentMiddleware:
             mpp_replay_status=mpp_replay_status,
             clock=clock,
         )
+        self._ops_endpoints(discovery, metrics)
+
+    def _ops_endpoints(self, discovery: Discovery | bool, metrics: Metrics | bool) -> None:
+        """Opt-in operator endpoints (`discovery`, `metrics`; see gateway._discovery, gateway._metrics)."""
+        config = Discovery() if discovery is True else discovery or None
+        self.discovery = None if config is None else DiscoveryDocuments(config, self.routes, self.paywall)
+        self.metrics = Metrics() if metrics is True else metrics or None
+        self.observer = PaymentObserver(self.metrics)
+        self.paywall.observer = self.observer
+        if self.metrics is not None and self._payments is not None:  # the settlers `chain=` runs
+            hook = self.metrics.settler_hook(lambda: self.paywall.store)
+            for settler in self._payments.settlers.values():
+                if settler.on_outcome is None:
+                    settler.on_outcome = hook
+
+    async def _serve_ops(self, scope: Scope, send: Send) -> bool:
+        if self.discovery is not None and await self.discovery.handle(scope, send):
+            return True
+        if self.metrics is not None and scope["method"] in ("GET", "HEAD"):
+            if route_path(scope) == self.metrics.path:
+                try:
+                    store: PaymentStore | None = await self.open_store()
+                except GatewayError:  # the database is down: the counters are still worth a scrape
+                    store = None
+                await self.metrics.handle(scope, send, store)
+                return True
+        return False
 
     async def open_store(self) -> PaymentStore:
         """Open the configured store once (idempotent); the paywall uses it from then on."""
@@ -300,6 +289,8 @@ class PaymentMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if (self.discovery is not None or self.metrics is not None) and await self._serve_ops(scope, send):
+            return
         entry = self.routes.match(scope)
         if entry is None:
             await self.app(scope, receive, send)
@@ -312,25 +303,29 @@ class PaymentMiddleware:
             except GatewayError:  # e.g. the database is down: 503, never a 500, and nothing is charged
                 await _send_answer(send, _STORE_UNAVAILABLE)
                 return
-        bounded = _BoundedBody(receive, self.body_timeout)
+        bounded = BoundedBody(receive, self.body_timeout)
         request_receive: Receive = bounded
         receive = bounded
         if callable(entry.route.price):
             # A pricing function may read the body; each reader then gets its own replay of it. It is read
             # before any credential is checked, so its size and its time are bounded.
             try:
-                body = await _read_body(receive, scope["headers"], self.max_body_bytes)
-            except _BodyTimeout:
-                await _send_answer(send, _request_timeout(self.body_timeout))
+                body = await read_body(receive, scope["headers"], self.max_body_bytes)
+            except BodyTimeout:
+                await _send_answer(send, request_timeout_answer(self.body_timeout))
                 return
             if body is None:
-                await _send_answer(send, _too_large(self.max_body_bytes))
+                await _send_answer(send, too_large_answer(self.max_body_bytes))
                 return
-            request_receive, receive = _replay(body, receive), _replay(body, receive)
+            request_receive, receive = replay_body(body, receive), replay_body(body, receive)
         try:
             quote = await self.routes.quote(entry, Request(scope, request_receive))
         except GatewayError as exc:
             await _send_answer(send, _server_error(exc))
+            return
+        except Exception as exc:  # a pricing function that cannot read this request (no JSON body, ...)
+            log.info("pricing %s failed: %s: %s", entry.key, type(exc).__name__, exc)
+            await _send_answer(send, _UNPRICEABLE)
             return
         paywall = self.paywall
         offers = paywall.offers(quote)
@@ -344,6 +339,7 @@ class PaymentMiddleware:
             answer = paywall.challenger.payment_required(
                 quote, offers, realm=paywall.realm_for(host), now=paywall.clock()
             )
+            self.observer.challenged(quote, answer.headers)
             await _send_answer(send, answer)
             return
         dialect, raw = found
@@ -353,14 +349,14 @@ class PaymentMiddleware:
             await _send_answer(send, self._failure(quote, offers, host, exc, dialect))
             return
 
-        held = _Held(self.max_held_bytes, head=scope["method"] == "HEAD")
+        held = Held(self.max_held_bytes, head=scope["method"] == "HEAD")
         extensions = scope.get("extensions") or {}
         if any(name in extensions for name in _UNBUFFERABLE):
             scope = {**scope, "extensions": {k: v for k, v in extensions.items() if k not in _UNBUFFERABLE}}
         try:
             await self.app(scope, receive, held.send)
         except Exception:
-            # `_TooLarge` or `_BodyTimeout` (perhaps wrapped by the app) are answered below
+            # `TooLarge` or `BodyTimeout` (perhaps wrapped by the app) are answered below
             if not held.overflowed and not bounded.timed_out:
                 await paywall.release(attempt)
                 raise
@@ -370,11 +366,11 @@ class PaymentMiddleware:
         if held.overflowed:
             # Too large to hold until settled: nothing of it is sent, so nothing is charged.
             await paywall.release(attempt)
-            await _send_answer(send, _HELD_TOO_LARGE)
+            await _send_answer(send, HELD_TOO_LARGE)
             return
-        if bounded.timed_out:  # whether the app let `_BodyTimeout` through or answered (held, never sent)
+        if bounded.timed_out:  # whether the app let `BodyTimeout` through or answered (held, never sent)
             await paywall.release(attempt)
-            await _send_answer(send, _request_timeout(self.body_timeout))
+            await _send_answer(send, request_timeout_answer(self.body_timeout))
             return
         if held.start is None or held.status >= 400:
             await paywall.release(attempt)
@@ -391,6 +387,8 @@ class PaymentMiddleware:
     def _failure(
         self, quote: Quote, offers: list[Offer], host: str, exc: PaymentFailed, dialect: Dialect | None
     ) -> Answer:
+        schemes = {offer.scheme for offer in offers}
+        self.observer.refused(quote, schemes.pop() if len(schemes) == 1 else "unknown", exc.code, dialect)
         # Known codes map through the shared table; unknown ones (store outages, ...) by their status hint.
         answer = error_answer(X402Error(exc.message, code=exc.code, status_hint=exc.status_hint))
         paywall = self.paywall
@@ -406,68 +404,19 @@ class PaymentMiddleware:
         )
 
 
+_UNPRICEABLE = Answer(
+    status=400,
+    headers=[(b"content-type", b"application/problem+json")],
+    body=b'{"type":"about:blank","title":"Bad Request","status":400,'
+    b'"detail":"the request could not be priced: check its body and parameters"}',
+)
+
 _STORE_UNAVAILABLE = Answer(
     status=503,
     headers=[(b"content-type", b"application/problem+json"), (b"retry-after", b"1")],
     body=b'{"type":"about:blank","title":"Service Unavailable","status":503,'
     b'"detail":"payment store unavailable"}',
 )
-
-
-def _too_large(limit: int) -> Answer:
-    body = (
-        b'{"type":"about:blank","title":"Content Too Large","status":413,'
-        b'"detail":"the request body exceeds the ' + str(limit).encode() + b' bytes read before payment"}'
-    )
-    return Answer(status=413, headers=[(b"content-type", b"application/problem+json")], body=body)
-
-
-_HELD_TOO_LARGE = Answer(
-    status=502,
-    headers=[(b"content-type", b"application/problem+json"), (b"cache-control", b"no-store")],
-    body=b'{"type":"about:blank","title":"Bad Gateway","status":502,'
-    b'"detail":"the paid response is larger than the gateway holds until payment; nothing was charged"}',
-)
-
-
-def _request_timeout(seconds: float) -> Answer:
-    detail = f"the request body did not arrive within {seconds:g} s"
-    body = (
-        b'{"type":"about:blank","title":"Request Timeout","status":408,"detail":"' + detail.encode() + b'"}'
-    )
-    return Answer(
-        status=408,
-        headers=[(b"content-type", b"application/problem+json"), (b"connection", b"close")],
-        body=body,
-    )
-
-
-class _BodyTimeout(Exception):
-    """The client did not deliver the request body in time (raised inside the app's `receive`)."""
-
-
-class _BoundedBody:
-    """A `receive` that lets the request body take at most `timeout` seconds from the request's start;
-    after the last body chunk it passes through unbounded (an app may wait for the disconnect)."""
-
-    def __init__(self, receive: Receive, timeout: float) -> None:
-        self._receive = receive
-        self._deadline = asyncio.get_running_loop().time() + timeout
-        self._complete = False
-        self.timed_out = False
-
-    async def __call__(self) -> Message:
-        if self._complete:
-            return await self._receive()
-        left = self._deadline - asyncio.get_running_loop().time()
-        try:
-            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
-        except TimeoutError:
-            self.timed_out = True
-            raise _BodyTimeout("the request body did not arrive in time") from None
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self._complete = True
-        return message
 
 
 def _server_error(exc: GatewayError) -> Answer:
@@ -492,48 +441,3 @@ def _secret_list(secret: bytes | str | Sequence[bytes | str] | None) -> list[byt
     if not keys or any(len(k) < MIN_SECRET_BYTES for k in keys):
         raise ConfigurationError(f"MPP challenge secrets must be at least {MIN_SECRET_BYTES} bytes")
     return keys
-
-
-def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
-    """The declared `Content-Length`, or 0 when absent or unreadable (the bytes sent are counted anyway)."""
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
-
-
-async def _read_body(receive: Receive, headers: Iterable[tuple[bytes, bytes]], limit: int) -> bytes | None:
-    """The whole request body, or None as soon as it is known to exceed `limit` bytes (declared or sent)."""
-    if _content_length(headers) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:  # a missing or false Content-Length does not get past the limit either
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that yields `body` once, then whatever the server sends next (a disconnect)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

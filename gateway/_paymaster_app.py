@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from escrow._bundler_rpc import user_op_from_json
-from escrow._paymaster import PaymasterMode, PaymasterRefused, SponsorService
-from escrow._userop import PackedUserOperation
+from escrow.accounts._bundler_rpc import user_op_from_json
+from escrow.accounts._paymaster import PaymasterMode, PaymasterRefused, SponsorService
+from escrow.accounts._userop import PackedUserOperation
 from x402 import PROBLEM_CONTENT_TYPE
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "paymaster_app"]

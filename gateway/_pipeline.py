@@ -29,27 +29,14 @@ from typing import Final, Literal
 
 import msgspec
 
-from escrow._artifacts import EscrowError
-from escrow._exact_settler import fault_point
-from x402 import (
-    InvalidChallenge,
-    PaymentRejected,
-    PaymentRequirements,
-    Reason,
-    UnsupportedScheme,
-    X402Error,
-    challenge_hash,
-    challenge_hash_pympp,
-    check_bound_field,
-    decode_payment_signature,
-    decode_x_payment,
-    parse_credential,
-    requirements_match,
-    verify_challenge,
-)
+from escrow.chain._artifacts import EscrowError
+from escrow.payments._exact_settler import fault_point
+from x402 import Reason, X402Error
 
-from ._answers import Challenger, Headers, ReplayStatus, receipt_headers, settle_failure_headers, v1_network
+from ._answers import Challenger, Headers, ReplayStatus, receipt_headers, settle_failure_headers
+from ._decode import check_realm, decode_mpp, decode_x402v1, decode_x402v2, host_name, log_binding
 from ._errors import GatewayError, PaymentFailed
+from ._metrics import PaymentObserver
 from ._pricing import Quote
 from ._scheme import Dialect, Offer, Presented, Scheme, Verified, in_flight_kind
 from ._state import Event, PaymentState, Tracker
@@ -155,13 +142,14 @@ class Paywall:
         self._store = store
         self.store = store
         self.secrets = list(secrets)
-        self.realm = _realm(realm if realm is not None else DEFAULT_REALM, "realm")
-        self.realm_hosts = frozenset(_realm(h, "realm_hosts entry").lower() for h in realm_hosts)
+        self.realm = check_realm(realm if realm is not None else DEFAULT_REALM, "realm")
+        self.realm_hosts = frozenset(check_realm(h, "realm_hosts entry").lower() for h in realm_hosts)
         self.settle_mode: SettleMode = settle
         self.claim_ttl = claim_ttl
         self.mpp_strict = mpp_strict
         self.clock = clock
         self.challenger = Challenger(self.secrets[0], ttl=challenge_ttl, replay_status=mpp_replay_status)
+        self.observer: PaymentObserver | None = None  # telemetry; the middleware sets it
 
     @property
     def store(self) -> PaymentStore:
@@ -181,7 +169,7 @@ class Paywall:
         """The MPP realm of a request to `host` (its `Host` header): the host's own name when it is one of
         `realm_hosts`, else the configured `realm`. An unlisted `Host` never becomes the realm."""
         if self.realm_hosts:
-            name = _host_name(host)
+            name = host_name(host)
             if name in self.realm_hosts:
                 return name
         return self.realm
@@ -199,18 +187,23 @@ class Paywall:
         now = self.clock()
         try:
             if dialect == "x402v2":
-                offer, presented = self._x402v2(raw, offers)
+                offer, presented = decode_x402v2(raw, offers)
             elif dialect == "x402v1":
-                offer, presented = self._x402v1(raw, offers)
+                offer, presented = decode_x402v1(raw, offers)
             else:
-                offer, presented = self._mpp(raw, quote, offers, host=host, now=now)
+                realm = self.realm_for(host)
+                offer, presented = decode_mpp(
+                    raw, quote, offers, secrets=self.secrets, realm=realm, strict=self.mpp_strict, now=now
+                )
             attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
+            if self.observer is not None:
+                attempt.tracker.listener = self.observer.watch(attempt, quote)
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)
         except Exception as exc:
             raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         attempt.tracker.fire(Event.VERIFIED)
         if attempt.presented.bindings:
-            _log_binding(attempt.presented)
+            log_binding(attempt.presented)
         verified = attempt.verified
         try:
             holder = await self.store.claim(_claim_key(verified), ttl=self.claim_ttl)
@@ -250,65 +243,6 @@ class Paywall:
                 raise _retry_later(as_payment_failed(exc, during="verify")) from exc
         fault_point("after_verify")
         return attempt
-
-    def _x402v2(self, raw: bytes, offers: Sequence[Offer]) -> tuple[Offer, Presented]:
-        payment = decode_payment_signature(raw)
-        offer = _match_accepted(payment.accepted, offers)
-        return offer, Presented(dialect="x402v2", payload=payment.payload)
-
-    def _x402v1(self, raw: bytes, offers: Sequence[Offer]) -> tuple[Offer, Presented]:
-        payment = decode_x_payment(raw)
-        same_scheme = [o for o in offers if o.requirements.scheme == payment.scheme]
-        if not same_scheme:
-            raise UnsupportedScheme(f"scheme {payment.scheme[:32]!r} is not offered")
-        for offer in same_scheme:
-            network = offer.requirements.network
-            if payment.network in (network, v1_network(network)):
-                return offer, Presented(dialect="x402v1", payload=payment.payload)
-        raise PaymentRejected(Reason.NETWORK_MISMATCH, f"network {payment.network[:64]!r} is not offered")
-
-    def _mpp(
-        self, raw: bytes, quote: Quote, offers: Sequence[Offer], *, host: str, now: float
-    ) -> tuple[Offer, Presented]:
-        credential = parse_credential(raw)
-        ch = credential.challenge
-        if not verify_challenge(self.secrets, ch):
-            raise InvalidChallenge("the challenge id does not match its parameters")
-        if ch.realm != self.realm_for(host):
-            raise InvalidChallenge("the challenge was issued for another realm")
-        expires = ch.expires_at()
-        if expires is None:  # mpp-tools: missing_credential_expires_rejected_with_route_expiry
-            raise InvalidChallenge("the challenge has no expiry", code=Reason.INVALID_CHALLENGE)
-        if expires.timestamp() <= now:
-            raise InvalidChallenge("the challenge expired", code=Reason.CHALLENGE_EXPIRED)
-        request = ch.request_json()
-        if request.pop("_mppx_scope", None) != Challenger.scope(quote):
-            raise InvalidChallenge(
-                "the challenge was issued for another route", code=Reason.CHALLENGE_BINDING_MISMATCH
-            )
-        same_method = [
-            o for o in offers if o.mpp is not None and (o.mpp.method, o.mpp.intent) == (ch.method, ch.intent)
-        ]
-        if not same_method:
-            raise UnsupportedScheme(f"{ch.method[:32]}/{ch.intent[:32]} is not offered here")
-        offer = next((o for o in same_method if o.mpp is not None and o.mpp.request == request), None)
-        if offer is None:
-            raise InvalidChallenge(
-                "the challenge no longer matches the price", code=Reason.CHALLENGE_BINDING_MISMATCH
-            )
-        # Both forms commit to the same HMAC-checked id and realm: the spec's keccak256(id || realm) and
-        # pympp 0.16's keccak256(JSON [id, realm]); `mpp_strict` takes the spec's only.
-        bindings: tuple[bytes, ...] = (challenge_hash(ch.id, ch.realm),)
-        if not self.mpp_strict:
-            bindings += (challenge_hash_pympp(ch.id, ch.realm),)
-        presented = Presented(
-            dialect="mpp",
-            payload=credential.payload,
-            challenge=ch,
-            bindings=bindings,
-            source=credential.source,
-        )
-        return offer, presented
 
     # -- after the app -------------------------------------------------------------------------------------
 
@@ -462,42 +396,6 @@ class Paywall:
             log.error("clean-up after a refused payment failed: %r", exc)
 
 
-def _realm(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise GatewayError(f"{what} must be a non-empty string", code="configuration_error")
-    try:
-        check_bound_field("realm", value)
-    except ValueError as exc:
-        raise GatewayError(f"{what} {value[:64]!r}: {exc}", code="configuration_error") from None
-    return value
-
-
-def _host_name(host: str) -> str:
-    """`Host` without its port, lower-cased (`[::1]:8000` -> `[::1]`, `API.example:443` -> `api.example`)."""
-    if host.startswith("["):
-        return host[: host.find("]") + 1].lower() if "]" in host else ""
-    return host.partition(":")[0].lower()
-
-
-def _log_binding(presented: Presented) -> None:
-    """Say which challengeHash form a verified MPP credential used (the second is pympp 0.16's)."""
-    nonce = presented.payload.get("nonce")
-    if not isinstance(nonce, str):
-        return
-    hexed = nonce.lower().removeprefix("0x")
-    forms = ("spec keccak256(id || realm)", "pympp keccak256(JSON [id, realm])")
-    for form, binding in zip(forms, presented.bindings, strict=False):
-        if binding.hex() == hexed:
-            challenge_id = presented.challenge.id if presented.challenge else "?"
-            log.log(
-                logging.DEBUG if form.startswith("spec") else logging.INFO,
-                "MPP challenge %s bound by the %s challengeHash",
-                challenge_id[:16],
-                form,
-            )
-            return
-
-
 def _claim_key(verified: Verified) -> str:
     """The replay claim an attempt holds: the payment's key, or `<key>#resume` for a resumed payment."""
     return verified.key + "#resume" if verified.resume else verified.key
@@ -511,33 +409,3 @@ def _retry_later(failure: PaymentFailed) -> PaymentFailed:
     if failure.code in _PENDING:
         failure.headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
     return failure
-
-
-def _same(a: str, b: str) -> bool:
-    return a.lower() == b.lower()
-
-
-def _match_accepted(accepted: PaymentRequirements, offers: Sequence[Offer]) -> Offer:
-    """The offer `accepted` echoes, or the most specific reason why none matches."""
-    same_scheme = [o for o in offers if o.requirements.scheme == accepted.scheme]
-    if not same_scheme:
-        raise UnsupportedScheme(f"scheme {accepted.scheme[:32]!r} is not offered")
-    same_network = [o for o in same_scheme if o.requirements.network == accepted.network]
-    if not same_network:
-        raise PaymentRejected(Reason.NETWORK_MISMATCH, f"network {accepted.network[:64]!r} is not offered")
-    for offer in same_network:
-        if requirements_match(accepted, offer.requirements):
-            return offer
-    for offer in same_network:
-        r = offer.requirements
-        if (
-            _same(r.asset, accepted.asset)
-            and _same(r.pay_to, accepted.pay_to)
-            and r.amount != accepted.amount
-        ):
-            raise PaymentRejected(
-                Reason.VALUE_MISMATCH, f"accepted.amount {accepted.amount} is not the price"
-            )
-        if _same(r.asset, accepted.asset) and not _same(r.pay_to, accepted.pay_to):
-            raise PaymentRejected(Reason.RECIPIENT_MISMATCH, "accepted.payTo is not the recipient")
-    raise PaymentRejected(Reason.INVALID_PAYMENT_REQUIREMENTS, "accepted matches no advertised requirement")

@@ -213,3 +213,8 @@ class RouteTable:
             max_timeout_seconds=route.max_timeout_seconds,
             schemes=route.schemes,
         )
+
+    @property
+    def entries(self) -> tuple[_Entry, ...]:
+        """The paid routes in match order (discovery documents are generated from them)."""
+        return tuple(self._entries)

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from escrow._settler import SettleOutcome
+from escrow.payments._settler import SettleOutcome
 
 from ._scheme import in_flight_kind
 from ._store import ClaimLost, PaymentStore, Settlement, backoff

@@ -19,6 +19,7 @@ edge is for callers that settle without such a record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Final
 
@@ -82,18 +83,25 @@ TERMINAL: Final = frozenset(
 
 
 class Tracker:
-    """The state of one payment attempt; every change goes through the table."""
+    """The state of one payment attempt; every change goes through the table.
 
-    __slots__ = ("state",)
+    `listener`, when set, is called after each transition with the new state and the event (telemetry:
+    `gateway._metrics.PaymentObserver`); it must be cheap and must not raise.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("listener", "state")
+
+    def __init__(self, listener: Callable[[PaymentState, Event], None] | None = None) -> None:
         self.state = PaymentState.RECEIVED
+        self.listener = listener
 
     def fire(self, event: Event) -> PaymentState:
         try:
             self.state = TRANSITIONS[(self.state, event)]
         except KeyError:
             raise InvalidTransition(f"no transition from {self.state} on {event}") from None
+        if self.listener is not None:
+            self.listener(self.state, event)
         return self.state
 
     @property

@@ -24,7 +24,7 @@ import msgspec
 from escrow import DevnetState, EscrowError, devnet_running, start_detached, stop_detached
 
 from ._errors import GatewayError
-from ._store import open_store
+from ._stores import open_store
 
 __all__ = ["command", "main"]
 
@@ -276,6 +276,60 @@ def _mcp(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--budget", help="a tighter total budget than the grant's ($1 or atomic units)")
     parser.set_defaults(func=_mcp_run)
+
+
+# -- agentpay dashboard
+
+
+def _listen_port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {value!r}")
+    return int(value)
+
+
+def _dashboard_run(args: argparse.Namespace) -> int:
+    import socket
+
+    import uvicorn
+
+    from ._dashboard import dashboard_app
+
+    async def check() -> None:  # a store that cannot be opened is one error line now, not a failed startup
+        store = await open_store(args.store)
+        await store.close()
+
+    asyncio.run(check())
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sock.close()
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    print(f"agentpay dashboard on http://{args.host}:{port}/", flush=True)
+    app = dashboard_app(args.store, decimals=args.decimals, symbol=args.symbol)
+    with sock:
+        uvicorn.run(app, fd=sock.fileno(), log_level="warning")
+    return 0
+
+
+@command("dashboard", help="serve a web dashboard of a store's payments, settlement queue and dead letters")
+def _dashboard(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("AGENTPAY_STORE"),
+        required="AGENTPAY_STORE" not in os.environ,
+        help="store URL: sqlite:///payments.db, postgresql://host/db?schema=x (default: $AGENTPAY_STORE)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=_listen_port, default=8403, help="port (default: 8403; 0 picks a free one)"
+    )
+    parser.add_argument("--decimals", type=int, default=6, help="token decimals for display (default: 6)")
+    parser.add_argument("--symbol", default="USDC", help="token symbol for display (default: USDC)")
+    parser.set_defaults(func=_dashboard_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

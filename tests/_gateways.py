@@ -29,9 +29,10 @@ from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
 
 from escrow import DevnetState
-from escrow._exact import AUTHORIZATION_USED_TOPIC, authorization_state_calldata
-from escrow._rpc import Rpc, TxSender
-from gateway._store import PaymentStore, QueueStats, open_store
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import AUTHORIZATION_USED_TOPIC, authorization_state_calldata
+from gateway._store import PaymentStore, QueueStats
+from gateway._stores import open_store
 from x402 import LocalSigner, decode_payment_required, decode_payment_signature
 from x402.client import Eip3009Wallet, offers_from_response, payment_headers
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escrow import DevnetState, load_artifact
-from escrow._account import (
+from escrow.accounts._account import (
     AgentAccount,
     ArgRule,
     CallPermission,
@@ -28,9 +28,11 @@ from escrow._account import (
     install_typed_data,
     revoke_typed_data,
 )
-from escrow._escrow import deploy_contract
-from escrow._rpc import Rpc, TxSender
-from escrow._userop import ENTRYPOINT_V07, Bundler, Call, OwnerKey, PackedUserOperation, user_op_hash
+from escrow.accounts._self_bundler import Bundler
+from escrow.accounts._signers import OwnerKey
+from escrow.accounts._userop import ENTRYPOINT_V07, Call, PackedUserOperation, user_op_hash
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._escrow import deploy_contract
 from x402 import LocalSigner, typed_data_digest
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]

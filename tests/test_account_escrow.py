@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from escrow import DevnetState
-from escrow._account import (
+from escrow.accounts._account import (
     AgentAccount,
     AgentAccountFactory,
     ArgRule,
@@ -30,9 +30,12 @@ from escrow._account import (
     sign_install_offline,
     sign_typed_data_as_account,
 )
-from escrow._escrow import AgentEscrow, Erc20
-from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
-from escrow._grants import (
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import Call, SessionPolicyKind, UserOpRejected
+from escrow.chain._rpc import RevertError
+from escrow.payments._escrow import AgentEscrow, Erc20
+from escrow.payments._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
+from escrow.payments._grants import (
     SignedDeposit,
     SignedGrant,
     SignedRevoke,
@@ -43,9 +46,7 @@ from escrow._grants import (
     sign_grant_offline,
     sign_revoke_offline,
 )
-from escrow._rpc import RevertError
-from escrow._settler import EscrowSettler, encode_claim
-from escrow._userop import Call, OwnerKey, SessionKey, SessionPolicyKind, UserOpRejected
+from escrow.payments._settler import EscrowSettler, encode_claim
 from gateway import MemoryStore, Settlement
 from tests.test_account_env import ETH, AccountEnv, account_env, calldata
 from x402 import Eip712Domain, LocalSigner, typed_data_digest

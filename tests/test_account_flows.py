@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from escrow import DevnetState
-from escrow._account import (
+from escrow.accounts._account import (
     AgentAccount,
     AgentAccountFactory,
     ArgRule,
@@ -20,7 +20,8 @@ from escrow._account import (
     sign_install_offline,
     sign_revoke_offline,
 )
-from escrow._userop import AccountError, Call, OwnerKey, SessionKey, SessionPolicyKind, UserOpRejected
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import AccountError, Call, SessionPolicyKind, UserOpRejected
 from tests.test_account_env import ETH, account_env, calldata
 from x402 import LocalSigner
 

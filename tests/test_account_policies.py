@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 
 from escrow import DevnetState
-from escrow._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
-from escrow._userop import Call, OwnerKey, SessionKey, SessionPolicyKind, UserOpRejected
+from escrow.accounts._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import Call, SessionPolicyKind, UserOpRejected
 from tests.test_account_env import ETH, AccountEnv, account_env, calldata
 from x402 import LocalSigner
 

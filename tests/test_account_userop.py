@@ -12,7 +12,7 @@ from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
 
-from escrow._account import (
+from escrow.accounts._account import (
     UNLIMITED_GAS_BUDGET,
     ArgCondition,
     ArgRule,
@@ -24,21 +24,19 @@ from escrow._account import (
     sign_install_offline,
     sign_revoke_offline,
 )
-from escrow._rpc import Rpc
-from escrow._userop import (
+from escrow.accounts._signers import NonceLanes, OwnerKey, SessionKey
+from escrow.accounts._userop import (
     BATCH_MODE,
     Call,
-    NonceLanes,
-    OwnerKey,
     PackedUserOperation,
     PolicyViolation,
-    SessionKey,
     SessionPolicyKind,
     UserOpRejected,
     decode_handle_ops_error,
     encode_execute,
     personal_digest,
 )
+from escrow.chain._rpc import Rpc
 from x402 import LocalSigner, recover_hash
 
 ADDR = "0x" + "11" * 20
@@ -128,7 +126,7 @@ def test_decode_failed_ops_and_policy_violations() -> None:
     assert decode_handle_ops_error(b"\x00\x01") is None
     assert decode_handle_ops_error(failed[:10]) is None
 
-    from escrow._userop import _decode_violation
+    from escrow.accounts._userop import _decode_violation
 
     violation = _decode_violation(inner)
     assert violation == PolicyViolation(
@@ -210,7 +208,7 @@ def test_offline_files_round_trip(tmp_path: Path) -> None:
     revoke = sign_revoke_offline(owner, chain_id=1, account=ADDR, key=ADDR, deadline=99)
     revoke.dump(tmp_path / "r.json")
     assert SignedSessionKeyRevoke.load(tmp_path / "r.json") == revoke
-    from escrow._userop import AccountError
+    from escrow.accounts._userop import AccountError
 
     with pytest.raises(AccountError) as info:
         SignedSessionKeyRevoke.load(tmp_path / "a.json")  # an install file is not a revoke

@@ -25,21 +25,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import DevnetState
-from escrow._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
-from escrow._bundler_rpc import BundlerRpc, user_op_to_json
-from escrow._devnet_bundler import BundlerProcess, start_alto
-from escrow._paymaster import PaymasterRpc, SponsorService, paymaster_deposit, sponsored_spent
-from escrow._rpc import Rpc
-from escrow._userop import (
-    AccountError,
-    Call,
-    OwnerKey,
-    SessionKey,
-    SessionPolicyKind,
-    UserOpRejected,
-    UserOpResult,
-)
-from escrow._userop import Bundler as SelfBundler
+from escrow.accounts._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
+from escrow.accounts._bundler_rpc import BundlerRpc, user_op_to_json
+from escrow.accounts._paymaster import PaymasterRpc, SponsorService, paymaster_deposit, sponsored_spent
+from escrow.accounts._self_bundler import Bundler as SelfBundler
+from escrow.accounts._self_bundler import UserOpResult
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import AccountError, Call, SessionPolicyKind, UserOpRejected
+from escrow.chain._rpc import Rpc
+from escrow.devnet._bundler import BundlerProcess, start_alto
 from gateway._paymaster_app import paymaster_app
 from tests.test_account_env import ETH, AccountEnv, account_env, calldata
 from x402 import LocalSigner

@@ -12,10 +12,11 @@ from eth_utils.crypto import keccak
 from hypothesis import given
 from hypothesis import strategies as st
 
-from escrow._bundler_rpc import _rejection, user_op_from_json, user_op_to_json
-from escrow._paymaster import PaymasterMode, SponsorService, SponsorTerms, decode_paymaster_and_data
-from escrow._userop import PackedUserOperation, SessionKey, SessionPolicyKind
-from escrow._userop_fill import placeholder_signature
+from escrow.accounts._bundler_rpc import _rejection, user_op_from_json, user_op_to_json
+from escrow.accounts._paymaster import PaymasterMode, SponsorService, SponsorTerms, decode_paymaster_and_data
+from escrow.accounts._signers import SessionKey
+from escrow.accounts._userop import PackedUserOperation, SessionPolicyKind
+from escrow.accounts._userop_fill import placeholder_signature
 from x402 import LocalSigner, recover_hash, typed_data_digest
 
 ADDRESS = "0x" + "ab" * 20
@@ -131,7 +132,7 @@ def test_sponsor_signs_the_operation_and_terms() -> None:
     signed_op = PackedUserOperation(
         **{**{f: getattr(op, f) for f in op.__struct_fields__}, "paymaster_and_data": final[:52]}
     )
-    from escrow._paymaster import sponsorship_typed_data
+    from escrow.accounts._paymaster import sponsorship_typed_data
 
     digest = typed_data_digest(sponsorship_typed_data(signed_op, terms, chain_id=31337, paymaster=paymaster))
     assert recover_hash(digest, signature) == sponsor_key.address
@@ -154,7 +155,7 @@ async def test_bundler_failures_are_typed_errors() -> None:
     from starlette.responses import PlainTextResponse, Response
     from starlette.routing import Route
 
-    from escrow._bundler_rpc import BundlerError, BundlerRpc
+    from escrow.accounts._bundler_rpc import BundlerError, BundlerRpc
 
     op = PackedUserOperation(sender=ADDRESS, nonce=0, call_data=b"\x01")
     with socket.socket() as sock:  # a port nobody listens on

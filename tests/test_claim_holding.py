@@ -19,9 +19,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import DevnetState
-from escrow._rpc import Rpc
+from escrow.chain._rpc import Rpc
 from gateway import ExactScheme, MemoryStore, PaidRoute, PaymentMiddleware, SettleMode
-from gateway._store import PaymentStore, open_store
+from gateway._store import PaymentStore
+from gateway._stores import open_store
 from tests.test_gateway_paid import PRICE, SECRET, Env, _reason
 from tests.test_store import isolated_url
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from escrow import DevnetState, stop_detached
-from escrow._devnet_node import pid_alive
+from escrow.devnet._node import pid_alive
 from gateway._store import PaymentStore
 
 AGENTPAY = shutil.which("agentpay", path=str(Path(sys.executable).parent)) or "agentpay"

@@ -30,9 +30,9 @@ import httpx
 import pytest
 
 from escrow import DevnetState
-from escrow._exact import ExactEvm
-from escrow._exact_settler import ExactPayment, ExactSettler, encode_payment
-from escrow._rpc import TxSender
+from escrow.chain._rpc import TxSender
+from escrow.payments._exact import ExactEvm
+from escrow.payments._exact_settler import ExactPayment, ExactSettler, encode_payment
 from gateway import MemoryStore, Settlement
 from tests._gateways import (
     PRICE,

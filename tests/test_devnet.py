@@ -11,14 +11,8 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError
 from web3.types import RPCEndpoint
 
-from escrow import (
-    ENTRYPOINT_ADDRESS,
-    Devnet,
-    DevnetError,
-    DevnetState,
-    load_artifact,
-)
-from escrow._devnet_node import pid_alive
+from escrow import ENTRYPOINT_ADDRESS, Devnet, DevnetError, DevnetState, load_artifact
+from escrow.devnet._node import pid_alive
 
 USDC_EACH = 1_000_000 * 10**6
 

@@ -10,12 +10,13 @@ import anyio
 import pytest
 
 from escrow import DevnetState
-from escrow._account import AgentAccount
-from escrow._bundler_rpc import BundlerRpc
-from escrow._devnet_node import pid_alive
-from escrow._paymaster import SponsorService
-from escrow._rpc import Rpc
-from escrow._userop import Call, OwnerKey
+from escrow.accounts._account import AgentAccount
+from escrow.accounts._bundler_rpc import BundlerRpc
+from escrow.accounts._paymaster import SponsorService
+from escrow.accounts._signers import OwnerKey
+from escrow.accounts._userop import Call
+from escrow.chain._rpc import Rpc
+from escrow.devnet._node import pid_alive
 from tests.test_cli import agentpay, assert_one_line_error, pgrep, state_file  # noqa: F401 (fixture)
 from x402 import LocalSigner
 

@@ -25,10 +25,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from escrow import DevnetState, EscrowError
-from escrow._escrow import AgentEscrow, Erc20
-from escrow._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache, accounts_for
-from escrow._exact import ExactEvm
-from escrow._grants import (
+from escrow.chain._rpc import RevertError, Rpc, TxSender
+from escrow.payments._escrow import AgentEscrow, Erc20
+from escrow.payments._escrow_verify import (
+    EscrowClaim,
+    EscrowRejected,
+    EscrowVerifier,
+    GrantCache,
+    accounts_for,
+)
+from escrow.payments._exact import ExactEvm
+from escrow.payments._grants import (
     SignedGrant,
     SignedRevoke,
     deposit,
@@ -40,8 +47,7 @@ from escrow._grants import (
     sign_grant_offline,
     sign_revoke_offline,
 )
-from escrow._rpc import RevertError, Rpc, TxSender
-from escrow._settler import EscrowSettler, encode_claim
+from escrow.payments._settler import EscrowSettler, encode_claim
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware, Settlement
 from gateway._escrow_scheme import EscrowScheme
 from x402 import Eip712Domain, LocalSigner

@@ -1,7 +1,8 @@
 """Deferred `escrow` settlement serves only what the payer's deposit can pay (issue 9, item 2).
 
 On-chain `check` sees one payment at a time, so a gateway must count the payments it accepted and has not
-settled against the payer's deposit, net of a requested withdrawal (`escrow._exposure`). Two attacks that
+settled against the payer's deposit, net of a requested withdrawal (`escrow.payments._exposure`). Two
+attacks that
 served unpaid work before:
 
 - a payer deposits 1 x price, grants 100 x price of budget and sends 10 calls at once;
@@ -28,12 +29,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from escrow import Devnet, DevnetState
-from escrow._escrow import AgentEscrow, Erc20
-from escrow._escrow_verify import EscrowRejected, EscrowVerifier, GrantCache
-from escrow._exposure import budget_limit, deposit_accounts, deposit_limit
-from escrow._grants import deposit
-from escrow._rpc import Rpc, TxSender
-from escrow._settler import EscrowSettler
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._escrow import AgentEscrow, Erc20
+from escrow.payments._escrow_verify import EscrowRejected, EscrowVerifier, GrantCache
+from escrow.payments._exposure import budget_limit, deposit_accounts, deposit_limit
+from escrow.payments._grants import deposit
+from escrow.payments._settler import EscrowSettler
 from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._escrow_scheme import EscrowScheme
 from x402 import LocalSigner

@@ -29,11 +29,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from escrow import DevnetState
-from escrow._escrow import AgentEscrow, Erc20, EscrowEvent
-from escrow._escrow_verify import EscrowVerifier, GrantCache, accounts_for
-from escrow._grants import deposit, relay_grant, sign_grant_offline
-from escrow._rpc import Rpc, TxSender
-from escrow._settler import EscrowSettler, SettleOutcome
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._escrow import AgentEscrow, Erc20, EscrowEvent
+from escrow.payments._escrow_verify import EscrowVerifier, GrantCache, accounts_for
+from escrow.payments._grants import deposit, relay_grant, sign_grant_offline
+from escrow.payments._settler import EscrowSettler, SettleOutcome
 from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._escrow_scheme import EscrowScheme
 from gateway._recovery import Recovery

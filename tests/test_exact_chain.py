@@ -1,4 +1,5 @@
-"""The chain side of `exact` (escrow._exact, escrow._rpc) against a real devnet: verification routed by code,
+"""The chain side of `exact` (escrow.payments._exact, escrow.chain._rpc) against a real devnet:
+verification routed by code,
 simulation reasons, settlement and the relayer's nonce handling under concurrency."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from escrow import DevnetState, load_artifact
-from escrow._exact import ExactEvm, ExactRejected
-from escrow._rpc import ChainError, RevertError, Rpc, TxSender
+from escrow.chain._rpc import ChainError, RevertError, Rpc, TxSender
+from escrow.payments._exact import ExactEvm, ExactRejected
 from x402 import Eip712Domain, ExactEvmPayload, LocalSigner, Reason, sign_transfer_authorization
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]

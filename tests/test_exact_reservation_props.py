@@ -17,8 +17,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from escrow._exact import ExactRejected
-from escrow._exact_settler import exact_reservation
+from escrow.payments._exact import ExactRejected
+from escrow.payments._exact_settler import exact_reservation
 from gateway import ExactScheme, MemoryStore, PaymentFailed
 from gateway._scheme import Offer, Presented, Verified
 from x402 import (

@@ -32,9 +32,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import Devnet, DevnetState
-from escrow._exact import ExactEvm
-from escrow._exact_settler import ExactSettler, exact_reservation
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
+from escrow.payments._exact_settler import ExactSettler, exact_reservation
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware, SettleMode
 from gateway._recovery import Recovery
 from tests._gateways import Chain, Gateways, key_hex, read_store, reason, sign_for, wait_settled

@@ -35,8 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escrow import DevnetState
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware
 from x402 import (
     ExactEvmPayload,
@@ -51,14 +51,7 @@ from x402 import (
     parse_credential,
     verify_challenge,
 )
-from x402.client import (
-    Eip3009Wallet,
-    Offer,
-    PaymentAuth,
-    SpendPolicy,
-    offers_from_response,
-    payment_headers,
-)
+from x402.client import Eip3009Wallet, Offer, PaymentAuth, SpendPolicy, offers_from_response, payment_headers
 
 pytestmark = [pytest.mark.chain]
 

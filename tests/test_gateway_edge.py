@@ -29,8 +29,8 @@ from starlette.routing import Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from escrow import DevnetState
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import (
     Asset,
     ConfigurationError,

@@ -13,8 +13,8 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from escrow import DevnetState, load_artifact
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import Asset, ConfigurationError, ExactScheme, facilitator_app
 from x402 import (
     Eip712Domain,

@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import DevnetState, load_artifact
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import Asset, ExactScheme, MemoryStore, PaidRoute, PaymentMiddleware, SettleMode
 from x402 import (
     Eip712Domain,

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from escrow._exact import SIMULATION_FAILED, ExactEvm, revert_reason
+from escrow.payments._exact import SIMULATION_FAILED, ExactEvm, revert_reason
 from gateway import (
     TERMINAL,
     TRANSITIONS,
@@ -249,13 +249,13 @@ class StubChain:
         self.fail_settle = fail_settle
 
     async def verify(self, domain: Eip712Domain, payload: ExactEvmPayload) -> None:
-        from escrow._exact import ExactRejected
+        from escrow.payments._exact import ExactRejected
 
         if recover_transfer_authorization(domain, payload) != payload.authorization.from_:
             raise ExactRejected("bad signature", code=Reason.SIGNATURE)
 
     async def settle(self, domain: Eip712Domain, payload: ExactEvmPayload) -> str:
-        from escrow._exact import ExactRejected
+        from escrow.payments._exact import ExactRejected
 
         if self.fail_settle:
             raise ExactRejected("settlement failed", code=self.fail_settle)

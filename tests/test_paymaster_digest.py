@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escrow import DevnetState
-from escrow._paymaster import PaymasterMode, SponsorTerms, sponsorship_typed_data
-from escrow._rpc import Rpc
-from escrow._userop import PackedUserOperation
+from escrow.accounts._paymaster import PaymasterMode, SponsorTerms, sponsorship_typed_data
+from escrow.accounts._userop import PackedUserOperation
+from escrow.chain._rpc import Rpc
 from x402 import typed_data_digest
 
 pytestmark = [pytest.mark.chain]

@@ -55,11 +55,16 @@ def private_imports(source: str) -> list[str]:
 
 def test_the_private_import_check_catches_every_form() -> None:
     source = (
-        "import escrow._rpc\nfrom gateway._recovery import Recovery\nfrom x402 import _escrow\n"
+        "import escrow.chain._rpc\nfrom gateway._recovery import Recovery\nfrom x402 import _escrow\n"
         "from x402._escrow import GrantMessage\nimport gateway\nfrom escrow import Chain\n"
         "from . import _helper\n"
     )
-    assert private_imports(source) == ["escrow._rpc", "gateway._recovery", "x402._escrow", "x402._escrow"]
+    assert private_imports(source) == [
+        "escrow.chain._rpc",
+        "gateway._recovery",
+        "x402._escrow",
+        "x402._escrow",
+    ]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)

@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from escrow import DevnetState
-from gateway._store import Settlement, open_store
+from gateway._store import Settlement
+from gateway._stores import open_store
 from tests._gateways import (
     PRICE,
     Chain,

@@ -18,9 +18,9 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from escrow import Devnet, DevnetState
-from escrow._exact import ExactEvm
-from escrow._exact_settler import ExactPayment, ExactSettler, encode_payment
-from escrow._rpc import ReceiptTimeout, Rpc, TxSender
+from escrow.chain._rpc import ReceiptTimeout, Rpc, TxSender
+from escrow.payments._exact import ExactEvm
+from escrow.payments._exact_settler import ExactPayment, ExactSettler, encode_payment
 from gateway import MemoryStore
 from gateway._store import Settlement
 from x402 import Eip712Domain, ExactEvmPayload, LocalSigner, sign_transfer_authorization

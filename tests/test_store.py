@@ -31,8 +31,8 @@ from gateway._store import (
     StoreSchemaError,
     StoreUnavailable,
     backoff,
-    open_store,
 )
+from gateway._stores import open_store
 
 PG_URL = os.environ.get("AGENTPAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AGENTPAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -21,7 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway._store import ClaimLost, MemoryStore, PaymentStore, Settlement, open_store
+from gateway._store import ClaimLost, PaymentStore, Settlement
+from gateway._stores import open_store
+from gateway._stores.memory import MemoryStore
 from tests.test_store import PG_URL, delete_prefix, isolated_url
 
 TABLES = ("claims", "receipts", "settlements", "pending", "high_water")

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from gateway._store import PaymentStore, open_store
+from gateway._store import PaymentStore
+from gateway._stores import open_store
 from tests.test_store import isolated_url, item, run, versions_of
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -144,16 +144,18 @@ from ._mpp import (
     decode_problem,
     encode_json_param,
     encode_problem,
+    jcs,
+    parse_rfc3339,
+    rfc3339,
+    verify_challenge,
+)
+from ._mpp_header import (
     format_credential,
     format_receipt,
     format_www_authenticate,
-    jcs,
     parse_credential,
     parse_receipt,
-    parse_rfc3339,
     parse_www_authenticate,
-    rfc3339,
-    verify_challenge,
 )
 from ._network import Amount, InvalidAmount, InvalidNetwork, Network, to_atomic_units
 from ._schemes import (

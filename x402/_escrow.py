@@ -1,6 +1,6 @@
 """The ``escrow`` scheme on the wire: payload types, EIP-712 typed data (``Payment``, ``Grant``, ``Revoke``
 of ``AgentEscrow``), signing and offline recovery. Sans-I/O: grant state and nonces live on the chain and
-are the gateway's business (``escrow._escrow_verify``).
+are the gateway's business (``escrow.payments._escrow_verify``).
 
 A session key signs one ``Payment`` per call (``PAYMENT_TYPEHASH`` below names its fields)
 under the domain ``EIP712Domain("AgentEscrow", "1", chainId, escrow)``. Nonces are unordered bitmap nonces

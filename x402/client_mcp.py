@@ -34,6 +34,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, RequestParamsMeta, Result, TextContent
 from pydantic import Field
 
+from ._client_offers import _mpp_offer
 from ._codec import json_decode, json_encode
 from ._errors import X402Error
 from ._mcp import (
@@ -49,7 +50,7 @@ from ._mcp import (
 )
 from ._mpp import MppCredential, MppReceipt
 from ._types import PaymentPayload, PaymentRequired, SettleResponse
-from .client import Credential, Offer, PaymentAuth, Receipt, _mpp_offer, offers_from_payment_required
+from .client import Credential, Offer, PaymentAuth, Receipt, offers_from_payment_required
 
 __all__ = [
     "McpPayer",

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from gateway._store import MemoryStore, PaymentStore, Settlement, StoreConfigError
+from gateway._store import PaymentStore, Settlement, StoreConfigError
+from gateway._stores.memory import MemoryStore
 
 __all__ = ["COLUMNS", "check_identifier", "open_store", "settlement_from_row"]
 

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -27,6 +28,7 @@ from gateway._store import (
     new_token,
 )
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
+from gateway._stores._queries import list_query
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
@@ -317,3 +319,25 @@ class PostgresStore:
 
     async def close(self) -> None:
         await asyncio.wait_for(self._pool.close(), timeout=10)
+
+    async def list_settlements(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        kind: str | None = None,
+        payer: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
+    ) -> list[Settlement]:
+        # the schema-qualified table, as the statements formatted at open name it
+        table = self._sql["get_settlement"].partition(" FROM ")[2].partition(" ")[0]
+        sql, args = list_query(table, "$", states, kind, payer, since, oldest_first)
+        n = len(args)
+        sql += f" LIMIT ${n + 1} OFFSET ${n + 2}"
+        try:
+            rows = await self._pool.fetch(sql, *args, max(limit, 0), max(offset, 0))
+        except _DOWN as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
+        return [settlement_from_row(row) for row in rows]

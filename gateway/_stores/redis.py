@@ -22,7 +22,7 @@ validity ended anyway, which is harmless.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -218,3 +218,24 @@ class RedisCachedStore:
             await self._redis.aclose()
         finally:
             await self._inner.close()
+
+    async def list_settlements(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        kind: str | None = None,
+        payer: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
+    ) -> list[Settlement]:
+        return await self._inner.list_settlements(
+            states=states,
+            kind=kind,
+            payer=payer,
+            since=since,
+            limit=limit,
+            offset=offset,
+            oldest_first=oldest_first,
+        )

@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ from gateway._store import (
     new_token,
 )
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
+from gateway._stores._queries import list_query
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -545,3 +546,19 @@ class SQLiteStore:
         if not self._closed:
             self._closed = True
             await self._committer.stop()
+
+    async def list_settlements(
+        self,
+        *,
+        states: Sequence[str] | None = None,
+        kind: str | None = None,
+        payer: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        oldest_first: bool = False,
+    ) -> list[Settlement]:
+        sql, args = list_query(f"{self._p}settlements", "?", states, kind, payer, since, oldest_first)
+        args += [max(limit, 0), max(offset, 0)]
+        rows = await self._run(lambda con: con.execute(sql + " LIMIT ? OFFSET ?", args).fetchall())
+        return [settlement_from_row(row) for row in rows]

@@ -24,10 +24,12 @@ import secrets
 from typing import Any
 
 from escrow import Devnet, DevnetState
-from escrow._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
-from escrow._paymaster import SponsorService
-from escrow._rpc import Rpc, TxSender
-from escrow._userop import Bundler, Call, OwnerKey, SessionKey, UserOpResult
+from escrow.accounts._account import AgentAccount, ArgRule, CallPermission, SessionPolicy
+from escrow.accounts._paymaster import SponsorService
+from escrow.accounts._self_bundler import Bundler, UserOpResult
+from escrow.accounts._signers import OwnerKey, SessionKey
+from escrow.accounts._userop import Call
+from escrow.chain._rpc import Rpc, TxSender
 from tests.test_account_env import calldata
 from x402 import LocalSigner
 

@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 from escrow import Devnet, DevnetState
-from escrow._escrow import AgentEscrow, Erc20
-from escrow._exact import ExactEvm
-from escrow._grants import deposit, relay_grant, sign_grant_offline
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._escrow import AgentEscrow, Erc20
+from escrow.payments._exact import ExactEvm
+from escrow.payments._grants import deposit, relay_grant, sign_grant_offline
 from x402 import Eip712Domain, LocalSigner, sign_transfer_authorization
 from x402._escrow import NonceCounter, escrow_domain, sign_payment
 

@@ -36,7 +36,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import Asset, ExactScheme, PaidRoute, PaymentMiddleware, SettleMode
-from gateway._store import PaymentStore, Settlement, open_store
+from gateway._store import PaymentStore, Settlement
+from gateway._stores import open_store
 from tests.test_store import isolated_url
 from x402 import (
     Eip712Domain,

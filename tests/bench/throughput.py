@@ -46,8 +46,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import Devnet, DevnetState
-from escrow._exact import ExactEvm, ExactRejected
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm, ExactRejected
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware
 from x402 import (
     Eip712Domain,

@@ -28,8 +28,8 @@ from web3 import Web3
 from web3.contract import Contract
 
 from escrow import DevnetState
-from escrow._exact import ExactEvm
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
+from escrow.payments._exact import ExactEvm
 from gateway import Asset, ExactScheme, MemoryStore, PaidRoute, PaymentMiddleware, Price, SettleMode
 
 SECRET = b"interop-tests-secret-of-at-least-32-bytes!!"

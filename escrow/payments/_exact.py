@@ -26,8 +26,8 @@ from x402 import (
     recover_transfer_authorization,
 )
 
-from ._artifacts import EscrowError
-from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
+from ..chain._artifacts import EscrowError
+from ..chain._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
 
 __all__ = [
     "AUTHORIZATION_USED_TOPIC",

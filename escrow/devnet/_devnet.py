@@ -27,9 +27,9 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from ._artifacts import Artifact, artifact_exists, load_artifact
-from ._devnet_bundler import BundlerProcess, start_alto
-from ._devnet_node import ANVIL_MNEMONIC, DevnetError, NodeProcess, resolve_backend, start_node
+from ..chain._artifacts import Artifact, artifact_exists, load_artifact
+from ._bundler import BundlerProcess, start_alto
+from ._node import ANVIL_MNEMONIC, DevnetError, NodeProcess, resolve_backend, start_node
 
 __all__ = [
     "CREATE2_DEPLOYER",
@@ -222,7 +222,7 @@ def _initcode(artifact: Artifact, args: Sequence[Any], name: str) -> bytes:
         wanted = ", ".join(f"{_abi_type(i)} {i.get('name', '')}".strip() for i in inputs)
         raise DevnetError(
             f"{name}'s constructor takes ({wanted}) but DEPLOYMENTS passes {len(args)} argument(s): "
-            "update its row in escrow/_devnet.py",
+            "update its row in escrow/devnet/_devnet.py",
             code="devnet_deploy_args",
         )
     return bytes.fromhex(artifact.bytecode[2:]) + abi_encode([_abi_type(i) for i in inputs], list(args))

@@ -1,6 +1,6 @@
 """A devnet that outlives the command that started it (`agentpay devnet up` / `down`).
 
-`start_detached` launches a small supervisor, `python -m escrow._devnet_daemon`, in its own session. The
+`start_detached` launches a small supervisor, `python -m escrow.devnet._daemon`, in its own session. The
 supervisor starts the node as its child, deploys, prints the `DevnetState` as one JSON line, then waits.
 SIGTERM makes it stop the node, reap it and exit. Why a supervisor instead of detaching the node itself: an
 orphaned node, once killed, stays a zombie wherever PID 1 does not reap orphans (as in some containers), and
@@ -23,9 +23,9 @@ from types import FrameType
 import httpx
 import msgspec
 
-from ._artifacts import EscrowError
+from ..chain._artifacts import EscrowError
 from ._devnet import Devnet, DevnetState
-from ._devnet_node import DevnetError, pid_alive, port_free, resolve_backend
+from ._node import DevnetError, pid_alive, port_free, resolve_backend
 
 __all__ = ["devnet_running", "start_detached", "stop_detached"]
 
@@ -44,7 +44,7 @@ def start_detached(
         raise DevnetError(f"port {port} is already in use", code="devnet_port_in_use")
     log = Path(log_path)
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "escrow._devnet_daemon", "--log", str(log), "--backend", chosen]
+    command = [sys.executable, "-m", "escrow.devnet._daemon", "--log", str(log), "--backend", chosen]
     command += ["--accounts", str(accounts)] + (["--port", str(port)] if port is not None else [])
     command += ["--bundler"] if bundler else []
     with open(log, "wb") as stderr:  # truncated here; the supervisor and the node append to it
@@ -105,7 +105,7 @@ def stop_detached(state: DevnetState, timeout: float = 10.0) -> bool:
     live = [
         pid
         for pid, marker in (
-            (state.supervisor_pid, "escrow._devnet_daemon"),
+            (state.supervisor_pid, "escrow.devnet._daemon"),
             (state.pid, _node_marker(state)),
             (state.bundler_pid, "alto"),
         )
@@ -137,7 +137,7 @@ def _report(payload: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m escrow._devnet_daemon")
+    parser = argparse.ArgumentParser(prog="python -m escrow.devnet._daemon")
     parser.add_argument("--log", required=True)
     parser.add_argument("--backend")
     parser.add_argument("--port", type=int)

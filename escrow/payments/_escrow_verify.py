@@ -10,7 +10,8 @@ only serves early refusals (`precheck`) and the payee list: `confirm` reads the 
 latest block, never the cache's. A payment revoked after verification fails on chain and the settler reports
 it (`escrow_grant_revoked`).
 
-Spend accounting (see `EscrowClaim` and `escrow._exposure`): the store's counters hold, per deposit pool and
+Spend accounting (see `EscrowClaim` and `escrow.payments._exposure`): the store's counters hold, per
+deposit pool and
 per grant epoch, what the gateways sharing the store *reserved* (accepted, not given back) and *settled*. A
 payment is accepted only if, for both pools,
 
@@ -34,7 +35,7 @@ from eth_utils.address import to_checksum_address
 from x402 import Eip712Domain, InvalidSignature
 from x402._escrow import EscrowCode, EscrowPayload, escrow_domain, reason_code, recover_payment
 
-from ._artifacts import EscrowError
+from ..chain._artifacts import EscrowError
 from ._escrow import AgentEscrow, GrantInfo, payment_tuple
 
 __all__ = [
@@ -63,7 +64,7 @@ class EscrowClaim(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     The store accounts are the pending counters the settler moves once the outcome is known: `credit`
     (unsettled amount this gateway serves the payer, released on any outcome), `reserved` / `settled` (the
     grant budget: given back only on failure / raised on settlement) and `deposit_reserved` /
-    `deposit_settled` (the same for the payer's deposit pool, see `escrow._exposure`).
+    `deposit_settled` (the same for the payer's deposit pool, see `escrow.payments._exposure`).
     `from_block` bounds the log search that tells "settled by someone else" from "nonce used by another
     payment".
     """
@@ -261,7 +262,7 @@ class EscrowVerifier:
         grant as of the latest block (so neither its budget, epoch nor revocation is only as fresh as the
         cache), and with `simulate` the contract's own `check`.
 
-        A gateway reads its `settled` counters before calling this (see `escrow._exposure`).
+        A gateway reads its `settled` counters before calling this (see `escrow.payments._exposure`).
         """
         payload = pre.payload
         p = payload.payment

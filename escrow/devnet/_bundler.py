@@ -21,7 +21,7 @@ from typing import IO
 
 import httpx
 
-from ._devnet_node import DevnetError, _die_with_parent, _free_port, port_free
+from ._node import DevnetError, _die_with_parent, _free_port, port_free
 
 __all__ = ["BundlerProcess", "find_alto", "start_alto"]
 

@@ -1,28 +1,27 @@
 """Bindings of `AgentEscrow` (and the ERC-20 calls around it), built from the compiled artifact's ABI.
 
-`ContractAbi` turns an artifact's ABI into selectors, eth_abi type lists and event topics once; `AgentEscrow`
-wraps the calls a gateway, a settler and an owner need over the async `Rpc`/`TxSender` of `escrow._rpc`.
+`ContractAbi` (in `escrow.chain`) decodes the artifact's ABI once; `AgentEscrow`
+wraps the calls a gateway, a settler and an owner need over the async `Rpc`/`TxSender` of `escrow.chain._rpc`.
 Events come back decoded from receipts (`decode_logs`) and from `eth_getLogs` (`logs`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import msgspec
-from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 
 from x402._escrow import EscrowPayload, EscrowPayment
 
-from ._artifacts import Artifact, ArtifactError, EscrowError, load_artifact
-from ._rpc import Log, Receipt, Rpc
+from ..chain._abi import ContractAbi, EscrowEvent, abi_type
+from ..chain._artifacts import Artifact, ArtifactError, EscrowError, load_artifact
+from ..chain._rpc import Log, Receipt, Rpc
 
 __all__ = [
     "AgentEscrow",
@@ -39,101 +38,10 @@ __all__ = [
 _ZERO: Final = "0x" + "00" * 20
 
 
-def _abi_type(entry: Mapping[str, Any]) -> str:
-    kind: str = entry["type"]
-    if kind.startswith("tuple"):
-        inner = ",".join(_abi_type(c) for c in entry["components"])
-        return f"({inner}){kind[5:]}"
-    return kind
-
-
-class _Function(NamedTuple):
-    selector: bytes
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-class _Event(NamedTuple):
-    name: str
-    names: tuple[str, ...]  # every input, in order
-    indexed: tuple[bool, ...]
-    types: tuple[str, ...]
-
-
-class EscrowEvent(NamedTuple):
-    """One decoded log: `args` by input name; `tx_hash` and `block` where the log came from."""
-
-    name: str
-    args: dict[str, Any]
-    tx_hash: str
-    block: int
-    address: str
-
-
-class ContractAbi:
-    """Selectors, types and event topics of one ABI, computed once."""
-
-    def __init__(self, abi: Sequence[Mapping[str, Any]]) -> None:
-        self.functions: dict[str, _Function] = {}
-        self.events: dict[bytes, _Event] = {}
-        self.topics: dict[str, str] = {}
-        self.errors: dict[bytes, tuple[str, tuple[str, ...]]] = {}
-        for entry in abi:
-            kind = entry.get("type")
-            inputs = tuple(_abi_type(i) for i in entry.get("inputs", []))
-            if kind == "function":
-                sig = f"{entry['name']}({','.join(inputs)})"
-                outputs = tuple(_abi_type(o) for o in entry.get("outputs", []))
-                # Overloads keep the first name; callers needing another use the full signature.
-                self.functions.setdefault(entry["name"], _Function(keccak(text=sig)[:4], inputs, outputs))
-                self.functions[sig] = _Function(keccak(text=sig)[:4], inputs, outputs)
-            elif kind == "event":
-                topic = keccak(text=f"{entry['name']}({','.join(inputs)})")
-                names = tuple(i["name"] for i in entry["inputs"])
-                indexed = tuple(bool(i.get("indexed")) for i in entry["inputs"])
-                self.events[topic] = _Event(entry["name"], names, indexed, inputs)
-                self.topics[entry["name"]] = "0x" + topic.hex()
-            elif kind == "error":
-                self.errors[keccak(text=f"{entry['name']}({','.join(inputs)})")[:4]] = (entry["name"], inputs)
-
-    def encode(self, name: str, *args: Any) -> bytes:
-        fn = self.functions[name]
-        return fn.selector + abi_encode(fn.inputs, args)
-
-    def decode(self, name: str, data: bytes) -> tuple[Any, ...]:
-        return tuple(abi_decode(self.functions[name].outputs, data))
-
-    def decode_error(self, data: bytes) -> tuple[str, tuple[Any, ...]] | None:
-        found = self.errors.get(data[:4])
-        if found is None:
-            return None
-        return found[0], tuple(abi_decode(found[1], data[4:]))
-
-    def decode_log(self, log: Log, *, block: int = 0, tx_hash: str = "") -> EscrowEvent | None:
-        if not log.topics:
-            return None
-        event = self.events.get(bytes.fromhex(log.topics[0][2:]))
-        if event is None:
-            return None
-        plain = [t for t, i in zip(event.types, event.indexed, strict=True) if not i]
-        values = iter(abi_decode(plain, bytes.fromhex(log.data[2:])))
-        topics = iter(log.topics[1:])
-        args: dict[str, Any] = {}
-        for name, indexed, tp in zip(event.names, event.indexed, event.types, strict=True):
-            if indexed:
-                raw = bytes.fromhex(next(topics)[2:])
-                args[name] = (
-                    abi_decode([tp], raw)[0] if tp in ("address", "uint256", "uint32", "bool") else raw
-                )
-            else:
-                args[name] = next(values)
-        return EscrowEvent(event.name, args, tx_hash, block, log.address)
-
-
 def _repo_out(name: str) -> Artifact:
     # Development fallback until `node contracts/build.mjs` has written escrow/artifacts/<name>.json:
     # forge's output in a source checkout has the same ABI and bytecode.
-    path = Path(__file__).resolve().parent.parent / "contracts" / "out" / f"{name}.sol" / f"{name}.json"
+    path = Path(__file__).resolve().parents[2] / "contracts" / "out" / f"{name}.sol" / f"{name}.json"
     try:
         raw = msgspec.json.decode(path.read_bytes())
     except OSError:
@@ -207,7 +115,7 @@ async def deploy_contract(
     """Deploy `artifact` from the key's account (not through a `TxSender`: it only calls existing
     contracts); returns the checksummed address."""
     account = Account.from_key(private_key)
-    types = [_abi_type(i) for i in artifact.constructor_inputs]
+    types = [abi_type(i) for i in artifact.constructor_inputs]
     initcode = bytes.fromhex(artifact.bytecode[2:]) + abi_encode(types, list(args))
     price = await rpc.gas_price()
     tx = {

@@ -37,10 +37,10 @@ from x402._eip712 import EIP712_DOMAIN_FIELDS, authorization_typed_data
 from x402._escrow import REVOKE_FIELDS, GrantMessage, escrow_domain, grant_typed_data, sign_grant, sign_revoke
 from x402._types import Eip3009Authorization
 
-from ._account import sign_typed_data_as_account
-from ._artifacts import EscrowError
+from ..accounts._erc7739 import sign_typed_data_as_account
+from ..chain._artifacts import EscrowError
+from ..chain._rpc import Receipt, TxSender
 from ._escrow import AgentEscrow, Erc20
-from ._rpc import Receipt, TxSender
 
 __all__ = [
     "SignedDeposit",

@@ -1,6 +1,6 @@
 """The relayer: a local key that signs EIP-1559 transactions, numbers them, and unsticks them.
 
-Split from `escrow._rpc` (which still exports `TxSender`); see the class doc for the replacement rules.
+Split from `escrow.chain._rpc` (which still exports `TxSender`); see the class doc for the replacement rules.
 """
 
 from __future__ import annotations

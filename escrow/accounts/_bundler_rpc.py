@@ -25,16 +25,15 @@ import msgspec
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from ._rpc import ChainError, Receipt, Rpc
+from ..chain._rpc import ChainError, Receipt, Rpc
+from ._self_bundler import UserOpResult, _parse_receipt
 from ._userop import (
     ENTRYPOINT_V07,
     AccountError,
     BundleFailed,
     PackedUserOperation,
     UserOpRejected,
-    UserOpResult,
     _decode_violation,
-    _parse_receipt,
     decode_handle_ops_error,
 )
 

@@ -1,6 +1,6 @@
 """A small JSON-RPC-over-HTTP node on py-evm (through eth-tester), for machines without anvil.
 
-    python -m escrow._pyevm_node --port 8545 [--accounts 10] [--chain-id 31337]
+    python -m escrow.devnet._pyevm_node --port 8545 [--accounts 10] [--chain-id 31337]
 
 It speaks the subset of the Ethereum JSON-RPC API that web3.py and raw clients use against a devnet, with
 the same conventions as anvil (hex quantities, camelCase keys, code 3 plus revert data on reverts), so the
@@ -29,7 +29,7 @@ from eth_tester.exceptions import TransactionNotFound
 from eth_utils.address import to_canonical_address
 
 from ._devnet import CREATE2_DEPLOYER
-from ._devnet_node import ANVIL_MNEMONIC
+from ._node import ANVIL_MNEMONIC
 
 __all__ = ["main"]
 
@@ -380,7 +380,7 @@ def _serve(node: Node, host: str, port: int) -> ThreadingHTTPServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m escrow._pyevm_node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m escrow.devnet._pyevm_node", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8545)
     parser.add_argument("--accounts", type=int, default=10)

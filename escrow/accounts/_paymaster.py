@@ -30,8 +30,8 @@ from eth_utils.crypto import keccak
 
 from x402 import Signer, typed_data_digest
 
+from ..chain._rpc import Rpc
 from ._bundler_rpc import user_op_to_json
-from ._rpc import Rpc
 from ._userop import AccountError, PackedUserOperation
 from ._userop_fill import DUMMY_ECDSA
 

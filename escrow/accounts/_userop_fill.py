@@ -13,7 +13,8 @@ import msgspec
 from eth_utils.address import to_checksum_address
 
 from ._bundler_rpc import BundlerRpc
-from ._userop import ENTRYPOINT_V07, AccountError, PackedUserOperation, SessionKey
+from ._signers import SessionKey
+from ._userop import ENTRYPOINT_V07, AccountError, PackedUserOperation
 
 __all__ = ["DUMMY_ECDSA", "Sponsor", "fill_user_op", "placeholder_signature"]
 

@@ -24,6 +24,9 @@ authorization's `validBefore`), `dead` (the payee's loss, with a reason code; or
 `exact:now` records, see `gateway._recovery`): it never sends, so a payment whose response never left is
 never charged by recovery; an authorization still unused is looked at again once it can no longer land.
 
+The loop (lease, batch, backoff, dead letters) is `escrow.payments._engine.SettlementEngine`; this module is
+the `exact` part (`ExactSettlement`) and its reservation counters.
+
 Relayer keys: `TxSender` counts its account nonce in process, so every process that settles needs its own
 relayer key (several replicas sharing one would race on the account nonce).
 """
@@ -31,27 +34,27 @@ relayer key (several replicas sharing one would race on the account nonce).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import signal
-import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from x402 import Eip712Domain, ExactEvmPayload, Reason
 
+from ..chain._rpc import ChainError, Receipt
+from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome
 from ._exact import AUTHORIZATION_USED_TOPIC, ExactEvm, authorization_state_calldata, has_transfer
-from ._queue import QueuedItem, SettlementQueue
-from ._rpc import ChainError, Receipt
-from ._settler import SettleOutcome, Status
+from ._queue import SettlementQueue
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "KIND",
     "ExactPayment",
+    "ExactSettlement",
     "ExactSettler",
     "ExactQueue",
     "decode_payment",
@@ -61,8 +64,6 @@ __all__ = [
     "pending_transaction",
     "unreserve_once",
 ]
-
-log = logging.getLogger("agentpay.settler")
 
 KIND: Final = "exact"
 NEVER_SETTLED: Final = "exact_never_settled"
@@ -141,136 +142,63 @@ async def unreserve_once(store: ExactQueue, key: str, payment: ExactPayment) -> 
     await store.sub_pending(payment.reserved, int(payment.payload.authorization.value))
 
 
-Work = tuple[QueuedItem, ExactPayment]
+Work = Job[ExactPayment]
+Engine = SettlementEngine[ExactPayment, ExactQueue]
 
 
-class ExactSettler:
-    """Settles `exact` payments from a store queue through `exact.relayer`, batching the sends."""
+class ExactSettlement:
+    """The `exact` part of the settlement engine: look authorizations up on the token, send the unused ones
+    one transfer each, judge the receipts (a `SchemeSettlement`)."""
 
-    def __init__(
-        self,
-        store: ExactQueue,
-        exact: ExactEvm,
-        *,
-        kind: str = KIND,
-        batch_size: int = 64,
-        max_age: float = 0.5,
-        tick: float = 0.05,
-        lease_seconds: float = 120.0,
-        receipt_timeout: float = 30.0,
-        retry_base: float = 1.0,
-        retry_cap: float = 60.0,
-        expiry_margin: float = 6.0,
-        lookback_blocks: int = 500_000,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
+    name = KIND
+    malformed = "exact_payment_malformed"
+
+    def __init__(self, exact: ExactEvm, *, expiry_margin: float, lookback_blocks: int) -> None:
         self.exact = exact
         self.rpc = exact.relayer.rpc  # everything after verification goes where the relayer sends
-        self.kind = kind
-        self.batch_size = batch_size
-        self.max_age = max_age
-        self.tick = tick
-        self.lease_seconds = lease_seconds
-        self.receipt_timeout = receipt_timeout
-        self.retry_base = retry_base
-        self.retry_cap = retry_cap
         self.expiry_margin = expiry_margin  # a transfer must be mined before validBefore: keep this much
         self.lookback_blocks = lookback_blocks
-        self.clock = clock
-        self._buffer: list[QueuedItem] = []
         self.sent = 0  # transactions this settler broadcast
-        self.paid = 0  # payments settled by them
         self.batches: list[int] = []  # transactions per batch
 
-    # -- the loop ------------------------------------------------------------------------------------------
+    def decode(self, raw: bytes) -> ExactPayment:
+        return decode_payment(raw)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Settle until `stop` is set; then settle what is buffered and return."""
-        while not stop.is_set():
-            await self.step()
-            try:
-                await asyncio.wait_for(stop.wait(), self.tick)
-            except TimeoutError:
-                pass
-        await self.step(force=True)
-
-    async def step(self, *, force: bool = False) -> list[SettleOutcome]:
-        """Lease what is due; settle a batch when it is full, its oldest item is `max_age` old, or `force`."""
-        room = self.batch_size - len(self._buffer)
-        if room > 0:
-            self._buffer.extend(
-                await self.store.lease(self.kind, limit=room, lease_seconds=self.lease_seconds)
-            )
-        if not self._buffer:
-            return []
-        oldest = min(item.created_at for item in self._buffer)
-        if not force and len(self._buffer) < self.batch_size and self.clock() - oldest < self.max_age:
-            return []
-        batch, self._buffer = self._buffer, []
-        return await self.settle_items(batch)
-
-    async def drain(self) -> list[SettleOutcome]:
-        """Settle everything due now (tests, shutdown); stops at a batch that only got retries."""
+    async def submit(self, engine: Engine, jobs: list[Work]) -> list[SettleOutcome]:
         out: list[SettleOutcome] = []
-        while True:
-            done = await self.step(force=True)
-            out.extend(done)
-            if all(o.status == "retry" for o in done):
-                return out
-
-    # -- one batch -----------------------------------------------------------------------------------------
-
-    async def settle_items(self, items: Sequence[QueuedItem]) -> list[SettleOutcome]:
-        """Settle leased `items`: what the chain has seen is recorded, the rest is sent once."""
-        return await self._process(items, send=True)
-
-    async def reconcile_items(self, items: Sequence[QueuedItem]) -> list[SettleOutcome]:
-        """Record what the chain has seen of `items`; send nothing (see the module doc)."""
-        return await self._process(items, send=False)
-
-    async def _process(self, items: Sequence[QueuedItem], *, send: bool) -> list[SettleOutcome]:
-        out = await self._outcomes(items, send=send)
-        troubles = Counter(f"{o.status} {o.code}" for o in out if o.status in ("retry", "dead"))
-        if troubles:  # one line per batch, not per payment: an outage must not flood the log
-            log.warning("exact settlement of %d payment(s): %s", len(items), dict(troubles))
-        return out
-
-    async def _outcomes(self, items: Sequence[QueuedItem], *, send: bool) -> list[SettleOutcome]:
-        out: list[SettleOutcome] = []
-        work: list[Work] = []
-        for item in items:
-            try:
-                payment = decode_payment(item.payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self.store.mark_failed(
-                    item.key, error=f"exact_payment_malformed: {exc}", retry_at=None, lease=item.lease_token
-                )
-                out.append(SettleOutcome(key=item.key, status="dead", code="exact_payment_malformed"))
-                continue
-            if payment.chain_id != self.exact.relayer.chain_id:
-                out.append(await self._dead((item, payment), "exact_wrong_chain", "not this relayer's chain"))
-                continue
-            work.append((item, payment))
-        fresh = await self._check_chain(work, out)
-        if not send:
-            out.extend([await self._unsent(w) for w in fresh])
-            return out
-        now = self.clock()
+        fresh = await self._check_chain(engine, await self._this_chain(engine, jobs, out), out)
+        now = engine.clock()
         to_send: list[Work] = []
         for w in fresh:
             if int(w[1].payload.authorization.valid_before) - self.expiry_margin <= now:
-                out.append(await self._dead(w, Reason.VALID_BEFORE, "the authorization expired unsettled"))
+                out.append(
+                    await self._dead(engine, w, Reason.VALID_BEFORE, "the authorization expired unsettled")
+                )
             elif int(w[1].payload.authorization.valid_after) >= now:
-                out.append(await self._retry(w, "exact_not_yet_valid: waiting for validAfter"))
+                out.append(await engine.retry(w, "exact_not_yet_valid: waiting for validAfter"))
             else:
                 to_send.append(w)
-        to_send = await self._skip_pending(to_send, out)
+        to_send = await self._skip_pending(engine, to_send, out)
         if to_send:
-            out.extend(await self._send(to_send))
+            out.extend(await self._send(engine, to_send))
         return out
 
-    async def _check_chain(self, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
+    async def reconcile(self, engine: Engine, jobs: list[Work]) -> list[SettleOutcome]:
+        out: list[SettleOutcome] = []
+        fresh = await self._check_chain(engine, await self._this_chain(engine, jobs, out), out)
+        out.extend([await self._unsent(engine, w) for w in fresh])
+        return out
+
+    async def _this_chain(self, engine: Engine, jobs: list[Work], out: list[SettleOutcome]) -> list[Work]:
+        work: list[Work] = []
+        for w in jobs:
+            if w[1].chain_id != self.exact.relayer.chain_id:
+                out.append(await self._dead(engine, w, "exact_wrong_chain", "not this relayer's chain"))
+            else:
+                work.append(w)
+        return work
+
+    async def _check_chain(self, engine: Engine, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
         """Record the items whose authorization the token already used; return the unused ones."""
         if not work:
             return []
@@ -284,22 +212,22 @@ class ExactSettler:
         try:
             states = await self.rpc.batch(calls)
         except ChainError as exc:
-            out.extend([await self._retry(w, f"{exc.code}: asking the token: {exc}") for w in work])
+            out.extend([await engine.retry(w, f"{exc.code}: asking the token: {exc}") for w in work])
             return []
         unused: list[Work] = []
         used: list[Work] = []
         for w, state in zip(work, states, strict=True):
             if isinstance(state, ChainError):
-                out.append(await self._retry(w, f"{state.code}: asking the token: {state}"))
+                out.append(await engine.retry(w, f"{state.code}: asking the token: {state}"))
             elif isinstance(state, str) and int(state, 16) != 0:
                 used.append(w)
             else:
                 unused.append(w)
         if used:
-            out.extend(await self._already_used(used))
+            out.extend(await self._already_used(engine, used))
         return unused
 
-    async def _already_used(self, used: list[Work]) -> list[SettleOutcome]:
+    async def _already_used(self, engine: Engine, used: list[Work]) -> list[SettleOutcome]:
         """Find the transaction that used each authorization; settled there if it paid this very transfer."""
         try:
             head = int(await self.rpc.request("eth_blockNumber", []), 16)
@@ -329,29 +257,32 @@ class ExactSettler:
                 await self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in lookups]) if lookups else []
             )
         except ChainError as exc:
-            return [await self._retry(w, f"{exc.code}: looking up the earlier transfer: {exc}") for w in used]
+            return [
+                await engine.retry(w, f"{exc.code}: looking up the earlier transfer: {exc}") for w in used
+            ]
         by_hash = dict(zip(lookups, receipts, strict=True))
         out = []
         for w, (logs, tx_hash) in zip(used, zip(found, hashes, strict=True), strict=True):
             if isinstance(logs, ChainError):
-                out.append(await self._retry(w, f"{logs.code}: looking up the earlier transfer: {logs}"))
+                out.append(await engine.retry(w, f"{logs.code}: looking up the earlier transfer: {logs}"))
                 continue
             raw = by_hash.get(tx_hash) if tx_hash else None
             if tx_hash is None:
                 out.append(
-                    await self._dead(w, "exact_authorization_canceled", "used with no transfer logged")
+                    await self._dead(
+                        engine, w, "exact_authorization_canceled", "used with no transfer logged"
+                    )
                 )
             elif not isinstance(raw, dict):
-                out.append(await self._retry(w, f"chain_error: no receipt for {tx_hash} yet"))
+                out.append(await engine.retry(w, f"chain_error: no receipt for {tx_hash} yet"))
             elif has_transfer(msgspec.convert(raw, Receipt), w[1].asset, w[1].payload.authorization):
-                out.append(await self._settled(w, tx_hash, "settled_elsewhere"))
+                out.extend(await engine.settled([w], tx_hash, "settled_elsewhere"))
             else:
-                out.append(
-                    await self._dead(w, "exact_nonce_reused", f"the nonce paid another transfer in {tx_hash}")
-                )
+                detail = f"the nonce paid another transfer in {tx_hash}"
+                out.append(await self._dead(engine, w, "exact_nonce_reused", detail))
         return out
 
-    async def _skip_pending(self, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
+    async def _skip_pending(self, engine: Engine, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
         """Keep back items whose earlier transaction (any fee-bumped version) is still in the node's pool."""
         earlier = [(w, h) for w in work for h in _PENDING_TX.findall(w[0].error or "")]
         if not earlier:
@@ -360,7 +291,7 @@ class ExactSettler:
             txs = await self.rpc.batch([("eth_getTransactionByHash", [h]) for _, h in earlier])
         except ChainError as exc:
             waiting = {id(w) for w, _ in earlier}
-            out.extend([await self._retry(w, f"{exc.code}: asking for {h}: {exc}") for w, h in earlier])
+            out.extend([await engine.retry(w, f"{exc.code}: asking for {h}: {exc}") for w, h in earlier])
             return [w for w in work if id(w) not in waiting]
         held = set()
         for (w, _), tx in zip(earlier, txs, strict=True):
@@ -369,10 +300,10 @@ class ExactSettler:
             if isinstance(tx, ChainError) or (isinstance(tx, dict) and tx.get("blockNumber") is None):
                 held.add(id(w))
                 sent = " ".join(f"sent in {h}" for h in _PENDING_TX.findall(w[0].error or ""))
-                out.append(await self._retry(w, f"settlement_pending: {sent}, not mined yet"))
+                out.append(await engine.retry(w, f"settlement_pending: {sent}, not mined yet"))
         return [w for w in work if id(w) not in held]
 
-    async def _send(self, work: list[Work]) -> list[SettleOutcome]:
+    async def _send(self, engine: Engine, work: list[Work]) -> list[SettleOutcome]:
         relayer = self.exact.relayer
         results: list[str | BaseException] = []
         for _, p in work:
@@ -390,98 +321,109 @@ class ExactSettler:
         sent: list[tuple[Work, str]] = []
         for w, result in zip(work, results, strict=True):
             if isinstance(result, ChainError):
-                out.append(await self._retry(w, f"{result.code}: sending: {result}"))
+                out.append(await engine.retry(w, f"{result.code}: sending: {result}"))
             elif isinstance(result, BaseException):
                 raise result
             else:
                 sent.append((w, result))
         self.sent += len(sent)
         receipts = await asyncio.gather(
-            *(relayer.wait_for_receipt(h, timeout=self.receipt_timeout) for _, h in sent),
+            *(relayer.wait_for_receipt(h, timeout=engine.receipt_timeout) for _, h in sent),
             return_exceptions=True,
         )
         reverted: list[tuple[Work, str]] = []
         for (w, tx_hash), receipt in zip(sent, receipts, strict=True):
             if isinstance(receipt, ChainError):  # may land yet: remember the hashes, never send blindly again
                 hashes = " ".join(f"sent in {h}" for h in relayer.hashes(tx_hash))
-                out.append(await self._retry(w, f"settlement_pending: {hashes} ({receipt.code})"))
+                out.append(await engine.retry(w, f"settlement_pending: {hashes} ({receipt.code})"))
             elif isinstance(receipt, BaseException):
                 raise receipt
             elif not receipt.ok:
                 reverted.append((w, tx_hash))
             elif has_transfer(receipt, w[1].asset, w[1].payload.authorization):
-                self.paid += 1
                 landed = receipt.transaction_hash  # a fee-bumped replacement of tx_hash, maybe
                 replaced = tuple(h for h in relayer.hashes(tx_hash) if h != landed)
-                out.append(await self._settled(w, landed, "settled", replaced=replaced))
+                gas = int(receipt.gas_used, 16)  # this transfer's own: `agentpay_settlement_gas_total`
+                out.extend(await engine.settled([w], landed, "settled", gas=gas, replaced=replaced))
             else:
-                out.append(await self._dead(w, "invalid_exact_evm_transfer_event_mismatch", f"in {tx_hash}"))
+                detail = f"in {tx_hash}"
+                out.append(await self._dead(engine, w, "invalid_exact_evm_transfer_event_mismatch", detail))
         if reverted:
             # Someone may have used the authorization first (then it is settled there); else retry it.
-            still = await self._check_chain([w for w, _ in reverted], out)
+            still = await self._check_chain(engine, [w for w, _ in reverted], out)
             for w in still:
                 tx_hash = next(h for r, h in reverted if r is w)
-                out.append(await self._retry(w, f"{Reason.TRANSACTION_FAILED}: {tx_hash} reverted"))
+                out.append(await engine.retry(w, f"{Reason.TRANSACTION_FAILED}: {tx_hash} reverted"))
         return out
 
     # -- outcomes ------------------------------------------------------------------------------------------
 
-    async def _unsent(self, w: Work) -> SettleOutcome:
+    async def _unsent(self, engine: Engine, w: Work) -> SettleOutcome:
         """Reconciling: unused on chain. Final once it can no longer land; until then look again later."""
         valid_before = int(w[1].payload.authorization.valid_before)
-        if valid_before <= self.clock():
-            return await self._dead(w, NEVER_SETTLED, "the authorization expired unused: nothing was charged")
+        if valid_before <= engine.clock():
+            detail = "the authorization expired unused: nothing was charged"
+            return await self._dead(engine, w, NEVER_SETTLED, detail)
         error = "exact_unsettled: not on chain; final once the authorization expires"
         sent = pending_transaction(w[0].error)
         if sent:  # kept, so the same credential presented again waits for it rather than sending again
             error += f" (sent in {sent})"
-        await self.store.mark_failed(
+        await engine.store.mark_failed(
             w[0].key, error=error, retry_at=valid_before + 1.0, lease=w[0].lease_token
         )
-        return _outcome(w, "retry", code="exact_unsettled")
+        return engine.outcome(w, "retry", code="exact_unsettled")
 
-    async def _settled(
-        self, w: Work, tx_hash: str, status: Status, *, replaced: tuple[str, ...] = ()
-    ) -> SettleOutcome:
-        await self.store.mark_settled([w[0].key], tx_hash=tx_hash, lease=w[0].lease_token)
-        await unreserve_once(self.store, w[0].key, w[1])
-        return _outcome(w, status, tx_hash=tx_hash, replaced=replaced)
+    async def _dead(self, engine: Engine, w: Work, code: str, detail: str) -> SettleOutcome:
+        auth = w[1].payload.authorization
+        who = f"{auth.value} of {w[1].asset} from {auth.from_} to {auth.to} (nonce {auth.nonce})"
+        return await engine.dead(w, code, detail if code == NEVER_SETTLED else f"{detail}: lost {who}")
 
-    async def _retry(self, w: Work, error: str) -> SettleOutcome:
-        item, payment = w
-        now = self.clock()
-        delay = min(self.retry_cap, self.retry_base * 2.0 ** min(max(item.attempts - 1, 0), 30))
-        last = int(payment.payload.authorization.valid_before) - self.expiry_margin
-        retry_at = max(now + min(self.retry_base, delay), min(now + delay, last))  # one try before it expires
-        await self.store.mark_failed(item.key, error=error, retry_at=retry_at, lease=item.lease_token)
-        return _outcome(w, "retry", code=error.split(":", 1)[0])
+    def retry_at(self, engine: Engine, payment: ExactPayment, *, delay: float) -> float:
+        now, last = engine.clock(), int(payment.payload.authorization.valid_before) - self.expiry_margin
+        return max(now + min(engine.retry_base, delay), min(now + delay, last))  # one try before it expires
 
-    async def _dead(self, w: Work, code: str, detail: str) -> SettleOutcome:
-        item, payment = w
+    def gives_up(self, payment: ExactPayment, now: float) -> bool:
+        return False  # an expired authorization is dead before sending, with its own code (`_send`)
+
+    async def on_settled(self, engine: Engine, job: Work) -> None:
+        await unreserve_once(engine.store, job[0].key, job[1])
+
+    async def on_dead(self, engine: Engine, job: Work, *, recorded: bool) -> None:
+        await unreserve_once(engine.store, job[0].key, job[1])
+
+    def parties(self, payment: ExactPayment) -> Parties:
         auth = payment.payload.authorization
-        who = f"{auth.value} of {payment.asset} from {auth.from_} to {auth.to} (nonce {auth.nonce})"
-        message = detail if code == NEVER_SETTLED else f"{detail}: lost {who}"
-        await self.store.mark_failed(
-            item.key, error=f"{code}: {message}", retry_at=None, lease=item.lease_token
-        )
-        await unreserve_once(self.store, item.key, payment)
-        return _outcome(w, "dead", code=code)
+        return Parties(int(auth.value), auth.from_, auth.to)
 
 
-def _outcome(
-    w: Work, status: Status, *, code: str = "", tx_hash: str = "", replaced: tuple[str, ...] = ()
-) -> SettleOutcome:
-    auth = w[1].payload.authorization
-    return SettleOutcome(
-        key=w[0].key,
-        status=status,
-        code=code,
-        tx_hash=tx_hash,
-        replaced=replaced,
-        amount=int(auth.value),
-        payer=auth.from_,
-        payee=auth.to,
-    )
+_DEFAULTS: Final[EngineOptions] = {"kind": KIND, "batch_size": 64, "max_age": 0.5, "retry_cap": 60.0}
+
+
+class ExactSettler(SettlementEngine[ExactPayment, ExactQueue]):
+    """Settles `exact` payments from a store queue through `exact.relayer`, batching the sends."""
+
+    def __init__(
+        self,
+        store: ExactQueue,
+        exact: ExactEvm,
+        *,
+        expiry_margin: float = 6.0,
+        lookback_blocks: int = 500_000,
+        **options: Unpack[EngineOptions],
+    ) -> None:
+        self.part = ExactSettlement(exact, expiry_margin=expiry_margin, lookback_blocks=lookback_blocks)
+        settings: EngineOptions = {**_DEFAULTS, **options}
+        super().__init__(store, self.part, **settings)
+        self.exact = exact
+        self.rpc = self.part.rpc
+        self.expiry_margin = expiry_margin
+        self.lookback_blocks = lookback_blocks
+        self.batches = self.part.batches  # transactions per batch
+
+    @property
+    def sent(self) -> int:
+        """Transactions this settler broadcast."""
+        return self.part.sent
 
 
 def _who(payment: ExactPayment) -> tuple[str, str]:

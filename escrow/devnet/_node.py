@@ -23,7 +23,7 @@ from typing import IO, Literal
 
 import httpx
 
-from ._artifacts import EscrowError
+from ..chain._artifacts import EscrowError
 
 __all__ = [
     "Backend",
@@ -158,7 +158,7 @@ def _command(backend: Backend, anvil: str | None, port: int, accounts: int, bala
     if backend == "anvil":
         assert anvil is not None
         return [anvil, *common]
-    return [sys.executable, "-m", "escrow._pyevm_node", *common]
+    return [sys.executable, "-m", "escrow.devnet._pyevm_node", *common]
 
 
 def _wait_ready(node: NodeProcess, errors: IO[bytes], timeout: float) -> None:
