@@ -9,7 +9,7 @@ from eth_utils.crypto import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from escrow._exact import ExactEvm
+from escrow.payments._exact import ExactEvm
 from x402 import Eip3009Authorization
 
 addresses = st.binary(min_size=20, max_size=20).map(lambda b: to_checksum_address("0x" + b.hex()))

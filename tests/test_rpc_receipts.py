@@ -19,7 +19,7 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from escrow import Devnet, DevnetState
-from escrow._rpc import Rpc, TxSender
+from escrow.chain._rpc import Rpc, TxSender
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 

@@ -10,7 +10,7 @@ from eth_utils.address import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from escrow._sender import sign_eip1559
+from escrow.chain._sender import sign_eip1559
 from x402 import LocalSigner
 
 KEY = "0x" + "4c" * 32

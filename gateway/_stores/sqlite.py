@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +44,7 @@ from gateway._store import (
 )
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
 from gateway._stores._queries import list_query
+from gateway._stores._sqlite_committer import DURABLE, LIGHT, READ, Committer
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -78,13 +77,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _SYNC_MODES = ("off", "normal", "full", "extra")
-_MAX_BATCH = 256
-_Call = Callable[[sqlite3.Connection], Any]
-_Outcome = tuple[bool, Any]  # (succeeded, result or exception)
-# How much a call needs from its commit: nothing (it reads), to survive a process crash, or to survive a
-# power loss too (the configured `synchronous` mode).
-_READ, _LIGHT, _DURABLE = 0, 1, 2
-_Job = tuple[_Call, "asyncio.Future[Any]", asyncio.AbstractEventLoop, int]
 
 
 def _migrate(con: sqlite3.Connection, p: str) -> None:
@@ -108,138 +100,11 @@ def _migrate(con: sqlite3.Connection, p: str) -> None:
     con.execute("COMMIT")
 
 
-def _hand_back(results: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
-    for future, (ok, value) in results:
-        if future.done():  # the caller was cancelled meanwhile
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-
-class _Committer:
-    """The thread that owns the connection and commits queued calls in groups."""
-
-    def __init__(self, con: sqlite3.Connection, synchronous: str) -> None:
-        self._con = con
-        self._durable_sync = synchronous
-        # a light batch never syncs more than `normal`, nor more than the configured mode
-        self._light_sync = "off" if synchronous == "off" else "normal"
-        self._sync = synchronous  # the mode the connection is in now
-        # Calls submitted during one event-loop iteration cross to the thread together, at its end: one
-        # wake-up of the thread (and one GIL hand-over) per iteration rather than per call.
-        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-        self._pending_lock = threading.Lock()  # loops on other threads may share the store
-        self._thread = threading.Thread(target=self._serve, name="agentpay-sqlite", daemon=True)
-        self._thread.start()
-
-    def submit(self, call: _Call, need: int = _DURABLE) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        with self._pending_lock:
-            pending = self._pending.get(loop)
-            if pending is None:
-                pending = self._pending[loop] = []
-                loop.call_soon(self._hand_over, loop)
-            pending.append((call, future, loop, need))
-        return future
-
-    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._pending_lock:
-            jobs = self._pending.pop(loop, None)
-        if jobs:
-            self._jobs.put(jobs)
-
-    async def stop(self) -> None:
-        self._hand_over(asyncio.get_running_loop())
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-
-    def _serve(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._jobs.get()
-            if first is None:
-                break
-            batch = list(first)
-            while len(batch) < _MAX_BATCH:
-                try:
-                    jobs = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if jobs is None:
-                    stopping = True
-                    break
-                batch.extend(jobs)
-            outcomes = self._execute(batch)
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
-            for (_, future, loop, _), outcome in zip(batch, outcomes, strict=True):
-                by_loop.setdefault(loop, []).append((future, outcome))
-            for loop, results in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_hand_back, results)
-                except RuntimeError:  # that event loop is closed: nobody is waiting any more
-                    pass
-        self._con.close()
-
-    def _execute(self, batch: list[_Job]) -> list[_Outcome]:
-        con = self._con
-        need = max(job[3] for job in batch)
-        outcomes: list[_Outcome] = []
-        try:
-            if need == _READ:
-                con.execute("BEGIN")  # one snapshot for the batch; no write lock, nothing to sync
-            else:
-                sync = self._durable_sync if need == _DURABLE else self._light_sync
-                if sync != self._sync:  # only outside a transaction
-                    con.execute(f"PRAGMA synchronous = {sync}")
-                    self._sync = sync
-                con.execute("BEGIN IMMEDIATE")
-            if len(batch) == 1:
-                try:
-                    outcomes.append((True, batch[0][0](con)))
-                except Exception as exc:
-                    con.execute("ROLLBACK")
-                    return [(False, exc)]
-            else:
-                for call, _, _, kind in batch:
-                    outcomes.append(self._savepoint(con, call) if kind != _READ else self._read(con, call))
-            con.execute("COMMIT")
-        except Exception as exc:  # locked past busy_timeout, disk full, ...: nothing in the batch happened
-            if con.in_transaction:
-                try:
-                    con.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            return [(False, exc)] * len(batch)
-        return outcomes
-
-    @staticmethod
-    def _read(con: sqlite3.Connection, call: _Call) -> _Outcome:
-        try:
-            return (True, call(con))
-        except Exception as exc:  # a read changed nothing: nothing to undo
-            return (False, exc)
-
-    @staticmethod
-    def _savepoint(con: sqlite3.Connection, call: _Call) -> _Outcome:
-        con.execute("SAVEPOINT call")
-        try:
-            outcome: _Outcome = (True, call(con))
-        except Exception as exc:
-            con.execute("ROLLBACK TO call")
-            outcome = (False, exc)
-        con.execute("RELEASE call")
-        return outcome
-
-
 class SQLiteStore:
     """`PaymentStore` on one SQLite file (WAL). Open with `await SQLiteStore.open(path)`."""
 
     def __init__(self, con: sqlite3.Connection, prefix: str, synchronous: str = "full") -> None:
-        self._committer = _Committer(con, synchronous)
+        self._committer = Committer(con, synchronous)
         self._p = prefix
         self._closed = False
 
@@ -275,7 +140,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
         return cls(con, prefix, synchronous)
 
-    async def _run(self, call: Callable[[sqlite3.Connection], T], need: int = _DURABLE) -> T:
+    async def _run(self, call: Callable[[sqlite3.Connection], T], need: int = DURABLE) -> T:
         try:
             result: T = await self._committer.submit(call, need)
         except sqlite3.OperationalError as exc:  # "database is locked" after busy_timeout, disk I/O, ...
@@ -291,7 +156,7 @@ class SQLiteStore:
             " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
             f" WHERE {p}claims.finalized = 0 AND {p}claims.expires_at <= ? RETURNING 1"
         )
-        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, token, now)).fetchall(), _LIGHT)
+        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, token, now)).fetchall(), LIGHT)
         return token if rows else None
 
     def _held(self, con: sqlite3.Connection, sql: str, key: str, holder: str, *first: Any) -> None:
@@ -302,7 +167,7 @@ class SQLiteStore:
 
     async def renew(self, key: str, holder: str, *, ttl: float) -> None:
         sql = f"UPDATE {self._p}claims SET expires_at = ?"
-        await self._run(lambda con: self._held(con, sql, key, holder, time.time() + ttl), _LIGHT)
+        await self._run(lambda con: self._held(con, sql, key, holder, time.time() + ttl), LIGHT)
 
     async def release(self, key: str, holder: str) -> None:
         sql = f"DELETE FROM {self._p}claims"
@@ -324,7 +189,7 @@ class SQLiteStore:
 
     async def is_finalized(self, key: str) -> bool:
         sql = f"SELECT 1 FROM {self._p}claims WHERE key = ? AND finalized = 1"
-        return bool(await self._run(lambda con: con.execute(sql, (key,)).fetchall(), _READ))
+        return bool(await self._run(lambda con: con.execute(sql, (key,)).fetchall(), READ))
 
     async def complete(
         self,
@@ -391,7 +256,7 @@ class SQLiteStore:
 
     async def get_receipt(self, key: str) -> bytes | None:
         sql = f"SELECT receipt FROM {self._p}receipts WHERE key = ?"
-        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone(), _READ)
+        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone(), READ)
         return None if row is None else bytes(row[0])
 
     # settlement queue
@@ -425,7 +290,7 @@ class SQLiteStore:
         )
         probe = f"SELECT 1 FROM {p}settlements WHERE {due} LIMIT 1"
         if limit <= 0 or not await self._run(
-            lambda con: con.execute(probe, (kind, now, now)).fetchall(), _READ
+            lambda con: con.execute(probe, (kind, now, now)).fetchall(), READ
         ):
             return []
         sql = (
@@ -470,7 +335,7 @@ class SQLiteStore:
 
     async def get_settlement(self, key: str) -> Settlement | None:
         sql = f"SELECT {COLUMNS} FROM {self._p}settlements WHERE key = ?"
-        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone(), _READ)
+        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone(), READ)
         return None if row is None else settlement_from_row(row)
 
     async def dead_letters(self, *, kind: str | None = None, limit: int = 100) -> list[Settlement]:
@@ -478,7 +343,7 @@ class SQLiteStore:
             f"SELECT {COLUMNS} FROM {self._p}settlements WHERE state = 'dead' AND (? IS NULL OR kind = ?)"
             " ORDER BY created_at, key LIMIT ?"
         )
-        rows = await self._run(lambda con: con.execute(sql, (kind, kind, max(limit, 0))).fetchall(), _READ)
+        rows = await self._run(lambda con: con.execute(sql, (kind, kind, max(limit, 0))).fetchall(), READ)
         return [settlement_from_row(row) for row in rows]
 
     async def requeue(self, key: str) -> bool:
@@ -490,7 +355,7 @@ class SQLiteStore:
 
     async def stats(self) -> QueueStats:
         sql = f"SELECT state, count(*) FROM {self._p}settlements GROUP BY state"
-        rows: list[Any] = await self._run(lambda con: con.execute(sql).fetchall(), _READ)
+        rows: list[Any] = await self._run(lambda con: con.execute(sql).fetchall(), READ)
         counts = {"queued": 0, "leased": 0, "settled": 0, "failed": 0, "dead": 0}
         counts.update({state: n for state, n in rows})
         return QueueStats(**counts)
@@ -516,7 +381,7 @@ class SQLiteStore:
             self._set_int(con, "pending", "amount", "account", account, total)
             return True
 
-        return await self._run(body, _LIGHT)
+        return await self._run(body, LIGHT)
 
     async def sub_pending(self, account: str, amount: int) -> None:
         def body(con: sqlite3.Connection) -> None:
@@ -526,7 +391,7 @@ class SQLiteStore:
         await self._run(body)
 
     async def get_pending(self, account: str) -> int:
-        return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account), _READ)
+        return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account), READ)
 
     async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
         def body(con: sqlite3.Connection) -> bool:
@@ -539,7 +404,7 @@ class SQLiteStore:
 
     async def high_water(self, channel_id: str) -> int:
         return await self._run(
-            lambda con: self._get_int(con, "high_water", "cumulative", "channel_id", channel_id), _READ
+            lambda con: self._get_int(con, "high_water", "cumulative", "channel_id", channel_id), READ
         )
 
     async def close(self) -> None:
