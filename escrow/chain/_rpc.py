@@ -299,10 +299,15 @@ class Rpc:
 
     async def _poll(self) -> None:
         head: int | None = None  # the head block number as last seen
+        recheck: set[str] = set()
         while self._waiters:
             # The head moved: any outstanding transaction may be in a new block. Otherwise only hashes not
-            # asked about yet (sent since the last tick, possibly mined at once) are worth a receipt call.
-            hashes, self._unasked = list(self._unasked), set()
+            # asked about yet (sent since the last tick, possibly mined at once) are worth a receipt call,
+            # and those asked for the first time last tick, once more: a node may answer the head and the
+            # receipts of one batch in either order, so that head may already hold a block the receipt missed.
+            fresh, self._unasked = self._unasked, set()
+            hashes = [h for h in fresh | recheck if h in self._waiters]
+            recheck = fresh
             try:
                 results = await self.batch([("eth_blockNumber", []), *self._receipt_calls(hashes)])
                 now = int(results[0], 16) if isinstance(results[0], str) else None
