@@ -112,6 +112,7 @@ class _Response(msgspec.Struct):
     error: _RpcError | None = None
 
 
+_SWEEP_TICKS = 30  # every this many poll ticks, every outstanding receipt is asked for whatever the head
 _encode = msgspec.json.encode
 _decode_one = msgspec.json.Decoder(_Response).decode
 _decode_batch = msgspec.json.Decoder(list[_Response]).decode
@@ -300,6 +301,7 @@ class Rpc:
     async def _poll(self) -> None:
         head: int | None = None  # the head block number as last seen
         recheck: set[str] = set()
+        ticks = 0
         while self._waiters:
             # The head moved: any outstanding transaction may be in a new block. Otherwise only hashes not
             # asked about yet (sent since the last tick, possibly mined at once) are worth a receipt call,
@@ -308,6 +310,10 @@ class Rpc:
             fresh, self._unasked = self._unasked, set()
             hashes = [h for h in fresh | recheck if h in self._waiters]
             recheck = fresh
+            ticks += 1
+            if ticks % _SWEEP_TICKS == 0:  # safety net: a node may count a block before serving its receipts
+                head = None
+                hashes = list(self._waiters)
             try:
                 results = await self.batch([("eth_blockNumber", []), *self._receipt_calls(hashes)])
                 now = int(results[0], 16) if isinstance(results[0], str) else None
