@@ -4,9 +4,8 @@ web3.py runs every call through a middleware stack and its sync provider blocks 
 needs only a handful of calls (`eth_getCode`, `eth_call`, `eth_sendRawTransaction`, receipts), so this module
 speaks JSON-RPC directly over one pooled `httpx.AsyncClient` and encodes with msgspec.
 
-Receipts are polled by one background task per `Rpc`, by block: each tick asks for the head block number, and
-for receipts only of hashes it has not asked about yet, or of every outstanding hash once the head moved (a
-transaction pending in the mempool costs nothing per tick; 16 concurrent settlements share one round trip).
+Receipts are polled by one background task per `Rpc` that asks for every outstanding hash in a single batch
+request per tick, so 16 concurrent settlements cost one round trip per tick instead of sixteen.
 """
 
 from __future__ import annotations
@@ -112,7 +111,6 @@ class _Response(msgspec.Struct):
     error: _RpcError | None = None
 
 
-_SWEEP_TICKS = 30  # every this many poll ticks, every outstanding receipt is asked for whatever the head
 _encode = msgspec.json.encode
 _decode_one = msgspec.json.Decoder(_Response).decode
 _decode_batch = msgspec.json.Decoder(list[_Response]).decode
@@ -170,7 +168,6 @@ class Rpc:
         self._outbox: list[tuple[list[tuple[str, list[Any]]], asyncio.Future[list[Any]]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, list[asyncio.Future[Receipt]]] = {}
-        self._unasked: set[str] = set()  # waited-for hashes whose receipt was not asked for yet
         self._poller: asyncio.Task[None] | None = None
         self._chain_id: int | None = None
 
@@ -284,7 +281,6 @@ class Rpc:
         """Wait for `tx_hash` to be mined. Many waiters share one batched poll per `poll_interval`."""
         fut: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(tx_hash, []).append(fut)
-        self._unasked.add(tx_hash)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         try:
@@ -299,59 +295,28 @@ class Rpc:
                     del self._waiters[tx_hash]
 
     async def _poll(self) -> None:
-        head: int | None = None  # the head block number as last seen
-        recheck: set[str] = set()
-        ticks = 0
         while self._waiters:
-            # The head moved: any outstanding transaction may be in a new block. Otherwise only hashes not
-            # asked about yet (sent since the last tick, possibly mined at once) are worth a receipt call,
-            # and those asked for the first time last tick, once more: a node may answer the head and the
-            # receipts of one batch in either order, so that head may already hold a block the receipt missed.
-            fresh, self._unasked = self._unasked, set()
-            hashes = [h for h in fresh | recheck if h in self._waiters]
-            recheck = fresh
-            ticks += 1
-            if ticks % _SWEEP_TICKS == 0:  # safety net: a node may count a block before serving its receipts
-                head = None
-                hashes = list(self._waiters)
+            hashes = list(self._waiters)
             try:
-                results = await self.batch([("eth_blockNumber", []), *self._receipt_calls(hashes)])
-                now = int(results[0], 16) if isinstance(results[0], str) else None
-                if now is not None and head is not None and now > head:
-                    asked = set(hashes)
-                    rest = [h for h in self._waiters if h not in asked]
-                    hashes += rest
-                    results += await self.batch(self._receipt_calls(rest)) if rest else []
-                if now is not None:
-                    head = now if head is None else max(head, now)
-            except ChainError:  # transient: ask again next tick; the waiters' own timeouts bound the damage
-                self._unasked.update(hashes)
-                results = [None] * (len(hashes) + 1)
-            self._deliver(hashes, results[1:])
+                results = await self.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
+            except ChainError:
+                results = [None] * len(hashes)  # transient; the waiters' own timeouts bound the damage
+            for tx_hash, raw in zip(hashes, results, strict=True):
+                if raw is None or isinstance(raw, ChainError):
+                    continue
+                try:
+                    outcome: Receipt | ChainError = _decode_receipt(raw, Receipt)
+                except (msgspec.ValidationError, TypeError) as exc:
+                    outcome = ChainError(f"malformed receipt for {tx_hash}: {exc}")
+                for fut in self._waiters.pop(tx_hash, []):
+                    if fut.done():
+                        continue
+                    if isinstance(outcome, ChainError):
+                        fut.set_exception(outcome)
+                    else:
+                        fut.set_result(outcome)
             if self._waiters:
                 await asyncio.sleep(self.poll_interval)
-
-    @staticmethod
-    def _receipt_calls(hashes: list[str]) -> list[tuple[str, list[Any]]]:
-        return [("eth_getTransactionReceipt", [h]) for h in hashes]
-
-    def _deliver(self, hashes: list[str], results: list[Any]) -> None:
-        for tx_hash, raw in zip(hashes, results, strict=True):
-            if isinstance(raw, ChainError) and tx_hash in self._waiters:
-                self._unasked.add(tx_hash)  # this one call failed: ask again next tick
-            if raw is None or isinstance(raw, ChainError):
-                continue
-            try:
-                outcome: Receipt | ChainError = _decode_receipt(raw, Receipt)
-            except (msgspec.ValidationError, TypeError) as exc:
-                outcome = ChainError(f"malformed receipt for {tx_hash}: {exc}")
-            for fut in self._waiters.pop(tx_hash, []):
-                if fut.done():
-                    continue
-                if isinstance(outcome, ChainError):
-                    fut.set_exception(outcome)
-                else:
-                    fut.set_result(outcome)
 
     async def aclose(self) -> None:
         for task in [self._poller, *self._flushers]:
