@@ -153,10 +153,11 @@ class PaymentAuth(httpx.Auth):
     """``httpx.Auth`` that pays 402 challenges (see the module docstring for the exact behaviour).
 
     ``prefer`` orders the protocols when a server offers several (default v2, MPP, v1); a wallet with a
-    ``rank(offer)`` method orders the offers first (see :class:`Wallet`). With ``remember=True`` the offer
-    paid for ``(method, URL)`` is cached (x402 offers only: MPP challenges are single-use) and the next
-    request to it is paid up front, saving the 402 round trip; if the server refuses it, the normal 402
-    exchange follows.
+    ``rank(offer)`` method orders the offers first (see :class:`Wallet`). By default (``remember=True``)
+    the offer paid for ``(method, URL)`` is cached (x402 offers only: MPP challenges are single-use) and
+    the next request to it is paid up front, saving the 402 round trip; if the server refuses it (its
+    requirements changed), the 402 it answers with is paid as usual. A ``(method, URL)`` never seen
+    priced is always sent unpaid first. ``remember=False`` always waits for the 402.
 
     When MPP is among the preferred protocols and the wallet lists ``mpp_methods``, every request carries
     ``Accept-Payment: <method/intent>, ...`` (as pympp's client sends it) unless the caller set one;
@@ -175,7 +176,7 @@ class PaymentAuth(httpx.Auth):
         policy: SpendPolicy | None = None,
         *,
         prefer: Sequence[ProtocolName] = DEFAULT_PREFERENCE,
-        remember: bool = False,
+        remember: bool = True,
         accept_payment: bool = True,
         settlement_retries: int = 3,
         max_retry_wait: float = 10.0,

@@ -8,7 +8,13 @@ import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/Messa
 import {AccountTestBase, Recorder} from "./account/AccountTestBase.sol";
 import {ArgRules} from "../src/account/ArgRules.sol";
 import {IAgentAccountSessionKeys} from "../src/account/IAgentAccountSessionKeys.sol";
-import {ArgCondition, ArgRule, CallPermission, SessionPolicyKind} from "../src/account/SessionKeyTypes.sol";
+import {
+    ArgCondition,
+    ArgRule,
+    CallPermission,
+    SessionPolicyKind,
+    StoredArgRule
+} from "../src/account/SessionKeyTypes.sol";
 
 /// @dev Exposes the {ArgRules} library on calldata.
 contract ArgRulesHarness {
@@ -191,5 +197,40 @@ contract AgentAccountArgRulesTest is AccountTestBase {
         assertTrue(_validatesBatch(_execute(calls)));
         calls[bad] = _call(address(recorder), 0, abi.encodeCall(Recorder.record, (bad, 100 + overBy)));
         _expectArgumentViolation(_execute(calls), bad);
+    }
+
+    /// @dev Up to six rules on one permission, mixed conditions: the first two are read from the permission's
+    /// slot, the rest from their own; every one is checked, and the view returns them all as installed.
+    function testFuzz_Account_SeveralRulesAllChecked(bytes32[6] memory words, bytes32[6] memory values, uint8 seed)
+        public
+    {
+        uint256 n = 1 + seed % 6;
+        ArgRule[] memory rules = new ArgRule[](n);
+        bytes memory data = abi.encodePacked(Recorder.record.selector, words[0], words[1], words[2], words[3]);
+        data = abi.encodePacked(data, words[4], words[5]);
+        bool expected = true;
+        for (uint256 r = 0; r < n; ++r) {
+            ArgCondition condition = ArgCondition((uint256(keccak256(abi.encode(seed, r)))) % 3);
+            if (uint256(values[r]) % 4 == 0) values[r] = words[r]; // often a hit, so all-pass cases occur
+            bytes32[] memory one = new bytes32[](1);
+            one[0] = values[r];
+            rules[r] = ArgRule({condition: condition, offset: uint32(r * 32), values: one});
+            expected = expected && _refMatches(condition, r * 32, one, data);
+        }
+        CallPermission[] memory permissions = new CallPermission[](1);
+        permissions[0] = _permission(address(recorder), Recorder.record.selector, 0, rules);
+        _install(key, _policy(permissions));
+
+        assertEq(_validates(data), expected);
+        (bool allowed,, StoredArgRule[] memory stored) =
+            account.callPermission(key, address(recorder), Recorder.record.selector);
+        assertTrue(allowed);
+        assertEq(stored.length, n);
+        for (uint256 r = 0; r < n; ++r) {
+            assertEq(uint8(stored[r].condition), uint8(rules[r].condition));
+            assertEq(stored[r].offset, rules[r].offset);
+            bool oneOf = rules[r].condition == ArgCondition.OneOf; // stores its value count, the set elsewhere
+            assertEq(stored[r].value, oneOf ? bytes32(uint256(1)) : rules[r].values[0]);
+        }
     }
 }

@@ -7,6 +7,16 @@ stale" error cannot happen. Calls that queue up while a transaction commits run 
 a savepoint each (a failing call undoes only itself), and share its fsync: group commit. A call returns
 only after the COMMIT that made it durable.
 
+Not every call needs its own fsync. Reads write nothing: a batch of reads runs in a plain read transaction
+(no write lock, nothing to sync). Claims (`claim`, `renew`) and reservations (`add_pending`) only guard work
+still in flight: a batch of those commits under `synchronous=normal`, which survives a process crash (WAL)
+and may be lost only with a power loss, together with the request that took them. Everything that records
+money (a finalized claim, a receipt, a queued settlement, an outcome, a high-water mark, a released
+reservation) commits under the configured mode, `full` by default; the WAL is one append-only file, so that
+fsync also makes every earlier light commit durable. A served payment is therefore on disk, with the claim
+that led to it, before its response leaves. A lone call runs without a savepoint (its failure rolls the
+whole transaction back, which is the same thing).
+
 Amounts are stored as decimal text because SQLite integers stop at 2^63 and vouchers are uint128.
 `synchronous=full` by default: with `normal` a WAL commit survives a process crash but may roll back after
 a power loss, which for a finalized payment or a queued settlement is money; `normal` is an opt-in.
@@ -16,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +44,7 @@ from gateway._store import (
 )
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
 from gateway._stores._queries import list_query
+from gateway._stores._sqlite_committer import DURABLE, LIGHT, READ, Committer
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -68,10 +77,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _SYNC_MODES = ("off", "normal", "full", "extra")
-_MAX_BATCH = 256
-_Call = Callable[[sqlite3.Connection], Any]
-_Outcome = tuple[bool, Any]  # (succeeded, result or exception)
-_Job = tuple[_Call, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 def _migrate(con: sqlite3.Connection, p: str) -> None:
@@ -95,91 +100,11 @@ def _migrate(con: sqlite3.Connection, p: str) -> None:
     con.execute("COMMIT")
 
 
-def _hand_back(results: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
-    for future, (ok, value) in results:
-        if future.done():  # the caller was cancelled meanwhile
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-
-class _Committer:
-    """The thread that owns the connection and commits queued calls in groups."""
-
-    def __init__(self, con: sqlite3.Connection) -> None:
-        self._con = con
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="agentpay-sqlite", daemon=True)
-        self._thread.start()
-
-    def submit(self, call: _Call) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((call, future, loop))
-        return future
-
-    async def stop(self) -> None:
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-
-    def _serve(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._jobs.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                batch.append(job)
-            outcomes = self._execute([call for call, _, _ in batch])
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
-            for (_, future, loop), outcome in zip(batch, outcomes, strict=True):
-                by_loop.setdefault(loop, []).append((future, outcome))
-            for loop, results in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_hand_back, results)
-                except RuntimeError:  # that event loop is closed: nobody is waiting any more
-                    pass
-        self._con.close()
-
-    def _execute(self, calls: list[_Call]) -> list[_Outcome]:
-        con = self._con
-        outcomes: list[_Outcome] = []
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            for call in calls:
-                con.execute("SAVEPOINT call")
-                try:
-                    outcomes.append((True, call(con)))
-                except Exception as exc:
-                    con.execute("ROLLBACK TO call")
-                    outcomes.append((False, exc))
-                con.execute("RELEASE call")
-            con.execute("COMMIT")
-        except Exception as exc:  # locked past busy_timeout, disk full, ...: nothing in the batch happened
-            if con.in_transaction:
-                try:
-                    con.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            return [(False, exc)] * len(calls)
-        return outcomes
-
-
 class SQLiteStore:
     """`PaymentStore` on one SQLite file (WAL). Open with `await SQLiteStore.open(path)`."""
 
-    def __init__(self, con: sqlite3.Connection, prefix: str) -> None:
-        self._committer = _Committer(con)
+    def __init__(self, con: sqlite3.Connection, prefix: str, synchronous: str = "full") -> None:
+        self._committer = Committer(con, synchronous)
         self._p = prefix
         self._closed = False
 
@@ -213,11 +138,11 @@ class SQLiteStore:
             con = await asyncio.to_thread(connect)
         except (sqlite3.OperationalError, OSError) as exc:
             raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
-        return cls(con, prefix)
+        return cls(con, prefix, synchronous)
 
-    async def _run(self, call: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, call: Callable[[sqlite3.Connection], T], need: int = DURABLE) -> T:
         try:
-            result: T = await self._committer.submit(call)
+            result: T = await self._committer.submit(call, need)
         except sqlite3.OperationalError as exc:  # "database is locked" after busy_timeout, disk I/O, ...
             raise StoreUnavailable(f"sqlite: {exc}") from exc
         return result
@@ -231,7 +156,7 @@ class SQLiteStore:
             " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
             f" WHERE {p}claims.finalized = 0 AND {p}claims.expires_at <= ? RETURNING 1"
         )
-        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, token, now)).fetchall())
+        rows = await self._run(lambda con: con.execute(sql, (key, now + ttl, token, now)).fetchall(), LIGHT)
         return token if rows else None
 
     def _held(self, con: sqlite3.Connection, sql: str, key: str, holder: str, *first: Any) -> None:
@@ -242,7 +167,7 @@ class SQLiteStore:
 
     async def renew(self, key: str, holder: str, *, ttl: float) -> None:
         sql = f"UPDATE {self._p}claims SET expires_at = ?"
-        await self._run(lambda con: self._held(con, sql, key, holder, time.time() + ttl))
+        await self._run(lambda con: self._held(con, sql, key, holder, time.time() + ttl), LIGHT)
 
     async def release(self, key: str, holder: str) -> None:
         sql = f"DELETE FROM {self._p}claims"
@@ -264,7 +189,7 @@ class SQLiteStore:
 
     async def is_finalized(self, key: str) -> bool:
         sql = f"SELECT 1 FROM {self._p}claims WHERE key = ? AND finalized = 1"
-        return bool(await self._run(lambda con: con.execute(sql, (key,)).fetchall()))
+        return bool(await self._run(lambda con: con.execute(sql, (key,)).fetchall(), READ))
 
     async def complete(
         self,
@@ -275,10 +200,16 @@ class SQLiteStore:
         settlement: Settlement | None = None,
         keep_until: float | None = None,
     ) -> None:
+        until = math.inf if keep_until is None else keep_until
+        finalize = (
+            f"UPDATE {self._p}claims SET finalized = 1, expires_at = ?, holder = NULL, finalized_at = ?"
+        )
+
         def body(con: sqlite3.Connection) -> None:
-            if holder is not None:  # a savepoint of its own: ClaimLost here writes nothing
-                self._held(con, f"UPDATE {self._p}claims SET holder = holder", key, holder)
-            self._finalize(con, key, keep_until)
+            if holder is None:
+                self._finalize(con, key, keep_until)
+            else:  # finalized only if still held (the check and the write in one statement), else ClaimLost
+                self._held(con, finalize, key, holder, until, time.time())
             self._put_receipt(con, key, receipt)
             if settlement is not None:
                 self._enqueue(con, settlement)
@@ -325,7 +256,7 @@ class SQLiteStore:
 
     async def get_receipt(self, key: str) -> bytes | None:
         sql = f"SELECT receipt FROM {self._p}receipts WHERE key = ?"
-        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone())
+        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone(), READ)
         return None if row is None else bytes(row[0])
 
     # settlement queue
@@ -350,11 +281,22 @@ class SQLiteStore:
 
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         now, p = time.time(), self._p
+        # Settlers poll every few tens of milliseconds, mostly finding nothing: a read first (no write lock,
+        # no commit to sync) and the leasing write only when something is due. What falls due in between
+        # is taken by the next poll.
+        due = (  # `state IN (...)` lets SQLite use the partial index of what may be due
+            "kind = ? AND state IN ('queued', 'failed', 'leased') AND (state = 'queued'"
+            " OR (state = 'failed' AND retry_at <= ?) OR (state = 'leased' AND lease_until <= ?))"
+        )
+        probe = f"SELECT 1 FROM {p}settlements WHERE {due} LIMIT 1"
+        if limit <= 0 or not await self._run(
+            lambda con: con.execute(probe, (kind, now, now)).fetchall(), READ
+        ):
+            return []
         sql = (
             f"UPDATE {p}settlements SET state = 'leased', attempts = attempts + 1, lease_until = ?,"
-            f" lease_token = ?, retry_at = NULL WHERE key IN (SELECT key FROM {p}settlements WHERE kind = ?"
-            " AND (state = 'queued' OR (state = 'failed' AND retry_at <= ?) OR (state = 'leased' AND"
-            f" lease_until <= ?)) ORDER BY created_at, key LIMIT ?) RETURNING {COLUMNS}"
+            f" lease_token = ?, retry_at = NULL WHERE key IN (SELECT key FROM {p}settlements WHERE {due}"
+            f" ORDER BY created_at, key LIMIT ?) RETURNING {COLUMNS}"
         )
         args = (now + lease_seconds, new_token(), kind, now, now, max(limit, 0))
         rows = await self._run(lambda con: con.execute(sql, args).fetchall())
@@ -393,7 +335,7 @@ class SQLiteStore:
 
     async def get_settlement(self, key: str) -> Settlement | None:
         sql = f"SELECT {COLUMNS} FROM {self._p}settlements WHERE key = ?"
-        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone())
+        row = await self._run(lambda con: con.execute(sql, (key,)).fetchone(), READ)
         return None if row is None else settlement_from_row(row)
 
     async def dead_letters(self, *, kind: str | None = None, limit: int = 100) -> list[Settlement]:
@@ -401,7 +343,7 @@ class SQLiteStore:
             f"SELECT {COLUMNS} FROM {self._p}settlements WHERE state = 'dead' AND (? IS NULL OR kind = ?)"
             " ORDER BY created_at, key LIMIT ?"
         )
-        rows = await self._run(lambda con: con.execute(sql, (kind, kind, max(limit, 0))).fetchall())
+        rows = await self._run(lambda con: con.execute(sql, (kind, kind, max(limit, 0))).fetchall(), READ)
         return [settlement_from_row(row) for row in rows]
 
     async def requeue(self, key: str) -> bool:
@@ -413,7 +355,7 @@ class SQLiteStore:
 
     async def stats(self) -> QueueStats:
         sql = f"SELECT state, count(*) FROM {self._p}settlements GROUP BY state"
-        rows: list[Any] = await self._run(lambda con: con.execute(sql).fetchall())
+        rows: list[Any] = await self._run(lambda con: con.execute(sql).fetchall(), READ)
         counts = {"queued": 0, "leased": 0, "settled": 0, "failed": 0, "dead": 0}
         counts.update({state: n for state, n in rows})
         return QueueStats(**counts)
@@ -439,7 +381,7 @@ class SQLiteStore:
             self._set_int(con, "pending", "amount", "account", account, total)
             return True
 
-        return await self._run(body)
+        return await self._run(body, LIGHT)
 
     async def sub_pending(self, account: str, amount: int) -> None:
         def body(con: sqlite3.Connection) -> None:
@@ -449,7 +391,7 @@ class SQLiteStore:
         await self._run(body)
 
     async def get_pending(self, account: str) -> int:
-        return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account))
+        return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account), READ)
 
     async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
         def body(con: sqlite3.Connection) -> bool:
@@ -462,7 +404,7 @@ class SQLiteStore:
 
     async def high_water(self, channel_id: str) -> int:
         return await self._run(
-            lambda con: self._get_int(con, "high_water", "cumulative", "channel_id", channel_id)
+            lambda con: self._get_int(con, "high_water", "cumulative", "channel_id", channel_id), READ
         )
 
     async def close(self) -> None:

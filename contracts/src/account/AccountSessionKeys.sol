@@ -90,10 +90,16 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     /// @dev Maximum number of argument rules per {CallPermission}.
     uint256 internal constant MAX_RULES_PER_PERMISSION = 32;
 
+    /// @dev One slot. The first two rules' condition and offset ride along (they are also in `rules`,
+    /// for the view), so validating them costs no read beyond their `value` (and none for a OneOf rule).
     struct StoredPermission {
         bool allowed;
         uint8 ruleCount;
         uint128 valueLimit;
+        ArgCondition condition0;
+        uint32 offset0;
+        ArgCondition condition1;
+        uint32 offset1;
     }
 
     /// @dev Slot 0 of a key: read by every validation. The flags say whether slots 1 and 2 must be read at all.
@@ -365,21 +371,32 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
         }
         for (uint256 r = 0; r < permission.ruleCount; ++r) {
-            if (!_ruleHolds($, pid, r, data)) {
+            if (!_ruleHolds($, pid, r, data, permission)) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, r);
             }
         }
     }
 
-    /// @dev Whether rule `r` of permission `pid` holds for `data`. A OneOf rule never reads its `value` slot.
-    function _ruleHolds(SessionKeysStorage storage $, bytes32 pid, uint256 r, bytes calldata data)
-        private
-        view
-        returns (bool)
-    {
+    /// @dev Whether rule `r` of permission `pid` holds for `data`. A OneOf rule never reads its `value` slot, and
+    /// an inline rule (see {StoredPermission}) not its condition slot either.
+    function _ruleHolds(
+        SessionKeysStorage storage $,
+        bytes32 pid,
+        uint256 r,
+        bytes calldata data,
+        StoredPermission memory permission
+    ) private view returns (bool) {
         StoredArgRule storage rule = $.rules[pid][r];
-        ArgCondition condition = rule.condition;
-        (bool found, bytes32 word) = ArgRules.wordAt(data, rule.offset);
+        ArgCondition condition;
+        uint32 offset;
+        if (r == 0) {
+            (condition, offset) = (permission.condition0, permission.offset0);
+        } else if (r == 1) {
+            (condition, offset) = (permission.condition1, permission.offset1);
+        } else {
+            (condition, offset) = (rule.condition, rule.offset);
+        }
+        (bool found, bytes32 word) = ArgRules.wordAt(data, offset);
         if (!found) return false;
         if (condition == ArgCondition.OneOf) return $.oneOf[_oneOfId(pid, r, word)];
         return ArgRules.compare(condition, word, rule.value);
@@ -513,8 +530,15 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if ($.permissions[pid].allowed) revert SessionKeyInvalidPolicy(key, 6, index);
         uint256 ruleCount = permission.rules.length;
         if (ruleCount > MAX_RULES_PER_PERMISSION) revert SessionKeyInvalidPolicy(key, 7, index);
-        $.permissions[pid] =
-            StoredPermission({allowed: true, ruleCount: uint8(ruleCount), valueLimit: permission.valueLimit});
+        StoredPermission memory stored;
+        (stored.allowed, stored.ruleCount, stored.valueLimit) = (true, uint8(ruleCount), permission.valueLimit);
+        if (ruleCount > 0) {
+            (stored.condition0, stored.offset0) = (permission.rules[0].condition, permission.rules[0].offset);
+        }
+        if (ruleCount > 1) {
+            (stored.condition1, stored.offset1) = (permission.rules[1].condition, permission.rules[1].offset);
+        }
+        $.permissions[pid] = stored;
         for (uint256 r = 0; r < ruleCount; ++r) {
             ArgRule calldata rule = permission.rules[r];
             uint256 count = rule.values.length;

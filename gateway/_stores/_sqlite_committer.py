@@ -1,0 +1,153 @@
+"""The SQLite store's committer: one thread owns the connection and commits queued calls in groups.
+
+See `gateway._stores.sqlite` for what each kind of call (`READ`, `LIGHT`, `DURABLE`) asks of its commit.
+Calls submitted during one event-loop iteration cross to the thread together; the thread takes whatever
+has queued up (at most `_MAX_BATCH`), runs it in one transaction (a savepoint per call when there are
+several), commits once, and hands every result back to the loop that is waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["DURABLE", "LIGHT", "READ", "Committer"]
+
+_MAX_BATCH = 256
+_Call = Callable[[sqlite3.Connection], Any]
+_Outcome = tuple[bool, Any]  # (succeeded, result or exception)
+# How much a call needs from its commit: nothing (it reads), to survive a process crash, or to survive a
+# power loss too (the configured `synchronous` mode).
+READ, LIGHT, DURABLE = 0, 1, 2
+_Job = tuple[_Call, "asyncio.Future[Any]", asyncio.AbstractEventLoop, int]
+
+
+def _hand_back(results: list[tuple[asyncio.Future[Any], _Outcome]]) -> None:
+    for future, (ok, value) in results:
+        if future.done():  # the caller was cancelled meanwhile
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class Committer:
+    """The thread that owns the connection and commits queued calls in groups."""
+
+    def __init__(self, con: sqlite3.Connection, synchronous: str) -> None:
+        self._con = con
+        self._durable_sync = synchronous
+        # a light batch never syncs more than `normal`, nor more than the configured mode
+        self._light_sync = "off" if synchronous == "off" else "normal"
+        self._sync = synchronous  # the mode the connection is in now
+        # Calls submitted during one event-loop iteration cross to the thread together, at its end: one
+        # wake-up of the thread (and one GIL hand-over) per iteration rather than per call.
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        self._pending_lock = threading.Lock()  # loops on other threads may share the store
+        self._thread = threading.Thread(target=self._serve, name="agentpay-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: _Call, need: int = DURABLE) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._pending_lock:
+            pending = self._pending.get(loop)
+            if pending is None:
+                pending = self._pending[loop] = []
+                loop.call_soon(self._hand_over, loop)
+            pending.append((call, future, loop, need))
+        return future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._pending_lock:
+            jobs = self._pending.pop(loop, None)
+        if jobs:
+            self._jobs.put(jobs)
+
+    async def stop(self) -> None:
+        self._hand_over(asyncio.get_running_loop())
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = list(first)
+            while len(batch) < _MAX_BATCH:
+                try:
+                    jobs = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if jobs is None:
+                    stopping = True
+                    break
+                batch.extend(jobs)
+            outcomes = self._execute(batch)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Outcome]]] = {}
+            for (_, future, loop, _), outcome in zip(batch, outcomes, strict=True):
+                by_loop.setdefault(loop, []).append((future, outcome))
+            for loop, results in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_hand_back, results)
+                except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                    pass
+        self._con.close()
+
+    def _execute(self, batch: list[_Job]) -> list[_Outcome]:
+        con = self._con
+        need = max(job[3] for job in batch)
+        outcomes: list[_Outcome] = []
+        try:
+            if need == READ:
+                con.execute("BEGIN")  # one snapshot for the batch; no write lock, nothing to sync
+            else:
+                sync = self._durable_sync if need == DURABLE else self._light_sync
+                if sync != self._sync:  # only outside a transaction
+                    con.execute(f"PRAGMA synchronous = {sync}")
+                    self._sync = sync
+                con.execute("BEGIN IMMEDIATE")
+            if len(batch) == 1:
+                try:
+                    outcomes.append((True, batch[0][0](con)))
+                except Exception as exc:
+                    con.execute("ROLLBACK")
+                    return [(False, exc)]
+            else:
+                for call, _, _, kind in batch:
+                    outcomes.append(self._savepoint(con, call) if kind != READ else self._read(con, call))
+            con.execute("COMMIT")
+        except Exception as exc:  # locked past busy_timeout, disk full, ...: nothing in the batch happened
+            if con.in_transaction:
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return [(False, exc)] * len(batch)
+        return outcomes
+
+    @staticmethod
+    def _read(con: sqlite3.Connection, call: _Call) -> _Outcome:
+        try:
+            return (True, call(con))
+        except Exception as exc:  # a read changed nothing: nothing to undo
+            return (False, exc)
+
+    @staticmethod
+    def _savepoint(con: sqlite3.Connection, call: _Call) -> _Outcome:
+        con.execute("SAVEPOINT call")
+        try:
+            outcome: _Outcome = (True, call(con))
+        except Exception as exc:
+            con.execute("ROLLBACK TO call")
+            outcome = (False, exc)
+        con.execute("RELEASE call")
+        return outcome

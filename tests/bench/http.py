@@ -1,0 +1,211 @@
+"""Paid requests over real HTTP: our example sub-agent beside the official x402 middleware, same HTTP stack.
+
+    python -m tests.bench.http [--calls 1000] [--e2e-calls 600] [--chain-calls 200] [--concurrency 16]
+
+Both servers run under uvicorn, one worker, uvloop + httptools, on loopback sockets this process bound:
+ours is `examples.subagent.build_app` (`tests/bench/_http_server.py`), theirs the official
+`PaymentMiddlewareASGI` of x402 2.25 (`tests/peers/bench_http.py serve`, in .venv-peers). One anvil devnet
+serves both. Figures:
+
+- server side (``*_sqlite``, ``*_memory``, ``*_official``): the same official client process
+  (`tests/peers/bench_http.py drive --mode presigned`) sends payments it signed before the clock started, so
+  the server's cost is what is measured. Ours with the default SQLite store (a fresh file,
+  `synchronous=full`) and with `memory://`; both sides with a stub settler that recovers and checks the
+  EIP-3009 signature and sends nothing. ``server_cpu_ms_*`` is the server process's CPU time (user + system,
+  every thread, from /proc/<pid>/stat) over the timed requests, per paid request: the client can saturate a
+  core, so req/s alone says little. ``cpu_ratio_sqlite`` = ours (SQLite) / official.
+- end to end (``e2e_*``): each side's own client pays its own server (ours `PaymentAuth`, default settings,
+  in this process; theirs `x402AsyncTransport`), stub settlers; ``e2e_ratio`` = ours / official req/s.
+- real settlement (``chain_*``): payments signed beforehand, each settled on anvil before its response
+  (ours: `ExactEvm`, simulation + `transferWithAuthorization` + receipt; theirs: `x402Facilitator` +
+  `FacilitatorWeb3Signer`); ``chain_rps_ratio`` = ours / official req/s.
+
+Request counts are bounded by the flags; the last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from escrow import Devnet, DevnetState
+from tests.peers._harness import REPO, PeerServer, run_peer
+from x402 import LocalSigner
+from x402.client import Eip3009Wallet, PaymentAuth
+
+OFFICIAL_PAYER, OFFICIAL_FACILITATOR, OUR_PAYER = 4, 5, 6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ours(state_file: Path, store: str, settle: str) -> PeerServer:
+    return PeerServer(
+        "tests/bench/_http_server.py",
+        "--devnet",
+        str(state_file),
+        "--store",
+        store,
+        "--settle",
+        settle,
+        python=sys.executable,
+        module="tests.bench._http_server",
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO)},
+    )
+
+
+def official(state: DevnetState, settle: str) -> PeerServer:
+    return PeerServer(
+        "bench_http.py",
+        "serve",
+        "--settle",
+        settle,
+        "--rpc-url",
+        state.rpc_url,
+        "--chain-id",
+        str(state.chain_id),
+        "--asset",
+        state.contracts["usdc"],
+        "--pay-to",
+        state.accounts[2].address,
+        "--amount",
+        "1000",
+        env={"PEER_FACILITATOR_KEY": state.accounts[OFFICIAL_FACILITATOR].private_key},
+    )
+
+
+def official_client(state: DevnetState, server: PeerServer, url: str, n: int, mode: str, c: int) -> Any:
+    assert server.proc is not None
+    return run_peer(
+        "bench_http.py",
+        "drive",
+        "--url",
+        url,
+        "--mode",
+        mode,
+        "--n",
+        str(n),
+        "--concurrency",
+        str(c),
+        "--server-pid",
+        str(server.proc.pid),
+        env={"PEER_PRIVATE_KEY": state.accounts[OFFICIAL_PAYER].private_key},
+        timeout=900,
+    )
+
+
+async def our_client(state: DevnetState, server: PeerServer, n: int, c: int) -> dict[str, Any]:
+    """Our `PaymentAuth` (defaults: it pays up front once it has seen the route priced) end to end."""
+    assert server.proc is not None
+    usdc = state.contracts["usdc"]
+    wallet = Eip3009Wallet(
+        LocalSigner(state.accounts[OUR_PAYER].private_key),
+        state.chain_id,
+        {usdc: (state.usdc_name, state.usdc_version)},
+    )
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    async with httpx.AsyncClient(auth=PaymentAuth(wallet), limits=limits, timeout=120) as http:
+        url = f"{server.url}/hello"
+        for _ in range(20):
+            await http.get(url)
+        remaining = list(range(n))
+
+        async def worker() -> None:
+            while remaining:
+                remaining.pop()
+                began = time.perf_counter()
+                response = await http.get(url)
+                latencies.append(time.perf_counter() - began)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        cpu_before = cpu_seconds(server.proc.pid)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        seconds = time.perf_counter() - start
+        cpu_after = cpu_seconds(server.proc.pid)
+    latencies.sort()
+    paid = statuses.get(200, 0)
+    return {
+        "req_per_s": round(paid / seconds, 2),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3),
+        "server_cpu_ms": round((cpu_after - cpu_before) * 1000 / max(paid, 1), 3),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, Any] = {}
+    c = args.concurrency
+    with Devnet() as state, tempfile.TemporaryDirectory() as tmp:
+        state_file = Path(tmp) / "devnet.json"
+        state.dump(state_file)
+
+        def sqlite(name: str) -> str:
+            return f"sqlite:///{tmp}/{name}.db"
+
+        def drive(label: str, server: PeerServer, path: str, n: int, mode: str = "presigned") -> None:
+            runs[label] = official_client(state, server, f"{server.url}{path}", n, mode, c)
+
+        for label, store in (("sqlite", sqlite("stub")), ("memory", "memory://")):
+            with ours(state_file, store, "stub") as server:
+                drive(label, server, "/hello", args.calls)
+        with official(state, "stub") as server:
+            drive("official", server, "/paid", args.calls)
+            drive("official_e2e", server, "/paid", args.e2e_calls, "e2e")
+        with ours(state_file, sqlite("e2e"), "stub") as server:
+            runs["e2e"] = asyncio.run(our_client(state, server, args.e2e_calls, c))
+        if args.chain_calls:
+            with ours(state_file, sqlite("chain"), "chain") as server:
+                drive("chain", server, "/hello", args.chain_calls)
+            with official(state, "chain") as server:
+                drive("official_chain", server, "/paid", args.chain_calls)
+    for label, figures in runs.items():
+        print(f"{label:>15}: {json.dumps(figures)}", file=sys.stderr)
+    names = {"req_per_s": "rps", "p50_ms": "p50_ms", "p99_ms": "p99_ms", "server_cpu_ms": "server_cpu_ms"}
+    summary: dict[str, Any] = {
+        f"{name}_{label}": figures[key]
+        for label, figures in runs.items()
+        for key, name in names.items()
+        if key in figures
+    }
+
+    def ratio(ours: str, theirs: str, key: str) -> float:
+        return round(float(runs[ours][key]) / float(runs[theirs][key]), 3)
+
+    summary["cpu_ratio_sqlite"] = ratio("sqlite", "official", "server_cpu_ms")
+    summary["cpu_ratio_memory"] = ratio("memory", "official", "server_cpu_ms")
+    summary["e2e_ratio"] = ratio("e2e", "official_e2e", "req_per_s")
+    if "chain" in runs:
+        summary["chain_rps_ratio"] = ratio("chain", "official_chain", "req_per_s")
+    summary["statuses"] = {label: figures["statuses"] for label, figures in runs.items()}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=1000, help="server-side runs (presigned), per server")
+    parser.add_argument("--e2e-calls", type=int, default=600, help="end-to-end runs, per side")
+    parser.add_argument("--chain-calls", type=int, default=200, help="real settlement, per side; 0: skip")
+    parser.add_argument("--concurrency", type=int, default=16)
+    print(json.dumps(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
