@@ -10,10 +10,18 @@ STAMP_NODE  := node_modules/.installed
 STAMP_PEERS := $(PEERS)/.installed
 STAMP_MCP_PEERS := $(MCP_PEERS)/.installed
 STAMP_NODE_PEERS := $(NODE_PEERS)/node_modules/.installed
+STAMP_BROWSER := $(VENV)/.browser
 
 .PHONY: setup demo test lint typecheck contracts contracts-check forge-test pytest clean
 
-setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS)
+setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS) $(STAMP_BROWSER)
+
+# The dashboard test drives a real headless Chromium: Debian's chromium and chromedriver (their recommended
+# packages bring the fonts), installed when missing (as root, like CI; otherwise install them yourself).
+$(STAMP_BROWSER): $(STAMP_PY)
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	touch $@
 
 $(STAMP_PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,7 +77,7 @@ contracts-check: $(STAMP_NODE)
 forge-test: $(STAMP_NODE)
 	cd contracts && ../node_modules/.bin/forge test --offline
 
-pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS)
+pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS) $(STAMP_BROWSER)
 	$(BIN)/python -m pytest -q
 
 clean:
