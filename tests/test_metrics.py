@@ -91,8 +91,9 @@ async def test_metrics_count_challenges_payments_refusals_and_releases(shop: Sho
     assert garbage.status_code == 400
 
     m = await scrape(shop)
-    # each paying client first got a 402 too: 1 unpaid + 4 paid calls
-    assert value(m, "agentpay_challenges_total", route="GET /hello") == 3
+    # 1 unpaid call, then the payer's first /hello got a 402 too; its second paid up front (the client
+    # remembers a route's requirements by default)
+    assert value(m, "agentpay_challenges_total", route="GET /hello") == 2
     assert value(m, "agentpay_challenges_total", route="GET /report") == 1
     assert value(m, "agentpay_payments_verified_total", scheme="exact", route="GET /hello") == 2
     assert value(m, "agentpay_payments_verified_total", scheme="exact", route="GET /fail") == 1
