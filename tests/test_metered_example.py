@@ -18,7 +18,13 @@ import escrow
 from escrow import DevnetState, Erc20, TxSender
 from examples.subagent import allow_metered_settler, build_app, with_sessions
 from tests._gateways import Chain, key_hex
-from x402 import LocalSigner, SettleResponse, decode_payment_required, parse_www_authenticate
+from x402 import (
+    LocalSigner,
+    SettleResponse,
+    SpendPolicyViolation,
+    decode_payment_required,
+    parse_www_authenticate,
+)
 from x402._upto import PERMIT2_ADDRESS
 from x402.client import PaymentAuth, SpendPolicy, receipt_of
 from x402.client_escrow import SessionKeyWallet
@@ -84,7 +90,8 @@ async def test_upto_pays_exactly_the_units_used(chain: Chain) -> None:
     usdc = Erc20(chain.rpc, chain.usdc)
     await sender.transact(usdc.address, usdc.approve_calldata(PERMIT2_ADDRESS, 2**256 - 1), gas=100_000)
     async with _subagent(chain) as (http, payee, _):
-        auth = PaymentAuth(UptoWallet(payer, max_per_call=MAXIMUM), SpendPolicy(max_per_call="$0.01"))
+        policy = SpendPolicy(max_per_call="$0.01", total_budget="$1")
+        auth = PaymentAuth(UptoWallet(payer, max_per_call=MAXIMUM), policy)
         before = await chain.balance(payer.address)
         r = await http.get("/metered?units=3", auth=auth)
         assert r.status_code == 200 and r.json()["units"] == 3
@@ -93,6 +100,7 @@ async def test_upto_pays_exactly_the_units_used(chain: Chain) -> None:
         assert "settlement-overrides" not in r.headers
         assert await chain.balance(payee) == 3 * UNIT
         assert before - await chain.balance(payer.address) == 3 * UNIT
+        assert (policy.spent, policy.reserved) == (3 * UNIT, 0)  # reserved the maximum, committed the actual
         # Zero units: nothing is sent, nothing is charged.
         r = await http.get("/metered?units=0", auth=auth)
         assert r.status_code == 200 and receipt_of(r).amount == "0"  # type: ignore[union-attr]
@@ -109,7 +117,8 @@ async def test_metered_escrow_pays_exactly_the_units_used(chain: Chain) -> None:
         file = await public.open_session(
             owner, max_per_call=MAXIMUM, budget=10 * MAXIMUM, deposit=20 * MAXIMUM
         )
-        auth = PaymentAuth(SessionKeyWallet.from_file(file), SpendPolicy(max_per_call="$0.01"))
+        policy = SpendPolicy(max_per_call="$0.01", total_budget="$1")
+        auth = PaymentAuth(SessionKeyWallet.from_file(file), policy)
         r = await http.get("/metered?units=7", auth=auth)
         assert r.status_code == 200 and r.json()["units"] == 7
         receipt = receipt_of(r)
@@ -119,3 +128,8 @@ async def test_metered_escrow_pays_exactly_the_units_used(chain: Chain) -> None:
         assert await public.escrow.deposit_of(owner.address, chain.usdc) == 20 * MAXIMUM - 7 * UNIT
         grant = await public.escrow.grant_of(owner.address, file.grant.signer)
         assert grant.spent == 7 * UNIT  # the budget counts what was paid, not the maximum
+        assert policy.spent == 7 * UNIT
+        # A maximum above the payer's own per-call limit is refused before anything is signed.
+        small = SpendPolicy(max_per_call="$0.005")
+        with pytest.raises(SpendPolicyViolation):
+            await http.get("/metered?units=1", auth=PaymentAuth(SessionKeyWallet.from_file(file), small))
