@@ -14,7 +14,14 @@ describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that
 and relayer; the gateway takes its schemes, settlers and recovery from it, an owner opens session keys.
 """
 
-from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
+from ._chain import (
+    Chain,
+    ChainConfigError,
+    load_network,
+    network_of_devnet,
+    resolve_key_reference,
+    write_devnet_networks,
+)
 from .accounts import (
     UNLIMITED_GAS_BUDGET,
     AgentAccount,
@@ -147,6 +154,8 @@ __all__ = [
     "load_artifact",
     "load_network",
     "network_of_devnet",
+    "resolve_key_reference",
+    "write_devnet_networks",
     "NonceLanes",
     "OwnerKey",
     "PackedUserOperation",

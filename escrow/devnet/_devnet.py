@@ -381,13 +381,14 @@ class Devnet:
 
     `chain` picks the chain: a chain id (`Devnet(chain=8453)`, a plain devnet under that id) or a real
     network's name (`Devnet(chain="base")`: Base's chain id, and the token at Base's USDC address with its
-    EIP-712 domain). Default: chain id 31337. `Devnets` runs several.
+    EIP-712 domain). Default: chain id 31337. `chain_id=N` is `chain=N`. `Devnets` runs several.
     """
 
     def __init__(
         self,
         *,
         chain: int | str | ChainSpec | None = None,
+        chain_id: int | None = None,
         backend: str | None = None,
         port: int | None = None,
         accounts: int = 10,
@@ -400,12 +401,15 @@ class Devnet:
         self._backend, self._port, self._log = backend, port, log
         self._count, self._usdc_each = accounts, usdc_each
         self._want_bundler = bundler
+        if chain is not None and chain_id is not None:
+            raise DevnetError("pass chain= or chain_id=, not both", code="devnet_chains")
+        chosen = chain_id if chain is None else chain
         self._spec = (
             ChainSpec(CHAIN_ID)
-            if chain is None
-            else chain
-            if isinstance(chain, ChainSpec)
-            else chain_spec(chain)
+            if chosen is None
+            else chosen
+            if isinstance(chosen, ChainSpec)
+            else chain_spec(chosen)
         )
         self._bundler: BundlerProcess | None = None
         self._node: NodeProcess | None = None

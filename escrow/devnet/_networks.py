@@ -97,29 +97,34 @@ def real_network(name: str) -> RealNetwork:
 
 
 def chain_spec(item: str | int) -> ChainSpec:
-    """`"base"` (a real network's look-alike) or a chain id (`8453` or `"8453"`: a plain devnet chain)."""
-    if isinstance(item, int) or item.strip().isdigit():
-        chain_id = int(item)
+    """`"base"` (a real network's look-alike) or a chain id (`8453`, `"8453"` or `"eip155:8453"`: a plain
+    devnet chain under that id)."""
+    text = item if isinstance(item, int) else item.strip().removeprefix("eip155:")
+    if isinstance(text, int) or text.isdigit():
+        chain_id = int(text)
         if not 0 < chain_id < 2**53:  # JSON numbers, and what wallets accept
             raise DevnetError(f"chain id {chain_id} is out of range", code="devnet_chains")
         return ChainSpec(chain_id)
-    like = real_network(item)
+    like = real_network(text)
     return ChainSpec(like.chain_id, like)
 
 
 def parse_chains(spec: int | str | Sequence[str | int]) -> tuple[ChainSpec, ...]:
-    """The chains `spec` names: a count (`2`, `"2"`: chain ids 31337, 31338, ...), a comma-separated list or
-    a sequence of network names and chain ids (`"base,arbitrum"`, `["base", 31337]`). A single number up
-    to `MAX_CHAINS` is a count; write a lone small chain id as a list (`"5,"`)."""
+    """The chains `spec` names: a count (`2`, `"2"`: chain ids 31337, 31338, ...), or a comma-separated
+    list or sequence of network names and chain ids (`"base,arbitrum"`, `"8453,10"`, `["base", 31337]`).
+    A lone number is a count: name a single chain id as `"eip155:8453"`."""
     if isinstance(spec, str):
         text = spec.strip()
-        if text.isdigit() and int(text) <= MAX_CHAINS:
+        if text.isdigit():
             spec = int(text)
         else:
             spec = [part for part in text.split(",") if part.strip()]
     if isinstance(spec, int):
         if not 0 < spec <= MAX_CHAINS:
-            raise DevnetError(f"a devnet runs 1 to {MAX_CHAINS} chains, not {spec}", code="devnet_chains")
+            hint = f" (to name chain id {spec}, write eip155:{spec})" if spec > MAX_CHAINS else ""
+            raise DevnetError(
+                f"a devnet runs 1 to {MAX_CHAINS} chains, not {spec}{hint}", code="devnet_chains"
+            )
         return tuple(ChainSpec(CHAIN_ID + i) for i in range(spec))
     chains = tuple(chain_spec(item) for item in spec)
     if not 0 < len(chains) <= MAX_CHAINS:
