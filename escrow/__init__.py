@@ -14,7 +14,14 @@ describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that
 and relayer; the gateway takes its schemes, settlers and recovery from it, an owner opens session keys.
 """
 
-from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
+from ._chain import (
+    Chain,
+    ChainConfigError,
+    load_network,
+    network_of_devnet,
+    resolve_key_reference,
+    write_devnet_networks,
+)
 from .accounts import (
     UNLIMITED_GAS_BUDGET,
     AgentAccount,
@@ -60,12 +67,18 @@ from .devnet import (
     CREATE2_DEPLOYER,
     DEPLOYMENTS,
     ENTRYPOINT_ADDRESS,
+    REAL_NETWORKS,
+    ChainSpec,
     Deployment,
     Devnet,
     DevnetAccount,
+    DevnetChain,
     DevnetError,
+    Devnets,
     DevnetState,
+    RealNetwork,
     devnet_running,
+    parse_chains,
     start_detached,
     stop_detached,
 )
@@ -119,8 +132,14 @@ __all__ = [
     "Devnet",
     "devnet_running",
     "DevnetAccount",
+    "DevnetChain",
     "DevnetError",
     "DevnetState",
+    "Devnets",
+    "REAL_NETWORKS",
+    "ChainSpec",
+    "RealNetwork",
+    "parse_chains",
     "Erc20",
     "EscrowClaim",
     "EscrowError",
@@ -135,6 +154,8 @@ __all__ = [
     "load_artifact",
     "load_network",
     "network_of_devnet",
+    "resolve_key_reference",
+    "write_devnet_networks",
     "NonceLanes",
     "OwnerKey",
     "PackedUserOperation",
