@@ -48,11 +48,14 @@ from escrow.accounts._userop import SessionPolicyKind
 from escrow.chain._abi import ContractAbi
 from escrow.chain._artifacts import EscrowError
 from escrow.payments._escrow import deploy_contract, escrow_artifact
+from examples.subagent import build_app, with_sessions
 from gateway import SessionPaywall, SessionRoute, charge
+from tests.test_readme import _balance as _readme_balance
+from tests.test_readme import _serve, blocks, workdir  # noqa: F401  (the fixture)
 from x402 import Eip712Domain, LocalSigner, SpendPolicyViolation
 from x402.client_session import SessionClient
 
-pytestmark = [pytest.mark.chain, pytest.mark.anyio]
+pytestmark = [pytest.mark.chain]
 
 UNIT = 10  # base units per metered unit; a call reserves 100 units at most (1,000)
 FUNDS = 50_000  # USDC base units the account holds
@@ -187,6 +190,7 @@ async def _calls(client: SessionClient, units: list[int], *, before: int = 0) ->
     return charged - before
 
 
+@pytest.mark.anyio
 async def test_session_key_opens_tops_up_and_closes_from_the_account(
     devnet: DevnetState, tmp_path: Path
 ) -> None:
@@ -232,6 +236,7 @@ async def test_session_key_opens_tops_up_and_closes_from_the_account(
         assert CountingSigner.signatures == signed_by_owner
 
 
+@pytest.mark.anyio
 async def test_a_key_whose_policy_does_not_allow_the_open_is_refused(
     devnet: DevnetState, tmp_path: Path
 ) -> None:
@@ -301,6 +306,7 @@ async def test_a_key_whose_policy_does_not_allow_the_open_is_refused(
         assert await w.balance(w.account.address) == FUNDS  # nothing left the account
 
 
+@pytest.mark.anyio
 async def test_owner_signed_open_is_relayed_and_cannot_be_replayed(
     devnet: DevnetState, tmp_path: Path
 ) -> None:
@@ -416,3 +422,32 @@ class _NoOpener:
 
     async def top_up(self, **kw: object) -> str:
         raise AssertionError("top-ups are relayed from the owner's files")
+
+
+@pytest.mark.usefixtures("workdir")  # a fresh directory holding .agentpay/devnet.json, as a user has
+def test_readme_session_block_runs_against_the_example_sub_agent(
+    devnet: DevnetState, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's smart-account session block, as a user runs it, against `examples.subagent`."""
+    (block,) = [b for b in blocks("python") if "AccountChannelOpener" in b]
+    payee = devnet.accounts[2]
+    chain = Chain.from_devnet(devnet)
+    app = with_sessions(
+        build_app(chain, pay_to=payee.address, store="memory://"),
+        chain,
+        channels=devnet.contracts["channels"],
+        payee_key=payee.private_key,
+        secret="r" * 64,
+    )
+    before = _readme_balance(devnet, payee.address)
+    server, thread, url = _serve(app)
+    try:
+        pointed = block.replace("http://127.0.0.1:8402", url)
+        assert pointed != block
+        exec(compile(pointed, "README.md (smart-account session)", "exec"), {"__name__": "readme_session"})
+        printed = capsys.readouterr().out
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert "paid 800 over channel 0x" in printed, printed
+    assert _readme_balance(devnet, payee.address) - before == 800
