@@ -25,6 +25,7 @@ from starlette.routing import Route
 from escrow import (
     AccountChannelOpener,
     AgentAccount,
+    AuthorizationChannelOpener,
     Bundler,
     Call,
     Chain,
@@ -223,8 +224,11 @@ async def test_session_key_opens_tops_up_and_closes_from_the_account(
         assert (await w.paywall.chain.channel(ch.channel)).deposit == DEPOSIT + TOP_UP
         charged += await _calls(client, [5, 0, 9], before=charged)
 
+        before_close = await w.balance(w.account.address)
         closed = await client.close("/meter")
         assert closed is not None and closed.tx_hash and closed.spent == str(charged)
+        # the refund is both deposits less exactly what was charged
+        assert await w.balance(w.account.address) - before_close == DEPOSIT + TOP_UP - charged
         # the payee got exactly the charges; the account got the rest of both deposits back
         assert await w.balance(w.payee) - payee_before == charged
         assert await w.balance(w.account.address) == FUNDS - charged
@@ -406,6 +410,28 @@ async def test_owner_signed_open_is_relayed_and_cannot_be_replayed(
         assert await w.balance(w.payee) - payee_before == charged
         assert await w.balance(w.account.address) == FUNDS - charged
         assert CountingSigner.signatures == signed_by_owner
+
+
+@pytest.mark.anyio
+async def test_a_payer_with_no_gas_opens_and_tops_up_through_a_relayer(devnet: DevnetState) -> None:
+    async with world(devnet) as w:
+        payer = LocalSigner.random()  # holds USDC and no ETH: it never sends a transaction
+        await w.relayer.transact(w.usdc.address, w.usdc.abi.encode("mint", payer.address, FUNDS), gas=100_000)
+        opener = AuthorizationChannelOpener(w.relayer, payer, w.domain())
+        client = SessionClient(
+            w.http, signer=w.key, opener=opener, deposit=DEPOSIT, max_voucher_step=100 * UNIT
+        )
+        payee_before = await w.balance(w.payee)
+        charged = await _calls(client, [100, 100, 100, 2])
+        await client.top_up("/meter", TOP_UP)
+        charged += await _calls(client, [100, 4], before=charged)
+        closed = await client.close("/meter")
+        assert closed is not None and closed.spent == str(charged)
+        assert await w.balance(w.payee) - payee_before == charged
+        assert await w.balance(payer.address) == FUNDS - charged
+        assert await w.chain.rpc.request("eth_getTransactionCount", [payer.address, "latest"]) == "0x0"
+        assert await w.chain.rpc.get_balance(payer.address) == 0
+        assert opener.gas > 0  # paid by the relayer
 
 
 def _fields(signed: SignedChannelOpen | SignedChannelTopUp) -> dict[str, object]:
