@@ -9,7 +9,6 @@ up, and the payee closes with the final voucher. Balances are checked to the bas
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -158,7 +157,7 @@ async def world(devnet: DevnetState) -> AsyncIterator[World]:
 
 async def _install(w: World, *, payees: list[str], tmp_path: Path) -> None:
     """The offline setup: the owner signs the key's policy into a file; a relayer installs it."""
-    now = int(time.time())
+    now = await w.chain.rpc.block_timestamp()  # chain time: other suites may have moved it
     policy = channel_session_policy(
         channels=w.channels,
         token=w.usdc.address,
@@ -315,7 +314,7 @@ async def test_owner_signed_open_is_relayed_and_cannot_be_replayed(
     devnet: DevnetState, tmp_path: Path
 ) -> None:
     async with world(devnet) as w:
-        domain, now = w.domain(), int(time.time())
+        domain, now = w.domain(), await w.chain.rpc.block_timestamp()
         salt = "0x" + os.urandom(32).hex()
         # offline: the owner signs the open and one top-up of a channel it has computed the id of
         signed = sign_channel_open(

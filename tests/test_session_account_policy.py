@@ -10,7 +10,6 @@ voucher signer, and no splits.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +76,7 @@ async def _install(devnet: DevnetState) -> Installed:
             account=account.address,
             key=KEY.address,
             policy=policy,
-            deadline=int(time.time()) + 600,
+            deadline=await chain.rpc.block_timestamp() + 600,
         )
         await account.relay_install(signed, relayer)
         return Installed(account.address, relayer_key)

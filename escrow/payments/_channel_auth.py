@@ -21,7 +21,6 @@ payer whose key is at hand (an EOA with no gas).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +279,7 @@ class AuthorizationChannelOpener:
         token_domain: Eip712Domain,
         *,
         account: str | None = None,
-        valid_for: int = 600,
+        valid_for: int = 600,  # seconds of chain time the authorization may wait for its relayer
     ) -> None:
         self.relayer = relayer
         self.signer = payer
@@ -304,7 +303,7 @@ class AuthorizationChannelOpener:
             deposit=deposit,
             salt=salt,
             authorized_signer=signer,
-            valid_before=int(time.time()) + self.valid_for,
+            valid_before=await self.relayer.rpc.block_timestamp() + self.valid_for,
             account=self.account,
         )
         receipt = await relay_channel_open(self.relayer, signed)
@@ -318,7 +317,7 @@ class AuthorizationChannelOpener:
             channels=escrow,
             channel=channel,
             amount=amount,
-            valid_before=int(time.time()) + self.valid_for,
+            valid_before=await self.relayer.rpc.block_timestamp() + self.valid_for,
             account=self.account,
         )
         receipt = await relay_channel_top_up(self.relayer, signed)
