@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_PEERS = ROOT / "tests" / "peers" / "node"
+README = ROOT / "README.md"
 GAS = 200_000
 PRICE = 1000  # "$0.001" of a 6-decimal token
 
@@ -501,3 +503,14 @@ async def test_the_official_x402_client_has_no_asset_for_the_plain_devnet_and_pa
         offered = out["exchanges"][0]["received"]["payment-required"]["accepts"]
         assert {a["asset"] for a in offered} == {REAL_NETWORKS["base"].usdc}
         assert token.functions.balanceOf(payee).call() == PRICE
+
+
+def test_the_readmes_network_file_is_one() -> None:
+    fenced = re.findall(r"^```(\w+)\n(.*?)^```", README.read_text(), re.M | re.S)
+    (block,) = [body for lang, body in fenced if lang == "json" and '"settlement_key"' in body]
+    described = Network.from_json(block)
+    assert (described.token, described.token_name) == (
+        REAL_NETWORKS["base"].usdc,
+        REAL_NETWORKS["base"].usdc_name,
+    )
+    assert described.settlement_key == "devnet:3" and described.channels and described.paymaster
