@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -514,3 +515,23 @@ def test_the_readmes_network_file_is_one() -> None:
         REAL_NETWORKS["base"].usdc_name,
     )
     assert described.settlement_key == "devnet:3" and described.channels and described.paymaster
+
+
+def test_when_one_chain_dies_the_supervisor_stops_the_others(tmp_path: Path) -> None:
+    state_file = tmp_path / "devnet.json"
+    up = agentpay("devnet", "up", "--chains", "2", "--state", str(state_file), cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    state = DevnetState.load(state_file)
+    try:
+        assert [c.chain_id for c in state.chains] == [31337, 31338]
+        assert [c.label for c in state.chains] == ["31337", "31338"]
+        os.kill(state.chains[1].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while pid_alive(state.supervisor_pid or 0) or pid_alive(state.chains[0].pid):
+            assert time.monotonic() < deadline, "the supervisor left the first chain running"
+            time.sleep(0.05)
+        status = agentpay("devnet", "status", "--state", str(state_file), cwd=tmp_path)
+        assert status.returncode == 1 and "is not running" in status.stderr
+    finally:
+        down = agentpay("devnet", "down", "--state", str(state_file), cwd=tmp_path)
+    assert down.returncode == 0 and not state_file.exists()
