@@ -159,7 +159,7 @@ async def test_chain_connect_reads_the_token_domain_from_the_node(devnet: Devnet
     usdc, escrow = devnet.contracts["usdc"], devnet.contracts["escrow"]
     async with await Chain.connect(devnet.rpc_url, token=usdc, escrow=escrow) as chain:
         assert chain.network == msgspec.structs.replace(
-            network_of_devnet(devnet), account_factory="", entrypoint=""
+            network_of_devnet(devnet), account_factory="", entrypoint="", channels="", paymaster=""
         )
     with pytest.raises(ChainConfigError, match="cannot describe"):
         await Chain.connect(devnet.rpc_url, token=devnet.accounts[5].address)  # no token there

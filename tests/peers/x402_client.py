@@ -8,6 +8,10 @@
 wrapped in the official ``x402AsyncTransport``. The server is free to offer v1 and MPP too; the
 client reads ``PAYMENT-REQUIRED`` and answers ``PAYMENT-SIGNATURE``.
 
+``--asset default``: the SDK's own default asset for ``eip155:<chain-id>`` (``get_default_asset``, the
+table of real networks' USDC the SDK prices ``"$0.10"`` in); a network the SDK has none for is refused
+before any request (``{"refused": reason, "results": []}``).
+
 ``--mode v1``: a legacy client. The official client picks v2 whenever a ``PAYMENT-REQUIRED``
 header is present, so the recording transport hides that header (and ``WWW-Authenticate``) from
 it: the client then reads the v1 JSON body, builds a ``PaymentPayloadV1`` and sends ``X-PAYMENT``,
@@ -34,6 +38,7 @@ from eth_account import Account
 from x402.http import decode_payment_response_header
 from x402.http.clients.httpx import x402AsyncTransport
 from x402.mechanisms.evm.constants import SCHEME_EXACT
+from x402.mechanisms.evm.default_assets import get_default_asset
 from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
@@ -160,6 +165,11 @@ async def discover_v1_networks(url: str, method: str) -> list[str]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     account = Account.from_key(private_key(args.private_key))
     network = f"eip155:{args.chain_id}"
+    if args.asset == "default":
+        try:
+            args.asset = get_default_asset(network)["asset"]
+        except ValueError as error:
+            return {"payer": account.address, "refused": str(error), "results": [], "exchanges": []}
     client = x402Client()
     allowed = [{"network": network, "asset": args.asset, "max_amount_per_payment": args.max_amount}]
     if args.mode == "v2":
@@ -204,7 +214,9 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--mode", choices=["v2", "v1"], default="v2")
-    parser.add_argument("--asset", required=True, help="token the spend controls allow-list")
+    parser.add_argument(
+        "--asset", required=True, help="token the spend controls allow-list, or `default` (the SDK's)"
+    )
     parser.add_argument("--chain-id", type=int, default=31337)
     parser.add_argument("--max-amount", default="1000000", help="per-payment cap, atomic units")
     parser.add_argument("--private-key")
