@@ -182,7 +182,7 @@ async def test_middleware_chain_configuration_errors(devnet: DevnetState) -> Non
         with pytest.raises(ConfigurationError, match="no escrow"):
             PaymentMiddleware(api, routes={"/x": "$0.001"}, chain=chain, schemes=["escrow"], pay_to=TOKEN)
         with pytest.raises(ConfigurationError, match="among"):
-            PaymentMiddleware(api, routes={"/x": "$0.001"}, chain=chain, schemes=["upto"], pay_to=TOKEN)
+            PaymentMiddleware(api, routes={"/x": "$0.001"}, chain=chain, schemes=["nonesuch"], pay_to=TOKEN)
 
 
 # -- PaymentMiddleware(chain=) ---------------------------------------------------------------------------
