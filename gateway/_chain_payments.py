@@ -71,8 +71,14 @@ class ChainPayments:
         store: PaymentStore,
         claim_ttl: float,
         options: SettlementOptions | None = None,
+        qualify: bool = False,
     ) -> None:
         self.chain = chain
+        self.network = chain.network.network
+        # Several chains share one store: each chain's settlers drain their own queue kinds (`exact@8453`),
+        # so no settler ever leases another chain's payment. One chain (or the first of several) keeps the
+        # plain kinds, so a store written by a one-chain gateway is drained as before.
+        self.suffix = f"@{chain.network.chain_id}" if qualify else ""
         self.options = options = options or SettlementOptions()
         self.claim_ttl = claim_ttl
         wanted = tuple(names) if names is not None else SCHEME_NAMES if chain.network.escrow else ("exact",)
@@ -91,14 +97,15 @@ class ChainPayments:
             "lease_seconds": options.lease_seconds,
             "retry_cap": options.retry_cap,
         }
+        suffix = self.suffix
         self.schemes: list[Scheme] = []
         self.exact_settler: ExactSettler | None = None
         self.escrow_settler: EscrowSettler | None = None
         self.escrow_scheme: EscrowScheme | None = None
         if "exact" in wanted:
-            self.exact_settler = chain.exact_settler(store, **tuning)
+            self.exact_settler = chain.exact_settler(store, kind="exact" + suffix, **tuning)
         if "escrow" in wanted:
-            self.escrow_settler = chain.escrow_settler(store, **tuning)
+            self.escrow_settler = chain.escrow_settler(store, kind="escrow" + suffix, **tuning)
             self.escrow_scheme = EscrowScheme(
                 chain.escrow_verifier(),
                 store,
@@ -107,7 +114,11 @@ class ChainPayments:
                 claim_ttl=claim_ttl,
             )
         for name in wanted:  # in the caller's order: the paywall offers them so
-            self.schemes.append(ExactScheme(chain.exact()) if name == "exact" else self._escrow_scheme())
+            self.schemes.append(
+                ExactScheme(chain.exact(), kind="exact" + suffix)
+                if name == "exact"
+                else self._escrow_scheme()
+            )
         self.recovery: Recovery | None = None
 
     def _escrow_scheme(self) -> EscrowScheme:
@@ -134,9 +145,9 @@ class ChainPayments:
             self.escrow_scheme.store = store
         reconcilers: dict[str, Reconciler] = {}
         if self.exact_settler is not None:
-            reconcilers["exact"] = self.exact_settler
+            reconcilers[self.exact_settler.kind] = self.exact_settler
         if self.escrow_scheme is not None:
-            reconcilers["escrow"] = self.escrow_scheme
+            reconcilers[self.escrow_scheme.kind] = self.escrow_scheme
         self.recovery = Recovery(
             store,
             settlers=list(self.settlers.values()),
