@@ -255,31 +255,44 @@ def test_deferred_payments_settle_exactly_per_chain_and_reservations_stay_per_ch
 
 @pytest.mark.peers
 @pytest.mark.skipif(peers_missing() is not None, reason=str(peers_missing()))
+@pytest.mark.parametrize(
+    ("how", "args", "chosen"),
+    [
+        ("registered on B only", ["--chain-id", str(CHAIN_B)], B),
+        (
+            "on both, its prefer_network policy says B",
+            ["--chain-id", str(CHAIN_A), "--also-chain-id", str(CHAIN_B), "--prefer-network", B],
+            B,
+        ),
+        ("on both, its default selector", ["--chain-id", str(CHAIN_B), "--also-chain-id", str(CHAIN_A)], A),
+    ],
+)
 def test_official_x402_client_pays_a_two_network_route_on_the_network_it_chooses(
-    nodes: list[Node], gateway: MultiGateway
+    nodes: list[Node], gateway: MultiGateway, how: str, args: list[str], chosen: str
 ) -> None:
-    a, b = nodes
     payer = Account.create()
-    b.mint(payer.address, 10 * PRICE)
-    # The official client registers only chain B: of the four accepts it can pay B's `exact`.
+    for node in nodes:
+        node.mint(payer.address, 10 * PRICE)
+    url = f"{gateway.url}/paid"
     out = run_peer(
         "x402_client.py",
         "--url",
-        f"{gateway.url}/paid",
+        url,
         "--asset",
-        b.usdc,
-        "--chain-id",
-        str(CHAIN_B),
+        nodes[0].usdc,
         "--n",
         "2",
+        *args,
         env={"PEER_PRIVATE_KEY": payer.key.hex()},
     )
     assert [r.get("status") for r in out["results"]] == [200, 200], out
+    paid = [e for e in out["exchanges"] if "payment-signature" in e["sent"]]
+    assert [e["sent"]["payment-signature"]["accepted"]["network"] for e in paid] == [chosen, chosen]
+    node, other = nodes if chosen == A else nodes[::-1]
     for result in out["results"]:
         receipt = result["payment_response"]
-        assert receipt["success"] is True and receipt["network"] == B, result
-        assert b.receipt_ok(receipt["transaction"])
-    paid = [e for e in out["exchanges"] if "payment-signature" in e["sent"]]
-    assert [e["sent"]["payment-signature"]["accepted"]["network"] for e in paid] == [B, B]
-    assert b.balance(gateway.pay_to) == 2 * PRICE and a.balance(gateway.pay_to) == 0
-    assert b.balance(payer.address) == 8 * PRICE
+        assert receipt["success"] is True and receipt["network"] == chosen, result
+        assert node.receipt_ok(receipt["transaction"])
+    # settled there exactly, and nothing moved on the other chain
+    assert node.balance(gateway.pay_to) == 2 * PRICE and other.balance(gateway.pay_to) == 0
+    assert node.balance(payer.address) == 8 * PRICE and other.balance(payer.address) == 10 * PRICE
