@@ -19,10 +19,11 @@ import msgspec
 import pytest
 from eth_account import Account
 
+from escrow import Chain
 from gateway import PaidRoute, SettlementOptions
 from tests._two_chains import MultiGateway, Node, fresh_payer, store_url
 from tests.peers._harness import peers_missing, run_peer
-from x402 import LocalSigner, SettleResponse, SpendPolicyViolation
+from x402 import LocalSigner, MppReceipt, SettleResponse, SpendPolicyViolation
 from x402.client import (
     PaymentAuth,
     SpendPolicy,
@@ -31,12 +32,14 @@ from x402.client import (
     payment_headers,
     receipt_of,
 )
+from x402.client_escrow import SessionKeyWallet
 
 pytestmark = [pytest.mark.chain]
 
 PRICE = 1000
 CHAIN_A, CHAIN_B = 8453, 42161
 A, B = f"eip155:{CHAIN_A}", f"eip155:{CHAIN_B}"
+OWNER_RELAYER = 4  # sends owners' grants and deposits (the gateway's relayer is another account)
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +299,57 @@ def test_official_x402_client_pays_a_two_network_route_on_the_network_it_chooses
     # settled there exactly, and nothing moved on the other chain
     assert node.balance(gateway.pay_to) == 2 * PRICE and other.balance(gateway.pay_to) == 0
     assert node.balance(payer.address) == 8 * PRICE and other.balance(payer.address) == 10 * PRICE
+
+
+def test_mpp_client_pays_the_challenge_of_its_network(nodes: list[Node], gateway: MultiGateway) -> None:
+    a, b = nodes
+    payer = _funded(nodes, (5 * PRICE, 5 * PRICE))
+    auth = _auth(nodes, payer, networks=[B], prefer=("mpp",))
+    with httpx.Client(auth=auth) as client:
+        response = client.get(f"{gateway.url}/paid")
+    assert response.status_code == 200, response.text
+    receipt = receipt_of(response)
+    assert isinstance(receipt, MppReceipt) and b.receipt_ok(receipt.reference)
+    assert b.balance(gateway.pay_to) == PRICE and a.balance(gateway.pay_to) == 0
+    assert b.balance(payer.address) == 4 * PRICE and a.balance(payer.address) == 5 * PRICE
+
+
+async def _session(node: Node, owner: LocalSigner, deposit: int) -> SessionKeyWallet:
+    """A session key granted by `owner` on `node`'s chain, paid from a deposit of `deposit`."""
+    async with Chain.from_devnet(node.state, relayer=OWNER_RELAYER) as chain:
+        file = await chain.open_session(owner, max_per_call=PRICE, budget=100 * PRICE, deposit=deposit)
+    return SessionKeyWallet.from_file(file)
+
+
+@pytest.mark.anyio
+async def test_escrow_payments_use_each_chains_escrow_and_deposit(
+    nodes: list[Node], pay_to: str, tmp_path: Path
+) -> None:
+    a, b = nodes
+    owner = _funded(nodes, (2 * PRICE, 2 * PRICE))
+    wallets = [await _session(node, owner, 2 * PRICE) for node in nodes]
+    escrow_a = a.balance(a.state.contracts["escrow"])
+    escrow_b = b.balance(b.state.contracts["escrow"])
+    options = SettlementOptions(max_age=60.0, batch_size=64)  # held until stop: the deposits stay committed
+    gw = MultiGateway(
+        nodes, pay_to, store=store_url(tmp_path), settle="deferred", settlement=options, schemes=["escrow"]
+    )
+    with gw:
+        auth = PaymentAuth(WalletSet(wallets, networks=[A, B]))
+        async with httpx.AsyncClient(auth=auth) as client:
+            paid = []
+            for _ in range(4):
+                response = await client.get(f"{gw.url}/paid")
+                assert response.status_code == 200, response.text
+                receipt = receipt_of(response)
+                assert isinstance(receipt, SettleResponse)
+                paid.append(receipt.network)
+            # the deposit on A is committed by two unsettled payments; B's deposit is not touched by them
+            assert paid == [A, A, B, B]
+            assert (await client.get(f"{gw.url}/paid")).status_code == 402
+        settlers = gw.settlers
+    assert {net: s["escrow"].paid for net, s in settlers.items()} == {A: 2, B: 2}
+    assert settlers[B]["escrow"].kind == f"escrow@{CHAIN_B}"
+    assert a.balance(pay_to) == 2 * PRICE and b.balance(pay_to) == 2 * PRICE
+    assert a.balance(a.state.contracts["escrow"]) == escrow_a - 2 * PRICE
+    assert b.balance(b.state.contracts["escrow"]) == escrow_b - 2 * PRICE
