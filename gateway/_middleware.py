@@ -47,7 +47,7 @@ from ._bodies import (
 from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
 from ._discovery import Discovery, DiscoveryDocuments
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
-from ._metering import Meter, check_metered_routes
+from ._metering import PAID_SCOPE_KEY, Meter, check_metered_routes
 from ._metrics import Metrics, PaymentObserver
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable, route_path
@@ -120,11 +120,12 @@ class PaymentMiddleware:
     `invalid-challenge` with a fresh challenge (the core spec); `mpp_replay_status=403` answers as pympp.
 
     With `chain=` (an `escrow.Chain`), `schemes` may be left out (both `exact` and `escrow` when the chain
-    has an escrow) or name them (`schemes=["escrow"]`), `asset` defaults to the chain's token, and the
-    middleware's lifespan runs what those schemes need: the settlers of deferred payments and recovery,
-    tuned by `settlement` (`SettlementOptions`), stopped (queues flushed) and the chain's clients closed
-    at shutdown. A server that sends no lifespan events gets them started on the first paid request; call
-    `startup()` / `shutdown()` to drive them yourself.
+    has an escrow) or name them (`schemes=["escrow", "upto"]`; `upto` needs Permit2 and the x402 upto
+    proxy at their canonical addresses and is settled by the chain's relayer key, its `facilitatorAddress`),
+    `asset` defaults to the chain's token, and the middleware's lifespan runs what those schemes need: the
+    settlers of deferred payments and recovery, tuned by `settlement` (`SettlementOptions`), stopped (queues
+    flushed) and the chain's clients closed at shutdown. A server that sends no lifespan events gets them
+    started on the first paid request; call `startup()` / `shutdown()` to drive them yourself.
 
     Several chains (`chain=[base, arbitrum]`, or `chains=`): every route that names no asset is priced on
     each chain's token at once (one x402 `accepts` entry per network and scheme, one MPP challenge per
@@ -294,6 +295,12 @@ class PaymentMiddleware:
         """The settlers of every chain: network (CAIP-2) -> scheme name -> settler."""
         return {p.network: p.settlers for p in self._all_payments}
 
+    def prices(self, scope: Scope) -> bool:
+        """Whether this middleware charges the request `scope`. A `SessionPaywall` wrapping it uses this to
+        share a route: requests without a session credential are answered here (one 402 carrying both
+        paywalls' offers), requests paid over the session pass through here to the app."""
+        return scope["type"] == "http" and self.routes.match(scope) is not None
+
     def _lifespan_receive(self, receive: Receive) -> Receive:
         # The store opens before the app's own startup runs, so the app's lifespan can hand it to a settler;
         # the settlers stop before the app's shutdown runs, while the store is still open.
@@ -321,7 +328,8 @@ class PaymentMiddleware:
         if (self.discovery is not None or self.metrics is not None) and await self._serve_ops(scope, send):
             return
         entry = self.routes.match(scope)
-        if entry is None:
+        if entry is None or scope.get(PAID_SCOPE_KEY) is True:
+            # Unpriced, or already charged by an outer paywall (an MPP session on a route priced here too).
             await self.app(scope, receive, send)
             return
         if (self._store_url is not None and self._opened is None) or (

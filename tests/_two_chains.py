@@ -1,8 +1,9 @@
-"""Two anvils with distinct chain ids and the same contracts, and our gateway on both (issue 14).
+"""Helpers for two devnet chains with distinct chain ids (`escrow.Devnets`), and our gateway on both
+(issue 14).
 
-`TwoChains` starts the nodes and deploys with the devnet's own `deploy`; since the deployer and its nonces
-are the same, every contract (TestUSDC included) has the same address on both chains: only the chain id
-tells a payment for one from a payment for the other. `MultiGateway` serves `PaymentMiddleware(chain=[a,
+`Devnets([8453, 42161])` deploys the same table from the same deployer on each anvil, so every contract
+(TestUSDC included) has the same address on both chains: only the chain id tells a payment for one from a
+payment for the other. `MultiGateway` serves `PaymentMiddleware(chain=[a,
 b])` on a real port from a thread, with its lifespan (settlers started, queues flushed at stop).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -30,8 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow import Chain, DevnetState
-from escrow.devnet._devnet import _Chain, anvil_accounts, deploy
-from escrow.devnet._node import ANVIL_MNEMONIC, find_anvil
+from escrow.devnet._devnet import _Chain
 from gateway import PaidRoute, PaymentMiddleware, Price, SettlementOptions
 from gateway._pipeline import SettleMode
 from x402 import LocalSigner
@@ -41,56 +40,26 @@ GATEWAY_RELAYER = 3  # the gateway's relayer account on both chains
 MINTER = 0  # the deployer mints TestUSDC (its mint is open) and pays the gas
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Node:
-    """One anvil with a given chain id, deployed like the devnet."""
+    """One chain of a multichain devnet (`escrow.Devnets`), with what the tests do on it."""
 
-    def __init__(self, chain_id: int) -> None:
-        anvil = find_anvil()
-        if anvil is None:
-            raise RuntimeError("anvil is missing (node_modules/.bin/anvil)")
-        self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [anvil, "--host", "127.0.0.1", "--port", str(self.port), "--chain-id", str(chain_id)]
-            + ["--accounts", "10", "--balance", "10000", "--mnemonic", ANVIL_MNEMONIC],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    def __init__(self, devnet: DevnetState, chain_id: int) -> None:
+        one = devnet.chain(chain_id)
+        self.devnet, self.one = devnet, one
+        self.chain = _Chain(one.rpc_url)
+        self.state = DevnetState(  # this chain alone, as a one-chain devnet state
+            backend=devnet.backend,
+            rpc_url=one.rpc_url,
+            chain_id=one.chain_id,
+            network=one.network,
+            contracts=one.contracts,
+            accounts=devnet.accounts,
+            usdc_name=one.usdc_name,
+            usdc_version=one.usdc_version,
+            usdc_decimals=one.usdc_decimals,
+            pid=one.pid,
         )
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
-                if httpx.post(url, json=body, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"anvil on port {self.port} did not start")
-            time.sleep(0.02)
-        self.chain = _Chain(url)
-        accounts = anvil_accounts(10)
-        contracts, name, version, decimals = deploy(self.chain, accounts, 1_000)
-        self.state = DevnetState(
-            backend="anvil",
-            rpc_url=url,
-            chain_id=chain_id,
-            network=f"eip155:{chain_id}",
-            contracts=contracts,
-            accounts=accounts,
-            usdc_name=name,
-            usdc_version=version,
-            usdc_decimals=decimals,
-            pid=self.proc.pid,
-        )
-        self.usdc = contracts["usdc"]
+        self.usdc = one.contracts["usdc"]
 
     @property
     def network(self) -> str:
@@ -113,15 +82,8 @@ class Node:
         receipt: Any = self.chain.rpc("eth_getTransactionReceipt", tx_hash)
         return receipt is not None and int(receipt["status"], 16) == 1
 
-    def stop(self) -> None:
-        if getattr(self, "chain", None) is not None:
-            self.chain.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def close(self) -> None:
+        self.chain.close()
 
 
 def fresh_payer() -> LocalSigner:
@@ -172,7 +134,9 @@ class MultiGateway:
         return f"http://127.0.0.1:{self.port}"
 
     async def _main(self) -> None:
-        chains = [Chain.from_devnet(n.state, relayer=GATEWAY_RELAYER) for n in self.nodes]
+        chains = [
+            Chain.from_devnet(n.devnet, chain=n.one.chain_id, relayer=GATEWAY_RELAYER) for n in self.nodes
+        ]
         self.middleware = PaymentMiddleware(
             _app(),
             routes=self.routes,

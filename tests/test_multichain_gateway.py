@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from eth_account import Account
 
-from escrow import Chain
+from escrow import Chain, Devnets
 from gateway import PaidRoute, SettlementOptions
 from tests._two_chains import MultiGateway, Node, fresh_payer, store_url
 from tests.peers._harness import peers_missing, run_peer
@@ -44,14 +44,13 @@ OWNER_RELAYER = 4  # sends owners' grants and deposits (the gateway's relayer is
 
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    try:
-        started.append(Node(CHAIN_A))
-        started.append(Node(CHAIN_B))
-        yield started
-    finally:
-        for node in started:
-            node.stop()
+    with Devnets([CHAIN_A, CHAIN_B], backend="anvil", usdc_each=1_000) as devnet:
+        two = [Node(devnet, CHAIN_A), Node(devnet, CHAIN_B)]
+        try:
+            yield two
+        finally:
+            for node in two:
+                node.close()
 
 
 @pytest.fixture
