@@ -352,3 +352,44 @@ async def test_escrow_payments_use_each_chains_escrow_and_deposit(
     assert a.balance(pay_to) == 2 * PRICE and b.balance(pay_to) == 2 * PRICE
     assert a.balance(a.state.contracts["escrow"]) == escrow_a - 2 * PRICE
     assert b.balance(b.state.contracts["escrow"]) == escrow_b - 2 * PRICE
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(peers_missing() is not None, reason=str(peers_missing()))
+def test_look_alike_base_and_arbitrum_each_paid_in_its_own_usdc(tmp_path: Path) -> None:
+    """`Devnets(["base", "arbitrum"])`: each chain's token at that network's canonical USDC address, so the
+    two offers name different tokens. The official client prefers Arbitrum and pays there; ours prefers
+    Base and pays there; each is settled in that chain's USDC exactly."""
+    with Devnets(["base", "arbitrum"], backend="anvil", usdc_each=1_000) as devnet:
+        base, arb = Node(devnet, 8453), Node(devnet, 42161)
+        try:
+            assert base.usdc != arb.usdc
+            payee = str(Account.create().address)
+            with MultiGateway([base, arb], payee, store=store_url(tmp_path), schemes=["exact"]) as gw:
+                offers = _b64json(httpx.get(f"{gw.url}/paid").headers["payment-required"])["accepts"]
+                assert [(o["network"], o["asset"]) for o in offers] == [(A, base.usdc), (B, arb.usdc)]
+                payer = Account.create()
+                for node in (base, arb):
+                    node.mint(payer.address, 10 * PRICE)
+                args = ["--chain-id", "8453", "--also-chain-id", f"42161:{arb.usdc}", "--prefer-network", B]
+                out = run_peer(
+                    "x402_client.py",
+                    *("--url", f"{gw.url}/paid", "--asset", base.usdc, *args),
+                    env={"PEER_PRIVATE_KEY": payer.key.hex()},
+                )
+                (result,) = out["results"]
+                assert result.get("status") == 200, out
+                assert result["payment_response"]["network"] == B
+                ours = PaymentAuth(
+                    WalletSet([base.wallet(LocalSigner(payer.key)), arb.wallet(LocalSigner(payer.key))])
+                )
+                with httpx.Client(auth=ours) as client:
+                    response = client.get(f"{gw.url}/paid")
+                assert response.status_code == 200, response.text
+                receipt = receipt_of(response)
+                assert isinstance(receipt, SettleResponse) and receipt.network == A
+            assert arb.balance(payee) == PRICE and base.balance(payee) == PRICE
+            assert arb.balance(payer.address) == 9 * PRICE and base.balance(payer.address) == 9 * PRICE
+        finally:
+            base.close()
+            arb.close()

@@ -4,7 +4,8 @@
         [--also-chain-id N ...] [--prefer-network eip155:N]
         (key from --private-key or $PEER_PRIVATE_KEY)
 
-``--also-chain-id`` registers the v2 ``exact`` client on more networks (the same token address on each);
+``--also-chain-id N[:TOKEN]`` registers the v2 ``exact`` client on more networks (TOKEN: that chain's token,
+default ``--asset``);
 ``--prefer-network`` adds the official ``prefer_network`` policy, so the client itself picks the network
 of a route priced on several.
 
@@ -169,10 +170,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     allowed = [{"network": network, "asset": args.asset, "max_amount_per_payment": args.max_amount}]
     if args.mode == "v2":
         client.register(network, ExactEvmScheme(signer=account))
-        for more in args.also_chain_id:
-            client.register(f"eip155:{more}", ExactEvmScheme(signer=account))
+        for more in args.also_chain_id:  # N, or N:TOKEN when that chain's token has another address
+            chain_id, _, asset = more.partition(":")
+            client.register(f"eip155:{chain_id}", ExactEvmScheme(signer=account))
             allowed.append(
-                {"network": f"eip155:{more}", "asset": args.asset, "max_amount_per_payment": args.max_amount}
+                {
+                    "network": f"eip155:{chain_id}",
+                    "asset": asset or args.asset,
+                    "max_amount_per_payment": args.max_amount,
+                }
             )
         if args.prefer_network:
             client.register_policy(prefer_network(args.prefer_network))
@@ -222,7 +228,7 @@ def main() -> None:
     parser.add_argument("--private-key")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body")
-    parser.add_argument("--also-chain-id", type=int, action="append", default=[])
+    parser.add_argument("--also-chain-id", action="append", default=[], help="N or N:TOKEN (repeatable)")
     parser.add_argument("--prefer-network", help="the official prefer_network policy (CAIP-2)")
     parser.add_argument("--upto", action="store_true", help="also register the official upto client")
     emit(asyncio.run(run(parser.parse_args())))
