@@ -118,6 +118,7 @@ class MultiGateway:
         self.nodes, self.pay_to, self.store = nodes, pay_to, store
         self.settle, self.settlement, self.schemes = settle, settlement, schemes
         self.routes = routes or {"GET /paid": 1000}
+        self.discovery = False
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -147,6 +148,7 @@ class MultiGateway:
             settle=self.settle,
             settlement=self.settlement,
             secret=b"multichain-tests-secret-of-32-bytes-at-least",
+            discovery=self.discovery,
         )
         self.settlers = self.middleware.network_settlers
         config = uvicorn.Config(self.middleware, log_level="warning", lifespan="off")

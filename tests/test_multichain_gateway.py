@@ -393,3 +393,12 @@ def test_look_alike_base_and_arbitrum_each_paid_in_its_own_usdc(tmp_path: Path) 
         finally:
             base.close()
             arb.close()
+
+
+def test_discovery_lists_both_networks(nodes: list[Node], tmp_path: Path) -> None:
+    gw = MultiGateway(nodes, str(Account.create().address), store=store_url(tmp_path), schemes=["exact"])
+    gw.discovery = True
+    with gw:
+        resources = httpx.get(f"{gw.url}/discovery/resources").json()
+    (item,) = resources["items"]
+    assert [a["network"] for a in item["accepts"]] == [A, B]
