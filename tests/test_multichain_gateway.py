@@ -198,7 +198,7 @@ def test_per_network_caps_refuse_at_the_client_before_signing(
             if name in request.headers:
                 signed.append(_b64json(request.headers[name])["accepted"]["network"])
 
-    auth = _auth(nodes, payer, networks=[A, B], policy=policy, remember=False)
+    auth = _auth(nodes, payer, networks=[A, B], policy=policy)  # remembers the offer paid: A, then B
     with httpx.Client(auth=auth, event_hooks={"request": [record]}) as client:
         networks = []
         for _ in range(3):

@@ -362,6 +362,8 @@ class PaymentAuth(httpx.Auth):
             request.headers[ACCEPT_PAYMENT_HEADER] = self.accept_payment
         tried: set[str] = set()  # networks the server refused for lack of funds, this request
         remembered = self._recall(request)
+        if remembered is not None and self.policy.network_refusal(remembered) is not None:
+            remembered = None  # its network's budget is used up: choose again among what the server offers
         if remembered is not None:
             reservation = self._pay(request, remembered)
             response = yield from self._send_paid(request)
