@@ -74,8 +74,14 @@ class ChainPayments:
         store: PaymentStore,
         claim_ttl: float,
         options: SettlementOptions | None = None,
+        qualify: bool = False,
     ) -> None:
         self.chain = chain
+        self.network = chain.network.network
+        # Several chains share one store: each chain's settlers drain their own queue kinds (`exact@8453`),
+        # so no settler ever leases another chain's payment. One chain (or the first of several) keeps the
+        # plain kinds, so a store written by a one-chain gateway is drained as before.
+        self.suffix = f"@{chain.network.chain_id}" if qualify else ""
         self.options = options = options or SettlementOptions()
         self.claim_ttl = claim_ttl
         default = ("exact", "escrow") if chain.network.escrow else ("exact",)
@@ -95,16 +101,21 @@ class ChainPayments:
             "lease_seconds": options.lease_seconds,
             "retry_cap": options.retry_cap,
         }
+        suffix = self.suffix
         self.schemes: list[Scheme] = []
         self.exact_settler: ExactSettler | None = None
         self.escrow_settler: EscrowSettler | None = None
         self.escrow_scheme: EscrowScheme | None = None
         # The relayer key settles `upto` too: it is the `facilitatorAddress` the offer advertises.
-        self.upto_scheme = UptoScheme(UptoChain(chain.rpc, chain.relayer)) if "upto" in wanted else None
+        self.upto_scheme = (
+            UptoScheme(UptoChain(chain.rpc, chain.relayer), kind="upto" + suffix)
+            if "upto" in wanted
+            else None
+        )
         if "exact" in wanted:
-            self.exact_settler = chain.exact_settler(store, **tuning)
+            self.exact_settler = chain.exact_settler(store, kind="exact" + suffix, **tuning)
         if "escrow" in wanted:
-            self.escrow_settler = chain.escrow_settler(store, **tuning)
+            self.escrow_settler = chain.escrow_settler(store, kind="escrow" + suffix, **tuning)
             self.escrow_scheme = EscrowScheme(
                 chain.escrow_verifier(),
                 store,
@@ -118,7 +129,7 @@ class ChainPayments:
 
     def _scheme(self, name: str) -> Scheme:
         if name == "exact":
-            return ExactScheme(self.chain.exact())
+            return ExactScheme(self.chain.exact(), kind="exact" + self.suffix)
         scheme = self.escrow_scheme if name == "escrow" else self.upto_scheme
         assert scheme is not None
         return scheme
@@ -143,12 +154,12 @@ class ChainPayments:
             self.escrow_scheme.store = store
         reconcilers: dict[str, Reconciler] = {}
         if self.exact_settler is not None:
-            reconcilers["exact"] = self.exact_settler
+            reconcilers[self.exact_settler.kind] = self.exact_settler
         if self.escrow_scheme is not None:
-            reconcilers["escrow"] = self.escrow_scheme
+            reconcilers[self.escrow_scheme.kind] = self.escrow_scheme
         if self.upto_scheme is not None:
             self.upto_scheme.store = store
-            reconcilers["upto"] = self.upto_scheme
+            reconcilers[self.upto_scheme.kind] = self.upto_scheme
         self.recovery = Recovery(
             store,
             settlers=list(self.settlers.values()),

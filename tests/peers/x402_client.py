@@ -1,7 +1,13 @@
 """Peer: the official `x402` httpx client pays a URL N times (runs under .venv-peers).
 
     python tests/peers/x402_client.py --url URL --asset TOKEN [--n 3] [--mode v2|v1] [--chain-id 31337]
+        [--also-chain-id N ...] [--prefer-network eip155:N]
         (key from --private-key or $PEER_PRIVATE_KEY)
+
+``--also-chain-id N[:TOKEN]`` registers the v2 ``exact`` client on more networks (TOKEN: that chain's token,
+default ``--asset``);
+``--prefer-network`` adds the official ``prefer_network`` policy, so the client itself picks the network
+of a route priced on several.
 
 ``--mode v2`` (default): ``x402Client`` + ``ExactEvmScheme(Account)`` registered for
 ``eip155:<chain-id>``, spend controls allow-listing only the given asset with a per-payment cap,
@@ -49,7 +55,7 @@ from x402.mechanisms.evm.utils import create_nonce
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas.v1 import PaymentRequirementsV1
 
-from x402 import x402Client
+from x402 import prefer_network, x402Client
 
 REQUEST_HEADERS = ("payment-signature", "x-payment", "authorization")
 RESPONSE_HEADERS = ("payment-required", "payment-response", "x-payment-response", "www-authenticate")
@@ -174,6 +180,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     allowed = [{"network": network, "asset": args.asset, "max_amount_per_payment": args.max_amount}]
     if args.mode == "v2":
         client.register(network, ExactEvmScheme(signer=account))
+        for more in args.also_chain_id:  # N, or N:TOKEN when that chain's token has another address
+            chain_id, _, asset = more.partition(":")
+            client.register(f"eip155:{chain_id}", ExactEvmScheme(signer=account))
+            allowed.append(
+                {
+                    "network": f"eip155:{chain_id}",
+                    "asset": asset or args.asset,
+                    "max_amount_per_payment": args.max_amount,
+                }
+            )
+        if args.prefer_network:
+            client.register_policy(prefer_network(args.prefer_network))
         if args.upto:  # the official `upto` client: Permit2 witness signatures (approve Permit2 first)
             client.register(network, UptoEvmClientScheme(account))
     else:
@@ -222,6 +240,8 @@ def main() -> None:
     parser.add_argument("--private-key")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body")
+    parser.add_argument("--also-chain-id", action="append", default=[], help="N or N:TOKEN (repeatable)")
+    parser.add_argument("--prefer-network", help="the official prefer_network policy (CAIP-2)")
     parser.add_argument("--upto", action="store_true", help="also register the official upto client")
     emit(asyncio.run(run(parser.parse_args())))
 
