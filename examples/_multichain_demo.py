@@ -144,8 +144,8 @@ async def _two_chains(
         )
     say(
         "funded",
-        f"the treasury deposited {usd(DEPOSIT)} USDC for owner {short(owner.address)} into the escrow"
-        f" on {a.label} and on {b.label} (depositFor)",
+        f"the treasury deposited {usd(DEPOSIT)} USDC for owner {short(owner.address)} in each chain's"
+        " escrow (depositFor)",
     )
 
     grants = await _authorise(sides, workdir, say, owner=owner, session=session)
@@ -255,9 +255,9 @@ async def _cross_chain_refused(a: Side, b: Side, grant: GrantMessage, session: S
     reason = (decode_payment_required(header).error if header else None) or "(no reason given)"
     say(
         "refused",
-        f"a payment the key signed for {a.label} (chain {a.chain.chain_id}), presented on {b.label}:"
-        f" {b.agent.name} answers {answer.status_code} {reason}",
+        f"a payment the key signed for {a.label} (chain {a.chain.chain_id}), presented on {b.label}:",
     )
+    say("", f"  {b.agent.name} answers {answer.status_code} {reason}")
     return answer.status_code == 402
 
 

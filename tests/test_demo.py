@@ -181,8 +181,8 @@ def _check_two_chains(out: str) -> None:
         r"^paid\s+analyst\s+GET /analyze\s+3 x 200\s+escrow on eip155:42161 \(arbitrum\)", out, re.M
     )
     assert re.search(
-        r"^refused\s+a payment the key signed for base \(chain 8453\), presented on arbitrum:"
-        r" analyst answers 402 escrow_\w+$",
+        r"^refused\s+a payment the key signed for base \(chain 8453\), presented on arbitrum:\n"
+        r"\s+analyst answers 402 escrow_\w+$",
         out,
         re.MULTILINE,
     ), out
