@@ -489,9 +489,13 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         emit Deposited(payer, token, from, amount);
     }
 
-    function _grant(address payer, address signer, GrantParams calldata params, address[] calldata payees, uint32 epoch)
-        private
-    {
+    function _grant(
+        address payer,
+        address signer,
+        GrantParams calldata params,
+        address[] calldata payees,
+        uint32 epoch
+    ) private {
         // The payer's own signature needs no grant, and must not be capped by one.
         require(signer != address(0) && signer != payer, EscrowInvalidSigner(signer));
         require(params.token != address(0), EscrowInvalidToken(params.token));
@@ -616,9 +620,10 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         if (block.timestamp > terms.validUntil) return Reason.GrantExpired;
 
         GrantLimits memory limits = g.limits;
-        if (limits.payeeCount != 0 && !_payeeAllowed[_payeeKey(payment.payer, signer, terms.epoch, payment.payee)]) {
-            return Reason.PayeeNotAllowed;
-        }
+        if (
+            limits.payeeCount != 0
+                && !_payeeAllowed[_payeeKey(payment.payer, signer, terms.epoch, payment.payee)]
+        ) return Reason.PayeeNotAllowed;
         // The cap bounds what the key signed for (the maximum), not just what this settlement charges.
         if (payment.amount > limits.maxPerCall) return Reason.AmountExceedsCap;
         if (amount > limits.remaining) return Reason.BudgetExceeded;
