@@ -10,11 +10,25 @@ Contract artifacts (`load_artifact`), and the devnet: `Devnet` runs a local chai
 when anvil is absent) with EntryPoint v0.7 at its canonical address, TestUSDC and funded accounts, and
 describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that outlives its caller.
 
+`MultichainApproval` is one owner signature for grants and session-key installs on many chains
+(`relay_multichain` sends each chain its part).
+
 `Chain` is the front door: a network description (`x402.Network`, from a file or a devnet), its node client
 and relayer; the gateway takes its schemes, settlers and recovery from it, an owner opens session keys.
 """
 
 from ._chain import Chain, ChainConfigError, load_network, network_of_devnet
+from ._multichain import (
+    EscrowGrantLeaf,
+    EscrowRevokeLeaf,
+    MultichainApproval,
+    MultichainEntry,
+    MultichainError,
+    SessionKeyInstallLeaf,
+    SessionKeyRevokeLeaf,
+    SignedMultichainApproval,
+    relay_multichain,
+)
 from .accounts import (
     UNLIMITED_GAS_BUDGET,
     AgentAccount,
@@ -130,10 +144,15 @@ __all__ = [
     "ExactEvm",
     "ExactRejected",
     "ExactSettler",
+    "EscrowGrantLeaf",
+    "EscrowRevokeLeaf",
     "GrantCache",
     "GrantInfo",
     "load_artifact",
     "load_network",
+    "MultichainApproval",
+    "MultichainEntry",
+    "MultichainError",
     "network_of_devnet",
     "NonceLanes",
     "OwnerKey",
@@ -145,10 +164,13 @@ __all__ = [
     "Receipt",
     "relay_deposit",
     "relay_grant",
+    "relay_multichain",
     "relay_revoke",
     "RevertError",
     "Rpc",
     "SessionKey",
+    "SessionKeyInstallLeaf",
+    "SessionKeyRevokeLeaf",
     "SessionPolicy",
     "UNLIMITED_GAS_BUDGET",
     "SettleOutcome",
@@ -160,6 +182,7 @@ __all__ = [
     "sign_session_key_revoke_offline",
     "SignedDeposit",
     "SignedGrant",
+    "SignedMultichainApproval",
     "SignedRevoke",
     "SignedSessionKeyInstall",
     "SignedSessionKeyRevoke",
