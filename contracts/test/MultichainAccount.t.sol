@@ -142,4 +142,21 @@ contract MultichainAccountTest is AccountTestBase {
             _handle(op);
         }
     }
+
+    /// @dev For any two distinct chain ids, a leaf for one (with a valid proof and signature) installs nothing on the other.
+    function testFuzz_LeafOfOneChainIsRefusedOnAnother(uint64 chainA, uint64 chainB, bytes32 other) public {
+        vm.assume(chainA != chainB && chainA != 0 && chainB != 0);
+        SessionPolicy memory policy = _recordPolicy();
+        bytes32 action = hasher.hashInstall(key, policy, NONCE, deadline);
+        bytes32[] memory leaves = new bytes32[](2);
+        leaves[0] = M.leaf(chainA, address(account), action);
+        leaves[1] = other;
+        MultichainApproval.Proof memory p = _approval(leaves, 0, ownerKey);
+        vm.chainId(chainB);
+        vm.expectPartialRevert(MultichainApproval.MultichainProofInvalid.selector);
+        account.installSessionKeyWithProof(key, policy, NONCE, deadline, p);
+        vm.chainId(chainA);
+        account.installSessionKeyWithProof(key, policy, NONCE, deadline, p);
+        assertEq(account.sessionKey(key).id, 1);
+    }
 }
