@@ -391,7 +391,8 @@ async def relay_multichain(
 ) -> list[Receipt]:
     """Send this chain's leaves of `signed` (those for `relayer.chain_id`, or `entries`) from any account with
     gas, one transaction each, in order. A leaf the contract would refuse raises `MultichainError` (code
-    `multichain_refused`, with the contract's error name) before anything more is sent."""
+    `multichain_refused`, with the contract's error name; `multichain_no_contract` when the escrow or account
+    is not deployed there) before anything more is sent."""
     todo = list(entries) if entries is not None else signed.for_chain(relayer.chain_id)
     receipts: list[Receipt] = []
     for entry in todo:
@@ -402,6 +403,12 @@ async def relay_multichain(
             )
         data, abi = _calldata(signed, entry)
         to = entry.action.contract
+        # A call to an address without code "succeeds" doing nothing: an undeployed account must not pass.
+        if await relayer.rpc.request("eth_getCode", [to, "latest"]) in ("0x", "0x0"):
+            raise MultichainError(
+                f"no contract at {to} on chain {relayer.chain_id} (deploy the account first)",
+                code="multichain_no_contract",
+            )
         tx = {"from": relayer.address, "to": to, "data": _hex(data)}
         try:
             gas = int(await relayer.rpc.request("eth_estimateGas", [tx]), 16)

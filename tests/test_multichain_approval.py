@@ -237,6 +237,18 @@ async def test_what_is_signed_for_one_chain_is_refused_on_the_other(world: World
     assert not await _live(w, b)
     assert not (await b.account.session_key(w.key.address)).installed
 
+    # An install leaf for an account not deployed yet is not sent (a call to no code would "succeed").
+    late = MultichainApproval().install_session_key(
+        chain_id=b.chain_id,
+        account=LocalSigner.random().address,
+        key=w.key.address,
+        policy=w.policy,
+        deadline=2**40,
+    )
+    with pytest.raises(MultichainError) as missing:
+        await relay_multichain(b.relayer, late.sign(w.owner))
+    assert missing.value.code == "multichain_no_contract"
+
     # A single-chain grant signed for chain A does not verify on chain B either.
     grant_a = sign_grant_offline(
         w.owner,
