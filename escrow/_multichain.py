@@ -23,17 +23,19 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+from eth_abi.abi import encode as abi_encode
 from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 from x402 import Signer
 from x402._eip712 import EIP712_DOMAIN_FIELDS
 from x402._escrow import REVOKE_FIELDS, GrantMessage, escrow_domain, grant_typed_data
 from x402._signer import recover_hash
 
-from .accounts._account import _account_abi
+from .accounts._account import AgentAccount, _account_abi
 from .accounts._policy import SessionPolicy, install_typed_data, revoke_typed_data
 from .chain._artifacts import EscrowError
 from .chain._merkle import (
@@ -53,6 +55,7 @@ __all__ = [
     "MultichainApproval",
     "MultichainEntry",
     "MultichainError",
+    "SessionKeyCancelLeaf",
     "SessionKeyInstallLeaf",
     "SessionKeyRevokeLeaf",
     "SignedMultichainApproval",
@@ -167,7 +170,26 @@ class SessionKeyRevokeLeaf(_Leaf, frozen=True, kw_only=True, tag="revokeSessionK
         )
 
 
-Leaf = EscrowGrantLeaf | EscrowRevokeLeaf | SessionKeyInstallLeaf | SessionKeyRevokeLeaf
+class SessionKeyCancelLeaf(_Leaf, frozen=True, kw_only=True, tag="cancelOwnerApproval"):
+    """`AgentAccount.cancelOwnerApprovalWithProof`: burns approval `nonce` on `account`, so that an install
+    leaf with that nonce, not yet relayed there, never can be."""
+
+    account: str
+    nonce: int
+
+    @property
+    def contract(self) -> str:
+        return self.account
+
+    def action(self) -> bytes:
+        return keccak(abi_encode(["bytes32", "uint256"], [_CANCEL_TYPEHASH, self.nonce]))
+
+
+_CANCEL_TYPEHASH: Final = keccak(text="CancelOwnerApproval(uint256 nonce)")
+
+Leaf = (
+    EscrowGrantLeaf | EscrowRevokeLeaf | SessionKeyInstallLeaf | SessionKeyRevokeLeaf | SessionKeyCancelLeaf
+)
 
 
 class MultichainEntry(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -331,6 +353,32 @@ class MultichainApproval:
             )
         )
 
+    def cancel_owner_approval(self, *, chain_id: int, account: str, nonce: int) -> MultichainApproval:
+        """Burn approval `nonce` on `account` (an install leaf with it, unrelayed there, never can be)."""
+        return self._add(
+            SessionKeyCancelLeaf(chain_id=chain_id, account=to_checksum_address(account), nonce=nonce)
+        )
+
+    @classmethod
+    def revoking(cls, signed: SignedMultichainApproval, *, deadline: int) -> MultichainApproval:
+        """ "Revoke everywhere" for an earlier approval: each grant is revoked through its epoch, and each
+        install both revoked (where it landed) and cancelled (where it did not); `relay_multichain` sends on
+        each chain only the leaves that apply there."""
+        approval = cls()
+        for entry in signed.entries:
+            a = entry.action
+            if isinstance(a, EscrowGrantLeaf):
+                g = a.grant
+                approval.revoke_grant(
+                    chain_id=a.chain_id, escrow=a.escrow, payer=g.payer, signer=g.signer, epoch=g.epoch
+                )
+            elif isinstance(a, SessionKeyInstallLeaf):
+                approval.revoke_session_key(
+                    chain_id=a.chain_id, account=a.account, key=a.key, deadline=deadline
+                )
+                approval.cancel_owner_approval(chain_id=a.chain_id, account=a.account, nonce=a.nonce)
+        return approval
+
     def tree(self) -> MerkleTree:
         if not self.actions:
             raise MultichainError("an approval needs at least one action", code="multichain_empty")
@@ -382,8 +430,22 @@ def _calldata(signed: SignedMultichainApproval, entry: MultichainEntry) -> tuple
             proof,
         )
         return data, account_abi
+    if isinstance(action, SessionKeyCancelLeaf):
+        return account_abi.encode("cancelOwnerApprovalWithProof", action.nonce, proof), account_abi
     data = account_abi.encode("revokeSessionKeyWithProof", action.key, action.nonce, action.deadline, proof)
     return data, account_abi
+
+
+async def _nothing_to_do(relayer: TxSender, action: Leaf) -> bool:
+    """A revoke of a key not installed here, or a cancel of a nonce already used here (the install landed, and
+    the revoke leaf ends it): skipped, as they would only revert."""
+    if isinstance(action, SessionKeyRevokeLeaf):
+        account = AgentAccount(relayer.rpc, action.account, chain_id=relayer.chain_id)
+        return not (await account.session_key(action.key)).installed
+    if isinstance(action, SessionKeyCancelLeaf):
+        account = AgentAccount(relayer.rpc, action.account, chain_id=relayer.chain_id)
+        return await account.approval_nonce_used(action.nonce)
+    return False
 
 
 async def relay_multichain(
@@ -392,7 +454,8 @@ async def relay_multichain(
     """Send this chain's leaves of `signed` (those for `relayer.chain_id`, or `entries`) from any account with
     gas, one transaction each, in order. A leaf the contract would refuse raises `MultichainError` (code
     `multichain_refused`, with the contract's error name; `multichain_no_contract` when the escrow or account
-    is not deployed there) before anything more is sent."""
+    is not deployed there) before anything more is sent. Account revokes of a key not installed there, and
+    cancels of a nonce already used there, are skipped (see `MultichainApproval.revoking`)."""
     todo = list(entries) if entries is not None else signed.for_chain(relayer.chain_id)
     receipts: list[Receipt] = []
     for entry in todo:
@@ -401,7 +464,6 @@ async def relay_multichain(
                 f"leaf for chain {entry.action.chain_id} relayed on chain {relayer.chain_id}",
                 code="multichain_wrong_chain",
             )
-        data, abi = _calldata(signed, entry)
         to = entry.action.contract
         # A call to an address without code "succeeds" doing nothing: an undeployed account must not pass.
         if await relayer.rpc.request("eth_getCode", [to, "latest"]) in ("0x", "0x0"):
@@ -409,6 +471,9 @@ async def relay_multichain(
                 f"no contract at {to} on chain {relayer.chain_id} (deploy the account first)",
                 code="multichain_no_contract",
             )
+        if await _nothing_to_do(relayer, entry.action):
+            continue
+        data, abi = _calldata(signed, entry)
         tx = {"from": relayer.address, "to": to, "data": _hex(data)}
         try:
             gas = int(await relayer.rpc.request("eth_estimateGas", [tx]), 16)

@@ -345,3 +345,32 @@ async def test_revoke_on_one_chain_leaves_the_other_live_and_revoke_everywhere_e
     with pytest.raises(MultichainError) as stale:
         await relay_multichain(b.relayer, signed, entries=signed.for_chain(b.chain_id)[:1])
     assert stale.value.code == "multichain_refused" and "EscrowStaleEpoch" in str(stale.value)
+
+
+async def test_revoke_everywhere_also_stops_leaves_not_yet_relayed(world: World) -> None:
+    w = world
+    a, b = w.sides
+    signed = await _approve_everywhere(w)
+    await relay_multichain(a.relayer, signed)  # chain B's leaves are still in someone's hands
+
+    revoke = MultichainApproval.revoking(signed, deadline=await _now(a) + 600).sign(w.owner)
+    assert {type(e.action).__name__ for e in revoke.entries} == {
+        "EscrowRevokeLeaf",
+        "SessionKeyRevokeLeaf",
+        "SessionKeyCancelLeaf",
+    }
+    sent = {side.chain_id: await relay_multichain(side.relayer, revoke) for side in w.sides}
+    # A: the grant revoked, the key removed (its install nonce is used: no cancel). B: the grant's epoch
+    # burnt, the install nonce cancelled (no key to remove).
+    assert (len(sent[a.chain_id]), len(sent[b.chain_id])) == (2, 2)
+    for side in w.sides:
+        assert not await _live(w, side)
+        assert not (await side.account.session_key(w.key.address)).installed
+    # Chain B's original leaves, relayed late, are refused.
+    for entry in signed.for_chain(b.chain_id):
+        with pytest.raises(MultichainError) as late:
+            await relay_multichain(b.relayer, signed, entries=[entry])
+        assert late.value.code == "multichain_refused"
+        assert "EscrowStaleEpoch" in str(late.value) or "OwnerApprovalNonceAlreadyUsed" in str(late.value)
+    assert not await _live(w, b)
+    assert not (await b.account.session_key(w.key.address)).installed

@@ -159,4 +159,25 @@ contract MultichainAccountTest is AccountTestBase {
         account.installSessionKeyWithProof(key, policy, NONCE, deadline, p);
         assertEq(account.sessionKey(key).id, 1);
     }
+
+    /// @dev Revoke everywhere where the install leaf was never relayed: the cancel leaf burns its nonce there.
+    function test_RevokeEverywhereBurnsAnInstallNotYetRelayed() public {
+        SessionPolicy memory policy = _recordPolicy();
+        bytes32[] memory installs = _installLeaves(policy);
+        bytes32 cancel = hasher.hashCancel(NONCE);
+        bytes32[] memory revokes = new bytes32[](2);
+        revokes[0] = M.leaf(CHAIN_A, address(account), cancel);
+        revokes[1] = M.leaf(CHAIN_B, address(account), cancel);
+        MultichainApproval.Proof memory installB = _approval(installs, 1, ownerKey);
+        vm.chainId(CHAIN_B);
+        vm.prank(beneficiary);
+        account.cancelOwnerApprovalWithProof(NONCE, _approval(revokes, 1, ownerKey));
+        assertTrue(account.ownerApprovalNonceUsed(NONCE));
+        vm.expectRevert(abi.encodeWithSelector(IAgentAccountSessionKeys.OwnerApprovalNonceAlreadyUsed.selector, NONCE));
+        account.installSessionKeyWithProof(key, policy, NONCE, deadline, installB);
+        // Chain A's cancel leaf is no good on chain B.
+        MultichainApproval.Proof memory cancelA = _approval(revokes, 0, ownerKey);
+        vm.expectPartialRevert(MultichainApproval.MultichainProofInvalid.selector);
+        account.cancelOwnerApprovalWithProof(NONCE, cancelA);
+    }
 }

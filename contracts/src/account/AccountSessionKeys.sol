@@ -229,6 +229,18 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         _revokeSessionKey(key);
     }
 
+    /**
+     * @notice Burns the owner-approval `nonce` with the owner's one multichain signature (leaf:
+     * `CancelOwnerApproval(nonce)` for this chain and account), so that an install leaf (or signed install) with
+     * that nonce, not yet relayed here, never can be: with {revokeSessionKeyWithProof} for accounts where the key
+     * is installed, this is what "revoke everywhere" needs where it is not.
+     * @dev Emits {OwnerApprovalNonceUsed} and {MultichainApproval-MultichainApprovalUsed}. Reverts with
+     * {OwnerApprovalNonceAlreadyUsed} when the nonce is already used (the install landed: revoke the key instead).
+     */
+    function cancelOwnerApprovalWithProof(uint256 nonce, MultichainApproval.Proof calldata approval) public virtual {
+        _useMultichainOwnerApproval(SessionKeyTypedData.hashCancel(nonce), nonce, type(uint48).max, approval);
+    }
+
     /// @inheritdoc IAgentAccountSessionKeys
     function cancelOwnerApproval(uint256 nonce) public virtual onlySessionKeyAdmin {
         SessionKeysStorage storage $ = _getSessionKeysStorage();

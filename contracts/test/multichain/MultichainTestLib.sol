@@ -76,4 +76,9 @@ contract SessionKeyHasher {
     function hashRevoke(address key, uint256 nonce, uint48 deadline) external pure returns (bytes32) {
         return SessionKeyTypedData.hashRevoke(key, nonce, deadline);
     }
+
+    /// @dev Spelled out (not the library's) so the type string is checked.
+    function hashCancel(uint256 nonce) external pure returns (bytes32) {
+        return keccak256(abi.encode(keccak256("CancelOwnerApproval(uint256 nonce)"), nonce));
+    }
 }
