@@ -12,6 +12,7 @@ token's EIP-712 domain come from the `Network` description only, never from the 
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 import tomllib
@@ -27,7 +28,7 @@ from x402.client_escrow import SessionWalletFile
 
 from .chain._artifacts import EscrowError
 from .chain._rpc import Rpc, TxSender
-from .devnet._devnet import DevnetAccount, DevnetState
+from .devnet._devnet import DevnetAccount, DevnetChain, DevnetState, anvil_accounts
 from .payments._escrow import AgentEscrow, Erc20
 from .payments._escrow_verify import EscrowVerifier, GrantCache
 from .payments._exact import ExactEvm
@@ -36,7 +37,14 @@ from .payments._grants import relay_deposit, relay_grant, sign_deposit_authoriza
 from .payments._settler import EscrowSettler
 from .payments._settler import SettlementQueue as EscrowQueue
 
-__all__ = ["Chain", "ChainConfigError", "load_network", "network_of_devnet"]
+__all__ = [
+    "Chain",
+    "ChainConfigError",
+    "load_network",
+    "network_of_devnet",
+    "resolve_key_reference",
+    "write_devnet_networks",
+]
 
 
 class ChainConfigError(EscrowError):
@@ -48,21 +56,60 @@ class ChainConfigError(EscrowError):
         super().__init__(message, code=code)
 
 
-def network_of_devnet(state: DevnetState) -> Network:
-    """The network description of a running devnet (its token, escrow, factory and EntryPoint)."""
-    contracts = state.contracts
+def network_of_devnet(
+    state: DevnetState | DevnetChain, *, chain: int | str | None = None, settlement_key: str = ""
+) -> Network:
+    """The network description of a running devnet chain (its token, escrow, factory, EntryPoint, ...):
+    `state`'s first chain, or the one `chain` names (chain id, CAIP-2 id or label), or a `DevnetChain`."""
+    one = state if isinstance(state, DevnetChain) else state.chain(chain) if chain is not None else state
+    contracts = one.contracts
     return Network(
-        network=state.network,
-        chain_id=state.chain_id,
-        rpc_url=state.rpc_url,
+        network=one.network,
+        chain_id=one.chain_id,
+        rpc_url=one.rpc_url,
         token=contracts["usdc"],
-        token_name=state.usdc_name,
-        token_version=state.usdc_version,
-        token_decimals=state.usdc_decimals,
+        token_name=one.usdc_name,
+        token_version=one.usdc_version,
+        token_decimals=one.usdc_decimals,
         escrow=contracts.get("escrow", ""),
         account_factory=contracts.get("account_factory", ""),
         entrypoint=contracts.get("entrypoint", ""),
+        channels=contracts.get("channels", ""),
+        paymaster=contracts.get("paymaster", ""),
+        settlement_key=settlement_key,
     )
+
+
+def write_devnet_networks(
+    state: DevnetState, state_path: str | Path, *, settlement_key: str = "devnet:3"
+) -> DevnetState:
+    """Write one network description per chain next to the devnet state file (`devnet.json` ->
+    `devnet.base.network.json`, `devnet.31337.network.json`) and return `state` with each chain's
+    `network_file` set. `settlement_key` is the reference each file names (default devnet account 3, the
+    relayer `Chain.from_devnet` picks)."""
+    base = Path(state_path)
+    chains = []
+    for chain in state.chains:
+        target = base.with_name(f"{base.stem}.{chain.label}.network.json")
+        described = network_of_devnet(chain, settlement_key=settlement_key)
+        partial = target.with_name(target.name + ".tmp")
+        partial.write_bytes(described.to_json() + b"\n")
+        partial.replace(target)
+        chains.append(msgspec.structs.replace(chain, network_file=str(target)))
+    return msgspec.structs.replace(state, chains=tuple(chains))
+
+
+def resolve_key_reference(reference: str, *, what: str = "settlement_key") -> str:
+    """The private key a description's reference names: `env:NAME` or `devnet:N`."""
+    kind, _, name = reference.partition(":")
+    if kind == "env":
+        key = os.environ.get(name, "")
+        if not key:
+            raise ChainConfigError(f"{what} {reference}: ${name} is not set", code="settlement_key_missing")
+        return key
+    if kind == "devnet" and name.isdigit():
+        return anvil_accounts(int(name) + 1)[int(name)].private_key
+    raise ChainConfigError(f"{what} {reference!r} is not env:NAME or devnet:N", code="settlement_key_invalid")
 
 
 def load_network(path: str | Path) -> Network:
@@ -97,6 +144,7 @@ class Chain:
     `network` is a `Network` or the path of a description file (JSON, TOML or a devnet state). `rpc_url`
     overrides the description's node for verification, `settle_rpc_url` for sending (both default to it).
     `accounts` are a devnet's funded accounts (`from_devnet` fills them in), for examples and tests.
+    Without `relayer_key`, the description's `settlement_key` reference (if any) names the relayer.
     """
 
     def __init__(
@@ -118,6 +166,8 @@ class Chain:
         if not url:
             raise ChainConfigError(f"no RPC URL for {described.network}: pass rpc_url=")
         self.network = msgspec.structs.replace(described, rpc_url=url)
+        if relayer_key is None and described.settlement_key:  # the description names its settlement key
+            relayer_key = resolve_key_reference(described.settlement_key)
         self.accounts = tuple(accounts)
         self.rpc = Rpc(url)
         self.settle_rpc = self.rpc if settle_rpc_url in (None, url) else Rpc(settle_rpc_url or "")
@@ -135,14 +185,18 @@ class Chain:
         state: DevnetState | str | Path = ".agentpay/devnet.json",
         *,
         relayer: int | str | None = 3,
+        chain: int | str | None = None,
         **kw: Any,
     ) -> Chain:
-        """The devnet `state` describes; `relayer` is a devnet account index, or a private key."""
+        """The devnet `state` describes; `relayer` is a devnet account index, or a private key. `chain`
+        picks one chain of a multichain devnet (chain id, CAIP-2 id or label like `"base"`; default: the
+        first)."""
         devnet = state if isinstance(state, DevnetState) else DevnetState.load(state)
         if isinstance(relayer, int) and not 0 <= relayer < len(devnet.accounts):
             raise ChainConfigError(f"the devnet has no account {relayer}")
         key = devnet.accounts[relayer].private_key if isinstance(relayer, int) else relayer
-        return cls(network_of_devnet(devnet), relayer_key=key, accounts=devnet.accounts, **kw)
+        network = network_of_devnet(devnet, chain=chain)
+        return cls(network, relayer_key=key, accounts=devnet.accounts, **kw)
 
     @classmethod
     async def connect(

@@ -10,12 +10,13 @@ it is verified, the task runs, the payment settles, and the task completes with 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from escrow import Chain
 from gateway import PaymentMiddleware
 from gateway.a2a import PaidAgent, agent_card
+
+from ._cli import devnet_chain_and_payee, devnet_server_args
 
 __all__ = ["TASK_PRICE", "build_app", "main", "word_count"]
 
@@ -38,17 +39,8 @@ def build_app(chain: Chain, url: str, *, pay_to: str, **options: Any) -> Payment
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--devnet", required=True, help="devnet state file (agentpay devnet up writes one)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8404)
-    parser.add_argument("--payee", default="2", help="devnet account index (or 0x address) that gets paid")
-    parser.add_argument("--store", default=None, help="payment store URL (default: $AGENTPAY_STORE)")
-    args = parser.parse_args(argv)
-    chain = Chain.from_devnet(args.devnet)
-    payee = args.payee if args.payee.startswith("0x") else chain.accounts[int(args.payee)].address
+    args = devnet_server_args(__doc__, 8404, argv)
+    chain, payee = devnet_chain_and_payee(args)
     url = f"http://{args.host}:{args.port}/"
     app = build_app(chain, url, pay_to=payee, store=args.store)
     print(f"paid A2A agent on {url} (payee {payee})", flush=True)

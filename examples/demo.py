@@ -15,6 +15,9 @@ The story (use case 3 of the brief): an orchestrator agent hires sub-agents and 
    (`examples.a2a_agent`), each settled before its answer.
 4. Over-cap payments and top-ups are refused, with the reason; balances move by exactly what was served;
    everything is stopped at the end (no node left behind).
+5. Paid per use (`examples._metered_demo`): the hot wallet pays `examples.subagent`'s `/metered?units=7`
+   through x402 `upto` (signs the $0.01 maximum, is charged 7 units) and streams `/stream?tokens=1000` over
+   an MPP session channel (closing it settles exactly 1000 tokens).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from x402.client_escrow import EscrowWallet, SessionKeyAuth
 
 from ._escrow_setup import GrantTerms, relay, sign_offline, top_up_calls, top_up_policy
 from ._escrow_subagents import SubAgent, serving
+from ._metered_demo import pay_per_use
 from ._protocol_agents import ProtocolAgent, pay_tool_and_task
 
 __all__ = ["main"]
@@ -109,7 +113,9 @@ async def story(state: DevnetState, workdir: Path) -> bool:
     rpc = Rpc(state.rpc_url)
     alto = BundlerRpc(state.bundler_url, chain_id=state.chain_id, node=rpc) if state.bundler_url else None
     try:
-        return await _story(state, rpc, workdir, alto)
+        ok = await _story(state, rpc, workdir, alto)
+        print(flush=True)
+        return await pay_per_use(state, rpc, say) and ok
     finally:
         if alto is not None:
             await alto.aclose()

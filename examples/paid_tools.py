@@ -12,7 +12,6 @@ recovery.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -20,6 +19,8 @@ from mcp.server.mcpserver import MCPServer
 from escrow import Chain
 from gateway import PaymentMiddleware
 from gateway.mcp import PaidTools
+
+from ._cli import devnet_chain_and_payee, devnet_server_args
 
 __all__ = ["SUMMARIZE_PRICE", "build_app", "build_server", "main"]
 
@@ -59,17 +60,8 @@ def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--devnet", required=True, help="devnet state file (agentpay devnet up writes one)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8403)
-    parser.add_argument("--payee", default="2", help="devnet account index (or 0x address) that gets paid")
-    parser.add_argument("--store", default=None, help="payment store URL (default: $AGENTPAY_STORE)")
-    args = parser.parse_args(argv)
-    chain = Chain.from_devnet(args.devnet)
-    payee = args.payee if args.payee.startswith("0x") else chain.accounts[int(args.payee)].address
+    args = devnet_server_args(__doc__, 8403, argv)
+    chain, payee = devnet_chain_and_payee(args)
     app = build_app(chain, pay_to=payee, store=args.store)
     print(f"paid tools: MCP on http://{args.host}:{args.port}/mcp (payee {payee})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

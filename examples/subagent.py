@@ -12,9 +12,12 @@ Routes (prices in TestUSDC, paid to devnet account 2 by default):
     GET  /metered?units=N  usage-priced: at most $0.01, charged $0.0001 x N (N = 0..100)
     GET  /stream?tokens=N  Server-Sent Events, $0.00001 per token (N = 1..100000)
 
-`/metered` and `/stream` are paid over an MPP session (`evm/session`): the payer opens a channel on the
-devnet's AgentChannels once and then sends a signed cumulative voucher per request (no transaction per
-call); the payee settles every `--settle-every` and when the payer closes the channel.
+`/stream` is paid over an MPP session (`evm/session`): the payer opens a channel on the devnet's
+AgentChannels once and then sends a signed cumulative voucher per request (no transaction per call); the
+payee settles every `--settle-every` and when the payer closes the channel. `/metered` is offered over the
+session too, and per call in the same 402: x402 `upto` (Permit2, when the devnet has it) and metered
+`escrow` (when `--schemes` names it). Whichever way it is paid, the payer signs the $0.01 maximum and is
+charged what the handler reports with `charge()`.
 
 Every priced route answers an unpaid request with one 402 that offers x402 v2, x402 v1 and MPP at once, for
 the schemes in `--schemes` (default `exact`; `exact,escrow` adds session-key payments through the escrow).
@@ -33,6 +36,7 @@ point.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import secrets
@@ -46,7 +50,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from escrow import Chain, DevnetState
+from escrow import AgentEscrow, Chain, DevnetState, Rpc, TxSender
 from gateway import (
     PaidRoute,
     PaymentMiddleware,
@@ -59,10 +63,24 @@ from gateway import (
 
 from ._discovery import DISCOVERY
 
-__all__ = ["PRICES", "SESSION_ROUTES", "build_app", "main", "with_sessions"]
+__all__ = [
+    "METERED",
+    "PRICES",
+    "SESSION_ROUTES",
+    "allow_metered_settler",
+    "build_app",
+    "main",
+    "with_sessions",
+]
 
 PRICES = {"GET /hello": "$0.001", "GET /weather": "$0.002"}
+#: Fixed prices are paid in full: `upto` (for usage prices) is offered on /metered only.
+FIXED = ("exact", "escrow")
 UNIT_PRICE = Decimal("0.0001")  # /metered, per unit
+#: /metered per call: the payer signs the maximum (100 units), the handler's `charge()` sets what is paid.
+METERED = PaidRoute(
+    price=UNIT_PRICE * 100, metered=True, schemes=("upto", "escrow"), description="$0.0001 per unit used"
+)
 #: Paid over an MPP session: a call to /metered holds at most 100 units ($0.01), is charged what it used.
 SESSION_ROUTES = {
     "/metered": SessionRoute(unit_price=UNIT_PRICE, units=100, metered=True),
@@ -138,15 +156,21 @@ def build_app(chain: Chain, *, pay_to: str, **options: Any) -> PaymentMiddleware
             Route("/stream", stream, methods=["GET", "POST"]),  # POST: vouchers while a stream runs
         ]
     )
-    summarize_route = PaidRoute(price=summarize_price, description="Summarize a text")
-    routes: dict[str, PaidRoute | str] = {**PRICES, "POST /summarize": summarize_route}
+    routes = {key: PaidRoute(price=price, schemes=FIXED) for key, price in PRICES.items()}
+    routes["POST /summarize"] = PaidRoute(
+        price=summarize_price, description="Summarize a text", schemes=FIXED
+    )
+    schemes = options.get("schemes") or (["escrow"] if chain.network.escrow else [])
+    if {"escrow", "upto"} & set(schemes):  # /metered per call needs a scheme that settles for less
+        routes["GET /metered"] = METERED
     return PaymentMiddleware(api, routes=routes, chain=chain, pay_to=pay_to, discovery=DISCOVERY, **options)
 
 
 def with_sessions(
     app: ASGIApp, chain: Chain, *, channels: str, payee_key: str, secret: str, settle_every: str = "$0.05"
 ) -> SessionPaywall:
-    """`/metered` and `/stream` paid over MPP sessions on the AgentChannels at `channels`."""
+    """`/metered` and `/stream` paid over MPP sessions on the AgentChannels at `channels` (`/metered` is
+    then offered in one 402 with the per-call schemes `app` prices it in)."""
     return SessionPaywall.on_chain(
         app,
         chain,
@@ -156,6 +180,20 @@ def with_sessions(
         secret=secret,
         settle_every=settle_every,
     )
+
+
+async def allow_metered_settler(chain: Chain, payee_key: str) -> None:
+    """The payee lets `chain`'s relayer settle its metered escrow payments below their maximum (once;
+    AgentEscrow pays less than signed only to a payee's own settler)."""
+    rpc = Rpc(chain.network.rpc_url)  # the caller's event loop, not the one the server will run
+    try:
+        escrow = AgentEscrow(rpc, chain.network.escrow)
+        payee = TxSender(rpc, payee_key, chain_id=chain.network.chain_id)
+        if not await escrow.is_settler(payee.address, chain.relayer.address):
+            data = escrow.set_settler_calldata(chain.relayer.address, True)
+            await payee.transact(escrow.address, data, gas=100_000)
+    finally:
+        await rpc.aclose()
 
 
 def _index_or(value: str) -> int | str:
@@ -182,7 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         help="payment store URL (default: $AGENTPAY_STORE, else sqlite:///.agentpay/payments.db)",
     )
     parser.add_argument("--settle", choices=["before-response", "deferred"], default="before-response")
-    parser.add_argument("--schemes", default="exact", help="comma-separated: exact, escrow (default: exact)")
+    parser.add_argument(
+        "--schemes",
+        default="exact",
+        help="comma-separated: exact, escrow (default: exact); upto is added when the devnet has Permit2",
+    )
     parser.add_argument("--rpc", default=None, help="JSON-RPC URL for verification (default: the devnet's)")
     parser.add_argument("--settle-rpc", default=None, help="JSON-RPC URL for settlement (default: --rpc)")
     parser.add_argument(
@@ -202,18 +244,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     payee = _index_or(args.payee)
     pay_to = chain.accounts[payee].address if isinstance(payee, int) else payee
+    devnet = DevnetState.load(args.devnet)
+    schemes = [name.strip() for name in args.schemes.split(",") if name.strip()]
+    if "permit2" in devnet.contracts and "upto" not in schemes:
+        schemes.append("upto")
     app = build_app(
         chain,
         pay_to=pay_to,
-        schemes=[name.strip() for name in args.schemes.split(",") if name.strip()],
+        schemes=schemes,
         store=args.store,
         settle=args.settle,
         claim_ttl=args.claim_ttl,
         settlement=SettlementOptions(**{name: getattr(args, name) for name in tuned}),
         mpp_strict=args.mpp_strict,
     )
+    if "escrow" in schemes and isinstance(payee, int):
+        asyncio.run(allow_metered_settler(chain, chain.accounts[payee].private_key))
     served: ASGIApp = app
-    devnet = DevnetState.load(args.devnet)
     if "channels" in devnet.contracts and isinstance(payee, int):
         served = with_sessions(
             app,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import msgspec
 
 from escrow import Chain, EscrowSettler, ExactSettler
+from escrow.payments._upto import UptoChain
 from x402 import Amount
 
 from ._errors import ConfigurationError
@@ -26,10 +27,12 @@ from ._pricing import Asset
 from ._recovery import Reconciler, Recovery
 from ._scheme import Scheme
 from ._store import PaymentStore
+from ._upto import UptoScheme
 
 __all__ = ["SCHEME_NAMES", "ChainPayments", "SettlementOptions", "chain_asset"]
 
-SCHEME_NAMES = ("exact", "escrow")
+#: `upto` (x402, Permit2) needs Permit2 and the upto proxy at their canonical addresses: named, never default.
+SCHEME_NAMES = ("exact", "escrow", "upto")
 
 
 class SettlementOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,11 +74,18 @@ class ChainPayments:
         store: PaymentStore,
         claim_ttl: float,
         options: SettlementOptions | None = None,
+        qualify: bool = False,
     ) -> None:
         self.chain = chain
+        self.network = chain.network.network
+        # Several chains share one store: each chain's settlers drain their own queue kinds (`exact@8453`),
+        # so no settler ever leases another chain's payment. One chain (or the first of several) keeps the
+        # plain kinds, so a store written by a one-chain gateway is drained as before.
+        self.suffix = f"@{chain.network.chain_id}" if qualify else ""
         self.options = options = options or SettlementOptions()
         self.claim_ttl = claim_ttl
-        wanted = tuple(names) if names is not None else SCHEME_NAMES if chain.network.escrow else ("exact",)
+        default = ("exact", "escrow") if chain.network.escrow else ("exact",)
+        wanted = tuple(names) if names is not None else default
         unknown = [name for name in wanted if name not in SCHEME_NAMES]
         if unknown or not wanted:
             raise ConfigurationError(f"schemes must be among {SCHEME_NAMES}, got {list(wanted)}")
@@ -91,14 +101,21 @@ class ChainPayments:
             "lease_seconds": options.lease_seconds,
             "retry_cap": options.retry_cap,
         }
+        suffix = self.suffix
         self.schemes: list[Scheme] = []
         self.exact_settler: ExactSettler | None = None
         self.escrow_settler: EscrowSettler | None = None
         self.escrow_scheme: EscrowScheme | None = None
+        # The relayer key settles `upto` too: it is the `facilitatorAddress` the offer advertises.
+        self.upto_scheme = (
+            UptoScheme(UptoChain(chain.rpc, chain.relayer), kind="upto" + suffix)
+            if "upto" in wanted
+            else None
+        )
         if "exact" in wanted:
-            self.exact_settler = chain.exact_settler(store, **tuning)
+            self.exact_settler = chain.exact_settler(store, kind="exact" + suffix, **tuning)
         if "escrow" in wanted:
-            self.escrow_settler = chain.escrow_settler(store, **tuning)
+            self.escrow_settler = chain.escrow_settler(store, kind="escrow" + suffix, **tuning)
             self.escrow_scheme = EscrowScheme(
                 chain.escrow_verifier(),
                 store,
@@ -107,12 +124,15 @@ class ChainPayments:
                 claim_ttl=claim_ttl,
             )
         for name in wanted:  # in the caller's order: the paywall offers them so
-            self.schemes.append(ExactScheme(chain.exact()) if name == "exact" else self._escrow_scheme())
+            self.schemes.append(self._scheme(name))
         self.recovery: Recovery | None = None
 
-    def _escrow_scheme(self) -> EscrowScheme:
-        assert self.escrow_scheme is not None
-        return self.escrow_scheme
+    def _scheme(self, name: str) -> Scheme:
+        if name == "exact":
+            return ExactScheme(self.chain.exact(), kind="exact" + self.suffix)
+        scheme = self.escrow_scheme if name == "escrow" else self.upto_scheme
+        assert scheme is not None
+        return scheme
 
     @property
     def settlers(self) -> dict[str, ExactSettler | EscrowSettler]:
@@ -134,9 +154,12 @@ class ChainPayments:
             self.escrow_scheme.store = store
         reconcilers: dict[str, Reconciler] = {}
         if self.exact_settler is not None:
-            reconcilers["exact"] = self.exact_settler
+            reconcilers[self.exact_settler.kind] = self.exact_settler
         if self.escrow_scheme is not None:
-            reconcilers["escrow"] = self.escrow_scheme
+            reconcilers[self.escrow_scheme.kind] = self.escrow_scheme
+        if self.upto_scheme is not None:
+            self.upto_scheme.store = store
+            reconcilers[self.upto_scheme.kind] = self.upto_scheme
         self.recovery = Recovery(
             store,
             settlers=list(self.settlers.values()),

@@ -59,7 +59,7 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
 
 def _row(item: Settlement) -> Row:
     payee, grant = "", ""
-    base = item.kind.partition(":")[0]
+    base = item.kind.partition(":")[0].partition("@")[0]  # `exact@8453:now` -> exact
     try:
         if base == "exact":
             from escrow.payments._exact_settler import decode_payment

@@ -107,6 +107,7 @@ class DiscoveryDocuments:
                 mime_type=route.mime_type,
                 max_timeout_seconds=route.max_timeout_seconds,
                 schemes=route.schemes,
+                assets=entry.assets,  # every network it is priced on
             )
             out.append(
                 _Paid(

@@ -92,6 +92,7 @@ class EscrowScheme:
         self.settle_in_verify = settle_in_verify
         self.escrow = verifier.escrow.address
         self.chain_id = verifier.chain_id
+        self.kind: str = getattr(settler, "kind", self.name)  # the queue its settler drains
 
     # -- offer ---------------------------------------------------------------------------------------------
 
@@ -268,7 +269,7 @@ class EscrowScheme:
             claim = msgspec.structs.replace(claim, credit=None)
         return Settlement(
             key=verified.key,
-            kind=self.name,
+            kind=self.kind,
             payload=encode_claim(claim),
             payer=verified.payer,
             amount=charge,

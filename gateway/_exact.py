@@ -114,6 +114,7 @@ class ExactScheme:
         store: PaymentStore | None = None,
         credit_limit: int = DEFAULT_CREDIT_LIMIT,
         settle_delay: float = DEFAULT_SETTLE_DELAY,
+        kind: str | None = None,
     ) -> None:
         """`chain` checks and settles; `min_validity` is the least time an authorization must have left.
 
@@ -123,7 +124,10 @@ class ExactScheme:
         are settled before they are served: the bound on what a canceled authorization or funds moved
         away after verification can cost. `settle_delay` is the deferred settler's worst-case time to land
         a payment: an authorization expiring sooner (plus `min_validity`) is settled before it is served.
+        `kind` is the store queue its deferred payments go to (default `exact`; a gateway on several
+        chains gives each chain's scheme its own, drained by that chain's settler).
         """
+        self.kind = kind or self.name
         self.chain = chain
         self.min_validity = min_validity
         self.store = store
@@ -259,7 +263,7 @@ class ExactScheme:
         if store is None:
             return None
         record = await store.get_settlement(key)
-        if record is None or record.kind != in_flight_kind(self.name) or record.state == "dead":
+        if record is None or record.kind != in_flight_kind(self.kind) or record.state == "dead":
             return None
         try:
             earlier = decode_payment(record.payload)
@@ -333,7 +337,7 @@ class ExactScheme:
         body = self._payment(state)
         return Settlement(
             key=verified.key,
-            kind=self.name,
+            kind=self.kind,
             payload=encode_payment(body),
             payer=verified.payer,
             amount=verified.amount,

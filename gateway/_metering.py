@@ -29,6 +29,7 @@ from ._pricing import Amount, RouteTable, to_atomic
 
 __all__ = [
     "OVERRIDES_HEADER",
+    "PAID_SCOPE_KEY",
     "Meter",
     "can_meter",
     "check_metered_routes",
@@ -43,6 +44,10 @@ log = logging.getLogger("agentpay.gateway.metering")
 OVERRIDES_HEADER = "settlement-overrides"
 _OVERRIDES_RAW = OVERRIDES_HEADER.encode()
 _SCOPE_KEY = "agentpay.meter"
+#: Set (True) in the scope of a request an outer paywall has charged (a `SessionPaywall` pricing a route a
+#: `PaymentMiddleware` inside it prices too): the inner paywall lets it through to the app, whose `charge()`
+#: reaches the outer paywall's meter. Only server code writes the scope: a client cannot set it.
+PAID_SCOPE_KEY = "agentpay.paid"
 
 
 def check_metered_routes(routes: RouteTable, schemes: Mapping[str, object]) -> None:

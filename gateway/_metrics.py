@@ -222,7 +222,9 @@ class PaymentObserver:
                     settle = "deferred" if event is Event.QUEUED else "before-response"
                     metrics.served.labels(scheme, quote.route, settle).inc()
                     amount = verified.amount if verified is not None else 0
-                    metrics.earned.labels(scheme, quote.route, quote.asset.address).inc(amount)
+                    # the asset of the offer paid: on a route priced on several chains, that chain's token
+                    asset = attempt.offer.requirements.asset
+                    metrics.earned.labels(scheme, quote.route, asset).inc(amount)
                     if event is Event.SETTLED:
                         metrics.settle_seconds.labels(scheme, "before-response").observe(
                             time.perf_counter() - started[0]

@@ -47,7 +47,7 @@ from ._bodies import (
 from ._chain_payments import ChainPayments, SettlementOptions, chain_asset
 from ._discovery import Discovery, DiscoveryDocuments
 from ._errors import ConfigurationError, GatewayError, PaymentFailed
-from ._metering import Meter, check_metered_routes
+from ._metering import PAID_SCOPE_KEY, Meter, check_metered_routes
 from ._metrics import Metrics, PaymentObserver
 from ._pipeline import Paywall, SettleMode
 from ._pricing import Asset, PaidRoute, Price, Quote, RouteTable, route_path
@@ -120,11 +120,18 @@ class PaymentMiddleware:
     `invalid-challenge` with a fresh challenge (the core spec); `mpp_replay_status=403` answers as pympp.
 
     With `chain=` (an `escrow.Chain`), `schemes` may be left out (both `exact` and `escrow` when the chain
-    has an escrow) or name them (`schemes=["escrow"]`), `asset` defaults to the chain's token, and the
-    middleware's lifespan runs what those schemes need: the settlers of deferred payments and recovery,
-    tuned by `settlement` (`SettlementOptions`), stopped (queues flushed) and the chain's clients closed
-    at shutdown. A server that sends no lifespan events gets them started on the first paid request; call
-    `startup()` / `shutdown()` to drive them yourself.
+    has an escrow) or name them (`schemes=["escrow", "upto"]`; `upto` needs Permit2 and the x402 upto
+    proxy at their canonical addresses and is settled by the chain's relayer key, its `facilitatorAddress`),
+    `asset` defaults to the chain's token, and the middleware's lifespan runs what those schemes need: the
+    settlers of deferred payments and recovery, tuned by `settlement` (`SettlementOptions`), stopped (queues
+    flushed) and the chain's clients closed at shutdown. A server that sends no lifespan events gets them
+    started on the first paid request; call `startup()` / `shutdown()` to drive them yourself.
+
+    Several chains (`chain=[base, arbitrum]`, or `chains=`): every route that names no asset is priced on
+    each chain's token at once (one x402 `accepts` entry per network and scheme, one MPP challenge per
+    network, in the chains' order), and a payment is verified and settled by the chain of the network it
+    pays on, with that chain's own settlers (`network_settlers`). Payments, reservations and queues are
+    kept apart per chain in the one store. The tokens must share decimals.
 
     Operator endpoints, off by default: `discovery=True` (or a `Discovery`) serves `/openapi.json`,
     `/llms.txt` and `/discovery/resources` generated from `routes`; `metrics=True` (or a `Metrics`) serves
@@ -138,7 +145,8 @@ class PaymentMiddleware:
         *,
         routes: Mapping[str, PaidRoute | Price],
         schemes: Sequence[Scheme | str] | None = None,
-        chain: Chain | None = None,
+        chain: Chain | Sequence[Chain] | None = None,
+        chains: Sequence[Chain] | None = None,
         settlement: SettlementOptions | None = None,
         pay_to: str | None = None,
         asset: Asset | None = None,
@@ -164,24 +172,36 @@ class PaymentMiddleware:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_held_bytes = max_held_bytes
-        self.chain = chain
+        chains = _chain_list(chain, chains)
+        self.chain = chains[0] if chains else None
+        self.chains = chains
         placeholder = MemoryStore() if store is None or isinstance(store, str) else store
         self._payments: ChainPayments | None = None
-        if chain is not None:
+        self._all_payments: list[ChainPayments] = []
+        assets: list[Asset] = []
+        if chains:
             if schemes is not None and not all(isinstance(s, str) for s in schemes):
                 raise ConfigurationError(
                     "with chain=, name the schemes (schemes=['escrow']) or leave them out"
                 )
+            if len(chains) > 1 and asset is not None:
+                raise ConfigurationError("with several chains each prices in its own token: leave asset= out")
             names = None if schemes is None else [str(s) for s in schemes]
-            self._payments = ChainPayments(
-                chain, names, store=placeholder, claim_ttl=claim_ttl, options=settlement
-            )
+            self._all_payments = [
+                ChainPayments(
+                    c, names, store=placeholder, claim_ttl=claim_ttl, options=settlement, qualify=i > 0
+                )
+                for i, c in enumerate(chains)
+            ]
+            self._payments = self._all_payments[0]
             schemes = self._payments.schemes
-            asset = asset or chain_asset(chain)
+            asset = asset or chain_asset(chains[0])
+            if len(chains) > 1:
+                assets = [chain_asset(c) for c in chains]
         elif schemes is None or any(isinstance(s, str) for s in schemes):
             raise ConfigurationError("pass chain= (an escrow.Chain), or scheme objects in schemes=")
         self.body_timeout = body_timeout
-        self.routes = RouteTable(routes, pay_to=pay_to, asset=asset)
+        self.routes = RouteTable(routes, pay_to=pay_to, asset=asset, assets=assets)
         # A URL is opened (connect, migrate) at lifespan startup, or on the first paid request when the
         # server sends no lifespan events; until then the paywall holds a placeholder nothing is written to.
         self._store_url = (
@@ -203,6 +223,7 @@ class PaymentMiddleware:
             mpp_strict=mpp_strict,
             mpp_replay_status=mpp_replay_status,
             clock=clock,
+            networks={p.network: p.schemes for p in self._all_payments} if len(assets) > 1 else None,
         )
         check_metered_routes(self.routes, self.paywall.schemes)
         self._ops_endpoints(discovery, metrics)
@@ -214,11 +235,12 @@ class PaymentMiddleware:
         self.metrics = Metrics() if metrics is True else metrics or None
         self.observer = PaymentObserver(self.metrics)
         self.paywall.observer = self.observer
-        if self.metrics is not None and self._payments is not None:  # the settlers `chain=` runs
+        if self.metrics is not None and self._all_payments:  # the settlers `chain=` runs
             hook = self.metrics.settler_hook(lambda: self.paywall.store)
-            for settler in self._payments.settlers.values():
-                if settler.on_outcome is None:
-                    settler.on_outcome = hook
+            for payments in self._all_payments:
+                for settler in payments.settlers.values():
+                    if settler.on_outcome is None:
+                        settler.on_outcome = hook
 
     async def _serve_ops(self, scope: Scope, send: Send) -> bool:
         if self.discovery is not None and await self.discovery.handle(scope, send):
@@ -252,20 +274,32 @@ class PaymentMiddleware:
     async def startup(self) -> None:
         """Open the store and start the chain's settlers and recovery (idempotent; lifespan startup)."""
         store = await self.open_store()
-        if self._payments is not None:
-            await self._payments.start(store)
+        for payments in self._all_payments:
+            await payments.start(store)
 
     async def shutdown(self) -> None:
         """Stop the settlers (they flush what they hold) and close the chain's clients (idempotent)."""
-        payments, self._payments = self._payments, None
-        if payments is not None:
+        all_payments, self._all_payments, self._payments = self._all_payments, [], None
+        for payments in all_payments:
             await payments.stop()
             await payments.chain.aclose()
 
     @property
     def settlers(self) -> dict[str, ExactSettler | EscrowSettler]:
-        """The settlers `chain=` runs, by scheme name (empty without `chain=`)."""
+        """The settlers `chain=` runs, by scheme name (empty without `chain=`); the first chain's when
+        there are several (see `network_settlers`)."""
         return {} if self._payments is None else self._payments.settlers
+
+    @property
+    def network_settlers(self) -> dict[str, dict[str, ExactSettler | EscrowSettler]]:
+        """The settlers of every chain: network (CAIP-2) -> scheme name -> settler."""
+        return {p.network: p.settlers for p in self._all_payments}
+
+    def prices(self, scope: Scope) -> bool:
+        """Whether this middleware charges the request `scope`. A `SessionPaywall` wrapping it uses this to
+        share a route: requests without a session credential are answered here (one 402 carrying both
+        paywalls' offers), requests paid over the session pass through here to the app."""
+        return scope["type"] == "http" and self.routes.match(scope) is not None
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         # The store opens before the app's own startup runs, so the app's lifespan can hand it to a settler;
@@ -294,7 +328,8 @@ class PaymentMiddleware:
         if (self.discovery is not None or self.metrics is not None) and await self._serve_ops(scope, send):
             return
         entry = self.routes.match(scope)
-        if entry is None:
+        if entry is None or scope.get(PAID_SCOPE_KEY) is True:
+            # Unpriced, or already charged by an outer paywall (an MPP session on a route priced here too).
             await self.app(scope, receive, send)
             return
         if (self._store_url is not None and self._opened is None) or (
@@ -440,6 +475,28 @@ def _host(scope: Scope) -> str:
             return str(value.decode("latin-1"))
     server = scope.get("server")
     return str(server[0]) if server else "localhost"
+
+
+def _chain_list(chain: Chain | Sequence[Chain] | None, chains: Sequence[Chain] | None) -> list[Chain]:
+    if chain is not None and chains is not None:
+        raise ConfigurationError("pass chain= or chains=, not both")
+    listed: list[Chain] = (
+        list(chains)
+        if chains is not None
+        else []
+        if chain is None
+        else list(chain)
+        if isinstance(chain, Sequence)
+        else [chain]
+    )
+    seen: set[str] = set()
+    for c in listed:
+        if c.network.network in seen:
+            raise ConfigurationError(f"network {c.network.network} is given twice")
+        seen.add(c.network.network)
+    if chains is not None and not listed:
+        raise ConfigurationError("chains= is empty")
+    return listed
 
 
 def _secret_list(secret: bytes | str | Sequence[bytes | str] | None) -> list[bytes]:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Final, Literal
 
 import msgspec
@@ -141,7 +141,10 @@ class Paywall:
         mpp_strict: bool = False,
         mpp_replay_status: ReplayStatus = 402,
         clock: Callable[[], float] = time.time,
+        networks: Mapping[str, Sequence[Scheme]] | None = None,
     ) -> None:
+        """`networks` (a gateway on several chains): each network's own schemes, by CAIP-2 id; an offer on
+        one of them is verified and settled by that network's scheme, never another chain's."""
         if not schemes:
             raise GatewayError("at least one payment scheme is required", code="configuration_error")
         if settle not in ("before-response", "deferred"):
@@ -151,6 +154,7 @@ class Paywall:
                 f"mpp_replay_status must be 402 or 403, not {mpp_replay_status!r}", code="configuration_error"
             )
         self.schemes = {scheme.name: scheme for scheme in schemes}
+        self.networks = {net: {s.name: s for s in group} for net, group in (networks or {}).items()}
         self._store = store
         self.store = store
         self.secrets = list(secrets)
@@ -176,6 +180,11 @@ class Paywall:
             use_store = getattr(scheme, "use_store", None)
             if use_store is not None:
                 use_store(store)
+        for group in self.networks.values():
+            for scheme in group.values():
+                use_store = getattr(scheme, "use_store", None)
+                if use_store is not None:
+                    use_store(store)
 
     def realm_for(self, host: str) -> str:
         """The MPP realm of a request to `host` (its `Host` header): the host's own name when it is one of
@@ -187,13 +196,24 @@ class Paywall:
         return self.realm
 
     def offers(self, quote: Quote) -> list[Offer]:
-        names = quote.schemes or tuple(self.schemes)
+        if quote.assets:  # priced on several networks: each network's schemes, in the networks' order
+            return [o for asset in quote.assets for o in self._offers(quote.on(asset), asset.network)]
+        return self._offers(quote, None)
+
+    def _offers(self, quote: Quote, network: str | None) -> list[Offer]:
+        schemes = self.schemes if network is None else self.networks.get(network, self.schemes)
+        names = quote.schemes or tuple(schemes)
         # A metered route (a maximum) is offered only in schemes that can settle for less: never `exact`.
         return [
-            self.schemes[name].offer(quote)
+            schemes[name].offer(quote)
             for name in names
-            if name in self.schemes and (not quote.metered or can_meter(self.schemes[name]))
+            if name in schemes and (not quote.metered or can_meter(schemes[name]))
         ]
+
+    def scheme_of(self, offer: Offer) -> Scheme:
+        """The scheme that verifies and settles `offer`: its network's, when the gateway has several."""
+        group = self.networks.get(offer.requirements.network) if self.networks else None
+        return (group or self.schemes)[offer.scheme]
 
     # -- verify --------------------------------------------------------------------------------------------
 
@@ -212,7 +232,7 @@ class Paywall:
                 offer, presented = decode_mpp(
                     raw, quote, offers, secrets=self.secrets, realm=realm, strict=self.mpp_strict, now=now
                 )
-            attempt = Attempt(dialect, offer, presented, self.schemes[offer.scheme])
+            attempt = Attempt(dialect, offer, presented, self.scheme_of(offer))
             if self.observer is not None:
                 attempt.tracker.listener = self.observer.watch(attempt, quote)
             attempt.verified = await attempt.scheme.verify(offer, presented, now=now)

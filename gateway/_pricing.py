@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, TypeAlias
 
@@ -82,6 +82,13 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
     max_timeout_seconds: int
     schemes: tuple[str, ...] | None
     metered: bool = False
+    #: Every network the route is priced on, `asset` first, when there are several (a gateway on several
+    #: chains); empty: `asset` alone. The paywall offers each scheme once per network.
+    assets: tuple[Asset, ...] = ()
+
+    def on(self, asset: Asset) -> Quote:
+        """This quote on one of its networks."""
+        return msgspec.structs.replace(self, asset=asset, assets=())
 
 
 def to_atomic(amount: Amount, decimals: int) -> int:
@@ -123,6 +130,12 @@ class _Entry(msgspec.Struct, frozen=True):
     regex: re.Pattern[str]
     route: PaidRoute
     static: int | None  # atomic price when it does not depend on the request
+    assets: tuple[Asset, ...] = ()  # every network the route is priced on, when several
+
+
+def _checksummed(asset: Asset) -> Asset:
+    # Offers carry EIP-55 addresses: clients echo them and x402 compares `accepted` as strings.
+    return msgspec.structs.replace(asset, address=to_checksum_address(asset.address))
 
 
 #: Distinct requests (route, method, URL) whose static-price quote is kept; past it the cache starts over,
@@ -153,10 +166,23 @@ class RouteTable:
     """Matches requests to paid routes and prices them."""
 
     def __init__(
-        self, routes: Mapping[str, PaidRoute | Price], *, pay_to: str | None, asset: Asset | None
+        self,
+        routes: Mapping[str, PaidRoute | Price],
+        *,
+        pay_to: str | None,
+        asset: Asset | None,
+        assets: Sequence[Asset] = (),
     ) -> None:
+        """`asset` is the default of routes naming none; `assets` (several networks, `asset` among them)
+        prices those routes on every network at once. They must share decimals: one price, one amount."""
         self.pay_to = pay_to
         self.asset = asset
+        others = [a for a in assets if a != asset]
+        if others and asset is None:
+            raise ConfigurationError("several networks need a default asset")
+        if any(a.decimals != asset.decimals for a in others if asset is not None):
+            raise ConfigurationError("the assets of a route priced on several networks must share decimals")
+        self._defaults: tuple[Asset, ...] = () if not others or asset is None else (asset, *others)
         self._entries: list[_Entry] = []
         # A static price makes the quote a function of the URL: built once per URL instead of parsing the
         # URL (starlette's `Request.url`) on every request.
@@ -171,11 +197,11 @@ class RouteTable:
             to = route.pay_to or pay_to
             if to is None or not _ADDRESS.match(to):
                 raise ConfigurationError(f"route {key!r} needs a pay_to address, got {to!r}")
-            # Offers carry EIP-55 addresses: clients echo them and x402 compares `accepted` as strings.
-            asset_ = msgspec.structs.replace(asset_, address=to_checksum_address(asset_.address))
+            several = () if route.asset is not None else tuple(map(_checksummed, self._defaults))
+            asset_ = _checksummed(asset_)
             route = msgspec.structs.replace(route, asset=asset_, pay_to=to_checksum_address(to))
             static = None if callable(route.price) else to_atomic(route.price, asset_.decimals)
-            self._entries.append(_Entry(key, method.upper() or None, regex, route, static))
+            self._entries.append(_Entry(key, method.upper() or None, regex, route, static, several))
 
     def match(self, scope: Scope) -> _Entry | None:
         method, path = scope["method"], route_path(scope)
@@ -217,6 +243,7 @@ class RouteTable:
             max_timeout_seconds=route.max_timeout_seconds,
             schemes=route.schemes,
             metered=route.metered,
+            assets=entry.assets,
         )
 
     @property

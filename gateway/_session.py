@@ -14,6 +14,12 @@ produces them (`billed_sse`): when the credit runs out it sends `payment-need-vo
 voucher arrives on a separate request (which is not itself charged), then resumes; it ends with a
 `payment-receipt` event.
 
+Sharing a route: when the wrapped app is a `PaymentMiddleware` that prices a session route too (e.g. a
+metered route offered as x402 `upto` and metered `escrow` as well), a request without a session credential
+goes to it, and its 402 gets this paywall's `evm/session` challenge added: one answer offers everything. A
+request paid over the session is marked in its scope, so the middleware lets it through to the handler,
+whose `charge()` sets the session's charge.
+
 Settlement: vouchers are pre-authorizations ahead of `spent`; the settler is handed the highest voucher
 not above `spent` once it is `settle_every` past what was settled, and `close` settles the payer's final
 voucher (which the payer signs for exactly `spent`). So the payee receives exactly the actual charges.
@@ -25,7 +31,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -47,7 +53,7 @@ from x402 import (
 from x402._session import SessionAction, SessionReceipt, parse_session_payload, voucher_signed_by
 
 from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler
-from ._metering import Meter
+from ._metering import PAID_SCOPE_KEY, Meter
 from ._pricing import Amount, Asset, to_atomic
 from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
 from ._store import PaymentStore
@@ -90,6 +96,9 @@ class SessionPaywall:
         self.challenge_ttl = challenge_ttl
         self._channels: dict[str, Channel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
+        # `PaymentMiddleware.prices`: whether the wrapped app charges a request itself (a shared route).
+        prices = getattr(app, "prices", None)
+        self._inner_prices: Callable[[Scope], bool] | None = prices if callable(prices) else None
 
     @classmethod
     def on_chain(
@@ -302,6 +311,10 @@ class SessionPaywall:
             await self.app(scope, receive, send)
             return
         auth = _header(scope, b"authorization")
+        if self._inner_prices is not None and self._inner_prices(scope) and not _is_session(auth):
+            # A route the wrapped paywall prices too: it answers, its 402 also offering our session.
+            await self.app(scope, receive, self._add_challenge(send, route))
+            return
         if auth is None or not auth[:8].lower() == "payment ":
             await self._problem(send, route, SessionProblem("payment-required", "pay over an MPP session"))
             return
@@ -334,6 +347,18 @@ class SessionPaywall:
         except EscrowError as exc:  # a top-up or deposit re-read failed on the chain
             log.warning("channel %s: chain read failed: %s", ch.id, exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+
+    def _add_challenge(self, send: Send, route: SessionRoute) -> Send:
+        async def challenging(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 402:
+                challenge = format_www_authenticate(self.challenge(route)).encode()
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"www-authenticate", challenge)],
+                }
+            await send(message)
+
+        return challenging
 
     async def _serve(
         self,
@@ -380,6 +405,7 @@ class SessionPaywall:
             scope[SCOPE_KEY] = Context(self, ch, cid, route)
         meter = Meter(maximum, self.asset.decimals)
         meter.install(scope)
+        scope[PAID_SCOPE_KEY] = True  # paid here: a `PaymentMiddleware` inside lets it through
         committed = False
 
         async def paid_send(message: Message) -> None:
@@ -451,6 +477,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _is_session(auth: str | None) -> bool:
+    """Whether `auth` is an MPP credential for a session challenge (any other goes to the wrapped app)."""
+    if auth is None or auth[:8].lower() != "payment ":
+        return False
+    try:
+        return parse_credential(auth[8:].strip()).challenge.intent == "session"
+    except X402Error:
+        return False
 
 
 def _is_voucher_post(scope: Scope) -> bool:

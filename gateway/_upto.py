@@ -51,10 +51,14 @@ class UptoScheme:
     name = UPTO_SCHEME
     metered = True
 
-    def __init__(self, chain: UptoChain, *, store: PaymentStore | None = None) -> None:
-        """`store`: where `reconcile_items` records outcomes (the middleware's store; see `use_store`)."""
+    def __init__(
+        self, chain: UptoChain, *, store: PaymentStore | None = None, kind: str | None = None
+    ) -> None:
+        """`store`: where `reconcile_items` records outcomes (the middleware's store; see `use_store`).
+        `kind`: the queue kind of its in-flight records (default `upto`; one per chain on several)."""
         self.chain = chain
         self.store = store
+        self.kind = kind or self.name
 
     def use_store(self, store: PaymentStore) -> None:
         if self.store is None:
@@ -153,7 +157,7 @@ class UptoScheme:
         charge = check_actual(verified, actual)
         return Settlement(
             key=verified.key,
-            kind=self.name,
+            kind=self.kind,
             payload=msgspec.json.encode(verified.state),
             payer=verified.payer,
             amount=charge,

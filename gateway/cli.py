@@ -21,7 +21,16 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from escrow import DevnetState, EscrowError, devnet_running, start_detached, stop_detached
+from escrow import (
+    DevnetError,
+    DevnetState,
+    EscrowError,
+    devnet_running,
+    parse_chains,
+    start_detached,
+    stop_detached,
+    write_devnet_networks,
+)
 
 from ._errors import GatewayError
 from ._stores import open_store
@@ -79,8 +88,10 @@ def _devnet_up(args: argparse.Namespace) -> int:
         port=args.port,
         accounts=args.accounts,
         bundler=args.bundler,
+        chains=args.chains,
     )
     try:
+        state = write_devnet_networks(state, path)
         state.dump(path)
     except OSError as exc:
         stop_detached(state)
@@ -93,11 +104,20 @@ def _devnet_down(args: argparse.Namespace) -> int:
     path = Path(args.state)
     state = DevnetState.load(path)
     stopped = stop_detached(state)
+    for chain in state.chains:
+        if chain.network_file:
+            Path(chain.network_file).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
+    where = (
+        state.rpc_url
+        if len(state.chains) == 1
+        else ", ".join(f"{c.label} at {c.rpc_url}" for c in state.chains)
+    )
+    pids = ", ".join(str(c.pid) for c in state.chains)
     if stopped:
-        print(f"stopped the {state.backend} devnet at {state.rpc_url} (pid {state.pid})")
+        print(f"stopped the {state.backend} devnet at {where} (pid {pids})")
     else:
-        print(f"no devnet was running (pid {state.pid}); removed the stale {path}")
+        print(f"no devnet was running (pid {pids}); removed the stale {path}")
     return 0
 
 
@@ -105,7 +125,8 @@ def _devnet_status(args: argparse.Namespace) -> int:
     path = Path(args.state)
     state = DevnetState.load(path)
     if not devnet_running(state):
-        return _fail(f"the devnet in {path} is not running (pid {state.pid})")
+        pids = ", ".join(str(c.pid) for c in state.chains)
+        return _fail(f"the devnet in {path} is not running (pid {pids})")
     sys.stdout.write(state.to_json().decode() + "\n")
     return 0
 
@@ -114,6 +135,14 @@ def _port(value: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise argparse.ArgumentTypeError(f"not a TCP port: {value!r}")
     return int(value)
+
+
+def _chains(value: str) -> str:
+    try:
+        parse_chains(value)
+    except DevnetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _count(value: str) -> int:
@@ -135,8 +164,16 @@ def _devnet(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run the Alto ERC-4337 bundler (npm @pimlico/alto; anvil only); state gains bundler_url",
     )
+    up.add_argument(
+        "--chains",
+        type=_chains,
+        default="1",
+        help="several chains: a count (2: chain ids 31337, 31338) or names and chain ids, comma-separated "
+        "(base,arbitrum: look-alikes of those networks, with USDC at its address there; also base-sepolia, "
+        "arbitrum-sepolia). Default: one chain, 31337",
+    )
     up.set_defaults(func=_devnet_up)
-    down = actions.add_parser("down", help="stop the devnet and remove its state file")
+    down = actions.add_parser("down", help="stop the devnet (every chain) and remove its state file")
     down.set_defaults(func=_devnet_down)
     status = actions.add_parser("status", help="print the running devnet's state; exit 1 if none runs")
     status.set_defaults(func=_devnet_status)

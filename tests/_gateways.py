@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
-import pytest
 from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
 
@@ -33,6 +32,7 @@ from escrow.chain._rpc import Rpc, TxSender
 from escrow.payments._exact import AUTHORIZATION_USED_TOPIC, authorization_state_calldata
 from gateway._store import PaymentStore, QueueStats
 from gateway._stores import open_store
+from tests.conftest import unavailable
 from x402 import LocalSigner, decode_payment_required, decode_payment_signature
 from x402.client import Eip3009Wallet, offers_from_response, payment_headers
 
@@ -177,7 +177,7 @@ class Chain:
 
     def __init__(self, devnet: DevnetState) -> None:
         if devnet.backend != "anvil":
-            pytest.skip("these suites fund fresh keys with anvil_setBalance")
+            unavailable("these suites fund fresh keys with anvil_setBalance")
         self.devnet = devnet
         self.rpc = Rpc(devnet.rpc_url)
         self.usdc = devnet.contracts["usdc"]

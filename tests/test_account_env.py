@@ -33,6 +33,7 @@ from escrow.accounts._signers import OwnerKey
 from escrow.accounts._userop import ENTRYPOINT_V07, Call, PackedUserOperation, user_op_hash
 from escrow.chain._rpc import Rpc, TxSender
 from escrow.payments._escrow import deploy_contract
+from tests.conftest import unavailable
 from x402 import LocalSigner, typed_data_digest
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
@@ -116,7 +117,7 @@ def calldata(signature: str, *args: Any) -> bytes:
 @asynccontextmanager
 async def account_env(devnet: DevnetState) -> AsyncIterator[AccountEnv]:
     if devnet.backend != "anvil":
-        pytest.skip("the account suites fund fresh keys with anvil_setBalance")
+        unavailable("the account suites fund fresh keys with anvil_setBalance")
     rpc = Rpc(devnet.rpc_url)
     try:
         relayer_key = LocalSigner.random()

@@ -35,6 +35,7 @@ from escrow.accounts._userop import AccountError, Call, SessionPolicyKind, UserO
 from escrow.chain._rpc import Rpc
 from escrow.devnet._bundler import BundlerProcess, start_alto
 from gateway._paymaster_app import paymaster_app
+from tests.conftest import unavailable
 from tests.test_account_env import ETH, AccountEnv, account_env, calldata
 from x402 import LocalSigner
 
@@ -49,7 +50,7 @@ _CHARGED = "0x" + keccak(text="SponsoredGasCharged(bytes32,address,uint256,uint2
 @pytest.fixture(scope="module")
 def alto(devnet: DevnetState) -> Iterator[BundlerProcess]:
     if devnet.backend != "anvil":
-        pytest.skip("Alto runs against anvil")
+        unavailable("Alto runs against anvil")
     executor = Account.create()
     body = {
         "jsonrpc": "2.0",

@@ -28,6 +28,12 @@ _ROW = re.compile(
     r"(?P<change>[+-][\d.]+)\s+exactly what it served: (?P<served>.+)$",
     re.MULTILINE,
 )
+# `            sub-agent        +0.010700  exactly 7 x 0.0001 + 1000 x 0.00001`
+_PER_USE = re.compile(
+    r"^\s+(?P<name>sub-agent|hot wallet|upto charge|channel paid)\s+(?P<change>[+-][\d.]+)"
+    r"\s+exactly (?P<served>\d+ x [\d.]+(?: \+ \d+ x [\d.]+)*)$",
+    re.MULTILINE,
+)
 _NODE = re.compile(r"^devnet\s+(?P<backend>anvil|py-evm) \(pid (?P<pid>\d+)\)", re.MULTILINE)
 
 
@@ -120,5 +126,23 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
     for name, row in rows.items():
         before, after, change = Decimal(row["before"]), Decimal(row["after"]), Decimal(row["change"])
         assert after - before == change == _served_total(row["served"]) > 0, name
+
+    # Paid per use: /metered through x402 upto (charged 7 units of the $0.01 signed), /stream over an MPP
+    # session; the payee, the payer and the closed channel each moved by exactly the units used.
+    assert re.search(
+        r"^paid\s+metered\s+GET /metered\?units=7\s+upto: signed at most 0.01, charged 0.0007"
+        r" \(PAYMENT-RESPONSE amount 700\), tx 0x",
+        out,
+        re.MULTILINE,
+    ), out
+    assert re.search(
+        r"^paid\s+metered\s+GET /stream\?tokens=1000\s+1000 tokens over one MPP session", out, re.M
+    )
+    per_use = {m["name"]: m for m in _PER_USE.finditer(out)}
+    assert set(per_use) == {"sub-agent", "hot wallet", "upto charge", "channel paid"}, out
+    for name, row in per_use.items():
+        assert abs(Decimal(row["change"])) == _served_total(row["served"]) > 0, name
+    assert Decimal(per_use["hot wallet"]["change"]) == -Decimal(per_use["sub-agent"]["change"])
+    assert _served_total(per_use["channel paid"]["served"]) == 1000 * Decimal("0.00001")
     assert "MISMATCH" not in out
     assert "demo: OK" in out

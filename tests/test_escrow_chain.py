@@ -50,6 +50,7 @@ from escrow.payments._grants import (
 from escrow.payments._settler import EscrowSettler, encode_claim
 from gateway import Asset, ExactScheme, MemoryStore, PaymentMiddleware, Settlement
 from gateway._escrow_scheme import EscrowScheme
+from tests.conftest import unavailable
 from x402 import Eip712Domain, LocalSigner
 from x402._escrow import (
     EscrowCode,
@@ -94,7 +95,7 @@ def _fund(rpc: Rpc, address: str) -> Any:
 @pytest.fixture(scope="module")
 def env(devnet: DevnetState) -> Iterator[Env]:
     if devnet.backend != "anvil":
-        pytest.skip("the escrow suite funds fresh accounts with anvil_setBalance")
+        unavailable("the escrow suite funds fresh accounts with anvil_setBalance")
     keys = [LocalSigner.random() for _ in range(5)]
     secrets = ["0x" + k._key.secret.hex() for k in keys]
 

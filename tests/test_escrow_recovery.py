@@ -37,6 +37,7 @@ from escrow.payments._settler import EscrowSettler, SettleOutcome
 from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._escrow_scheme import EscrowScheme
 from gateway._recovery import Recovery
+from tests.conftest import unavailable
 from x402 import LocalSigner, decode_payment_signature
 from x402._escrow import (
     EscrowCode,
@@ -71,7 +72,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(devnet: DevnetState) -> Iterator[Env]:
     if devnet.backend != "anvil":
-        pytest.skip("funds fresh accounts with anvil_setBalance")
+        unavailable("funds fresh accounts with anvil_setBalance")
 
     async def setup() -> tuple[str, LocalSigner]:
         rpc = Rpc(devnet.rpc_url)

@@ -1,9 +1,10 @@
 """Interop: the official `x402` 2.25 client (its `UptoEvmScheme`, run from .venv-peers) pays our gateway's
 x402 `upto` route on anvil, through our Permit2 and upto proxy at their canonical addresses.
 
-The route is fixed-price here (the charge is the signed maximum); usage pricing (`Settlement-Overrides`)
-is the pipeline's part and settles through the same `UptoScheme.settle(verified, actual=...)`, whose exact
-charges `tests/test_upto_chain.py` checks.
+On a fixed-price route the charge is the signed maximum. On `examples.subagent`'s usage-priced
+`/metered?units=N` (at most $0.01, offered as `upto` and metered `escrow` beside an MPP session challenge in
+one 402), the official client signs the maximum and is charged exactly N units, which it reads from the
+`PAYMENT-RESPONSE` its SDK decodes (`SettleResponse.amount`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from eth_account import Account
 from web3 import Web3
 from web3.contract import Contract
 
-from escrow import DevnetState
+from escrow import Chain, DevnetState
 from escrow.chain._rpc import Rpc, TxSender
 from escrow.payments._escrow import Erc20
+from examples.subagent import build_app, with_sessions
+from tests._serving import serving
 from tests.conftest import Transact
 from tests.peers._harness import peers_missing, run_peer
 from tests.peers._ours import Funds, GatewayServer
@@ -30,7 +33,8 @@ pytestmark = [
     pytest.mark.skipif(peers_missing() is not None, reason=str(peers_missing())),
 ]
 
-MAXIMUM = 10_000
+MAXIMUM = 10_000  # also /metered's maximum, $0.01
+UNIT = 100  # /metered's $0.0001 per unit
 FACILITATOR = 9  # our gateway's settler key: the `facilitatorAddress` it advertises
 
 
@@ -96,3 +100,51 @@ def test_official_upto_client_pays_our_upto_route(
         assert receipt["success"] is True and funds.tx_ok(receipt["transaction"]), result
     assert funds.balance(gateway.pay_to) == 2 * MAXIMUM
     assert before - funds.balance(payer.address) == 2 * MAXIMUM
+
+
+@pytest.mark.anyio
+async def test_official_upto_client_is_charged_the_units_used_on_the_example_metered_route(
+    devnet: DevnetState, funds: Funds
+) -> None:
+    payer, payee, relayer = funds.payer(), Account.create(), Account.create()
+    payer_key = "0x" + payer.key.hex().removeprefix("0x")
+    await asyncio.to_thread(_approve_permit2, devnet, payer_key)
+    rpc = Rpc(devnet.rpc_url)
+    for who in (payee, relayer):  # the relayer settles (it is the facilitator); the payee settles channels
+        await rpc.request("anvil_setBalance", [who.address, hex(10**18)])
+    await rpc.aclose()
+    chain = Chain.from_devnet(devnet, relayer=relayer.key.hex())
+    app = with_sessions(
+        build_app(chain, pay_to=payee.address, schemes=["exact", "upto"], store="memory://"),
+        chain,
+        channels=devnet.contracts["channels"],
+        payee_key=payee.key.hex(),
+        secret="s" * 64,
+    )
+    before = funds.balance(payer.address)
+    async with serving(lambda _url: app) as url:
+        out = await asyncio.to_thread(
+            run_peer,
+            "x402_client.py",
+            "--url",
+            f"{url}/metered?units=3",
+            "--asset",
+            devnet.contracts["usdc"],
+            "--chain-id",
+            str(devnet.chain_id),
+            "--upto",
+            env={"PEER_PRIVATE_KEY": payer_key},
+        )
+    await chain.aclose()
+    [result] = out["results"]
+    assert result.get("status") == 200 and result["body"]["units"] == 3, out
+    challenge = next(e for e in out["exchanges"] if e["status"] == 402)
+    assert 'intent="session"' in challenge["received"].get("www-authenticate", ""), challenge
+    [paid] = [e["sent"]["payment-signature"] for e in out["exchanges"] if "payment-signature" in e["sent"]]
+    assert paid["accepted"]["scheme"] == "upto"
+    assert int(paid["payload"]["permit2Authorization"]["permitted"]["amount"]) == MAXIMUM  # signed
+    receipt = result["payment_response"]  # decoded by the official SDK
+    assert receipt["success"] is True and receipt["amount"] == str(3 * UNIT), receipt
+    assert funds.tx_ok(receipt["transaction"])
+    assert funds.balance(payee.address) == 3 * UNIT  # charged the units used, not the maximum
+    assert before - funds.balance(payer.address) == 3 * UNIT

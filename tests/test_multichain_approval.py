@@ -21,6 +21,7 @@ from escrow import (
     Bundler,
     Call,
     CallPermission,
+    Devnets,
     Erc20,
     MultichainApproval,
     MultichainError,
@@ -37,13 +38,13 @@ from escrow import (
 )
 from escrow._multichain import _calldata
 from escrow.chain._rpc import RevertError, Rpc
-from tests._two_chains import LocalChain, local_chains
+from escrow.devnet._devnet import DevnetChain
 from x402 import LocalSigner
 from x402._escrow import EscrowPayload, escrow_domain, sign_payment
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
-CHAIN_IDS = (84532, 421614)  # Base Sepolia's and Arbitrum Sepolia's ids: any two distinct ones would do
+CHAIN_COUNT = 2  # `Devnets(2)`: chain ids 31337 and 31338, the same contracts at the same addresses
 ETH = 10**18
 DEPOSIT = 10**6
 PRICE = 1_000
@@ -51,16 +52,18 @@ KEY_CAP = 5_000  # what one session-key user operation may transfer from the acc
 
 
 @pytest.fixture(scope="module")
-def chains() -> Iterator[list[LocalChain]]:
-    with local_chains(CHAIN_IDS) as running:
-        yield running
+def chains() -> Iterator[list[DevnetChain]]:
+    with Devnets(CHAIN_COUNT) as state:
+        if state.backend != "anvil":
+            pytest.skip("the multichain suite funds fresh keys with anvil_setBalance")
+        yield list(state.chains)
 
 
 @dataclass
 class Side:
     """One chain, from a test's point of view: its contracts, a funded relayer, the owner's account."""
 
-    chain: LocalChain
+    chain: DevnetChain
     rpc: Rpc
     relayer: TxSender
     escrow: AgentEscrow
@@ -103,7 +106,7 @@ class World:
     policy: SessionPolicy
 
 
-async def _side(chain: LocalChain, owner: str, salt: int) -> Side:
+async def _side(chain: DevnetChain, owner: str, salt: int) -> Side:
     rpc = Rpc(chain.rpc_url)
     relayer_key = LocalSigner.random()
     await rpc.request("anvil_setBalance", [relayer_key.address, hex(1_000 * ETH)])
@@ -132,7 +135,7 @@ def _mint(to: str, amount: int) -> bytes:
 
 
 @pytest.fixture
-async def world(chains: list[LocalChain]) -> AsyncIterator[World]:
+async def world(chains: list[DevnetChain]) -> AsyncIterator[World]:
     owner, key = LocalSigner.random(), LocalSigner.random()
     payee = LocalSigner.random().address
     salt = secrets.randbits(64)
@@ -189,7 +192,8 @@ async def _live(w: World, side: Side) -> bool:
 async def test_one_signature_makes_the_key_live_on_both_chains_and_payments_settle(world: World) -> None:
     w = world
     signed = await _approve_everywhere(w)
-    assert len(signed.for_chain(CHAIN_IDS[0])) == 2 and signed.chain_ids == sorted(CHAIN_IDS)
+    ids = [side.chain_id for side in w.sides]
+    assert len(set(ids)) == 2 and signed.chain_ids == sorted(ids) and len(signed.for_chain(ids[0])) == 2
     for side in w.sides:
         assert not await _live(w, side)
         receipts = await relay_multichain(side.relayer, signed)

@@ -159,7 +159,7 @@ async def test_chain_connect_reads_the_token_domain_from_the_node(devnet: Devnet
     usdc, escrow = devnet.contracts["usdc"], devnet.contracts["escrow"]
     async with await Chain.connect(devnet.rpc_url, token=usdc, escrow=escrow) as chain:
         assert chain.network == msgspec.structs.replace(
-            network_of_devnet(devnet), account_factory="", entrypoint=""
+            network_of_devnet(devnet), account_factory="", entrypoint="", channels="", paymaster=""
         )
     with pytest.raises(ChainConfigError, match="cannot describe"):
         await Chain.connect(devnet.rpc_url, token=devnet.accounts[5].address)  # no token there
@@ -182,7 +182,7 @@ async def test_middleware_chain_configuration_errors(devnet: DevnetState) -> Non
         with pytest.raises(ConfigurationError, match="no escrow"):
             PaymentMiddleware(api, routes={"/x": "$0.001"}, chain=chain, schemes=["escrow"], pay_to=TOKEN)
         with pytest.raises(ConfigurationError, match="among"):
-            PaymentMiddleware(api, routes={"/x": "$0.001"}, chain=chain, schemes=["upto"], pay_to=TOKEN)
+            PaymentMiddleware(api, routes={"/x": "$0.001"}, chain=chain, schemes=["nonesuch"], pay_to=TOKEN)
 
 
 # -- PaymentMiddleware(chain=) ---------------------------------------------------------------------------

@@ -19,12 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
-from escrow import DevnetState, Erc20, Rpc
+from escrow import DevnetState, Erc20, Rpc, TxSender
 from gateway import PaymentMiddleware
-from x402 import Network
+from x402 import PERMIT2_ADDRESS, LocalSigner, Network, SettleResponse
+from x402.client import PaymentAuth, SpendPolicy, receipt_of
+from x402.client_upto import UptoWallet
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -171,3 +174,43 @@ def test_readme_blocks_run_a_paid_call_on_a_devnet(
     # The sub-agent's payee got exactly the price, and the default durable store was used.
     assert _balance(devnet, payee) - before == 1_000
     assert (workdir / ".agentpay" / "payments.db").exists()
+
+
+def test_readme_metered_block_charges_what_the_handler_reports(devnet: DevnetState, workdir: Path) -> None:
+    """The usage-priced block: a plain EOA pays `upto` for at most $0.01 and is charged 42 tokens."""
+    if "permit2" not in devnet.contracts:
+        pytest.skip("this devnet has no Permit2 (py-evm): no upto")
+    (metered,) = [block for block in blocks("python") if "metered=True" in block]
+    namespace: dict[str, Any] = {"__name__": "readme_metered"}
+    exec(compile(metered, "README.md (metered)", "exec"), namespace)
+    payee = devnet.accounts[2].address
+    payer = LocalSigner.random()
+
+    async def fund() -> None:  # ETH for its one Permit2 approval, and TestUSDC (its mint is open)
+        rpc = Rpc(devnet.rpc_url)
+        try:
+            await rpc.request("anvil_setBalance", [payer.address, hex(10**18)])
+            sender = TxSender(rpc, "0x" + payer._key.secret.hex(), chain_id=devnet.chain_id)
+            usdc = Erc20(rpc, devnet.contracts["usdc"])
+            await sender.transact(usdc.address, usdc.abi.encode("mint", payer.address, 10**6), gas=100_000)
+            await sender.transact(
+                usdc.address, usdc.approve_calldata(PERMIT2_ADDRESS, 2**256 - 1), gas=100_000
+            )
+        finally:
+            await rpc.aclose()
+
+    asyncio.run(fund())
+    before = _balance(devnet, payee), _balance(devnet, payer.address)
+    server, thread, url = _serve(namespace["app"])
+    try:
+        auth = PaymentAuth(UptoWallet(payer), SpendPolicy(max_per_call="$0.01"))
+        with httpx.Client(auth=auth, timeout=30) as client:
+            response = client.get(f"{url}/generate?tokens=42")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert response.status_code == 200 and response.json() == {"tokens": 42}
+    receipt = receipt_of(response)
+    assert isinstance(receipt, SettleResponse) and receipt.amount == "420", receipt
+    assert _balance(devnet, payee) - before[0] == 420  # 42 x $0.00001, of the $0.01 signed
+    assert before[1] - _balance(devnet, payer.address) == 420

@@ -56,8 +56,13 @@ async def test_metered_charges_the_units_used(devnet: DevnetState) -> None:
     async with _subagent(devnet, served=False) as (client, payee, rpc):
         usdc = devnet.contracts["usdc"]
         before = await _balance(rpc, usdc, payee)
+        # One 402 offers the route per call (x402 `escrow` here) and over the session.
+        unpaid = await client.http.get("/metered?units=3")
+        assert unpaid.status_code == 402 and "payment-required" in unpaid.headers
+        assert 'intent="session"' in unpaid.headers["www-authenticate"]
         r = await client.request("GET", "/metered?units=3")
         assert r.status_code == 200 and r.json()["units"] == 3
+        assert "payment-response" not in r.headers  # paid over the session, not again per call
         assert client.receipts[-1].spent == "300"  # 3 x $0.0001, not the $0.01 maximum
         bad = await client.request("GET", "/metered?units=101")
         assert bad.status_code == 400  # a failed call is not charged

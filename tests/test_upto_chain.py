@@ -27,6 +27,7 @@ from gateway import Asset, MemoryStore, PaymentMiddleware
 from gateway._pricing import Quote
 from gateway._scheme import Presented, Verified, in_flight_kind
 from gateway._upto import UptoScheme
+from tests.conftest import unavailable
 from x402 import LocalSigner, PaymentRejected, decode_payment_required
 from x402._errors import NoPayableOffer
 from x402._upto import PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS, UptoCode, UptoPayload, sign_upto
@@ -45,7 +46,7 @@ def _key(signer: LocalSigner) -> str:
 class Env:
     def __init__(self, devnet: DevnetState) -> None:
         if devnet.backend != "anvil":
-            pytest.skip("upto needs anvil_setCode (Permit2 at its canonical address)")
+            unavailable("upto needs anvil_setCode (Permit2 at its canonical address)")
         self.devnet = devnet
         self.rpc = Rpc(devnet.rpc_url)
         self.usdc = Erc20(self.rpc, devnet.contracts["usdc"])

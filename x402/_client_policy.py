@@ -1,5 +1,5 @@
-"""`SpendPolicy`: what the payer may spend (per call, in total, per payee), reserved atomically before
-anything is signed."""
+"""`SpendPolicy`: what the payer may spend (per call, in total, per payee, per network), reserved
+atomically before anything is signed."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ __all__ = [
 class Reservation:
     """Budget held for one payment until the outcome is known; commit or release exactly once."""
 
-    __slots__ = ("_done", "_policy", "amount", "payee")
+    __slots__ = ("_done", "_policy", "amount", "network", "payee")
 
-    def __init__(self, policy: SpendPolicy, payee: str, amount: int) -> None:
+    def __init__(self, policy: SpendPolicy, payee: str, amount: int, network: str = "") -> None:
         self._policy = policy
         self.payee = payee
         self.amount = amount
+        self.network = network
         self._done = False
 
     def commit(self, actual: int | None = None) -> None:
@@ -49,6 +50,9 @@ class SpendPolicy:
     - ``total_budget``: reserved + spent, over every payee;
     - ``per_payee_budget``: one limit for every payee, or a mapping payee -> limit (payees not in the
       mapping are then unlimited by this rule);
+    - ``per_network_budget``: reserved + spent on each network (CAIP-2, ``"eip155:8453"``): one limit
+      for every network, or a mapping network -> limit (networks not in the mapping are then unlimited by
+      this rule). Like the total, it holds the maximum of a metered payment and keeps what was charged;
     - ``allowed_assets`` / ``allowed_payees`` / ``allowed_networks``: allow-lists (``None`` = any).
 
     Budgets count raw atomic units across assets: when you allow several assets, give them the same
@@ -63,6 +67,7 @@ class SpendPolicy:
         max_per_call: Amount | None = None,
         total_budget: Amount | None = None,
         per_payee_budget: Amount | Mapping[str, Amount] | None = None,
+        per_network_budget: Amount | Mapping[str, Amount] | None = None,
         allowed_assets: Collection[str] | None = None,
         allowed_payees: Collection[str] | None = None,
         allowed_networks: Collection[str] | None = None,
@@ -78,6 +83,11 @@ class SpendPolicy:
             if isinstance(per_payee_budget, Mapping)
             else atomic(per_payee_budget)
         )
+        self.per_network_budget: int | dict[str, int] | None = (
+            {k: to_atomic_units(v, decimals) for k, v in per_network_budget.items()}
+            if isinstance(per_network_budget, Mapping)
+            else atomic(per_network_budget)
+        )
         self.allowed_assets = None if allowed_assets is None else {a.lower() for a in allowed_assets}
         self.allowed_payees = None if allowed_payees is None else {p.lower() for p in allowed_payees}
         self.allowed_networks = None if allowed_networks is None else set(allowed_networks)
@@ -86,6 +96,8 @@ class SpendPolicy:
         self._reserved = 0
         self._spent_by: dict[str, int] = {}
         self._reserved_by: dict[str, int] = {}
+        self._spent_on: dict[str, int] = {}
+        self._reserved_on: dict[str, int] = {}
 
     # -- introspection
     @property
@@ -107,7 +119,36 @@ class SpendPolicy:
         with self._lock:
             return dict(self._spent_by)
 
+    def spent_on(self, network: str) -> int:
+        """What has been spent on `network` (CAIP-2) so far."""
+        with self._lock:
+            return self._spent_on.get(network, 0)
+
+    def spent_by_network(self) -> dict[str, int]:
+        """What has been spent on each network so far."""
+        with self._lock:
+            return dict(self._spent_on)
+
     # -- checks
+    def _network_limit(self, network: str) -> int | None:
+        if isinstance(self.per_network_budget, dict):
+            return self.per_network_budget.get(network)
+        return self.per_network_budget
+
+    def _network_refusal(self, network: str, amount: int) -> str | None:
+        # Called with the lock held.
+        limit = self._network_limit(network)
+        used = self._spent_on.get(network, 0) + self._reserved_on.get(network, 0)
+        if limit is not None and used + amount > limit:
+            return f"budget {limit} on network {network} would be exceeded (used {used}, asked {amount})"
+        return None
+
+    def network_refusal(self, offer: Offer) -> str | None:
+        """Why the budget of ``offer.network`` has no room for it now (None: it has). A payer choosing among
+        networks skips one whose budget is used up; :meth:`reserve` decides atomically."""
+        with self._lock:
+            return self._network_refusal(offer.network, offer.amount)
+
     def _payee_limit(self, payee: str) -> int | None:
         if isinstance(self.per_payee_budget, dict):
             return self.per_payee_budget.get(payee)
@@ -143,12 +184,17 @@ class SpendPolicy:
             used = self._spent_by.get(payee, 0) + self._reserved_by.get(payee, 0)
             if limit is not None and used + amount > limit:
                 raise SpendPolicyViolation(f"budget {limit} for payee {offer.pay_to} would be exceeded")
+            network = offer.network
+            refused = self._network_refusal(network, amount)
+            if refused is not None:
+                raise SpendPolicyViolation(refused)
             self._reserved += amount
             self._reserved_by[payee] = self._reserved_by.get(payee, 0) + amount
-        return Reservation(self, payee, amount)
+            self._reserved_on[network] = self._reserved_on.get(network, 0) + amount
+        return Reservation(self, payee, amount, network)
 
     def _settle(self, reservation: Reservation, *, spent: bool, actual: int | None = None) -> None:
-        payee, amount = reservation.payee, reservation.amount
+        payee, amount, network = reservation.payee, reservation.amount, reservation.network
         # A metered payment spends what it was charged; never more than was held (the signed maximum).
         charged = amount if actual is None else max(0, min(actual, amount))
         with self._lock:
@@ -158,6 +204,12 @@ class SpendPolicy:
                 self._reserved_by[payee] = left
             else:
                 self._reserved_by.pop(payee, None)
+            left = self._reserved_on.get(network, 0) - amount
+            if left:
+                self._reserved_on[network] = left
+            else:
+                self._reserved_on.pop(network, None)
             if spent:
                 self._spent += charged
                 self._spent_by[payee] = self._spent_by.get(payee, 0) + charged
+                self._spent_on[network] = self._spent_on.get(network, 0) + charged

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 from ._client_offers import EVM_CHARGE, Credential, Offer
@@ -18,6 +18,7 @@ from ._signer import Signer
 __all__ = [
     "Eip3009Wallet",
     "Wallet",
+    "WalletSet",
 ]
 
 # ---------------------------------------------------------------------------------------------- wallets
@@ -155,3 +156,51 @@ class Eip3009Wallet:
         return Credential(
             payload=encode_scheme_payload(payload_mpp), source=did_pkh(self.chain_id, self.signer.address)
         )
+
+
+class WalletSet:
+    """Several wallets as one, e.g. one per network: an offer is paid by the first member that can pay it.
+
+    ``networks`` (CAIP-2 ids) is the order in which the set prefers to pay when a server offers several
+    networks; without it, the members' order decides (the network of the first member that can pay an
+    offer). A member's own ``rank`` breaks ties within a network. :class:`PaymentAuth` falls back to the
+    next network when a server refuses a payment for lack of funds (balance, deposit, grant).
+    """
+
+    def __init__(self, wallets: Sequence[Wallet], *, networks: Sequence[str] | None = None) -> None:
+        if not wallets:
+            raise ValueError("a WalletSet needs at least one wallet")
+        self.wallets = tuple(wallets)
+        self.networks = None if networks is None else tuple(networks)
+        self.mpp_methods: tuple[str, ...] = tuple(
+            dict.fromkeys(m for w in self.wallets for m in getattr(w, "mpp_methods", ()))
+        )
+
+    def _member(self, offer: Offer) -> tuple[int, Wallet] | None:
+        for index, wallet in enumerate(self.wallets):
+            if wallet.can_pay(offer):
+                return index, wallet
+        return None
+
+    def can_pay(self, offer: Offer) -> bool:
+        return self._member(offer) is not None
+
+    def rank(self, offer: Offer) -> int:
+        found = self._member(offer)
+        if found is None:
+            return 1 << 30
+        index, wallet = found
+        if self.networks is not None:
+            order = (
+                self.networks.index(offer.network) if offer.network in self.networks else len(self.networks)
+            )
+        else:
+            order = index
+        own = getattr(wallet, "rank", None)
+        return order * 1000 + (min(int(own(offer)), 999) if callable(own) else 0)
+
+    def pay(self, offer: Offer) -> Credential:
+        found = self._member(offer)
+        if found is None:
+            raise NoPayableOffer(f"no wallet of this set can pay {offer.scheme} on {offer.network}")
+        return found[1].pay(offer)

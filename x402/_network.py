@@ -29,6 +29,8 @@ Amount: TypeAlias = int | str | Decimal
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _CAIP2_EVM = re.compile(r"^eip155:([0-9]+)$")
+_KEY_REFERENCE = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|devnet:[0-9]+)$")
+_PRIVATE_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
 
 
 class InvalidAmount(X402Error):
@@ -74,7 +76,10 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     `network` is the CAIP-2 id (`eip155:8453`) and must agree with `chain_id`. `token` is the EIP-3009 token
     payments are made in, with its EIP-712 domain (`token_name`, `token_version`) and `token_decimals`.
     `escrow`, `account_factory` and `entrypoint` are the AgentEscrow, AgentAccountFactory and ERC-4337
-    EntryPoint addresses (empty when the chain has none). `rpc_url` is the default node.
+    EntryPoint addresses, `channels` and `paymaster` the AgentChannels (MPP sessions) and AgentPaymaster
+    ones (each empty when the chain has none). `rpc_url` is the default node. `settlement_key` names the
+    key that pays settlement gas, never the key itself: `env:NAME` (an environment variable) or `devnet:N`
+    (devnet account N, a well-known test key); `escrow.Chain` resolves it when given no relayer key.
     """
 
     network: str
@@ -88,6 +93,9 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     escrow: str = ""
     account_factory: str = ""
     entrypoint: str = ""
+    channels: str = ""
+    paymaster: str = ""
+    settlement_key: str = ""
 
     def __post_init__(self) -> None:
         match = _CAIP2_EVM.match(self.network)
@@ -97,10 +105,17 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidNetwork(f"network {self.network} does not match chain_id {self.chain_id}")
         if not 0 <= self.token_decimals <= 36:
             raise InvalidNetwork(f"token_decimals {self.token_decimals} is out of range")
-        for name in ("token", "escrow", "account_factory", "entrypoint"):
+        for name in ("token", "escrow", "account_factory", "entrypoint", "channels", "paymaster"):
             value = getattr(self, name)
             if (value or name == "token") and not _ADDRESS.match(value):
                 raise InvalidNetwork(f"{name} {value!r} is not a 0x-prefixed 20-byte address")
+        if self.settlement_key and not _KEY_REFERENCE.match(self.settlement_key):
+            # A private key in a description file ends up in version control; only references belong there.
+            raise InvalidNetwork(
+                "settlement_key must name a key (env:NAME or devnet:N), not be one"
+                if _PRIVATE_KEY.match(self.settlement_key)
+                else f"settlement_key {self.settlement_key!r} is not env:NAME or devnet:N"
+            )
 
     @property
     def token_domain(self) -> Eip712Domain:

@@ -59,7 +59,7 @@ from ._client_offers import (
     payment_headers,
 )
 from ._client_policy import Reservation, SpendPolicy
-from ._client_wallets import Eip3009Wallet, Wallet
+from ._client_wallets import Eip3009Wallet, Wallet, WalletSet
 from ._codec import PAYMENT_RESPONSE_HEADER, X_PAYMENT_RESPONSE_HEADER, decode_payment_response
 from ._errors import NoPayableOffer, SpendPolicyViolation, X402Error
 from ._mpp import AUTHORIZATION_HEADER, PAYMENT_RECEIPT_HEADER, MppReceipt, decode_problem
@@ -82,6 +82,7 @@ __all__ = [
     "Reservation",
     "SpendPolicy",
     "Wallet",
+    "WalletSet",
     "offers_from_payment_required",
     "offers_from_response",
     "payment_headers",
@@ -137,6 +138,32 @@ def _settlement_pending(response: httpx.Response) -> bool:
     return code == _SETTLEMENT_PENDING
 
 
+#: Refusals that say the payer cannot pay on this network (balance, deposit, grant), not that the payment is
+#: wrong: the payer may try another network the server offers.
+_NO_FUNDS = frozenset(
+    {
+        "insufficient_funds",
+        "insufficient_funds_pending",
+        "invalid_exact_evm_insufficient_balance",
+        "escrow_insufficient_deposit",
+        "escrow_budget_exceeded",
+        "escrow_grant_not_found",
+        "escrow_grant_revoked",
+        "escrow_grant_expired",
+        "permit2_insufficient_balance",
+    }
+)
+
+
+def _no_funds(response: httpx.Response) -> bool:
+    """Whether a refused paid request says the payer lacks the funds on that network."""
+    if response.status_code != 402:
+        return False
+    error = _payment_error(response)
+    code = getattr(error, "error_reason", None) or getattr(error, "invalid_reason", None)
+    return code in _NO_FUNDS
+
+
 def _retry_after(response: httpx.Response, *, default: float, cap: float) -> float:
     value = response.headers.get("retry-after", "")
     try:
@@ -144,6 +171,11 @@ def _retry_after(response: httpx.Response, *, default: float, cap: float) -> flo
     except ValueError:  # an HTTP date: not worth parsing for a bounded wait
         seconds = default
     return min(max(seconds, 0.0), cap)
+
+
+def _drop_credentials(request: httpx.Request) -> None:
+    for name in (*_PAYMENT_HEADERS, AUTHORIZATION_HEADER):
+        request.headers.pop(name, None)
 
 
 # ------------------------------------------------------------------------------------------- the auth
@@ -166,6 +198,13 @@ class PaymentAuth(httpx.Auth):
     ``settlement_retries`` (default 3) bounds how often a paid request answered ``settlement_pending`` is
     sent again with the same credential; each retry waits the answer's ``Retry-After`` (1 s when absent),
     at most ``max_retry_wait`` seconds. 0 turns the retries off.
+
+    Several networks: ``networks`` (CAIP-2 ids, ``["eip155:8453", "eip155:42161"]``) are the networks to
+    pay on, in order of preference; offers on others are not paid. This order comes before the wallet's
+    ``rank`` and the protocol preference. A network whose ``SpendPolicy`` budget is used up is skipped, and
+    when the server refuses a payment for lack of funds there (balance, deposit, grant), the next network
+    it offers is paid instead (each network at most once per request; nothing was charged on the refused
+    one).
     """
 
     requires_request_body = True  # the paid retry re-sends the body
@@ -180,8 +219,10 @@ class PaymentAuth(httpx.Auth):
         accept_payment: bool = True,
         settlement_retries: int = 3,
         max_retry_wait: float = 10.0,
+        networks: Sequence[str] | None = None,
     ) -> None:
         self.wallet = wallet
+        self.networks = None if networks is None else tuple(networks)
         self.settlement_retries = max(0, settlement_retries)
         self.max_retry_wait = max_retry_wait
         self.policy = policy if policy is not None else SpendPolicy()
@@ -206,21 +247,32 @@ class PaymentAuth(httpx.Auth):
         except ValueError:
             return len(self.prefer)
 
+    def _network_rank(self, offer: Offer) -> int:
+        networks = self.networks
+        return 0 if networks is None else networks.index(offer.network)
+
     def choose(self, offers: Iterable[Offer]) -> Offer:
         """The preferred payable offer that the policy allows; raise :class:`NoPayableOffer` when the wallet
         can pay none, :class:`SpendPolicyViolation` when the policy refuses all it could pay."""
-        candidates = [o for o in offers if self._rank(o) < len(self.prefer)]
+        networks = self.networks
+        candidates = [
+            o
+            for o in offers
+            if self._rank(o) < len(self.prefer) and (networks is None or o.network in networks)
+        ]
         wallet_rank = self._wallet_rank
         payable = sorted(
             (o for o in candidates if self.wallet.can_pay(o)),
-            key=self._rank if wallet_rank is None else lambda o: (wallet_rank(o), self._rank(o)),
+            key=(lambda o: (self._network_rank(o), self._rank(o)))
+            if wallet_rank is None
+            else lambda o: (self._network_rank(o), wallet_rank(o), self._rank(o)),
         )
         if not payable:
             kinds = sorted({f"{o.protocol}:{o.scheme}@{o.network}" for o in candidates})
             raise NoPayableOffer(f"no offer this wallet can pay among {kinds}")
         first_refusal: str | None = None
         for offer in payable:
-            reason = self.policy.refusal(offer)
+            reason = self.policy.refusal(offer) or self.policy.network_refusal(offer)
             if reason is None:
                 return offer
             first_refusal = first_refusal or reason
@@ -308,7 +360,10 @@ class PaymentAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if self.accept_payment is not None and ACCEPT_PAYMENT_HEADER not in request.headers:
             request.headers[ACCEPT_PAYMENT_HEADER] = self.accept_payment
+        tried: set[str] = set()  # networks the server refused for lack of funds, this request
         remembered = self._recall(request)
+        if remembered is not None and self.policy.network_refusal(remembered) is not None:
+            remembered = None  # its network's budget is used up: choose again among what the server offers
         if remembered is not None:
             reservation = self._pay(request, remembered)
             response = yield from self._send_paid(request)
@@ -317,20 +372,33 @@ class PaymentAuth(httpx.Auth):
             self._memorise(request, None)
             if response.status_code != 402:
                 return
-            for name in (*_PAYMENT_HEADERS, AUTHORIZATION_HEADER):
-                request.headers.pop(name, None)
+            if _no_funds(response):
+                tried.add(remembered.network)
+            _drop_credentials(request)
         else:
             response = yield request
         if response.status_code != 402:
             return
-        offers = offers_from_response(response)
-        if not offers:
-            return
-        offer = self.choose(offers)
-        reservation = self._pay(request, offer)
-        response = yield from self._send_paid(request)
-        if self._finish(response, offer, reservation):
-            self._memorise(request, offer)
+        while True:
+            offers = [o for o in offers_from_response(response) if o.network not in tried]
+            if not offers:
+                return
+            if tried:  # falling back: when no other network can be paid, the last refusal stands
+                try:
+                    offer = self.choose(offers)
+                except (NoPayableOffer, SpendPolicyViolation):
+                    return
+            else:
+                offer = self.choose(offers)
+            reservation = self._pay(request, offer)
+            response = yield from self._send_paid(request)
+            if self._finish(response, offer, reservation):
+                self._memorise(request, offer)
+                return
+            if not _no_funds(response):
+                return
+            tried.add(offer.network)
+            _drop_credentials(request)
 
     # Thin drivers: like httpx's own, but the response body is read only for errors (a 402 carries the v1
     # offers, a refused payment its problem details), so paid downloads still stream.

@@ -31,7 +31,10 @@ __all__ = ["ChannelOpener", "SessionClient"]
 
 
 class ChannelOpener(Protocol):
-    """Puts money in a channel on chain: the payer's side (an EOA, or a smart account through a relayer)."""
+    """Puts money in a channel on chain: the payer's side. `gateway.EoaChannelOpener` (an EOA sends
+    `open`), `escrow.AccountChannelOpener` (a smart account's session key signs a user operation, a bundler
+    sends it) and `escrow.AuthorizationChannelOpener` (the payer signs an EIP-3009 authorization, a relayer
+    sends `openWithAuthorization`)."""
 
     @property
     def payer(self) -> str: ...
@@ -123,6 +126,46 @@ class SessionClient:
             )
             self._payee[cid] = (payee, str(request["currency"]), f"eip155:{int(details['chainId'])}")
         return ch, challenge
+
+    def adopt(
+        self, *, channel: str, payee: str, escrow: str, token: str, chain_id: int, deposit: int
+    ) -> None:
+        """Pay `payee` over a channel opened elsewhere (e.g. an owner's offline-signed open, relayed):
+        its `authorizedSigner` must be this client's signer."""
+        self.channels[(payee.lower(), escrow.lower())] = _Open(
+            channel=channel.lower(), escrow=escrow, chain_id=chain_id, deposit=deposit
+        )
+        self._payee[channel.lower()] = (payee, token, f"eip155:{chain_id}")
+
+    def channel(self, url: str) -> _Open | None:
+        """The open channel that pays `url`'s payee, once the first 402 (or `adopt`) named it."""
+        known = self._known(url)
+        return None if known is None else known[0]
+
+    async def top_up(self, url: str, amount: int, *, hash: str | None = None) -> SessionReceipt | None:
+        """Add `amount` to the channel paying `url` (through the opener, unless `hash` names a top-up already
+        sent), then tell the server (a `topUp` credential, answered 204 without running the handler)."""
+        known = self._known(url)
+        if known is None:
+            raise X402Error(f"no open channel pays {url}", code="no_channel")
+        ch, challenge = known
+        if hash is None:
+            hash = await self.opener.top_up(escrow=ch.escrow, channel=ch.channel, amount=amount)
+        ch.deposit += amount
+        payload = {
+            "action": "topUp",
+            "type": "hash",
+            "channelId": ch.channel,
+            "hash": hash,
+            "additionalDeposit": str(amount),
+        }
+        response = await self.http.post(url, headers=self._auth(challenge, payload))
+        if response.status_code != 204:
+            raise X402Error(
+                f"top-up refused: {response.status_code} {response.text[:200]}", code="top_up_refused"
+            )
+        value = response.headers.get("payment-receipt")
+        return None if value is None else msgspec.json.decode(_b64(value), type=SessionReceipt)
 
     def _voucher(self, ch: _Open, cumulative: int, action: str = "voucher") -> dict[str, Any]:
         if action != "close":

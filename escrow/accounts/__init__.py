@@ -18,12 +18,14 @@ from ._account import (
 from ._account import sign_install_offline as sign_session_key_install_offline
 from ._account import sign_revoke_offline as sign_session_key_revoke_offline
 from ._bundler_rpc import BundlerError, BundlerRpc, UserOpSubmitter
+from ._channels import AccountChannelOpener, channel_session_calls, channel_session_policy
 from ._paymaster import PaymasterMode, PaymasterRefused, PaymasterRpc, SponsorService
 from ._self_bundler import Bundler, UserOpResult
 from ._signers import NonceLanes, OwnerKey, SessionKey
 from ._userop import Call, PackedUserOperation, PolicyViolation, UserOpRejected
 
 __all__ = [
+    "AccountChannelOpener",
     "UNLIMITED_GAS_BUDGET",
     "AgentAccount",
     "AgentAccountFactory",
@@ -48,6 +50,8 @@ __all__ = [
     "UserOpRejected",
     "UserOpResult",
     "UserOpSubmitter",
+    "channel_session_calls",
+    "channel_session_policy",
     "sign_session_key_install_offline",
     "sign_session_key_revoke_offline",
 ]

@@ -4,7 +4,8 @@
 supervisor starts the node as its child, deploys, prints the `DevnetState` as one JSON line, then waits.
 SIGTERM makes it stop the node, reap it and exit. Why a supervisor instead of detaching the node itself: an
 orphaned node, once killed, stays a zombie wherever PID 1 does not reap orphans (as in some containers), and
-`pgrep anvil` keeps finding it; with the supervisor as its parent, the node always leaves cleanly.
+`pgrep anvil` keeps finding it; with the supervisor as its parent, the node always leaves cleanly. A devnet
+of several chains (`chains=`) has one supervisor for all its nodes; if one node dies, it stops the others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import httpx
 import msgspec
 
 from ..chain._artifacts import EscrowError
-from ._devnet import Devnet, DevnetState
+from ._devnet import DevnetState
+from ._devnets import Devnets
+from ._networks import parse_chains
 from ._node import DevnetError, pid_alive, port_free, resolve_backend
 
 __all__ = ["devnet_running", "start_detached", "stop_detached"]
@@ -37,16 +40,20 @@ def start_detached(
     port: int | None = None,
     accounts: int = 10,
     bundler: bool = False,
+    chains: int | str = 1,
 ) -> DevnetState:
-    """Start a devnet that keeps running after this process exits; its output goes to `log_path`."""
+    """Start a devnet that keeps running after this process exits; its output goes to `log_path`.
+    `chains` is what `parse_chains` takes (`2`, `"base,arbitrum"`); with `port`, chain i uses `port + i`."""
+    specs = parse_chains(chains)  # bad input fails here, in the caller, not in the supervisor
     chosen, _ = resolve_backend(backend)
-    if port is not None and not port_free(port):
-        raise DevnetError(f"port {port} is already in use", code="devnet_port_in_use")
+    for taken in [] if port is None else [p for p in range(port, port + len(specs)) if not port_free(p)]:
+        raise DevnetError(f"port {taken} is already in use", code="devnet_port_in_use")
     log = Path(log_path)
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "escrow.devnet._daemon", "--log", str(log), "--backend", chosen]
     command += ["--accounts", str(accounts)] + (["--port", str(port)] if port is not None else [])
     command += ["--bundler"] if bundler else []
+    command += ["--chains", ",".join(s.like.name if s.like else f"eip155:{s.chain_id}" for s in specs)]
     with open(log, "wb") as stderr:  # truncated here; the supervisor and the node append to it
         supervisor = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True
@@ -85,19 +92,27 @@ def _ours(pid: int | None, marker: str) -> bool:
     return cmdline is None or marker in cmdline
 
 
-def _node_marker(state: DevnetState) -> str:
-    return "--port " + state.rpc_url.rsplit(":", 1)[1]
+def _node_markers(state: DevnetState) -> list[tuple[int, str]]:
+    """Every chain's node and how to recognise it (the first chain's is the top-level `pid`)."""
+    return [(chain.pid, _node_marker_of(chain.rpc_url)) for chain in state.chains]
+
+
+def _node_marker_of(rpc_url: str) -> str:
+    return "--port " + rpc_url.rsplit(":", 1)[1]
 
 
 def devnet_running(state: DevnetState) -> bool:
-    """The node named by `state` is alive and answers JSON-RPC."""
-    if not _ours(state.pid, _node_marker(state)):
-        return False
+    """Every node named by `state` (one per chain) is alive and answers JSON-RPC."""
     body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
-    try:
-        return httpx.post(state.rpc_url, json=body, timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+    for chain in state.chains:
+        if not _ours(chain.pid, _node_marker_of(chain.rpc_url)):
+            return False
+        try:
+            if httpx.post(chain.rpc_url, json=body, timeout=2.0).status_code != 200:
+                return False
+        except httpx.HTTPError:
+            return False
+    return True
 
 
 def stop_detached(state: DevnetState, timeout: float = 10.0) -> bool:
@@ -106,7 +121,7 @@ def stop_detached(state: DevnetState, timeout: float = 10.0) -> bool:
         pid
         for pid, marker in (
             (state.supervisor_pid, "escrow.devnet._daemon"),
-            (state.pid, _node_marker(state)),
+            *_node_markers(state),
             (state.bundler_pid, "alto"),
         )
         if pid is not None and _ours(pid, marker)
@@ -143,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int)
     parser.add_argument("--accounts", type=int, default=10)
     parser.add_argument("--bundler", action="store_true")
+    parser.add_argument("--chains", default="1")
     args = parser.parse_args(argv)
     stopping = False
     with open(args.log, "a+b") as log:
-        devnet = Devnet(
-            backend=args.backend, port=args.port, accounts=args.accounts, log=log, bundler=args.bundler
+        devnet = Devnets(
+            args.chains,
+            backend=args.backend,
+            port=args.port,
+            accounts=args.accounts,
+            log=log,
+            bundler=args.bundler,
         )
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -155,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             stopping = True
             if devnet.bundler is not None:
                 devnet.bundler.proc.terminate()
-            if devnet.node is not None:
-                devnet.node.proc.terminate()
+            for node in devnet.nodes:
+                node.proc.terminate()
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
@@ -168,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             devnet.stop()
             _report(json.dumps({"error": str(exc), "code": exc.code}).encode())
             return 1
-        node = devnet.node
-        assert node is not None
+        nodes = devnet.nodes
         state = msgspec.structs.replace(
             state, supervisor_pid=os.getpid(), log_file=str(Path(args.log).resolve())
         )
         _report(msgspec.json.encode(state))
-        node.proc.wait()  # until on_signal terminates it, or it dies on its own
+        # Until on_signal terminates them, or one dies on its own (then the devnet is broken: stop it all).
+        while not stopping and all(node.proc.poll() is None for node in nodes):
+            time.sleep(0.1)
         devnet.stop()
     return 0
 

@@ -29,7 +29,8 @@ from eth_utils.crypto import keccak
 
 from ..chain._artifacts import Artifact, artifact_exists, load_artifact
 from ._bundler import BundlerProcess, start_alto
-from ._node import ANVIL_MNEMONIC, DevnetError, NodeProcess, resolve_backend, start_node
+from ._networks import ChainSpec, chain_spec, place_token
+from ._node import ANVIL_MNEMONIC, CHAIN_ID, DevnetError, NodeProcess, resolve_backend, start_node
 
 __all__ = [
     "CREATE2_DEPLOYER",
@@ -38,6 +39,7 @@ __all__ = [
     "Deployment",
     "Devnet",
     "DevnetAccount",
+    "DevnetChain",
     "DevnetState",
 ]
 
@@ -92,8 +94,29 @@ class DevnetAccount(msgspec.Struct, frozen=True):
     private_key: str
 
 
+class DevnetChain(msgspec.Struct, frozen=True, kw_only=True):
+    """One chain of a devnet. `label` names it in files and messages: the real network it looks like
+    (`base`), else its chain id. `network_file` is its network description, once `agentpay devnet up` has
+    written it (`escrow.load_network` reads it)."""
+
+    label: str
+    rpc_url: str
+    chain_id: int
+    network: str  # CAIP-2
+    contracts: dict[str, ChecksumAddress]
+    usdc_name: str
+    usdc_version: str
+    usdc_decimals: int
+    pid: int
+    network_file: str | None = None
+
+
 class DevnetState(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a client needs to use a running devnet; JSON on disk (`agentpay devnet up` writes it)."""
+    """Everything a client needs to use a running devnet; JSON on disk (`agentpay devnet up` writes it).
+
+    The top-level chain fields describe the first chain; `chains` lists every chain, the first included.
+    A state file written before devnets had several chains has no `chains`: it loads as one chain.
+    """
 
     backend: Literal["anvil", "py-evm"]
     rpc_url: str
@@ -109,6 +132,34 @@ class DevnetState(msgspec.Struct, frozen=True, kw_only=True):
     bundler_pid: int | None = None
     supervisor_pid: int | None = None  # the detached supervisor that owns the node (`agentpay devnet up`)
     log_file: str | None = None
+    chains: tuple[DevnetChain, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.chains:  # a single-chain state (or an old file): the top-level chain is the only one
+            msgspec.structs.force_setattr(self, "chains", (self._top_chain(),))
+
+    def _top_chain(self) -> DevnetChain:
+        return DevnetChain(
+            label=str(self.chain_id),
+            rpc_url=self.rpc_url,
+            chain_id=self.chain_id,
+            network=self.network,
+            contracts=self.contracts,
+            usdc_name=self.usdc_name,
+            usdc_version=self.usdc_version,
+            usdc_decimals=self.usdc_decimals,
+            pid=self.pid,
+        )
+
+    def chain(self, which: int | str) -> DevnetChain:
+        """A chain by chain id (`8453`), CAIP-2 id (`"eip155:8453"`) or label (`"base"`)."""
+        for chain in self.chains:
+            if which in (chain.chain_id, chain.network, chain.label):
+                return chain
+        raise DevnetError(
+            f"the devnet has no chain {which!r} (it has {', '.join(c.label for c in self.chains)})",
+            code="devnet_no_such_chain",
+        )
 
     @property
     def deployer(self) -> DevnetAccount:
@@ -278,9 +329,10 @@ def _selector(signature: str) -> bytes:
 
 
 def deploy(
-    chain: _Chain, accounts: Sequence[DevnetAccount], usdc_each: int
+    chain: _Chain, accounts: Sequence[DevnetAccount], usdc_each: int, spec: ChainSpec | None = None
 ) -> tuple[dict[str, ChecksumAddress], str, str, int]:
-    """Run `DEPLOYMENTS`, mint `usdc_each` whole USDC to every account, read the token's EIP-712 domain."""
+    """Run `DEPLOYMENTS`, mint `usdc_each` whole USDC to every account, read the token's EIP-712 domain.
+    When `spec` looks like a real network, the token moves to that network's USDC address first."""
     deployer = accounts[0]
     contracts: dict[str, ChecksumAddress] = {}
     for row in DEPLOYMENTS:
@@ -304,6 +356,8 @@ def deploy(
         gas = chain.estimate(deployer.address, contracts["paymaster"], fund) * 2
         tx_hash = chain.send(deployer, contracts["paymaster"], fund, gas, PAYMASTER_DEPOSIT)
         chain.wait(tx_hash, "paymaster deposit")
+    if spec is not None and spec.like is not None:
+        contracts["usdc"] = place_token(chain.rpc, chain.call, contracts["usdc"], spec.like, chain.chain_id)
     usdc = contracts["usdc"]
     decimals = abi_decode(["uint8"], chain.call(usdc, _selector("decimals()")))[0]
     mints = [
@@ -323,11 +377,18 @@ def deploy(
 
 
 class Devnet:
-    """Start a node, deploy, and describe it; `stop()` (or leaving the `with` block) ends the node."""
+    """Start a node, deploy, and describe it; `stop()` (or leaving the `with` block) ends the node.
+
+    `chain` picks the chain: a chain id (`Devnet(chain=8453)`, a plain devnet under that id) or a real
+    network's name (`Devnet(chain="base")`: Base's chain id, and the token at Base's USDC address with its
+    EIP-712 domain). Default: chain id 31337. `chain_id=N` is `chain=N`. `Devnets` runs several.
+    """
 
     def __init__(
         self,
         *,
+        chain: int | str | ChainSpec | None = None,
+        chain_id: int | None = None,
         backend: str | None = None,
         port: int | None = None,
         accounts: int = 10,
@@ -340,6 +401,16 @@ class Devnet:
         self._backend, self._port, self._log = backend, port, log
         self._count, self._usdc_each = accounts, usdc_each
         self._want_bundler = bundler
+        if chain is not None and chain_id is not None:
+            raise DevnetError("pass chain= or chain_id=, not both", code="devnet_chains")
+        chosen = chain_id if chain is None else chain
+        self._spec = (
+            ChainSpec(CHAIN_ID)
+            if chosen is None
+            else chosen
+            if isinstance(chosen, ChainSpec)
+            else chain_spec(chosen)
+        )
         self._bundler: BundlerProcess | None = None
         self._node: NodeProcess | None = None
         self._state: DevnetState | None = None
@@ -361,11 +432,19 @@ class Devnet:
         if self._want_bundler and backend != "anvil":
             raise DevnetError("the bundler needs the anvil backend", code="devnet_bundler_backend")
         accounts = anvil_accounts(self._count)
-        self._node = node = start_node(backend, anvil, port=self._port, accounts=self._count, log=self._log)
+        if self._spec.like is not None and backend != "anvil":
+            raise DevnetError(
+                f"a devnet that looks like {self._spec.like.name} needs the anvil backend (anvil_setCode)",
+                code="devnet_chains_backend",
+            )
+        spec = self._spec
+        self._node = node = start_node(
+            backend, anvil, port=self._port, accounts=self._count, log=self._log, chain_id=spec.chain_id
+        )
         try:
             chain = _Chain(node.rpc_url)
             try:
-                contracts, name, version, decimals = deploy(chain, accounts, self._usdc_each)
+                contracts, name, version, decimals = deploy(chain, accounts, self._usdc_each, spec)
                 if self._want_bundler:
                     self._bundler = self._start_bundler(chain, node.rpc_url)
             finally:
@@ -386,6 +465,19 @@ class Devnet:
             pid=node.pid,
             bundler_url=self._bundler.url if self._bundler else None,
             bundler_pid=self._bundler.pid if self._bundler else None,
+            chains=(
+                DevnetChain(
+                    label=spec.label,
+                    rpc_url=node.rpc_url,
+                    chain_id=chain.chain_id,
+                    network=f"eip155:{chain.chain_id}",
+                    contracts=contracts,
+                    usdc_name=name,
+                    usdc_version=version,
+                    usdc_decimals=decimals,
+                    pid=node.pid,
+                ),
+            ),
         )
         return self._state
 

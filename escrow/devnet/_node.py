@@ -152,9 +152,11 @@ class NodeProcess:
                 self.proc.wait()
 
 
-def _command(backend: Backend, anvil: str | None, port: int, accounts: int, balance_eth: int) -> list[str]:
+def _command(
+    backend: Backend, anvil: str | None, port: int, accounts: int, balance_eth: int, chain_id: int
+) -> list[str]:
     common = ["--host", "127.0.0.1", "--port", str(port), "--accounts", str(accounts)]
-    common += ["--balance", str(balance_eth), "--chain-id", str(CHAIN_ID), "--mnemonic", ANVIL_MNEMONIC]
+    common += ["--balance", str(balance_eth), "--chain-id", str(chain_id), "--mnemonic", ANVIL_MNEMONIC]
     if backend == "anvil":
         assert anvil is not None
         return [anvil, *common]
@@ -192,6 +194,7 @@ def start_node(
     accounts: int = 10,
     balance_eth: int = 10_000,
     log: IO[bytes] | None = None,
+    chain_id: int = CHAIN_ID,
 ) -> NodeProcess:
     """Start the node and wait until it answers `eth_chainId`. With no `port`, pick a free one (retrying if
     another process grabs it first); with a `port`, fail at once if it is taken. `log` (opened "w+b")
@@ -206,7 +209,7 @@ def start_node(
         try:
             try:
                 proc = subprocess.Popen(
-                    _command(backend, anvil, chosen, accounts, balance_eth),
+                    _command(backend, anvil, chosen, accounts, balance_eth, chain_id),
                     stdin=subprocess.DEVNULL,
                     stdout=log or subprocess.DEVNULL,
                     stderr=errors,

@@ -1,12 +1,22 @@
 """escrow.payments: what moves money.
 
 `exact` (EIP-3009 `transferWithAuthorization`: `ExactEvm`, `ExactSettler`) and `escrow` (`AgentEscrow`
-bindings, `EscrowVerifier`, `EscrowSettler`), grants and deposits signed offline and relayed, exposure
+bindings, `EscrowVerifier`, `EscrowSettler`), grants and deposits signed offline and relayed,
+MPP session channels opened and topped up by a relayer (`openWithAuthorization`), exposure
 arithmetic, and the one settlement engine (`SettlementEngine`: lease, batch, backoff, dead letters) with a
 small part per scheme (`SchemeSettlement`) over the queue protocol a store satisfies.
 Uses `escrow.chain` and `escrow.accounts`.
 """
 
+from ._channel_auth import (
+    AuthorizationChannelOpener,
+    SignedChannelOpen,
+    SignedChannelTopUp,
+    relay_channel_open,
+    relay_channel_top_up,
+    sign_channel_open,
+    sign_channel_top_up,
+)
 from ._engine import EngineOptions, SchemeSettlement, SettlementEngine
 from ._escrow import AgentEscrow, Erc20, GrantInfo
 from ._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
@@ -29,6 +39,7 @@ from ._settler import EscrowSettler, SettleOutcome
 
 __all__ = [
     "AgentEscrow",
+    "AuthorizationChannelOpener",
     "EngineOptions",
     "Erc20",
     "EscrowClaim",
@@ -43,13 +54,19 @@ __all__ = [
     "SchemeSettlement",
     "SettleOutcome",
     "SettlementEngine",
+    "SignedChannelOpen",
+    "SignedChannelTopUp",
     "SignedDeposit",
     "SignedGrant",
     "SignedRevoke",
     "deposit",
+    "relay_channel_open",
+    "relay_channel_top_up",
     "relay_deposit",
     "relay_grant",
     "relay_revoke",
+    "sign_channel_open",
+    "sign_channel_top_up",
     "sign_deposit_authorization",
     "sign_deposit_permit",
     "sign_grant_offline",

@@ -1,8 +1,8 @@
 """`python -m tests.bench.multichain_gas`: gas of one owner signature for many chains, per chain.
 
-Two anvils with distinct chain ids carry the same contracts. For an approval over 2, 4 and 8 chains (each
-chain: one `AgentEscrow` grant and one `AgentAccount` session-key install, so 4, 8 and 16 leaves), the owner
-signs once and each of the two real chains relays its two leaves (`grantWithProof`,
+Two anvils with distinct chain ids (`escrow.Devnets(2)`) carry the same contracts. For an approval over 2,
+4 and 8 chains (each chain: one `AgentEscrow` grant and one `AgentAccount` session-key install, so 4, 8 and
+16 leaves), the owner signs once and each of the two running chains relays its two leaves (`grantWithProof`,
 `installSessionKeyWithProof`); chains beyond the two running ones are other chain ids in the same tree (their
 leaves weigh on the proof length exactly as real ones would). Beside them, the single-chain forms the owner
 signs once per chain (`grantWithSig`, `installSessionKeyWithSig`), and the revokes (`revokeWithProof` over
@@ -22,6 +22,7 @@ from escrow import (
     AgentEscrow,
     ArgRule,
     CallPermission,
+    Devnets,
     MultichainApproval,
     SessionPolicy,
     TxSender,
@@ -33,11 +34,10 @@ from escrow import (
     sign_session_key_install_offline,
 )
 from escrow.chain._rpc import Rpc
-from tests._two_chains import LocalChain, local_chains
+from escrow.devnet._devnet import DevnetChain
 from x402 import LocalSigner
 
 ETH = 10**18
-CHAIN_IDS = (84532, 421614)
 DEADLINE = 2**40
 
 
@@ -46,7 +46,7 @@ def _gas(receipt: Any) -> int:
 
 
 class _Side:
-    def __init__(self, chain: LocalChain, rpc: Rpc, relayer: TxSender) -> None:
+    def __init__(self, chain: DevnetChain, rpc: Rpc, relayer: TxSender) -> None:
         self.chain, self.rpc, self.relayer = chain, rpc, relayer
         self.escrow = AgentEscrow(rpc, chain.contracts["escrow"])
 
@@ -71,7 +71,8 @@ async def _multichain(sides: list[_Side], n: int) -> dict[str, Any]:
     accounts = [await s.account(owner.address, salt) for s in sides]  # same address on both chains
     usdc = sides[0].chain.contracts["usdc"]
     escrow = sides[0].escrow.address
-    ids = [*CHAIN_IDS, *(10_000_000 + k for k in range(n - len(CHAIN_IDS)))]
+    running = [s.chain.chain_id for s in sides]
+    ids = [*running, *(10_000_000 + k for k in range(n - len(running)))]
     approval = MultichainApproval()
     for chain_id in ids:
         approval.grant(
@@ -144,7 +145,7 @@ async def _single(side: _Side) -> dict[str, int]:
     }
 
 
-async def _measure(chains: list[LocalChain]) -> dict[str, Any]:
+async def _measure(chains: list[DevnetChain]) -> dict[str, Any]:
     rpcs = [Rpc(c.rpc_url) for c in chains]
     try:
         sides = []
@@ -156,12 +157,12 @@ async def _measure(chains: list[LocalChain]) -> dict[str, Any]:
         out: dict[str, Any] = {"single_chain": await _single(sides[0])}
         for n in (2, 4, 8):
             out[f"multichain_{n}_chains"] = await _multichain(sides, n)
-        single = out["single_chain"]
+        single, first = out["single_chain"], chains[0].chain_id
         out["proof_overhead"] = {
             f"{n}_chains": {
-                "grant": out[f"multichain_{n}_chains"][f"chain_{CHAIN_IDS[0]}"]["grant_with_proof"]
+                "grant": out[f"multichain_{n}_chains"][f"chain_{first}"]["grant_with_proof"]
                 - single["grant_with_sig"],
-                "install": out[f"multichain_{n}_chains"][f"chain_{CHAIN_IDS[0]}"]["install_with_proof"]
+                "install": out[f"multichain_{n}_chains"][f"chain_{first}"]["install_with_proof"]
                 - single["install_with_sig"],
             }
             for n in (2, 4, 8)
@@ -178,8 +179,10 @@ async def _measure(chains: list[LocalChain]) -> dict[str, Any]:
 
 
 def main() -> None:
-    with local_chains(CHAIN_IDS) as chains:
-        result = asyncio.run(_measure(chains))
+    with Devnets(2) as state:  # chain ids 31337 and 31338, the same contracts at the same addresses
+        if state.backend != "anvil":
+            raise SystemExit("the multichain gas bench needs anvil")
+        result = asyncio.run(_measure(list(state.chains)))
     for key, value in result.items():
         print(f"{key}: {value}")
     print(json.dumps(result, sort_keys=True))

@@ -1,12 +1,22 @@
 """Peer: the official `x402` httpx client pays a URL N times (runs under .venv-peers).
 
     python tests/peers/x402_client.py --url URL --asset TOKEN [--n 3] [--mode v2|v1] [--chain-id 31337]
+        [--also-chain-id N ...] [--prefer-network eip155:N]
         (key from --private-key or $PEER_PRIVATE_KEY)
+
+``--also-chain-id N[:TOKEN]`` registers the v2 ``exact`` client on more networks (TOKEN: that chain's token,
+default ``--asset``);
+``--prefer-network`` adds the official ``prefer_network`` policy, so the client itself picks the network
+of a route priced on several.
 
 ``--mode v2`` (default): ``x402Client`` + ``ExactEvmScheme(Account)`` registered for
 ``eip155:<chain-id>``, spend controls allow-listing only the given asset with a per-payment cap,
 wrapped in the official ``x402AsyncTransport``. The server is free to offer v1 and MPP too; the
 client reads ``PAYMENT-REQUIRED`` and answers ``PAYMENT-SIGNATURE``.
+
+``--asset default``: the SDK's own default asset for ``eip155:<chain-id>`` (``get_default_asset``, the
+table of real networks' USDC the SDK prices ``"$0.10"`` in); a network the SDK has none for is refused
+before any request (``{"refused": reason, "results": []}``).
 
 ``--mode v1``: a legacy client. The official client picks v2 whenever a ``PAYMENT-REQUIRED``
 header is present, so the recording transport hides that header (and ``WWW-Authenticate``) from
@@ -34,6 +44,7 @@ from eth_account import Account
 from x402.http import decode_payment_response_header
 from x402.http.clients.httpx import x402AsyncTransport
 from x402.mechanisms.evm.constants import SCHEME_EXACT
+from x402.mechanisms.evm.default_assets import get_default_asset
 from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
@@ -44,7 +55,7 @@ from x402.mechanisms.evm.utils import create_nonce
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas.v1 import PaymentRequirementsV1
 
-from x402 import x402Client
+from x402 import prefer_network, x402Client
 
 REQUEST_HEADERS = ("payment-signature", "x-payment", "authorization")
 RESPONSE_HEADERS = ("payment-required", "payment-response", "x-payment-response", "www-authenticate")
@@ -160,10 +171,27 @@ async def discover_v1_networks(url: str, method: str) -> list[str]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     account = Account.from_key(private_key(args.private_key))
     network = f"eip155:{args.chain_id}"
+    if args.asset == "default":
+        try:
+            args.asset = get_default_asset(network)["asset"]
+        except ValueError as error:
+            return {"payer": account.address, "refused": str(error), "results": [], "exchanges": []}
     client = x402Client()
     allowed = [{"network": network, "asset": args.asset, "max_amount_per_payment": args.max_amount}]
     if args.mode == "v2":
         client.register(network, ExactEvmScheme(signer=account))
+        for more in args.also_chain_id:  # N, or N:TOKEN when that chain's token has another address
+            chain_id, _, asset = more.partition(":")
+            client.register(f"eip155:{chain_id}", ExactEvmScheme(signer=account))
+            allowed.append(
+                {
+                    "network": f"eip155:{chain_id}",
+                    "asset": asset or args.asset,
+                    "max_amount_per_payment": args.max_amount,
+                }
+            )
+        if args.prefer_network:
+            client.register_policy(prefer_network(args.prefer_network))
         if args.upto:  # the official `upto` client: Permit2 witness signatures (approve Permit2 first)
             client.register(network, UptoEvmClientScheme(account))
     else:
@@ -204,12 +232,16 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--mode", choices=["v2", "v1"], default="v2")
-    parser.add_argument("--asset", required=True, help="token the spend controls allow-list")
+    parser.add_argument(
+        "--asset", required=True, help="token the spend controls allow-list, or `default` (the SDK's)"
+    )
     parser.add_argument("--chain-id", type=int, default=31337)
     parser.add_argument("--max-amount", default="1000000", help="per-payment cap, atomic units")
     parser.add_argument("--private-key")
     parser.add_argument("--method", default="GET")
     parser.add_argument("--body")
+    parser.add_argument("--also-chain-id", action="append", default=[], help="N or N:TOKEN (repeatable)")
+    parser.add_argument("--prefer-network", help="the official prefer_network policy (CAIP-2)")
     parser.add_argument("--upto", action="store_true", help="also register the official upto client")
     emit(asyncio.run(run(parser.parse_args())))
 
