@@ -10,6 +10,9 @@ Contract artifacts (`load_artifact`), and the devnet: `Devnet` runs a local chai
 when anvil is absent) with EntryPoint v0.7 at its canonical address, TestUSDC and funded accounts, and
 describes it as a `DevnetState`; `start_detached` / `stop_detached` run one that outlives its caller.
 
+`MultichainApproval` is one owner signature for grants and session-key installs on many chains
+(`relay_multichain` sends each chain its part).
+
 `Chain` is the front door: a network description (`x402.Network`, from a file or a devnet), its node client
 and relayer; the gateway takes its schemes, settlers and recovery from it, an owner opens session keys.
 """
@@ -21,6 +24,18 @@ from ._chain import (
     network_of_devnet,
     resolve_key_reference,
     write_devnet_networks,
+)
+from ._multichain import (
+    EscrowGrantLeaf,
+    EscrowRevokeLeaf,
+    MultichainApproval,
+    MultichainEntry,
+    MultichainError,
+    SessionKeyCancelLeaf,
+    SessionKeyInstallLeaf,
+    SessionKeyRevokeLeaf,
+    SignedMultichainApproval,
+    relay_multichain,
 )
 from .accounts import (
     UNLIMITED_GAS_BUDGET,
@@ -163,10 +178,15 @@ __all__ = [
     "ExactEvm",
     "ExactRejected",
     "ExactSettler",
+    "EscrowGrantLeaf",
+    "EscrowRevokeLeaf",
     "GrantCache",
     "GrantInfo",
     "load_artifact",
     "load_network",
+    "MultichainApproval",
+    "MultichainEntry",
+    "MultichainError",
     "network_of_devnet",
     "resolve_key_reference",
     "write_devnet_networks",
@@ -182,10 +202,14 @@ __all__ = [
     "relay_channel_top_up",
     "relay_deposit",
     "relay_grant",
+    "relay_multichain",
     "relay_revoke",
     "RevertError",
     "Rpc",
     "SessionKey",
+    "SessionKeyCancelLeaf",
+    "SessionKeyInstallLeaf",
+    "SessionKeyRevokeLeaf",
     "SessionPolicy",
     "UNLIMITED_GAS_BUDGET",
     "SettleOutcome",
@@ -201,6 +225,7 @@ __all__ = [
     "SignedChannelTopUp",
     "SignedDeposit",
     "SignedGrant",
+    "SignedMultichainApproval",
     "SignedRevoke",
     "SignedSessionKeyInstall",
     "SignedSessionKeyRevoke",

@@ -13,6 +13,7 @@ import {Multicall} from "@openzeppelin/contracts/utils/Multicall.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {IAgentEscrow} from "./escrow/IAgentEscrow.sol";
 import {IERC3009Receive} from "./escrow/IERC3009Receive.sol";
+import {MultichainApproval} from "./multichain/MultichainApproval.sol";
 
 /**
  * @title AgentEscrow
@@ -240,23 +241,31 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         // Strictly above the current epoch: a grant at or below a revoke's epoch, or below a newer grant, is dead.
         uint32 current = _grants[payer][signer].terms.epoch;
         require(epoch > current, EscrowStaleEpoch(payer, signer, current, epoch));
-        bytes32 digest = _hashTypedDataV4(
-            keccak256(
-                abi.encode(
-                    GRANT_TYPEHASH,
-                    payer,
-                    signer,
-                    params.token,
-                    params.maxPerCall,
-                    params.budget,
-                    params.validAfter,
-                    params.validUntil,
-                    keccak256(abi.encodePacked(payees)),
-                    epoch
-                )
-            )
-        );
+        bytes32 digest = _hashTypedDataV4(_hashGrant(payer, signer, params, payees, epoch));
         require(SignatureChecker.isValidSignatureNowCalldata(payer, digest, signature), EscrowInvalidSignature(payer));
+        _grant(payer, signer, params, payees, epoch);
+    }
+
+    /**
+     * @notice Same as {grantWithSig}, authorised by the payer's ONE signature over many chains: `approval` carries
+     * the signed Merkle root, the proof of this chain's leaf and the payer's signature of `MultichainApproval(root)`
+     * (see {MultichainApproval}). The leaf is the `Grant` struct hash bound to `block.chainid` and this escrow, so a
+     * leaf made for another chain or escrow is refused. Epochs work exactly as in {grantWithSig}: the leaf is
+     * single-use, and a revoke through an epoch at or above it (on this chain) refuses it forever.
+     * @dev Emits {GrantIssued} and {MultichainApproval-MultichainApprovalUsed}. Reverts with
+     * {MultichainApproval-MultichainProofInvalid}, {EscrowInvalidSignature} or {EscrowStaleEpoch}.
+     */
+    function grantWithProof(
+        address payer,
+        address signer,
+        GrantParams calldata params,
+        address[] calldata payees,
+        uint32 epoch,
+        MultichainApproval.Proof calldata approval
+    ) external {
+        uint32 current = _grants[payer][signer].terms.epoch;
+        require(epoch > current, EscrowStaleEpoch(payer, signer, current, epoch));
+        _useMultichainApproval(payer, _hashGrant(payer, signer, params, payees, epoch), approval);
         _grant(payer, signer, params, payees, epoch);
     }
 
@@ -269,6 +278,19 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     function revokeWithSig(address payer, address signer, uint32 epoch, bytes calldata signature) external {
         bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(REVOKE_TYPEHASH, payer, signer, epoch)));
         require(SignatureChecker.isValidSignatureNowCalldata(payer, digest, signature), EscrowInvalidSignature(payer));
+        _revoke(payer, signer, epoch);
+    }
+
+    /**
+     * @notice Same as {revokeWithSig}, authorised by the payer's one multichain signature (see {grantWithProof}):
+     * one signed root whose leaves revoke the key on every chain listed ("revoke everywhere"), relayed per chain.
+     * @dev Emits {GrantRevoked} and {MultichainApproval-MultichainApprovalUsed}. Reverts with
+     * {MultichainApproval-MultichainProofInvalid}, {EscrowInvalidSignature} or {EscrowStaleEpoch}.
+     */
+    function revokeWithProof(address payer, address signer, uint32 epoch, MultichainApproval.Proof calldata approval)
+        external
+    {
+        _useMultichainApproval(payer, keccak256(abi.encode(REVOKE_TYPEHASH, payer, signer, epoch)), approval);
         _revoke(payer, signer, epoch);
     }
 
@@ -681,6 +703,40 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             structHash := keccak256(ptr, 0x100)
         }
         return _hashTypedDataV4(structHash);
+    }
+
+    /// @dev The EIP-712 struct hash of a `Grant` (what {grantWithSig} signs, and a {grantWithProof} leaf's action).
+    function _hashGrant(
+        address payer,
+        address signer,
+        GrantParams calldata params,
+        address[] calldata payees,
+        uint32 epoch
+    ) private pure returns (bytes32) {
+        return keccak256(
+            abi.encode(
+                GRANT_TYPEHASH,
+                payer,
+                signer,
+                params.token,
+                params.maxPerCall,
+                params.budget,
+                params.validAfter,
+                params.validUntil,
+                keccak256(abi.encodePacked(payees)),
+                epoch
+            )
+        );
+    }
+
+    /// @dev Checks a multichain approval of `action` by `payer` (proof of this chain's leaf, then the signature).
+    function _useMultichainApproval(address payer, bytes32 action, MultichainApproval.Proof calldata approval) private {
+        (bytes32 digest, bytes32 node) = MultichainApproval.verify(approval, action);
+        require(
+            SignatureChecker.isValidSignatureNowCalldata(payer, digest, approval.signature),
+            EscrowInvalidSignature(payer)
+        );
+        emit MultichainApproval.MultichainApprovalUsed(payer, approval.root, node);
     }
 
     function _payeeKey(address payer, address signer, uint32 epoch, address payee) private pure returns (bytes32) {

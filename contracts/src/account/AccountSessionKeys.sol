@@ -24,6 +24,7 @@ import {
     StoredArgRule
 } from "./SessionKeyTypes.sol";
 import {SessionKeyTypedData} from "./SessionKeyTypedData.sol";
+import {MultichainApproval} from "../multichain/MultichainApproval.sol";
 
 /**
  * @dev ERC-4337 session keys with composable policies for an {Account} that executes through {ERC7821} batches.
@@ -190,6 +191,54 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     {
         _useOwnerApproval(SessionKeyTypedData.hashRevoke(key, nonce, deadline), nonce, deadline, signature);
         _revokeSessionKey(key);
+    }
+
+    /**
+     * @notice Installs `key` with the owner's ONE signature over many chains: `approval` carries the signed Merkle
+     * root, the proof of this chain's leaf and the owner's signature of `MultichainApproval(root)` (see
+     * {MultichainApproval}). The leaf is the `InstallSessionKey(key, policy, nonce, deadline)` struct hash bound to
+     * `block.chainid` and this account, so a leaf for another chain or account is refused; `nonce` and `deadline`
+     * work as in {installSessionKeyWithSig} (single use per account, relayable until `deadline`). Anyone may relay.
+     * @dev Emits {SessionKeyInstalled}, {OwnerApprovalNonceUsed} and {MultichainApproval-MultichainApprovalUsed}.
+     */
+    function installSessionKeyWithProof(
+        address key,
+        SessionPolicy calldata policy,
+        uint256 nonce,
+        uint48 deadline,
+        MultichainApproval.Proof calldata approval
+    ) public virtual {
+        _useMultichainOwnerApproval(
+            SessionKeyTypedData.hashInstall(key, policy, nonce, deadline), nonce, deadline, approval
+        );
+        _installSessionKey(key, policy);
+    }
+
+    /**
+     * @notice Revokes `key` with the owner's one multichain signature (leaf: `RevokeSessionKey(key, nonce,
+     * deadline)` for this chain and account): one signed root revokes the key on every account listed.
+     * @dev Emits {SessionKeyRevoked}, {OwnerApprovalNonceUsed} and {MultichainApproval-MultichainApprovalUsed}.
+     */
+    function revokeSessionKeyWithProof(
+        address key,
+        uint256 nonce,
+        uint48 deadline,
+        MultichainApproval.Proof calldata approval
+    ) public virtual {
+        _useMultichainOwnerApproval(SessionKeyTypedData.hashRevoke(key, nonce, deadline), nonce, deadline, approval);
+        _revokeSessionKey(key);
+    }
+
+    /**
+     * @notice Burns the owner-approval `nonce` with the owner's one multichain signature (leaf:
+     * `CancelOwnerApproval(nonce)` for this chain and account), so that an install leaf (or signed install) with
+     * that nonce, not yet relayed here, never can be: with {revokeSessionKeyWithProof} for accounts where the key
+     * is installed, this is what "revoke everywhere" needs where it is not.
+     * @dev Emits {OwnerApprovalNonceUsed} and {MultichainApproval-MultichainApprovalUsed}. Reverts with
+     * {OwnerApprovalNonceAlreadyUsed} when the nonce is already used (the install landed: revoke the key instead).
+     */
+    function cancelOwnerApprovalWithProof(uint256 nonce, MultichainApproval.Proof calldata approval) public virtual {
+        _useMultichainOwnerApproval(SessionKeyTypedData.hashCancel(nonce), nonce, type(uint48).max, approval);
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
@@ -581,6 +630,26 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         }
         $.usedApprovalNonces[nonce] = true;
         emit OwnerApprovalNonceUsed(nonce);
+    }
+
+    /**
+     * @dev {_useOwnerApproval} for a multichain approval: the proof must place this chain's leaf of `structHash`
+     * under the root, and the owner must have signed the root (chainless domain, see {MultichainApproval}).
+     */
+    function _useMultichainOwnerApproval(
+        bytes32 structHash,
+        uint256 nonce,
+        uint48 deadline,
+        MultichainApproval.Proof calldata approval
+    ) internal virtual {
+        (bytes32 digest, bytes32 node) = MultichainApproval.verify(approval, structHash);
+        if (block.timestamp > deadline) revert OwnerApprovalExpired(deadline);
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        if ($.usedApprovalNonces[nonce]) revert OwnerApprovalNonceAlreadyUsed(nonce);
+        if (!_rawSignatureValidation(digest, approval.signature)) revert OwnerApprovalInvalidSignature();
+        $.usedApprovalNonces[nonce] = true;
+        emit OwnerApprovalNonceUsed(nonce);
+        emit MultichainApproval.MultichainApprovalUsed(address(this), approval.root, node);
     }
 
     /// @dev Reverts unless the caller may manage session keys. Override to add the owner's own address.

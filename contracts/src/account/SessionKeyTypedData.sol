@@ -51,6 +51,9 @@ library SessionKeyTypedData {
     bytes32 internal constant REVOKE_SESSION_KEY_TYPEHASH =
         keccak256("RevokeSessionKey(address key,uint256 nonce,uint48 deadline)");
 
+    /// @dev `keccak256("CancelOwnerApproval(uint256 nonce)")`: a multichain leaf that burns an approval nonce.
+    bytes32 internal constant CANCEL_OWNER_APPROVAL_TYPEHASH = keccak256("CancelOwnerApproval(uint256 nonce)");
+
     /// @dev The struct hash of an `InstallSessionKey` approval.
     function hashInstall(address key, SessionPolicy calldata policy, uint256 nonce, uint48 deadline)
         internal
@@ -63,6 +66,11 @@ library SessionKeyTypedData {
     /// @dev The struct hash of a `RevokeSessionKey` approval.
     function hashRevoke(address key, uint256 nonce, uint48 deadline) internal pure returns (bytes32) {
         return keccak256(abi.encode(REVOKE_SESSION_KEY_TYPEHASH, key, nonce, deadline));
+    }
+
+    /// @dev The struct hash of a `CancelOwnerApproval`.
+    function hashCancel(uint256 nonce) internal pure returns (bytes32) {
+        return keccak256(abi.encode(CANCEL_OWNER_APPROVAL_TYPEHASH, nonce));
     }
 
     /// @dev The struct hash of a `SessionPolicy`.
