@@ -1,15 +1,14 @@
-"""The demo's two-chain part: the orchestrator's session key pays one sub-agent on each of two chains.
+"""The demo's two-chain part: one owner signature, and the session key pays a sub-agent on each chain.
 
 The devnet runs two chains that look like Base and Arbitrum (their chain ids, USDC at their canonical
 addresses). The owner's escrow deposit on each chain is funded by a treasury (`depositFor`: the owner key
-stays offline), and the owner authorises the same session key on both chains: an escrow grant per chain,
-each bound to its chain id and escrow. One sub-agent prices its work on Base, one on Arbitrum; the
-orchestrator holds one `WalletSet` (a session-key wallet per chain, a spend cap per network) and pays both;
-each sub-agent settles its payments in one batch on its own chain. A payment the key signs under Base's
-EIP-712 domain, presented on Arbitrum, is refused. Every balance is checked to the unit, on each chain.
-
-PLACEHOLDER: until the one-signature Merkle approval is on main, the owner signs the two grants separately
-(`sign_grant_offline` per chain), and the demo says so.
+stays offline). The owner signs ONE `MultichainApproval` offline: an EIP-712 signature over a Merkle root
+whose leaves are an escrow grant per chain, each bound to its chain id and escrow; a relayer sends each
+chain its leaf with its proof (`relay_multichain`), and the first chain's leaf, sent to the second chain, is
+refused there. One sub-agent prices its work on Base, one on Arbitrum; the orchestrator holds one
+`WalletSet` (a session-key wallet per chain, a spend cap per network) and pays both; each sub-agent settles
+its payments in one batch on its own chain. A payment the key signs under Base's EIP-712 domain, presented
+on Arbitrum, is refused. Every balance is checked to the unit, on each chain.
 """
 
 from __future__ import annotations
@@ -20,16 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgspec
 
 from escrow import (
     AgentEscrow,
     DevnetChain,
     DevnetState,
     Erc20,
+    EscrowGrantLeaf,
+    MultichainApproval,
+    MultichainError,
     Rpc,
+    SignedMultichainApproval,
     TxSender,
-    relay_grant,
-    sign_grant_offline,
+    relay_multichain,
 )
 from x402 import (
     PAYMENT_REQUIRED_HEADER,
@@ -149,6 +152,8 @@ async def _two_chains(
     )
 
     grants = await _authorise(sides, workdir, say, owner=owner, session=session)
+    if grants is None:
+        return False
     before = await _read(sides, owner.address)
 
     async with serving(*(side.agent for side in sides)):
@@ -205,19 +210,18 @@ async def _two_chains(
 
 async def _authorise(
     sides: list[Side], workdir: Path, say: Say, *, owner: Signer, session: Signer
-) -> list[GrantMessage]:
-    """The owner's authorisation of `session` on every chain, relayed by someone else; the grants.
+) -> list[GrantMessage] | None:
+    """The owner's ONE offline signature authorising `session` on every chain (a Merkle root over a grant
+    leaf per chain), relayed on each chain by someone else; the grants (None: something was not refused).
 
-    PLACEHOLDER: one `sign_grant_offline` per chain, until the single Merkle-root signature is on main."""
+    Before the second chain gets its own leaf, the first chain's leaf is sent there: refused on chain."""
     now = await sides[0].rpc.block_timestamp()
-    out = workdir / "two-chains"
-    out.mkdir(parents=True, exist_ok=True)
-    grants: list[GrantMessage] = []
+    approval = MultichainApproval()
     for side in sides:
-        signed = sign_grant_offline(
-            owner,
+        approval.grant(
             chain_id=side.chain.chain_id,
             escrow=side.escrow.address,
+            payer=owner.address,
             signer=session.address,
             token=side.usdc.address,
             max_per_call=MAX_PER_CALL,
@@ -226,19 +230,46 @@ async def _authorise(
             valid_until=now + 3600,
             payees=[side.agent.pay_to],
         )
-        signed.dump(out / f"grant-{side.label}.json")
-        await relay_grant(side.escrow, side.relayer, signed)
-        grants.append(signed.grant)
+    file = workdir / "multichain-approval.json"
+    approval.sign(owner).dump(file)  # the one signature; the owner key goes back offline
+    signed = SignedMultichainApproval.load(file)  # what a relayer reads
+    signed.verify()
     say(
         "offline",
-        f"PLACEHOLDER: the owner signed {len(sides)} grants, one per chain"
-        " (the one-signature Merkle approval is not merged yet)",
+        f"the owner signed 1 approval for {len(signed.chain_ids)} chains: {file.name}, one EIP-712 signature",
     )
+    say("", f"over Merkle root {signed.root[:10]}… of a grant leaf per chain (each leaf names its chain id)")
+    a, b = sides
+    await relay_multichain(a.relayer, signed)
+    # Chain A's leaf, relabelled for chain B and sent to B's escrow (at the same address): B recomputes the
+    # leaf from its own chain id, and A's proof does not prove it.
+    replayed = msgspec.structs.replace(
+        signed,
+        entries=tuple(
+            msgspec.structs.replace(e, action=msgspec.structs.replace(e.action, chain_id=b.chain.chain_id))
+            for e in signed.for_chain(a.chain.chain_id)
+        ),
+    )
+    try:
+        await relay_multichain(b.relayer, replayed)
+    except MultichainError as refused:
+        why = str(refused).rsplit(": ", 1)[-1]
+        say("refused", f"{a.label}'s grant leaf, sent to {b.label}'s escrow: {refused.code} ({why})")
+    else:
+        say("refused?", f"{a.label}'s grant leaf was accepted on {b.label}: the chain binding failed")
+        return None
+    await relay_multichain(b.relayer, signed)
+    say("relayed", f"each chain's leaf with its proof, on {a.label} and on {b.label}: session key")
     say(
-        "relayed",
-        f"session key {short(session.address)} granted {usd(MAX_PER_CALL)} USDC per call, budget"
-        f" {usd(BUDGET)}, on " + " and ".join(side.label for side in sides),
+        "",
+        f"{short(session.address)} granted {usd(MAX_PER_CALL)} USDC per call, budget {usd(BUDGET)}, on each",
     )
+    grants = [
+        entry.action.grant
+        for side in sides
+        for entry in signed.for_chain(side.chain.chain_id)
+        if isinstance(entry.action, EscrowGrantLeaf)
+    ]
     return grants
 
 

@@ -172,8 +172,10 @@ def _check_two_chains(out: str) -> None:
     """The orchestrator's key pays one sub-agent on each chain; a payment signed for Base is refused on
     Arbitrum; each chain's payee, the owner's deposit there and the grant there moved by exactly what was
     served on that chain."""
-    # PLACEHOLDER until the one-signature Merkle approval is on main: one grant signed per chain.
-    assert "the owner signed 2 grants, one per chain" in out
+    # One offline owner signature for both chains (a Merkle root over a grant leaf per chain); the first
+    # chain's leaf is refused by the second chain's escrow.
+    assert "the owner signed 1 approval for 2 chains: multichain-approval.json" in out
+    assert "base's grant leaf, sent to arbitrum's escrow: multichain_refused (MultichainProofInvalid)" in out
     assert re.search(
         r"^paid\s+researcher\s+GET /research\s+4 x 200\s+escrow on eip155:8453 \(base\)", out, re.M
     )
