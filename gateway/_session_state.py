@@ -84,8 +84,11 @@ class Channel:
         self.accepted = accepted
         self.spent = spent
         self.reserved = 0
-        # Accepted vouchers above what was handed to the settler, ascending: (cumulative, signature).
+        # Accepted vouchers above `spent`, ascending: (cumulative, signature). Each becomes `settleable`, the
+        # highest voucher not above `spent` (the most the payee may take), once charges reach it.
         self.vouchers: list[tuple[int, str]] = []
+        self.settleable: tuple[int, str] | None = None
+        self.queued = info.settled  # the highest voucher handed to the settler (or settled on chain)
         self.lock = asyncio.Lock()
         self.changed = asyncio.Condition(self.lock)
         self.closed = False

@@ -62,6 +62,7 @@ __all__ = [
     "exact_reservation",
     "fault_point",
     "pending_transaction",
+    "pending_transactions",
     "unreserve_once",
 ]
 
@@ -107,6 +108,11 @@ _decode = msgspec.json.Decoder(ExactPayment).decode
 
 def decode_payment(raw: bytes) -> ExactPayment:
     return _decode(raw)
+
+
+def pending_transactions(error: str | None) -> list[str]:
+    """Every transaction a record's error says was sent and not yet seen mined (`sent in 0x...`)."""
+    return _PENDING_TX.findall(error or "")
 
 
 def pending_transaction(error: str | None) -> str:
