@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from escrow import DevnetState
-from gateway import SessionPaywall, open_store
+from gateway import SessionPaywall, Settlement, open_store
+from gateway._channels import ChannelVoucher, encode_voucher
 from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
 from x402 import LocalSigner, MppCredential, SpendPolicyViolation, format_credential
 from x402._session import SessionReceipt, sign_voucher
@@ -225,3 +226,85 @@ async def test_the_spend_policy_holds_what_vouchers_authorize_and_spends_what_wa
         (ch,) = s.client.channels.values()
         # only the first, probing voucher (one unit) was signed; the $0.01 one never was
         assert ch.signed == UNIT and (strict.spent, strict.reserved) == (0, UNIT)
+
+
+async def test_a_gateway_restarted_after_serving_settles_exactly_what_it_served(
+    devnet: DevnetState, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'payments.db'}"
+    store = await open_store(url)
+    async with session(devnet, store=store) as s:  # settle_every=0: this gateway never settles by itself
+        before = await s.balance(s.payee)
+        for _ in range(7):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+        (ch,) = s.client.channels.values()
+        assert s.settler.transactions == [] and await s.balance(s.payee) == before
+        await store.close()  # the gateway dies: nothing it held in memory survives, the file does
+        second = await open_store(url)
+        try:
+            again = SessionPaywall(
+                app(),
+                routes=ROUTES,
+                chain=s.paywall.chain,
+                asset=s.paywall.asset,
+                pay_to=s.payee,
+                store=second,
+                secret=b"s" * 32,
+            )
+            await again.settle(ch.channel)  # from the store alone: the payer never comes back
+            await again.settler.drain()
+            assert await s.balance(s.payee) - before == 7 * 250
+            assert len(again.settler.transactions) == 1
+            # asked again (another restart, an operator): the chain already paid it, nothing is sent
+            third = SessionPaywall(
+                app(),
+                routes=ROUTES,
+                chain=s.paywall.chain,
+                asset=s.paywall.asset,
+                pay_to=s.payee,
+                store=second,
+                secret=b"s" * 32,
+            )
+            await third.settle(ch.channel)
+            await third.settler.drain()
+            assert third.settler.transactions == [] and await s.balance(s.payee) - before == 7 * 250
+        finally:
+            await second.close()
+
+
+async def test_the_channel_settler_never_pays_a_voucher_the_chain_already_paid(devnet: DevnetState) -> None:
+    async with session(devnet) as s:
+        for _ in range(3):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+        (ch,) = s.client.channels.values()
+        before = await s.balance(s.payee)
+        vouchers = {n: _voucher(s, n)["signature"] for n in (250, 500, 750)}
+        # a settle of 500 landed whose outcome this settler never recorded (a crash, a lost receipt)
+        await s.paywall.chain.settle(ch.channel, 500, vouchers[500])
+
+        def queued(n: int) -> Settlement:
+            v = ChannelVoucher(
+                chain_id=ch.chain_id,
+                escrow=ch.escrow,
+                channel=ch.channel,
+                cumulative=n,
+                signature=vouchers[n],
+                payee=s.payee,
+            )
+            return Settlement(
+                key=v.key(), kind="channel", payload=encode_voucher(v), payer=s.payer, amount=n, created_at=n
+            )
+
+        for n in (250, 500, 750):
+            await s.store.enqueue(queued(n))
+        # recovery records what the chain shows and sends nothing
+        leased = await s.store.lease("channel", limit=10, lease_seconds=30)
+        recovered = {o.amount: o.status for o in await s.settler.reconcile_items(leased)}
+        assert recovered == {250: "settled_elsewhere", 500: "settled_elsewhere", 750: "retry"}
+        assert s.settler.transactions == []
+        await s.store.requeue(queued(750).key)
+        outcomes = {o.amount: (o.status, o.tx_hash) for o in await s.settler.drain()}
+        assert outcomes[750][0] == "settled" and s.settler.transactions == [outcomes[750][1]]
+        assert await s.balance(s.payee) - before == 750  # 500 + the 250 above it: never 500 twice
+        settled = await s.store.get_settlement(queued(750).key)
+        assert settled is not None and settled.state == "settled"
