@@ -50,7 +50,7 @@ from x402 import (
     rfc3339,
     verify_challenge,
 )
-from x402._session import SessionAction, SessionReceipt, parse_session_payload, voucher_signed_by
+from x402._session import SessionAction, SessionReceipt, VoucherVerifier, parse_session_payload
 
 from ._channels import (
     AgentChannelsChain,
@@ -257,14 +257,15 @@ class SessionPaywall(SessionSettling):
     def _check_signature(self, ch: Channel, action: SessionAction) -> None:
         assert action.cumulative is not None and action.signature is not None
         try:
-            ok = voucher_signed_by(
-                chain_id=self.chain.chain_id,
-                escrow=self.chain.escrow,
-                channel=ch.id,
-                cumulative=action.cumulative,
-                signature=action.signature,
-                signer=ch.signer_bytes,
-            )
+            verifier = ch.verifier
+            if verifier is None:  # once per channel (and after a re-read): the typed data's fixed part
+                verifier = ch.verifier = VoucherVerifier(
+                    chain_id=self.chain.chain_id,
+                    escrow=self.chain.escrow,
+                    channel=ch.id,
+                    signer=ch.signer_bytes,
+                )
+            ok = verifier.signed_by(action.cumulative, action.signature)
         except X402Error:
             raise SessionProblem(
                 "invalid-signature", "the voucher signature is invalid", state=ch.state()

@@ -15,7 +15,7 @@ import msgspec
 from starlette.requests import Request
 
 from x402 import X402Error
-from x402._session import SessionReceipt
+from x402._session import SessionReceipt, VoucherVerifier
 
 from ._channels import ChannelInfo
 from ._pricing import Asset, to_atomic
@@ -101,6 +101,7 @@ class Channel:
     def info(self, info: ChannelInfo) -> None:
         self._info = info
         self.signer_bytes = bytes.fromhex(info.signer[2:])  # compared with each voucher's recovered signer
+        self.verifier: VoucherVerifier | None = None  # built by the paywall on the next voucher
 
     def state(self) -> dict[str, Any]:
         return {
