@@ -117,11 +117,17 @@ class ChannelSettlement:
         return out
 
     async def _channel(self, engine: Engine, group: list[Work], *, send: bool) -> list[SettleOutcome]:
+        out: list[SettleOutcome] = []
+        sent = [h for w in group for h in pending_transactions(w[0].error)]
         try:
             info = await self.chain.channel(group[0][1].channel)
+            # An earlier send of ours mined since: read the channel after it, not before (never a second send
+            # racing the one that just paid). Still in the pool: wait for it, send nothing.
+            waiting = [h for h in sent if not await self.chain.mined(h)] if send else []
+            if send and len(waiting) < len(sent):
+                info = await self.chain.channel(group[0][1].channel)
         except ChainError as exc:
             return [await engine.retry(w, f"{exc.code}: reading the channel: {exc}") for w in group]
-        out: list[SettleOutcome] = []
         done = [w for w in group if _covered(w[1], info)]
         if done:  # paid already: by a transaction of ours we never saw mined, or by another settler
             out.extend(await engine.settled(done, _sent(done), "settled_elsewhere"))
@@ -134,11 +140,6 @@ class ChannelSettlement:
         if not send:
             error = "channel_unsettled: not settled on chain yet"
             return out + [await _later(engine, w, error) for w in rest]
-        sent = [h for w in rest for h in pending_transactions(w[0].error)]
-        try:
-            waiting = [h for h in sent if not await self.chain.mined(h)]
-        except ChainError as exc:
-            return out + [await engine.retry(w, f"{exc.code}: asking for {sent}: {exc}") for w in rest]
         if waiting:  # an earlier send may still land: never a second one meanwhile
             hashes = " ".join(f"sent in {h}" for h in waiting)
             return out + [await engine.retry(w, f"settlement_pending: {hashes}, not mined yet") for w in rest]

@@ -143,10 +143,11 @@ class SettlementEngine(Generic[P, Q]):
         self.max_age = max_age
         self.tick = tick
         self.lease_seconds = lease_seconds
-        # The lease is renewed while a batch is in flight (`_renewing`), and a receipt is still never awaited
-        # past one lease: a send not seen mined is recorded as pending (with its hash) while the lease is
-        # ours, so the settler that leases it next waits for that very transaction instead of sending again.
-        self.receipt_timeout = min(receipt_timeout, lease_seconds * 0.9)
+        # The lease is renewed while a batch is in flight (`_renewing`), so a receipt may be awaited longer
+        # than one lease. A send not seen mined in `receipt_timeout` is recorded as pending (with its hash)
+        # under our lease, so the settler that leases it next waits for that very transaction instead of
+        # sending again.
+        self.receipt_timeout = receipt_timeout
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.max_attempts = max_attempts  # None: retried until the scheme gives up on the payment
