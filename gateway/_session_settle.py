@@ -75,7 +75,7 @@ class SessionSettling:
         if running is not None:
             self._stop.set()
             await running
-        elif self._opened is not None:
+        if self._opened is not None:  # what was just queued (and any drain kicked meanwhile) goes out first
             await self.settler.drain()
         if self._store_url is not None and self._opened is not None:
             await self._opened.close()
@@ -133,6 +133,8 @@ class SessionSettling:
             close=bool(close),
         )
         key = voucher.key(close)
+        if close:  # the paywall answers a close with its outcome: watched before anyone can settle it
+            self.settler.watch(key)
         await self.store.enqueue(
             Settlement(
                 key=key,
@@ -143,5 +145,6 @@ class SessionSettling:
                 created_at=time.time(),
             )
         )
-        ch.queued = max(ch.queued, cumulative)
+        if not close:  # a close that fails leaves the channel open: its later charges are still to queue
+            ch.queued = max(ch.queued, cumulative)
         return key

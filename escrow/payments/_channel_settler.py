@@ -274,11 +274,18 @@ class ChannelSettler(SettlementEngine[ChannelVoucher, SettlementQueue]):
                 await self._kicked
         return await super().drain()
 
+    def watch(self, key: str) -> asyncio.Future[SettleOutcome]:
+        """The future outcome of the item `key`: watch it before it is queued, so no outcome is missed."""
+        return self._waiters.setdefault(key, asyncio.get_running_loop().create_future())
+
     async def wait_for(self, key: str, *, timeout: float) -> SettleOutcome | None:
-        """Kick a drain and wait (up to `timeout`) for the outcome of the queued item `key`."""
-        waiter = self._waiters.setdefault(key, asyncio.get_running_loop().create_future())
+        """Kick a drain; wait up to `timeout` for the outcome of the queued item `key` (None: not in time)."""
+        waiter = self.watch(key)
         self.kick()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
             return None
+        finally:
+            if not waiter.done():  # nobody waits any more: an outcome that comes later is not kept
+                self._waiters.pop(key, None)
