@@ -13,7 +13,7 @@ import pytest
 
 from escrow import DevnetState
 from gateway import PaymentStore, SessionPaywall, Settlement, open_store
-from gateway._channels import ChannelVoucher, encode_voucher
+from gateway._channels import ChannelSettler, ChannelVoucher, encode_voucher
 from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
 from x402 import LocalSigner, MppCredential, SpendPolicyViolation, format_credential
 from x402._session import SessionReceipt, sign_voucher
@@ -265,6 +265,17 @@ async def test_a_gateway_restarted_after_serving_settles_exactly_what_it_served(
             await second.close()
 
 
+def _queued(s: Session, n: int, signature: str) -> Settlement:
+    """The settlement queue's item for the session's channel up to `n` (as the paywall queues it)."""
+    (ch,) = s.client.channels.values()
+    v = ChannelVoucher(
+        chain_id=ch.chain_id, escrow=ch.escrow, channel=ch.channel, cumulative=n, signature=signature
+    )
+    return Settlement(
+        key=v.key(), kind="channel", payload=encode_voucher(v), payer=s.payer, amount=n, created_at=n
+    )
+
+
 async def test_the_channel_settler_never_pays_a_voucher_the_chain_already_paid(devnet: DevnetState) -> None:
     async with session(devnet) as s:
         for _ in range(3):
@@ -276,17 +287,7 @@ async def test_the_channel_settler_never_pays_a_voucher_the_chain_already_paid(d
         await s.paywall.chain.settle(ch.channel, 500, vouchers[500])
 
         def queued(n: int) -> Settlement:
-            v = ChannelVoucher(
-                chain_id=ch.chain_id,
-                escrow=ch.escrow,
-                channel=ch.channel,
-                cumulative=n,
-                signature=vouchers[n],
-                payee=s.payee,
-            )
-            return Settlement(
-                key=v.key(), kind="channel", payload=encode_voucher(v), payer=s.payer, amount=n, created_at=n
-            )
+            return _queued(s, n, vouchers[n])
 
         for n in (250, 500, 750):
             await s.store.enqueue(queued(n))
@@ -301,3 +302,32 @@ async def test_the_channel_settler_never_pays_a_voucher_the_chain_already_paid(d
         assert await s.balance(s.payee) - before == 750  # 500 + the 250 above it: never 500 twice
         settled = await s.store.get_settlement(queued(750).key)
         assert settled is not None and settled.state == "settled"
+
+
+async def test_a_settle_whose_receipt_is_late_is_waited_for_never_sent_again(devnet: DevnetState) -> None:
+    async with session(devnet) as s:
+        for _ in range(2):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+        (ch,) = s.client.channels.values()
+        before, sent = await s.balance(s.payee), await _sent(s)
+        settler = ChannelSettler(s.store, s.paywall.chain, receipt_timeout=1.0, retry_base=0.1)
+        await s.store.enqueue(_queued(s, 500, _voucher(s, 500)["signature"]))
+        await s.rpc.request("evm_setAutomine", [False])  # a slow chain: nothing is mined until we say so
+        try:
+            (first,) = await settler.drain()
+            assert (first.status, first.code) == ("retry", "settlement_pending")
+            await asyncio.sleep(0.3)  # its retry is due: the transaction is still in the pool
+            (second,) = await settler.drain()
+            assert (second.status, second.code) == ("retry", "settlement_pending")
+            assert await _sent(s) == sent + 1  # one send, however often the settler looks
+        finally:
+            await s.rpc.request("evm_setAutomine", [True])
+        await s.rpc.request("evm_mine", [])
+        await asyncio.sleep(0.3)
+        (third,) = await settler.drain()
+        assert third.status == "settled_elsewhere" and third.tx_hash.startswith("0x")
+        assert await s.balance(s.payee) - before == 500 and await _sent(s) == sent + 1
+
+
+async def _sent(s: Session) -> int:
+    return int(await s.rpc.request("eth_getTransactionCount", [s.payee, "pending"]), 16)
