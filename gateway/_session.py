@@ -107,6 +107,7 @@ class SessionPaywall(SessionSettling):
         self.challenge_ttl = challenge_ttl
         self._channels: dict[str, Channel] = {}
         self._loading: dict[str, asyncio.Lock] = {}
+        self._params: dict[SessionRoute, str] = {}
         self._stop = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
 
@@ -178,8 +179,16 @@ class SessionPaywall(SessionSettling):
             request["suggestedDeposit"] = str(to_atomic(route.suggested_deposit, self.asset.decimals))
         return request
 
+    def _request_param(self, route: SessionRoute) -> str:
+        """The route's encoded `request` parameter, built once: a presented challenge is compared with it as
+        a string (its HMAC already binds these very bytes), not decoded and rebuilt per request."""
+        param = self._params.get(route)
+        if param is None:
+            param = self._params[route] = encode_json_param(self.request_object(route))
+        return param
+
     def challenge(self, route: SessionRoute) -> MppChallenge:
-        request = encode_json_param(self.request_object(route))
+        request = self._request_param(route)
         expires = rfc3339(time.time() + self.challenge_ttl)
         cid = challenge_id(self.secret, self.realm, "evm", "session", request, expires)
         return MppChallenge(
@@ -338,7 +347,7 @@ class SessionPaywall(SessionSettling):
             ch_ = credential.challenge
             if not verify_challenge(self.secret, ch_) or ch_.intent != "session" or ch_.method != "evm":
                 raise SessionProblem("challenge-not-found", "the challenge was not issued here")
-            if ch_.request_json() != self.request_object(route):
+            if ch_.request != self._request_param(route):
                 raise SessionProblem("challenge-mismatch", "the challenge was issued for another route")
             expires = ch_.expires_at()
             if expires is not None and expires.timestamp() < time.time():
