@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-from . import _cli_account, _cli_escrow, _cli_keys, _cli_pay, _cli_relay  # noqa: E402,F401 (their commands)
+from . import _cli_account, _cli_approval, _cli_escrow, _cli_keys, _cli_pay, _cli_relay  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,276 @@
+"""`agentpay approval`: one owner signature for a session key's grant and install on two chains, from a shell,
+with the owner key offline (issue 14). On two anvils (`Devnets(2)`: chain ids 31337 and 31338) with the
+network descriptions `agentpay devnet up --chains 2` writes: build -> show -> sign -> relay on each chain ->
+live on both (read on chain) -> relay again sends nothing -> revoke everywhere -> dead on both. A tampered
+file, a file hiding a leaf, a wrong owner key and a leaf sent to the other chain are refused in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from escrow import AgentAccount, AgentEscrow, Devnets, DevnetState, Rpc, write_devnet_networks
+from tests._cli_helpers import Result, assert_one_line_error, cli
+
+pytestmark = pytest.mark.chain
+
+PAYEE = "0x" + "7a" * 20
+POLICY = f"""\
+relay_within = "30m"
+
+[grant]
+max_per_call = "$0.01"
+budget = "$5"
+valid_for = "2h"
+payees = ["{PAYEE}"]
+
+[account]
+valid_for = "1d"
+gas_budget = "0.01 ether"
+
+[[account.calls]]
+target = "token"
+function = "transfer(address,uint256)"
+rules = [{{ arg = 1, max = "$0.5" }}]
+"""
+
+
+@pytest.fixture(scope="module")
+def two_chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevnetState, list[Path]]]:
+    with Devnets(2) as state:
+        if state.backend != "anvil":
+            pytest.skip("funds fresh keys with anvil_setBalance")
+        written = write_devnet_networks(state, tmp_path_factory.mktemp("devnet") / "devnet.json")
+        yield written, [Path(c.network_file) for c in written.chains]
+
+
+def _chain_call(rpc_url: str, reader: Any) -> Any:
+    async def go() -> Any:
+        rpc = Rpc(rpc_url)
+        try:
+            return await reader(rpc)
+        finally:
+            await rpc.aclose()
+
+    return asyncio.run(go())
+
+
+class World:
+    """An owner and a relayer in a keystore, the owner's account deployed on both chains, a policy file."""
+
+    def __init__(self, devnet: DevnetState, nets: list[Path], tmp: Path, capsys: Any) -> None:
+        self.devnet, self.nets, self.tmp, self.capsys = devnet, nets, tmp, capsys
+        phrase = tmp / "phrase"
+        phrase.write_text("pw\n")
+        self.keys = ["--keystore", str(tmp / "keys"), "--passphrase-file", str(phrase)]
+        self.owner = self.ok("key", "new", "--name", "owner", "--light-kdf")["address"]
+        self.relayer = self.ok("key", "new", "--name", "relayer", "--light-kdf")["address"]
+        self.session = self.ok("key", "new", "--name", "agent", "--light-kdf")["address"]
+        for chain in devnet.chains:
+            _chain_call(
+                chain.rpc_url, lambda rpc: rpc.request("anvil_setBalance", [self.relayer, hex(10**19)])
+            )
+        self.accounts = [
+            self.ok("account", "deploy", "--owner", "owner", "--relayer", "relayer", "--network", str(n))[
+                "account"
+            ]
+            for n in nets
+        ]
+        self.policy = tmp / "agent.toml"
+        self.policy.write_text(POLICY)
+
+    def run(self, *args: str) -> Result:
+        return cli(self.capsys, *args, *self.keys)
+
+    def ok(self, *args: str) -> Any:
+        return self.run(*args, "--json").json()
+
+    def relay(self, path: Path, i: int) -> Any:
+        return self.ok("approval", "relay", str(path), "--network", str(self.nets[i]), "--relayer", "relayer")
+
+    def grant(self, i: int) -> Any:
+        chain = self.devnet.chains[i]
+        return _chain_call(
+            chain.rpc_url,
+            lambda rpc: AgentEscrow(rpc, chain.contracts["escrow"]).grant_of(self.owner, self.session),
+        )
+
+    def installed(self, i: int) -> bool:
+        chain = self.devnet.chains[i]
+
+        async def read(rpc: Rpc) -> bool:
+            account = AgentAccount(rpc, self.accounts[i], chain_id=chain.chain_id)
+            return (await account.session_key(self.session)).installed
+
+        return bool(_chain_call(chain.rpc_url, read))
+
+    def eth(self, i: int) -> int:
+        chain = self.devnet.chains[i]
+        return int(_chain_call(chain.rpc_url, lambda rpc: rpc.get_balance(self.relayer)))
+
+    def build(self, out: Path) -> Any:
+        nets = [a for n in self.nets for a in ("--network", str(n))]
+        return self.ok(
+            "approval", "build", "--owner", "owner", "--key", "agent", *nets, "--policy", str(self.policy),
+            "--out", str(out),
+        )  # fmt: skip
+
+
+@pytest.fixture
+def world(
+    two_chains: tuple[DevnetState, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> World:
+    devnet, nets = two_chains
+    return World(devnet, nets, tmp_path, capsys)
+
+
+def test_build_show_sign_relay_on_both_chains_then_revoke_everywhere(world: World) -> None:
+    w = world
+    ids = [c.chain_id for c in w.devnet.chains]
+    unsigned = w.tmp / "approval.json"
+    built = w.build(unsigned)
+    assert built["signed"] is False and built["leaves"] == 4 and built["chain_ids"] == sorted(ids)
+    assert w.accounts[0] == w.accounts[1]  # the same factory on both chains: the same account address
+
+    # What the owner reads before signing: every leaf, in human units, and the root the wallet will show.
+    shown = w.run("approval", "show", str(unsigned))
+    assert shown.code == 0, shown.err
+    text = shown.out
+    assert "NOT signed" in text and built["root"] in text
+    assert text.count("escrow grant on") == 2 and text.count("session-key install on") == 2
+    for chain_id in ids:
+        assert f"eip155:{chain_id} ({chain_id})" in text
+    assert (
+        f"key {w.session} may spend from {w.owner}'s escrow deposit: $5 USDC budget, $0.01 USDC per call"
+        in text
+    )
+    assert f"payees: {PAYEE.lower()}" in text.lower()
+    assert "transfer(address,uint256)" in text and "arg 1 <= 500000" in text
+    as_json = w.ok("approval", "show", str(unsigned))
+    assert as_json["signer"] is None and len(as_json["entries"]) == 4
+    assert {e["kind"] for e in as_json["entries"]} == {"escrow grant", "session-key install"}
+
+    # Relaying an unsigned file is refused; signing needs the owner's key and no node.
+    assert_one_line_error(
+        w.run("approval", "relay", str(unsigned), "--network", str(w.nets[0]), "--relayer", "relayer"),
+        "not signed",
+    )
+    signed = w.tmp / "approval.signed.json"
+    made = w.ok("approval", "sign", str(unsigned), "--key", "owner", "--out", str(signed))
+    assert made["signed"] is True and made["root"] == built["root"]
+    assert w.ok("approval", "show", str(signed))["signer"] == w.owner
+
+    before = [w.eth(i) for i in range(2)]
+    for i in range(2):
+        assert not w.grant(i).live and not w.installed(i)
+        relayed = w.relay(signed, i)
+        assert relayed["chain_id"] == ids[i]
+        assert [r["kind"] for r in relayed["relayed"]] == ["escrow grant", "session-key install"]
+        assert relayed["skipped"] == []
+    for i in range(2):  # live on both chains, with the terms shown
+        grant = w.grant(i)
+        assert grant.live and (grant.budget, grant.max_per_call, grant.payee_count) == (5_000_000, 10_000, 1)
+        assert w.installed(i)
+    spent = [w.eth(i) for i in range(2)]
+    assert all(s < b for s, b in zip(spent, before, strict=True))
+
+    # Relaying again: nothing is sent, every leaf reported as already applied.
+    for i in range(2):
+        again = w.relay(signed, i)
+        assert again["relayed"] == []
+        assert [s["state"] for s in again["skipped"]] == ["already applied", "already applied"]
+        assert w.eth(i) == spent[i]
+
+    # Revoke everywhere: one more unsigned file (shown, signed), relayed on each chain.
+    revoke = w.tmp / "revoke.json"
+    assert w.ok("approval", "revoke", str(signed), "--out", str(revoke))["leaves"] == 6
+    revoke_text = w.run("approval", "show", str(revoke)).out
+    assert revoke_text.count("revoke every escrow grant of key") == 2
+    assert revoke_text.count(f"remove session key {w.session}") == 2
+    signed_revoke = w.tmp / "revoke.signed.json"
+    w.ok("approval", "sign", str(revoke), "--key", "owner", "--out", str(signed_revoke))
+    for i in range(2):
+        sent = w.relay(signed_revoke, i)
+        # The grant revoked and the key removed; the install's nonce is used already (no cancel to send).
+        assert [r["kind"] for r in sent["relayed"]] == ["escrow revoke", "session-key revoke"]
+        assert [s["kind"] for s in sent["skipped"]] == ["install cancel"]
+    for i in range(2):
+        assert not w.grant(i).live and not w.installed(i)
+        assert w.relay(signed_revoke, i)["relayed"] == []
+        # The original approval relayed once more stays dead: its grant is reported as revoked, not sent.
+        late = w.relay(signed, i)
+        assert late["relayed"] == [] and "revoked" in late["skipped"][0]["state"]
+        assert not w.grant(i).live
+
+
+def test_tampered_or_misdirected_approvals_are_refused(world: World) -> None:
+    w = world
+    ids = [c.chain_id for c in w.devnet.chains]
+    unsigned = w.tmp / "approval.json"
+    w.build(unsigned)
+    signed = w.tmp / "approval.signed.json"
+    w.ok("approval", "sign", str(unsigned), "--key", "owner", "--out", str(signed))
+    original = json.loads(signed.read_text())
+
+    def variant(name: str, change: Any) -> Path:
+        data = json.loads(json.dumps(original))
+        change(data)
+        path = w.tmp / name
+        path.write_text(json.dumps(data))
+        return path
+
+    def bigger_budget(d: Any) -> None:
+        d["entries"][0]["action"]["grant"]["budget"] = 10**12
+
+    def to_other_chain(d: Any) -> None:  # chain A's grant leaf, relabelled for chain B
+        d["entries"][0]["action"]["chainId"] = ids[1]
+
+    def hide_a_leaf(d: Any) -> None:  # the signed root still covers it; the owner would not see it
+        del d["entries"][1]
+        del d["signature"]
+
+    tampered = variant("tampered.json", bigger_budget)
+    for path in (tampered, variant("moved.json", to_other_chain)):
+        assert_one_line_error(w.run("approval", "show", str(path)), "tampered", "not under the root")
+        for i in range(2):
+            line = assert_one_line_error(
+                w.run("approval", "relay", str(path), "--network", str(w.nets[i]), "--relayer", "relayer"),
+                "refusing to relay",
+            )
+            assert "not under the root" in line
+    hidden = variant("hidden.json", hide_a_leaf)
+    assert_one_line_error(w.run("approval", "show", str(hidden)), "commits to leaves this file does not list")
+    assert_one_line_error(w.run("approval", "sign", str(hidden), "--key", "owner"), "does not list")
+    not_json = w.tmp / "garbage.json"
+    not_json.write_text("{")
+    assert_one_line_error(w.run("approval", "show", str(not_json)), "not a multichain approval file")
+
+    # Only the owner's key signs it; a signed file is not signed twice.
+    assert_one_line_error(
+        w.run("approval", "sign", str(unsigned), "--key", "relayer"), "is not this approval's owner"
+    )
+    assert_one_line_error(w.run("approval", "sign", str(signed), "--key", "owner"), "already signed")
+
+    # Chain A's leaves sent to chain B's node (a description of A pointed at B's RPC): B's contracts refuse
+    # them, nothing lands there.
+    line = assert_one_line_error(
+        w.run(
+            "approval",
+            "relay",
+            str(signed),
+            "--network",
+            str(w.nets[0]),
+            "--rpc",
+            w.devnet.chains[1].rpc_url,
+            "--relayer",
+            "relayer",
+        ),  # fmt: skip
+        "MultichainProofInvalid",
+    )
+    assert f"chain {ids[0]}" in line
+    assert not w.grant(1).live and not w.installed(1) and not w.grant(0).live
