@@ -12,6 +12,9 @@ has, so running it twice reports the applied leaves and sends nothing.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,9 @@ from escrow import (
     Chain,
     MultichainApproval,
     Rpc,
+    SignedGrant,
     SignedMultichainApproval,
+    SignedSessionKeyInstall,
     load_network,
     relay_multichain,
 )
@@ -34,7 +39,7 @@ from escrow._multichain import (
     SessionKeyInstallLeaf,
     SessionKeyRevokeLeaf,
 )
-from escrow.chain._merkle import approval_digest
+from escrow.chain._merkle import approval_digest, approval_typed_data
 from x402 import Network
 
 from ._cli_approval_file import (
@@ -68,6 +73,7 @@ from ._cli_common import (
     unix_now,
 )
 from ._cli_policy import PolicySpec, load_policy
+from ._cli_relay import kind_of, load_signed
 from .cli import command
 
 __all__: list[str] = []
@@ -155,10 +161,52 @@ def _summary(path: str, approval: ApprovalFile) -> dict[str, Any]:
     }
 
 
+def _from_signed_files(approval: MultichainApproval, paths: Sequence[str], owner: str) -> set[int]:
+    """The grants and installs of offline-signed files (`escrow grant --offline`, `session-key new
+    --offline`), as leaves with the same terms, epoch and nonce: the single-chain file and the leaf are the
+    same action, so at most one of them ever lands. Returns the chain ids they name."""
+    chains: set[int] = set()
+    for path in paths:
+        for item in load_signed(path):
+            if isinstance(item, SignedGrant):
+                g = item.grant
+                if g.payer.lower() != owner.lower():
+                    raise CliError(
+                        f"{path}: the grant's payer {g.payer} is not the owner {owner} "
+                        "(the payer of a multichain grant is the address that signs the root)"
+                    )
+                approval.grant(
+                    chain_id=item.chain_id,
+                    escrow=item.escrow,
+                    payer=g.payer,
+                    signer=g.signer,
+                    token=g.token,
+                    max_per_call=g.max_per_call,
+                    budget=g.budget,
+                    valid_after=g.valid_after,
+                    valid_until=g.valid_until,
+                    payees=g.payees,
+                    epoch=g.epoch,
+                )
+            elif isinstance(item, SignedSessionKeyInstall):
+                approval.install_session_key(
+                    chain_id=item.chain_id,
+                    account=item.account,
+                    key=item.key,
+                    policy=item.policy,
+                    deadline=item.deadline,
+                    nonce=item.nonce,
+                )
+            else:
+                raise CliError(f"{path}: a {kind_of(item)} cannot go in a multichain approval")
+            chains.add(item.chain_id)
+    return chains
+
+
 @handler
 def _build(args: argparse.Namespace) -> int:
-    if not args.network:
-        raise CliError("name the chains: --network FILE, once per chain (e.g. devnet.31337.network.json)")
+    if not args.network and not args.grant:
+        raise CliError("name the chains: --network FILE once per chain, or --grant FILE (offline-signed)")
     networks = [_network(p) for p in args.network]
     ids = [n.chain_id for n in networks]
     if len(set(ids)) != len(ids):
@@ -166,14 +214,21 @@ def _build(args: argparse.Namespace) -> int:
     if args.policy and len(args.policy) not in (1, len(networks)):
         raise CliError(f"give one --policy for every chain, or one for all ({len(networks)} chains)")
     owner = address_of(args, args.owner)
-    key = address_of(args, args.key)
     now = unix_now()
     approval = MultichainApproval()
-    for i, network in enumerate(networks):
-        spec = None
-        if args.policy:
-            spec = load_policy(args.policy[i if len(args.policy) > 1 else 0], network, now=now)
-        _add_chain(approval, args, network, owner, key, spec, now)
+    from_files = _from_signed_files(approval, args.grant, owner)
+    # With --grant files and no terms, --network files only say how to show amounts on their chains.
+    if networks and (args.policy or args.budget or args.max_per_call or not from_files):
+        if from_files & set(ids):
+            raise CliError(f"chain {sorted(from_files & set(ids))[0]} is named by both --grant and --network")
+        if args.key is None:
+            raise CliError("which session key: --key ADDRESS (or a key name)")
+        key = address_of(args, args.key)
+        for i, network in enumerate(networks):
+            spec = None
+            if args.policy:
+                spec = load_policy(args.policy[i if len(args.policy) > 1 else 0], network, now=now)
+            _add_chain(approval, args, network, owner, key, spec, now)
     built = unsigned(owner, approval, [note(n) for n in networks])
     write_approval(args.out, built)
     emit(args, _summary(args.out, built))
@@ -209,6 +264,11 @@ def _leaves(approval: ApprovalFile, amounts: Amounts) -> list[dict[str, Any]]:
 def _show(args: argparse.Namespace) -> int:
     approval = load_approval(args.file)
     signer = check_approval(args.file, approval)
+    if args.typed_data:  # for a wallet that signs EIP-712 itself (`sign --signature` takes its answer)
+        typed = approval_typed_data(raw(approval.root))
+        typed["message"] = {"root": approval.root}
+        sys.stdout.write(json.dumps(typed) + "\n")
+        return 0
     amounts = Amounts(notes_from(args.network) if args.network else approval.networks)
     leaves = _leaves(approval, amounts)
     result = {
@@ -222,6 +282,7 @@ def _show(args: argparse.Namespace) -> int:
         ("approval", f"{args.file} ({status})"),
         ("owner", approval.owner),
         ("root", f"{approval.root}  <- what the wallet shows (MultichainApproval, no chain id)"),
+        ("digest", f"{result['digest']}  <- the EIP-712 hash a blind-signing device shows"),
         (
             "checked",
             f"{len(leaves)} leaves on {len(result['chain_ids'])} chains; the root commits to exactly these",
@@ -245,13 +306,16 @@ def _sign(args: argparse.Namespace) -> int:
     approval = load_approval(args.file)
     if check_approval(args.file, approval) is not None:
         raise CliError(f"{args.file} is already signed by {approval.owner}")
-    owner = load_signer(args, args.owner_key, "owner")
-    if owner.address.lower() != approval.owner.lower():
-        raise CliError(f"the key {owner.address} is not this approval's owner {approval.owner}")
     rebuilt = MultichainApproval()
     rebuilt.actions = [e.action for e in approval.entries]
     root = rebuilt.tree().root  # recomputed here: what is signed is the tree of the listed leaves
-    signature = owner.sign_hash(approval_digest(root))
+    if args.signature:  # made elsewhere (a hardware wallet, over `show --typed-data`); checked below
+        signature = raw(args.signature)
+    else:
+        owner = load_signer(args, args.owner_key, "owner")
+        if owner.address.lower() != approval.owner.lower():
+            raise CliError(f"the key {owner.address} is not this approval's owner {approval.owner}")
+        signature = owner.sign_hash(approval_digest(root))
     signed = msgspec.structs.replace(approval, root="0x" + root.hex(), signature="0x" + signature.hex())
     out = args.out or str(Path(args.file).with_suffix("")) + ".signed.json"
     check_approval(out, signed)
@@ -311,6 +375,12 @@ def _relay(args: argparse.Namespace) -> int:
     async def send() -> dict[str, Any]:
         async with open_chain(args, args.relayer) as chain:
             chain_id = chain.network.chain_id
+            served = int(await chain.rpc.request("eth_chainId", []), 16)
+            if served != chain_id:
+                raise CliError(
+                    f"the node {chain.network.rpc_url} serves chain {served}, but the network names chain "
+                    f"{chain_id}: refusing to send chain {chain_id}'s leaves there"
+                )
             mine = [(i, e) for i, e in enumerate(signed.entries) if e.action.chain_id == chain_id]
             if not mine:
                 raise CliError(
@@ -384,7 +454,7 @@ def _approval(parser: argparse.ArgumentParser) -> None:
     build.add_argument(
         "--owner", required=True, help="the owner (key name, address or devnet:N); no passphrase"
     )
-    build.add_argument("--key", required=True, help="the session key's address (or a key name)")
+    build.add_argument("--key", help="the session key's address (or a key name), with --network")
     build.add_argument(
         "--network", action="append", default=[], metavar="FILE",
         help="a chain's network description (e.g. devnet.31337.network.json); once per chain",
@@ -397,6 +467,11 @@ def _approval(parser: argparse.ArgumentParser) -> None:
         "--max-per-call", help="without --policy: the largest single payment ($0.01 or atomic)"
     )
     build.add_argument("--budget", help="without --policy: all payments together")
+    build.add_argument(
+        "--grant", action="append", default=[], metavar="FILE",
+        help="an offline-signed grant or session-key file (`escrow grant --offline`, `session-key new "
+        "--offline`): its grant and install become leaves, same terms; repeatable",
+    )  # fmt: skip
     build.add_argument(
         "--valid-for", default="24h", help="without --policy: the grant's window (default 24h)"
     )
@@ -415,12 +490,17 @@ def _approval(parser: argparse.ArgumentParser) -> None:
         "--network", action="append", default=[], metavar="FILE",
         help="take token symbols and decimals from these descriptions, not from the file",
     )  # fmt: skip
+    show.add_argument(
+        "--typed-data", action="store_true", help="print only the EIP-712 typed data to sign (checked first)"
+    )
     show.set_defaults(func=_show)
 
     sign = actions.add_parser("sign", help="sign the root offline with the owner's key (no node)")
     sign.add_argument("file", metavar="FILE")
-    sign.add_argument(
-        "--key", "--owner", dest="owner_key", required=True, help="the owner's key (name or devnet:N)"
+    who = sign.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", "--owner", dest="owner_key", help="the owner's key (name or devnet:N)")
+    who.add_argument(
+        "--signature", metavar="HEX", help="the owner's signature of `show --typed-data`, made elsewhere"
     )
     sign.add_argument("--out", metavar="FILE", help="default: FILE with .signed.json")
     sign.add_argument("--devnet", metavar="FILE", help="a devnet state file, for devnet:N keys")

@@ -256,8 +256,7 @@ def test_tampered_or_misdirected_approvals_are_refused(world: World) -> None:
     )
     assert_one_line_error(w.run("approval", "sign", str(signed), "--key", "owner"), "already signed")
 
-    # Chain A's leaves sent to chain B's node (a description of A pointed at B's RPC): B's contracts refuse
-    # them, nothing lands there.
+    # Chain A's leaves sent to chain B's node (a description of A pointed at B's RPC): refused before sending.
     line = assert_one_line_error(
         w.run(
             "approval",
@@ -270,7 +269,44 @@ def test_tampered_or_misdirected_approvals_are_refused(world: World) -> None:
             "--relayer",
             "relayer",
         ),  # fmt: skip
-        "MultichainProofInvalid",
+        f"serves chain {ids[1]}, but the network names chain {ids[0]}",
     )
-    assert f"chain {ids[0]}" in line
     assert not w.grant(1).live and not w.installed(1) and not w.grant(0).live
+
+
+def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: World) -> None:
+    """The per-chain files `agentpay escrow grant --offline` writes become one approval (the same terms and
+    epochs), signed by a wallet over `show --typed-data` (here eth-account's `sign_typed_data`)."""
+    from eth_account import Account
+
+    w = world
+    files = []
+    for i, net in enumerate(w.nets):
+        path = w.tmp / f"grant-{i}.json"
+        w.ok(
+            "escrow", "grant", "--owner", "owner", "--key", w.session, "--max-per-call", "$0.02",
+            "--budget", "$3", "--epoch", "7", "--network", str(net), "--offline", str(path),
+        )  # fmt: skip
+        files += ["--grant", str(path)]
+    unsigned = w.tmp / "from-grants.json"
+    nets = [a for n in w.nets for a in ("--network", str(n))]  # no terms: display notes only
+    built = w.ok("approval", "build", "--owner", "owner", *files, *nets, "--out", str(unsigned))
+    assert built["leaves"] == 2
+    assert "$3 USDC budget, $0.02 USDC per call" in w.run("approval", "show", str(unsigned)).out
+
+    typed = w.ok("approval", "show", str(unsigned), "--typed-data")
+    assert typed["domain"] == {"name": "AgentPay Multichain", "version": "1"}  # no chainId: one for all
+    assert typed["message"]["root"] == built["root"]
+    owner_key = w.ok("key", "show", "owner", "--reveal")["private_key"]
+    signature = Account.sign_typed_data(owner_key, full_message=typed).signature.hex()
+    wrong = Account.sign_typed_data("0x" + "11" * 32, full_message=typed).signature.hex()
+    assert_one_line_error(w.run("approval", "sign", str(unsigned), "--signature", wrong), "not by the owner")
+    signed = w.tmp / "from-grants.signed.json"
+    w.ok("approval", "sign", str(unsigned), "--signature", signature, "--out", str(signed))
+    for i in range(2):
+        assert [r["kind"] for r in w.relay(signed, i)["relayed"]] == ["escrow grant"]
+        grant = w.grant(i)
+        assert grant.live and (grant.epoch, grant.budget, grant.max_per_call) == (7, 3_000_000, 20_000)
+    # The single-chain file of the same grant is now spent (same epoch): at most one of the two ever lands.
+    refused = w.run("relay", files[1], "--network", str(w.nets[0]), "--relayer", "relayer")
+    assert_one_line_error(refused, "EscrowStaleEpoch")
