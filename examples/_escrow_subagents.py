@@ -54,8 +54,10 @@ class SubAgent:
         routes: Mapping[str, int],
         max_age: float = 1.0,
         credit_limit: int | None = None,
+        chain: str | None = None,
     ) -> None:
         self.name, self.kind, self.pay_to = name, kind, pay_to
+        self.chain = state.chain(chain) if chain is not None else state.chains[0]
         self.prices = dict(routes)
         self.served: dict[str, int] = dict.fromkeys(routes, 0)
         self.url = ""
@@ -72,7 +74,8 @@ class SubAgent:
         self.app = PaymentMiddleware(
             Starlette(routes=[*(Route(path, work) for path in routes), Route("/health", health)]),
             routes={f"GET {path}": price for path, price in routes.items()},
-            chain=Chain.from_devnet(state, relayer=settler_key),  # the sub-agent pays its settlement gas
+            # On `chain` (a label like "arbitrum"; default: the devnet's first); the sub-agent pays its gas.
+            chain=Chain.from_devnet(state, relayer=settler_key, chain=self.chain.network),
             schemes=[kind],
             pay_to=pay_to,
             store=self.store,
@@ -89,9 +92,24 @@ class SubAgent:
 
     @classmethod
     def escrow(
-        cls, state: DevnetState, *, name: str, pay_to: str, settler_key: str, routes: Mapping[str, int]
+        cls,
+        state: DevnetState,
+        *,
+        name: str,
+        pay_to: str,
+        settler_key: str,
+        routes: Mapping[str, int],
+        chain: str | None = None,
     ) -> SubAgent:
-        return cls(state, name=name, kind="escrow", pay_to=pay_to, settler_key=settler_key, routes=routes)
+        return cls(
+            state,
+            name=name,
+            kind="escrow",
+            pay_to=pay_to,
+            settler_key=settler_key,
+            routes=routes,
+            chain=chain,
+        )
 
     @classmethod
     def exact(

@@ -15,7 +15,11 @@ The story (use case 3 of the brief): an orchestrator agent hires sub-agents and 
    (`examples.a2a_agent`), each settled before its answer.
 4. Over-cap payments and top-ups are refused, with the reason; balances move by exactly what was served;
    everything is stopped at the end (no node left behind).
-5. Paid per use (`examples._metered_demo`): the hot wallet pays `examples.subagent`'s `/metered?units=7`
+5. Two chains (`examples._multichain_demo`): the devnet runs Base and Arbitrum look-alikes; the owner signs
+   ONE approval offline (a Merkle root over an escrow grant per chain) for the same session key, which pays
+   one escrow sub-agent on each chain, each settled in one batch on its own chain; Base's grant leaf and a
+   payment signed for Base are both refused on Arbitrum.
+6. Paid per use (`examples._metered_demo`): the hot wallet pays `examples.subagent`'s `/metered?units=7`
    through x402 `upto` (signs the $0.01 maximum, is charged 7 units) and streams `/stream?tokens=1000` over
    an MPP session channel (closing it settles exactly 1000 tokens).
 """
@@ -39,8 +43,8 @@ from escrow import (
     AgentEscrow,
     Bundler,
     BundlerRpc,
-    Devnet,
     DevnetError,
+    Devnets,
     DevnetState,
     Erc20,
     Rpc,
@@ -66,6 +70,7 @@ from x402.client_escrow import EscrowWallet, SessionKeyAuth
 from ._escrow_setup import GrantTerms, relay, sign_offline, top_up_calls, top_up_policy
 from ._escrow_subagents import SubAgent, serving
 from ._metered_demo import pay_per_use
+from ._multichain_demo import pay_on_two_chains
 from ._protocol_agents import ProtocolAgent, pay_tool_and_task
 
 __all__ = ["main"]
@@ -112,8 +117,12 @@ class Ledger:
 async def story(state: DevnetState, workdir: Path) -> bool:
     rpc = Rpc(state.rpc_url)
     alto = BundlerRpc(state.bundler_url, chain_id=state.chain_id, node=rpc) if state.bundler_url else None
+    owner = LocalSigner.random()  # stays offline: it only ever signs files
+    session = LocalSigner.random()  # the orchestrator's hot key
     try:
-        ok = await _story(state, rpc, workdir, alto)
+        ok = await _story(state, rpc, workdir, alto, owner=owner, session=session)
+        print(flush=True)
+        ok = await pay_on_two_chains(state, workdir, say, owner=owner, session=session) and ok
         print(flush=True)
         return await pay_per_use(state, rpc, say) and ok
     finally:
@@ -122,7 +131,15 @@ async def story(state: DevnetState, workdir: Path) -> bool:
         await rpc.aclose()
 
 
-async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc | None) -> bool:
+async def _story(
+    state: DevnetState,
+    rpc: Rpc,
+    workdir: Path,
+    alto: BundlerRpc | None,
+    *,
+    owner: Signer,
+    session: Signer,
+) -> bool:
     chain_id = state.chain_id
     usdc, escrow = Erc20(rpc, state.contracts["usdc"]), AgentEscrow(rpc, state.contracts["escrow"])
     bank = TxSender(rpc, state.accounts[0].private_key, chain_id=chain_id)  # the devnet's faucet
@@ -138,9 +155,7 @@ async def _story(state: DevnetState, rpc: Rpc, workdir: Path, alto: BundlerRpc |
     factory = state.contracts["account_factory"]
 
     # -- the parties ---------------------------------------------------------------------------------------
-    owner = LocalSigner.random()  # stays offline: it only ever signs files
     account = await AgentAccount.counterfactual(rpc, factory=factory, owner=owner.address)
-    session = LocalSigner.random()  # the orchestrator's hot key
     hot_wallet = LocalSigner(state.accounts[1].private_key)  # a small EOA wallet, for `exact`-only sellers
     sub_accounts = [
         await AgentAccountFactory(rpc, factory).get_address(LocalSigner.random().address, 0) for _ in range(5)
@@ -447,16 +462,22 @@ def main(argv: list[str] | None = None) -> None:
         "agentpay demo: an orchestrator pays sub-agents from its smart account, with a scoped session key\n"
     )
     with tempfile.TemporaryDirectory(prefix="agentpay-demo-") as tmp:
-        devnet = Devnet(bundler=True)
+        # Two chains that look like Base and Arbitrum; the first one also runs the single-chain story.
+        devnet = Devnets(["base", "arbitrum"], bundler=True)
         try:
             state = devnet.start()
-        except DevnetError as exc:  # the py-evm backend, or an install without Alto: our own bundler then
-            say("devnet", f"no ERC-4337 bundler ({exc})")
-            devnet = Devnet()
+        except DevnetError as exc:  # the py-evm backend, or an install without Alto: plain chain ids then
+            say("devnet", f"no look-alike chains or ERC-4337 bundler ({exc})")
+            devnet = Devnets(2)
             state = devnet.start()
         try:
             contracts = state.contracts
-            say("devnet", f"{state.backend} (pid {state.pid}) at {state.rpc_url}, chain {state.chain_id}")
+            for i, chain in enumerate(state.chains):
+                say(
+                    "devnet" if i == 0 else "",
+                    f"{state.backend} (pid {chain.pid}) at {chain.rpc_url}, chain {chain.chain_id}"
+                    f" ({chain.label})",
+                )
             if state.bundler_url:
                 say("", f"Alto ERC-4337 bundler (pid {state.bundler_pid}) at {state.bundler_url}")
             say(
@@ -467,12 +488,11 @@ def main(argv: list[str] | None = None) -> None:
             ok = asyncio.run(story(state, Path(tmp)))
         finally:
             devnet.stop()
-    gone = not _alive(state.pid) and not (state.bundler_pid and _alive(state.bundler_pid))
+    pids = [chain.pid for chain in state.chains]
+    gone = not any(map(_alive, pids)) and not (state.bundler_pid and _alive(state.bundler_pid))
     print()
-    say(
-        "stopped",
-        f"sub-agents, and the devnet: {state.backend} pid {state.pid} {'exited' if gone else 'RUNNING'}",
-    )
+    nodes = ", ".join(f"{state.backend} pid {pid} {'RUNNING' if _alive(pid) else 'exited'}" for pid in pids)
+    say("stopped", f"sub-agents, and the devnet: {nodes}")
     if not (ok and gone):
         raise SystemExit("demo: FAILED")
     print(f"demo: OK in {time.monotonic() - started:.1f}s, every sub-agent got exactly what it served")

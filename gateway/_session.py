@@ -20,9 +20,14 @@ goes to it, and its 402 gets this paywall's `evm/session` challenge added: one a
 request paid over the session is marked in its scope, so the middleware lets it through to the handler,
 whose `charge()` sets the session's charge.
 
-Settlement: vouchers are pre-authorizations ahead of `spent`; the settler is handed the highest voucher
-not above `spent` once it is `settle_every` past what was settled, and `close` settles the payer's final
-voucher (which the payer signs for exactly `spent`). So the payee receives exactly the actual charges.
+Settlement: vouchers are pre-authorizations ahead of `spent`; the highest voucher not above `spent` is the
+channel's settleable voucher. Each one accepted is stored with the channel's high-water mark, and the
+settleable one with the `spent` mark, in the same atomic store step (`raise_high_water(..., voucher=)`), so a
+restarted gateway can still settle what it served. The settleable voucher is queued in the store's
+settlement queue (kind `channel`) once it is `settle_every` past what was queued, when a restarted gateway
+first sees the channel again, on `settle(channel)` and at shutdown; `close` queues the payer's final voucher
+(which the payer signs for exactly `spent`). `ChannelSettler` (the settlement engine's `channel` part)
+sends them. So the payee receives exactly the actual charges.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -50,21 +56,28 @@ from x402 import (
     rfc3339,
     verify_challenge,
 )
-from x402._session import SessionAction, SessionReceipt, parse_session_payload, voucher_signed_by
+from x402._session import SessionAction, SessionReceipt, VoucherVerifier, parse_session_payload
 
-from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo, ChannelSettler
+from ._channels import (
+    AgentChannelsChain,
+    ChannelChain,
+    ChannelInfo,
+    ChannelSettler,
+)
 from ._metering import PAID_SCOPE_KEY, Meter
 from ._pricing import Amount, Asset, to_atomic
+from ._session_settle import SessionSettling, pack_voucher
 from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
 from ._store import PaymentStore
 from ._stores import open_store
+from ._stores.memory import MemoryStore
 
 __all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 
 log = logging.getLogger("agentpay.gateway.session")
 
 
-class SessionPaywall:
+class SessionPaywall(SessionSettling):
     """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels."""
 
     def __init__(
@@ -91,7 +104,11 @@ class SessionPaywall:
         self._opened: PaymentStore | None = None if isinstance(store, str) else store
         self.secret = secret
         self.realm = realm
-        self.settler = settler if settler is not None else ChannelSettler(chain)
+        # Until a URL store opens (first request or lifespan startup), the settler holds a placeholder it
+        # never reads: nothing is queued before the store is open.
+        self.settler = (
+            settler if settler is not None else ChannelSettler(self._opened or MemoryStore(), chain)
+        )
         self.settle_every = to_atomic(settle_every, asset.decimals)
         self.challenge_ttl = challenge_ttl
         self._channels: dict[str, Channel] = {}
@@ -99,6 +116,9 @@ class SessionPaywall:
         # `PaymentMiddleware.prices`: whether the wrapped app charges a request itself (a shared route).
         prices = getattr(app, "prices", None)
         self._inner_prices: Callable[[Scope], bool] | None = prices if callable(prices) else None
+        self._params: dict[SessionRoute, str] = {}
+        self._stop = asyncio.Event()
+        self._running: asyncio.Task[None] | None = None
 
     @classmethod
     def on_chain(
@@ -146,6 +166,7 @@ class SessionPaywall:
         if self._opened is None:
             assert self._store_url is not None
             self._opened = await open_store(self._store_url)
+            self.settler.store = self._opened
         return self._opened
 
     # -- wire --------------------------------------------------------------------------------------------
@@ -167,8 +188,16 @@ class SessionPaywall:
             request["suggestedDeposit"] = str(to_atomic(route.suggested_deposit, self.asset.decimals))
         return request
 
+    def _request_param(self, route: SessionRoute) -> str:
+        """The route's encoded `request` parameter, built once: a presented challenge is compared with it as
+        a string (its HMAC already binds these very bytes), not decoded and rebuilt per request."""
+        param = self._params.get(route)
+        if param is None:
+            param = self._params[route] = encode_json_param(self.request_object(route))
+        return param
+
     def challenge(self, route: SessionRoute) -> MppChallenge:
-        request = encode_json_param(self.request_object(route))
+        request = self._request_param(route)
         expires = rfc3339(time.time() + self.challenge_ttl)
         cid = challenge_id(self.secret, self.realm, "evm", "session", request, expires)
         return MppChallenge(
@@ -225,10 +254,8 @@ class SessionPaywall:
                 return ch
             info = await self.chain.channel(channel_id)  # once per channel
             self._check_channel(channel_id, info)
-            accepted = max(await self.store.high_water(channel_id), info.settled)
-            spent = max(await self.store.high_water(channel_id + "#spent"), info.settled)
-            self.settler.note_settled(channel_id, info.settled)
-            ch = self._channels[channel_id] = Channel(channel_id, info, accepted, spent)
+            ch = await self._restore(channel_id, info)
+            self._channels[channel_id] = ch
             return ch
 
     def _check_channel(self, channel_id: str, info: ChannelInfo) -> None:
@@ -248,14 +275,15 @@ class SessionPaywall:
     def _check_signature(self, ch: Channel, action: SessionAction) -> None:
         assert action.cumulative is not None and action.signature is not None
         try:
-            ok = voucher_signed_by(
-                chain_id=self.chain.chain_id,
-                escrow=self.chain.escrow,
-                channel=ch.id,
-                cumulative=action.cumulative,
-                signature=action.signature,
-                signer=ch.signer_bytes,
-            )
+            verifier = ch.verifier
+            if verifier is None:  # once per channel (and after a re-read): the typed data's fixed part
+                verifier = ch.verifier = VoucherVerifier(
+                    chain_id=self.chain.chain_id,
+                    escrow=self.chain.escrow,
+                    channel=ch.id,
+                    signer=ch.signer_bytes,
+                )
+            ok = verifier.signed_by(action.cumulative, action.signature)
         except X402Error:
             raise SessionProblem(
                 "invalid-signature", "the voucher signature is invalid", state=ch.state()
@@ -285,27 +313,36 @@ class SessionPaywall:
                     f"the voucher ({action.cumulative}) is above the deposit ({ch.info.deposit})",
                     state=ch.state(),
                 )
-        await self.store.raise_high_water(ch.id, action.cumulative)  # persisted before serving
+        # persisted (with the voucher itself) before serving
+        await self.store.raise_high_water(
+            ch.id, action.cumulative, voucher=pack_voucher((action.cumulative, action.signature))
+        )
         ch.accepted = action.cumulative
         ch.vouchers.append((action.cumulative, action.signature))
         ch.changed.notify_all()
 
     async def _commit(self, ch: Channel, cost: int) -> None:
-        """Charge `cost` (caller holds the lock) and hand the settler what has become settleable."""
-        if cost:
-            ch.spent += cost
-            await self.store.raise_high_water(ch.id + "#spent", ch.spent)
-        if not self.settle_every:
+        """Charge `cost` (caller holds the lock); queue the settleable voucher every `settle_every`."""
+        if not cost:
             return
+        ch.spent += cost
         i = bisect.bisect_right(ch.vouchers, (ch.spent, "\xff"))
-        if i and ch.vouchers[i - 1][0] - self.settler.settled(ch.id) >= self.settle_every:
-            cumulative, signature = ch.vouchers[i - 1]
+        if i:
+            ch.settleable = ch.vouchers[i - 1]
             del ch.vouchers[:i]
-            self.settler.request(ch.id, cumulative, signature)
+        # the charge and the voucher that pays for it, in one atomic step
+        await self.store.raise_high_water(
+            ch.id + "#spent", ch.spent, voucher=pack_voucher(ch.settleable) if i else None
+        )
+        if self.settle_every and ch.settleable and ch.settleable[0] - ch.queued >= self.settle_every:
+            await self._queue_settleable(ch)
 
     # -- ASGI --------------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan(receive), send)
+            return
         route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
@@ -323,7 +360,7 @@ class SessionPaywall:
             ch_ = credential.challenge
             if not verify_challenge(self.secret, ch_) or ch_.intent != "session" or ch_.method != "evm":
                 raise SessionProblem("challenge-not-found", "the challenge was not issued here")
-            if ch_.request_json() != self.request_object(route):
+            if ch_.request != self._request_param(route):
                 raise SessionProblem("challenge-mismatch", "the challenge was issued for another route")
             expires = ch_.expires_at()
             if expires is not None and expires.timestamp() < time.time():
@@ -445,19 +482,21 @@ class SessionPaywall:
                 )
             ch.closed = True
             ch.changed.notify_all()
-            try:
-                tx = await self.settler.close(ch.id, action.cumulative, action.signature)
-            except Exception as exc:  # the channel stays open and usable; the payer may try again
+            key = await self._enqueue(ch, action.cumulative, action.signature, close=secrets.token_hex(8))
+            # Settled by the engine like any queued voucher (with the channel's other queued vouchers).
+            outcome = await self.settler.wait_for(key, timeout=self.settler.receipt_timeout + 5.0)
+            if outcome is None or outcome.status not in ("settled", "settled_elsewhere"):
+                # the channel stays open and usable; the payer may try again
                 ch.closed = False
-                log.warning("closing channel %s failed: %s", ch.id, exc)
-                reverted = isinstance(exc, TransactionFailed)
+                log.warning("closing channel %s failed: %s", ch.id, outcome)
+                reverted = outcome is not None and outcome.code == TransactionFailed.code
                 raise SessionProblem(
                     "transaction-reverted" if reverted else "chain-unavailable",
                     "the close transaction reverted" if reverted else "the chain is unreachable; retry later",
                     status=409 if reverted else 503,
                     state=ch.state(),
                 ) from None
-            receipt = self._receipt(ch, cid, tx=tx)
+            receipt = self._receipt(ch, cid, tx=outcome.tx_hash or None)
         self._channels.pop(ch.id, None)
         await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
         await send({"type": "http.response.body", "body": b""})

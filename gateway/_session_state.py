@@ -15,7 +15,7 @@ import msgspec
 from starlette.requests import Request
 
 from x402 import X402Error
-from x402._session import SessionReceipt
+from x402._session import SessionReceipt, VoucherVerifier
 
 from ._channels import ChannelInfo
 from ._pricing import Asset, to_atomic
@@ -84,8 +84,11 @@ class Channel:
         self.accepted = accepted
         self.spent = spent
         self.reserved = 0
-        # Accepted vouchers above what was handed to the settler, ascending: (cumulative, signature).
+        # Accepted vouchers above `spent`, ascending: (cumulative, signature). Each becomes `settleable`, the
+        # highest voucher not above `spent` (the most the payee may take), once charges reach it.
         self.vouchers: list[tuple[int, str]] = []
+        self.settleable: tuple[int, str] | None = None
+        self.queued = info.settled  # the highest voucher handed to the settler (or settled on chain)
         self.lock = asyncio.Lock()
         self.changed = asyncio.Condition(self.lock)
         self.closed = False
@@ -98,6 +101,7 @@ class Channel:
     def info(self, info: ChannelInfo) -> None:
         self._info = info
         self.signer_bytes = bytes.fromhex(info.signer[2:])  # compared with each voucher's recovered signer
+        self.verifier: VoucherVerifier | None = None  # built by the paywall on the next voucher
 
     def state(self) -> dict[str, Any]:
         return {

@@ -1,11 +1,11 @@
 """The one interface behind which the gateway keeps every piece of shared state.
 
-Replay claims, receipts, the settlement queue, pending spend and channel high-water marks all live behind
-`PaymentStore`, so one gateway process (SQLite), many replicas (PostgreSQL, optionally with a Redis claim
-cache in front) and unit tests (memory) run the same pipeline. Every method is atomic on its own; `complete`
-is the one multi-step operation, atomic as a whole, so a served payment can never be finalized without its
-settlement being queued. Backends (`gateway/_stores`, `MemoryStore` among them) are picked by URL with
-`gateway._stores.open_store`; this module imports none of them.
+Replay claims, receipts, the settlement queue, pending spend and channel high-water marks (with their latest
+vouchers) all live behind `PaymentStore`, so one gateway process (SQLite), many replicas (PostgreSQL,
+optionally with a Redis claim cache in front) and unit tests (memory) run the same pipeline. Every method is
+atomic on its own; `complete` is the one multi-step operation, atomic as a whole, so a served payment can
+never be finalized without its settlement being queued. Backends (`gateway/_stores`, `MemoryStore` among
+them) are picked by URL with `gateway._stores.open_store`; this module imports none of them.
 
 Claims and leases are bound to their holder: `claim` and `lease` hand out a fresh random token, and only
 that token may `renew`/`release`/`complete` the claim (else `ClaimLost`) or record a leased settlement's
@@ -209,6 +209,12 @@ class PaymentStore(Protocol):
         """
         ...
 
+    async def renew_lease(self, keys: list[str], *, lease: str, lease_seconds: float) -> list[str]:
+        """Keep the items of `keys` still leased under `lease` ours for `lease_seconds` more; returns the keys
+        renewed (a settler renews while it sends a batch and awaits its receipts, so a slow chain cannot let
+        the lease lapse and another settler send the same payment again)."""
+        ...
+
     async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         """Record that `keys` settled in transaction `tx_hash` (final); returns the keys recorded.
 
@@ -255,8 +261,19 @@ class PaymentStore(Protocol):
         """The unsettled amount currently counted against `account`."""
         ...
 
-    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
-        """Atomically move a channel's high-water mark up to `cumulative`; False if it is not higher."""
+    async def raise_high_water(
+        self, channel_id: str, cumulative: int, *, voucher: bytes | None = None
+    ) -> bool:
+        """Atomically move a channel's high-water mark up to `cumulative`; False if it is not higher.
+
+        With `voucher` (the caller's encoding of a signed voucher), it is stored with the mark in the same
+        atomic step, replacing the one stored; without, the stored voucher stays. A refused raise stores
+        nothing. So a restarted gateway can still settle what it served on vouchers.
+        """
+        ...
+
+    async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
+        """A channel's high-water mark and the voucher last stored with it (None if none was)."""
         ...
 
     async def high_water(self, channel_id: str) -> int:

@@ -122,14 +122,14 @@ async def session(
         )
         payee = TxSender(rpc, payee_key, chain_id=devnet.chain_id)
         chain = AgentChannelsChain(rpc, escrow, chain_id=devnet.chain_id, sender=payee)
-        settler = ChannelSettler(chain)
+        store = store if store is not None else MemoryStore()
+        settler = ChannelSettler(store, chain)
         asset = Asset(
             address=devnet.contracts["usdc"],
             chain_id=devnet.chain_id,
             name=devnet.usdc_name,
             version=devnet.usdc_version,
         )
-        store = store if store is not None else MemoryStore()
         paywall = SessionPaywall(
             app(),
             routes=ROUTES,

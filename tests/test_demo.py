@@ -35,6 +35,18 @@ _PER_USE = re.compile(
     re.MULTILINE,
 )
 _NODE = re.compile(r"^devnet\s+(?P<backend>anvil|py-evm) \(pid (?P<pid>\d+)\)", re.MULTILINE)
+# `devnet      anvil (pid 1234) at http://127.0.0.1:41234, chain 8453 (base)`, then one line per other chain
+_CHAIN = re.compile(
+    r"^(?:devnet)?\s+(?:anvil|py-evm) \(pid (?P<pid>\d+)\) at \S+, chain (?P<id>\d+) \((?P<label>[\w-]+)\)$",
+    re.MULTILINE,
+)
+# `            researcher     base       0.000000    0.012000  +0.012000  exactly what it served: 4 x 0.003`
+_CHAIN_ROW = re.compile(
+    r"^\s+(?P<name>researcher|analyst|owner deposit)\s+(?P<chain>base|arbitrum)\s+"
+    r"(?P<before>[\d.]+)\s+(?P<after>[\d.]+)\s+(?P<change>[+-][\d.]+)"
+    r"\s+exactly what (?:it served|was paid on (?P=chain)): (?P<served>\d+ x [\d.]+)$",
+    re.MULTILINE,
+)
 
 
 def _running(pid: int, backend: str) -> bool:
@@ -74,12 +86,19 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
     )
     out = proc.stdout
     node = _NODE.search(out)
-    if node is not None and _running(int(node["pid"]), node["backend"]):
-        os.kill(int(node["pid"]), signal.SIGKILL)  # never leave it behind, even when failing
-        pytest.fail(f"the demo left its {node['backend']} node (pid {node['pid']}) running\n{out}")
+    chains = list(_CHAIN.finditer(out))
+    if node is not None:
+        for pid in {int(node["pid"])} | {int(c["pid"]) for c in chains}:
+            if _running(pid, node["backend"]):
+                os.kill(pid, signal.SIGKILL)  # never leave it behind, even when failing
+                pytest.fail(f"the demo left its {node['backend']} node (pid {pid}) running\n{out}")
     assert proc.returncode == 0, f"demo failed ({proc.returncode})\n{out}\n{proc.stderr}"
     assert node is not None, out
-    assert f"{node['backend']} pid {node['pid']} exited" in out
+    # Two chains that look like Base and Arbitrum (their chain ids), one node each, both stopped.
+    assert [(c["label"], int(c["id"])) for c in chains] == [("base", 8453), ("arbitrum", 42161)], out
+    assert chains[0]["pid"] == node["pid"]
+    for chain in chains:
+        assert f"{node['backend']} pid {chain['pid']} exited" in out
 
     # The owner's offline files, relayed by someone else.
     for name in ("install-session-key.json", "escrow-deposit.json", "escrow-grant.json"):
@@ -144,5 +163,46 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
         assert abs(Decimal(row["change"])) == _served_total(row["served"]) > 0, name
     assert Decimal(per_use["hot wallet"]["change"]) == -Decimal(per_use["sub-agent"]["change"])
     assert _served_total(per_use["channel paid"]["served"]) == 1000 * Decimal("0.00001")
+    _check_two_chains(out)
     assert "MISMATCH" not in out
     assert "demo: OK" in out
+
+
+def _check_two_chains(out: str) -> None:
+    """The orchestrator's key pays one sub-agent on each chain; a payment signed for Base is refused on
+    Arbitrum; each chain's payee, the owner's deposit there and the grant there moved by exactly what was
+    served on that chain."""
+    # One offline owner signature for both chains (a Merkle root over a grant leaf per chain); the first
+    # chain's leaf is refused by the second chain's escrow.
+    assert "the owner signed 1 approval for 2 chains: multichain-approval.json" in out
+    assert "base's grant leaf, sent to arbitrum's escrow: multichain_refused (MultichainProofInvalid)" in out
+    assert re.search(
+        r"^paid\s+researcher\s+GET /research\s+4 x 200\s+escrow on eip155:8453 \(base\)", out, re.M
+    )
+    assert re.search(
+        r"^paid\s+analyst\s+GET /analyze\s+3 x 200\s+escrow on eip155:42161 \(arbitrum\)", out, re.M
+    )
+    assert re.search(
+        r"^refused\s+a payment the key signed for base \(chain 8453\), presented on arbitrum:\n"
+        r"\s+analyst answers 402 escrow_\w+$",
+        out,
+        re.MULTILINE,
+    ), out
+    settled = re.findall(r"^settled\s+(researcher|analyst)\s+on (base|arbitrum)\s+(\d+) payments", out, re.M)
+    assert sorted(settled) == [("analyst", "arbitrum", "3"), ("researcher", "base", "4")], out
+    rows = {(m["name"], m["chain"]): m for m in _CHAIN_ROW.finditer(out)}
+    assert set(rows) == {
+        ("researcher", "base"),
+        ("owner deposit", "base"),
+        ("analyst", "arbitrum"),
+        ("owner deposit", "arbitrum"),
+    }, out
+    for (name, chain), row in rows.items():
+        before, after, change = Decimal(row["before"]), Decimal(row["after"]), Decimal(row["change"])
+        served = _served_total(row["served"])
+        assert after - before == change == (served if name != "owner deposit" else -served), (name, chain)
+    for agent, chain in (("researcher", "base"), ("analyst", "arbitrum")):
+        paid = Decimal(rows[(agent, chain)]["change"])
+        assert Decimal(rows[("owner deposit", chain)]["change"]) == -paid
+        grant = re.search(rf"^grant\s+on {chain}\s+spent ([\d.]+) of its [\d.]+ USDC budget", out, re.M)
+        assert grant is not None and Decimal(grant[1]) == paid, out

@@ -142,10 +142,14 @@ class _NoChain:
         self.reads += 1
         return self.info
 
-    async def settle(self, channel_id: str, cumulative: int, signature: str) -> tuple[str, int]:
+    async def settle(
+        self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
+    ) -> tuple[str, int]:
         raise AssertionError("not settled here")
 
-    async def close(self, channel_id: str, cumulative: int, signature: str) -> tuple[str, int]:
+    async def close(
+        self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
+    ) -> tuple[str, int]:
         raise AssertionError("not settled here")
 
 

@@ -65,12 +65,11 @@ async def _replicas(
     chain: Chain, gateways: Gateways, url: str, backend: str, payee: str
 ) -> tuple[list[Gateway], list[str]]:
     relayers = [await chain.key() for _ in range(REPLICAS[backend])]
-    # Nothing is killed here, so leases need not be short: a lease must outlast a batch's sends and
-    # receipt wait (on a loaded machine a 64-payment batch can take longer than `FAST`'s 3 s), else the
-    # next settler sends the batch again (refused on chain by the used nonces, but a wasted transaction).
-    tuning = {**FAST, "lease-seconds": 60}
+    # `FAST`'s short leases (3 s): a settler renews its lease while a batch is sent and its receipts
+    # awaited, so a batch slower than a lease (a 64-payment batch on a loaded machine) is never taken
+    # and sent again by another replica.
     replicas = [
-        gateways.new(store=url, settle="deferred", payee=payee, relayer_key=key_hex(r), tuning=tuning)
+        gateways.new(store=url, settle="deferred", payee=payee, relayer_key=key_hex(r), tuning=FAST)
         for r in relayers
     ]
     await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas))

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from escrow import DevnetState
-from gateway import SessionPaywall, open_store
+from gateway import PaymentStore, SessionPaywall, Settlement, open_store
+from gateway._channels import ChannelSettler, ChannelVoucher, encode_voucher
 from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
 from x402 import LocalSigner, MppCredential, SpendPolicyViolation, format_credential
 from x402._session import SessionReceipt, sign_voucher
@@ -178,21 +179,14 @@ async def test_a_restarted_gateway_keeps_the_high_water_mark_and_the_spend(
     store = await open_store(f"sqlite:///{tmp_path / 'payments.db'}")
     try:
         async with session(devnet, store=store) as s:
+            before = await s.balance(s.payee)
             for _ in range(3):
                 assert (await s.client.request("GET", "/once")).status_code == 200
             (ch,) = s.client.channels.values()
             old = _voucher(s, 250)  # the first voucher, already used
             current = _voucher(s, ch.signed)
             # the process restarts: a new paywall over the same store and chain, nothing in memory
-            again = SessionPaywall(
-                app(),
-                routes=ROUTES,
-                chain=s.paywall.chain,
-                asset=s.paywall.asset,
-                pay_to=s.payee,
-                store=(second := await open_store(f"sqlite:///{tmp_path / 'payments.db'}")),
-                secret=b"s" * 32,
-            )
+            again = _restarted(s, second := await open_store(f"sqlite:///{tmp_path / 'payments.db'}"))
             async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=again), base_url="http://svc"
             ) as http:
@@ -201,6 +195,9 @@ async def test_a_restarted_gateway_keeps_the_high_water_mark_and_the_spend(
                 # the last voucher again: its credit was spent before the restart, nothing is served twice
                 r = await http.get("/once", headers=_auth(s, "/once", current))
                 assert r.status_code == 402 and r.json()["spent"] == "750", r.text
+            # what the first process charged is settled by the second (it may never have been)
+            await again.settler.drain()
+            assert await s.balance(s.payee) - before == 750
             await second.close()
     finally:
         await store.close()
@@ -225,3 +222,112 @@ async def test_the_spend_policy_holds_what_vouchers_authorize_and_spends_what_wa
         (ch,) = s.client.channels.values()
         # only the first, probing voucher (one unit) was signed; the $0.01 one never was
         assert ch.signed == UNIT and (strict.spent, strict.reserved) == (0, UNIT)
+
+
+def _restarted(s: Session, store: PaymentStore) -> SessionPaywall:
+    """A gateway started again: a new paywall over the same store and chain, nothing in memory."""
+    return SessionPaywall(
+        app(),
+        routes=ROUTES,
+        chain=s.paywall.chain,
+        asset=s.paywall.asset,
+        pay_to=s.payee,
+        store=store,
+        secret=b"s" * 32,
+    )
+
+
+async def test_a_gateway_restarted_after_serving_settles_exactly_what_it_served(
+    devnet: DevnetState, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'payments.db'}"
+    store = await open_store(url)
+    async with session(devnet, store=store) as s:  # settle_every=0: this gateway never settles by itself
+        before = await s.balance(s.payee)
+        for _ in range(7):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+        (ch,) = s.client.channels.values()
+        assert s.settler.transactions == [] and await s.balance(s.payee) == before
+        await store.close()  # the gateway dies: nothing it held in memory survives, the file does
+        second = await open_store(url)
+        try:
+            again = _restarted(s, second)
+            await again.settle(ch.channel)  # from the store alone: the payer never comes back
+            await again.settler.drain()
+            assert await s.balance(s.payee) - before == 7 * 250
+            assert len(again.settler.transactions) == 1
+            # asked again (another restart, an operator): the chain already paid it, nothing is sent
+            third = _restarted(s, second)
+            await third.settle(ch.channel)
+            await third.settler.drain()
+            assert third.settler.transactions == [] and await s.balance(s.payee) - before == 7 * 250
+        finally:
+            await second.close()
+
+
+def _queued(s: Session, n: int, signature: str) -> Settlement:
+    """The settlement queue's item for the session's channel up to `n` (as the paywall queues it)."""
+    (ch,) = s.client.channels.values()
+    v = ChannelVoucher(
+        chain_id=ch.chain_id, escrow=ch.escrow, channel=ch.channel, cumulative=n, signature=signature
+    )
+    return Settlement(
+        key=v.key(), kind="channel", payload=encode_voucher(v), payer=s.payer, amount=n, created_at=n
+    )
+
+
+async def test_the_channel_settler_never_pays_a_voucher_the_chain_already_paid(devnet: DevnetState) -> None:
+    async with session(devnet) as s:
+        for _ in range(3):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+        (ch,) = s.client.channels.values()
+        before = await s.balance(s.payee)
+        vouchers = {n: _voucher(s, n)["signature"] for n in (250, 500, 750)}
+        # a settle of 500 landed whose outcome this settler never recorded (a crash, a lost receipt)
+        await s.paywall.chain.settle(ch.channel, 500, vouchers[500])
+
+        def queued(n: int) -> Settlement:
+            return _queued(s, n, vouchers[n])
+
+        for n in (250, 500, 750):
+            await s.store.enqueue(queued(n))
+        # recovery records what the chain shows and sends nothing
+        leased = await s.store.lease("channel", limit=10, lease_seconds=30)
+        recovered = {o.amount: o.status for o in await s.settler.reconcile_items(leased)}
+        assert recovered == {250: "settled_elsewhere", 500: "settled_elsewhere", 750: "retry"}
+        assert s.settler.transactions == []
+        await s.store.requeue(queued(750).key)
+        outcomes = {o.amount: (o.status, o.tx_hash) for o in await s.settler.drain()}
+        assert outcomes[750][0] == "settled" and s.settler.transactions == [outcomes[750][1]]
+        assert await s.balance(s.payee) - before == 750  # 500 + the 250 above it: never 500 twice
+        settled = await s.store.get_settlement(queued(750).key)
+        assert settled is not None and settled.state == "settled"
+
+
+async def test_a_settle_whose_receipt_is_late_is_waited_for_never_sent_again(devnet: DevnetState) -> None:
+    async with session(devnet) as s:
+        for _ in range(2):
+            assert (await s.client.request("GET", "/once")).status_code == 200
+        (ch,) = s.client.channels.values()
+        before, sent = await s.balance(s.payee), await _sent(s)
+        settler = ChannelSettler(s.store, s.paywall.chain, receipt_timeout=1.0, retry_base=0.1)
+        await s.store.enqueue(_queued(s, 500, _voucher(s, 500)["signature"]))
+        await s.rpc.request("evm_setAutomine", [False])  # a slow chain: nothing is mined until we say so
+        try:
+            (first,) = await settler.drain()
+            assert (first.status, first.code) == ("retry", "settlement_pending")
+            await asyncio.sleep(0.3)  # its retry is due: the transaction is still in the pool
+            (second,) = await settler.drain()
+            assert (second.status, second.code) == ("retry", "settlement_pending")
+            assert await _sent(s) == sent + 1  # one send, however often the settler looks
+        finally:
+            await s.rpc.request("evm_setAutomine", [True])
+        await s.rpc.request("evm_mine", [])
+        await asyncio.sleep(0.3)
+        (third,) = await settler.drain()
+        assert third.status == "settled_elsewhere" and third.tx_hash.startswith("0x")
+        assert await s.balance(s.payee) - before == 500 and await _sent(s) == sent + 1
+
+
+async def _sent(s: Session) -> int:
+    return int(await s.rpc.request("eth_getTransactionCount", [s.payee, "pending"]), 16)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -553,6 +554,110 @@ def test_high_water_only_rises(url: str) -> None:
     run(url, body)
 
 
+def test_the_latest_voucher_is_stored_with_its_high_water_mark_in_one_step(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.channel_voucher("ch") == (0, None)
+        assert await store.raise_high_water("ch", 10, voucher=b"v10")
+        assert await store.channel_voucher("ch") == (10, b"v10")
+        # a refused raise stores nothing, not even its voucher
+        assert not await store.raise_high_water("ch", 10, voucher=b"other")
+        assert not await store.raise_high_water("ch", 5, voucher=b"v5")
+        assert await store.channel_voucher("ch") == (10, b"v10")
+        # a raise without a voucher keeps the stored one
+        assert await store.raise_high_water("ch", 12)
+        assert await store.channel_voucher("ch") == (12, b"v10")
+        # concurrent raises: the voucher stored is always the one of the highest mark
+        values = list(range(13, 113))
+        random.shuffle(values)
+        await asyncio.gather(*(store.raise_high_water("ch", v, voucher=b"v%d" % v) for v in values))
+        assert await store.channel_voucher("ch") == (112, b"v112")
+        assert await store.high_water("ch") == 112
+        big = 2**128 - 1
+        assert await store.raise_high_water("ch", big, voucher=bytes(range(256)))
+        assert await store.channel_voucher("ch") == (big, bytes(range(256)))
+
+    run(url, body)
+
+
+def test_renewing_a_lease_keeps_it_past_its_first_end_and_only_for_its_holder(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        for key in ("a", "b"):
+            await store.enqueue(item(key))
+        leased = await store.lease("escrow", limit=10, lease_seconds=0.4)
+        token = leased[0].lease_token
+        assert token is not None
+        assert await store.renew_lease(["a", "b", "missing"], lease="not-ours", lease_seconds=30) == []
+        assert await store.renew_lease(["a", "a", "missing"], lease=token, lease_seconds=30) == ["a"]
+        await asyncio.sleep(0.6)  # "b" was not renewed: another settler takes it; "a" is still ours
+        [taken] = await store.lease("escrow", limit=10, lease_seconds=30)
+        assert taken.key == "b" and taken.lease_token != token
+        assert await store.renew_lease(["b"], lease=token, lease_seconds=30) == []  # theirs now
+        assert await store.mark_settled(["a"], tx_hash="0xa", lease=token) == ["a"]
+        assert await store.renew_lease(["a"], lease=token, lease_seconds=30) == []  # settled: nothing held
+
+    run(url, body)
+
+
+class _SlowSend:
+    """A scheme part whose every send takes `seconds` (a slow chain); counts what each key was sent."""
+
+    name = "slow"
+    malformed = "slow_malformed"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.sent: dict[str, int] = {}
+
+    def decode(self, raw: bytes) -> bytes:
+        return raw
+
+    async def submit(self, engine: Any, jobs: list[Any]) -> list[Any]:
+        for item, _ in jobs:
+            self.sent[item.key] = self.sent.get(item.key, 0) + 1
+        await asyncio.sleep(self.seconds)
+        return list(await engine.settled(jobs, "0xslow", "settled"))
+
+    async def reconcile(self, engine: Any, jobs: list[Any]) -> list[Any]:
+        raise AssertionError("not in this test")
+
+    def parties(self, payment: bytes) -> Any:
+        from escrow.payments._engine import Parties
+
+        return Parties(1, "0xpayer", "0xpayee")
+
+    def retry_at(self, engine: Any, payment: bytes, *, delay: float) -> float:
+        return time.time() + delay
+
+    def gives_up(self, payment: bytes, now: float) -> bool:
+        return False
+
+    async def on_settled(self, engine: Any, job: Any) -> None:
+        return None
+
+    async def on_dead(self, engine: Any, job: Any, *, recorded: bool) -> None:
+        return None
+
+
+def test_a_batch_slower_than_its_lease_stays_leased_and_is_sent_once(url: str) -> None:
+    from escrow.payments._engine import SettlementEngine
+
+    async def body(store: PaymentStore) -> None:
+        for key in ("a", "b", "c"):
+            await store.enqueue(item(key, kind="slow"))
+        part = _SlowSend(seconds=1.5)  # five times the lease
+        first = SettlementEngine(store, part, kind="slow", max_age=0, lease_seconds=0.3)
+        second = SettlementEngine(store, part, kind="slow", max_age=0, lease_seconds=0.3)
+        sending = asyncio.ensure_future(first.step(force=True))
+        await asyncio.sleep(0.8)  # past the first lease's end: renewed, so the other settler finds nothing
+        assert await second.step(force=True) == []
+        outcomes = await sending
+        assert sorted((o.key, o.status) for o in outcomes) == [(k, "settled") for k in "abc"]
+        assert part.sent == {"a": 1, "b": 1, "c": 1}
+        assert (await store.stats()).settled == 3
+
+    run(url, body)
+
+
 # durability, migrations, configuration
 
 
@@ -565,7 +670,7 @@ def test_data_survives_closing_and_reopening(durable_url: str) -> None:
         await store.lease("escrow", limit=1, lease_seconds=30)
         await store.mark_failed("dead", error="boom", retry_at=None)
         assert await store.add_pending("acct", 42, limit=100)
-        assert await store.raise_high_water("ch", 99)
+        assert await store.raise_high_water("ch", 99, voucher=b"signed voucher")
 
     async def read(store: PaymentStore) -> None:
         assert await store.is_finalized("served") and not await store.claim("served", ttl=30)
@@ -575,6 +680,7 @@ def test_data_survives_closing_and_reopening(durable_url: str) -> None:
         assert [d.key for d in await store.dead_letters()] == ["dead"]
         assert await store.get_pending("acct") == 42
         assert await store.high_water("ch") == 99
+        assert await store.channel_voucher("ch") == (99, b"signed voucher")
 
     run(durable_url, write)
     run(durable_url, read)
@@ -685,9 +791,12 @@ def test_migrating_from_version_1_keeps_old_rows_and_never_purges_them(durable_u
         holder = await store.claim("new", ttl=30)  # the new columns work on the migrated tables
         await store.complete("new", holder, receipt=b"r", keep_until=time.time() - 1)
         assert await store.purge(retention=0) == Purged(claims=1, receipts=1, settlements=0)
+        # version 3: a high-water mark carries its voucher
+        assert await store.raise_high_water("ch", 7, voucher=b"v7")
+        assert await store.channel_voucher("ch") == (7, b"v7")
 
     run(durable_url, body)
-    assert versions_of(durable_url) == [1, 2]
+    assert versions_of(durable_url) == [1, 2, 3]
 
 
 def test_close_twice_is_harmless(url: str) -> None:

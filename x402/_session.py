@@ -26,6 +26,7 @@ __all__ = [
     "VOUCHER_TYPEHASH",
     "SessionAction",
     "SessionReceipt",
+    "VoucherVerifier",
     "channel_id",
     "parse_session_payload",
     "recover_voucher",
@@ -89,13 +90,7 @@ def sign_voucher(signer: Signer, *, chain_id: int, escrow: str, channel: str, cu
 
 def recover_voucher(*, chain_id: int, escrow: str, channel: str, cumulative: int, signature: str) -> str:
     """The checksummed address that signed the voucher; InvalidSignature if none did (high-s refused)."""
-    try:
-        raw = bytes.fromhex(signature[2:]) if signature[:2] in ("0x", "0X") else b""
-    except (ValueError, TypeError):
-        raw = b""
-    if len(raw) != 65:
-        raise InvalidSignature("a voucher signature is 65 bytes of 0x-hex (r || s || v)")
-    return recover_hash(voucher_digest(chain_id, escrow, channel, cumulative), raw)
+    return recover_hash(voucher_digest(chain_id, escrow, channel, cumulative), _signature_bytes(signature))
 
 
 def voucher_signed_by(
@@ -103,13 +98,42 @@ def voucher_signed_by(
 ) -> bool:
     """Whether the voucher is signed by `signer` (20 address bytes): the verification hot path, which skips
     the EIP-55 checksum `recover_voucher` computes. Raises InvalidSignature for a malformed signature."""
+    digest = voucher_digest(chain_id, escrow, channel, cumulative)
+    return recover_hash_raw(digest, _signature_bytes(signature)) == signer
+
+
+class VoucherVerifier:
+    """Checks one channel's vouchers against its signer, the server's hot path: the domain separator and the
+    channel's part of the typed data are hashed once, so a voucher costs two keccaks and one recovery.
+
+    `signed_by(cumulative, signature)` makes exactly the checks of `voucher_signed_by` (65 bytes of hex,
+    v 27/28, r and low s in range, recovered signer equal to `signer`); InvalidSignature when malformed.
+    """
+
+    __slots__ = ("_head", "_prefix", "signer")
+
+    def __init__(self, *, chain_id: int, escrow: str, channel: str, signer: bytes) -> None:
+        self._prefix = b"\x19\x01" + _domain_separator(chain_id, escrow)
+        self._head = VOUCHER_TYPEHASH + _bytes32(channel, "channelId")
+        self.signer = signer
+
+    def digest(self, cumulative: int) -> bytes:
+        if not 0 <= cumulative <= _UINT128_MAX:
+            raise MalformedPayment("cumulativeAmount out of uint128 range")
+        return keccak(self._prefix + keccak(self._head + cumulative.to_bytes(32, "big")))
+
+    def signed_by(self, cumulative: int, signature: str) -> bool:
+        return recover_hash_raw(self.digest(cumulative), _signature_bytes(signature)) == self.signer
+
+
+def _signature_bytes(signature: str) -> bytes:
     try:
         raw = bytes.fromhex(signature[2:]) if signature[:2] in ("0x", "0X") else b""
     except (ValueError, TypeError):
         raw = b""
     if len(raw) != 65:
         raise InvalidSignature("a voucher signature is 65 bytes of 0x-hex (r || s || v)")
-    return recover_hash_raw(voucher_digest(chain_id, escrow, channel, cumulative), raw) == signer
+    return raw
 
 
 def channel_id(

@@ -1,8 +1,9 @@
 """escrow.payments: what moves money.
 
 `exact` (EIP-3009 `transferWithAuthorization`: `ExactEvm`, `ExactSettler`) and `escrow` (`AgentEscrow`
-bindings, `EscrowVerifier`, `EscrowSettler`), grants and deposits signed offline and relayed,
-MPP session channels opened and topped up by a relayer (`openWithAuthorization`), exposure
+bindings, `EscrowVerifier`, `EscrowSettler`), AgentChannels channels (`AgentChannelsChain`,
+`ChannelSettler`), grants and deposits signed offline and relayed, MPP session channels opened and
+topped up by a relayer (`openWithAuthorization`), exposure
 arithmetic, and the one settlement engine (`SettlementEngine`: lease, batch, backoff, dead letters) with a
 small part per scheme (`SchemeSettlement`) over the queue protocol a store satisfies.
 Uses `escrow.chain` and `escrow.accounts`.
@@ -17,6 +18,8 @@ from ._channel_auth import (
     sign_channel_open,
     sign_channel_top_up,
 )
+from ._channel_settler import ChannelSettler, ChannelVoucher
+from ._channels import AgentChannelsChain, ChannelChain, ChannelInfo
 from ._engine import EngineOptions, SchemeSettlement, SettlementEngine
 from ._escrow import AgentEscrow, Erc20, GrantInfo
 from ._escrow_verify import EscrowClaim, EscrowRejected, EscrowVerifier, GrantCache
@@ -38,8 +41,13 @@ from ._grants import (
 from ._settler import EscrowSettler, SettleOutcome
 
 __all__ = [
+    "AgentChannelsChain",
     "AgentEscrow",
     "AuthorizationChannelOpener",
+    "ChannelChain",
+    "ChannelInfo",
+    "ChannelSettler",
+    "ChannelVoucher",
     "EngineOptions",
     "Erc20",
     "EscrowClaim",

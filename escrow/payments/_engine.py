@@ -6,8 +6,9 @@
 The engine owns everything schemes share: leasing due items (`store.lease`, each under a lease token),
 batching by count (`batch_size`) and age (`max_age`), the run/step/drain loop, decoding (an undecodable
 payload is a dead letter), exponential backoff (`retry_base`, `retry_cap`), the retry cap (`max_attempts`),
-recording every outcome under the item's `lease=` token (`settled` / `retry` / `dead`), the per-batch
-warning line, and the `on_outcome` callback. A scheme adds only its part, a `SchemeSettlement`:
+recording every outcome under the item's `lease=` token (`settled` / `retry` / `dead`), renewing the leases
+of a batch while it is sent and its receipts awaited (`store.renew_lease` every third of `lease_seconds`), the
+per-batch warning line, and the `on_outcome` callback. A scheme adds only its part, a `SchemeSettlement`:
 
 - `name` (log label), `malformed` (dead code of an undecodable payload), `decode(raw) -> payment`;
 - `async submit(engine, jobs) -> outcomes`: send a batch of (item, payment) jobs and judge the receipts;
@@ -18,14 +19,16 @@ warning line, and the `on_outcome` callback. A scheme adds only its part, a `Sch
 
 Inside `submit` / `reconcile` a part reports through `engine.settled(jobs, tx_hash, status)`,
 `engine.retry(job, error)` and `engine.dead(job, code, detail)`. `exact` (EIP-3009) and `escrow` (batched
-`settle`) are parts today; channel and `upto` settlement would be two more, with no loop of their own.
-Each public settler (`ExactSettler`, `EscrowSettler`) is a `SettlementEngine` subclass that builds its
+`settle`) and `channel` (AgentChannels `settle` / `close` of a channel's latest voucher) are the parts;
+`upto` settles before the response and needs none. Each public settler (`ExactSettler`, `EscrowSettler`,
+`ChannelSettler`) is a `SettlementEngine` subclass that builds its
 part and passes its own defaults for the knobs (`EngineOptions`, the same keywords for every scheme).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -140,10 +143,11 @@ class SettlementEngine(Generic[P, Q]):
         self.max_age = max_age
         self.tick = tick
         self.lease_seconds = lease_seconds
-        # Never wait for a receipt past the lease: a send not seen mined is recorded as pending (with its
-        # hash) while the lease is still ours, so the settler that leases it next waits for that very
-        # transaction instead of sending the payment again.
-        self.receipt_timeout = min(receipt_timeout, lease_seconds / 2)
+        # The lease is renewed while a batch is in flight (`_renewing`), so a receipt may be awaited longer
+        # than one lease. A send not seen mined in `receipt_timeout` is recorded as pending (with its hash)
+        # under our lease, so the settler that leases it next waits for that very transaction instead of
+        # sending again.
+        self.receipt_timeout = receipt_timeout
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.max_attempts = max_attempts  # None: retried until the scheme gives up on the payment
@@ -215,7 +219,13 @@ class SettlementEngine(Generic[P, Q]):
             jobs.append((item, payment))
         if jobs:
             settle = self.scheme.submit if send else self.scheme.reconcile
-            out.extend(await settle(self, jobs))
+            renewing = asyncio.ensure_future(self._renewing([item for item, _ in jobs]))
+            try:
+                out.extend(await settle(self, jobs))
+            finally:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
         troubles = Counter(f"{o.status} {o.code}" for o in out if o.status in ("retry", "dead"))
         if troubles:  # one line per batch, not per payment: an outage must not flood the log
             log.warning("%s settlement of %d payment(s): %s", self.scheme.name, len(items), dict(troubles))
@@ -225,6 +235,21 @@ class SettlementEngine(Generic[P, Q]):
                 if result is not None:
                     await result
         return out
+
+    async def _renewing(self, items: Sequence[QueuedItem]) -> None:
+        """Keep `items` leased to us while their batch is sent and awaited: renewed every third of a lease,
+        so a store or chain slower than one lease cannot hand them to another settler mid-send."""
+        by_lease: dict[str, list[str]] = {}
+        for item in items:
+            if item.lease_token is not None:
+                by_lease.setdefault(item.lease_token, []).append(item.key)
+        while by_lease:
+            await asyncio.sleep(self.lease_seconds / 3)
+            for lease, keys in by_lease.items():
+                try:
+                    await self.store.renew_lease(keys, lease=lease, lease_seconds=self.lease_seconds)
+                except Exception as exc:  # the lease may lapse: the pending-hash record still guards a resend
+                    log.warning("renewing %d lease(s) failed: %r", len(keys), exc)
 
     # -- outcomes, recorded under each item's lease --------------------------------------------------------
 

@@ -62,6 +62,7 @@ __all__ = [
     "exact_reservation",
     "fault_point",
     "pending_transaction",
+    "pending_transactions",
     "unreserve_once",
 ]
 
@@ -107,6 +108,11 @@ _decode = msgspec.json.Decoder(ExactPayment).decode
 
 def decode_payment(raw: bytes) -> ExactPayment:
     return _decode(raw)
+
+
+def pending_transactions(error: str | None) -> list[str]:
+    """Every transaction a record's error says was sent and not yet seen mined (`sent in 0x...`)."""
+    return _PENDING_TX.findall(error or "")
 
 
 def pending_transaction(error: str | None) -> str:
@@ -283,25 +289,38 @@ class ExactSettlement:
         return out
 
     async def _skip_pending(self, engine: Engine, work: list[Work], out: list[SettleOutcome]) -> list[Work]:
-        """Keep back items whose earlier transaction (any fee-bumped version) is still in the node's pool."""
+        """Keep back items whose earlier transaction (any fee-bumped version) is still in the node's pool.
+
+        One mined since the token was asked (`_check_chain`) is asked about again: sending it blindly would
+        race the very transaction that just paid it."""
         earlier = [(w, h) for w in work for h in _PENDING_TX.findall(w[0].error or "")]
         if not earlier:
             return work
         try:
             txs = await self.rpc.batch([("eth_getTransactionByHash", [h]) for _, h in earlier])
         except ChainError as exc:
-            waiting = {id(w) for w, _ in earlier}
-            out.extend([await engine.retry(w, f"{exc.code}: asking for {h}: {exc}") for w, h in earlier])
+            waiting = {id(w): w for w, _ in earlier}
+            out.extend(
+                [
+                    await engine.retry(w, f"{exc.code}: asking for its transaction: {exc}")
+                    for w in waiting.values()
+                ]
+            )
             return [w for w in work if id(w) not in waiting]
-        held = set()
+        held: set[int] = set()
+        mined: dict[int, Work] = {}
         for (w, _), tx in zip(earlier, txs, strict=True):
-            if id(w) in held:
-                continue
             if isinstance(tx, ChainError) or (isinstance(tx, dict) and tx.get("blockNumber") is None):
                 held.add(id(w))
+            elif isinstance(tx, dict):
+                mined[id(w)] = w
+        for w in work:
+            if id(w) in held:
                 sent = " ".join(f"sent in {h}" for h in _PENDING_TX.findall(w[0].error or ""))
                 out.append(await engine.retry(w, f"settlement_pending: {sent}, not mined yet"))
-        return [w for w in work if id(w) not in held]
+        again = [w for key, w in mined.items() if key not in held]
+        unused = await self._check_chain(engine, again, out) if again else []  # reverted: sent again below
+        return [w for w in work if id(w) not in held and id(w) not in mined] + unused
 
     async def _send(self, engine: Engine, work: list[Work]) -> list[SettleOutcome]:
         relayer = self.exact.relayer

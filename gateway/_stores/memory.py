@@ -51,6 +51,7 @@ class MemoryStore:
         self._queue: dict[str, Settlement] = {}
         self._pending: dict[str, int] = {}
         self._high_water: dict[str, int] = {}
+        self._vouchers: dict[str, bytes] = {}
 
     def _held(self, key: str, holder: str, now: float) -> _Claim:
         claim = self._claims.get(key)
@@ -177,6 +178,15 @@ class MemoryStore:
             out.append(leased)
         return out
 
+    async def renew_lease(self, keys: list[str], *, lease: str, lease_seconds: float) -> list[str]:
+        until, done = time.time() + lease_seconds, []
+        for key in dict.fromkeys(keys):
+            item = self._queue.get(key)
+            if item is not None and item.state == "leased" and item.lease_token == lease:
+                self._queue[key] = msgspec.structs.replace(item, lease_until=until)
+                done.append(key)
+        return done
+
     async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         now, done = time.time(), []
         for key in dict.fromkeys(keys):
@@ -240,14 +250,21 @@ class MemoryStore:
     async def get_pending(self, account: str) -> int:
         return self._pending.get(account, 0)
 
-    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
+    async def raise_high_water(
+        self, channel_id: str, cumulative: int, *, voucher: bytes | None = None
+    ) -> bool:
         if cumulative <= self._high_water.get(channel_id, 0):
             return False
         self._high_water[channel_id] = cumulative
+        if voucher is not None:
+            self._vouchers[channel_id] = voucher
         return True
 
     async def high_water(self, channel_id: str) -> int:
         return self._high_water.get(channel_id, 0)
+
+    async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
+        return self._high_water.get(channel_id, 0), self._vouchers.get(channel_id)
 
     async def close(self) -> None:
         return None

@@ -57,6 +57,10 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN expires_at double precision;
     CREATE INDEX claims_expiry ON {s}.claims (finalized, expires_at);
     """,
+    # 3: the latest voucher stored with a channel's high-water mark (NULL on older rows: none stored)
+    """
+    ALTER TABLE {s}.high_water ADD COLUMN voucher bytea;
+    """,
 )
 
 _HELD = " WHERE key = $1 AND holder = $2 AND NOT finalized AND expires_at > $3 RETURNING 1"
@@ -128,10 +132,13 @@ _SQL = {
     " WHERE t.amount + excluded.amount <= $3::numeric RETURNING 1",
     "sub_pending": "UPDATE {s}.pending SET amount = greatest(amount - $2::numeric, 0) WHERE account = $1",
     "get_pending": "SELECT amount FROM {s}.pending WHERE account = $1",
-    "raise_high_water": "INSERT INTO {s}.high_water AS t (channel_id, cumulative) VALUES ($1, $2)"
-    " ON CONFLICT (channel_id) DO UPDATE SET cumulative = excluded.cumulative"
-    " WHERE t.cumulative < excluded.cumulative RETURNING 1",
+    "raise_high_water": "INSERT INTO {s}.high_water AS t (channel_id, cumulative, voucher)"
+    " VALUES ($1, $2, $3) ON CONFLICT (channel_id) DO UPDATE SET cumulative = excluded.cumulative,"
+    " voucher = coalesce(excluded.voucher, t.voucher) WHERE t.cumulative < excluded.cumulative RETURNING 1",
     "high_water": "SELECT cumulative FROM {s}.high_water WHERE channel_id = $1",
+    "channel_voucher": "SELECT cumulative, voucher FROM {s}.high_water WHERE channel_id = $1",
+    "renew_lease": "UPDATE {s}.settlements SET lease_until = $3 WHERE key = ANY($1::text[])"
+    " AND state = 'leased' AND lease_token = $2 RETURNING key",
 }
 
 # Failures that mean "the database is not there right now" (as opposed to a bug in a statement).
@@ -270,6 +277,11 @@ class PostgresStore:
         rows = await self._call("fetch", "lease", kind, now, max(limit, 0), now + lease_seconds, new_token())
         return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
 
+    async def renew_lease(self, keys: list[str], *, lease: str, lease_seconds: float) -> list[str]:
+        rows = await self._call("fetch", "renew_lease", keys, lease, time.time() + lease_seconds)
+        done = {row[0] for row in rows}
+        return [key for key in dict.fromkeys(keys) if key in done]
+
     async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         rows = await self._call("fetch", "mark_settled", keys, tx_hash, lease, time.time())
         done = {row[0] for row in rows}
@@ -309,13 +321,21 @@ class PostgresStore:
     async def get_pending(self, account: str) -> int:
         return int(await self._call("fetchval", "get_pending", account) or 0)
 
-    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
+    async def raise_high_water(
+        self, channel_id: str, cumulative: int, *, voucher: bytes | None = None
+    ) -> bool:
         if cumulative <= 0:  # not higher than the implicit 0 of an unseen channel
             return False
-        return await self._call("fetchval", "raise_high_water", channel_id, cumulative) is not None
+        return await self._call("fetchval", "raise_high_water", channel_id, cumulative, voucher) is not None
 
     async def high_water(self, channel_id: str) -> int:
         return int(await self._call("fetchval", "high_water", channel_id) or 0)
+
+    async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
+        row = await self._call("fetchrow", "channel_voucher", channel_id)
+        if row is None:
+            return 0, None
+        return int(row[0]), None if row[1] is None else bytes(row[1])
 
     async def close(self) -> None:
         await asyncio.wait_for(self._pool.close(), timeout=10)

@@ -178,6 +178,9 @@ class RedisCachedStore:
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         return await self._inner.lease(kind, limit=limit, lease_seconds=lease_seconds)
 
+    async def renew_lease(self, keys: list[str], *, lease: str, lease_seconds: float) -> list[str]:
+        return await self._inner.renew_lease(keys, lease=lease, lease_seconds=lease_seconds)
+
     async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         return await self._inner.mark_settled(keys, tx_hash=tx_hash, lease=lease)
 
@@ -207,11 +210,16 @@ class RedisCachedStore:
     async def get_pending(self, account: str) -> int:
         return await self._inner.get_pending(account)
 
-    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
-        return await self._inner.raise_high_water(channel_id, cumulative)
+    async def raise_high_water(
+        self, channel_id: str, cumulative: int, *, voucher: bytes | None = None
+    ) -> bool:
+        return await self._inner.raise_high_water(channel_id, cumulative, voucher=voucher)
 
     async def high_water(self, channel_id: str) -> int:
         return await self._inner.high_water(channel_id)
+
+    async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
+        return await self._inner.channel_voucher(channel_id)
 
     async def close(self) -> None:
         try:

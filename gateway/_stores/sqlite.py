@@ -74,6 +74,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE {p}settlements ADD COLUMN expires_at REAL",
         "CREATE INDEX {p}claims_expiry ON {p}claims (finalized, expires_at)",
     ),
+    (  # 3: the latest voucher stored with a channel's high-water mark (NULL on older rows: none stored)
+        "ALTER TABLE {p}high_water ADD COLUMN voucher BLOB",
+    ),
 )
 
 _SYNC_MODES = ("off", "normal", "full", "extra")
@@ -302,6 +305,19 @@ class SQLiteStore:
         rows = await self._run(lambda con: con.execute(sql, args).fetchall())
         return sorted(map(settlement_from_row, rows), key=lambda item: (item.created_at, item.key))
 
+    async def renew_lease(self, keys: list[str], *, lease: str, lease_seconds: float) -> list[str]:
+        sql = (
+            f"UPDATE {self._p}settlements SET lease_until = ?"
+            " WHERE key = ? AND state = 'leased' AND lease_token = ?"
+        )
+        until = time.time() + lease_seconds
+
+        def body(con: sqlite3.Connection) -> list[str]:
+            return [key for key in dict.fromkeys(keys) if con.execute(sql, (until, key, lease)).rowcount]
+
+        # a lease, like a claim, only guards work in flight: it need not survive a power loss
+        return await self._run(body, LIGHT)
+
     # Unsettled, and (with a lease token) still leased under it: see `PaymentStore.mark_settled`.
     _OURS = " WHERE key = ? AND state <> 'settled' AND (? IS NULL OR (state = 'leased' AND lease_token = ?))"
 
@@ -393,11 +409,20 @@ class SQLiteStore:
     async def get_pending(self, account: str) -> int:
         return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account), READ)
 
-    async def raise_high_water(self, channel_id: str, cumulative: int) -> bool:
+    async def raise_high_water(
+        self, channel_id: str, cumulative: int, *, voucher: bytes | None = None
+    ) -> bool:
+        # An upsert, not INSERT OR REPLACE: a raise without a voucher keeps the one stored.
+        sql = (
+            f"INSERT INTO {self._p}high_water (channel_id, cumulative, voucher) VALUES (?, ?, ?)"
+            " ON CONFLICT (channel_id) DO UPDATE SET cumulative = excluded.cumulative,"
+            " voucher = coalesce(excluded.voucher, voucher)"
+        )
+
         def body(con: sqlite3.Connection) -> bool:
             if cumulative <= self._get_int(con, "high_water", "cumulative", "channel_id", channel_id):
                 return False
-            self._set_int(con, "high_water", "cumulative", "channel_id", channel_id, cumulative)
+            con.execute(sql, (channel_id, str(cumulative), voucher))
             return True
 
         return await self._run(body)
@@ -406,6 +431,13 @@ class SQLiteStore:
         return await self._run(
             lambda con: self._get_int(con, "high_water", "cumulative", "channel_id", channel_id), READ
         )
+
+    async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
+        sql = f"SELECT cumulative, voucher FROM {self._p}high_water WHERE channel_id = ?"
+        row = await self._run(lambda con: con.execute(sql, (channel_id,)).fetchone(), READ)
+        if row is None:
+            return 0, None
+        return int(row[0]), None if row[1] is None else bytes(row[1])
 
     async def close(self) -> None:
         if not self._closed:

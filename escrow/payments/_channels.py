@@ -1,0 +1,128 @@
+"""AgentChannels on the chain side: reading a channel, and sending the payee's `settle` / `close`.
+
+The session paywall (`gateway._session`) reads a channel once (payer, signer, deposit) and then verifies
+vouchers without the chain; the channel settler (`_channel_settler`) sends what it settles through
+`ChannelChain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import msgspec
+
+from ..chain._abi import ContractAbi
+from ..chain._rpc import Rpc
+from ..chain._sender import TxSender
+from ._escrow import escrow_artifact
+
+__all__ = ["AgentChannelsChain", "ChannelChain", "ChannelInfo"]
+
+
+class ChannelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One channel as the contract holds it (`getChannel`)."""
+
+    payer: str
+    payee: str
+    token: str
+    authorized_signer: str
+    deposit: int
+    settled: int
+    close_requested_at: int = 0
+    finalized: bool = False
+
+    @property
+    def exists(self) -> bool:
+        return int(self.payer, 16) != 0
+
+    @property
+    def signer(self) -> str:
+        """Who signs vouchers: the authorized signer, else the payer."""
+        return self.payer if int(self.authorized_signer, 16) == 0 else self.authorized_signer
+
+
+class ChannelChain(Protocol):
+    """What the session paywall and its settler need from the chain."""
+
+    chain_id: int
+    escrow: str
+
+    async def channel(self, channel_id: str) -> ChannelInfo: ...
+
+    async def settle(
+        self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
+    ) -> tuple[str, int]:
+        """Send `settle` and wait up to `timeout` for its receipt; returns (transaction hash, gas used).
+        Raises `ReceiptTimeout` (the transaction may still land), `TransactionFailed`, `ChainError`."""
+        ...
+
+    async def close(
+        self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
+    ) -> tuple[str, int]: ...
+
+    async def mined(self, tx_hash: str) -> bool:
+        """Whether `tx_hash` is in a block (False: still in the pool, or unknown to the node)."""
+        ...
+
+
+class AgentChannelsChain:
+    """`ChannelChain` over a deployed AgentChannels, sending with the payee's (or its relayer's) key.
+
+    `settle`/`close` are payee-only on the contract, so `sender` must be the payee's key.
+    """
+
+    def __init__(self, rpc: Rpc, escrow: str, *, chain_id: int, sender: TxSender | None = None) -> None:
+        self.rpc = rpc
+        self.escrow = escrow
+        self.chain_id = chain_id
+        self.sender = sender
+        self.abi = ContractAbi(escrow_artifact("AgentChannels").abi)
+
+    async def channel(self, channel_id: str) -> ChannelInfo:
+        data = await self.rpc.call(self.escrow, self.abi.encode("getChannel", bytes.fromhex(channel_id[2:])))
+        (raw,) = self.abi.decode("getChannel", data)
+        fields: dict[str, Any] = dict(zip(_CHANNEL_FIELDS, raw, strict=False))
+        return ChannelInfo(
+            payer=str(fields["payer"]),
+            payee=str(fields["payee"]),
+            token=str(fields["token"]),
+            authorized_signer=str(fields["authorizedSigner"]),
+            deposit=int(fields["deposit"]),
+            settled=int(fields["settled"]),
+            close_requested_at=int(fields["closeRequestedAt"]),
+            finalized=bool(fields["finalized"]),
+        )
+
+    async def _send(
+        self, name: str, channel_id: str, cumulative: int, signature: str, timeout: float
+    ) -> tuple[str, int]:
+        if self.sender is None:
+            raise RuntimeError("AgentChannelsChain built without a sender cannot settle")
+        data = self.abi.encode(name, bytes.fromhex(channel_id[2:]), cumulative, bytes.fromhex(signature[2:]))
+        receipt = await self.sender.transact(self.escrow, data, gas=300_000, timeout=timeout)
+        return receipt.transaction_hash, int(receipt.gas_used, 16)
+
+    async def settle(
+        self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
+    ) -> tuple[str, int]:
+        return await self._send("settle", channel_id, cumulative, signature, timeout)
+
+    async def close(
+        self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
+    ) -> tuple[str, int]:
+        return await self._send("close", channel_id, cumulative, signature, timeout)
+
+    async def mined(self, tx_hash: str) -> bool:
+        tx = await self.rpc.request("eth_getTransactionByHash", [tx_hash])
+        return isinstance(tx, dict) and tx.get("blockNumber") is not None
+
+
+def _channel_fields() -> tuple[str, ...]:
+    abi = escrow_artifact("AgentChannels").abi
+    for entry in abi:
+        if entry.get("name") == "getChannel":
+            return tuple(c["name"] for c in entry["outputs"][0]["components"])
+    raise RuntimeError("AgentChannels ABI has no getChannel")
+
+
+_CHANNEL_FIELDS = _channel_fields()
