@@ -11,6 +11,11 @@ listed chain, from a single offline EIP-712 signature over a Merkle root.
     await relay_multichain(relayer_on_base, signed)       # anyone, once per chain: each sends its own leaves
     await relay_multichain(relayer_on_arbitrum, signed)
 
+When the money lives in the owner's `AgentAccount` (deployed at the same address on every chain), the
+grant's payer is the account: `approval.grant(..., payer=account.address, ...)`, same one owner signature. The
+account's ERC-1271 accepts the owner's root signature for `MultichainApproval(root)` and nothing else (see
+`AgentAccount.isValidSignature`), and each leaf names the payer, the chain and the escrow.
+
 Each leaf is the single-chain action (`Grant`, `Revoke`, `InstallSessionKey`, `RevokeSessionKey`) bound to its
 chain id and contract; the contract recomputes the leaf from `block.chainid` and its own address, so a leaf
 (or a payment, grant, install or user operation) signed for one chain is refused on every other. "Revoke
@@ -283,8 +288,10 @@ class MultichainApproval:
         payees: Sequence[str] = (),
         epoch: int = 1,
     ) -> MultichainApproval:
-        """An `AgentEscrow` grant of `signer` on `chain_id` (same rules as `sign_grant_offline`; the payer is
-        the address that signs the root, an EOA)."""
+        """An `AgentEscrow` grant of `signer` on `chain_id` (same rules as `sign_grant_offline`). `payer` is
+        the owner itself (an EOA holding the escrow deposit) or the owner's `AgentAccount` (the account holds
+        the deposit): the account's ERC-1271 accepts the owner's root signature for its own grants on every
+        chain, and `relay_multichain` sends it in the account's form (`root ++ signature`)."""
         if not 1 <= epoch <= 2**32 - 1:
             raise MultichainError(f"epoch {epoch} is not in [1, 2**32 - 1]", code="invalid_epoch")
         message = GrantMessage(
@@ -409,9 +416,25 @@ class MultichainApproval:
 # ---------------------------------------------------------------------------------------------- relaying
 
 
+def _escrow_payer(action: Leaf) -> str | None:
+    if isinstance(action, EscrowGrantLeaf):
+        return action.grant.payer
+    return action.payer if isinstance(action, EscrowRevokeLeaf) else None
+
+
+def _signature(signed: SignedMultichainApproval, action: Leaf) -> bytes:
+    """The owner's signature as the contract checks it: raw for the owner's own escrow grants and for account
+    leaves (checked against the owner key); `root ++ signature` where the escrow asks a payer that is not the
+    owner, i.e. the owner's `AgentAccount`, whose ERC-1271 takes that form for `MultichainApproval(root)`."""
+    payer = _escrow_payer(action)
+    if payer is not None and payer.lower() != signed.owner.lower():
+        return _raw(signed.root) + _raw(signed.signature)
+    return _raw(signed.signature)
+
+
 def _calldata(signed: SignedMultichainApproval, entry: MultichainEntry) -> tuple[bytes, Any]:
-    proof = (_raw(signed.root), [_raw(p) for p in entry.proof], _raw(signed.signature))
     action = entry.action
+    proof = (_raw(signed.root), [_raw(p) for p in entry.proof], _signature(signed, action))
     if isinstance(action, EscrowGrantLeaf):
         g, abi = action.grant, _escrow_abi()
         params = (g.token, g.max_per_call, g.budget, g.valid_after, g.valid_until)
@@ -465,12 +488,16 @@ async def relay_multichain(
                 code="multichain_wrong_chain",
             )
         to = entry.action.contract
-        # A call to an address without code "succeeds" doing nothing: an undeployed account must not pass.
-        if await relayer.rpc.request("eth_getCode", [to, "latest"]) in ("0x", "0x0"):
-            raise MultichainError(
-                f"no contract at {to} on chain {relayer.chain_id} (deploy the account first)",
-                code="multichain_no_contract",
-            )
+        payer = _escrow_payer(entry.action)
+        # A call to an address without code "succeeds" doing nothing: an undeployed account must not pass. An
+        # account payer must be deployed too, or the escrow would find no ERC-1271 to ask.
+        account_payer = payer if payer is not None and payer.lower() != signed.owner.lower() else None
+        for needed in (to, account_payer):
+            if needed and await relayer.rpc.request("eth_getCode", [needed, "latest"]) in ("0x", "0x0"):
+                raise MultichainError(
+                    f"no contract at {needed} on chain {relayer.chain_id} (deploy the account first)",
+                    code="multichain_no_contract",
+                )
         if await _nothing_to_do(relayer, entry.action):
             continue
         data, abi = _calldata(signed, entry)

@@ -6,8 +6,9 @@ Two anvils with distinct chain ids (`escrow.Devnets(2)`) carry the same contract
 `installSessionKeyWithProof`); chains beyond the two running ones are other chain ids in the same tree (their
 leaves weigh on the proof length exactly as real ones would). Beside them, the single-chain forms the owner
 signs once per chain (`grantWithSig`, `installSessionKeyWithSig`), and the revokes (`revokeWithProof` over
-all chains vs `revokeWithSig`). Figures are receipt `gasUsed` (21k intrinsic and calldata included), fresh
-keys each time. The last line printed is one JSON object.
+all chains vs `revokeWithSig`), and a grant whose payer is the owner's `AgentAccount` (ERC-1271: the
+multichain form vs ERC-7739 per chain). Figures are receipt `gasUsed` (21k intrinsic and calldata included),
+fresh keys each time. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -145,6 +146,46 @@ async def _single(side: _Side) -> dict[str, int]:
     }
 
 
+async def _account_payer(sides: list[_Side]) -> dict[str, Any]:
+    """The payer is the owner's `AgentAccount`: the single-chain grant is the owner's ERC-7739 signature (one
+    per chain); the multichain one (2 chains, a grant leaf per chain) asks the account's ERC-1271 with
+    `root ++ signature`."""
+    owner, key = LocalSigner.random(), LocalSigner.random()
+    usdc = sides[0].chain.contracts["usdc"]
+    salt = secrets.randbits(64)
+    accounts = [await s.account(owner.address, salt) for s in sides]
+    terms: dict[str, Any] = {"max_per_call": 2_000, "budget": 50_000, "valid_until": 2**32 - 1}
+    approval = MultichainApproval()
+    for side in sides:
+        approval.grant(
+            chain_id=side.chain.chain_id,
+            escrow=side.escrow.address,
+            payer=accounts[0].address,
+            signer=key.address,
+            token=usdc,
+            epoch=1,
+            **terms,
+        )
+    signed = approval.sign(owner)
+    out: dict[str, Any] = {}
+    for side in sides:
+        (grant,) = await relay_multichain(side.relayer, signed)
+        out[f"chain_{side.chain.chain_id}_grant_with_proof"] = _gas(grant)
+    first = sides[0]
+    single = sign_grant_offline(
+        owner,
+        account=accounts[0].address,
+        chain_id=first.chain.chain_id,
+        escrow=first.escrow.address,
+        signer=LocalSigner.random().address,  # a fresh key: same storage writes as the multichain grant
+        token=usdc,
+        epoch=1,
+        **terms,
+    )
+    out["grant_with_sig_erc7739"] = _gas(await relay_grant(first.escrow, first.relayer, single))
+    return out
+
+
 async def _measure(chains: list[DevnetChain]) -> dict[str, Any]:
     rpcs = [Rpc(c.rpc_url) for c in chains]
     try:
@@ -157,6 +198,7 @@ async def _measure(chains: list[DevnetChain]) -> dict[str, Any]:
         out: dict[str, Any] = {"single_chain": await _single(sides[0])}
         for n in (2, 4, 8):
             out[f"multichain_{n}_chains"] = await _multichain(sides, n)
+        out["account_payer_2_chains"] = await _account_payer(sides)
         single, first = out["single_chain"], chains[0].chain_id
         out["proof_overhead"] = {
             f"{n}_chains": {

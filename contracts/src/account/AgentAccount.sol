@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.26;
 
+import {IERC1271} from "@openzeppelin/contracts/interfaces/IERC1271.sol";
 import {IEntryPoint, PackedUserOperation} from "@openzeppelin/contracts/interfaces/IERC4337.sol";
 import {Account} from "@openzeppelin/contracts/account/Account.sol";
 import {ERC7821} from "@openzeppelin/contracts/account/extensions/draft-ERC7821.sol";
@@ -13,6 +14,7 @@ import {ERC7739} from "@openzeppelin/contracts/utils/cryptography/signers/draft-
 import {SignerECDSA} from "@openzeppelin/contracts/utils/cryptography/signers/SignerECDSA.sol";
 
 import {AccountSessionKeys} from "./AccountSessionKeys.sol";
+import {MultichainApproval} from "../multichain/MultichainApproval.sol";
 
 /**
  * @title AgentAccount
@@ -28,7 +30,8 @@ import {AccountSessionKeys} from "./AccountSessionKeys.sol";
  * - {ERC7821}: `execute(mode, executionData)` batch execution (mode `0x01000000000000000000...`), callable by the
  *   EntryPoint and the account itself;
  * - {ERC7739}: ERC-1271 `isValidSignature` for the owner, with the hash nested in this account's EIP-712 domain so
- *   one owner signature cannot be replayed on another of its accounts; session keys never sign for ERC-1271;
+ *   one owner signature cannot be replayed on another of its accounts; session keys never sign for ERC-1271; plus
+ *   one more form, the owner's multichain approval of a root (see {isValidSignature});
  * - {ERC721Holder} / {ERC1155Holder}: the account can receive NFTs;
  * - {AccountSessionKeys}: session keys, policies, and owner approvals signed offline.
  *
@@ -75,6 +78,28 @@ contract AgentAccount is
         if (owner == address(0)) revert AgentAccountInvalidOwner(owner);
         _setSigner(owner);
         emit AgentAccountInitialized(owner);
+    }
+
+    /**
+     * @notice ERC-1271. Valid signatures are the owner's ERC-7739 nested ones ({ERC7739-isValidSignature}) and one
+     * more form, the owner's AgentPay multichain approval: `signature = root ++ ownerSignature` (32 + 65 bytes) is
+     * valid for `hash` only when `hash` is `MultichainApproval.digest(root)` (the chainless EIP-712 digest of
+     * `MultichainApproval(bytes32 root)`, see {MultichainApproval}) and the owner signed that digest. This is what
+     * lets an escrow's `grantWithProof` / `revokeWithProof` accept this account as the payer from the owner's ONE
+     * signature over many chains.
+     * @dev Sound because the account recomputes the digest from the root it is given: the only hashes this form
+     * validates are AgentPay multichain digests of roots the owner signed. Another protocol's hash (Permit2, an
+     * EIP-3009 or EIP-2612 token, any EIP-712 domain with a chainId or a contract, any personal message) would have
+     * to equal such a digest, a keccak256 collision. An owner of several accounts makes the root valid on each of
+     * them (the domain names no account), so every leaf a contract checks this way must bind the account: the
+     * escrow's `Grant` and `Revoke` name the payer, and every leaf names its chain id and contract.
+     */
+    function isValidSignature(bytes32 hash, bytes calldata signature) public view virtual override returns (bytes4) {
+        if (
+            signature.length == 97 && hash == MultichainApproval.digest(bytes32(signature[:32]))
+                && _rawSignatureValidation(hash, signature[32:])
+        ) return IERC1271.isValidSignature.selector;
+        return super.isValidSignature(hash, signature);
     }
 
     /// @inheritdoc Account
