@@ -121,13 +121,15 @@ def _add_chain(
 ) -> None:
     if not network.escrow:
         raise CliError(f"{network.network} has no escrow in its description")
+
+    def account() -> str:  # the owner's AgentAccount here: named, or the factory's for this owner
+        named = args.account if args.account != "auto" else None
+        return checked_address(named or (spec and spec.account) or run(_account_address(network, owner)))
+
     if spec is None:
         grant = _grant_flags(args, network, now)
+        payer = owner if args.account is None else account()
     else:
-        if spec.payer == "account":
-            raise CliError(
-                "payer = 'account' is not supported in a multichain approval: the owner's own deposit pays"
-            )
         g = spec.grant
         grant = {
             "token": g.token,
@@ -138,12 +140,12 @@ def _add_chain(
             "payees": list(g.payees),
             "epoch": args.epoch or g.epoch,
         }
-    approval.grant(chain_id=network.chain_id, escrow=network.escrow, payer=owner, signer=key, **grant)
+        payer = account() if spec.payer == "account" else owner
+    approval.grant(chain_id=network.chain_id, escrow=network.escrow, payer=payer, signer=key, **grant)
     if spec is not None and spec.account_policy is not None:
-        account = args.account or spec.account or run(_account_address(network, owner))
         approval.install_session_key(
             chain_id=network.chain_id,
-            account=checked_address(account, "account"),
+            account=account(),
             key=key,
             policy=spec.account_policy,
             deadline=now + spec.relay_within,
@@ -161,7 +163,7 @@ def _summary(path: str, approval: ApprovalFile) -> dict[str, Any]:
     }
 
 
-def _from_signed_files(approval: MultichainApproval, paths: Sequence[str], owner: str) -> set[int]:
+def _from_signed_files(approval: MultichainApproval, paths: Sequence[str]) -> set[int]:
     """The grants and installs of offline-signed files (`escrow grant --offline`, `session-key new
     --offline`), as leaves with the same terms, epoch and nonce: the single-chain file and the leaf are the
     same action, so at most one of them ever lands. Returns the chain ids they name."""
@@ -169,12 +171,7 @@ def _from_signed_files(approval: MultichainApproval, paths: Sequence[str], owner
     for path in paths:
         for item in load_signed(path):
             if isinstance(item, SignedGrant):
-                g = item.grant
-                if g.payer.lower() != owner.lower():
-                    raise CliError(
-                        f"{path}: the grant's payer {g.payer} is not the owner {owner} "
-                        "(the payer of a multichain grant is the address that signs the root)"
-                    )
+                g = item.grant  # its payer: the owner, or the owner's account (`show` says which)
                 approval.grant(
                     chain_id=item.chain_id,
                     escrow=item.escrow,
@@ -216,7 +213,7 @@ def _build(args: argparse.Namespace) -> int:
     owner = address_of(args, args.owner)
     now = unix_now()
     approval = MultichainApproval()
-    from_files = _from_signed_files(approval, args.grant, owner)
+    from_files = _from_signed_files(approval, args.grant)
     # With --grant files and no terms, --network files only say how to show amounts on their chains.
     if networks and (args.policy or args.budget or args.max_per_call or not from_files):
         if from_files & set(ids):
@@ -252,7 +249,7 @@ def _leaves(approval: ApprovalFile, amounts: Amounts) -> list[dict[str, Any]]:
             "network": amounts.network(e.action.chain_id),
             "kind": KIND[type(e.action)],
             "contract": e.action.contract,
-            "what": describe(e.action, amounts),
+            "what": describe(e.action, amounts, approval.owner),
             "leaf": "0x" + e.action.leaf().hex(),
             "action": msgspec.to_builtins(e.action),
         }
@@ -392,7 +389,7 @@ def _relay(args: argparse.Namespace) -> int:
                 what = {
                     "index": i + 1,
                     "kind": KIND[type(entry.action)],
-                    "what": describe(entry.action, amounts),
+                    "what": describe(entry.action, amounts, signed.owner),
                 }
                 if state is None:
                     progress(f"relaying leaf {i + 1} ({what['kind']}) on chain {chain_id} ...")
@@ -478,7 +475,11 @@ def _approval(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--payee", action="append", default=[], help="without --policy: allow only this payee")
     build.add_argument("--epoch", type=int, help="the grants' epoch on every chain (default: now)")
     build.add_argument(
-        "--account", metavar="ADDRESS", help="the owner's AgentAccount (default: the factory's)"
+        "--account",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="the owner's AgentAccount (default: the factory's); without --policy, it is also the payer",
     )
     build.add_argument("--out", required=True, metavar="FILE", help="write the unsigned approval here")
     build.add_argument("--devnet", metavar="FILE", help="a devnet state file, for devnet:N references")

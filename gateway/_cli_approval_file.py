@@ -205,14 +205,15 @@ def _policy(policy: SessionPolicy) -> str:
     return ", ".join(parts)
 
 
-def describe(action: Any, amounts: Amounts) -> str:
+def describe(action: Any, amounts: Amounts, owner: str) -> str:
     """One leaf in plain terms: what the chain will do if it is relayed there."""
     c = action.chain_id
     if isinstance(action, EscrowGrantLeaf):
         g = action.grant
         payees = ", ".join(g.payees) if g.payees else "any payee"
+        whose = "the owner" if g.payer.lower() == owner.lower() else "an account taking the owner's signature"
         return (
-            f"key {g.signer} may spend from {g.payer}'s escrow deposit: "
+            f"key {g.signer} may spend from the escrow deposit of {g.payer} ({whose}): "
             f"{amounts.of(c, g.token, g.budget)} budget, {amounts.of(c, g.token, g.max_per_call)} per call, "
             f"payees: {payees}, "
             f"from {_when(g.valid_after)} until {_when(g.valid_until)}, epoch {g.epoch}"

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.chain
 
 PAYEE = "0x" + "7a" * 20
 POLICY = f"""\
+payer = "account"
 relay_within = "30m"
 
 [grant]
@@ -93,11 +94,12 @@ class World:
     def relay(self, path: Path, i: int) -> Any:
         return self.ok("approval", "relay", str(path), "--network", str(self.nets[i]), "--relayer", "relayer")
 
-    def grant(self, i: int) -> Any:
-        chain = self.devnet.chains[i]
+    def grant(self, i: int, payer: str | None = None) -> Any:
+        """The session key's grant on chain i, whose payer is the owner's account (or `payer`)."""
+        chain, payer = self.devnet.chains[i], payer or self.accounts[i]
         return _chain_call(
             chain.rpc_url,
-            lambda rpc: AgentEscrow(rpc, chain.contracts["escrow"]).grant_of(self.owner, self.session),
+            lambda rpc: AgentEscrow(rpc, chain.contracts["escrow"]).grant_of(payer, self.session),
         )
 
     def installed(self, i: int) -> bool:
@@ -146,9 +148,9 @@ def test_build_show_sign_relay_on_both_chains_then_revoke_everywhere(world: Worl
     for chain_id in ids:
         assert f"eip155:{chain_id} ({chain_id})" in text
     assert (
-        f"key {w.session} may spend from {w.owner}'s escrow deposit: $5 USDC budget, $0.01 USDC per call"
-        in text
-    )
+        f"key {w.session} may spend from the escrow deposit of {w.accounts[0]} (an account taking the "
+        "owner's signature): $5 USDC budget, $0.01 USDC per call"
+    ) in text
     assert f"payees: {PAYEE.lower()}" in text.lower()
     assert "transfer(address,uint256)" in text and "arg 1 <= 500000" in text
     as_json = w.ok("approval", "show", str(unsigned))
@@ -272,6 +274,7 @@ def test_tampered_or_misdirected_approvals_are_refused(world: World) -> None:
         f"serves chain {ids[1]}, but the network names chain {ids[0]}",
     )
     assert not w.grant(1).live and not w.installed(1) and not w.grant(0).live
+    assert not w.grant(0, payer=w.owner).live
 
 
 def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: World) -> None:
@@ -292,7 +295,8 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
     nets = [a for n in w.nets for a in ("--network", str(n))]  # no terms: display notes only
     built = w.ok("approval", "build", "--owner", "owner", *files, *nets, "--out", str(unsigned))
     assert built["leaves"] == 2
-    assert "$3 USDC budget, $0.02 USDC per call" in w.run("approval", "show", str(unsigned)).out
+    shown = w.run("approval", "show", str(unsigned)).out
+    assert f"{w.owner} (the owner): $3 USDC budget, $0.02 USDC per call" in shown
 
     typed = w.ok("approval", "show", str(unsigned), "--typed-data")
     assert typed["domain"] == {"name": "AgentPay Multichain", "version": "1"}  # no chainId: one for all
@@ -305,7 +309,7 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
     w.ok("approval", "sign", str(unsigned), "--signature", signature, "--out", str(signed))
     for i in range(2):
         assert [r["kind"] for r in w.relay(signed, i)["relayed"]] == ["escrow grant"]
-        grant = w.grant(i)
+        grant = w.grant(i, payer=w.owner)
         assert grant.live and (grant.epoch, grant.budget, grant.max_per_call) == (7, 3_000_000, 20_000)
     # The single-chain file of the same grant is now spent (same epoch): at most one of the two ever lands.
     refused = w.run("relay", files[1], "--network", str(w.nets[0]), "--relayer", "relayer")
