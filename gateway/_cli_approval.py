@@ -354,7 +354,9 @@ async def _applied(chain: Chain, action: Any) -> str | None:
         )
     if isinstance(action, SessionKeyRevokeLeaf):
         return (
-            None if (await account.session_key(action.key)).installed else "already applied (not installed)"
+            None
+            if (await account.session_key(action.key)).installed
+            else "not installed here: nothing to remove"
         )
     return "already applied (nonce used)" if await account.approval_nonce_used(action.nonce) else None
 
@@ -384,8 +386,8 @@ def _relay(args: argparse.Namespace) -> int:
                     f"{args.file} has no leaf for chain {chain_id} (it has chains {signed.chain_ids})"
                 )
             relayed, skipped = [], []
-            states = [await _applied(chain, e.action) for _, e in mine]  # all read before sending any
-            for (i, entry), state in zip(mine, states, strict=True):
+            for i, entry in mine:
+                state = await _applied(chain, entry.action)  # read just before: earlier leaves count
                 what = {
                     "index": i + 1,
                     "kind": KIND[type(entry.action)],

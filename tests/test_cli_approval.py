@@ -314,3 +314,17 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
     # The single-chain file of the same grant is now spent (same epoch): at most one of the two ever lands.
     refused = w.run("relay", files[1], "--network", str(w.nets[0]), "--relayer", "relayer")
     assert_one_line_error(refused, "EscrowStaleEpoch")
+
+    # Revoking on one chain only: the other stays live, and the revoke file has nothing for it.
+    ids = [c.chain_id for c in w.devnet.chains]
+    revoke = w.tmp / "revoke-a.json"
+    assert (
+        w.ok("approval", "revoke", str(signed), "--chain", str(ids[0]), "--out", str(revoke))["leaves"] == 1
+    )
+    w.ok("approval", "sign", str(revoke), "--key", "owner", "--out", str(revoke))
+    assert [r["kind"] for r in w.relay(revoke, 0)["relayed"]] == ["escrow revoke"]
+    assert not w.grant(0, payer=w.owner).live and w.grant(1, payer=w.owner).live
+    assert_one_line_error(
+        w.run("approval", "relay", str(revoke), "--network", str(w.nets[1]), "--relayer", "relayer"),
+        f"has no leaf for chain {ids[1]}",
+    )
