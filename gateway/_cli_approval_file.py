@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from eth_abi.exceptions import EncodingError
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
@@ -30,7 +31,7 @@ from escrow._multichain import (
 )
 from escrow.accounts._policy import ArgCondition, CallPermission, SessionPolicy
 from escrow.chain._merkle import MerkleTree, approval_digest, verify_proof
-from x402 import Network
+from x402 import Network, X402Error
 from x402._signer import recover_hash
 
 from ._cli_common import CliError, checked_address
@@ -90,10 +91,12 @@ def load_approval(path: str) -> ApprovalFile:
         raise CliError(f"cannot read {path}: {exc.strerror}") from None
     try:
         approval = msgspec.json.decode(data, type=ApprovalFile)
-        approval.owner and checked_address(approval.owner, "owner")
+        checked_address(approval.owner, "owner")
         [raw(p) for e in approval.entries for p in (approval.root, *e.proof)]
-    except (msgspec.DecodeError, ValueError, CliError) as exc:
+        [e.action.leaf() for e in approval.entries]  # every address and number encodes
+    except (msgspec.DecodeError, ValueError, TypeError, EncodingError, CliError) as exc:
         raise CliError(f"{path}: not a multichain approval file: {exc}") from None
+    # A `SignedMultichainApproval.dump` file has no `type`: it decodes with the default and is read too.
     if approval.type != FILE_TYPE or not approval.entries:
         raise CliError(f"{path}: not a multichain approval file (type {FILE_TYPE!r} with entries)")
     return approval
@@ -123,8 +126,8 @@ def check_approval(path: str, approval: ApprovalFile) -> str | None:
         return None
     try:
         signer = recover_hash(approval_digest(root), raw(approval.signature))
-    except ValueError:
-        raise CliError(f"{path}: the signature is malformed") from None
+    except (ValueError, X402Error) as exc:
+        raise CliError(f"{path}: the signature is malformed: {exc}") from None
     if signer.lower() != approval.owner.lower():
         raise CliError(f"{path}: the root is signed by {signer}, not by the owner {approval.owner}")
     return str(to_checksum_address(signer))

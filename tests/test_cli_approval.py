@@ -14,10 +14,17 @@ from typing import Any
 
 import pytest
 
-from escrow import AgentAccount, AgentEscrow, Devnets, DevnetState, Rpc, write_devnet_networks
+from escrow import (
+    AgentAccount,
+    AgentEscrow,
+    Devnets,
+    DevnetState,
+    MultichainApproval,
+    Rpc,
+    write_devnet_networks,
+)
 from tests._cli_helpers import Result, assert_one_line_error, cli
-
-pytestmark = pytest.mark.chain
+from x402 import LocalSigner
 
 PAYEE = "0x" + "7a" * 20
 POLICY = f"""\
@@ -131,6 +138,7 @@ def world(
     return World(devnet, nets, tmp_path, capsys)
 
 
+@pytest.mark.chain
 def test_build_show_sign_relay_on_both_chains_then_revoke_everywhere(world: World) -> None:
     w = world
     ids = [c.chain_id for c in w.devnet.chains]
@@ -210,6 +218,7 @@ def test_build_show_sign_relay_on_both_chains_then_revoke_everywhere(world: Worl
         assert not w.grant(i).live
 
 
+@pytest.mark.chain
 def test_tampered_or_misdirected_approvals_are_refused(world: World) -> None:
     w = world
     ids = [c.chain_id for c in w.devnet.chains]
@@ -277,6 +286,7 @@ def test_tampered_or_misdirected_approvals_are_refused(world: World) -> None:
     assert not w.grant(0, payer=w.owner).live
 
 
+@pytest.mark.chain
 def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: World) -> None:
     """The per-chain files `agentpay escrow grant --offline` writes become one approval (the same terms and
     epochs), signed by a wallet over `show --typed-data` (here eth-account's `sign_typed_data`)."""
@@ -328,3 +338,44 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
         w.run("approval", "relay", str(revoke), "--network", str(w.nets[1]), "--relayer", "relayer"),
         f"has no leaf for chain {ids[1]}",
     )
+
+
+def _python_api_file(path: Path) -> dict[str, Any]:
+    """A signed approval from the Python API (`SignedMultichainApproval.dump`: no `type`, no notes)."""
+    owner = LocalSigner.random()
+    approval = MultichainApproval()
+    for chain_id in (8453, 42161):
+        approval.grant(
+            chain_id=chain_id, escrow="0x" + "22" * 20, payer=owner.address, signer="0x" + "33" * 20,
+            token="0x" + "44" * 20, max_per_call=1_000, budget=20_000, valid_until=2**32 - 1,
+        )  # fmt: skip
+    approval.sign(owner).dump(path)
+    return dict(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"signature": "0x1234"}, "the signature is malformed"),
+        ({"root": "0x" + "00" * 32}, "is not under the root"),
+        ({"escrow": "0xzz"}, "not a multichain approval file"),
+        ({"budget": -1}, "not a multichain approval file"),
+        ({"chainId": "8453"}, "not a multichain approval file"),
+        ({"kind": "transfer"}, "not a multichain approval file"),
+        ({"entries": []}, "not a multichain approval file"),
+    ],
+)
+def test_show_refuses_malformed_files_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "approval.json"
+    data = _python_api_file(path)
+    shown = cli(capsys, "approval", "show", str(path))
+    assert shown.code == 0 and "2 leaves on 2 chains" in shown.out  # the Python API's file is read as is
+    assert "20000 atomic units of 0x4444" in shown.out  # no notes: no token is guessed
+    [(name, value)] = change.items()
+    action = data["entries"][0]["action"]
+    target = data if name in data else action if name in action else action["grant"]
+    target[name] = value
+    path.write_text(json.dumps(data))
+    assert_one_line_error(cli(capsys, "approval", "show", str(path)), message)
