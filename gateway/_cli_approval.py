@@ -281,6 +281,12 @@ def _show(args: argparse.Namespace) -> int:
         ("root", f"{approval.root}  <- what the wallet shows (MultichainApproval, no chain id)"),
         ("digest", f"{result['digest']}  <- the EIP-712 hash a blind-signing device shows"),
         (
+            "amounts",
+            "in the units of your --network files"
+            if args.network
+            else "token symbols and decimals from the file (unsigned notes; --network FILE: yours)",
+        ),
+        (
             "checked",
             f"{len(leaves)} leaves on {len(result['chain_ids'])} chains; the root commits to exactly these",
         ),

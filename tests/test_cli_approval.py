@@ -161,6 +161,9 @@ def test_build_show_sign_relay_on_both_chains_then_revoke_everywhere(world: Worl
     ) in text
     assert f"payees: {PAYEE.lower()}" in text.lower()
     assert "transfer(address,uint256)" in text and "arg 1 <= 500000" in text
+    # With the owner's own description of one chain only, the other chain's amounts are not guessed.
+    mine = w.run("approval", "show", str(unsigned), "--network", str(w.nets[0])).out
+    assert mine.count("$5 USDC budget") == 1 and mine.count("5000000 atomic units of 0x") == 1
     as_json = w.ok("approval", "show", str(unsigned))
     assert as_json["signer"] is None and len(as_json["entries"]) == 4
     assert {e["kind"] for e in as_json["entries"]} == {"escrow grant", "session-key install"}
