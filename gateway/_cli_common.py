@@ -290,12 +290,23 @@ def add_chain_args(parser: argparse.ArgumentParser) -> None:
         help="a network description, JSON or TOML (default: $AGENTPAY_NETWORK)",
     )
     group.add_argument("--rpc", metavar="URL", help="the node to use (default: the description's rpc_url)")
+    group.add_argument(
+        "--chain",
+        metavar="ID",
+        help="with --devnet: which chain of a several-chain devnet (chain id or label; default: the first)",
+    )
 
 
 def network_of(args: argparse.Namespace) -> Network:
     """The network named on the command line; reads files only, never the node."""
     if args.devnet:
-        network = network_of_devnet(DevnetState.load(args.devnet))
+        state, chain = DevnetState.load(args.devnet), getattr(args, "chain", None)
+        if chain is None and args.network and len(state.chains) > 1:
+            raise CliError(
+                f"--devnet {args.devnet} has {len(state.chains)} chains and --network is ignored with it: "
+                "name one with --chain ID, or drop --devnet"
+            )
+        network = network_of_devnet(state, chain=int(chain) if chain and chain.isdigit() else chain)
     elif args.network:
         if not Path(args.network).is_file():
             raise CliError(f"unknown network {args.network!r}: no such description file")

@@ -53,7 +53,9 @@ def two_chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Devne
     with Devnets(2) as state:
         if state.backend != "anvil":
             pytest.skip("funds fresh keys with anvil_setBalance")
-        written = write_devnet_networks(state, tmp_path_factory.mktemp("devnet") / "devnet.json")
+        path = tmp_path_factory.mktemp("devnet") / "devnet.json"
+        written = write_devnet_networks(state, path)
+        written.dump(path)  # what `agentpay devnet up --chains 2` writes
         yield written, [Path(c.network_file) for c in written.chains]
 
 
@@ -296,6 +298,7 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
     from eth_account import Account
 
     w = world
+    ids = [c.chain_id for c in w.devnet.chains]
     files = []
     for i, net in enumerate(w.nets):
         path = w.tmp / f"grant-{i}.json"
@@ -320,8 +323,19 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
     assert_one_line_error(w.run("approval", "sign", str(unsigned), "--signature", wrong), "not by the owner")
     signed = w.tmp / "from-grants.signed.json"
     w.ok("approval", "sign", str(unsigned), "--signature", signature, "--out", str(signed))
+    # A several-chain devnet state names its chain with --chain (alone, --network beside it is ambiguous).
+    state = str(Path(w.nets[0]).with_name("devnet.json"))
+    assert_one_line_error(
+        w.run("approval", "relay", str(signed), "--devnet", state, "--network", str(w.nets[1]), "--relayer",
+              "relayer"),
+        "has 2 chains", "--chain",
+    )  # fmt: skip
+    on_b = w.ok(
+        "approval", "relay", str(signed), "--devnet", state, "--chain", str(ids[1]), "--relayer", "devnet:5"
+    )
+    assert on_b["chain_id"] == ids[1] and [r["kind"] for r in on_b["relayed"]] == ["escrow grant"]
+    assert [r["kind"] for r in w.relay(signed, 0)["relayed"]] == ["escrow grant"]
     for i in range(2):
-        assert [r["kind"] for r in w.relay(signed, i)["relayed"]] == ["escrow grant"]
         grant = w.grant(i, payer=w.owner)
         assert grant.live and (grant.epoch, grant.budget, grant.max_per_call) == (7, 3_000_000, 20_000)
     # The single-chain file of the same grant is now spent (same epoch): at most one of the two ever lands.
@@ -329,7 +343,6 @@ def test_offline_grant_files_and_a_wallet_signature_make_one_approval(world: Wor
     assert_one_line_error(refused, "EscrowStaleEpoch")
 
     # Revoking on one chain only: the other stays live, and the revoke file has nothing for it.
-    ids = [c.chain_id for c in w.devnet.chains]
     revoke = w.tmp / "revoke-a.json"
     assert (
         w.ok("approval", "revoke", str(signed), "--chain", str(ids[0]), "--out", str(revoke))["leaves"] == 1
