@@ -66,6 +66,7 @@ from ._channels import (
 )
 from ._metering import PAID_SCOPE_KEY, Meter
 from ._pricing import Amount, Asset, to_atomic
+from ._session_deposit import SessionDeposits
 from ._session_settle import SessionSettling, pack_voucher
 from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
 from ._store import PaymentStore
@@ -77,8 +78,11 @@ __all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 log = logging.getLogger("agentpay.gateway.session")
 
 
-class SessionPaywall(SessionSettling):
-    """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels."""
+class SessionPaywall(SessionDeposits, SessionSettling):
+    """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels.
+
+    `fee_payer`: offer server-submitted opens and top-ups (the chain's sender relays the payer's signed
+    deposit and pays the gas, see `_session_deposit`)."""
 
     def __init__(
         self,
@@ -94,8 +98,14 @@ class SessionPaywall(SessionSettling):
         settler: ChannelSettler | None = None,
         settle_every: Amount = 0,
         challenge_ttl: float = 300.0,
+        fee_payer: bool = False,
     ) -> None:
         self.app = app
+        self.fee_payer = fee_payer
+        self._relaying: dict[str, asyncio.Lock] = {}
+        self._relayed: dict[str, str] = {}
+        self.relay_transactions: list[str] = []
+        self.relay_gas = 0
         self.routes = dict(routes)
         self.chain = chain
         self.asset = asset
@@ -181,9 +191,11 @@ class SessionPaywall(SessionSettling):
                 "chainId": self.chain.chain_id,
                 "escrowContract": self.chain.escrow,
                 "minVoucherDelta": "0",
-                "credentialTypes": ["hash"],
+                "credentialTypes": self.credential_types,
             },
         }
+        if self.fee_payer:
+            request["methodDetails"]["feePayer"] = True
         if route.suggested_deposit is not None:
             request["suggestedDeposit"] = str(to_atomic(route.suggested_deposit, self.asset.decimals))
         return request
@@ -207,7 +219,7 @@ class SessionPaywall(SessionSettling):
     async def _problem(self, send: Send, route: SessionRoute, exc: SessionProblem | X402Error) -> None:
         kind = exc.kind if isinstance(exc, SessionProblem) else "invalid-credential"
         body: dict[str, Any] = {
-            "type": PROBLEMS + kind,
+            "type": exc.type if isinstance(exc, SessionProblem) else PROBLEMS + kind,
             "title": kind.replace("-", " "),
             "status": exc.status_hint,
             "detail": exc.message,
@@ -366,8 +378,14 @@ class SessionPaywall(SessionSettling):
             if expires is not None and expires.timestamp() < time.time():
                 raise SessionProblem("challenge-expired", "the challenge has expired")
             action = parse_session_payload(credential.payload)
+            self._check_type(action)
             await self._open_store()
+            deposit = action.deposit  # processed first: if it fails, the whole credential is refused
+            if deposit is not None and deposit.kind == "open":
+                await self._relay(action, deposit, None)
             ch = await self._channel(action.channel)
+            if deposit is not None and deposit.kind == "topUp":
+                await self._relay(action, deposit, ch.info.payer)
         except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
             log.warning("reading channel failed: %s", exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
