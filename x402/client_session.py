@@ -438,6 +438,10 @@ class SessionClient:
         if held is not None:  # the channel ends at what was spent: nothing more is authorized
             held.release()
         response = await self.http.post(url, headers=self._auth(challenge, payload))
+        if response.status_code == 503 and "close-pending" in response.text:
+            # Sent, not yet mined: the server waits for that transaction. Ask again (`close`) for its outcome.
+            self.channels[key] = ch
+            raise X402Error(f"close pending: {response.text[:200]}", code="close_pending")
         if response.status_code != 204:
             raise X402Error(
                 f"close refused: {response.status_code} {response.text[:200]}", code="close_refused"
