@@ -83,8 +83,7 @@ class SessionDeposits:
             )
             if made != cid:
                 raise SessionProblem("channel-mismatch", "the authorization opens another channel")
-            if action.action == "open":
-                self._check_opening_voucher(action, deposit)
+            self._check_opening_voucher(action, deposit)  # the open's voucher, or the one it comes with
         elif payer is None or deposit.payer.lower() != payer.lower():
             raise SessionProblem("signer-mismatch", "only the channel's payer may top it up")
         async with self._relaying.setdefault(cid, asyncio.Lock()):
@@ -120,7 +119,7 @@ class SessionDeposits:
             self.relay_gas += gas
 
     def _check_opening_voucher(self, action: SessionAction, deposit: DepositAuthorization) -> None:
-        """The open's voucher must be the channel's signer's before the gateway pays for the channel."""
+        """The voucher must be the channel's signer's before the gateway pays for the channel."""
         assert action.cumulative is not None and action.signature is not None
         signer = deposit.payer if int(deposit.authorized_signer, 16) == 0 else deposit.authorized_signer
         verifier = VoucherVerifier(

@@ -308,3 +308,31 @@ def test_the_relayed_nonce_binds_the_channel_terms(
         assert open_nonce(**changed) != signed.nonce
     top = top_up_nonce(channel=signed.channel_id, amount=deposit, payer=payer.address, salt=salt)
     assert top != top_up_nonce(channel=signed.channel_id, amount=deposit + 1, payer=payer.address, salt=salt)
+
+
+async def test_a_first_voucher_carrying_the_open_is_paid_in_one_round_trip(devnet: DevnetState) -> None:
+    async with session(devnet, fee_payer=True) as s:
+        payer, key = await _gasless_payer(s, devnet), LocalSigner.random()
+        opening = _open_payload(s, devnet, payer, key, now=await s.rpc.block_timestamp())
+        cid = opening["channelId"]
+        deposit = {
+            k: v for k, v in opening.items() if k not in ("channelId", "cumulativeAmount", "voucherSignature")
+        }
+        signature = sign_voucher(key, chain_id=devnet.chain_id, escrow=s.escrow, channel=cid, cumulative=250)
+        body = {"action": "voucher", "channelId": cid, "cumulativeAmount": "250", "signature": signature}
+        # signed by another key: refused before the gateway pays for anything
+        forged = sign_voucher(
+            LocalSigner.random(), chain_id=devnet.chain_id, escrow=s.escrow, channel=cid, cumulative=250
+        )
+        sent = await _nonce(s, s.payee)
+        r = await s.client.http.get(
+            "/once", headers=_auth(s, "/once", {**body, "signature": forged, "deposit": deposit})
+        )
+        assert r.status_code == 402 and r.json()["type"].endswith("signer-mismatch"), r.text
+        assert await _nonce(s, s.payee) == sent and not (await s.paywall.chain.channel(cid)).exists
+        r = await s.client.http.get("/once", headers=_auth(s, "/once", {**body, "deposit": deposit}))
+        assert r.status_code == 200, r.text
+        info = await s.paywall.chain.channel(cid)
+        assert info.deposit == DEPOSIT and info.payer.lower() == payer.address.lower()
+        assert info.authorized_signer.lower() == key.address.lower()
+        assert await s.balance(payer.address) == FUNDS - DEPOSIT and await _nonce(s, s.payee) == sent + 1
