@@ -382,10 +382,10 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             await self._open_store()
             deposit = action.deposit  # processed first: if it fails, the whole credential is refused
             if deposit is not None and deposit.kind == "open":
-                await self._relay(action, deposit, None)
+                await self._relay(action, deposit, None, minimum=self._least_deposit(route))
             ch = await self._channel(action.channel)
             if deposit is not None and deposit.kind == "topUp":
-                await self._relay(action, deposit, ch.info.payer)
+                await self._relay(action, deposit, ch.info.payer, minimum=0)
         except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
             log.warning("reading channel failed: %s", exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))

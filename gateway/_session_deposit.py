@@ -8,6 +8,7 @@ The relayer's gas is the attack surface, so before anything is sent:
 - the authorization pays the escrow (`to`), and its nonce is the one the contract recomputes from this
   payee, this token and the credential's salt and signer (or channel, amount and top-up salt): a signature
   for any other channel, payee, token or escrow is refused with no chain call;
+- a relayed open holds at least one request's maximum (or the route's suggested deposit);
 - an open names exactly the channel its fields make (`channelId` recomputed with this escrow and chain), and
   its opening voucher is signed by the channel's signer; a top-up's payer is the channel's payer;
 - a deposit already relayed (same channel for an open, same nonce for a top-up) is not sent again, and two
@@ -27,8 +28,8 @@ from x402 import X402Error
 from x402._session import DepositAuthorization, SessionAction, VoucherVerifier, channel_id
 
 from ._channels import ChannelChain
-from ._pricing import Asset
-from ._session_state import SessionProblem
+from ._pricing import Asset, to_atomic
+from ._session_state import SessionProblem, SessionRoute
 
 __all__ = ["SessionDeposits"]
 
@@ -61,9 +62,22 @@ class SessionDeposits:
                     base="https://paymentauth.org/problems/",
                 )
 
-    async def _relay(self, action: SessionAction, deposit: DepositAuthorization, payer: str | None) -> None:
+    def _least_deposit(self, route: SessionRoute) -> int:
+        """The least a relayed open must hold: one request's maximum, or the route's suggested deposit (the
+        gateway pays an open's gas, about 190k: not for a channel too small to pay for one request)."""
+        most = to_atomic(route.unit_price, self.asset.decimals) * route.units
+        suggested = route.suggested_deposit
+        return max(most, 0 if suggested is None else to_atomic(suggested, self.asset.decimals))
+
+    async def _relay(
+        self, action: SessionAction, deposit: DepositAuthorization, payer: str | None, *, minimum: int
+    ) -> None:
         """Relay `deposit` for `action.channel` (`payer`: the open channel's payer, for a top-up)."""
         escrow, token, cid = self.chain.escrow.lower(), self.asset.address, action.channel
+        if deposit.value < minimum:
+            raise SessionProblem(
+                "deposit-too-small", f"a channel this gateway opens must hold at least {minimum}"
+            )
         if deposit.to.lower() != escrow:
             raise SessionProblem("invalid-signature", "the authorization pays another contract")
         expected = deposit.expected_nonce(payee=self.pay_to, token=token, channel=cid)

@@ -149,6 +149,10 @@ async def test_a_relayed_authorization_opens_only_its_channel_once_and_never_cos
         await refused(
             _open_payload(s, devnet, payer, key, now=now, channels=s.payer), 402, "invalid-signature"
         )
+        # too small to pay for one request of the route (its maximum, 100 units of /meter): not worth the gas
+        await refused(
+            _open_payload(s, devnet, payer, key, now=now, deposit=100 * UNIT - 1), 402, "deposit-too-small"
+        )
         # the opening voucher is not the session key's
         forged = sign_voucher(
             LocalSigner.random(),
