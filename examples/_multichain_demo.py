@@ -1,14 +1,18 @@
 """The demo's two-chain part: one owner signature, and the session key pays a sub-agent on each chain.
 
 The devnet runs two chains that look like Base and Arbitrum (their chain ids, USDC at their canonical
-addresses). The owner's escrow deposit on each chain is funded by a treasury (`depositFor`: the owner key
-stays offline). The owner signs ONE `MultichainApproval` offline: an EIP-712 signature over a Merkle root
-whose leaves are an escrow grant per chain, each bound to its chain id and escrow; a relayer sends each
-chain its leaf with its proof (`relay_multichain`), and the first chain's leaf, sent to the second chain, is
-refused there. One sub-agent prices its work on Base, one on Arbitrum; the orchestrator holds one
-`WalletSet` (a session-key wallet per chain, a spend cap per network) and pays both; each sub-agent settles
-its payments in one batch on its own chain. A payment the key signs under Base's EIP-712 domain, presented
-on Arbitrum, is refused. Every balance is checked to the unit, on each chain.
+addresses). The orchestrator's money lives in its `AgentAccount`, at the same address on both chains (same
+factory, owner and salt): deployed on Base by the first part of the demo, funded but not yet deployed on
+Arbitrum. The owner signs ONE `MultichainApproval` offline: an EIP-712 signature over a Merkle root whose
+leaves are the session key's install on the Arbitrum account and an escrow grant per chain whose payer is
+the account, each leaf bound to its chain id and contract. A relayer deploys the account on Arbitrum and
+sends each chain its leaves with their proofs (`relay_multichain`); the Base grant leaf, sent to Arbitrum,
+is refused there. On each chain the session key moves money from the account into its escrow deposit (one
+sponsored UserOperation its account policy allows: `[approve, deposit]`, capped). One sub-agent prices its
+work on Base, one on Arbitrum; the orchestrator holds one `WalletSet` (a session-key wallet per chain, a
+spend cap per network) and pays both; each sub-agent settles its payments in one batch on its own chain. A
+payment the key signs under Base's EIP-712 domain, presented on Arbitrum, is refused. Every balance is
+checked to the unit, on each chain.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import httpx
 import msgspec
 
 from escrow import (
+    AgentAccount,
     AgentEscrow,
+    Bundler,
     DevnetChain,
     DevnetState,
     Erc20,
@@ -30,7 +36,9 @@ from escrow import (
     MultichainApproval,
     MultichainError,
     Rpc,
+    SessionKey,
     SignedMultichainApproval,
+    SponsorService,
     TxSender,
     relay_multichain,
 )
@@ -45,15 +53,19 @@ from x402 import (
 from x402.client import PaymentAuth, SpendPolicy, WalletSet, receipt_of
 from x402.client_escrow import EscrowWallet
 
+from ._escrow_setup import top_up_calls, top_up_policy
 from ._escrow_subagents import SubAgent, serving
 
 __all__ = ["pay_on_two_chains"]
 
 USDC = 10**6
-DEPOSIT = 1 * USDC  # the owner's escrow deposit on each chain, funded by the treasury
+FUNDS = 10 * USDC  # what the account holds on the second chain before it even exists there
+DEPOSIT = 1 * USDC  # what the session key moves from the account into the escrow, on each chain
+TOP_UP_CAP = 10 * USDC  # the most one top-up may move (the second chain's account policy)
 MAX_PER_CALL = 5_000  # each chain's grant: $0.005 per call...
 BUDGET = 50_000  # ...$0.05 in all, on that chain
 PER_NETWORK = 30_000  # the orchestrator's own cap on each network (its spend policy)
+WINDOW = 3600  # the grants, the install and the key's account policy are valid for one hour
 TREASURY, RELAYER, SETTLER = 0, 3, 5  # devnet accounts (the same index on each chain)
 # (sub-agent, path, price, calls) per chain, in the devnet's chain order.
 PLAN = (("researcher", "/research", 3_000, 4), ("analyst", "/analyze", 2_000, 3))
@@ -71,13 +83,17 @@ def short(address: str) -> str:
 
 @dataclass
 class Side:
-    """One chain as the demo sees it: its node, escrow and token, a relayer, and the sub-agent paid there."""
+    """One chain as the demo sees it: its node, escrow and token, the orchestrator's account there, a relayer
+    (who also bundles the account's UserOperations, sponsored by the chain's paymaster), and the sub-agent
+    paid there."""
 
     chain: DevnetChain
     rpc: Rpc
     escrow: AgentEscrow
     usdc: Erc20
+    account: AgentAccount
     relayer: TxSender
+    sponsor: SponsorService
     agent: SubAgent
     path: str
     calls: int
@@ -90,8 +106,9 @@ class Side:
 async def pay_on_two_chains(
     state: DevnetState, workdir: Path, say: Say, *, owner: Signer, session: Signer
 ) -> bool:
-    """The two-chain step on `state`'s first two chains: `owner` (offline) authorises `session` on both,
-    `session` pays a sub-agent on each. Prints every step; True when every balance moved exactly."""
+    """The two-chain step on `state`'s first two chains: `owner` (offline) authorises `session` on its
+    account on both, `session` pays a sub-agent on each from the account's escrow deposit there. Prints every
+    step; True when every balance moved exactly."""
     if len(state.chains) < 2:
         say("two chains", "skipped: this devnet runs one chain")
         return True
@@ -107,13 +124,24 @@ async def pay_on_two_chains(
                 routes={path: price},
                 chain=chain.label,
             )
+            # The same factory, owner and salt on every chain: the same account address on every chain.
+            account = await AgentAccount.counterfactual(
+                rpc, factory=chain.contracts["account_factory"], owner=owner.address
+            )
+            sponsor = SponsorService(
+                paymaster=chain.contracts["paymaster"],
+                signer=LocalSigner(state.accounts[TREASURY].private_key),
+                chain_id=chain.chain_id,
+            )
             sides.append(
                 Side(
                     chain,
                     rpc,
                     AgentEscrow(rpc, chain.contracts["escrow"]),
                     Erc20(rpc, chain.contracts["usdc"]),
+                    account,
                     TxSender(rpc, state.accounts[RELAYER].private_key, chain_id=chain.chain_id),
+                    sponsor,
                     agent,
                     path,
                     calls,
@@ -134,27 +162,28 @@ async def _two_chains(
         f"{a.label} (chain {a.chain.chain_id}) and {b.label} (chain {b.chain.chain_id}): the same contracts,"
         " each chain's own USDC",
     )
-    # The treasury funds the owner's escrow deposit on each chain; the owner key never touches a node.
-    for side in sides:
-        bank = TxSender(side.rpc, state.accounts[TREASURY].private_key, chain_id=side.chain.chain_id)
-        await bank.transact(
-            side.usdc.address, side.usdc.approve_calldata(side.escrow.address, DEPOSIT), gas=100_000
+    account = a.account.address
+    if b.account.address != account:
+        say(
+            "account?",
+            f"the account is {short(account)} on {a.label}, {short(b.account.address)} on {b.label}",
         )
-        await bank.transact(
-            side.escrow.address,
-            side.escrow.abi.encode("depositFor", owner.address, side.usdc.address, DEPOSIT),
-            gas=150_000,
-        )
+        return False
+    # The account's money on the second chain arrives before the account exists there.
+    bank = TxSender(b.rpc, state.accounts[TREASURY].private_key, chain_id=b.chain.chain_id)
+    await bank.transact(b.usdc.address, b.usdc.abi.encode("mint", account, FUNDS), gas=100_000)
     say(
-        "funded",
-        f"the treasury deposited {usd(DEPOSIT)} USDC for owner {short(owner.address)} in each chain's"
-        " escrow (depositFor)",
+        "account",
+        f"the owner's account {short(account)}, the same address on both chains (same factory, owner, salt):",
     )
+    say("", f"deployed on {a.label}; on {b.label} it holds {usd(FUNDS)} USDC and no ETH, not deployed yet")
 
     grants = await _authorise(sides, workdir, say, owner=owner, session=session)
     if grants is None:
         return False
-    before = await _read(sides, owner.address)
+    before = await _read(sides, account)
+    if not await _top_up(sides, session, say):
+        return False
 
     async with serving(*(side.agent for side in sides)):
         for side in sides:
@@ -204,31 +233,52 @@ async def _two_chains(
                 say("LOST", f"{side.agent.name}: {stats.dead} payments could not be settled")
                 return False
 
-    after = await _read(sides, owner.address)
-    return await _check(sides, before, after, owner.address, session.address, say)
+    after = await _read(sides, account)
+    return await _check(sides, before, after, account, session.address, say)
 
 
 async def _authorise(
     sides: list[Side], workdir: Path, say: Say, *, owner: Signer, session: Signer
 ) -> list[GrantMessage] | None:
-    """The owner's ONE offline signature authorising `session` on every chain (a Merkle root over a grant
-    leaf per chain), relayed on each chain by someone else; the grants (None: something was not refused).
+    """The owner's ONE offline signature: the session key installed on the second chain's account (the first
+    chain's account installed it from the demo's first file), and an escrow grant per chain whose payer is
+    the account. A relayer deploys the second chain's account and sends each chain its leaves; the grants
+    (None: something was not refused).
 
-    Before the second chain gets its own leaf, the first chain's leaf is sent there: refused on chain."""
-    now = await sides[0].rpc.block_timestamp()
+    Before the second chain gets its own leaves, the first chain's grant leaf is sent there: refused."""
+    a, b = sides
+    account = a.account.address
+    now = await a.rpc.block_timestamp()
+    # A grant names an epoch above the current one on its chain (the account granted this key at epoch 1 on
+    # the first chain): one epoch above every chain's, so the grant reads the same everywhere.
+    epoch = 1 + max([(await side.escrow.grant_of(account, session.address)).epoch for side in sides])
     approval = MultichainApproval()
+    approval.install_session_key(
+        chain_id=b.chain.chain_id,
+        account=account,
+        key=session.address,
+        policy=top_up_policy(
+            usdc=b.usdc.address,
+            escrow=b.escrow.address,
+            cap=TOP_UP_CAP,
+            valid_until=now + WINDOW,
+            max_uses=5,
+        ),
+        deadline=now + WINDOW,
+    )
     for side in sides:
         approval.grant(
             chain_id=side.chain.chain_id,
             escrow=side.escrow.address,
-            payer=owner.address,
+            payer=account,
             signer=session.address,
             token=side.usdc.address,
             max_per_call=MAX_PER_CALL,
             budget=BUDGET,
             valid_after=now - 60,
-            valid_until=now + 3600,
+            valid_until=now + WINDOW,
             payees=[side.agent.pay_to],
+            epoch=epoch,
         )
     file = workdir / "multichain-approval.json"
     approval.sign(owner).dump(file)  # the one signature; the owner key goes back offline
@@ -238,11 +288,18 @@ async def _authorise(
         "offline",
         f"the owner signed 1 approval for {len(signed.chain_ids)} chains: {file.name}, one EIP-712 signature",
     )
-    say("", f"over Merkle root {signed.root[:10]}… of a grant leaf per chain (each leaf names its chain id)")
-    a, b = sides
+    say(
+        "",
+        f"over Merkle root {signed.root[:10]}… of {len(signed.entries)} leaves, each naming its chain id: the"
+        f" key's install on {b.label},",
+    )
+    say("", f"and a grant per chain whose payer is the account (epoch {epoch})")
+    # Anyone deploys the account on the second chain: the owner is part of its CREATE2 salt.
+    await b.account.deploy(b.relayer)
     await relay_multichain(a.relayer, signed)
-    # Chain A's leaf, relabelled for chain B and sent to B's escrow (at the same address): B recomputes the
-    # leaf from its own chain id, and A's proof does not prove it.
+    # Chain A's grant leaf, relabelled for chain B and sent to B's escrow (at the same address, for the same
+    # account, deployed there now): B recomputes the leaf from its own chain id, and A's proof does not prove
+    # it.
     replayed = msgspec.structs.replace(
         signed,
         entries=tuple(
@@ -259,10 +316,18 @@ async def _authorise(
         say("refused?", f"{a.label}'s grant leaf was accepted on {b.label}: the chain binding failed")
         return None
     await relay_multichain(b.relayer, signed)
-    say("relayed", f"each chain's leaf with its proof, on {a.label} and on {b.label}: session key")
+    if not (await b.account.session_key(session.address)).installed:
+        say("install?", f"the session key is not installed on {b.label}'s account")
+        return None
+    say(
+        "relayed",
+        f"by {short(b.relayer.address)}: the account deployed on {b.label}, the key installed there",
+    )
+    say("", "(escrow top-ups only); each chain's grant with its proof: session key")
     say(
         "",
-        f"{short(session.address)} granted {usd(MAX_PER_CALL)} USDC per call, budget {usd(BUDGET)}, on each",
+        f"{short(session.address)} granted {usd(MAX_PER_CALL)} USDC per call, budget {usd(BUDGET)}, on each"
+        " chain, payer the account",
     )
     grants = [
         entry.action.grant
@@ -271,6 +336,30 @@ async def _authorise(
         if isinstance(entry.action, EscrowGrantLeaf)
     ]
     return grants
+
+
+async def _top_up(sides: list[Side], session: Signer, say: Say) -> bool:
+    """On each chain, the session key moves `DEPOSIT` from the account into its escrow deposit: one
+    UserOperation `[approve, deposit]` its account policy allows, sponsored by the chain's paymaster."""
+    for side in sides:
+        bundler = Bundler(side.rpc, side.relayer, chain_id=side.chain.chain_id)
+        result = await side.account.execute(
+            top_up_calls(side.usdc, side.escrow, DEPOSIT),
+            signer=SessionKey(session),
+            bundler=bundler,
+            paymaster=side.sponsor,
+        )
+        if not result.success:
+            say("top-up?", f"on {side.label}: 0x{result.revert_reason.hex()}")
+            return False
+    say(
+        "top-up", f"the session key moved {usd(DEPOSIT)} USDC from the account into the escrow on each chain:"
+    )
+    say(
+        "",
+        "one UserOperation each, [approve, deposit] within its account policy; AgentPaymaster paid the gas",
+    )
+    return True
 
 
 async def _cross_chain_refused(a: Side, b: Side, grant: GrantMessage, session: Signer, say: Say) -> bool:
@@ -292,11 +381,12 @@ async def _cross_chain_refused(a: Side, b: Side, grant: GrantMessage, session: S
     return answer.status_code == 402
 
 
-async def _read(sides: list[Side], owner: str) -> dict[tuple[str, str], int]:
+async def _read(sides: list[Side], account: str) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for side in sides:
         out[(side.agent.name, side.label)] = await side.usdc.balance_of(side.agent.pay_to)
-        out[("owner deposit", side.label)] = await side.escrow.deposit_of(owner, side.usdc.address)
+        out[("account", side.label)] = await side.usdc.balance_of(account)
+        out[("account deposit", side.label)] = await side.escrow.deposit_of(account, side.usdc.address)
     return out
 
 
@@ -304,19 +394,24 @@ async def _check(
     sides: list[Side],
     before: dict[tuple[str, str], int],
     after: dict[tuple[str, str], int],
-    owner: str,
+    account: str,
     session: str,
     say: Say,
 ) -> bool:
-    """Print and check each chain's balances and grant: they moved by exactly what was served there."""
+    """Print and check each chain's balances and grant: the sub-agent and the account's escrow deposit moved
+    by exactly what was served there, the account by exactly its top-up."""
     expected: dict[tuple[str, str], tuple[int, str]] = {}
     for side in sides:
         agent = side.agent
         served = f"{agent.served[side.path]} x {usd(agent.prices[side.path])}"
         expected[(agent.name, side.label)] = (agent.earned, f"what it served: {served}")
-        expected[("owner deposit", side.label)] = (-agent.earned, f"what was paid on {side.label}: {served}")
+        expected[("account", side.label)] = (-DEPOSIT, f"its top-up into the escrow: {usd(DEPOSIT)}")
+        expected[("account deposit", side.label)] = (
+            DEPOSIT - agent.earned,
+            f"the top-up {usd(DEPOSIT)} - what was paid on {side.label}: {served}",
+        )
     print(flush=True)
-    say("balances", f"{'USDC':<15}{'chain':<10}{'before':>12}{'after':>12}{'change':>11}")
+    say("balances", f"{'USDC':<17}{'chain':<10}{'before':>12}{'after':>12}{'change':>11}")
     ok = True
     for (name, label), (want, why) in expected.items():
         change = after[(name, label)] - before[(name, label)]
@@ -324,11 +419,11 @@ async def _check(
         verdict = "exactly" if change == want else f"MISMATCH (expected {want / USDC:+.6f}):"
         say(
             "",
-            f"{name:<15}{label:<10}{before[(name, label)] / USDC:>12.6f}{after[(name, label)] / USDC:>12.6f}"
+            f"{name:<17}{label:<10}{before[(name, label)] / USDC:>12.6f}{after[(name, label)] / USDC:>12.6f}"
             f"{change / USDC:>+11.6f}  {verdict} {why}",
         )
     for side in sides:
-        info = await side.escrow.grant_of(owner, session)
+        info = await side.escrow.grant_of(account, session)
         exact = info.spent == side.agent.earned
         ok &= exact
         verdict = "what was paid there, exactly" if exact else f"MISMATCH: paid {usd(side.agent.earned)}"

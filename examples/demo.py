@@ -15,10 +15,12 @@ The story (use case 3 of the brief): an orchestrator agent hires sub-agents and 
    (`examples.a2a_agent`), each settled before its answer.
 4. Over-cap payments and top-ups are refused, with the reason; balances move by exactly what was served;
    everything is stopped at the end (no node left behind).
-5. Two chains (`examples._multichain_demo`): the devnet runs Base and Arbitrum look-alikes; the owner signs
-   ONE approval offline (a Merkle root over an escrow grant per chain) for the same session key, which pays
-   one escrow sub-agent on each chain, each settled in one batch on its own chain; Base's grant leaf and a
-   payment signed for Base are both refused on Arbitrum.
+5. Two chains (`examples._multichain_demo`): the devnet runs Base and Arbitrum look-alikes; the account
+   has the same address on both (a relayer deploys it on Arbitrum); the owner signs ONE approval offline (a
+   Merkle root over the key's install on the Arbitrum account and an escrow grant per chain, the account
+   paying) for the same session key, which tops up the account's escrow deposit on each chain and pays one
+   escrow sub-agent on each, each settled in one batch on its own chain; Base's grant leaf and a payment
+   signed for Base are both refused on Arbitrum.
 6. Paid per use (`examples._metered_demo`): the hot wallet pays `examples.subagent`'s `/metered?units=7`
    through x402 `upto` (signs the $0.01 maximum, is charged 7 units) and streams `/stream?tokens=1000` over
    an MPP session channel (closing it settles exactly 1000 tokens).

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,12 +42,11 @@ from typing import Any
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from escrow import Chain, EscrowError, TransactionFailed, TxSender
+from escrow import Chain, EscrowError, TxSender
 from x402 import (
     MalformedPayment,
     MppChallenge,
     X402Error,
-    b64url_encode,
     challenge_id,
     encode_json_param,
     format_www_authenticate,
@@ -66,7 +64,9 @@ from ._channels import (
 )
 from ._metering import PAID_SCOPE_KEY, Meter
 from ._pricing import Amount, Asset, to_atomic
+from ._session_deposit import SessionDeposits
 from ._session_settle import SessionSettling, pack_voucher
+from ._session_settle import receipt_headers as _receipt_headers
 from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
 from ._store import PaymentStore
 from ._stores import open_store
@@ -77,8 +77,11 @@ __all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 log = logging.getLogger("agentpay.gateway.session")
 
 
-class SessionPaywall(SessionSettling):
-    """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels."""
+class SessionPaywall(SessionDeposits, SessionSettling):
+    """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels.
+
+    `fee_payer`: offer server-submitted opens and top-ups (the chain's sender relays the payer's signed
+    deposit and pays the gas, see `_session_deposit`)."""
 
     def __init__(
         self,
@@ -94,8 +97,15 @@ class SessionPaywall(SessionSettling):
         settler: ChannelSettler | None = None,
         settle_every: Amount = 0,
         challenge_ttl: float = 300.0,
+        fee_payer: bool = False,
     ) -> None:
         self.app = app
+        self.fee_payer = fee_payer
+        self._relaying: dict[str, asyncio.Lock] = {}
+        self._relayed: dict[str, str] = {}
+        self._closing: dict[str, str] = {}  # channel -> its close in the settlement queue, not yet final
+        self.relay_transactions: list[str] = []
+        self.relay_gas = 0
         self.routes = dict(routes)
         self.chain = chain
         self.asset = asset
@@ -181,9 +191,11 @@ class SessionPaywall(SessionSettling):
                 "chainId": self.chain.chain_id,
                 "escrowContract": self.chain.escrow,
                 "minVoucherDelta": "0",
-                "credentialTypes": ["hash"],
+                "credentialTypes": self.credential_types,
             },
         }
+        if self.fee_payer:
+            request["methodDetails"]["feePayer"] = True
         if route.suggested_deposit is not None:
             request["suggestedDeposit"] = str(to_atomic(route.suggested_deposit, self.asset.decimals))
         return request
@@ -207,7 +219,7 @@ class SessionPaywall(SessionSettling):
     async def _problem(self, send: Send, route: SessionRoute, exc: SessionProblem | X402Error) -> None:
         kind = exc.kind if isinstance(exc, SessionProblem) else "invalid-credential"
         body: dict[str, Any] = {
-            "type": PROBLEMS + kind,
+            "type": exc.type if isinstance(exc, SessionProblem) else PROBLEMS + kind,
             "title": kind.replace("-", " "),
             "status": exc.status_hint,
             "detail": exc.message,
@@ -366,8 +378,14 @@ class SessionPaywall(SessionSettling):
             if expires is not None and expires.timestamp() < time.time():
                 raise SessionProblem("challenge-expired", "the challenge has expired")
             action = parse_session_payload(credential.payload)
+            self._check_type(action)
             await self._open_store()
+            deposit = action.deposit  # processed first: if it fails, the whole credential is refused
+            if deposit is not None and deposit.kind == "open":
+                await self._relay(action, deposit, None, minimum=self._least_deposit(route))
             ch = await self._channel(action.channel)
+            if deposit is not None and deposit.kind == "topUp":
+                await self._relay(action, deposit, ch.info.payer, minimum=0)
         except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
             log.warning("reading channel failed: %s", exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
@@ -466,49 +484,10 @@ class SessionPaywall(SessionSettling):
                 async with ch.lock:
                     ch.reserved -= maximum
 
-    async def _close(self, send: Send, ch: Channel, action: SessionAction, cid: str) -> None:
-        """Close with the payer's final voucher, which must cover exactly what was spent (at most what it
-        pre-authorized): the payee is paid the actual charges, never an unused pre-authorization."""
-        assert action.cumulative is not None and action.signature is not None
-        async with ch.lock:
-            if ch.closed:
-                raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
-            self._check_signature(ch, action)
-            if not ch.spent + ch.reserved <= action.cumulative <= max(ch.accepted, ch.spent):
-                raise SessionProblem(
-                    "close-mismatch",
-                    f"the close voucher ({action.cumulative}) must cover what was spent ({ch.spent})",
-                    state=ch.state(),
-                )
-            ch.closed = True
-            ch.changed.notify_all()
-            key = await self._enqueue(ch, action.cumulative, action.signature, close=secrets.token_hex(8))
-            # Settled by the engine like any queued voucher (with the channel's other queued vouchers).
-            outcome = await self.settler.wait_for(key, timeout=self.settler.receipt_timeout + 5.0)
-            if outcome is None or outcome.status not in ("settled", "settled_elsewhere"):
-                # the channel stays open and usable; the payer may try again
-                ch.closed = False
-                log.warning("closing channel %s failed: %s", ch.id, outcome)
-                reverted = outcome is not None and outcome.code == TransactionFailed.code
-                raise SessionProblem(
-                    "transaction-reverted" if reverted else "chain-unavailable",
-                    "the close transaction reverted" if reverted else "the chain is unreachable; retry later",
-                    status=409 if reverted else 503,
-                    state=ch.state(),
-                ) from None
-            receipt = self._receipt(ch, cid, tx=outcome.tx_hash or None)
-        self._channels.pop(ch.id, None)
-        await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
-        await send({"type": "http.response.body", "body": b""})
-
     async def _no_content(self, send: Send, ch: Channel, cid: str) -> None:
         receipt = self._receipt(ch, cid)
         await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
         await send({"type": "http.response.body", "body": b""})
-
-
-def _receipt_headers(receipt: SessionReceipt) -> list[tuple[bytes, bytes]]:
-    return [(b"payment-receipt", b64url_encode(msgspec.json.encode(receipt)).encode())]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

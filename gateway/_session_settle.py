@@ -3,23 +3,38 @@
 A voucher is stored with a channel's high-water marks (`pack_voucher`): the latest accepted one with the
 channel's mark, the settleable one (the highest not above what was charged) with its `#spent` mark. A
 restarted gateway reads both back (`_restore`) and queues the settleable voucher at once: the process that
-charged it may never have settled it. `ChannelSettler` drains the queue (`kick()` after each enqueue; its
-`run` loop between lifespan startup and shutdown).
+charged it may never have settled it. At startup (`start`, `discover`) it lists every stored settleable
+voucher and queues each one not queued yet (nor closed): what was served is settled even if the payer never
+comes back. `ChannelSettler` drains the queue (`kick()` after each enqueue; its `run` loop between lifespan
+startup and shutdown).
+
+A close is queued like any voucher and answered with its outcome. One whose receipt is late stays in the
+queue, pending with its hash (the settler waits for that transaction, never sends another): the payer is
+answered 503 `close-pending` and, asking again, gets the outcome of that same close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 import time
 
 import msgspec
-from starlette.types import Message, Receive
+from starlette.types import Message, Receive, Send
+
+from escrow import EscrowError, SettleOutcome, TransactionFailed
+from escrow.payments._exact_settler import pending_transactions
+from x402 import b64url_encode
+from x402._session import SessionAction, SessionReceipt
 
 from ._channels import ChannelChain, ChannelInfo, ChannelSettler, ChannelVoucher, encode_voucher
-from ._session_state import Channel
+from ._session_state import Channel, SessionProblem
 from ._store import PaymentStore, Settlement
 
-__all__ = ["SessionSettling", "pack_voucher", "unpack_voucher"]
+__all__ = ["SessionSettling", "pack_voucher", "receipt_headers", "unpack_voucher"]
+
+log = logging.getLogger("agentpay.gateway.session")
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(tuple[int, str]).decode
@@ -34,6 +49,10 @@ def unpack_voucher(raw: bytes | None) -> tuple[int, str] | None:
     return None if raw is None else _decode(raw)
 
 
+def receipt_headers(receipt: SessionReceipt) -> list[tuple[bytes, bytes]]:
+    return [(b"payment-receipt", b64url_encode(msgspec.json.encode(receipt)).encode())]
+
+
 class SessionSettling:
     """Mixed into `SessionPaywall`: what it settles, and when."""
 
@@ -43,6 +62,7 @@ class SessionSettling:
     _opened: PaymentStore | None
     _store_url: str | None
     _channels: dict[str, Channel]
+    _closing: dict[str, str]
     _stop: asyncio.Event
     _running: asyncio.Task[None] | None
 
@@ -56,14 +76,55 @@ class SessionSettling:
     async def _channel(self, channel_id: str) -> Channel:
         raise NotImplementedError
 
+    def _check_signature(self, ch: Channel, action: SessionAction) -> None:
+        raise NotImplementedError
+
+    def _receipt(
+        self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
+    ) -> SessionReceipt:
+        raise NotImplementedError
+
     # -- lifecycle: the settler's loop -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store and run the channel settler's loop (lifespan startup; idempotent)."""
+        """Open the store, queue what an earlier process served and never settled (`discover`), and run the
+        channel settler's loop (lifespan startup; idempotent)."""
         await self._open_store()
         if self._running is None:
+            await self.discover()
             self._stop.clear()
             self._running = asyncio.get_running_loop().create_task(self.settler.run(self._stop))
+
+    async def discover(self) -> list[str]:
+        """Queue every channel whose stored settleable voucher is neither queued nor settled yet (nor the
+        channel closed): a crashed gateway's charges. Reads the chain once per such channel, never for one
+        already queued; returns the channels queued."""
+        store = await self._open_store()
+        found: list[str] = []
+        after = ""
+        while page := await store.list_channel_vouchers(after=after, limit=500):
+            after = page[-1][0]
+            for key, _, raw in page:
+                cid = key.removesuffix("#spent")
+                voucher = unpack_voucher(raw) if cid != key else None
+                if voucher is None or cid in self._channels:
+                    continue  # a channel's latest voucher (its `#spent` one is what was charged), or known
+                settle_key = ChannelVoucher(
+                    chain_id=self.chain.chain_id,
+                    escrow=self.chain.escrow,
+                    channel=cid,
+                    cumulative=voucher[0],
+                    signature=voucher[1],
+                ).key()
+                if await store.get_settlement(settle_key) or await store.high_water(cid + "#closed"):
+                    continue  # queued (or settled) already; or closed, which paid everything charged
+                try:
+                    await self.settle(cid)  # the one chain read: it queues the voucher unless chain paid it
+                except (SessionProblem, EscrowError) as exc:  # closed, another escrow's, chain down: skip
+                    log.warning("discovering channel %s: %s", cid, exc)
+                    continue
+                found.append(cid)
+        return found
 
     async def stop(self) -> None:
         """Queue every known channel's unsettled charges, let the settler send them, stop (shutdown)."""
@@ -148,3 +209,65 @@ class SessionSettling:
         if not close:  # a close that fails leaves the channel open: its later charges are still to queue
             ch.queued = max(ch.queued, cumulative)
         return key
+
+    # -- close -------------------------------------------------------------------------------------------
+
+    async def _close(self, send: Send, ch: Channel, action: SessionAction, cid: str) -> None:
+        """Close with the payer's final voucher, which must cover exactly what was spent (at most what it
+        pre-authorized): the payee is paid the actual charges, never an unused pre-authorization. A close
+        already in the queue (its receipt late) is not queued again: the payer gets that one's outcome."""
+        assert action.cumulative is not None and action.signature is not None
+        async with ch.lock:
+            self._check_signature(ch, action)
+            key = self._closing.get(ch.id)
+            if key is None:
+                if ch.closed:
+                    raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
+                if not ch.spent + ch.reserved <= action.cumulative <= max(ch.accepted, ch.spent):
+                    raise SessionProblem(
+                        "close-mismatch",
+                        f"the close voucher ({action.cumulative}) must cover what was spent ({ch.spent})",
+                        state=ch.state(),
+                    )
+                ch.closed = True
+                ch.changed.notify_all()
+                key = await self._enqueue(ch, action.cumulative, action.signature, close=secrets.token_hex(8))
+                self._closing[ch.id] = key
+            # Settled by the engine like any queued voucher (with the channel's other queued vouchers).
+            outcome = await self._close_outcome(key)
+            if outcome is None or outcome.status == "retry":  # sent, maybe: the engine waits for it
+                item = await self.store.get_settlement(key)
+                sent = pending_transactions(item.error if item is not None else None)
+                raise SessionProblem(
+                    "close-pending",
+                    "the close is pending; ask again for its outcome",
+                    status=503,
+                    state={**ch.state(), **({"txHash": sent[-1]} if sent else {})},
+                )
+            del self._closing[ch.id]
+            if outcome.status not in ("settled", "settled_elsewhere"):
+                ch.closed = False  # the channel stays open and usable; the payer may try again
+                log.warning("closing channel %s failed: %s", ch.id, outcome)
+                reverted = outcome.code == TransactionFailed.code
+                raise SessionProblem(
+                    "transaction-reverted" if reverted else "chain-unavailable",
+                    "the close transaction reverted" if reverted else "the chain is unreachable; retry later",
+                    status=409 if reverted else 503,
+                    state=ch.state(),
+                )
+            await self.store.raise_high_water(ch.id + "#closed", 1)  # startup discovery skips it
+            receipt = self._receipt(ch, cid, tx=outcome.tx_hash or None)
+        self._channels.pop(ch.id, None)
+        await send({"type": "http.response.start", "status": 204, "headers": receipt_headers(receipt)})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _close_outcome(self, key: str) -> SettleOutcome | None:
+        """The queued close's outcome: final already (recorded in the store), or awaited for a while."""
+        done = await self.store.get_settlement(key)
+        if done is not None and done.state in ("settled", "dead"):
+            code = (done.error or "").split(":", 1)[0]
+            settled = done.state == "settled"
+            return SettleOutcome(
+                key=key, status="settled" if settled else "dead", code=code, tx_hash=done.tx_hash or ""
+            )
+        return await self.settler.wait_for(key, timeout=self.settler.receipt_timeout + 5.0)

@@ -69,10 +69,19 @@ class SessionProblem(X402Error):
     default_code = "session_refused"
     default_status = 402
 
-    def __init__(self, kind: str, message: str, *, status: int = 402, state: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int = 402,
+        state: dict[str, Any] | None = None,
+        base: str = PROBLEMS,
+    ):
         super().__init__(message, code=kind, status_hint=status)
         self.kind = kind
         self.state = state or {}
+        self.type = base + kind  # a session problem, or one of the core spec's (`malformed-credential`)
 
 
 class Channel:

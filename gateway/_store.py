@@ -280,6 +280,13 @@ class PaymentStore(Protocol):
         """The highest cumulative voucher amount accepted on a channel (0 if none)."""
         ...
 
+    async def list_channel_vouchers(
+        self, *, after: str = "", limit: int = 500
+    ) -> list[tuple[str, int, bytes]]:
+        """Every stored voucher, `(channel_id, mark, voucher)` in key order, keys after `after`, paged: a
+        restarted gateway finds what it served and never settled (marks without a voucher are left out)."""
+        ...
+
     async def close(self) -> None:
         """Release connections and files."""
         ...

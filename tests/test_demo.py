@@ -40,11 +40,17 @@ _CHAIN = re.compile(
     r"^(?:devnet)?\s+(?:anvil|py-evm) \(pid (?P<pid>\d+)\) at \S+, chain (?P<id>\d+) \((?P<label>[\w-]+)\)$",
     re.MULTILINE,
 )
-# `            researcher     base       0.000000    0.012000  +0.012000  exactly what it served: 4 x 0.003`
+# The two-chain rows (name, chain, before, after, change, why), e.g. on base:
+#   `researcher       base   0.000000   0.012000  +0.012000  exactly what it served: 4 x 0.003`
+#   `account          base  75.000000  74.000000  -1.000000  exactly its top-up into the escrow: 1`
+#   `account deposit  base  24.975000  25.963000  +0.988000  exactly the top-up 1 - what was paid on base:
+#    4 x 0.003` (one line)
 _CHAIN_ROW = re.compile(
-    r"^\s+(?P<name>researcher|analyst|owner deposit)\s+(?P<chain>base|arbitrum)\s+"
-    r"(?P<before>[\d.]+)\s+(?P<after>[\d.]+)\s+(?P<change>[+-][\d.]+)"
-    r"\s+exactly what (?:it served|was paid on (?P=chain)): (?P<served>\d+ x [\d.]+)$",
+    r"^\s+(?P<name>researcher|analyst|account|account deposit)\s+(?P<chain>base|arbitrum)\s+"
+    r"(?P<before>[\d.]+)\s+(?P<after>[\d.]+)\s+(?P<change>[+-][\d.]+)\s+exactly "
+    r"(?:what it served: (?P<served>\d+ x [\d.]+)"
+    r"|its top-up into the escrow: (?P<top_up>[\d.]+)"
+    r"|the top-up (?P<deposited>[\d.]+) - what was paid on (?P=chain): (?P<paid>\d+ x [\d.]+))$",
     re.MULTILINE,
 )
 
@@ -169,13 +175,34 @@ def test_demo_pays_subagents_exactly_and_leaves_nothing_running() -> None:
 
 
 def _check_two_chains(out: str) -> None:
-    """The orchestrator's key pays one sub-agent on each chain; a payment signed for Base is refused on
-    Arbitrum; each chain's payee, the owner's deposit there and the grant there moved by exactly what was
-    served on that chain."""
-    # One offline owner signature for both chains (a Merkle root over a grant leaf per chain); the first
-    # chain's leaf is refused by the second chain's escrow.
+    """The orchestrator's smart account pays on both chains: one offline owner signature installs the key on
+    the second chain's account and grants it on both, with the account as payer; the key tops up the
+    account's escrow deposit on each chain and pays one sub-agent on each. A grant leaf and a payment signed
+    for Base are refused on Arbitrum. Each chain's payee, the account, its deposit and the grant there moved
+    by exactly what was topped up and served on that chain."""
+    # The same account address on both chains; deployed on the second one by a relayer, not by the owner.
+    account = re.search(
+        r"^account\s+the owner's account (0x\w+…\w+), the same address on both chains", out, re.M
+    )
+    assert account is not None, out
+    assert re.search(
+        r"^\s+deployed on base; on arbitrum it holds [\d.]+ USDC and no ETH, not deployed", out, re.M
+    )
+    # One offline owner signature for both chains: the key's install on arbitrum and a grant per chain.
     assert "the owner signed 1 approval for 2 chains: multichain-approval.json" in out
+    assert re.search(
+        r"of 3 leaves, each naming its chain id: the key's install on arbitrum,\n.*payer is the account", out
+    )
     assert "base's grant leaf, sent to arbitrum's escrow: multichain_refused (MultichainProofInvalid)" in out
+    assert re.search(
+        r"^relayed\s+by 0x\w+…\w+: the account deployed on arbitrum, the key installed there", out, re.M
+    )
+    # The money reaches each chain's escrow from the account, moved by the session key (sponsored UserOps).
+    assert re.search(
+        r"^top-up\s+the session key moved [\d.]+ USDC from the account into the escrow on each chain",
+        out,
+        re.M,
+    ), out
     assert re.search(
         r"^paid\s+researcher\s+GET /research\s+4 x 200\s+escrow on eip155:8453 \(base\)", out, re.M
     )
@@ -191,18 +218,26 @@ def _check_two_chains(out: str) -> None:
     settled = re.findall(r"^settled\s+(researcher|analyst)\s+on (base|arbitrum)\s+(\d+) payments", out, re.M)
     assert sorted(settled) == [("analyst", "arbitrum", "3"), ("researcher", "base", "4")], out
     rows = {(m["name"], m["chain"]): m for m in _CHAIN_ROW.finditer(out)}
+    names = ("account", "account deposit")
     assert set(rows) == {
         ("researcher", "base"),
-        ("owner deposit", "base"),
+        *((name, "base") for name in names),
         ("analyst", "arbitrum"),
-        ("owner deposit", "arbitrum"),
+        *((name, "arbitrum") for name in names),
     }, out
     for (name, chain), row in rows.items():
         before, after, change = Decimal(row["before"]), Decimal(row["after"]), Decimal(row["change"])
-        served = _served_total(row["served"])
-        assert after - before == change == (served if name != "owner deposit" else -served), (name, chain)
+        if name == "account":
+            want = -Decimal(row["top_up"])
+        elif name == "account deposit":
+            want = Decimal(row["deposited"]) - _served_total(row["paid"])
+        else:
+            want = _served_total(row["served"])
+        assert after - before == change == want, (name, chain)
     for agent, chain in (("researcher", "base"), ("analyst", "arbitrum")):
         paid = Decimal(rows[(agent, chain)]["change"])
-        assert Decimal(rows[("owner deposit", chain)]["change"]) == -paid
+        top_up = -Decimal(rows[("account", chain)]["change"])
+        assert paid > 0 and top_up > 0
+        assert Decimal(rows[("account deposit", chain)]["change"]) == top_up - paid
         grant = re.search(rf"^grant\s+on {chain}\s+spent ([\d.]+) of its [\d.]+ USDC budget", out, re.M)
         assert grant is not None and Decimal(grant[1]) == paid, out

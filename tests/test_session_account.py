@@ -30,6 +30,7 @@ from escrow import (
     Chain,
     DevnetState,
     Erc20,
+    PresignedChannelOpener,
     RevertError,
     SignedChannelOpen,
     SignedChannelTopUp,
@@ -111,7 +112,7 @@ async def _fresh(chain: Chain, wei: int = 10**20) -> str:
 
 
 @asynccontextmanager
-async def world(devnet: DevnetState) -> AsyncIterator[World]:
+async def world(devnet: DevnetState, *, fee_payer: bool = False) -> AsyncIterator[World]:
     chain = Chain.from_devnet(devnet)
     try:
         relayer = TxSender(chain.rpc, await _fresh(chain), chain_id=devnet.chain_id)
@@ -134,6 +135,7 @@ async def world(devnet: DevnetState) -> AsyncIterator[World]:
             payee_key=payee_key,
             routes={"/meter": SessionRoute(unit_price=UNIT, units=100, metered=True)},
             secret=b"k" * 32,
+            fee_payer=fee_payer,
         )
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=paywall), base_url="http://sub-agent"
@@ -267,7 +269,7 @@ async def test_a_key_whose_policy_does_not_allow_the_open_is_refused(
                 "salt": "0x" + os.urandom(32).hex(),
                 "signer": w.key.address,
             }
-            return channel_session_calls(**{**args, **kw})  # type: ignore[arg-type]
+            return channel_session_calls(**{**args, **kw})
 
         key = AccountChannelOpener(w.account, w.key, bundler=w.bundler).key
         abi = ContractAbi(escrow_artifact("AgentChannels").abi)
@@ -409,6 +411,45 @@ async def test_owner_signed_open_is_relayed_and_cannot_be_replayed(
         assert await w.balance(w.payee) - payee_before == charged
         assert await w.balance(w.account.address) == FUNDS - charged
         assert CountingSigner.signatures == signed_by_owner
+
+
+@pytest.mark.anyio
+async def test_the_gateway_relays_the_owner_signed_open_and_top_up_of_the_account(
+    devnet: DevnetState, tmp_path: Path
+) -> None:
+    async with world(devnet, fee_payer=True) as w:
+        domain, now = w.domain(), await w.chain.rpc.block_timestamp()
+        terms = {"channels": w.channels, "valid_before": now + 3600, "account": w.account.address}
+        signed = sign_channel_open(
+            w.owner,
+            domain,
+            payee=w.payee,
+            deposit=DEPOSIT,
+            salt="0x" + os.urandom(32).hex(),
+            authorized_signer=w.key.address,
+            **terms,
+        )
+        top_up = sign_channel_top_up(w.owner, domain, channel=signed.channel_id, amount=TOP_UP, **terms)
+        signed.dump(tmp_path / "open.json")
+        top_up.dump(tmp_path / "top-up.json")
+        signed_by_owner = CountingSigner.signatures  # the owner is offline from here on
+        opener = PresignedChannelOpener(
+            SignedChannelOpen.load(tmp_path / "open.json"),
+            [SignedChannelTopUp.load(tmp_path / "top-up.json")],
+        )
+        client = SessionClient(
+            w.http, signer=w.key, opener=opener, deposit=DEPOSIT, max_voucher_step=100 * UNIT
+        )
+        payee_before = await w.balance(w.payee)
+        charged = await _calls(client, [3, 100, 100, 100])  # the first 402 opens the file's channel
+        assert client.channel("/meter") is not None and client.channel("/meter").channel == signed.channel_id
+        await client.top_up("/meter", TOP_UP)  # relayed by the gateway from the owner's file
+        charged += await _calls(client, [7, 100, 100, 1], before=charged)
+        closed = await client.close("/meter")
+        assert closed is not None and closed.spent == str(charged)
+        assert await w.balance(w.payee) - payee_before == charged
+        assert await w.balance(w.account.address) == FUNDS - charged
+        assert len(w.paywall.relay_transactions) == 2 and CountingSigner.signatures == signed_by_owner
 
 
 @pytest.mark.anyio

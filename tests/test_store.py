@@ -579,6 +579,26 @@ def test_the_latest_voucher_is_stored_with_its_high_water_mark_in_one_step(url: 
     run(url, body)
 
 
+def test_stored_vouchers_are_listed_in_pages_for_a_restarted_gateway(url: str) -> None:
+    async def body(store: PaymentStore) -> None:
+        assert await store.list_channel_vouchers() == []
+        keys = [f"0x{i:04x}#spent" for i in range(7)]
+        for i, key in enumerate(keys):
+            assert await store.raise_high_water(key, 100 + i, voucher=b"v%d" % i)
+        assert await store.raise_high_water("0xmark-only", 5)  # a mark with no voucher is not listed
+        assert await store.raise_high_water(keys[0], 2**128 - 1)  # a raise without a voucher keeps it
+        seen: list[tuple[str, int, bytes]] = []
+        after = ""
+        while page := await store.list_channel_vouchers(after=after, limit=3):
+            assert len(page) <= 3
+            seen += page
+            after = page[-1][0]
+        assert [k for k, _, _ in seen] == keys
+        assert seen[0] == (keys[0], 2**128 - 1, b"v0") and seen[6] == (keys[6], 106, b"v6")
+
+    run(url, body)
+
+
 def test_renewing_a_lease_keeps_it_past_its_first_end_and_only_for_its_holder(url: str) -> None:
     async def body(store: PaymentStore) -> None:
         for key in ("a", "b"):

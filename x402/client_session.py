@@ -23,11 +23,11 @@ import msgspec
 from ._errors import NoPayableOffer, SpendPolicyViolation, X402Error
 from ._mpp import MppCredential, b64url_decode, decode_json_param
 from ._mpp_header import format_credential, parse_www_authenticate
-from ._session import SessionReceipt, channel_id, sign_voucher
+from ._session import DepositAuthorization, SessionReceipt, channel_id, deposit_payload, sign_voucher
 from ._signer import Signer
 from .client import Offer, Reservation, SpendPolicy
 
-__all__ = ["ChannelOpener", "SessionClient"]
+__all__ = ["AuthorizingOpener", "ChannelOpener", "SessionClient"]
 
 
 class ChannelOpener(Protocol):
@@ -46,6 +46,20 @@ class ChannelOpener(Protocol):
     async def top_up(self, *, escrow: str, channel: str, amount: int) -> str: ...
 
 
+class AuthorizingOpener(ChannelOpener, Protocol):
+    """An opener that can also sign the deposit for the server to relay (`feePayer: true`): an EIP-3009
+    authorization from the payer's key (`escrow.AuthorizationChannelOpener`) or an owner-signed file
+    (`escrow.PresignedChannelOpener`). None: it cannot sign this one."""
+
+    async def authorize_open(
+        self, *, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str
+    ) -> DepositAuthorization | None: ...
+
+    async def authorize_top_up(
+        self, *, escrow: str, channel: str, amount: int
+    ) -> DepositAuthorization | None: ...
+
+
 class _Open(msgspec.Struct, kw_only=True):
     channel: str
     escrow: str
@@ -54,6 +68,8 @@ class _Open(msgspec.Struct, kw_only=True):
     signed: int = 0  # the highest voucher signed
     spent: int = 0  # what the server says was charged
     signature: str = ""
+    types: tuple[str, ...] = ("hash",)  # the credential types the server takes
+    fee_payer: bool = False  # the server relays `authorization` deposits
 
 
 def _session_request(response: httpx.Response) -> tuple[Any, dict[str, Any]]:
@@ -103,28 +119,71 @@ class SessionClient:
         key = (payee.lower(), escrow.lower())
         ch = self.channels.get(key)
         if ch is None:
-            salt = "0x" + os.urandom(32).hex()
+            ch = await self._open(url, challenge, request)
+            self.channels[key] = ch
+        return ch, challenge
+
+    async def _open(self, url: str, challenge: Any, request: dict[str, Any]) -> _Open:
+        """Open a channel: relayed by the server when it pays the fee and the opener can sign the deposit
+        (`AuthorizingOpener`), else through the opener (a `hash` credential: only if the server lists it)."""
+        details = request.get("methodDetails") or {}
+        escrow, payee, token = (
+            str(details["escrowContract"]),
+            str(request["recipient"]),
+            str(request["currency"]),
+        )
+        chain_id = int(details["chainId"])
+        types = tuple(str(t) for t in details.get("credentialTypes") or ["hash"])
+        relayed = bool(details.get("feePayer")) and "authorization" in types
+        salt, payer, amount = "0x" + os.urandom(32).hex(), self.opener.payer, self.deposit
+        deposit: DepositAuthorization | None = None
+        authorize = getattr(self.opener, "authorize_open", None) if relayed else None
+        if authorize is not None:
+            deposit = await authorize(
+                escrow=escrow, payee=payee, token=token, deposit=amount, salt=salt, signer=self.signer.address
+            )
+        if deposit is not None:
+            if (
+                deposit.authorized_signer.lower() != self.signer.address.lower()
+                or deposit.to.lower() != escrow.lower()
+            ):
+                raise X402Error("the signed open is for another session key or escrow", code="open_mismatch")
+            salt, payer, amount = deposit.salt, deposit.payer, deposit.value
+        elif "hash" not in types:  # a client must not send a type the server did not list
+            raise NoPayableOffer(f"the server takes only {list(types)}; this payer cannot sign a deposit")
+        else:
             await self.opener.open(
-                escrow=escrow,
-                payee=payee,
-                token=str(request["currency"]),
-                deposit=self.deposit,
-                salt=salt,
-                signer=self.signer.address,
+                escrow=escrow, payee=payee, token=token, deposit=amount, salt=salt, signer=self.signer.address
             )
-            cid = channel_id(
-                payer=self.opener.payer,
-                payee=payee,
-                token=str(request["currency"]),
-                salt=salt,
-                authorized_signer=self.signer.address,
-                escrow=escrow,
-                chain_id=int(details["chainId"]),
-            )
-            ch = self.channels[key] = _Open(
-                channel=cid, escrow=escrow, chain_id=int(details["chainId"]), deposit=self.deposit
-            )
-            self._payee[cid] = (payee, str(request["currency"]), f"eip155:{int(details['chainId'])}")
+        cid = channel_id(
+            payer=payer,
+            payee=payee,
+            token=token,
+            salt=salt,
+            authorized_signer=self.signer.address,
+            escrow=escrow,
+            chain_id=chain_id,
+        )
+        ch = _Open(
+            channel=cid, escrow=escrow, chain_id=chain_id, deposit=amount, types=types, fee_payer=relayed
+        )
+        self._payee[cid] = (payee, token, f"eip155:{chain_id}")
+        if deposit is not None:  # the server relays the open (and pays its gas): a management request, 204
+            voucher = sign_voucher(self.signer, chain_id=chain_id, escrow=escrow, channel=cid, cumulative=0)
+            payload = {
+                "action": "open",
+                "channelId": cid,
+                **deposit_payload(deposit),
+                "cumulativeAmount": "0",
+                "voucherSignature": voucher,
+            }
+            response = await self.http.post(url, headers=self._auth(challenge, payload))
+            if response.status_code != 204:
+                raise X402Error(
+                    f"open refused: {response.status_code} {response.text[:200]}", code="open_refused"
+                )
+        return ch
+
         return ch, challenge
 
     def adopt(
@@ -149,21 +208,31 @@ class SessionClient:
         if known is None:
             raise X402Error(f"no open channel pays {url}", code="no_channel")
         ch, challenge = known
-        if hash is None:
-            hash = await self.opener.top_up(escrow=ch.escrow, channel=ch.channel, amount=amount)
-        ch.deposit += amount
-        payload = {
+        authorize = getattr(self.opener, "authorize_top_up", None) if ch.fee_payer and hash is None else None
+        deposit = None
+        if authorize is not None:
+            deposit = await authorize(escrow=ch.escrow, channel=ch.channel, amount=amount)
+        payload: dict[str, Any] = {
             "action": "topUp",
-            "type": "hash",
             "channelId": ch.channel,
-            "hash": hash,
             "additionalDeposit": str(amount),
         }
+        if deposit is not None:  # the server relays it
+            payload.update(deposit_payload(deposit))
+        elif "hash" not in ch.types:
+            raise NoPayableOffer(
+                f"the server takes only {list(ch.types)} top-ups; this payer cannot sign one"
+            )
+        else:
+            if hash is None:
+                hash = await self.opener.top_up(escrow=ch.escrow, channel=ch.channel, amount=amount)
+            payload.update({"type": "hash", "hash": hash})
         response = await self.http.post(url, headers=self._auth(challenge, payload))
         if response.status_code != 204:
             raise X402Error(
                 f"top-up refused: {response.status_code} {response.text[:200]}", code="top_up_refused"
             )
+        ch.deposit += amount
         value = response.headers.get("payment-receipt")
         return None if value is None else msgspec.json.decode(_b64(value), type=SessionReceipt)
 
@@ -369,6 +438,10 @@ class SessionClient:
         if held is not None:  # the channel ends at what was spent: nothing more is authorized
             held.release()
         response = await self.http.post(url, headers=self._auth(challenge, payload))
+        if response.status_code == 503 and "close-pending" in response.text:
+            # Sent, not yet mined: the server waits for that transaction. Ask again (`close`) for its outcome.
+            self.channels[key] = ch
+            raise X402Error(f"close pending: {response.text[:200]}", code="close_pending")
         if response.status_code != 204:
             raise X402Error(
                 f"close refused: {response.status_code} {response.text[:200]}", code="close_refused"

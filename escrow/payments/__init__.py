@@ -11,6 +11,7 @@ Uses `escrow.chain` and `escrow.accounts`.
 
 from ._channel_auth import (
     AuthorizationChannelOpener,
+    PresignedChannelOpener,
     SignedChannelOpen,
     SignedChannelTopUp,
     relay_channel_open,
@@ -44,6 +45,7 @@ __all__ = [
     "AgentChannelsChain",
     "AgentEscrow",
     "AuthorizationChannelOpener",
+    "PresignedChannelOpener",
     "ChannelChain",
     "ChannelInfo",
     "ChannelSettler",

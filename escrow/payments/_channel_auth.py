@@ -31,7 +31,7 @@ from eth_utils.address import to_checksum_address
 from x402 import Eip712Domain, Signer, authorization_digest
 from x402._eip712 import authorization_typed_data
 from x402._keccak import keccak256
-from x402._session import channel_id
+from x402._session import DepositAuthorization, channel_id
 from x402._types import Eip3009Authorization
 
 from ..accounts._erc7739 import sign_typed_data_as_account
@@ -42,6 +42,7 @@ from ._escrow import escrow_artifact
 
 __all__ = [
     "AuthorizationChannelOpener",
+    "PresignedChannelOpener",
     "SignedChannelOpen",
     "SignedChannelTopUp",
     "relay_channel_open",
@@ -89,11 +90,40 @@ class SignedChannelOpen(_Signed, frozen=True, kw_only=True):
     salt: str
     authorized_signer: str
 
+    def deposit(self) -> DepositAuthorization:
+        """This open as a server-submitted deposit (the gateway relays it when its challenge says
+        `feePayer: true`)."""
+        return DepositAuthorization(
+            kind="open",
+            payer=self.payer,
+            to=self.channels,
+            value=self.amount,
+            valid_after=self.valid_after,
+            valid_before=self.valid_before,
+            nonce=self.nonce,
+            signature=self.signature,
+            salt=self.salt,
+            authorized_signer=self.authorized_signer,
+        )
+
 
 class SignedChannelTopUp(_Signed, frozen=True, kw_only=True):
     """A relayable `topUpWithAuthorization` of `channel_id` by `amount`."""
 
     top_up_salt: str
+
+    def deposit(self) -> DepositAuthorization:
+        return DepositAuthorization(
+            kind="topUp",
+            payer=self.payer,
+            to=self.channels,
+            value=self.amount,
+            valid_after=self.valid_after,
+            valid_before=self.valid_before,
+            nonce=self.nonce,
+            signature=self.signature,
+            salt=self.top_up_salt,
+        )
 
 
 def _sign(payer: Signer, domain: Eip712Domain, auth: Eip3009Authorization, account: str | None) -> str:
@@ -292,10 +322,23 @@ class AuthorizationChannelOpener:
     def payer(self) -> str:
         return self.account or self.signer.address
 
-    async def open(self, *, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str) -> str:
+    async def authorize_open(
+        self, *, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str
+    ) -> DepositAuthorization | None:
+        """The open signed, for a gateway that relays it itself (`feePayer: true`): no transaction here."""
+        return (await self._signed_open(escrow, payee, token, deposit, salt, signer)).deposit()
+
+    async def authorize_top_up(
+        self, *, escrow: str, channel: str, amount: int
+    ) -> DepositAuthorization | None:
+        return (await self._signed_top_up(escrow, channel, amount)).deposit()
+
+    async def _signed_open(
+        self, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str
+    ) -> SignedChannelOpen:
         if token.lower() != self.domain.verifying_contract.lower():
             raise EscrowError(f"this opener signs for {self.domain.verifying_contract}, not {token}")
-        signed = sign_channel_open(
+        return sign_channel_open(
             self.signer,
             self.domain,
             channels=escrow,
@@ -306,12 +349,15 @@ class AuthorizationChannelOpener:
             valid_before=await self.relayer.rpc.block_timestamp() + self.valid_for,
             account=self.account,
         )
+
+    async def open(self, *, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str) -> str:
+        signed = await self._signed_open(escrow, payee, token, deposit, salt, signer)
         receipt = await relay_channel_open(self.relayer, signed)
         self.gas += int(receipt.gas_used, 16)
         return receipt.transaction_hash
 
-    async def top_up(self, *, escrow: str, channel: str, amount: int) -> str:
-        signed = sign_channel_top_up(
+    async def _signed_top_up(self, escrow: str, channel: str, amount: int) -> SignedChannelTopUp:
+        return sign_channel_top_up(
             self.signer,
             self.domain,
             channels=escrow,
@@ -320,6 +366,70 @@ class AuthorizationChannelOpener:
             valid_before=await self.relayer.rpc.block_timestamp() + self.valid_for,
             account=self.account,
         )
+
+    async def top_up(self, *, escrow: str, channel: str, amount: int) -> str:
+        signed = await self._signed_top_up(escrow, channel, amount)
         receipt = await relay_channel_top_up(self.relayer, signed)
         self.gas += int(receipt.gas_used, 16)
         return receipt.transaction_hash
+
+
+class PresignedChannelOpener:
+    """`x402.client_session.ChannelOpener` over an owner-signed open (and top-ups) made in advance with
+    `sign_channel_open` / `sign_channel_top_up`: the owner's key stays offline. A gateway offering
+    `feePayer: true` relays the files itself; otherwise `relayer` (if given) sends them.
+
+    The file fixes the channel (salt, deposit, session key): the `SessionClient` opens that one channel.
+    """
+
+    def __init__(
+        self,
+        opened: SignedChannelOpen,
+        top_ups: list[SignedChannelTopUp] | None = None,
+        *,
+        relayer: TxSender | None = None,
+    ) -> None:
+        self.opened = opened
+        self.top_ups = [t for t in top_ups or [] if t.channel_id == opened.channel_id]
+        self.relayer = relayer
+
+    @property
+    def payer(self) -> str:
+        return self.opened.payer
+
+    def _check(self, escrow: str, payee: str, token: str, signer: str) -> None:
+        o = self.opened
+        terms = (o.channels, o.payee, o.token, o.authorized_signer)
+        if tuple(x.lower() for x in terms) != tuple(x.lower() for x in (escrow, payee, token, signer)):
+            raise EscrowError(
+                "the signed open is for another escrow, payee, token or session key",
+                code="signed_file_mismatch",
+            )
+
+    async def authorize_open(
+        self, *, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str
+    ) -> DepositAuthorization | None:
+        self._check(escrow, payee, token, signer)
+        return self.opened.deposit()
+
+    def _next_top_up(self, channel: str, amount: int) -> SignedChannelTopUp:
+        for i, signed in enumerate(self.top_ups):
+            if signed.channel_id == channel.lower() and signed.amount == amount:
+                return self.top_ups.pop(i)
+        raise EscrowError(f"no signed top-up of {amount} for {channel}", code="signed_file_missing")
+
+    async def authorize_top_up(
+        self, *, escrow: str, channel: str, amount: int
+    ) -> DepositAuthorization | None:
+        return self._next_top_up(channel, amount).deposit()
+
+    async def open(self, *, escrow: str, payee: str, token: str, deposit: int, salt: str, signer: str) -> str:
+        self._check(escrow, payee, token, signer)
+        if self.relayer is None:
+            raise EscrowError("no relayer to send the signed open", code="no_relayer")
+        return (await relay_channel_open(self.relayer, self.opened)).transaction_hash
+
+    async def top_up(self, *, escrow: str, channel: str, amount: int) -> str:
+        if self.relayer is None:
+            raise EscrowError("no relayer to send the signed top-up", code="no_relayer")
+        return (await relay_channel_top_up(self.relayer, self._next_top_up(channel, amount))).transaction_hash

@@ -13,7 +13,9 @@ Never twice: before anything is sent, the channel is read. Settled on chain up t
 ours whose receipt we never saw, another settler's) means that item is done (`settled_elsewhere`); a
 finalized channel settles nothing more (a `settle` item above what it paid is dead: `channel_finalized`).
 A send whose receipt did not arrive in time is recorded as pending (`settlement_pending: sent in 0x...`):
-while any of its hashes is still unmined, nothing is sent for that channel. `reconcile` (recovery) only
+while any of its hashes is still unmined, nothing is sent for that channel; a close too stays queued until
+its transaction is seen (a close that surely failed, reverted or never sent, is dead at once: the payer,
+answered, may ask again). `reconcile` (recovery) only
 records what the chain shows.
 
 The loop (lease, batch, lease renewal, backoff, dead letters) is `escrow.payments._engine.SettlementEngine`.
@@ -157,7 +159,16 @@ class ChannelSettlement:
             hashes = " ".join(f"sent in {h}" for h in exc.tx_hashes)
             return [await engine.retry(w, f"settlement_pending: {hashes} ({exc.code})") for w in rest]
         except ChainError as exc:  # reverted or unreachable: the next attempt reads the channel first
-            return [await engine.retry(w, f"{exc.code}: {exc}") for w in rest]
+            # A close that surely did not land is the payer's to ask again (the channel stays open); a close
+            # that may land (above) is retried like any settle: the engine waits for its transaction.
+            return [
+                await (
+                    engine.dead(w, exc.code, str(exc))
+                    if w[1].close
+                    else engine.retry(w, f"{exc.code}: {exc}")
+                )
+                for w in rest
+            ]
         self.transactions.append(tx_hash)
         self.gas += gas
         paid = [w for w in rest if w[1].cumulative <= target.cumulative and (target.close or not w[1].close)]
@@ -173,9 +184,9 @@ class ChannelSettlement:
         return engine.clock() + delay
 
     def gives_up(self, payment: ChannelVoucher, now: float) -> bool:
-        # A settle voucher never expires. A close is the payer's request, answered now: a failed one is not
-        # retried behind the payer's back (it may ask again; the channel read first sees a close that landed).
-        return payment.close
+        # A voucher never expires. A close is retried only while it may have been sent (its receipt late, the
+        # channel unreadable): a close that surely failed is dead at once (`_send`), the payer may ask again.
+        return False
 
     async def on_settled(self, engine: Engine, job: Work) -> None:
         return None  # no counters: the channel's own numbers are on chain and in the high-water marks

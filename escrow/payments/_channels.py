@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from x402._session import DepositAuthorization
+
 from ..chain._abi import ContractAbi
 from ..chain._rpc import Rpc
 from ..chain._sender import TxSender
@@ -64,6 +66,13 @@ class ChannelChain(Protocol):
         """Whether `tx_hash` is in a block (False: still in the pool, or unknown to the node)."""
         ...
 
+    async def relay_deposit(
+        self, deposit: DepositAuthorization, *, payee: str, token: str, channel: str, timeout: float = 30.0
+    ) -> tuple[str, int]:
+        """Send the payer's `openWithAuthorization` / `topUpWithAuthorization` (the server pays the gas),
+        only after an `eth_call` of the same call succeeds; `RevertError` if it would revert (none sent)."""
+        ...
+
 
 class AgentChannelsChain:
     """`ChannelChain` over a deployed AgentChannels, sending with the payee's (or its relayer's) key.
@@ -111,6 +120,39 @@ class AgentChannelsChain:
         self, channel_id: str, cumulative: int, signature: str, *, timeout: float = 30.0
     ) -> tuple[str, int]:
         return await self._send("close", channel_id, cumulative, signature, timeout)
+
+    async def relay_deposit(
+        self, deposit: DepositAuthorization, *, payee: str, token: str, channel: str, timeout: float = 30.0
+    ) -> tuple[str, int]:
+        if self.sender is None:
+            raise RuntimeError("AgentChannelsChain built without a sender cannot relay a deposit")
+        salt, nonce = bytes.fromhex(deposit.salt[2:]), bytes.fromhex(deposit.nonce[2:])
+        signature = bytes.fromhex(deposit.signature[2:])
+        window = (deposit.valid_after, deposit.valid_before, nonce)
+        if deposit.kind == "open":
+            auth: tuple[Any, ...] = (
+                payee,
+                token,
+                deposit.value,
+                salt,
+                deposit.authorized_signer,
+                deposit.payer,
+                *window,
+            )
+            data = self.abi.encode("openWithAuthorization", auth, signature)
+        else:
+            auth = (bytes.fromhex(channel[2:]), deposit.value, deposit.payer, salt, *window)
+            data = self.abi.encode("topUpWithAuthorization", auth, signature)
+        sender = self.sender.address
+        # The simulation is free; a send that reverts is not: a refused authorization (replayed, expired,
+        # unfunded, badly signed) raises RevertError here and nothing is sent.
+        await self.rpc.call(self.escrow, data, sender=sender)
+        tx = {"from": sender, "to": self.escrow, "data": "0x" + data.hex()}
+        estimate = int(await self.rpc.request("eth_estimateGas", [tx]), 16)
+        receipt = await self.sender.transact(
+            self.escrow, data, gas=estimate * 6 // 5 + 10_000, timeout=timeout
+        )
+        return receipt.transaction_hash, int(receipt.gas_used, 16)
 
     async def mined(self, tx_hash: str) -> bool:
         tx = await self.rpc.request("eth_getTransactionByHash", [tx_hash])

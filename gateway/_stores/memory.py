@@ -266,6 +266,12 @@ class MemoryStore:
     async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
         return self._high_water.get(channel_id, 0), self._vouchers.get(channel_id)
 
+    async def list_channel_vouchers(
+        self, *, after: str = "", limit: int = 500
+    ) -> list[tuple[str, int, bytes]]:
+        keys = sorted(k for k in self._vouchers if k > after)[: max(limit, 0)]
+        return [(k, self._high_water.get(k, 0), self._vouchers[k]) for k in keys]
+
     async def close(self) -> None:
         return None
 

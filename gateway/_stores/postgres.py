@@ -137,6 +137,8 @@ _SQL = {
     " voucher = coalesce(excluded.voucher, t.voucher) WHERE t.cumulative < excluded.cumulative RETURNING 1",
     "high_water": "SELECT cumulative FROM {s}.high_water WHERE channel_id = $1",
     "channel_voucher": "SELECT cumulative, voucher FROM {s}.high_water WHERE channel_id = $1",
+    "list_channel_vouchers": "SELECT channel_id, cumulative, voucher FROM {s}.high_water"
+    " WHERE voucher IS NOT NULL AND channel_id > $1 ORDER BY channel_id LIMIT $2",
     "renew_lease": "UPDATE {s}.settlements SET lease_until = $3 WHERE key = ANY($1::text[])"
     " AND state = 'leased' AND lease_token = $2 RETURNING key",
 }
@@ -336,6 +338,12 @@ class PostgresStore:
         if row is None:
             return 0, None
         return int(row[0]), None if row[1] is None else bytes(row[1])
+
+    async def list_channel_vouchers(
+        self, *, after: str = "", limit: int = 500
+    ) -> list[tuple[str, int, bytes]]:
+        rows = await self._call("fetch", "list_channel_vouchers", after, max(limit, 0))
+        return [(str(r[0]), int(r[1]), bytes(r[2])) for r in rows]
 
     async def close(self) -> None:
         await asyncio.wait_for(self._pool.close(), timeout=10)

@@ -221,6 +221,11 @@ class RedisCachedStore:
     async def channel_voucher(self, channel_id: str) -> tuple[int, bytes | None]:
         return await self._inner.channel_voucher(channel_id)
 
+    async def list_channel_vouchers(
+        self, *, after: str = "", limit: int = 500
+    ) -> list[tuple[str, int, bytes]]:
+        return await self._inner.list_channel_vouchers(after=after, limit=limit)
+
     async def close(self) -> None:
         try:
             await self._redis.aclose()

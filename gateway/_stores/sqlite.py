@@ -439,6 +439,16 @@ class SQLiteStore:
             return 0, None
         return int(row[0]), None if row[1] is None else bytes(row[1])
 
+    async def list_channel_vouchers(
+        self, *, after: str = "", limit: int = 500
+    ) -> list[tuple[str, int, bytes]]:
+        sql = (
+            f"SELECT channel_id, cumulative, voucher FROM {self._p}high_water"
+            " WHERE voucher IS NOT NULL AND channel_id > ? ORDER BY channel_id LIMIT ?"
+        )
+        rows = await self._run(lambda con: con.execute(sql, (after, max(limit, 0))).fetchall(), READ)
+        return [(str(r[0]), int(r[1]), bytes(r[2])) for r in rows]
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True

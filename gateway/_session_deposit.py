@@ -1,0 +1,152 @@
+"""Server-submitted deposits (`methodDetails.feePayer: true`): the gateway relays the payer's signed
+`openWithAuthorization` / `topUpWithAuthorization` and pays the gas.
+
+Offered only when the paywall is built with `fee_payer=True`; the challenge then lists the credential types
+`["authorization", "hash"]` (else `["hash"]`), and a credential of a type not listed is refused.
+
+The relayer's gas is the attack surface, so before anything is sent:
+- the authorization pays the escrow (`to`), and its nonce is the one the contract recomputes from this
+  payee, this token and the credential's salt and signer (or channel, amount and top-up salt): a signature
+  for any other channel, payee, token or escrow is refused with no chain call;
+- a relayed open holds at least one request's maximum (or the route's suggested deposit);
+- an open names exactly the channel its fields make (`channelId` recomputed with this escrow and chain), and
+  its opening voucher is signed by the channel's signer; a top-up's payer is the channel's payer;
+- a deposit already relayed (same channel for an open, same nonce for a top-up) is not sent again, and two
+  at once for one channel are serialized (one transaction);
+- the very call is simulated (`eth_call`): one that would revert (replayed, expired, unfunded, badly
+  signed) costs one free call and is answered 409 `transaction-reverted`, never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from escrow import ChainError, EscrowError, RevertError, TransactionFailed
+from escrow.chain._rpc import ReceiptTimeout
+from x402 import X402Error
+from x402._session import DepositAuthorization, SessionAction, VoucherVerifier, channel_id
+
+from ._channels import ChannelChain
+from ._pricing import Asset, to_atomic
+from ._session_state import SessionProblem, SessionRoute
+
+__all__ = ["SessionDeposits"]
+
+log = logging.getLogger("agentpay.gateway.session")
+
+
+class SessionDeposits:
+    """Mixed into `SessionPaywall`: the relayed (server-submitted) open and top-up."""
+
+    chain: ChannelChain
+    asset: Asset
+    pay_to: str
+    fee_payer: bool
+    _relaying: dict[str, asyncio.Lock]
+    _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it
+    relay_transactions: list[str]
+    relay_gas: int
+
+    @property
+    def credential_types(self) -> list[str]:
+        """What the challenge lists, in order of preference (the draft's `methodDetails.credentialTypes`)."""
+        return ["authorization", "hash"] if self.fee_payer else ["hash"]
+
+    def _check_type(self, action: SessionAction) -> None:
+        if action.action in ("open", "topUp") or action.deposit is not None or action.type != "hash":
+            if action.type not in self.credential_types:
+                raise SessionProblem(
+                    "malformed-credential",
+                    f"credential type {action.type!r} is not offered here (offered: {self.credential_types})",
+                    base="https://paymentauth.org/problems/",
+                )
+
+    def _least_deposit(self, route: SessionRoute) -> int:
+        """The least a relayed open must hold: one request's maximum, or the route's suggested deposit (the
+        gateway pays an open's gas, about 190k: not for a channel too small to pay for one request)."""
+        most = to_atomic(route.unit_price, self.asset.decimals) * route.units
+        suggested = route.suggested_deposit
+        return max(most, 0 if suggested is None else to_atomic(suggested, self.asset.decimals))
+
+    async def _relay(
+        self, action: SessionAction, deposit: DepositAuthorization, payer: str | None, *, minimum: int
+    ) -> None:
+        """Relay `deposit` for `action.channel` (`payer`: the open channel's payer, for a top-up)."""
+        escrow, token, cid = self.chain.escrow.lower(), self.asset.address, action.channel
+        if deposit.value < minimum:
+            raise SessionProblem(
+                "deposit-too-small", f"a channel this gateway opens must hold at least {minimum}"
+            )
+        if deposit.to.lower() != escrow:
+            raise SessionProblem("invalid-signature", "the authorization pays another contract")
+        expected = deposit.expected_nonce(payee=self.pay_to, token=token, channel=cid)
+        if deposit.nonce.lower() != expected:
+            raise SessionProblem(
+                "invalid-signature", "the authorization is not for this channel, payee and token"
+            )
+        if deposit.kind == "open":
+            made = channel_id(
+                payer=deposit.payer,
+                payee=self.pay_to,
+                token=token,
+                salt=deposit.salt,
+                authorized_signer=deposit.authorized_signer,
+                escrow=escrow,
+                chain_id=self.chain.chain_id,
+            )
+            if made != cid:
+                raise SessionProblem("channel-mismatch", "the authorization opens another channel")
+            self._check_opening_voucher(action, deposit)  # the open's voucher, or the one it comes with
+        elif payer is None or deposit.payer.lower() != payer.lower():
+            raise SessionProblem("signer-mismatch", "only the channel's payer may top it up")
+        async with self._relaying.setdefault(cid, asyncio.Lock()):
+            if deposit.nonce in self._relayed:
+                return  # relayed already (the same credential again): never twice
+            if deposit.kind == "open" and (await self.chain.channel(cid)).exists:
+                return  # opened already (by this very authorization, or otherwise): nothing to send
+            try:
+                tx_hash, gas = await self.chain.relay_deposit(
+                    deposit, payee=self.pay_to, token=token, channel=cid
+                )
+            except (RevertError, TransactionFailed) as exc:
+                log.info("relayed %s of %s refused: %s", deposit.kind, cid, exc)
+                raise SessionProblem(
+                    "transaction-reverted",
+                    f"the {deposit.kind} authorization was refused on chain",
+                    status=409,
+                ) from None
+            except (
+                ReceiptTimeout
+            ) as exc:  # it may land: the payer's retry finds the channel or the nonce used
+                log.warning("relayed %s of %s not mined in time: %s", deposit.kind, cid, exc)
+                raise SessionProblem(
+                    "chain-unavailable", "the deposit is not mined yet; retry", status=503
+                ) from None
+            except (ChainError, EscrowError) as exc:
+                log.warning("relaying %s of %s failed: %s", deposit.kind, cid, exc)
+                raise SessionProblem(
+                    "chain-unavailable", "the chain is unreachable; retry later", status=503
+                ) from None
+            self._relayed[deposit.nonce] = tx_hash
+            self.relay_transactions.append(tx_hash)
+            self.relay_gas += gas
+
+    def _check_opening_voucher(self, action: SessionAction, deposit: DepositAuthorization) -> None:
+        """The voucher must be the channel's signer's before the gateway pays for the channel."""
+        assert action.cumulative is not None and action.signature is not None
+        signer = deposit.payer if int(deposit.authorized_signer, 16) == 0 else deposit.authorized_signer
+        verifier = VoucherVerifier(
+            chain_id=self.chain.chain_id,
+            escrow=self.chain.escrow,
+            channel=action.channel,
+            signer=bytes.fromhex(signer[2:]),
+        )
+        try:
+            ok = verifier.signed_by(action.cumulative, action.signature)
+        except X402Error:
+            ok = False
+        if not ok:
+            raise SessionProblem(
+                "signer-mismatch", "the opening voucher is not signed by the channel's signer"
+            )
