@@ -216,6 +216,33 @@ class SQLiteStore:
 
         await self._run(body)
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        """`complete` (no new settlement) + `mark_settled([key], tx_hash=...)`, as one atomic step.
+
+        For a payment settled before its response: its in-flight record (`<kind>:now`, enqueued before the
+        transaction left) is closed with the claim, in one transaction and one commit instead of two.
+        Refused with `ClaimLost` (writing nothing, the record stays open) unless `holder` still holds `key`.
+        Not in the `PaymentStore` protocol: the pipeline uses it when a store has it.
+        """
+        until = math.inf if keep_until is None else keep_until
+        finalize = (
+            f"UPDATE {self._p}claims SET finalized = 1, expires_at = ?, holder = NULL, finalized_at = ?"
+        )
+        settled = (
+            f"UPDATE {self._p}settlements SET state = 'settled', tx_hash = ?, error = NULL, retry_at = NULL,"
+            " lease_until = NULL, lease_token = NULL, settled_at = ? WHERE key = ? AND state <> 'settled'"
+        )
+
+        def body(con: sqlite3.Connection) -> None:
+            now = time.time()
+            self._held(con, finalize, key, holder, until, now)
+            self._put_receipt(con, key, receipt)
+            con.execute(settled, (tx_hash, now, key))
+
+        await self._run(body)
+
     async def purge_expired_claims(self) -> int:
         sql = f"DELETE FROM {self._p}claims WHERE finalized = 0 AND expires_at <= ?"
         now = time.time()
