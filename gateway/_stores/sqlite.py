@@ -417,6 +417,30 @@ class SQLiteStore:
 
         await self._run(body)
 
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        """`claim(marker, ttl=ttl)` and, when that claim was taken, `sub_pending(account, amount)`, as one
+        atomic step and one commit; True when the counter moved.
+
+        The count-once release of a reservation (`escrow.payments._exact_settler.unreserve_once`): the
+        marker's claim keeps a second report from moving the counter again. Not in the `PaymentStore`
+        protocol: `unreserve_once` uses it when a store has it, else the two calls.
+        """
+        now, p, token = time.time(), self._p, new_token()
+        claim = (
+            f"INSERT INTO {p}claims (key, expires_at, finalized, holder) VALUES (?, ?, 0, ?)"
+            " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
+            f" WHERE {p}claims.finalized = 0 AND {p}claims.expires_at <= ? RETURNING 1"
+        )
+
+        def body(con: sqlite3.Connection) -> bool:
+            if not con.execute(claim, (marker, now + ttl, token, now)).fetchall():
+                return False
+            current = self._get_int(con, "pending", "amount", "account", account)
+            self._set_int(con, "pending", "amount", "account", account, max(0, current - amount))
+            return True
+
+        return await self._run(body)
+
     async def get_pending(self, account: str) -> int:
         return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account), READ)
 
