@@ -79,7 +79,7 @@ class Attempt:
         self.verified: Verified | None = None
         self.tracker = Tracker()
         self.holder = ""  # our token on the replay claim
-        self.keeper: asyncio.Task[None] | None = None  # renews the claim while the request runs
+        self.keeper: _ClaimKeeper | None = None  # renews the claim while the request runs
         self.actual: int | None = None  # a metered route's charge (None: the whole amount)
 
     @property
@@ -122,6 +122,52 @@ def as_payment_failed(exc: Exception, *, during: str) -> PaymentFailed:
     if isinstance(exc, StoreError):
         return _infrastructure_failure(exc, exc.code, exc.status_hint, during=during)
     return _infrastructure_failure(exc, f"unexpected_{during}_error", 500, during=during)
+
+
+class _ClaimKeeper:
+    """Renews a claim every third of its TTL until the request is done (see the module doc).
+
+    A timer, not a task per request: nearly every request is done long before its first renewal is due,
+    and a timer costs one heap entry to set and cancel, where a task costs a coroutine, a sleep and a
+    cancellation. The renewal itself runs as a task, which `stop` cancels and waits for.
+    """
+
+    __slots__ = ("holder", "interval", "key", "store", "task", "timer", "ttl")
+
+    def __init__(self, store: PaymentStore, key: str, holder: str, ttl: float) -> None:
+        self.store, self.key, self.holder, self.ttl = store, key, holder, ttl
+        self.interval = max(ttl / 3, 0.05)
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            self.interval, self._due
+        )
+
+    def _due(self) -> None:
+        self.timer = None
+        self.task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            await self.store.renew(self.key, self.holder, ttl=self.ttl)
+        except ClaimLost:
+            log.error("the claim on %s lapsed while its request ran; it will not be served", self.key)
+            return
+        except Exception as exc:  # an outage: try again; `complete` judges at the end
+            log.warning("renewing the claim on %s failed: %r", self.key, exc)
+        self.timer = asyncio.get_running_loop().call_later(self.interval, self._due)
+
+    async def stop(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+        task, self.task = self.task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.timer is not None:  # set by a renewal that finished as it was cancelled
+            self.timer.cancel()
+            self.timer = None
 
 
 class Paywall:
@@ -266,9 +312,7 @@ class Paywall:
                 )
             raise PaymentFailed("this payment was already presented", code=Reason.NONCE_ALREADY_USED)
         attempt.holder = holder
-        attempt.keeper = asyncio.get_running_loop().create_task(
-            self._keep_claim(_claim_key(verified), holder)
-        )
+        attempt.keeper = _ClaimKeeper(self.store, _claim_key(verified), holder, self.claim_ttl)
         attempt.tracker.fire(Event.CLAIMED)
         reserve = getattr(attempt.scheme, "reserve", None)  # optional: see `gateway._scheme.Reserves`
         if reserve is not None:
@@ -283,25 +327,11 @@ class Paywall:
 
     # -- after the app -------------------------------------------------------------------------------------
 
-    async def _keep_claim(self, key: str, holder: str) -> None:
-        """Renew the claim every third of its TTL until the request is done (see the module doc)."""
-        while True:
-            await asyncio.sleep(max(self.claim_ttl / 3, 0.05))
-            try:
-                await self.store.renew(key, holder, ttl=self.claim_ttl)
-            except ClaimLost:
-                log.error("the claim on %s lapsed while its request ran; it will not be served", key)
-                return
-            except Exception as exc:  # an outage: try again; `complete` judges at the end
-                log.warning("renewing the claim on %s failed: %r", key, exc)
-
     @staticmethod
     async def _stop_keeping(attempt: Attempt) -> None:
         keeper, attempt.keeper = attempt.keeper, None
         if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await keeper.stop()
 
     async def release(self, attempt: Attempt) -> None:
         """The app failed: drop the claim, charge nothing; the same payment may be presented again."""
@@ -411,11 +441,17 @@ class Paywall:
                 await self.store.complete(
                     _claim_key(verified), attempt.holder, receipt=receipt, keep_until=verified.expires_at
                 )
+                await self.store.mark_settled([key], tx_hash=tx_hash)
+            elif (complete_settled := getattr(self.store, "complete_settled", None)) is not None:
+                # the two steps below as one atomic step and one commit (SQLite)
+                await complete_settled(
+                    key, attempt.holder, receipt=receipt, tx_hash=tx_hash, keep_until=verified.expires_at
+                )
             else:
                 await self.store.complete(
                     key, attempt.holder, receipt=receipt, keep_until=verified.expires_at
                 )
-            await self.store.mark_settled([key], tx_hash=tx_hash)
+                await self.store.mark_settled([key], tx_hash=tx_hash)
         except Exception as exc:
             # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
             # the record from the chain.

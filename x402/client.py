@@ -281,7 +281,10 @@ class PaymentAuth(httpx.Auth):
     # -- memory
     @staticmethod
     def _key(request: httpx.Request) -> tuple[str, str]:
-        return (request.method, str(request.url.copy_with(fragment=None)))
+        # `copy_with` parses the URL again (as much work as the rest of the flow): only when there is a
+        # fragment to drop.
+        text = str(request.url)
+        return (request.method, str(request.url.copy_with(fragment=None)) if "#" in text else text)
 
     def _recall(self, request: httpx.Request) -> Offer | None:
         if not self.remember:

@@ -142,10 +142,16 @@ async def unreserve_once(store: ExactQueue, key: str, payment: ExactPayment) -> 
     """
     if not payment.reserved:
         return
-    # A claim that outlives any payment is as permanent as a finalized one, at one store round trip.
+    amount = int(payment.payload.authorization.value)
+    # A claim that outlives any payment is as permanent as a finalized one, at one store round trip. A
+    # store that can take the marker and move the counter in one step (SQLite) does: one commit, not two.
+    once = getattr(store, "sub_pending_once", None)
+    if once is not None:
+        await once(f"{key}#unreserved", payment.reserved, amount, ttl=_FOREVER)
+        return
     if await store.claim(f"{key}#unreserved", ttl=_FOREVER) is None:
         return
-    await store.sub_pending(payment.reserved, int(payment.payload.authorization.value))
+    await store.sub_pending(payment.reserved, amount)
 
 
 Work = Job[ExactPayment]

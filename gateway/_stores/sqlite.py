@@ -219,6 +219,33 @@ class SQLiteStore:
 
         await self._run(body)
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        """`complete` (no new settlement) + `mark_settled([key], tx_hash=...)`, as one atomic step.
+
+        For a payment settled before its response: its in-flight record (`<kind>:now`, enqueued before the
+        transaction left) is closed with the claim, in one transaction and one commit instead of two.
+        Refused with `ClaimLost` (writing nothing, the record stays open) unless `holder` still holds `key`.
+        Not in the `PaymentStore` protocol: the pipeline uses it when a store has it.
+        """
+        until = math.inf if keep_until is None else keep_until
+        finalize = (
+            f"UPDATE {self._p}claims SET finalized = 1, expires_at = ?, holder = NULL, finalized_at = ?"
+        )
+        settled = (
+            f"UPDATE {self._p}settlements SET state = 'settled', tx_hash = ?, error = NULL, retry_at = NULL,"
+            " lease_until = NULL, lease_token = NULL, settled_at = ? WHERE key = ? AND state <> 'settled'"
+        )
+
+        def body(con: sqlite3.Connection) -> None:
+            now = time.time()
+            self._held(con, finalize, key, holder, until, now)
+            self._put_receipt(con, key, receipt)
+            con.execute(settled, (tx_hash, now, key))
+
+        await self._run(body)
+
     async def purge_expired_claims(self) -> int:
         sql = f"DELETE FROM {self._p}claims WHERE finalized = 0 AND expires_at <= ?"
         now = time.time()
@@ -405,6 +432,30 @@ class SQLiteStore:
             self._set_int(con, "pending", "amount", "account", account, max(0, current - amount))
 
         await self._run(body)
+
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        """`claim(marker, ttl=ttl)` and, when that claim was taken, `sub_pending(account, amount)`, as one
+        atomic step and one commit; True when the counter moved.
+
+        The count-once release of a reservation (`escrow.payments._exact_settler.unreserve_once`): the
+        marker's claim keeps a second report from moving the counter again. Not in the `PaymentStore`
+        protocol: `unreserve_once` uses it when a store has it, else the two calls.
+        """
+        now, p, token = time.time(), self._p, new_token()
+        claim = (
+            f"INSERT INTO {p}claims (key, expires_at, finalized, holder) VALUES (?, ?, 0, ?)"
+            " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
+            f" WHERE {p}claims.finalized = 0 AND {p}claims.expires_at <= ? RETURNING 1"
+        )
+
+        def body(con: sqlite3.Connection) -> bool:
+            if not con.execute(claim, (marker, now + ttl, token, now)).fetchall():
+                return False
+            current = self._get_int(con, "pending", "amount", "account", account)
+            self._set_int(con, "pending", "amount", "account", account, max(0, current - amount))
+            return True
+
+        return await self._run(body)
 
     async def get_pending(self, account: str) -> int:
         return await self._run(lambda con: self._get_int(con, "pending", "amount", "account", account), READ)
