@@ -523,8 +523,9 @@ contract AgentEscrowTest is EscrowTestBase {
         assertEq(_reason(r), 0);
         assertEq(signer, sessionKey);
 
+        bytes32 digest = escrow.hashPayment(p);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, sessionKey, address(usdc), 3e6, 42);
+        emit IAgentEscrow.PaymentSettled(digest, sessionKey, 3e6);
         assertEq(_reason(_settle(p, sig)), 0);
 
         assertEq(usdc.balanceOf(payee), 3e6);
@@ -538,8 +539,9 @@ contract AgentEscrowTest is EscrowTestBase {
 
     function test_settle_payerSignedEoa() public {
         IAgentEscrow.Payment memory p = _payment(payer, payee, 500e6, 7, 0);
+        bytes32 digest = escrow.hashPayment(p);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, payer, address(usdc), 500e6, 7);
+        emit IAgentEscrow.PaymentSettled(digest, payer, 500e6);
         assertEq(_reason(_settle(p, _sign(payerKey, p))), 0);
         assertEq(usdc.balanceOf(payee), 500e6);
         assertTrue(escrow.nonceUsed(payer, 7));
@@ -666,8 +668,9 @@ contract AgentEscrowTest is EscrowTestBase {
         _grantDefault();
         IAgentEscrow.Payment memory p = _payment(2e6, 0);
         bytes memory sig = _sign(sessionKeyPk, p);
+        bytes32 digest = escrow.hashPayment(p);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, sessionKey, address(usdc), 2e6, 0);
+        emit IAgentEscrow.PaymentSettled(digest, sessionKey, 2e6);
         escrow.settleOne(p, sig);
         assertEq(usdc.balanceOf(payee), 2e6);
 
