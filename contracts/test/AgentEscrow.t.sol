@@ -210,14 +210,18 @@ contract AgentEscrowTest is EscrowTestBase {
     }
 
     function test_requestWithdrawal_replacingRestartsDelay() public {
+        // Times are constants, not `block.timestamp`: this file compiles through the IR pipeline (it imports
+        // AgentEscrow), which treats the timestamp as fixed within a call and may read it before or after a `vm.warp`.
+        uint256 start = 1_800_000_000;
+        vm.warp(start);
         vm.startPrank(payer);
         escrow.requestWithdrawal(address(usdc), 300e6);
-        vm.warp(block.timestamp + DELAY - 1);
-        escrow.requestWithdrawal(address(usdc), 200e6);
-        vm.warp(block.timestamp + 1);
+        vm.warp(start + DELAY - 1);
+        escrow.requestWithdrawal(address(usdc), 200e6); // ready at start + DELAY - 1 + DELAY
+        vm.warp(start + DELAY);
         vm.expectRevert(
             abi.encodeWithSelector(
-                IAgentEscrow.EscrowWithdrawalNotReady.selector, payer, address(usdc), block.timestamp + DELAY - 1
+                IAgentEscrow.EscrowWithdrawalNotReady.selector, payer, address(usdc), start + 2 * DELAY - 1
             )
         );
         escrow.withdraw(address(usdc));
