@@ -806,8 +806,17 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         return _hashTypedDataV4(structHash);
     }
 
-    function _payeeKey(address payer, address signer, uint32 epoch, address payee) private pure returns (bytes32) {
-        return keccak256(abi.encode(payer, signer, epoch, payee));
+    /// @dev `keccak256(abi.encode(payer, signer, epoch, payee))`, hashed in place: a batch computes it per payment
+    /// under an allow-list, and `abi.encode` would leave a fresh 160 bytes of memory behind each time.
+    function _payeeKey(address payer, address signer, uint32 epoch, address payee) private pure returns (bytes32 key) {
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, and(payer, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(ptr, 0x20), and(signer, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(ptr, 0x40), and(epoch, 0xffffffff))
+            mstore(add(ptr, 0x60), and(payee, 0xffffffffffffffffffffffffffffffffffffffff))
+            key := keccak256(ptr, 0x80)
+        }
     }
 
     /// @dev Transient-storage index of the (payee, token) payout group within a {settle} call.
