@@ -10,8 +10,9 @@
 // - Each source file is its own compilation (with its imports). Broken files then cannot hide the others, and
 //   a contract's bytecode never depends on which unrelated files happen to sit next to it. Files compile in
 //   parallel worker threads, one solc-js instance per thread.
-// - Compiler settings (evm_version, optimizer, optimizer_runs, via_ir) are read from foundry.toml, so forge
-//   tests and the committed artifacts use the same ones.
+// - Compiler settings (evm_version, optimizer, optimizer_runs, via_ir, and the via_ir of its
+//   compilation_restrictions) are read from foundry.toml, so forge tests and the committed artifacts use the
+//   same ones.
 // - metadata.bytecodeHash = "none": no hash of the metadata (which embeds absolute paths and comments) ends up
 //   in the bytecode, so artifacts are byte-for-byte reproducible on any machine.
 // - EntryPoint is copied, not compiled: deploying exactly the npm initcode through the CREATE2 deployer
@@ -101,6 +102,22 @@ function readFoundrySettings() {
   };
 }
 
+/**
+ * Units foundry.toml compiles through the IR pipeline although via_ir is off by default: the `paths` of its
+ * `compilation_restrictions = [{ paths = "src/X.sol", via_ir = true }, ...]` line (exact unit names).
+ */
+function readViaIrPaths() {
+  const text = fs.readFileSync(path.join(CONTRACTS_DIR, "foundry.toml"), "utf8");
+  const line = text.split("\n").find((l) => /^\s*compilation_restrictions\s*=/.test(l));
+  if (!line) return new Set();
+  const entries = [...line.matchAll(/\{([^}]*)\}/g)].map((m) => m[1]);
+  const paths = entries
+    .filter((e) => /via_ir\s*=\s*true/.test(e))
+    .map((e) => e.match(/paths\s*=\s*"([^"]+)"/)?.[1])
+    .filter(Boolean);
+  return new Set(paths);
+}
+
 function listSources(dir) {
   const out = [];
   for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
@@ -112,7 +129,7 @@ function listSources(dir) {
 }
 
 /** Compiles each unit in its own worker-thread job; resolves to {unitName: solcOutput}. */
-function compileAll(unitNames, settings) {
+function compileAll(unitNames, settings, viaIrPaths = new Set()) {
   const poolSize = Math.max(1, Math.min(os.availableParallelism?.() ?? os.cpus().length, unitNames.length));
   const queue = [...unitNames];
   const results = {};
@@ -124,7 +141,7 @@ function compileAll(unitNames, settings) {
       const next = () => {
         const unitName = queue.shift();
         if (unitName === undefined) return void worker.terminate();
-        worker.postMessage({ unitName, settings });
+        worker.postMessage({ unitName, settings: viaIrPaths.has(unitName) ? { ...settings, viaIR: true } : settings });
       };
       worker.on("message", ({ unitName, output }) => {
         results[unitName] = output;
@@ -160,7 +177,7 @@ async function main() {
   const units = listSources(SRC_DIR);
 
   const started = Date.now();
-  const outputs = await compileAll(units, settings);
+  const outputs = await compileAll(units, settings, readViaIrPaths());
 
   const expected = new Map(); // file name -> rendered JSON
   const owners = new Map(); // contract name -> unit that defines it

@@ -45,6 +45,7 @@ from x402._escrow import (
     GrantMessage,
     decode_escrow_payload,
     escrow_domain,
+    payment_digest,
     sign_payment,
 )
 from x402.client_escrow import EscrowWallet, SessionKeyAuth
@@ -151,6 +152,11 @@ class Chain:
             for e in found
             if str(e.args["payer"]).lower() == payer.lower() and int(e.args["nonce"]) == nonce
         ]
+
+    async def settled_events(self, payload: EscrowPayload, from_block: int) -> list[EscrowEvent]:
+        """`PaymentSettled` logs of exactly this payment (they are indexed by its EIP-712 digest)."""
+        digest = payment_digest(escrow_domain(self.env.chain_id, self.env.escrow), payload.payment)
+        return await self.escrow.logs(["PaymentSettled"], from_block=from_block, topics=["0x" + digest.hex()])
 
     async def block(self) -> int:
         return int(await self.rpc.request("eth_blockNumber", []), 16)
@@ -280,7 +286,7 @@ async def test_a_deferred_claim_already_on_chain_is_recorded_once_never_lost(cha
     assert [(o.key, o.status, o.tx_hash) for o in outcomes] == [(key, "settled_elsewhere", tx_hash)]
     assert await chain.usdc.balance_of(sub) == PRICE  # paid once
     nonce = int(payload.payment.nonce)
-    assert len(await chain.events("PaymentSettled", g.payer, nonce, start)) == 1
+    assert len(await chain.settled_events(payload, start)) == 1
     # The relayer did submit it once more: the escrow refused the used nonce, nothing moved.
     assert await chain.sent(relayer) == 1
     (refused,) = await chain.events("PaymentFailed", g.payer, nonce, start)

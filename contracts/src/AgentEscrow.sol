@@ -5,7 +5,6 @@ import {IERC1271} from "@openzeppelin/contracts/interfaces/IERC1271.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
@@ -75,12 +74,32 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint32 payeeCount; // 0: any payee
     }
 
-    /// @dev The payouts of one batch: one total per distinct (payee, token), `groups` of them in use.
+    /// @dev The payouts of one batch: one total per distinct (payee, token), `groups` of them in use. `lastPayee`,
+    /// `lastToken` and `last` (a 1-based group) remember the latest payment's group: a run of payments to the same
+    /// payee, the common batch, finds its group without hashing.
     struct Payouts {
         address[] payees;
         address[] tokens;
         uint256[] totals;
         uint256 groups;
+        address lastPayee;
+        address lastToken;
+        uint256 last;
+    }
+
+    /**
+     * @dev What {_check} read for one payment, handed to {_apply} so that it neither hashes a storage key nor reads a
+     * slot again: the payment's digest, the signer's nonce word (slot and value with the payment's bit set), the payer's deposit (slot and
+     * value) and, for a session key, its grant (base slot, and the limits slot's value).
+     */
+    struct Scratch {
+        bytes32 digest;
+        uint256 nonceSlot;
+        uint256 nonceBits;
+        uint256 depositSlot;
+        uint256 depositValue;
+        uint256 grantSlot;
+        uint256 limits;
     }
 
     /// @dev A pending withdrawal; `amount == 0` means none.
@@ -305,51 +324,20 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint256 n = payments.length;
         require(n == signatures.length, EscrowLengthMismatch(n, signatures.length));
         reasons = new Reason[](n);
-
-        // One payout per distinct (payee, token): totals accumulate in memory, found through a transient index.
-        address[] memory payees = new address[](n);
-        address[] memory tokens = new address[](n);
-        uint256[] memory totals = new uint256[](n);
-        uint256 groups;
-
+        Payouts memory payouts = _newPayouts(n);
+        Scratch memory scratch;
         for (uint256 i; i < n; ++i) {
             Payment calldata payment = payments[i];
-            (Reason reason, address signer) = _check(payment, payment.amount, signatures[i]);
+            (Reason reason, address signer) = _check(payment, payment.amount, signatures[i], scratch);
             if (reason != Reason.None) {
                 reasons[i] = reason;
                 emit PaymentFailed(payment.payer, payment.nonce, i, reason);
                 continue;
             }
-            _apply(payment, payment.amount, signer);
-
-            address payee = payment.payee;
-            address token = payment.token;
-            uint256 slot = _payoutSlot(payee, token);
-            uint256 group;
-            assembly ("memory-safe") {
-                group := tload(slot)
-            }
-            if (group == 0) {
-                payees[groups] = payee;
-                tokens[groups] = token;
-                group = ++groups;
-                assembly ("memory-safe") {
-                    tstore(slot, group)
-                }
-            }
-            totals[group - 1] += payment.amount;
+            _apply(payment, payment.amount, signer, scratch);
+            _addToGroup(payouts, payment.payee, payment.token, payment.amount);
         }
-
-        for (uint256 j; j < groups; ++j) {
-            address payee = payees[j];
-            address token = tokens[j];
-            uint256 slot = _payoutSlot(payee, token);
-            // Cleared so that a second settle in the same transaction (multicall) starts from an empty index.
-            assembly ("memory-safe") {
-                tstore(slot, 0)
-            }
-            _payout(payee, token, totals[j]);
-        }
+        _payAll(payouts);
     }
 
     /// @inheritdoc IAgentEscrow
@@ -378,9 +366,10 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     /// @inheritdoc IAgentEscrow
     function settleOne(Payment calldata payment, bytes calldata signature) external nonReentrant {
         uint256 amount = payment.amount;
-        (Reason reason, address signer) = _check(payment, amount, signature);
+        Scratch memory scratch;
+        (Reason reason, address signer) = _check(payment, amount, signature, scratch);
         require(reason == Reason.None, EscrowPaymentRejected(reason));
-        _apply(payment, amount, signer);
+        _apply(payment, amount, signer, scratch);
         _payout(payment.payee, payment.token, amount);
     }
 
@@ -390,7 +379,8 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         view
         returns (Reason reason, address signer)
     {
-        return _check(payment, payment.amount, signature);
+        Scratch memory scratch;
+        return _check(payment, payment.amount, signature, scratch);
     }
 
     // ------------------------------------------------------------------ views
@@ -460,18 +450,29 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     {
         uint256 n = payments.length;
         reasons = new Reason[](n);
-        Payouts memory payouts = Payouts(new address[](n), new address[](n), new uint256[](n), 0);
+        Payouts memory payouts = _newPayouts(n);
+        Scratch memory scratch;
         for (uint256 i; i < n; ++i) {
             Payment calldata payment = payments[i];
-            (Reason reason, address signer, uint256 amount) = _checkEntry(payment, actuals, i, signatures[i]);
+            uint256 amount = actuals[i];
+            (Reason reason, address signer) = _checkEntry(payment, amount, signatures[i], scratch);
             if (reason != Reason.None) {
                 reasons[i] = reason;
                 emit PaymentFailed(payment.payer, payment.nonce, i, reason);
                 continue;
             }
-            _apply(payment, amount, signer);
+            _apply(payment, amount, signer, scratch);
             _addToGroup(payouts, payment.payee, payment.token, amount);
         }
+        _payAll(payouts);
+    }
+
+    function _newPayouts(uint256 n) private pure returns (Payouts memory) {
+        return Payouts(new address[](n), new address[](n), new uint256[](n), 0, address(0), address(0), 0);
+    }
+
+    /// @dev One transfer per (payee, token) group of a batch, clearing the transient index on the way.
+    function _payAll(Payouts memory payouts) private {
         for (uint256 j; j < payouts.groups; ++j) {
             address payee = payouts.payees[j];
             address token = payouts.tokens[j];
@@ -542,37 +543,41 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /**
-     * @dev Entry `i` of a metered batch: the charge `actuals[i]` and its checks. A metered charge above the maximum, or below it from someone the payee did not allow, fails
+     * @dev An entry of a metered batch charged `amount`: its checks. A metered charge above the maximum, or below it from someone the payee did not allow, fails
      * before the signature is even looked at: neither can ever pass, whoever signed.
      */
-    function _checkEntry(Payment calldata payment, uint256[] calldata actuals, uint256 i, bytes calldata signature)
+    function _checkEntry(Payment calldata payment, uint256 amount, bytes calldata signature, Scratch memory scratch)
         private
         view
-        returns (Reason reason, address signer, uint256 amount)
+        returns (Reason reason, address signer)
     {
-        amount = actuals[i];
         uint256 maximum = payment.amount;
-        if (amount > maximum) return (Reason.ActualExceedsAmount, address(0), amount);
+        if (amount > maximum) return (Reason.ActualExceedsAmount, address(0));
         if (amount != maximum && msg.sender != payment.payee && !_settlers[payment.payee][msg.sender]) {
-            return (Reason.NotPayeeSettler, address(0), amount);
+            return (Reason.NotPayeeSettler, address(0));
         }
-        (reason, signer) = _check(payment, amount, signature);
+        (reason, signer) = _check(payment, amount, signature, scratch);
     }
 
     /// @dev Adds `amount` to the (payee, token) payout group of a batch, opening the group if it is new.
     function _addToGroup(Payouts memory payouts, address payee, address token, uint256 amount) private {
-        uint256 slot = _payoutSlot(payee, token);
-        uint256 group;
-        assembly ("memory-safe") {
-            group := tload(slot)
-        }
-        if (group == 0) {
-            group = ++payouts.groups;
-            payouts.payees[group - 1] = payee;
-            payouts.tokens[group - 1] = token;
+        uint256 group = payouts.last;
+        if (group == 0 || payee != payouts.lastPayee || token != payouts.lastToken) {
+            uint256 slot = _payoutSlot(payee, token);
             assembly ("memory-safe") {
-                tstore(slot, group)
+                group := tload(slot)
             }
+            if (group == 0) {
+                group = ++payouts.groups;
+                payouts.payees[group - 1] = payee;
+                payouts.tokens[group - 1] = token;
+                assembly ("memory-safe") {
+                    tstore(slot, group)
+                }
+            }
+            payouts.lastPayee = payee;
+            payouts.lastToken = token;
+            payouts.last = group;
         }
         payouts.totals[group - 1] += amount;
     }
@@ -581,67 +586,156 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
      * @dev The checks of one payment charged `amount` (its signed amount, or a metered charge at most that), in
      * the order the scheme documents, without side effects. The per-call cap holds the signed maximum; the budget
      * and the deposit hold `amount`. `signer` is who signed (the payer, or a session key of the payer), or zero
-     * when nobody valid did.
+     * when nobody valid did. Fills `scratch` for {_apply} (meaningful only when the payment passed).
+     *
+     * The hot path of every batch: storage keys are hashed once and each slot is read once, as a whole word (the
+     * layouts are those of {GrantTerms} and {GrantLimits}; see {_checkGrant}).
      */
-    function _check(Payment calldata payment, uint256 amount, bytes calldata signature)
+    function _check(Payment calldata payment, uint256 amount, bytes calldata signature, Scratch memory scratch)
         private
         view
         returns (Reason reason, address signer)
     {
         if (block.timestamp > payment.deadline) return (Reason.DeadlineExpired, address(0));
-        address payee = payment.payee;
-        if (payee == address(0) || payee == address(this)) return (Reason.InvalidPayee, address(0));
-
+        {
+            address payee = payment.payee;
+            if (payee == address(0) || payee == address(this)) return (Reason.InvalidPayee, address(0));
+        }
         address payer = payment.payer;
-        signer = _resolveSigner(payer, _hashPayment(payment), signature);
+        bytes32 digest = _hashPayment(payment);
+        scratch.digest = digest;
+        signer = _resolveSigner(payer, digest, signature, scratch);
         if (signer == address(0)) return (Reason.InvalidSignature, address(0));
 
-        uint256 nonce = payment.nonce;
-        if (_nonceBitmap[signer][nonce >> 8] & (1 << (nonce & 0xff)) != 0) return (Reason.NonceUsed, signer);
+        {
+            uint256 nonce = payment.nonce;
+            uint256 nonceSlot = _mappingSlot(_mappingSlot(_nonceBitmapSlot(), uint160(signer)), nonce >> 8);
+            uint256 bits;
+            assembly ("memory-safe") {
+                bits := sload(nonceSlot)
+            }
+            uint256 bit = 1 << (nonce & 0xff);
+            if (bits & bit != 0) return (Reason.NonceUsed, signer);
+            scratch.nonceSlot = nonceSlot;
+            scratch.nonceBits = bits | bit;
+        }
 
+        // {_resolveSigner} left the (payer, signer) grant slot in `scratch` for any signer but the payer.
         if (signer != payer) {
-            reason = _checkGrant(_grants[payer][signer], payment, signer, amount);
+            reason = _checkGrant(payment, signer, amount, scratch);
             if (reason != Reason.None) return (reason, signer);
         }
-        if (amount > _deposits[payer][payment.token]) return (Reason.InsufficientDeposit, signer);
+        uint256 depositSlot = _mappingSlot(_mappingSlot(_depositsSlot(), uint160(payer)), uint160(payment.token));
+        uint256 deposited;
+        assembly ("memory-safe") {
+            deposited := sload(depositSlot)
+        }
+        if (amount > deposited) return (Reason.InsufficientDeposit, signer);
+        scratch.depositSlot = depositSlot;
+        scratch.depositValue = deposited;
     }
 
-    function _checkGrant(Grant storage g, Payment calldata payment, address signer, uint256 amount)
+    /**
+     * @dev The grant checks of {_check}, reading the grant at `scratch.grantSlot` as raw words: slot 0 is {GrantTerms}
+     * (token in bits 0-159, epoch 160-191, validAfter 192-223, validUntil 224-255), slot 1 is {GrantLimits} (remaining
+     * 0-127, maxPerCall 128-223, payeeCount 224-255). Leaves the limits word in `scratch` for {_apply}.
+     */
+    function _checkGrant(Payment calldata payment, address signer, uint256 amount, Scratch memory scratch)
         private
         view
         returns (Reason)
     {
-        GrantTerms memory terms = g.terms;
-        uint32 signed = payment.epoch;
-        if (terms.epoch == 0 || signed > terms.epoch) return Reason.GrantNotFound;
-        if (signed < terms.epoch || terms.token == address(0)) return Reason.GrantRevoked;
-        if (terms.token != payment.token) return Reason.TokenMismatch;
-        if (block.timestamp < terms.validAfter) return Reason.GrantNotYetValid;
-        if (block.timestamp > terms.validUntil) return Reason.GrantExpired;
+        uint256 slot = scratch.grantSlot;
+        uint256 terms;
+        assembly ("memory-safe") {
+            terms := sload(slot)
+        }
+        uint256 epoch = uint32(terms >> 160);
+        {
+            uint256 signed = payment.epoch;
+            if (epoch == 0 || signed > epoch) return Reason.GrantNotFound;
+            address token = address(uint160(terms));
+            if (signed < epoch || token == address(0)) return Reason.GrantRevoked;
+            if (token != payment.token) return Reason.TokenMismatch;
+        }
+        if (block.timestamp < uint32(terms >> 192)) return Reason.GrantNotYetValid;
+        if (block.timestamp > terms >> 224) return Reason.GrantExpired;
 
-        GrantLimits memory limits = g.limits;
+        uint256 limits;
+        assembly ("memory-safe") {
+            limits := sload(add(slot, 1))
+        }
         if (
-            limits.payeeCount != 0
-                && !_payeeAllowed[_payeeKey(payment.payer, signer, terms.epoch, payment.payee)]
+            limits >> 224 != 0
+                && !_payeeAllowed[_payeeKey(payment.payer, signer, uint32(epoch), payment.payee)]
         ) return Reason.PayeeNotAllowed;
         // The cap bounds what the key signed for (the maximum), not just what this settlement charges.
-        if (payment.amount > limits.maxPerCall) return Reason.AmountExceedsCap;
-        if (amount > limits.remaining) return Reason.BudgetExceeded;
+        if (payment.amount > uint96(limits >> 128)) return Reason.AmountExceedsCap;
+        if (amount > uint128(limits)) return Reason.BudgetExceeded;
+        scratch.limits = limits;
         return Reason.None;
     }
 
-    /// @dev Applies a payment that {_check} accepted for `amount`: uses its nonce and debits the deposit and grant.
-    function _apply(Payment calldata payment, uint256 amount, address signer) private {
-        address payer = payment.payer;
-        address token = payment.token;
-        uint256 nonce = payment.nonce;
-        _nonceBitmap[signer][nonce >> 8] |= 1 << (nonce & 0xff);
-        unchecked {
-            // Both bounds were checked in {_check}: amount <= deposit, and amount <= remaining for a session key.
-            _deposits[payer][token] -= amount;
-            if (signer != payer) _grants[payer][signer].limits.remaining -= uint128(amount);
+    /**
+     * @dev Applies a payment that {_check} accepted for `amount`, with what it read (`scratch`, filled by that very
+     * check, with nothing written in between): uses its nonce and debits the deposit and grant.
+     */
+    function _apply(Payment calldata payment, uint256 amount, address signer, Scratch memory scratch) private {
+        {
+            (uint256 nonceSlot, uint256 nonceBits) = (scratch.nonceSlot, scratch.nonceBits);
+            (uint256 depositSlot, uint256 depositValue) = (scratch.depositSlot, scratch.depositValue);
+            assembly ("memory-safe") {
+                sstore(nonceSlot, nonceBits)
+                // {_check} checked amount <= the deposit.
+                sstore(depositSlot, sub(depositValue, amount))
+            }
         }
-        emit PaymentSettled(payer, payment.payee, signer, token, amount, nonce);
+        address payer = payment.payer;
+        if (signer != payer) {
+            // {_check} checked amount <= remaining (the low 128 bits), so the subtraction stays inside that field.
+            (uint256 limitsSlot, uint256 limits) = (scratch.grantSlot + 1, scratch.limits);
+            assembly ("memory-safe") {
+                sstore(limitsSlot, sub(limits, amount))
+            }
+        }
+        _emitSettled(scratch.digest, signer, amount);
+    }
+
+    /// @dev {PaymentSettled}, encoded by hand: it is the largest cost of a payment after its signature check.
+    function _emitSettled(bytes32 digest, address signer, uint256 amount) private {
+        bytes32 topic = PaymentSettled.selector;
+        assembly ("memory-safe") {
+            mstore(0x00, signer)
+            mstore(0x20, amount)
+            log2(0x00, 0x40, topic, digest)
+        }
+    }
+
+    function _nonceBitmapSlot() private pure returns (uint256 slot) {
+        assembly ("memory-safe") {
+            slot := _nonceBitmap.slot
+        }
+    }
+
+    function _depositsSlot() private pure returns (uint256 slot) {
+        assembly ("memory-safe") {
+            slot := _deposits.slot
+        }
+    }
+
+    function _grantsSlot() private pure returns (uint256 slot) {
+        assembly ("memory-safe") {
+            slot := _grants.slot
+        }
+    }
+
+    /// @dev The slot of `map[key]` for a mapping at slot `map` whose key is a value type (Solidity's layout).
+    function _mappingSlot(uint256 map, uint256 key) private pure returns (uint256 slot) {
+        assembly ("memory-safe") {
+            mstore(0x00, key)
+            mstore(0x20, map)
+            slot := keccak256(0x00, 0x40)
+        }
     }
 
     /// @dev Transfers `amount` to `payee`; if the token refuses (e.g. a blocklisted payee), the amount is owed instead.
@@ -655,23 +749,52 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
 
     /**
      * @dev Who signed `digest` for `payer`: the payer (ECDSA, or ERC-1271 when it is a contract), else the ECDSA
-     * signer, which {_checkGrant} then holds to the payer's grant. Zero when no signature is valid.
+     * signer, which {_checkGrant} then holds to the payer's grant. Zero when no signature is valid. For an ECDSA
+     * signer other than the payer, leaves the (payer, signer) grant slot in `scratch.grantSlot`.
      */
-    function _resolveSigner(address payer, bytes32 digest, bytes calldata signature)
+    function _resolveSigner(address payer, bytes32 digest, bytes calldata signature, Scratch memory scratch)
         private
         view
         returns (address signer)
     {
         if (signature.length == 65) {
-            (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, signature);
-            if (err == ECDSA.RecoverError.NoError) {
-                // A payer or a key it granted (or once granted: revocation is reported as such) needs no more.
-                if (recovered == payer || _grants[payer][recovered].terms.epoch != 0) return recovered;
+            address recovered = _recover(digest, signature);
+            if (recovered != address(0)) {
+                if (recovered == payer) return recovered;
+                uint256 slot = _mappingSlot(_mappingSlot(_grantsSlot(), uint160(payer)), uint160(recovered));
+                scratch.grantSlot = slot;
+                uint256 terms;
+                assembly ("memory-safe") {
+                    terms := sload(slot)
+                }
+                // A key the payer granted (or once granted: revocation is reported as such) needs no more.
+                if (uint32(terms >> 160) != 0) return recovered;
                 signer = recovered;
             }
         }
         // A smart-account payer signs through ERC-1271, whatever the signature's length.
         if (payer.code.length != 0 && _isValidERC1271(payer, digest, signature)) return payer;
+    }
+
+    /**
+     * @dev ECDSA recovery of a 65-byte `r ++ s ++ v` signature, accepting exactly what OpenZeppelin's
+     * `ECDSA.tryRecover` accepts (s in the lower half of the curve order; v that the precompile takes, 27 or 28).
+     * Zero when it is not valid. Inline because it runs once per payment of every batch.
+     */
+    function _recover(bytes32 digest, bytes calldata signature) private view returns (address recovered) {
+        assembly ("memory-safe") {
+            let s := calldataload(add(signature.offset, 0x20))
+            if iszero(gt(s, 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0)) {
+                let ptr := mload(0x40)
+                mstore(ptr, digest)
+                mstore(add(ptr, 0x20), byte(0, calldataload(add(signature.offset, 0x40))))
+                mstore(add(ptr, 0x40), calldataload(signature.offset))
+                mstore(add(ptr, 0x60), s)
+                mstore(0x00, 0)
+                // The precompile returns no data for an invalid signature, leaving the zero in place.
+                if staticcall(gas(), 0x01, ptr, 0x80, 0x00, 0x20) { recovered := mload(0x00) }
+            }
+        }
     }
 
     /**
@@ -739,8 +862,17 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         emit MultichainApproval.MultichainApprovalUsed(payer, approval.root, node);
     }
 
-    function _payeeKey(address payer, address signer, uint32 epoch, address payee) private pure returns (bytes32) {
-        return keccak256(abi.encode(payer, signer, epoch, payee));
+    /// @dev `keccak256(abi.encode(payer, signer, epoch, payee))`, hashed in place: a batch computes it per payment
+    /// under an allow-list, and `abi.encode` would leave a fresh 160 bytes of memory behind each time.
+    function _payeeKey(address payer, address signer, uint32 epoch, address payee) private pure returns (bytes32 key) {
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, and(payer, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(ptr, 0x20), and(signer, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(ptr, 0x40), and(epoch, 0xffffffff))
+            mstore(add(ptr, 0x60), and(payee, 0xffffffffffffffffffffffffffffffffffffffff))
+            key := keccak256(ptr, 0x80)
+        }
     }
 
     /// @dev Transient-storage index of the (payee, token) payout group within a {settle} call.

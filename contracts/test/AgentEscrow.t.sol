@@ -210,14 +210,18 @@ contract AgentEscrowTest is EscrowTestBase {
     }
 
     function test_requestWithdrawal_replacingRestartsDelay() public {
+        // Times are constants, not `block.timestamp`: this file compiles through the IR pipeline (it imports
+        // AgentEscrow), which treats the timestamp as fixed within a call and may read it before or after a `vm.warp`.
+        uint256 start = 1_800_000_000;
+        vm.warp(start);
         vm.startPrank(payer);
         escrow.requestWithdrawal(address(usdc), 300e6);
-        vm.warp(block.timestamp + DELAY - 1);
-        escrow.requestWithdrawal(address(usdc), 200e6);
-        vm.warp(block.timestamp + 1);
+        vm.warp(start + DELAY - 1);
+        escrow.requestWithdrawal(address(usdc), 200e6); // ready at start + DELAY - 1 + DELAY
+        vm.warp(start + DELAY);
         vm.expectRevert(
             abi.encodeWithSelector(
-                IAgentEscrow.EscrowWithdrawalNotReady.selector, payer, address(usdc), block.timestamp + DELAY - 1
+                IAgentEscrow.EscrowWithdrawalNotReady.selector, payer, address(usdc), start + 2 * DELAY - 1
             )
         );
         escrow.withdraw(address(usdc));
@@ -523,8 +527,9 @@ contract AgentEscrowTest is EscrowTestBase {
         assertEq(_reason(r), 0);
         assertEq(signer, sessionKey);
 
+        bytes32 digest = escrow.hashPayment(p);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, sessionKey, address(usdc), 3e6, 42);
+        emit IAgentEscrow.PaymentSettled(digest, sessionKey, 3e6);
         assertEq(_reason(_settle(p, sig)), 0);
 
         assertEq(usdc.balanceOf(payee), 3e6);
@@ -538,8 +543,9 @@ contract AgentEscrowTest is EscrowTestBase {
 
     function test_settle_payerSignedEoa() public {
         IAgentEscrow.Payment memory p = _payment(payer, payee, 500e6, 7, 0);
+        bytes32 digest = escrow.hashPayment(p);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, payer, address(usdc), 500e6, 7);
+        emit IAgentEscrow.PaymentSettled(digest, payer, 500e6);
         assertEq(_reason(_settle(p, _sign(payerKey, p))), 0);
         assertEq(usdc.balanceOf(payee), 500e6);
         assertTrue(escrow.nonceUsed(payer, 7));
@@ -666,8 +672,9 @@ contract AgentEscrowTest is EscrowTestBase {
         _grantDefault();
         IAgentEscrow.Payment memory p = _payment(2e6, 0);
         bytes memory sig = _sign(sessionKeyPk, p);
+        bytes32 digest = escrow.hashPayment(p);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, sessionKey, address(usdc), 2e6, 0);
+        emit IAgentEscrow.PaymentSettled(digest, sessionKey, 2e6);
         escrow.settleOne(p, sig);
         assertEq(usdc.balanceOf(payee), 2e6);
 

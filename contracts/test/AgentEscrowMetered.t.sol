@@ -101,8 +101,9 @@ contract AgentEscrowMeteredTest is EscrowTestBase {
         escrow.setSettler(relayer, true);
         assertTrue(escrow.isSettler(payee, relayer));
 
+        bytes32 digest = escrow.hashPayment(p1);
         vm.expectEmit(address(escrow));
-        emit IAgentEscrow.PaymentSettled(payer, payee, sessionKey, address(usdc), 1e6, 1);
+        emit IAgentEscrow.PaymentSettled(digest, sessionKey, 1e6);
         assertEq(_reason(_metered(relayer, p1, 1e6, _sign(sessionKeyPk, p1))), 0);
         assertEq(usdc.balanceOf(payee), 1e6);
 

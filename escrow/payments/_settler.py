@@ -7,8 +7,8 @@ reconcile each claim from the receipt's events.
 Outcomes, per claim:
 
 - `settled`: `PaymentSettled` in our receipt;
-- `settled_elsewhere`: the escrow says `NonceUsed`, and a `PaymentSettled` log shows this very payment (same
-  payer, payee, signer, token, amount, nonce): someone (another settler, a receipt we never saw) already
+- `settled_elsewhere`: the escrow says `NonceUsed`, and a `PaymentSettled` log shows this very payment (its
+  EIP-712 digest, the same signer and charge): someone (another settler, a receipt we never saw) already
   paid it. Counted as settled, once;
 - `dead` with `escrow_nonce_reused`: the nonce paid a *different* payment: this one is lost;
 - `dead` with the reason's code (`escrow_grant_revoked`, `escrow_budget_exceeded`, ...): the payer's
@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
-from x402._escrow import EscrowCode, EscrowPayload, reason_code
+from x402._escrow import EscrowCode, EscrowPayload, escrow_domain, payment_digest, reason_code
 
 from ..chain._rpc import ChainError, Receipt, TxSender
 from ._engine import EngineOptions, Job, Parties, SettlementEngine, SettleOutcome, Status
-from ._escrow import AgentEscrow, EscrowEvent, topic_address
+from ._escrow import AgentEscrow, EscrowEvent
 from ._escrow_verify import EscrowClaim
 from ._queue import QueuedItem
 from ._queue import SettlementQueue as _BaseQueue
@@ -292,20 +292,20 @@ class EscrowSettlement:
 
 
 async def find_settlement(escrow: AgentEscrow, claim: EscrowClaim) -> EscrowEvent | None:
-    """The `PaymentSettled` log of exactly this payment, if the escrow has one."""
-    p = claim.payload.payment
+    """The `PaymentSettled` log of exactly this payment, if the escrow has one.
+
+    The log is indexed by the payment's EIP-712 digest, which stands for all its fields; the signer (nonces
+    are per signer) and the charge (a metered payment's actual) must match too.
+    """
+    digest = payment_digest(escrow_domain(claim.chain_id, escrow.address), claim.payload.payment)
     events = await escrow.logs(
         ["PaymentSettled"],
         from_block=max(0, claim.from_block - _LOOKBACK),
-        topics=[topic_address(p.payer), topic_address(p.payee), topic_address(claim.signer)],
+        topics=["0x" + digest.hex()],
     )
     for event in events:
         a = event.args
-        if (
-            str(a["token"]).lower() == p.token.lower()
-            and int(a["amount"]) == claim.charge
-            and int(a["nonce"]) == int(p.nonce)
-        ):
+        if str(a["signer"]).lower() == claim.signer.lower() and int(a["amount"]) == claim.charge:
             return event
     return None
 

@@ -103,34 +103,40 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint32 offset1;
     }
 
-    /// @dev Slot 0 of a key: read by every validation. The flags say whether slots 1 and 2 must be read at all.
+    /// @dev Flags of {SessionCore}: which policies beyond the gas budget and time bounds apply, i.e. whether a
+    /// validation must read (and write) slot 1 of the key at all.
+    uint8 private constant COUNTED = 1; // `maxUses != 0`: a lifetime count
+    uint8 private constant WINDOWED = 2; // `interval != 0`: a per-window limit
+
+    /**
+     * @dev Slot 0 of a key: everything a key with only a gas budget and time bounds needs, so that such a validation
+     * reads one slot and writes it back once. `gasLeft` is the budget minus what was charged (the budget itself
+     * sits in slot 2, for the view). `id` is the grant id (at most 2^24 installs per account: see
+     * {_installSessionKey}).
+     */
     struct SessionCore {
-        uint64 id;
+        uint128 gasLeft;
         uint48 validAfter;
         uint48 validUntil;
-        uint32 maxUses;
-        uint32 uses;
-        bool windowed;
+        uint24 id;
+        uint8 flags;
     }
 
-    /// @dev Slot 1 of a key: the per-window rate limit.
-    struct SessionWindow {
+    /// @dev Slot 1 of a key: the rate limits, read and written only when {SessionCore} flags them.
+    struct SessionLimits {
+        uint32 maxUses;
+        uint32 uses;
         uint48 interval;
         uint32 maxUsesPerInterval;
         uint48 window;
         uint32 windowUses;
     }
 
-    /// @dev Slot 2 of a key: the gas budget.
-    struct SessionGas {
-        uint128 gasBudget;
-        uint128 gasSpent;
-    }
-
+    /// @dev Slots 0-2 of a key; slot 2 is the gas budget as installed, read only by {sessionKey}.
     struct StoredSession {
         SessionCore core;
-        SessionWindow rate;
-        SessionGas gas;
+        SessionLimits limits;
+        uint128 gasBudget;
     }
 
     /// @custom:storage-location erc7201:agentpay.storage.AgentAccountSessionKeys
@@ -261,12 +267,13 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         StoredSession storage session = _getSessionKeysStorage().sessions[key];
         SessionKeyState memory state;
         SessionCore memory core = session.core;
-        (state.id, state.validAfter, state.validUntil, state.maxUses, state.uses) =
-        (core.id, core.validAfter, core.validUntil, core.maxUses, core.uses);
-        SessionWindow memory rate = session.rate;
+        (state.id, state.validAfter, state.validUntil) = (core.id, core.validAfter, core.validUntil);
+        SessionLimits memory limits = session.limits;
+        (state.maxUses, state.uses) = (limits.maxUses, limits.uses);
         (state.interval, state.maxUsesPerInterval, state.window, state.windowUses) =
-        (rate.interval, rate.maxUsesPerInterval, rate.window, rate.windowUses);
-        (state.gasBudget, state.gasSpent) = (session.gas.gasBudget, session.gas.gasSpent);
+        (limits.interval, limits.maxUsesPerInterval, limits.window, limits.windowUses);
+        state.gasBudget = session.gasBudget;
+        state.gasSpent = state.gasBudget - core.gasLeft;
         return state;
     }
 
@@ -354,12 +361,17 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
 
         SessionKeysStorage storage $ = _getSessionKeysStorage();
         StoredSession storage session = $.sessions[key];
-        SessionCore memory core = session.core;
+        SessionCore memory core = session.core; // the one read every validation makes of the key's slots
         if (core.id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
 
         _checkSessionCalls($, key, core.id, userOp.callData);
-        (uint48 validAfter, uint48 validUntil) = _useSessionRateLimit(session, core, key, window);
-        _useSessionGas(session.gas, key, userOp); // every key has a budget: see {_installSessionKey}
+        uint48 validAfter = core.validAfter;
+        uint48 validUntil = core.validUntil == 0 ? type(uint48).max : core.validUntil;
+        if (core.flags != 0) {
+            (validAfter, validUntil) = _useSessionRateLimit(session, core.flags, key, window, validAfter, validUntil);
+        }
+        // The gas policy (every key has a budget: see {_installSessionKey}), written back with the same slot.
+        session.core.gasLeft = _chargeSessionGas(core.gasLeft, key, userOp);
         emit SessionKeyUsed(key, core.id);
 
         (address recovered, ECDSA.RecoverError err,) =
@@ -435,7 +447,6 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         bytes calldata data,
         StoredPermission memory permission
     ) private view returns (bool) {
-        StoredArgRule storage rule = $.rules[pid][r];
         ArgCondition condition;
         uint32 offset;
         if (r == 0) {
@@ -443,64 +454,74 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         } else if (r == 1) {
             (condition, offset) = (permission.condition1, permission.offset1);
         } else {
-            (condition, offset) = (rule.condition, rule.offset);
+            StoredArgRule storage stored = $.rules[pid][r];
+            (condition, offset) = (stored.condition, stored.offset);
         }
         (bool found, bytes32 word) = ArgRules.wordAt(data, offset);
         if (!found) return false;
         if (condition == ArgCondition.OneOf) return $.oneOf[_oneOfId(pid, r, word)];
-        return ArgRules.compare(condition, word, rule.value);
+        return ArgRules.compare(condition, word, $.rules[pid][r].value);
     }
 
     /**
-     * @dev The rate-limit policy (see the contract documentation); also intersects the timestamp policy. Returns
-     * the operation's `validAfter` / `validUntil`.
+     * @dev The rate-limit policy (see the contract documentation), for a key whose `flags` name one; also intersects
+     * the timestamp policy's `validAfter` / `validUntil` with the window. Returns the operation's bounds.
      */
-    function _useSessionRateLimit(StoredSession storage session, SessionCore memory core, address key, uint48 window)
-        private
-        returns (uint48 validAfter, uint48 validUntil)
-    {
-        validAfter = core.validAfter;
-        validUntil = core.validUntil == 0 ? type(uint48).max : core.validUntil;
-
-        if (core.maxUses != 0) {
-            if (core.uses >= core.maxUses) revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
-            session.core.uses = core.uses + 1;
+    function _useSessionRateLimit(
+        StoredSession storage session,
+        uint8 flags,
+        address key,
+        uint48 window,
+        uint48 validAfter,
+        uint48 validUntil
+    ) private returns (uint48, uint48) {
+        SessionLimits memory limits = session.limits;
+        if (flags & COUNTED != 0) {
+            if (limits.uses >= limits.maxUses) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
+            }
+            limits.uses += 1;
         }
 
-        if (core.windowed) {
-            SessionWindow memory rate = session.rate;
-            if (window == 0 || window < rate.window) {
+        if (flags & WINDOWED != 0) {
+            if (window == 0 || window < limits.window) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
             }
-            uint32 used = window == rate.window ? rate.windowUses : 0;
-            if (used >= rate.maxUsesPerInterval) {
+            uint32 used = window == limits.window ? limits.windowUses : 0;
+            if (used >= limits.maxUsesPerInterval) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.RateLimit, 0, 0);
             }
-            uint256 start = uint256(window) * rate.interval;
-            uint256 end = start + rate.interval - 1;
+            uint256 start = uint256(window) * limits.interval;
+            uint256 end = start + limits.interval - 1;
             if (start > validUntil || end < validAfter) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.Timestamp, 0, 0);
             }
             // Both fit in 48 bits: start <= validUntil and end < validUntil when it replaces it.
             if (start > validAfter) validAfter = uint48(start);
             if (end < validUntil) validUntil = uint48(end);
-            session.rate.window = window;
-            session.rate.windowUses = used + 1;
+            limits.window = window;
+            limits.windowUses = used + 1;
         }
+        session.limits = limits; // one write of the slot, whichever counters moved
+        return (validAfter, validUntil);
     }
 
-    /// @dev The gas policy: charge the operation's worst-case cost to the key's budget.
-    function _useSessionGas(SessionGas storage budget, address key, PackedUserOperation calldata userOp) private {
-        SessionGas memory gas = budget;
+    /// @dev The gas policy: charges the operation's worst-case cost to what is left of the budget; returns the rest.
+    function _chargeSessionGas(uint128 gasLeft, address key, PackedUserOperation calldata userOp)
+        private
+        pure
+        returns (uint128)
+    {
         uint256 cost =
             (userOp.preVerificationGas
                     + ERC4337Utils.verificationGasLimit(userOp)
                     + ERC4337Utils.callGasLimit(userOp)
                     + ERC4337Utils.paymasterVerificationGasLimit(userOp)
                     + ERC4337Utils.paymasterPostOpGasLimit(userOp)) * ERC4337Utils.maxFeePerGas(userOp);
-        uint256 spent = gas.gasSpent + cost;
-        if (spent > gas.gasBudget) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
-        budget.gasSpent = uint128(spent);
+        if (cost > gasLeft) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
+        unchecked {
+            return uint128(gasLeft - cost); // cost <= gasLeft
+        }
     }
 
     /**
@@ -546,19 +567,26 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (previous != 0) emit SessionKeyRevoked(key, previous);
 
         uint64 id = ++$.lastId;
+        // The id shares slot 0 with what every validation reads (see {SessionCore}); 2^24 installs would take
+        // trillions of gas, so this never binds in practice, but it must not wrap into an earlier grant's id.
+        if (id > type(uint24).max) revert SessionKeyInvalidPolicy(key, 10, 0);
         StoredSession storage session = $.sessions[key];
         session.core = SessionCore({
-            id: id,
+            gasLeft: policy.gasBudget,
             validAfter: policy.validAfter,
             validUntil: policy.validUntil,
+            id: uint24(id),
+            flags: (policy.maxUses != 0 ? COUNTED : 0) | (policy.interval != 0 ? WINDOWED : 0)
+        });
+        session.limits = SessionLimits({
             maxUses: policy.maxUses,
             uses: 0,
-            windowed: policy.interval != 0
+            interval: policy.interval,
+            maxUsesPerInterval: policy.maxUsesPerInterval,
+            window: 0,
+            windowUses: 0
         });
-        session.rate = SessionWindow({
-            interval: policy.interval, maxUsesPerInterval: policy.maxUsesPerInterval, window: 0, windowUses: 0
-        });
-        session.gas = SessionGas({gasBudget: policy.gasBudget, gasSpent: 0});
+        session.gasBudget = policy.gasBudget;
         for (uint256 i = 0; i < policy.permissions.length; ++i) {
             _storePermission($, key, id, i, policy.permissions[i]);
         }
@@ -657,11 +685,25 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         _checkEntryPointOrSelf();
     }
 
-    function _permissionId(uint64 id, address target, bytes4 selector) private pure returns (bytes32) {
-        return keccak256(abi.encode(id, target, selector));
+    /// @dev `keccak256(abi.encode(id, target, selector))`, hashed in place: validation computes it for every call.
+    function _permissionId(uint64 id, address target, bytes4 selector) private pure returns (bytes32 pid) {
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, and(id, 0xffffffffffffffff))
+            mstore(add(ptr, 0x20), and(target, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(ptr, 0x40), and(selector, shl(224, 0xffffffff)))
+            pid := keccak256(ptr, 0x60)
+        }
     }
 
-    function _oneOfId(bytes32 pid, uint256 ruleIndex, bytes32 value) private pure returns (bytes32) {
-        return keccak256(abi.encode(pid, ruleIndex, value));
+    /// @dev `keccak256(abi.encode(pid, ruleIndex, value))`, hashed in place like {_permissionId}.
+    function _oneOfId(bytes32 pid, uint256 ruleIndex, bytes32 value) private pure returns (bytes32 oneOfId) {
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, pid)
+            mstore(add(ptr, 0x20), ruleIndex)
+            mstore(add(ptr, 0x40), value)
+            oneOfId := keccak256(ptr, 0x60)
+        }
     }
 }

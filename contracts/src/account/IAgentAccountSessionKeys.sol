@@ -33,8 +33,8 @@ interface IAgentAccountSessionKeys {
      * @dev The policy given for `key` is malformed. `reason`: 1 key is zero, the account or its owner; 2
      * `validUntil < validAfter`; 3 `interval` and `maxUsesPerInterval` not both zero or both set; 4 no permission;
      * 5 a permission targets zero or the account; 6 duplicate `(target, selector)`; 7 too many rules; 8 a rule has
-     * the wrong number of values; 9 no gas budget (`gasBudget == 0`; use `type(uint128).max` for no cap); `index`
-     * is the offending permission (0 otherwise).
+     * the wrong number of values; 9 no gas budget (`gasBudget == 0`; use `type(uint128).max` for no cap); 10 the
+     * account's grant ids are exhausted (2^24 installs); `index` is the offending permission (0 otherwise).
      */
     error SessionKeyInvalidPolicy(address key, uint256 reason, uint256 index);
 

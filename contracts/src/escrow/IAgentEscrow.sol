@@ -101,10 +101,13 @@ interface IAgentEscrow {
     /// @dev `payer` revoked `signer` through `epoch`: no grant numbered at or below it can be live again.
     event GrantRevoked(address indexed payer, address indexed signer, uint32 epoch);
 
-    /// @dev A payment by `signer` (the payer itself or its session key) settled; `nonce` is now used.
-    event PaymentSettled(
-        address indexed payer, address indexed payee, address indexed signer, address token, uint256 amount, uint256 nonce
-    );
+    /**
+     * @dev The payment whose EIP-712 digest ({hashPayment}) is `digest`, signed by `signer` (the payer itself or its
+     * session key), settled for `amount` (the signed amount; a metered charge for {settleMetered}); its nonce is now
+     * used. The digest stands for every field of the payment (payer, payee, token, maximum, nonce, deadline, epoch):
+     * one topic and two words instead of the fields themselves keep the log, paid once per payment, small.
+     */
+    event PaymentSettled(bytes32 indexed digest, address signer, uint256 amount);
 
     /// @dev The payment at `index` of a {settle} batch did not settle, for `reason`. Nothing changed for it.
     event PaymentFailed(address indexed payer, uint256 nonce, uint256 index, Reason reason);
