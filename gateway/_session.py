@@ -36,6 +36,7 @@ import asyncio
 import bisect
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,7 +68,16 @@ from ._pricing import Amount, Asset, to_atomic
 from ._session_deposit import SessionDeposits
 from ._session_settle import SessionSettling, pack_voucher
 from ._session_settle import receipt_headers as _receipt_headers
-from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
+from ._session_state import (
+    PROBLEMS,
+    SCOPE_KEY,
+    Channel,
+    Context,
+    KeyedLocks,
+    SessionProblem,
+    SessionRoute,
+    billed_sse,
+)
 from ._store import PaymentStore
 from ._stores import open_store
 from ._stores.memory import MemoryStore
@@ -101,10 +111,10 @@ class SessionPaywall(SessionDeposits, SessionSettling):
     ) -> None:
         self.app = app
         self.fee_payer = fee_payer
-        self._relaying: dict[str, asyncio.Lock] = {}
-        self._relayed: dict[str, str] = {}
+        self._relaying = KeyedLocks()  # per payer: its relays one at a time, each simulated after the last
+        self._relayed: dict[str, str] = {}  # the last RELAY_MEMORY relayed nonces (oldest first)
         self._closing: dict[str, str] = {}  # channel -> its close in the settlement queue, not yet final
-        self.relay_transactions: list[str] = []
+        self.relay_transactions: deque[str] = deque(maxlen=self.RELAY_MEMORY)  # the latest ones
         self.relay_gas = 0
         self.routes = dict(routes)
         self.chain = chain
@@ -122,7 +132,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         self.settle_every = to_atomic(settle_every, asset.decimals)
         self.challenge_ttl = challenge_ttl
         self._channels: dict[str, Channel] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self._loading = KeyedLocks()
         # `PaymentMiddleware.prices`: whether the wrapped app charges a request itself (a shared route).
         prices = getattr(app, "prices", None)
         self._inner_prices: Callable[[Scope], bool] | None = prices if callable(prices) else None
@@ -260,7 +270,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         ch = self._channels.get(channel_id)
         if ch is not None:
             return ch
-        async with self._loading.setdefault(channel_id, asyncio.Lock()):
+        async with self._loading.hold(channel_id):
             ch = self._channels.get(channel_id)
             if ch is not None:
                 return ch

@@ -11,16 +11,18 @@ The relayer's gas is the attack surface, so before anything is sent:
 - a relayed open holds at least one request's maximum (or the route's suggested deposit);
 - an open names exactly the channel its fields make (`channelId` recomputed with this escrow and chain), and
   its opening voucher is signed by the channel's signer; a top-up's payer is the channel's payer;
-- a deposit already relayed (same channel for an open, same nonce for a top-up) is not sent again, and two
-  at once for one channel are serialized (one transaction);
+- a deposit already relayed (same channel for an open, same nonce for a top-up) is not sent again, and a
+  payer's relays are serialized (one open of a channel is one transaction; two deposits racing for money
+  that funds one: the second is simulated after the first mined, refused, never sent); what is remembered
+  of past relays is bounded (`RELAY_MEMORY`);
 - the very call is simulated (`eth_call`): one that would revert (replayed, expired, unfunded, badly
   signed) costs one free call and is answered 409 `transaction-reverted`, never sent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections import deque
 
 from escrow import ChainError, EscrowError, RevertError, TransactionFailed
 from escrow.chain._rpc import ReceiptTimeout
@@ -29,7 +31,7 @@ from x402._session import DepositAuthorization, SessionAction, VoucherVerifier, 
 
 from ._channels import ChannelChain
 from ._pricing import Asset, to_atomic
-from ._session_state import SessionProblem, SessionRoute
+from ._session_state import KeyedLocks, SessionProblem, SessionRoute
 
 __all__ = ["SessionDeposits"]
 
@@ -43,9 +45,12 @@ class SessionDeposits:
     asset: Asset
     pay_to: str
     fee_payer: bool
-    _relaying: dict[str, asyncio.Lock]
-    _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it
-    relay_transactions: list[str]
+    #: How many relayed nonces and transactions are remembered (a forgotten open is still never sent twice:
+    #: the channel exists; a forgotten top-up's nonce is used, so its simulation refuses it).
+    RELAY_MEMORY = 4096
+    _relaying: KeyedLocks  # by payer
+    _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it (the latest RELAY_MEMORY)
+    relay_transactions: deque[str]
     relay_gas: int
 
     @property
@@ -100,7 +105,9 @@ class SessionDeposits:
             self._check_opening_voucher(action, deposit)  # the open's voucher, or the one it comes with
         elif payer is None or deposit.payer.lower() != payer.lower():
             raise SessionProblem("signer-mismatch", "only the channel's payer may top it up")
-        async with self._relaying.setdefault(cid, asyncio.Lock()):
+        # One relay at a time per payer (so per channel too): each is simulated after the previous one mined,
+        # so two deposits racing for money that funds one never both pass the simulation and one revert.
+        async with self._relaying.hold(deposit.payer.lower()):
             if deposit.nonce in self._relayed:
                 return  # relayed already (the same credential again): never twice
             if deposit.kind == "open" and (await self.chain.channel(cid)).exists:
@@ -129,6 +136,8 @@ class SessionDeposits:
                     "chain-unavailable", "the chain is unreachable; retry later", status=503
                 ) from None
             self._relayed[deposit.nonce] = tx_hash
+            while len(self._relayed) > self.RELAY_MEMORY:
+                del self._relayed[next(iter(self._relayed))]
             self.relay_transactions.append(tx_hash)
             self.relay_gas += gas
 

@@ -8,7 +8,8 @@ request, or until `VOUCHER_WAIT` passes; it ends with a `payment-receipt` event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import msgspec
@@ -26,6 +27,7 @@ __all__ = [
     "VOUCHER_WAIT",
     "Channel",
     "Context",
+    "KeyedLocks",
     "SessionProblem",
     "SessionRoute",
     "billed_sse",
@@ -82,6 +84,33 @@ class SessionProblem(X402Error):
         self.kind = kind
         self.state = state or {}
         self.type = base + kind  # a session problem, or one of the core spec's (`malformed-credential`)
+
+
+class KeyedLocks:
+    """One `asyncio.Lock` per key, kept only while someone holds or awaits it: keys come from requests
+    (channel ids, payers), so a lock left behind per key would let anyone grow the gateway's memory."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        """How many keys are held or awaited now."""
+        return len(self._locks)
 
 
 class Channel:

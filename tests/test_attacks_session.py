@@ -1,0 +1,80 @@
+"""Attacks on the session paywall's server-submitted deposits and channel state (anvil, real stores).
+
+What an attacker tries: make the gateway pay gas for a transaction that reverts (two opens racing for money
+that funds only one), and make it keep state per request forever (channel ids that do not exist, many
+relayed opens)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+from escrow import DevnetState
+from tests._sessions import session
+from tests.test_session_relay import DEPOSIT, _auth, _gasless_payer, _nonce, _open_payload
+from x402 import LocalSigner
+from x402._session import sign_voucher
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_two_opens_racing_for_money_that_funds_one_send_one_transaction(devnet: DevnetState) -> None:
+    """A payer holding one deposit signs two opens (two channels) and sends them at once: each alone passes
+    the simulation, so without serializing a payer's relays the gateway sends both and pays for a revert."""
+    async with session(devnet, fee_payer=True) as s:
+        payer = await _gasless_payer(s, devnet, usdc=DEPOSIT)
+        now = await s.rpc.block_timestamp()
+        sent, eth = await _nonce(s, s.payee), await s.rpc.get_balance(s.payee)
+        opens = [_open_payload(s, devnet, payer, LocalSigner.random(), now=now) for _ in range(2)]
+        answers = await asyncio.gather(
+            *(s.client.http.post("/meter", headers=_auth(s, "/meter", p)) for p in opens)
+        )
+        assert sorted(r.status_code for r in answers) == [204, 409], [r.text for r in answers]
+        refused = next(r for r in answers if r.status_code == 409)
+        assert refused.json()["type"].endswith("transaction-reverted")
+        assert await _nonce(s, s.payee) == sent + 1  # one transaction: the refused one was never sent
+        assert len(s.paywall.relay_transactions) == 1
+        assert await s.balance(payer.address) == 0
+        spent = eth - await s.rpc.get_balance(s.payee)
+        assert 0 < spent and s.paywall.relay_gas > 0
+
+
+def _voucher(channel: str, devnet: DevnetState, escrow: str) -> dict[str, Any]:
+    key = LocalSigner.random()
+    signature = sign_voucher(key, chain_id=devnet.chain_id, escrow=escrow, channel=channel, cumulative=1)
+    return {"action": "voucher", "channelId": channel, "cumulativeAmount": "1", "signature": signature}
+
+
+async def test_channels_that_do_not_exist_leave_nothing_behind(devnet: DevnetState) -> None:
+    """Every request naming a fresh random channel id is one free chain read for the attacker: it must be
+    answered 410 and leave no per-channel state (a lock per id would grow without bound)."""
+    async with session(devnet) as s:
+        for _ in range(40):
+            cid = "0x" + os.urandom(32).hex()
+            r = await s.client.http.get("/once", headers=_auth(s, "/once", _voucher(cid, devnet, s.escrow)))
+            assert r.status_code == 410 and r.json()["type"].endswith("channel-not-found"), r.text
+        assert not s.paywall._loading and not s.paywall._channels
+
+
+async def test_relayed_opens_keep_bounded_memory(devnet: DevnetState, monkeypatch: Any) -> None:
+    """Many valid relayed opens: what the gateway remembers of them (transactions, used nonces, locks) stays
+    bounded, and an open it no longer remembers is still never sent twice (the channel exists)."""
+    from gateway._session_deposit import SessionDeposits
+
+    monkeypatch.setattr(SessionDeposits, "RELAY_MEMORY", 2)
+    async with session(devnet, fee_payer=True) as s:
+        payer = await _gasless_payer(s, devnet, usdc=4 * DEPOSIT)
+        now = await s.rpc.block_timestamp()
+        opens = [_open_payload(s, devnet, payer, LocalSigner.random(), now=now) for _ in range(4)]
+        for p in opens:
+            r = await s.client.http.post("/meter", headers=_auth(s, "/meter", p))
+            assert r.status_code == 204, r.text
+        assert len(s.paywall.relay_transactions) == 2 and len(s.paywall._relayed) == 2
+        assert not s.paywall._relaying
+        sent = await _nonce(s, s.payee)
+        r = await s.client.http.post("/meter", headers=_auth(s, "/meter", opens[0]))  # forgotten, replayed
+        assert r.status_code == 204, r.text
+        assert await _nonce(s, s.payee) == sent and await s.balance(payer.address) == 0
