@@ -78,3 +78,24 @@ async def test_relayed_opens_keep_bounded_memory(devnet: DevnetState, monkeypatc
         r = await s.client.http.post("/meter", headers=_auth(s, "/meter", opens[0]))  # forgotten, replayed
         assert r.status_code == 204, r.text
         assert await _nonce(s, s.payee) == sent and await s.balance(payer.address) == 0
+
+
+async def test_amounts_in_other_scripts_digits_are_a_400_not_a_500(devnet: DevnetState) -> None:
+    """`"²".isdigit()` is true but `int("²")` raises: an amount written with such a digit (the credential is
+    JSON, `\\u00b2` decodes to it) must be refused as malformed, never crash the paywall or the handler."""
+    async with session(devnet, fee_payer=True) as s:
+        cid = "0x" + os.urandom(32).hex()
+        for amount in ("\u00b2", "1\u00b9", "\u2460"):
+            body = {**_voucher(cid, devnet, s.escrow), "cumulativeAmount": amount}
+            r = await s.client.http.get("/once", headers=_auth(s, "/once", body))
+            assert r.status_code == 400, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["type"].endswith("invalid-credential")
+        payer = await _gasless_payer(s, devnet)
+        opening = _open_payload(s, devnet, payer, LocalSigner.random(), now=await s.rpc.block_timestamp())
+        sent = await _nonce(s, s.payee)
+        for field in ("value", "validBefore"):
+            bad = {**opening, "authorization": {**opening["authorization"], field: "9\u00b2"}}
+            r = await s.client.http.post("/meter", headers=_auth(s, "/meter", bad))
+            assert r.status_code == 400, r.text
+        assert await _nonce(s, s.payee) == sent
