@@ -341,6 +341,8 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         )
         ch.accepted = action.cumulative
         ch.vouchers.append((action.cumulative, action.signature))
+        if len(ch.vouchers) > ch.MAX_VOUCHERS:
+            ch.vouchers[:] = ch.vouchers[::-2][::-1]  # every other one, the newest kept: still ascending
         ch.changed.notify_all()
 
     async def _commit(self, ch: Channel, cost: int) -> None:
@@ -392,10 +394,10 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             await self._open_store()
             deposit = action.deposit  # processed first: if it fails, the whole credential is refused
             if deposit is not None and deposit.kind == "open":
-                await self._relay(action, deposit, None, minimum=self._least_deposit(route))
+                await self._relay(action, deposit, None, minimum=self.least_deposit)
             ch = await self._channel(action.channel)
             if deposit is not None and deposit.kind == "topUp":
-                await self._relay(action, deposit, ch.info.payer, minimum=0)
+                await self._relay(action, deposit, ch.info.payer, minimum=self.least_deposit)
         except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
             log.warning("reading channel failed: %s", exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))

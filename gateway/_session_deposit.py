@@ -8,7 +8,8 @@ The relayer's gas is the attack surface, so before anything is sent:
 - the authorization pays the escrow (`to`), and its nonce is the one the contract recomputes from this
   payee, this token and the credential's salt and signer (or channel, amount and top-up salt): a signature
   for any other channel, payee, token or escrow is refused with no chain call;
-- a relayed open holds at least one request's maximum (or the route's suggested deposit);
+- a relayed open or top-up holds at least one request's maximum (or suggested deposit) on the dearest route
+  (`least_deposit`): never gas for dust;
 - an open names exactly the channel its fields make (`channelId` recomputed with this escrow and chain), and
   its opening voucher is signed by the channel's signer; a top-up's payer is the channel's payer;
 - a deposit already relayed (same channel for an open, same nonce for a top-up) is not sent again, and a
@@ -52,6 +53,7 @@ class SessionDeposits:
     _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it (the latest RELAY_MEMORY)
     relay_transactions: deque[str]
     relay_gas: int
+    routes: dict[str, SessionRoute]
 
     @property
     def credential_types(self) -> list[str]:
@@ -67,12 +69,19 @@ class SessionDeposits:
                     base="https://paymentauth.org/problems/",
                 )
 
-    def _least_deposit(self, route: SessionRoute) -> int:
-        """The least a relayed open must hold: one request's maximum, or the route's suggested deposit (the
-        gateway pays an open's gas, about 190k: not for a channel too small to pay for one request)."""
-        most = to_atomic(route.unit_price, self.asset.decimals) * route.units
-        suggested = route.suggested_deposit
-        return max(most, 0 if suggested is None else to_atomic(suggested, self.asset.decimals))
+    @property
+    def least_deposit(self) -> int:
+        """The least a relayed open or top-up must hold: the largest of the routes' one-request maximums and
+        suggested deposits. The gateway pays the gas (about 190k an open, 60k a top-up): not for a channel too
+        small to pay for a request on any route. Every route counts, not the one the credential came to, since
+        a channel opened at the cheapest route pays the others too; and top-ups count, else a payer could
+        burn the gateway's gas one atomic unit (its own, refunded at close) at a time."""
+        least = 0
+        for route in self.routes.values():
+            most = to_atomic(route.unit_price, self.asset.decimals) * route.units
+            suggested = route.suggested_deposit
+            least = max(least, most, 0 if suggested is None else to_atomic(suggested, self.asset.decimals))
+        return least
 
     async def _relay(
         self, action: SessionAction, deposit: DepositAuthorization, payer: str | None, *, minimum: int
@@ -81,7 +90,7 @@ class SessionDeposits:
         escrow, token, cid = self.chain.escrow.lower(), self.asset.address, action.channel
         if deposit.value < minimum:
             raise SessionProblem(
-                "deposit-too-small", f"a channel this gateway opens must hold at least {minimum}"
+                "deposit-too-small", f"a deposit this gateway relays must hold at least {minimum}"
             )
         if deposit.to.lower() != escrow:
             raise SessionProblem("invalid-signature", "the authorization pays another contract")

@@ -116,6 +116,11 @@ class KeyedLocks:
 class Channel:
     """What the paywall knows of one channel; mutated only under `lock`."""
 
+    #: Vouchers above `spent` kept in memory: past it every other one is dropped (the newest kept), since a
+    #: payer may send one per atomic unit of its deposit uncharged. Only how finely charges can be settled
+    #: before the next voucher or the close suffers, never what is paid (the close pays exactly `spent`).
+    MAX_VOUCHERS = 64
+
     def __init__(self, channel_id: str, info: ChannelInfo, accepted: int, spent: int) -> None:
         self.id = channel_id
         self.info = info

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from escrow import DevnetState
-from tests._sessions import session
-from tests.test_session_relay import DEPOSIT, _auth, _gasless_payer, _nonce, _open_payload
+from escrow import DevnetState, sign_channel_top_up
+from tests._sessions import TOKEN, UNIT, session
+from tests.test_session_relay import DEPOSIT, _auth, _domain, _gasless_payer, _nonce, _open_payload
 from x402 import LocalSigner
-from x402._session import sign_voucher
+from x402._session import deposit_payload, sign_voucher
 
 pytestmark = pytest.mark.anyio
 
@@ -99,3 +99,69 @@ async def test_amounts_in_other_scripts_digits_are_a_400_not_a_500(devnet: Devne
             r = await s.client.http.post("/meter", headers=_auth(s, "/meter", bad))
             assert r.status_code == 400, r.text
         assert await _nonce(s, s.payee) == sent
+
+
+async def test_many_tiny_vouchers_keep_bounded_memory_and_settle_exactly(devnet: DevnetState) -> None:
+    """A payer may send a voucher per atomic unit of its deposit without being charged (voucher-only posts):
+    the paywall must not keep each one in memory, and what it keeps still settles exactly what was charged."""
+    async with session(devnet) as s:
+        assert (await s.client.request("GET", "/once")).status_code == 200
+        (opened,) = s.client.channels.values()
+        cid, key = opened.channel, s.client.signer
+        accepted = await s.store.high_water(cid)
+
+        def signed(action: str, n: int) -> dict[str, Any]:
+            signature = sign_voucher(
+                key, chain_id=devnet.chain_id, escrow=s.escrow, channel=cid, cumulative=n
+            )
+            return {"action": action, "channelId": cid, "cumulativeAmount": str(n), "signature": signature}
+
+        for n in range(accepted + 10, accepted + 10 * 201, 10):
+            headers = {**_auth(s, "/once", signed("voucher", n)), "x-payment-voucher-only": "1"}
+            assert (await s.client.http.get("/once", headers=headers)).status_code == 204
+        ch = s.paywall._channels[cid]
+        assert len(ch.vouchers) <= 64
+        top = accepted + 10 * 200
+        for _ in range(6):  # charged from the credit the vouchers gave
+            r = await s.client.http.get("/once", headers=_auth(s, "/once", signed("voucher", top)))
+            assert r.status_code == 200, r.text
+        spent = 7 * 250
+        assert ch.spent == spent and ch.settleable is not None and ch.settleable[0] <= spent
+        before = await s.balance(s.payee)
+        r = await s.client.http.post("/once", headers=_auth(s, "/once", signed("close", spent)))
+        assert r.status_code == 204, r.text
+        assert await s.balance(s.payee) - before == spent
+
+
+async def test_the_gateway_pays_no_gas_for_a_dust_open_or_top_up(devnet: DevnetState) -> None:
+    """The gateway pays ~190k gas per relayed open and ~60k per top-up; the payer's deposit stays its own
+    (refunded at close). An open presented at the cheapest route (/stream: one token's price) or a top-up of
+    one atomic unit would let a payer burn the gateway's gas for nothing: each must hold at least one request's
+    maximum on the dearest route (/meter: 100 units)."""
+    async with session(devnet, fee_payer=True) as s:
+        payer, key = await _gasless_payer(s, devnet), LocalSigner.random()
+        now = await s.rpc.block_timestamp()
+        sent = await _nonce(s, s.payee)
+        for path in ("/stream", "/once"):
+            dust = _open_payload(s, devnet, payer, key, now=now, deposit=TOKEN)
+            r = await s.client.http.post(path, headers=_auth(s, path, dust))
+            assert r.status_code == 402 and r.json()["type"].endswith("deposit-too-small"), r.text
+        assert await _nonce(s, s.payee) == sent
+        good = _open_payload(s, devnet, payer, key, now=now)
+        assert (await s.client.http.post("/stream", headers=_auth(s, "/stream", good))).status_code == 204
+        sent += 1
+        cid = good["channelId"]
+        for amount in (1, 100 * UNIT - 1):
+            top = sign_channel_top_up(
+                payer, _domain(devnet), channels=s.escrow, channel=cid, amount=amount, valid_before=now + 3600
+            )
+            payload = {
+                "action": "topUp",
+                "channelId": cid,
+                "additionalDeposit": str(amount),
+                **deposit_payload(top.deposit()),
+            }
+            r = await s.client.http.post("/stream", headers=_auth(s, "/stream", payload))
+            assert r.status_code == 402 and r.json()["type"].endswith("deposit-too-small"), r.text
+        assert await _nonce(s, s.payee) == sent
+        assert await s.balance(payer.address) == 5_000_000 - DEPOSIT

@@ -209,12 +209,12 @@ async def test_a_relayed_authorization_opens_only_its_channel_once_and_never_cos
         assert await s.store.high_water(cid) == DEPOSIT + 250  # the voucher was not accepted
         # a top-up of somebody else's channel, by another payer: refused before any chain call
         stranger = sign_channel_top_up(
-            poor, _domain(devnet), channels=s.escrow, channel=cid, amount=1, valid_before=now + 3600
+            poor, _domain(devnet), channels=s.escrow, channel=cid, amount=100 * UNIT, valid_before=now + 3600
         )
         payload = {
             "action": "topUp",
             "channelId": cid,
-            "additionalDeposit": "1",
+            "additionalDeposit": str(100 * UNIT),
             **deposit_payload(stranger.deposit()),
         }
         await refused(payload, 402, "signer-mismatch")
