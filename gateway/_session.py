@@ -63,6 +63,7 @@ from ._channels import (
     ChannelInfo,
     ChannelSettler,
 )
+from ._errors import ConfigurationError
 from ._metering import PAID_SCOPE_KEY, Meter
 from ._pricing import Amount, Asset, to_atomic
 from ._session_deposit import SessionDeposits
@@ -91,7 +92,9 @@ class SessionPaywall(SessionDeposits, SessionSettling):
     """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels.
 
     `fee_payer`: offer server-submitted opens and top-ups (the chain's sender relays the payer's signed
-    deposit and pays the gas, see `_session_deposit`)."""
+    deposit and pays the gas, see `_session_deposit`). `watch_interval`: how often (seconds) the lifespan's
+    loop re-reads the channels served, to settle at once one whose payer asked the chain to close
+    (`watch`)."""
 
     def __init__(
         self,
@@ -108,6 +111,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         settle_every: Amount = 0,
         challenge_ttl: float = 300.0,
         fee_payer: bool = False,
+        watch_interval: float = 60.0,
     ) -> None:
         self.app = app
         self.fee_payer = fee_payer
@@ -139,6 +143,10 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         self._params: dict[SessionRoute, str] = {}
         self._stop = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        if not 0 < watch_interval < 300:
+            raise ConfigurationError("watch_interval must be under 300 s (a payer's close: 900 s)")
+        self.watch_interval = watch_interval
 
     @classmethod
     def on_chain(

@@ -65,6 +65,8 @@ class SessionSettling:
     _closing: dict[str, str]
     _stop: asyncio.Event
     _running: asyncio.Task[None] | None
+    _watching: asyncio.Task[None] | None
+    watch_interval: float
 
     @property
     def store(self) -> PaymentStore:
@@ -94,6 +96,7 @@ class SessionSettling:
             await self.discover()
             self._stop.clear()
             self._running = asyncio.get_running_loop().create_task(self.settler.run(self._stop))
+            self._watching = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def discover(self) -> list[str]:
         """Queue every channel whose stored settleable voucher is neither queued nor settled yet (nor the
@@ -126,6 +129,45 @@ class SessionSettling:
                 found.append(cid)
         return found
 
+    async def watch(self) -> list[str]:
+        """One pass over the channels this process serves, each read again (one chain read): one whose payer
+        asked the chain to close has its settleable voucher queued at once, and accepts no more vouchers.
+        AgentChannels pays the payer back everything unsettled `CLOSE_GRACE_PERIOD` (15 minutes) after its
+        `requestClose()`, and the paywall otherwise settles on its own schedule: what it served would be
+        taken back. A finalized channel is forgotten (its next request is refused). Returns the channels
+        queued."""
+        queued: list[str] = []
+        for ch in list(self._channels.values()):
+            if ch.closed:
+                continue  # its close is queued already
+            try:
+                info = await self.chain.channel(ch.id)
+            except EscrowError as exc:
+                log.warning("watching channel %s: %s", ch.id, exc)
+                continue
+            if info.finalized:
+                self._channels.pop(ch.id, None)
+            elif info.close_requested_at:
+                async with ch.lock:
+                    ch.info = info
+                    before = ch.queued
+                    await self._queue_settleable(ch)
+                    if ch.queued > before:
+                        queued.append(ch.id)
+        return queued
+
+    async def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.watch_interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.watch()
+            except Exception:  # a store outage: the next pass tries again, the loop never dies
+                log.exception("watching channels failed")
+
     async def stop(self) -> None:
         """Queue every known channel's unsettled charges, let the settler send them, stop (shutdown)."""
         if self._opened is not None:
@@ -133,9 +175,12 @@ class SessionSettling:
                 async with ch.lock:
                     await self._queue_settleable(ch)
         running, self._running = self._running, None
+        watching, self._watching = self._watching, None
         if running is not None:
             self._stop.set()
             await running
+        if watching is not None:
+            await watching
         if self._opened is not None:  # what was just queued (and any drain kicked meanwhile) goes out first
             await self.settler.drain()
         if self._store_url is not None and self._opened is not None:

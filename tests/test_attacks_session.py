@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from escrow import DevnetState, sign_channel_top_up
+from escrow.chain._abi import ContractAbi
+from escrow.payments._escrow import escrow_artifact
 from tests._sessions import TOKEN, UNIT, session
 from tests.test_session_relay import DEPOSIT, _auth, _domain, _gasless_payer, _nonce, _open_payload
 from x402 import LocalSigner
@@ -135,9 +137,9 @@ async def test_many_tiny_vouchers_keep_bounded_memory_and_settle_exactly(devnet:
 
 async def test_the_gateway_pays_no_gas_for_a_dust_open_or_top_up(devnet: DevnetState) -> None:
     """The gateway pays ~190k gas per relayed open and ~60k per top-up; the payer's deposit stays its own
-    (refunded at close). An open presented at the cheapest route (/stream: one token's price) or a top-up of
-    one atomic unit would let a payer burn the gateway's gas for nothing: each must hold at least one request's
-    maximum on the dearest route (/meter: 100 units)."""
+    (refunded at close). An open presented at the cheapest route (/stream: one token's price) or a top-up
+    of one atomic unit would let a payer burn the gateway's gas for nothing: each must hold at least one
+    request's maximum on the dearest route (/meter: 100 units)."""
     async with session(devnet, fee_payer=True) as s:
         payer, key = await _gasless_payer(s, devnet), LocalSigner.random()
         now = await s.rpc.block_timestamp()
@@ -165,3 +167,37 @@ async def test_the_gateway_pays_no_gas_for_a_dust_open_or_top_up(devnet: DevnetS
             assert r.status_code == 402 and r.json()["type"].endswith("deposit-too-small"), r.text
         assert await _nonce(s, s.payee) == sent
         assert await s.balance(payer.address) == 5_000_000 - DEPOSIT
+
+
+async def test_a_payer_asking_the_chain_to_close_cannot_walk_away_with_what_it_was_served(
+    devnet: DevnetState,
+) -> None:
+    """AgentChannels lets the payer `requestClose()` and, 15 minutes later, `withdraw()` all not settled.
+    The paywall reads a channel once and settles on its own schedule (here: only at a close or shutdown), so
+    unless it watches its channels, a payer is served, asks the chain to close, and takes the charges back."""
+    async with session(devnet, watch_interval=0.2) as s:
+        await s.paywall.start()
+        try:
+            for _ in range(4):
+                assert (await s.client.request("GET", "/once")).status_code == 200
+            (opened,) = s.client.channels.values()
+            cid = opened.channel
+            ch = s.paywall._channels[cid]
+            assert ch.spent == 1000 and ch.settleable is not None
+            owed = ch.settleable[0]
+            assert owed >= ch.spent - 250  # every request but perhaps the last is covered by a voucher
+            abi = ContractAbi(escrow_artifact("AgentChannels").abi)
+            payer = s.opener.sender
+            await payer.transact(s.escrow, abi.encode("requestClose", bytes.fromhex(cid[2:])), gas=100_000)
+            for _ in range(100):  # the paywall notices within its watch interval and settles
+                if await s.balance(s.payee) == owed:
+                    break
+                await asyncio.sleep(0.1)
+            assert await s.balance(s.payee) == owed
+            r = await s.client.request("GET", "/once")  # and serves nothing more on that channel
+            assert r.status_code == 410, r.text
+            # settled on chain: the payer's withdraw 15 minutes later takes back only the rest (the chain's
+            # clock is not moved here: the devnet is shared with tests that sign wall-clock deadlines)
+            assert (await s.paywall.chain.channel(cid)).settled == owed
+        finally:
+            await s.paywall.stop()
