@@ -201,3 +201,49 @@ async def test_a_payer_asking_the_chain_to_close_cannot_walk_away_with_what_it_w
             assert (await s.paywall.chain.channel(cid)).settled == owed
         finally:
             await s.paywall.stop()
+
+
+async def test_a_session_credential_pays_only_the_session_routes_of_a_shared_app(devnet: DevnetState) -> None:
+    """The example shares `/metered` between the session paywall and the `PaymentMiddleware` it wraps, which
+    lets through a request the session charged. A valid session credential must not open any other priced
+    route (`/hello`, `/weather`: the middleware's alone), nor charge a request the app refuses; what it pays
+    is charged at the session's price, and `Settlement-Overrides` never leaves."""
+    from tests.test_session_example import _balance, _subagent
+    from x402 import MppCredential, format_credential
+
+    async with _subagent(devnet, served=False) as (client, payee, rpc):
+        assert (await client.request("GET", "/metered?units=1")).status_code == 200
+        spent = int(client.receipts[-1].spent)
+        (opened,) = client.channels.values()
+        top = int(client.receipts[-1].accepted_cumulative) + 10_000  # credit for one more /metered call
+
+        def credential(action: str, cumulative: int) -> dict[str, str]:
+            signature = sign_voucher(
+                client.signer,
+                chain_id=devnet.chain_id,
+                escrow=devnet.contracts["channels"],
+                channel=opened.channel,
+                cumulative=cumulative,
+            )
+            payload = {
+                "action": action,
+                "channelId": opened.channel,
+                "cumulativeAmount": str(cumulative),
+                "signature": signature,
+            }
+            paid = MppCredential(challenge=client._challenge["/metered"], payload=payload)
+            return {"authorization": "Payment " + format_credential(paid)}
+
+        headers = credential("voucher", top)
+        for method, path in (("GET", "/hello"), ("GET", "/weather"), ("HEAD", "/hello")):
+            r = await client.http.request(method, path, headers=headers)
+            assert r.status_code == 402, (path, r.status_code, r.text)
+        r = await client.http.post("/metered?units=1", headers=headers)  # the app serves GET only
+        assert r.status_code == 405
+        r = await client.http.get("/metered?units=2", headers=headers)
+        assert r.status_code == 200 and r.json()["units"] == 2, r.text
+        assert "payment-receipt" in r.headers and "settlement-overrides" not in r.headers
+        before = await _balance(rpc, devnet.contracts["usdc"], payee)
+        r = await client.http.post("/metered", headers=credential("close", spent + 200))
+        assert r.status_code == 204, r.text  # the close covers exactly what was served: 1 + 2 units
+        assert await _balance(rpc, devnet.contracts["usdc"], payee) - before == spent + 200
