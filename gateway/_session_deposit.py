@@ -16,6 +16,7 @@ The relayer's gas is the attack surface, so before anything is sent:
   payer's relays are serialized (one open of a channel is one transaction; two deposits racing for money
   that funds one: the second is simulated after the first mined, refused, never sent); what is remembered
   of past relays is bounded (`RELAY_MEMORY`);
+- it stays valid `RELAY_MIN_VALIDITY` (60 s) more: one expiring while it lands would revert on chain;
 - the very call is simulated (`eth_call`): one that would revert (replayed, expired, unfunded, badly
   signed) costs one free call and is answered 409 `transaction-reverted`, never sent.
 """
@@ -23,6 +24,7 @@ The relayer's gas is the attack surface, so before anything is sent:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from escrow import ChainError, EscrowError, RevertError, TransactionFailed
@@ -49,6 +51,9 @@ class SessionDeposits:
     #: How many relayed nonces and transactions are remembered (a forgotten open is still never sent twice:
     #: the channel exists; a forgotten top-up's nonce is used, so its simulation refuses it).
     RELAY_MEMORY = 4096
+    #: Seconds a relayed deposit must stay valid: one that expires while it lands would pass the simulation
+    #: and revert on chain, at the gateway's expense.
+    RELAY_MIN_VALIDITY = 60
     _relaying: KeyedLocks  # by payer
     _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it (the latest RELAY_MEMORY)
     relay_transactions: deque[str]
@@ -91,6 +96,11 @@ class SessionDeposits:
         if deposit.value < minimum:
             raise SessionProblem(
                 "deposit-too-small", f"a deposit this gateway relays must hold at least {minimum}"
+            )
+        if deposit.valid_before < time.time() + self.RELAY_MIN_VALIDITY:
+            raise SessionProblem(
+                "deposit-expiring",
+                f"a deposit this gateway relays must stay valid {self.RELAY_MIN_VALIDITY} s more",
             )
         if deposit.to.lower() != escrow:
             raise SessionProblem("invalid-signature", "the authorization pays another contract")

@@ -247,3 +247,22 @@ async def test_a_session_credential_pays_only_the_session_routes_of_a_shared_app
         r = await client.http.post("/metered", headers=credential("close", spent + 200))
         assert r.status_code == 204, r.text  # the close covers exactly what was served: 1 + 2 units
         assert await _balance(rpc, devnet.contracts["usdc"], payee) - before == spent + 200
+
+
+async def test_an_authorization_about_to_expire_is_not_relayed(devnet: DevnetState) -> None:
+    """An open whose `validBefore` is seconds away passes the simulation and, on a chain whose next block
+    comes later (or a congested one), reverts once mined: a gasless payer could make the gateway pay for
+    reverts at will, a fresh salt each time. A relayed deposit must stay valid well past the time it takes
+    to land (`RELAY_MIN_VALIDITY`)."""
+    async with session(devnet, fee_payer=True) as s:
+        payer = await _gasless_payer(s, devnet)
+        sent = await _nonce(s, s.payee)
+        now = await s.rpc.block_timestamp()
+        for ahead in (5, 30, 59):
+            dying = _open_payload(s, devnet, payer, LocalSigner.random(), now=now, valid_before=now + ahead)
+            r = await s.client.http.post("/meter", headers=_auth(s, "/meter", dying))
+            assert r.status_code == 402 and r.json()["type"].endswith("deposit-expiring"), r.text
+        assert await _nonce(s, s.payee) == sent  # nothing sent, no gas paid
+        assert await s.balance(payer.address) == 5_000_000
+        fine = _open_payload(s, devnet, payer, LocalSigner.random(), now=now, valid_before=now + 120)
+        assert (await s.client.http.post("/meter", headers=_auth(s, "/meter", fine))).status_code == 204

@@ -162,10 +162,11 @@ async def test_a_relayed_authorization_opens_only_its_channel_once_and_never_cos
             cumulative=0,
         )
         await refused({**good, "voucherSignature": forged}, 402, "signer-mismatch")
-        # expired, or from a payer with no money: the simulation says so, nothing is sent
+        # expired (or expiring before it could land): refused before any chain call
         await refused(
-            _open_payload(s, devnet, payer, key, now=now, valid_before=now - 1), 409, "transaction-reverted"
+            _open_payload(s, devnet, payer, key, now=now, valid_before=now - 1), 402, "deposit-expiring"
         )
+        # from a payer with no money: the simulation says so, nothing is sent
         poor = await _gasless_payer(s, devnet, usdc=0)
         await refused(_open_payload(s, devnet, poor, key, now=now), 409, "transaction-reverted")
         # two opens of one channel at once: one transaction; again later: none
