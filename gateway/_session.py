@@ -79,7 +79,7 @@ from ._session_state import (
     SessionRoute,
     billed_sse,
 )
-from ._store import PaymentStore
+from ._store import PaymentStore, StoreError
 from ._stores import open_store
 from ._stores.memory import MemoryStore
 
@@ -410,6 +410,10 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             log.warning("reading channel failed: %s", exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
             return
+        except StoreError as exc:  # the database is down: retry later, never a 500; nothing was charged
+            log.warning("session store unavailable: %s", exc)
+            await self._problem(send, route, SessionProblem("store-unavailable", "retry later", status=503))
+            return
         except (SessionProblem, X402Error) as exc:
             if isinstance(exc, MalformedPayment):
                 exc.status_hint = 400
@@ -422,6 +426,9 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         except EscrowError as exc:  # a top-up or deposit re-read failed on the chain
             log.warning("channel %s: chain read failed: %s", ch.id, exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+        except StoreError as exc:  # a voucher or charge could not be recorded: not served (or not charged)
+            log.warning("channel %s: store failed: %s", ch.id, exc)
+            await self._problem(send, route, SessionProblem("store-unavailable", "retry later", status=503))
 
     def _add_challenge(self, send: Send, route: SessionRoute) -> Send:
         async def challenging(message: Message) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import os
 from typing import Any
 
+import httpx
 import pytest
 
 from escrow import DevnetState, sign_channel_top_up
@@ -266,3 +267,27 @@ async def test_an_authorization_about_to_expire_is_not_relayed(devnet: DevnetSta
         assert await s.balance(payer.address) == 5_000_000
         fine = _open_payload(s, devnet, payer, LocalSigner.random(), now=now, valid_before=now + 120)
         assert (await s.client.http.post("/meter", headers=_auth(s, "/meter", fine))).status_code == 204
+
+
+async def test_a_store_that_cannot_be_reached_is_a_503_not_a_500(devnet: DevnetState) -> None:
+    """The session paywall opens a URL store on first use: with the database down, a payer gets a 503
+    problem (retry later), never a 500, and nothing is charged or relayed."""
+    from gateway import SessionPaywall
+    from tests._sessions import ROUTES, app
+
+    async with session(devnet) as s:
+        down = SessionPaywall(
+            app(),
+            routes=ROUTES,
+            chain=s.paywall.chain,
+            asset=s.paywall.asset,
+            pay_to=s.payee,
+            store="postgresql://postgres@127.0.0.1:1/agentpay",
+            secret=b"s" * 32,
+        )
+        transport = httpx.ASGITransport(app=down)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as http:
+            cid = "0x" + os.urandom(32).hex()
+            r = await http.get("/once", headers=_auth(s, "/once", _voucher(cid, devnet, s.escrow)))
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"] == "application/problem+json"
