@@ -473,7 +473,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
                 voucher_only = True
             else:
                 voucher_only = False
-                if ch.accepted - ch.spent - ch.reserved < maximum:
+                if ch.accepted - ch.spent - ch.reserved < maximum or not await self._hold(ch, maximum):
                     raise SessionProblem(
                         "insufficient-balance",
                         "the voucher does not cover this request",
@@ -499,7 +499,9 @@ class SessionPaywall(SessionDeposits, SessionSettling):
                 async with ch.lock:
                     ch.reserved -= maximum
                     # A failed handler is not charged; a streamed route charged its units as it went.
-                    await self._commit(ch, meter.actual if status < 400 and not route.stream else 0)
+                    cost = meter.actual if status < 400 and not route.stream else 0
+                    await self._commit(ch, cost)
+                    await self._unhold(ch, maximum - cost)
                     receipt = self._receipt(ch, cid)
                 message = {**message, "headers": [*message.get("headers", ()), *_receipt_headers(receipt)]}
             await send(message)
@@ -510,6 +512,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             if not committed:
                 async with ch.lock:
                     ch.reserved -= maximum
+                    await self._unhold(ch, maximum)
 
     async def _no_content(self, send: Send, ch: Channel, cid: str) -> None:
         receipt = self._receipt(ch, cid)

@@ -29,12 +29,16 @@ from x402 import b64url_encode
 from x402._session import SessionAction, SessionReceipt
 
 from ._channels import ChannelChain, ChannelInfo, ChannelSettler, ChannelVoucher, encode_voucher
-from ._session_state import Channel, SessionProblem
+from ._session_state import Channel, SessionProblem, charged_key
 from ._store import PaymentStore, Settlement
 
 __all__ = ["SessionSettling", "pack_voucher", "receipt_headers", "unpack_voucher"]
 
 log = logging.getLogger("agentpay.gateway.session")
+
+#: Added to a channel's charged count when it closes: above any voucher (uint128), so no process sharing the
+#: store charges on it afterwards.
+_CLOSED = 2**129
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(tuple[int, str]).decode
@@ -255,6 +259,17 @@ class SessionSettling:
             ch.queued = max(ch.queued, cumulative)
         return key
 
+    # -- what every process charged: the store's count --------------------------------------------------
+
+    async def _hold(self, ch: Channel, amount: int) -> bool:
+        """Count `amount` against the channel's accepted voucher for every process sharing the store (each
+        has its own lock and credit); False, nothing counted, if what all of them charged would pass it."""
+        return not amount or await self.store.add_pending(charged_key(ch.id), amount, limit=ch.accepted)
+
+    async def _unhold(self, ch: Channel, amount: int) -> None:
+        if amount > 0:
+            await self.store.sub_pending(charged_key(ch.id), amount)
+
     # -- close -------------------------------------------------------------------------------------------
 
     async def _close(self, send: Send, ch: Channel, action: SessionAction, cid: str) -> None:
@@ -268,10 +283,23 @@ class SessionSettling:
             if key is None:
                 if ch.closed:
                     raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
-                if not ch.spent + ch.reserved <= action.cumulative <= max(ch.accepted, ch.spent):
+                # What every process sharing the store charged counts, and no process charges after the
+                # close: its count jumps past any voucher, atomically with the check (`_CLOSED`).
+                charged = await self.store.get_pending(charged_key(ch.id))
+                covered = max(ch.spent + ch.reserved, charged) <= action.cumulative
+                if not covered or action.cumulative > max(ch.accepted, ch.spent, charged):
                     raise SessionProblem(
                         "close-mismatch",
-                        f"the close voucher ({action.cumulative}) must cover what was spent ({ch.spent})",
+                        f"the close voucher ({action.cumulative}) must cover what was spent"
+                        f" ({max(ch.spent, charged)})",
+                        state=ch.state(),
+                    )
+                if not await self.store.add_pending(
+                    charged_key(ch.id), _CLOSED, limit=action.cumulative + _CLOSED
+                ):
+                    raise SessionProblem(
+                        "close-mismatch",
+                        "another process charged on this channel meanwhile",
                         state=ch.state(),
                     )
                 ch.closed = True
@@ -292,6 +320,7 @@ class SessionSettling:
             del self._closing[ch.id]
             if outcome.status not in ("settled", "settled_elsewhere"):
                 ch.closed = False  # the channel stays open and usable; the payer may try again
+                await self.store.sub_pending(charged_key(ch.id), _CLOSED)
                 log.warning("closing channel %s failed: %s", ch.id, outcome)
                 reverted = outcome.code == TransactionFailed.code
                 raise SessionProblem(

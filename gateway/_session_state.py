@@ -25,6 +25,7 @@ __all__ = [
     "PROBLEMS",
     "SCOPE_KEY",
     "VOUCHER_WAIT",
+    "charged_key",
     "Channel",
     "Context",
     "KeyedLocks",
@@ -38,6 +39,8 @@ class _Biller(Protocol):
     asset: Asset
 
     async def _commit(self, ch: Channel, cost: int) -> None: ...
+
+    async def _hold(self, ch: Channel, amount: int) -> bool: ...
 
     def _receipt(
         self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
@@ -84,6 +87,12 @@ class SessionProblem(X402Error):
         self.kind = kind
         self.state = state or {}
         self.type = base + kind  # a session problem, or one of the core spec's (`malformed-credential`)
+
+
+def charged_key(channel_id: str) -> str:
+    """The store's count (`add_pending`) of what every process sharing the store charged, or holds for a
+    request in flight, on a channel: bounded by the accepted voucher, so replicas never serve it twice."""
+    return "session:" + channel_id
 
 
 class KeyedLocks:
@@ -172,7 +181,7 @@ class Context:
         async with ch.lock:
             if ch.closed:  # its close voucher covers what was spent until now, nothing after
                 return b""
-            if ch.accepted - ch.spent - ch.reserved >= cost:
+            if ch.accepted - ch.spent - ch.reserved >= cost and await self.paywall._hold(ch, cost):
                 await self.paywall._commit(ch, cost)
                 self.units += units
                 return None

@@ -291,3 +291,51 @@ async def test_a_store_that_cannot_be_reached_is_a_503_not_a_500(devnet: DevnetS
             r = await http.get("/once", headers=_auth(s, "/once", _voucher(cid, devnet, s.escrow)))
             assert r.status_code == 503, r.text
             assert r.headers["content-type"] == "application/problem+json"
+
+
+async def test_two_replicas_sharing_a_store_never_serve_more_than_the_voucher(devnet: DevnetState) -> None:
+    """Two gateway processes behind one load balancer share the store. A payer sends the same voucher (worth
+    one request) to both at once: each process's own channel lock and credit would serve it, twice the
+    voucher's worth. The store must count what every process charged against the voucher, and a close
+    must cover what all of them served."""
+    from gateway import SessionPaywall
+    from tests._sessions import ROUTES, app
+
+    async with session(devnet) as s:
+        assert (await s.client.request("GET", "/once")).status_code == 200  # opens the channel, 250 spent
+        (opened,) = s.client.channels.values()
+        cid, key = opened.channel, s.client.signer
+        replica = SessionPaywall(
+            app(),
+            routes=ROUTES,
+            chain=s.paywall.chain,
+            asset=s.paywall.asset,
+            pay_to=s.payee,
+            store=s.store,
+            secret=b"s" * 32,
+        )
+
+        def signed(action: str, n: int) -> dict[str, str]:
+            signature = sign_voucher(
+                key, chain_id=devnet.chain_id, escrow=s.escrow, channel=cid, cumulative=n
+            )
+            body = {"action": action, "channelId": cid, "cumulativeAmount": str(n), "signature": signature}
+            return _auth(s, "/once", body)
+
+        transport = httpx.ASGITransport(app=replica)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as other:
+            accepted = int(s.client.receipts[-1].accepted_cumulative)
+            assert accepted == 250
+            # both processes know the channel already (a voucher-only post of the current voucher)
+            for http in (s.client.http, other):
+                r = await http.get("/once", headers={**signed("voucher", 250), "x-payment-voucher-only": "1"})
+                assert r.status_code == 204, r.text
+            voucher = signed("voucher", 500)  # one more request's worth
+            first, second = await asyncio.gather(
+                s.client.http.get("/once", headers=voucher), other.get("/once", headers=voucher)
+            )
+            assert sorted([first.status_code, second.status_code]) == [200, 402], first.text + second.text
+            # a close below what both served is refused, at either process
+            for http in (s.client.http, other):
+                r = await http.post("/once", headers=signed("close", 250))
+                assert r.status_code == 402 and r.json()["type"].endswith("close-mismatch"), r.text
