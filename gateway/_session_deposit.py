@@ -23,6 +23,7 @@ The relayer's gas is the attack surface, so before anything is sent:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from x402._session import DepositAuthorization, SessionAction, VoucherVerifier, 
 from ._channels import ChannelChain
 from ._pricing import Asset, to_atomic
 from ._session_state import KeyedLocks, SessionProblem, SessionRoute
+from ._store import ClaimLost, PaymentStore
 
 __all__ = ["SessionDeposits"]
 
@@ -54,11 +56,17 @@ class SessionDeposits:
     #: Seconds a relayed deposit must stay valid: one that expires while it lands would pass the simulation
     #: and revert on chain, at the gateway's expense.
     RELAY_MIN_VALIDITY = 60
+    #: How long a payer's relay claim lives in the store (a relay waits at most 30 s for its receipt).
+    RELAY_CLAIM_TTL = 60.0
     _relaying: KeyedLocks  # by payer
     _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it (the latest RELAY_MEMORY)
     relay_transactions: deque[str]
     relay_gas: int
     routes: dict[str, SessionRoute]
+
+    @property
+    def store(self) -> PaymentStore:
+        raise NotImplementedError
 
     @property
     def credential_types(self) -> list[str]:
@@ -125,40 +133,54 @@ class SessionDeposits:
         elif payer is None or deposit.payer.lower() != payer.lower():
             raise SessionProblem("signer-mismatch", "only the channel's payer may top it up")
         # One relay at a time per payer (so per channel too): each is simulated after the previous one mined,
-        # so two deposits racing for money that funds one never both pass the simulation and one revert.
+        # so two deposits racing for money that funds one never both pass the simulation and one revert. The
+        # store's claim does the same across processes sharing it (the lock only queues this process's).
         async with self._relaying.hold(deposit.payer.lower()):
-            if deposit.nonce in self._relayed:
-                return  # relayed already (the same credential again): never twice
-            if deposit.kind == "open" and (await self.chain.channel(cid)).exists:
-                return  # opened already (by this very authorization, or otherwise): nothing to send
-            try:
-                tx_hash, gas = await self.chain.relay_deposit(
-                    deposit, payee=self.pay_to, token=token, channel=cid
+            key = "relay:" + deposit.payer.lower()
+            holder = await self.store.claim(key, ttl=self.RELAY_CLAIM_TTL)
+            if holder is None:
+                raise SessionProblem(
+                    "chain-unavailable", "another deposit of this payer is being relayed; retry", status=503
                 )
-            except (RevertError, TransactionFailed) as exc:
-                log.info("relayed %s of %s refused: %s", deposit.kind, cid, exc)
-                raise SessionProblem(
-                    "transaction-reverted",
-                    f"the {deposit.kind} authorization was refused on chain",
-                    status=409,
-                ) from None
-            except (
-                ReceiptTimeout
-            ) as exc:  # it may land: the payer's retry finds the channel or the nonce used
-                log.warning("relayed %s of %s not mined in time: %s", deposit.kind, cid, exc)
-                raise SessionProblem(
-                    "chain-unavailable", "the deposit is not mined yet; retry", status=503
-                ) from None
-            except (ChainError, EscrowError) as exc:
-                log.warning("relaying %s of %s failed: %s", deposit.kind, cid, exc)
-                raise SessionProblem(
-                    "chain-unavailable", "the chain is unreachable; retry later", status=503
-                ) from None
-            self._relayed[deposit.nonce] = tx_hash
-            while len(self._relayed) > self.RELAY_MEMORY:
-                del self._relayed[next(iter(self._relayed))]
-            self.relay_transactions.append(tx_hash)
-            self.relay_gas += gas
+            try:
+                await self._relay_held(action, deposit, cid)
+            finally:
+                with contextlib.suppress(ClaimLost):
+                    await self.store.release(key, holder)
+
+    async def _relay_held(self, action: SessionAction, deposit: DepositAuthorization, cid: str) -> None:
+        """Relay `deposit` (its payer's claim held): unless it was relayed already, or its channel is open."""
+        token = self.asset.address
+        if deposit.nonce in self._relayed:
+            return  # relayed already (the same credential again): never twice
+        if deposit.kind == "open" and (await self.chain.channel(cid)).exists:
+            return  # opened already (by this very authorization, or otherwise): nothing to send
+        try:
+            tx_hash, gas = await self.chain.relay_deposit(
+                deposit, payee=self.pay_to, token=token, channel=cid
+            )
+        except (RevertError, TransactionFailed) as exc:
+            log.info("relayed %s of %s refused: %s", deposit.kind, cid, exc)
+            raise SessionProblem(
+                "transaction-reverted",
+                f"the {deposit.kind} authorization was refused on chain",
+                status=409,
+            ) from None
+        except ReceiptTimeout as exc:  # it may land: the payer's retry finds the channel or the nonce used
+            log.warning("relayed %s of %s not mined in time: %s", deposit.kind, cid, exc)
+            raise SessionProblem(
+                "chain-unavailable", "the deposit is not mined yet; retry", status=503
+            ) from None
+        except (ChainError, EscrowError) as exc:
+            log.warning("relaying %s of %s failed: %s", deposit.kind, cid, exc)
+            raise SessionProblem(
+                "chain-unavailable", "the chain is unreachable; retry later", status=503
+            ) from None
+        self._relayed[deposit.nonce] = tx_hash
+        while len(self._relayed) > self.RELAY_MEMORY:
+            del self._relayed[next(iter(self._relayed))]
+        self.relay_transactions.append(tx_hash)
+        self.relay_gas += gas
 
     def _check_opening_voucher(self, action: SessionAction, deposit: DepositAuthorization) -> None:
         """The voucher must be the channel's signer's before the gateway pays for the channel."""

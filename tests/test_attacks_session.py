@@ -339,3 +339,39 @@ async def test_two_replicas_sharing_a_store_never_serve_more_than_the_voucher(de
             for http in (s.client.http, other):
                 r = await http.post("/once", headers=signed("close", 250))
                 assert r.status_code == 402 and r.json()["type"].endswith("close-mismatch"), r.text
+
+
+async def test_two_replicas_relay_one_open_once(devnet: DevnetState) -> None:
+    """The same relayed open sent to two processes sharing the store at once: each alone finds the channel
+    not open yet and the simulation passing, so both would send, and the second pay for a revert. A payer's
+    relays are serialized through the store too: one transaction, the other process answers 503 (retry)
+    and, asked again, finds the channel open."""
+    from gateway import SessionPaywall
+    from tests._sessions import ROUTES, app
+
+    async with session(devnet, fee_payer=True) as s:
+        replica = SessionPaywall(
+            app(),
+            routes=ROUTES,
+            chain=s.paywall.chain,
+            asset=s.paywall.asset,
+            pay_to=s.payee,
+            store=s.store,
+            secret=b"s" * 32,
+            fee_payer=True,
+        )
+        payer = await _gasless_payer(s, devnet)
+        good = _open_payload(s, devnet, payer, LocalSigner.random(), now=await s.rpc.block_timestamp())
+        sent = await _nonce(s, s.payee)
+        transport = httpx.ASGITransport(app=replica)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as other:
+            answers = await asyncio.gather(
+                s.client.http.post("/meter", headers=_auth(s, "/meter", good)),
+                other.post("/meter", headers=_auth(s, "/meter", good)),
+            )
+            assert {r.status_code for r in answers} <= {204, 503}, [r.text for r in answers]
+            assert await _nonce(s, s.payee) == sent + 1  # one transaction
+            for http in (s.client.http, other):  # asked again: the channel is open, nothing more is sent
+                assert (await http.post("/meter", headers=_auth(s, "/meter", good))).status_code == 204
+            assert await _nonce(s, s.payee) == sent + 1
+            assert await s.balance(payer.address) == 5_000_000 - DEPOSIT
