@@ -286,6 +286,8 @@ class SessionSettling:
                 # What every process sharing the store charged counts, and no process charges after the
                 # close: its count jumps past any voucher, atomically with the check (`_CLOSED`).
                 charged = await self.store.get_pending(charged_key(ch.id))
+                if charged >= _CLOSED:  # closed, or closing, by another process sharing the store
+                    raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
                 covered = max(ch.spent + ch.reserved, charged) <= action.cumulative
                 if not covered or action.cumulative > max(ch.accepted, ch.spent, charged):
                     raise SessionProblem(

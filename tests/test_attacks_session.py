@@ -339,6 +339,15 @@ async def test_two_replicas_sharing_a_store_never_serve_more_than_the_voucher(de
             for http in (s.client.http, other):
                 r = await http.post("/once", headers=signed("close", 250))
                 assert r.status_code == 402 and r.json()["type"].endswith("close-mismatch"), r.text
+            before = await s.balance(s.payee)
+            r = await s.client.http.post("/once", headers=signed("close", 500))
+            assert r.status_code == 204, r.text
+            assert await s.balance(s.payee) - before == 500
+            # the other process never heard of the close: it must serve nothing more on the channel
+            r = await other.get("/once", headers=signed("voucher", 750))
+            assert r.status_code in (402, 410), r.text
+            r = await other.post("/once", headers=signed("close", 750))
+            assert r.status_code == 410 and r.json()["type"].endswith("channel-finalized"), r.text
 
 
 async def test_two_replicas_relay_one_open_once(devnet: DevnetState) -> None:
