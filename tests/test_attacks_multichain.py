@@ -78,3 +78,23 @@ async def test_a_leaf_proves_one_action_at_one_contract(world: World) -> None:
     data, _ = _calldata(signed, grant)
     await a.relayer.transact(a.escrow.address, data, gas=500_000)
     assert await _live(w, a)
+
+
+async def test_the_97_byte_form_is_accepted_for_the_approval_digest_only(world: World) -> None:
+    """The owner's AgentAccount accepts `root ++ signature` (97 bytes) in ERC-1271 for the multichain digest
+    of that root: any other digest with it (a single-chain grant's, a token permit's, a root the owner
+    never signed) must be refused, or one multichain signature would pass as a signature of anything."""
+    from escrow.chain._merkle import approval_digest
+
+    w = world
+    a = w.sides[0]
+    signed = await _approve_everywhere(w)
+    root, signature = _raw(signed.root), _raw(signed.signature)
+    form = root + signature
+    assert len(form) == 97
+    assert await a.account.is_valid_signature(approval_digest(root), form)
+    other_root = bytes(31) + b"\x01"
+    for digest in (root, bytes(32), approval_digest(other_root), b"\x19" * 32):
+        assert not await a.account.is_valid_signature(digest, form)
+    # the owner's signature of one root presented with another root and its digest: refused
+    assert not await a.account.is_valid_signature(approval_digest(other_root), other_root + signature)
