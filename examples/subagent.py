@@ -104,7 +104,8 @@ async def summarize(request: Request) -> Response:
 
 def _count(request: Request, name: str, low: int, high: int) -> int | None:
     text = request.query_params.get(name, str(low))
-    return int(text) if text.isdigit() and low <= int(text) <= high else None
+    ok = text.isascii() and text.isdigit() and len(text) <= 18  # "²".isdigit() is true, int() refuses it
+    return int(text) if ok and low <= int(text) <= high else None
 
 
 def _bad(name: str, low: int, high: int) -> Response:

@@ -288,7 +288,8 @@ def _keep(offer: Offer, scheme: str | None, network: str | None, pay_to: str | N
 def _bounded(raw: str | None, name: str, *, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only ("²".isdigit() is true; int() refuses it, and more than 4300 digits)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or not low <= int(raw) <= high:
         raise _BadQuery(f"{name} must be an integer from {low} to {high}")
     return int(raw)
 

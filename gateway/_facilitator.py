@@ -84,7 +84,8 @@ async def _read(request: Request, limit: int) -> bytes:
     """The request body, refused (413) past `limit` bytes, declared or streamed."""
     declared = request.headers.get("content-length", "")
     too_large = PaymentFailed(f"the request body exceeds {limit} bytes", status_hint=413)
-    if declared.isdigit() and int(declared) > limit:
+    # ASCII digits only ("²".isdigit() is true; int() refuses it, and more than 4300 digits)
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise too_large
     chunks: list[bytes] = []
     size = 0

@@ -85,7 +85,12 @@ def paymaster_app(sponsor: SponsorService, *, max_body_bytes: int = DEFAULT_MAX_
     async def rpc(request: Request) -> Response:
         declared = request.headers.get("content-length", "")
         body = b""
-        if declared.isdigit() and int(declared) > max_body_bytes:
+        # ASCII digits only ("²".isdigit() is true; int() refuses it, and more than 4300 digits)
+        if (
+            declared.isascii()
+            and declared.isdigit()
+            and (len(declared) > 18 or int(declared) > max_body_bytes)
+        ):
             return _too_large(max_body_bytes)
         async for chunk in request.stream():
             body += chunk

@@ -36,6 +36,7 @@ import asyncio
 import bisect
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,13 +63,23 @@ from ._channels import (
     ChannelInfo,
     ChannelSettler,
 )
+from ._errors import ConfigurationError
 from ._metering import PAID_SCOPE_KEY, Meter
 from ._pricing import Amount, Asset, to_atomic
 from ._session_deposit import SessionDeposits
 from ._session_settle import SessionSettling, pack_voucher
 from ._session_settle import receipt_headers as _receipt_headers
-from ._session_state import PROBLEMS, SCOPE_KEY, Channel, Context, SessionProblem, SessionRoute, billed_sse
-from ._store import PaymentStore
+from ._session_state import (
+    PROBLEMS,
+    SCOPE_KEY,
+    Channel,
+    Context,
+    KeyedLocks,
+    SessionProblem,
+    SessionRoute,
+    billed_sse,
+)
+from ._store import PaymentStore, StoreError
 from ._stores import open_store
 from ._stores.memory import MemoryStore
 
@@ -81,7 +92,9 @@ class SessionPaywall(SessionDeposits, SessionSettling):
     """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels.
 
     `fee_payer`: offer server-submitted opens and top-ups (the chain's sender relays the payer's signed
-    deposit and pays the gas, see `_session_deposit`)."""
+    deposit and pays the gas, see `_session_deposit`). `watch_interval`: how often (seconds) the lifespan's
+    loop re-reads the channels served, to settle at once one whose payer asked the chain to close
+    (`watch`)."""
 
     def __init__(
         self,
@@ -98,13 +111,14 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         settle_every: Amount = 0,
         challenge_ttl: float = 300.0,
         fee_payer: bool = False,
+        watch_interval: float = 60.0,
     ) -> None:
         self.app = app
         self.fee_payer = fee_payer
-        self._relaying: dict[str, asyncio.Lock] = {}
-        self._relayed: dict[str, str] = {}
+        self._relaying = KeyedLocks()  # per payer: its relays one at a time, each simulated after the last
+        self._relayed: dict[str, str] = {}  # the last RELAY_MEMORY relayed nonces (oldest first)
         self._closing: dict[str, str] = {}  # channel -> its close in the settlement queue, not yet final
-        self.relay_transactions: list[str] = []
+        self.relay_transactions: deque[str] = deque(maxlen=self.RELAY_MEMORY)  # the latest ones
         self.relay_gas = 0
         self.routes = dict(routes)
         self.chain = chain
@@ -122,13 +136,17 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         self.settle_every = to_atomic(settle_every, asset.decimals)
         self.challenge_ttl = challenge_ttl
         self._channels: dict[str, Channel] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self._loading = KeyedLocks()
         # `PaymentMiddleware.prices`: whether the wrapped app charges a request itself (a shared route).
         prices = getattr(app, "prices", None)
         self._inner_prices: Callable[[Scope], bool] | None = prices if callable(prices) else None
         self._params: dict[SessionRoute, str] = {}
         self._stop = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        if not 0 < watch_interval < 300:
+            raise ConfigurationError("watch_interval must be under 300 s (a payer's close: 900 s)")
+        self.watch_interval = watch_interval
 
     @classmethod
     def on_chain(
@@ -260,7 +278,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         ch = self._channels.get(channel_id)
         if ch is not None:
             return ch
-        async with self._loading.setdefault(channel_id, asyncio.Lock()):
+        async with self._loading.hold(channel_id):
             ch = self._channels.get(channel_id)
             if ch is not None:
                 return ch
@@ -331,6 +349,8 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         )
         ch.accepted = action.cumulative
         ch.vouchers.append((action.cumulative, action.signature))
+        if len(ch.vouchers) > ch.MAX_VOUCHERS:
+            ch.vouchers[:] = ch.vouchers[::-2][::-1]  # every other one, the newest kept: still ascending
         ch.changed.notify_all()
 
     async def _commit(self, ch: Channel, cost: int) -> None:
@@ -382,13 +402,17 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             await self._open_store()
             deposit = action.deposit  # processed first: if it fails, the whole credential is refused
             if deposit is not None and deposit.kind == "open":
-                await self._relay(action, deposit, None, minimum=self._least_deposit(route))
+                await self._relay(action, deposit, None, minimum=self.least_deposit)
             ch = await self._channel(action.channel)
             if deposit is not None and deposit.kind == "topUp":
-                await self._relay(action, deposit, ch.info.payer, minimum=0)
+                await self._relay(action, deposit, ch.info.payer, minimum=self.least_deposit)
         except EscrowError as exc:  # the one chain read of a new channel failed: retry later, never a 500
             log.warning("reading channel failed: %s", exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+            return
+        except StoreError as exc:  # the database is down: retry later, never a 500; nothing was charged
+            log.warning("session store unavailable: %s", exc)
+            await self._problem(send, route, SessionProblem("store-unavailable", "retry later", status=503))
             return
         except (SessionProblem, X402Error) as exc:
             if isinstance(exc, MalformedPayment):
@@ -402,6 +426,9 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         except EscrowError as exc:  # a top-up or deposit re-read failed on the chain
             log.warning("channel %s: chain read failed: %s", ch.id, exc)
             await self._problem(send, route, SessionProblem("chain-unavailable", "retry later", status=503))
+        except StoreError as exc:  # a voucher or charge could not be recorded: not served (or not charged)
+            log.warning("channel %s: store failed: %s", ch.id, exc)
+            await self._problem(send, route, SessionProblem("store-unavailable", "retry later", status=503))
 
     def _add_challenge(self, send: Send, route: SessionRoute) -> Send:
         async def challenging(message: Message) -> None:
@@ -446,7 +473,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
                 voucher_only = True
             else:
                 voucher_only = False
-                if ch.accepted - ch.spent - ch.reserved < maximum:
+                if ch.accepted - ch.spent - ch.reserved < maximum or not await self._hold(ch, maximum):
                     raise SessionProblem(
                         "insufficient-balance",
                         "the voucher does not cover this request",
@@ -472,7 +499,9 @@ class SessionPaywall(SessionDeposits, SessionSettling):
                 async with ch.lock:
                     ch.reserved -= maximum
                     # A failed handler is not charged; a streamed route charged its units as it went.
-                    await self._commit(ch, meter.actual if status < 400 and not route.stream else 0)
+                    cost = meter.actual if status < 400 and not route.stream else 0
+                    await self._commit(ch, cost)
+                    await self._unhold(ch, maximum - cost)
                     receipt = self._receipt(ch, cid)
                 message = {**message, "headers": [*message.get("headers", ()), *_receipt_headers(receipt)]}
             await send(message)
@@ -483,6 +512,7 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             if not committed:
                 async with ch.lock:
                     ch.reserved -= maximum
+                    await self._unhold(ch, maximum)
 
     async def _no_content(self, send: Send, ch: Channel, cid: str) -> None:
         receipt = self._receipt(ch, cid)

@@ -29,12 +29,16 @@ from x402 import b64url_encode
 from x402._session import SessionAction, SessionReceipt
 
 from ._channels import ChannelChain, ChannelInfo, ChannelSettler, ChannelVoucher, encode_voucher
-from ._session_state import Channel, SessionProblem
+from ._session_state import Channel, SessionProblem, charged_key
 from ._store import PaymentStore, Settlement
 
 __all__ = ["SessionSettling", "pack_voucher", "receipt_headers", "unpack_voucher"]
 
 log = logging.getLogger("agentpay.gateway.session")
+
+#: Added to a channel's charged count when it closes: above any voucher (uint128), so no process sharing the
+#: store charges on it afterwards.
+_CLOSED = 2**129
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(tuple[int, str]).decode
@@ -65,6 +69,8 @@ class SessionSettling:
     _closing: dict[str, str]
     _stop: asyncio.Event
     _running: asyncio.Task[None] | None
+    _watching: asyncio.Task[None] | None
+    watch_interval: float
 
     @property
     def store(self) -> PaymentStore:
@@ -94,6 +100,7 @@ class SessionSettling:
             await self.discover()
             self._stop.clear()
             self._running = asyncio.get_running_loop().create_task(self.settler.run(self._stop))
+            self._watching = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def discover(self) -> list[str]:
         """Queue every channel whose stored settleable voucher is neither queued nor settled yet (nor the
@@ -126,6 +133,45 @@ class SessionSettling:
                 found.append(cid)
         return found
 
+    async def watch(self) -> list[str]:
+        """One pass over the channels this process serves, each read again (one chain read): one whose payer
+        asked the chain to close has its settleable voucher queued at once, and accepts no more vouchers.
+        AgentChannels pays the payer back everything unsettled `CLOSE_GRACE_PERIOD` (15 minutes) after its
+        `requestClose()`, and the paywall otherwise settles on its own schedule: what it served would be
+        taken back. A finalized channel is forgotten (its next request is refused). Returns the channels
+        queued."""
+        queued: list[str] = []
+        for ch in list(self._channels.values()):
+            if ch.closed:
+                continue  # its close is queued already
+            try:
+                info = await self.chain.channel(ch.id)
+            except EscrowError as exc:
+                log.warning("watching channel %s: %s", ch.id, exc)
+                continue
+            if info.finalized:
+                self._channels.pop(ch.id, None)
+            elif info.close_requested_at:
+                async with ch.lock:
+                    ch.info = info
+                    before = ch.queued
+                    await self._queue_settleable(ch)
+                    if ch.queued > before:
+                        queued.append(ch.id)
+        return queued
+
+    async def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.watch_interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.watch()
+            except Exception:  # a store outage: the next pass tries again, the loop never dies
+                log.exception("watching channels failed")
+
     async def stop(self) -> None:
         """Queue every known channel's unsettled charges, let the settler send them, stop (shutdown)."""
         if self._opened is not None:
@@ -133,9 +179,12 @@ class SessionSettling:
                 async with ch.lock:
                     await self._queue_settleable(ch)
         running, self._running = self._running, None
+        watching, self._watching = self._watching, None
         if running is not None:
             self._stop.set()
             await running
+        if watching is not None:
+            await watching
         if self._opened is not None:  # what was just queued (and any drain kicked meanwhile) goes out first
             await self.settler.drain()
         if self._store_url is not None and self._opened is not None:
@@ -210,6 +259,17 @@ class SessionSettling:
             ch.queued = max(ch.queued, cumulative)
         return key
 
+    # -- what every process charged: the store's count --------------------------------------------------
+
+    async def _hold(self, ch: Channel, amount: int) -> bool:
+        """Count `amount` against the channel's accepted voucher for every process sharing the store (each
+        has its own lock and credit); False, nothing counted, if what all of them charged would pass it."""
+        return not amount or await self.store.add_pending(charged_key(ch.id), amount, limit=ch.accepted)
+
+    async def _unhold(self, ch: Channel, amount: int) -> None:
+        if amount > 0:
+            await self.store.sub_pending(charged_key(ch.id), amount)
+
     # -- close -------------------------------------------------------------------------------------------
 
     async def _close(self, send: Send, ch: Channel, action: SessionAction, cid: str) -> None:
@@ -223,10 +283,25 @@ class SessionSettling:
             if key is None:
                 if ch.closed:
                     raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
-                if not ch.spent + ch.reserved <= action.cumulative <= max(ch.accepted, ch.spent):
+                # What every process sharing the store charged counts, and no process charges after the
+                # close: its count jumps past any voucher, atomically with the check (`_CLOSED`).
+                charged = await self.store.get_pending(charged_key(ch.id))
+                if charged >= _CLOSED:  # closed, or closing, by another process sharing the store
+                    raise SessionProblem("channel-finalized", f"channel {ch.id} is closed", status=410)
+                covered = max(ch.spent + ch.reserved, charged) <= action.cumulative
+                if not covered or action.cumulative > max(ch.accepted, ch.spent, charged):
                     raise SessionProblem(
                         "close-mismatch",
-                        f"the close voucher ({action.cumulative}) must cover what was spent ({ch.spent})",
+                        f"the close voucher ({action.cumulative}) must cover what was spent"
+                        f" ({max(ch.spent, charged)})",
+                        state=ch.state(),
+                    )
+                if not await self.store.add_pending(
+                    charged_key(ch.id), _CLOSED, limit=action.cumulative + _CLOSED
+                ):
+                    raise SessionProblem(
+                        "close-mismatch",
+                        "another process charged on this channel meanwhile",
                         state=ch.state(),
                     )
                 ch.closed = True
@@ -247,6 +322,7 @@ class SessionSettling:
             del self._closing[ch.id]
             if outcome.status not in ("settled", "settled_elsewhere"):
                 ch.closed = False  # the channel stays open and usable; the payer may try again
+                await self.store.sub_pending(charged_key(ch.id), _CLOSED)
                 log.warning("closing channel %s failed: %s", ch.id, outcome)
                 reverted = outcome.code == TransactionFailed.code
                 raise SessionProblem(

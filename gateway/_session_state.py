@@ -8,7 +8,8 @@ request, or until `VOUCHER_WAIT` passes; it ends with a `payment-receipt` event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import msgspec
@@ -24,8 +25,10 @@ __all__ = [
     "PROBLEMS",
     "SCOPE_KEY",
     "VOUCHER_WAIT",
+    "charged_key",
     "Channel",
     "Context",
+    "KeyedLocks",
     "SessionProblem",
     "SessionRoute",
     "billed_sse",
@@ -36,6 +39,8 @@ class _Biller(Protocol):
     asset: Asset
 
     async def _commit(self, ch: Channel, cost: int) -> None: ...
+
+    async def _hold(self, ch: Channel, amount: int) -> bool: ...
 
     def _receipt(
         self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
@@ -84,8 +89,46 @@ class SessionProblem(X402Error):
         self.type = base + kind  # a session problem, or one of the core spec's (`malformed-credential`)
 
 
+def charged_key(channel_id: str) -> str:
+    """The store's count (`add_pending`) of what every process sharing the store charged, or holds for a
+    request in flight, on a channel: bounded by the accepted voucher, so replicas never serve it twice."""
+    return "session:" + channel_id
+
+
+class KeyedLocks:
+    """One `asyncio.Lock` per key, kept only while someone holds or awaits it: keys come from requests
+    (channel ids, payers), so a lock left behind per key would let anyone grow the gateway's memory."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        """How many keys are held or awaited now."""
+        return len(self._locks)
+
+
 class Channel:
     """What the paywall knows of one channel; mutated only under `lock`."""
+
+    #: Vouchers above `spent` kept in memory: past it every other one is dropped (the newest kept), since a
+    #: payer may send one per atomic unit of its deposit uncharged. Only how finely charges can be settled
+    #: before the next voucher or the close suffers, never what is paid (the close pays exactly `spent`).
+    MAX_VOUCHERS = 64
 
     def __init__(self, channel_id: str, info: ChannelInfo, accepted: int, spent: int) -> None:
         self.id = channel_id
@@ -138,7 +181,7 @@ class Context:
         async with ch.lock:
             if ch.closed:  # its close voucher covers what was spent until now, nothing after
                 return b""
-            if ch.accepted - ch.spent - ch.reserved >= cost:
+            if ch.accepted - ch.spent - ch.reserved >= cost and await self.paywall._hold(ch, cost):
                 await self.paywall._commit(ch, cost)
                 self.units += units
                 return None

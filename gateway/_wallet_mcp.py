@@ -252,7 +252,7 @@ def _amount(value: Amount) -> Amount:
     if not isinstance(value, str):
         return value
     text = value.strip()
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 78 else text
 
 
 def load_wallet_tools(

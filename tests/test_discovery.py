@@ -212,7 +212,10 @@ async def test_bazaar_listing_shape_filters_and_pages(world: World) -> None:
     assert [i["resource"] for i in page["items"]] == [i["resource"] for i in body["items"][1:3]]
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=abc", "offset=-1", "limit=1e3"])
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=101", "limit=abc", "offset=-1", "limit=1e3", "limit=%C2%B2", "offset=" + "9" * 5000],
+)
 async def test_bazaar_listing_refuses_bad_paging_with_a_problem(world: World, query: str) -> None:
     response = await world.client.get("/discovery/resources?" + query)
     assert response.status_code == 400

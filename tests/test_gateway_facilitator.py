@@ -149,6 +149,14 @@ async def test_undecodable_bodies_are_bad_requests(fac: Fac) -> None:
         assert response.status_code == 400 and response.json()["isValid"] is False
 
 
+async def test_a_content_length_int_cannot_read_is_not_a_500(fac: Fac) -> None:
+    # "\xb2" (latin-1 "²") passes str.isdigit() and fails int(); so do more than 4300 digits
+    for declared in (b"\xb2", b"9" * 5000):
+        response = await fac.client.post("/verify", content=b"{", headers={"content-length": declared})
+        assert response.status_code in (400, 413), response.text
+        assert response.headers["content-type"].endswith("json")
+
+
 async def test_request_bodies_are_bounded(fac: Fac) -> None:
     async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the streamed bytes count
         for _ in range(3):

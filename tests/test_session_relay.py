@@ -162,10 +162,11 @@ async def test_a_relayed_authorization_opens_only_its_channel_once_and_never_cos
             cumulative=0,
         )
         await refused({**good, "voucherSignature": forged}, 402, "signer-mismatch")
-        # expired, or from a payer with no money: the simulation says so, nothing is sent
+        # expired (or expiring before it could land): refused before any chain call
         await refused(
-            _open_payload(s, devnet, payer, key, now=now, valid_before=now - 1), 409, "transaction-reverted"
+            _open_payload(s, devnet, payer, key, now=now, valid_before=now - 1), 402, "deposit-expiring"
         )
+        # from a payer with no money: the simulation says so, nothing is sent
         poor = await _gasless_payer(s, devnet, usdc=0)
         await refused(_open_payload(s, devnet, poor, key, now=now), 409, "transaction-reverted")
         # two opens of one channel at once: one transaction; again later: none
@@ -209,12 +210,12 @@ async def test_a_relayed_authorization_opens_only_its_channel_once_and_never_cos
         assert await s.store.high_water(cid) == DEPOSIT + 250  # the voucher was not accepted
         # a top-up of somebody else's channel, by another payer: refused before any chain call
         stranger = sign_channel_top_up(
-            poor, _domain(devnet), channels=s.escrow, channel=cid, amount=1, valid_before=now + 3600
+            poor, _domain(devnet), channels=s.escrow, channel=cid, amount=100 * UNIT, valid_before=now + 3600
         )
         payload = {
             "action": "topUp",
             "channelId": cid,
-            "additionalDeposit": "1",
+            "additionalDeposit": str(100 * UNIT),
             **deposit_payload(stranger.deposit()),
         }
         await refused(payload, 402, "signer-mismatch")

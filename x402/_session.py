@@ -245,7 +245,8 @@ _MAX_SIGNATURE_HEX: Final = (
 
 def _amount(payload: dict[str, Any], name: str) -> int:
     value = payload.get(name)
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 40:
+    # ASCII only: "²".isdigit() is true, and int() refuses it
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or len(value) > 40:
         raise MalformedPayment(f"session {name} must be a decimal string, got {str(value)[:40]!r}")
     number = int(value)
     if number > _UINT128_MAX:

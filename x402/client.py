@@ -345,7 +345,8 @@ class PaymentAuth(httpx.Auth):
             receipt = None
         # A metered payment (upto, metered escrow) is charged what its receipt says, at most the maximum held.
         actual = getattr(receipt, "amount", None)
-        reservation.commit(int(actual) if isinstance(actual, str) and actual.isdigit() else None)
+        ok = isinstance(actual, str) and actual.isascii() and actual.isdigit() and len(actual) <= 78
+        reservation.commit(int(actual) if ok and isinstance(actual, str) else None)
         if receipt is not None:
             response.extensions[RECEIPT_EXTENSION] = receipt
         return True
