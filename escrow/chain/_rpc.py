@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import httpx
 import msgspec
 
 from ._artifacts import EscrowError
+from ._http import HttpError, JsonPoster
 
 __all__ = [
     "BUMP_PERCENT",
@@ -126,6 +129,18 @@ def _unhex(value: str) -> bytes:
 
 
 _JSON_HEADERS = {"content-type": "application/json"}
+_JSON_HEADER_LIST = [(b"content-type", b"application/json")]
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (`<scheme>_proxy`, `all_proxy`, minus `no_proxy`), as
+    `httpx.AsyncClient(trust_env=True)` would use it."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
 
 
 def _error(err: _RpcError) -> ChainError:
@@ -158,8 +173,20 @@ class Rpc:
     ) -> None:
         self.url = url
         self._own_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=timeout, limits=httpx.Limits(max_connections=8, max_keepalive_connections=8)
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+        self._client = client or httpx.AsyncClient(timeout=timeout, limits=limits)
+        # Without a client passed in: a plain-http node with no proxy is spoken to over our own keep-alive
+        # connections (`_http.JsonPoster`: httpx's stack cost more CPU per exchange than the rest of a
+        # settlement); any other URL goes through httpx's transport directly, to a URL parsed once (its
+        # client layer, request building, URL merging, auth and redirect flows, hooks and the cookie jar,
+        # cost as much again). A client passed in keeps its whole behaviour (its hooks, auth, headers).
+        proxy = _env_proxy(url)
+        plain = client is None and proxy is None and url.lower().startswith("http://")
+        self._poster = JsonPoster(url, timeout=timeout) if plain else None
+        self._url = httpx.URL(url)
+        self._timeout = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+        self._transport = (
+            httpx.AsyncHTTPTransport(limits=limits, proxy=proxy) if client is None and not plain else None
         )
         self._ids = itertools.count(1)
         self.poll_interval = poll_interval
@@ -173,12 +200,29 @@ class Rpc:
 
     async def _post(self, body: bytes) -> bytes:
         try:
-            resp = await self._client.post(self.url, content=body, headers=_JSON_HEADERS)
-        except httpx.HTTPError as exc:
+            if self._poster is not None:
+                status, content = await self._poster.post(body)
+            elif self._transport is None:
+                resp = await self._client.post(self.url, content=body, headers=_JSON_HEADERS)
+                status, content = resp.status_code, resp.content
+            else:
+                request = httpx.Request(
+                    "POST",
+                    self._url,
+                    headers=_JSON_HEADER_LIST,
+                    content=body,
+                    extensions={"timeout": self._timeout},
+                )
+                resp = await self._transport.handle_async_request(request)
+                try:
+                    status, content = resp.status_code, await resp.aread()
+                finally:
+                    await resp.aclose()
+        except (httpx.HTTPError, HttpError) as exc:
             raise ChainError(f"rpc transport error: {exc!r}", code="chain_unreachable") from exc
-        if resp.status_code != 200:
-            raise ChainError(f"rpc http status {resp.status_code}", code="chain_unreachable")
-        return resp.content
+        if status != 200:
+            raise ChainError(f"rpc http status {status}", code="chain_unreachable")
+        return content
 
     async def request(self, method: str, params: list[Any]) -> Any:
         (result,) = await self.batch([(method, params)])
@@ -324,6 +368,10 @@ class Rpc:
                 task.cancel()
         if self._own_client:
             await self._client.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
+        if self._poster is not None:
+            await self._poster.aclose()
 
 
 # The relayer lives in its own module (it grew stuck-transaction replacement); it is still named from here.

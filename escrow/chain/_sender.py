@@ -11,8 +11,6 @@ import time
 from collections import OrderedDict
 from typing import Any, Final
 
-from eth_utils.address import to_checksum_address
-
 from x402 import LocalSigner
 from x402._keccak import keccak256
 
@@ -89,6 +87,18 @@ def sign_eip1559(signer: LocalSigner, tx: dict[str, Any]) -> bytes:
     return b"\x02" + _rlp([*fields, y_parity, int.from_bytes(r, "big"), int.from_bytes(s, "big")])
 
 
+def _address(to: str) -> str:
+    """`to` as lower-case 0x hex after checking it is 20 bytes of hex; raises ValueError otherwise.
+
+    The signed transaction carries the 20 bytes only, so no checksum is computed (that keccak cost more per
+    settlement than the RLP and the hash of the transaction together)."""
+    digits = to[2:] if to[:2] in ("0x", "0X") else to
+    if len(digits) != 40 or not digits.isascii():
+        raise ValueError(f"not a 20-byte address: {to!r}")
+    bytes.fromhex(digits)  # raises ValueError on a non-hex digit
+    return "0x" + digits.lower()
+
+
 def _bump(fee: int) -> int:
     return fee + max(1, -(-fee * BUMP_PERCENT // 100))  # rounded up: the pool compares exactly
 
@@ -150,7 +160,7 @@ class TxSender:
         """Sign and broadcast one transaction (`to=None` creates a contract); returns its hash as soon as
         the node accepted it."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        target = None if to is None else to_checksum_address(to)
+        target = None if to is None else _address(to)
         self._queue.append(_Pending(target, data, gas, value, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())

@@ -9,7 +9,7 @@
   signed before the clock starts (``x402Client.create_payment_payload``), so the timed requests measure the
   server; ``--mode e2e``: ``x402AsyncTransport`` pays each request itself (402, sign, paid retry).
   ``--server-pid``: the server's CPU time (``/proc/<pid>/stat``, all threads) is read right before and
-  after the timed requests.
+  after the timed requests; in ``e2e`` mode the client's own CPU time per paid call too (``client_cpu_ms``).
 
 Output (last line, JSON): ``{"req_per_s", "p50_ms", "p99_ms", "server_cpu_ms", "statuses", ...}``.
 """
@@ -113,9 +113,11 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         cpu_before = cpu_seconds(args.server_pid) if args.server_pid else None
+        client_before = time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         seconds = time.perf_counter() - start
+        client_cpu = time.process_time() - client_before
         cpu_after = cpu_seconds(args.server_pid) if args.server_pid else None
 
     latencies.sort()
@@ -131,6 +133,8 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
     }
+    if args.mode == "e2e":  # this process's CPU per paid call: the client's own cost
+        result["client_cpu_ms"] = round(client_cpu * 1000 / max(paid, 1), 3)
     if cpu_before is not None and cpu_after is not None:
         result["server_cpu_ms"] = round((cpu_after - cpu_before) * 1000 / max(paid, 1), 3)
     return result
