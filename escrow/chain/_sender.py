@@ -50,16 +50,22 @@ def _rlp_length(length: int, short: int) -> bytes:
     return bytes((short + 55 + len(size),)) + size
 
 
-def _rlp(item: int | bytes | list[Any]) -> bytes:
-    """RLP (the yellow paper's appendix B) of an int (big-endian, no leading zeros), bytes, or a list."""
-    if isinstance(item, list):
-        payload = b"".join(_rlp(x) for x in item)
-        return _rlp_length(len(payload), 0xC0) + payload
-    if isinstance(item, int):
-        item = item.to_bytes((item.bit_length() + 7) // 8, "big")
+def _rlp_int(value: int) -> bytes:
+    """RLP (the yellow paper's appendix B) of an unsigned int: big-endian, no leading zeros."""
+    if value < 0x80:
+        return bytes((value,)) if value else b"\x80"
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return bytes((0x80 + len(raw),)) + raw  # at most 32 bytes here: always the short form
+
+
+def _rlp_bytes(item: bytes) -> bytes:
     if len(item) == 1 and item[0] < 0x80:
         return item
     return _rlp_length(len(item), 0x80) + item
+
+
+def _rlp_list(payload: bytes) -> bytes:
+    return _rlp_length(len(payload), 0xC0) + payload
 
 
 def sign_eip1559(signer: LocalSigner, tx: dict[str, Any]) -> bytes:
@@ -68,23 +74,29 @@ def sign_eip1559(signer: LocalSigner, tx: dict[str, Any]) -> bytes:
     `tx` holds the fields `TxSender` builds (`chainId`, `nonce`, `maxPriorityFeePerGas`, `maxFeePerGas`,
     `gas`, `to` (absent: contract creation), `value`, `data`). Encoded directly (RLP, keccak,
     libsecp256k1): the generic account library validates and reformats every field on each call, which
-    cost more CPU than the rest of a settlement.
+    cost more CPU than the rest of a settlement. The fields are encoded once, for the signed digest and
+    the raw transaction both.
     """
     to = tx.get("to")
-    fields: list[Any] = [
-        tx["chainId"],
-        tx["nonce"],
-        tx["maxPriorityFeePerGas"],
-        tx["maxFeePerGas"],
-        tx["gas"],
-        bytes.fromhex(to[2:]) if to else b"",
-        tx["value"],
-        tx["data"],
-        [],
-    ]
-    signature = signer.sign_hash(keccak256(b"\x02" + _rlp(fields)))
+    fields = b"".join(
+        (
+            _rlp_int(tx["chainId"]),
+            _rlp_int(tx["nonce"]),
+            _rlp_int(tx["maxPriorityFeePerGas"]),
+            _rlp_int(tx["maxFeePerGas"]),
+            _rlp_int(tx["gas"]),
+            _rlp_bytes(bytes.fromhex(to[2:])) if to else b"\x80",
+            _rlp_int(tx["value"]),
+            _rlp_bytes(tx["data"]),
+            b"\xc0",  # the empty access list
+        )
+    )
+    signature = signer.sign_hash(keccak256(b"\x02" + _rlp_list(fields)))
     r, s, y_parity = signature[:32], signature[32:64], signature[64] - 27
-    return b"\x02" + _rlp([*fields, y_parity, int.from_bytes(r, "big"), int.from_bytes(s, "big")])
+    signed = (
+        fields + _rlp_int(y_parity) + _rlp_int(int.from_bytes(r, "big")) + _rlp_int(int.from_bytes(s, "big"))
+    )
+    return b"\x02" + _rlp_list(signed)
 
 
 def _address(to: str) -> str:
