@@ -166,3 +166,20 @@ async def test_cut_stalled_and_refused_answers_are_chain_errors_and_the_next_cal
         assert caught.value.code == "chain_unreachable"
     finally:
         await rpc.aclose()
+
+
+async def test_a_proxy_named_by_the_environment_is_used_as_httpx_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with node(length_framed) as (proxy, proxy_url):
+        for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", proxy_url)
+        rpc = Rpc("http://node.example:8545/rpc", timeout=5)  # resolvable only by the proxy
+        try:
+            for _ in range(2):
+                assert await rpc.gas_price() == 42
+        finally:
+            await rpc.aclose()
+    assert proxy.heads[0].startswith(b"POST http://node.example:8545/rpc HTTP/1.1\r\n")
+    assert b"user-agent: agentpay" in proxy.heads[0].lower()

@@ -129,7 +129,13 @@ def _unhex(value: str) -> bytes:
 
 
 _JSON_HEADERS = {"content-type": "application/json"}
-_JSON_HEADER_LIST = [(b"content-type", b"application/json")]
+#: What httpx's client would have added (some hosted nodes refuse a request without a User-Agent).
+_JSON_HEADER_LIST = [
+    (b"content-type", b"application/json"),
+    (b"accept", b"application/json"),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"user-agent", b"agentpay"),
+]
 
 
 def _env_proxy(url: str) -> str | None:

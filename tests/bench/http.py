@@ -21,7 +21,8 @@ serves both. Figures:
   share one pool of ``concurrency`` keep-alive connections, after the same 20 untimed warm-up calls.
 - real settlement (``chain_*``): payments signed beforehand, each settled on anvil before its response
   (ours: `ExactEvm`, simulation + `transferWithAuthorization` + receipt; theirs: `x402Facilitator` +
-  `FacilitatorWeb3Signer`); ``chain_rps_ratio`` = ours / official req/s.
+  `FacilitatorWeb3Signer`); ``chain_rps_ratio`` = ours / official req/s, ``chain_cpu_ratio`` = ours /
+  official server CPU per settled request.
 
 Request counts are bounded by the flags; the last line of output is one JSON object.
 """
@@ -210,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary["e2e_cpu_ratio"] = round(summary["e2e_cpu_ms_ours"] / summary["e2e_cpu_ms_official"], 3)
     if "chain" in runs:
         summary["chain_rps_ratio"] = ratio("chain", "official_chain", "req_per_s")
+        # Server CPU per settled request, ours / official: steadier than req/s on a loaded machine.
+        summary["chain_cpu_ratio"] = ratio("chain", "official_chain", "server_cpu_ms")
     summary["statuses"] = {label: figures["statuses"] for label, figures in runs.items()}
     return summary
 
