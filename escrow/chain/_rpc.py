@@ -178,19 +178,22 @@ class Rpc:
         max_inflight: int = 2,
     ) -> None:
         self.url = url
-        self._own_client = client is None
-        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-        self._client = client or httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._client = client
         # Without a client passed in: a plain-http node with no proxy is spoken to over our own keep-alive
         # connections (`_http.JsonPoster`: httpx's stack cost more CPU per exchange than the rest of a
         # settlement); any other URL goes through httpx's transport directly, to a URL parsed once (its
         # client layer, request building, URL merging, auth and redirect flows, hooks and the cookie jar,
         # cost as much again). A client passed in keeps its whole behaviour (its hooks, auth, headers).
         proxy = _env_proxy(url)
-        plain = client is None and proxy is None and url.lower().startswith("http://")
-        self._poster = JsonPoster(url, timeout=timeout) if plain else None
-        self._url = httpx.URL(url)
+        parts = urllib.parse.urlsplit(url)
+        plain = client is None and proxy is None and parts.scheme == "http" and bool(parts.hostname)
+        try:
+            self._poster = JsonPoster(url, timeout=timeout) if plain else None
+        except ValueError:  # a malformed URL (a bad port) fails on first use, as through httpx
+            plain, self._poster = False, None
+        self._url: httpx.URL | None = None  # parsed on first use: a malformed URL fails there, as before
         self._timeout = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
         self._transport = (
             httpx.AsyncHTTPTransport(limits=limits, proxy=proxy) if client is None and not plain else None
         )
@@ -208,10 +211,12 @@ class Rpc:
         try:
             if self._poster is not None:
                 status, content = await self._poster.post(body)
-            elif self._transport is None:
+            elif self._client is not None:
                 resp = await self._client.post(self.url, content=body, headers=_JSON_HEADERS)
                 status, content = resp.status_code, resp.content
-            else:
+            elif self._transport is not None:
+                if self._url is None:
+                    self._url = httpx.URL(self.url)
                 request = httpx.Request(
                     "POST",
                     self._url,
@@ -224,6 +229,8 @@ class Rpc:
                     status, content = resp.status_code, await resp.aread()
                 finally:
                     await resp.aclose()
+            else:
+                raise ChainError("rpc client closed", code="chain_unreachable")
         except (httpx.HTTPError, HttpError) as exc:
             raise ChainError(f"rpc transport error: {exc!r}", code="chain_unreachable") from exc
         if status != 200:
@@ -372,8 +379,6 @@ class Rpc:
         for task in [self._poller, *self._flushers]:
             if task is not None and not task.done():
                 task.cancel()
-        if self._own_client:
-            await self._client.aclose()
         if self._transport is not None:
             await self._transport.aclose()
         if self._poster is not None:
