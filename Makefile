@@ -77,8 +77,11 @@ contracts-check: $(STAMP_NODE)
 forge-test: $(STAMP_NODE)
 	cd contracts && ../node_modules/.bin/forge test --offline
 
+# Parallel workers, one per core (PYTEST_WORKERS=0 runs serially): a worker takes whole test files, so a
+# file's module fixtures (its devnets) are built once; tests/conftest.py starts the longest files first.
+PYTEST_WORKERS ?= auto
 pytest: $(STAMP_PY) $(STAMP_NODE) $(STAMP_PEERS) $(STAMP_MCP_PEERS) $(STAMP_NODE_PEERS) $(STAMP_BROWSER)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) $(PEERS) $(MCP_PEERS) $(NODE_PEERS)/node_modules node_modules contracts/out contracts/cache .agentpay

@@ -5,6 +5,12 @@ AGENTPAY_DEVNET_BACKEND=pyevm), stopped when the session ends. Tests that use it
 Accounts are shared by the whole session: assert on balance *changes*, not absolute balances. Do not move
 the session devnet's clock (`evm_increaseTime`): later tests sign against the wall clock. A test that
 travels in time starts its own `Devnet()` (about 0.3 s with anvil).
+
+`make pytest` runs the suite on parallel workers (pytest-xdist, `-n auto --dist loadfile`): each worker is
+its own pytest session, so it has its own session devnet (on a free port), and a test file runs whole on
+one worker, so module-scoped fixtures are built once. Anything a test shares beyond its process must be
+unique to it: a free port (never a fixed one), `tmp_path` (never the working directory), its own
+PostgreSQL schema and Redis key prefix (`tests.test_store.isolated_url`).
 """
 
 from __future__ import annotations
@@ -34,10 +40,41 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+# The files that take longest (measured with `--durations=0`, summed per file), longest first. Under xdist
+# a worker takes the next whole file as it finishes one, in collection order (`--no-loadscope-reorder`):
+# starting the long files first keeps a worker from running one alone at the end while the other idles.
+# A file missing here only runs later; refresh the list when a file grows slow.
+LONGEST_FIRST = (
+    "test_cli.py",
+    "test_store_procs.py",
+    "test_cli_keys.py",
+    "test_crash_recovery.py",
+    "test_devnet_chains.py",
+    "test_replicas.py",
+    "test_fuzz_edge.py",
+    "test_rpc_outage.py",
+    "test_store.py",
+    "test_store_model.py",
+    "test_multichain_gateway.py",
+    "test_demo.py",
+    "test_devnet_bundler.py",
+    "test_wallet_mcp.py",
+    "test_interop_x402.py",
+    "test_interop_mpp.py",
+    "test_wire_agents.py",
+    "test_dashboard.py",
+    "test_claim_holding.py",
+    "test_exact_reservations.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "devnet" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.chain)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # only under xdist: a serial run keeps the file order
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order is kept
 
 
 @pytest.fixture(scope="session")
