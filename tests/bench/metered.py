@@ -11,7 +11,8 @@ Starts a devnet and deploys AgentChannels (tests._sessions), then:
   CPU time (wall time on a loaded machine includes waiting for a core).
 - `stream_units_per_s`: tokens per second of a 20,000-token SSE stream over uvicorn, billed over a session
   and unbilled (the same body generator without a session); the ratio's goal is >= 50 %.
-- `upto_gas`: x402 `upto` settlement gas (another branch's work; null until it is merged).
+- `upto_gas`: one x402 `upto` settlement (Permit2 witness transfer, actual 3,000 of a 10,000 maximum)
+  beside `exact_gas`, one EIP-3009 `transferWithAuthorization` of the same amount (tests.bench._settle_gas).
 Prints one JSON object on its last line.
 """
 
@@ -37,6 +38,7 @@ from gateway._session_state import Channel as _Channel
 from gateway._session_state import billed_sse
 from tests._serving import serving
 from tests._sessions import UNIT, _tokens, session
+from tests.bench._settle_gas import settle_gas
 from x402 import LocalSigner
 from x402._session import SessionAction, sign_voucher, voucher_digest
 from x402._signer import recover_hash
@@ -190,7 +192,7 @@ async def bench(net: DevnetState) -> dict[str, Any]:
     result["voucher_verify_cpu_us"] = await _voucher_verify_us(time.process_time)
     result["ecrecover_us"] = _ecrecover_us()  # included in voucher_verify_us
     result.update(await _stream_rates(net))
-    result["upto_gas"] = None  # x402 `upto` (h-metered-a): not in this branch
+    result.update(await settle_gas(net))
     result["goals"] = {
         "channel_gas_per_call_le_300": result["channel_gas_per_call"] <= 300,
         "voucher_verify_us_le_60": result["voucher_verify_us"] <= 60,
