@@ -25,6 +25,7 @@ import uvicorn
 
 from escrow import DevnetState, Erc20, Rpc, TxSender
 from gateway import PaymentMiddleware
+from tests.conftest import unavailable
 from x402 import PERMIT2_ADDRESS, LocalSigner, Network, SettleResponse
 from x402.client import PaymentAuth, SpendPolicy, receipt_of
 from x402.client_upto import UptoWallet
@@ -179,7 +180,7 @@ def test_readme_blocks_run_a_paid_call_on_a_devnet(
 def test_readme_metered_block_charges_what_the_handler_reports(devnet: DevnetState, workdir: Path) -> None:
     """The usage-priced block: a plain EOA pays `upto` for at most $0.01 and is charged 42 tokens."""
     if "permit2" not in devnet.contracts:
-        pytest.skip("this devnet has no Permit2 (py-evm): no upto")
+        unavailable("this devnet has no Permit2 (py-evm): no upto")
     (metered,) = [block for block in blocks("python") if "metered=True" in block]
     namespace: dict[str, Any] = {"__name__": "readme_metered"}
     exec(compile(metered, "README.md (metered)", "exec"), namespace)
@@ -206,6 +207,7 @@ def test_readme_metered_block_charges_what_the_handler_reports(devnet: DevnetSta
         auth = PaymentAuth(UptoWallet(payer), SpendPolicy(max_per_call="$0.01"))
         with httpx.Client(auth=auth, timeout=30) as client:
             response = client.get(f"{url}/generate?tokens=42")
+            refused = [client.get(f"{url}/generate", params={"tokens": bad}) for bad in ("x", "²", "9" * 50)]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -214,3 +216,4 @@ def test_readme_metered_block_charges_what_the_handler_reports(devnet: DevnetSta
     assert isinstance(receipt, SettleResponse) and receipt.amount == "420", receipt
     assert _balance(devnet, payee) - before[0] == 420  # 42 x $0.00001, of the $0.01 signed
     assert before[1] - _balance(devnet, payer.address) == 420
+    assert [r.status_code for r in refused] == [400, 400, 400]  # bad input: a 400, and nothing charged
