@@ -1,6 +1,6 @@
-"""The packed batch of `AgentEscrow.settlePacked` (`escrow.payments._packed`): the encoder round-trips through a
-decoder written from the layout, refuses what does not fit, and the contract decides a packed batch exactly as
-the ABI `settle` of the same payments."""
+"""The packed batch of `AgentEscrow.settlePacked` (`escrow.payments._packed`): the encoder round-trips
+through a decoder written from the layout, refuses what does not fit, and the contract decides a packed batch
+exactly as the ABI `settle` of the same payments."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 from eth_utils.address import to_checksum_address
 from hypothesis import HealthCheck, given, settings
@@ -90,8 +91,6 @@ def test_more_than_255_addresses_have_no_packed_form() -> None:
 
 
 def msgspec_replace(payment: EscrowPayment, **changes: str) -> EscrowPayment:
-    import msgspec
-
     return msgspec.structs.replace(payment, **changes)
 
 

@@ -9,10 +9,11 @@ signature. The packed form names each address once per batch and each field in t
                         ++ u32 deadline ++ u32 epoch ++ u16 signatureLength ++ signature)
 
 all big-endian, where an entry's amount, nonce, deadline and epoch are each XORed with the entry before's
-(the first with zero): sequential nonces under one price and deadline send mostly zero bytes. A batch with a value that does not fit (an amount of 2**96 or more, a deadline past 2106,
-more than 255 addresses or 65,535 payments) has no packed form: `pack_batch` returns None and the caller sends
-the ABI `settle` instead. The payment's EIP-712 digest covers the full-width values, which the contract
-rebuilds exactly, so the signatures are those of `settle`.
+(the first with zero): sequential nonces under one price and deadline send mostly zero bytes. A batch with a
+value that does not fit (an amount of 2**96 or more, a deadline past 2106, more than 255 addresses or 65,535
+payments) has no packed form: `pack_batch` returns None and the caller sends the ABI `settle` instead. The
+payment's EIP-712 digest covers the full-width values, which the contract rebuilds exactly, so the signatures
+are those of `settle`.
 """
 
 from __future__ import annotations
