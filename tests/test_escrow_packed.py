@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import pytest
@@ -68,9 +69,16 @@ def test_a_cut_batch_does_not_decode(batch: list[EscrowPayload], cut: int) -> No
 
 
 @pytest.mark.parametrize(
-    "field", [{"amount": str(2**96)}, {"deadline": str(2**32)}, {"amount": str(2**256 - 1)}]
+    "field",
+    [
+        {"amount": str(2**96)},
+        {"deadline": str(2**32)},
+        {"amount": str(2**256 - 1)},
+        {"nonce": str(2**256)},
+        {"epoch": 2**32},
+    ],
 )
-def test_values_that_do_not_fit_have_no_packed_form(field: dict[str, str]) -> None:
+def test_values_that_do_not_fit_have_no_packed_form(field: dict[str, Any]) -> None:
     base = EscrowPayment(
         payer=POOL[0], payee=POOL[1], token=POOL[2], amount="1", nonce="1", deadline="1", epoch=1
     )
@@ -90,7 +98,7 @@ def test_more_than_255_addresses_have_no_packed_form() -> None:
     assert pack_batch([one(i) for i in range(1, 255)]) is None
 
 
-def msgspec_replace(payment: EscrowPayment, **changes: str) -> EscrowPayment:
+def msgspec_replace(payment: EscrowPayment, **changes: Any) -> EscrowPayment:
     return msgspec.structs.replace(payment, **changes)
 
 

@@ -57,6 +57,8 @@ def pack_batch(payloads: Sequence[EscrowPayload]) -> bytes | None:
             return None
         entries += bytes(indexes)
         values = (amount, int(p.nonce), deadline, int(p.epoch))
+        if values[1] >= 2**256 or not 0 <= values[3] < 2**32:  # not a valid Payment: let `settle` refuse it
+            return None
         xored = [v ^ w for v, w in zip(values, previous, strict=True)]
         previous = values
         entries += xored[0].to_bytes(12, "big") + xored[1].to_bytes(32, "big")
