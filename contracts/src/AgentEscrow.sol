@@ -90,7 +90,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     /**
      * @dev What {_check} read for one payment, handed to {_apply} so that it neither hashes a storage key nor reads a
      * slot again: the payment's digest, the signer's nonce word (slot and value with the payment's bit set), the payer's deposit (slot and
-     * value) and, for a session key, its grant (base slot, and the limits slot's value).
+     * value) and, for a session key, its grant (base slot, the terms slot's value, and the limits slot's value).
      *
      * The `held*` pairs are writes of applied payments not yet stored (slot 0: none): a run of payments from one
      * signer's nonce word, one deposit and one grant writes each slot once, when the run ends or at {_flush}, and
@@ -104,6 +104,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint256 depositSlot;
         uint256 depositValue;
         uint256 grantSlot;
+        uint256 terms;
         uint256 limits;
         uint256 heldNonceSlot;
         uint256 heldNonce;
@@ -393,9 +394,16 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             }
             uint256 start = p + 57 - base;
             require(p + 57 + signatureLength <= end, EscrowMalformedBatch(start));
-            payment.payer = _tableAddress(table, addresses, indexes >> 16, start - 57);
-            payment.payee = _tableAddress(table, addresses, (indexes >> 8) & 0xff, start - 57);
-            payment.token = _tableAddress(table, addresses, indexes & 0xff, start - 57);
+            {
+                (uint256 a, uint256 b, uint256 c) = (indexes >> 16, (indexes >> 8) & 0xff, indexes & 0xff);
+                // An index outside the table would read bytes of the entries as an address.
+                require(a < addresses && b < addresses && c < addresses, EscrowMalformedBatch(start - 57));
+                assembly ("memory-safe") {
+                    mstore(payment, shr(96, calldataload(add(table, mul(a, 20)))))
+                    mstore(add(payment, 0x20), shr(96, calldataload(add(table, mul(b, 20)))))
+                    mstore(add(payment, 0x40), shr(96, calldataload(add(table, mul(c, 20)))))
+                }
+            }
             p += 57 + signatureLength;
             (Reason reason, address signer) =
                 _check(payment, payment.amount, batch[start:start + signatureLength], scratch);
@@ -714,7 +722,8 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /**
-     * @dev The grant checks of {_check}, reading the grant at `scratch.grantSlot` as raw words: slot 0 is {GrantTerms}
+     * @dev The grant checks of {_check}, reading the grant at `scratch.grantSlot` as raw words ({_resolveSigner} left
+     * slot 0's in `scratch.terms`): slot 0 is {GrantTerms}
      * (token in bits 0-159, epoch 160-191, validAfter 192-223, validUntil 224-255), slot 1 is {GrantLimits} (remaining
      * 0-127, maxPerCall 128-223, payeeCount 224-255). Leaves the limits word in `scratch` for {_apply}.
      */
@@ -724,10 +733,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         returns (Reason)
     {
         uint256 slot = scratch.grantSlot;
-        uint256 terms;
-        assembly ("memory-safe") {
-            terms := sload(slot)
-        }
+        uint256 terms = scratch.terms;
         uint256 epoch = uint32(terms >> 160);
         {
             uint256 signed = payment.epoch;
@@ -811,19 +817,6 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         }
     }
 
-    /// @dev Address `index` of a {settlePacked} batch's table (`count` addresses at calldata `table`); the entry at
-    /// calldata `entry` is malformed when the index is outside the table.
-    function _tableAddress(uint256 table, uint256 count, uint256 index, uint256 entry)
-        private
-        pure
-        returns (address account)
-    {
-        require(index < count, EscrowMalformedBatch(entry));
-        assembly ("memory-safe") {
-            account := shr(96, calldataload(add(table, mul(index, 20))))
-        }
-    }
-
     /// @dev {PaymentSettled}, encoded by hand: it is the largest cost of a payment after its signature check.
     function _emitSettled(bytes32 digest, address signer, uint256 amount) private {
         bytes32 topic = PaymentSettled.selector;
@@ -890,6 +883,8 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
                 assembly ("memory-safe") {
                     terms := sload(slot)
                 }
+                // Every signer other than the payer comes from here, so {_checkGrant} reads the terms from scratch.
+                scratch.terms = terms;
                 // A key the payer granted (or once granted: revocation is reported as such) needs no more.
                 if (uint32(terms >> 160) != 0) return recovered;
                 signer = recovered;
