@@ -90,7 +90,12 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     /**
      * @dev What {_check} read for one payment, handed to {_apply} so that it neither hashes a storage key nor reads a
      * slot again: the payment's digest, the signer's nonce word (slot and value with the payment's bit set), the payer's deposit (slot and
-     * value) and, for a session key, its grant (base slot, and the limits slot's value).
+     * value) and, for a session key, its grant (base slot, the terms slot's value, and the limits slot's value).
+     *
+     * The `held*` pairs are writes of applied payments not yet stored (slot 0: none): a run of payments from one
+     * signer's nonce word, one deposit and one grant writes each slot once, when the run ends or at {_flush}, and
+     * {_check} reads a held slot from here. {_flush} must run before any call out of the escrow that is not static
+     * (the payouts) and before the settling function returns.
      */
     struct Scratch {
         bytes32 digest;
@@ -99,7 +104,14 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         uint256 depositSlot;
         uint256 depositValue;
         uint256 grantSlot;
+        uint256 terms;
         uint256 limits;
+        uint256 heldNonceSlot;
+        uint256 heldNonce;
+        uint256 heldDepositSlot;
+        uint256 heldDeposit;
+        uint256 heldLimitsSlot;
+        uint256 heldLimits;
     }
 
     /// @dev A pending withdrawal; `amount == 0` means none.
@@ -327,7 +339,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         Payouts memory payouts = _newPayouts(n);
         Scratch memory scratch;
         for (uint256 i; i < n; ++i) {
-            Payment calldata payment = payments[i];
+            Payment memory payment = payments[i];
             (Reason reason, address signer) = _check(payment, payment.amount, signatures[i], scratch);
             if (reason != Reason.None) {
                 reasons[i] = reason;
@@ -337,6 +349,74 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             _apply(payment, payment.amount, signer, scratch);
             _addToGroup(payouts, payment.payee, payment.token, payment.amount);
         }
+        _flush(scratch);
+        _payAll(payouts);
+    }
+
+    /// @inheritdoc IAgentEscrow
+    function settlePacked(bytes calldata batch) external nonReentrant returns (Reason[] memory reasons) {
+        uint256 n;
+        uint256 addresses;
+        uint256 base; // calldata position of the batch's first byte
+        assembly ("memory-safe") {
+            base := batch.offset
+            let head := calldataload(base)
+            n := shr(240, head)
+            addresses := byte(2, head)
+        }
+        uint256 table = base + 3;
+        uint256 end = base + batch.length;
+        uint256 p = table + addresses * 20;
+        require(batch.length >= 3 && p <= end, EscrowMalformedBatch(0));
+        reasons = new Reason[](n);
+        Payouts memory payouts = _newPayouts(n);
+        Scratch memory scratch;
+        // One struct for the whole batch, rewritten per entry: {_check} and {_apply} keep nothing of it. An entry's
+        // amount, nonce, deadline and epoch are XORed onto the previous entry's (zero before the first): a run of
+        // sequential nonces, equal prices and one deadline sends mostly zero bytes (4 gas each, not 16).
+        Payment memory payment;
+        for (uint256 i; i < n; ++i) {
+            // The fixed 57 bytes of an entry, then its signature.
+            require(p + 57 <= end, EscrowMalformedBatch(p - base));
+            uint256 indexes;
+            uint256 signatureLength;
+            assembly ("memory-safe") {
+                indexes := shr(232, calldataload(p))
+                let field := add(payment, 0x60)
+                mstore(field, xor(mload(field), shr(160, calldataload(add(p, 3)))))
+                field := add(payment, 0x80)
+                mstore(field, xor(mload(field), calldataload(add(p, 15))))
+                field := add(payment, 0xa0)
+                mstore(field, xor(mload(field), shr(224, calldataload(add(p, 47)))))
+                field := add(payment, 0xc0)
+                mstore(field, xor(mload(field), shr(224, calldataload(add(p, 51)))))
+                signatureLength := shr(240, calldataload(add(p, 55)))
+            }
+            uint256 start = p + 57 - base;
+            require(p + 57 + signatureLength <= end, EscrowMalformedBatch(start));
+            {
+                (uint256 a, uint256 b, uint256 c) = (indexes >> 16, (indexes >> 8) & 0xff, indexes & 0xff);
+                // An index outside the table would read bytes of the entries as an address.
+                require(a < addresses && b < addresses && c < addresses, EscrowMalformedBatch(start - 57));
+                assembly ("memory-safe") {
+                    mstore(payment, shr(96, calldataload(add(table, mul(a, 20)))))
+                    mstore(add(payment, 0x20), shr(96, calldataload(add(table, mul(b, 20)))))
+                    mstore(add(payment, 0x40), shr(96, calldataload(add(table, mul(c, 20)))))
+                }
+            }
+            p += 57 + signatureLength;
+            (Reason reason, address signer) =
+                _check(payment, payment.amount, batch[start:start + signatureLength], scratch);
+            if (reason != Reason.None) {
+                reasons[i] = reason;
+                emit PaymentFailed(payment.payer, payment.nonce, i, reason);
+                continue;
+            }
+            _apply(payment, payment.amount, signer, scratch);
+            _addToGroup(payouts, payment.payee, payment.token, payment.amount);
+        }
+        require(p == end, EscrowMalformedBatch(p - base));
+        _flush(scratch);
         _payAll(payouts);
     }
 
@@ -370,6 +450,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         (Reason reason, address signer) = _check(payment, amount, signature, scratch);
         require(reason == Reason.None, EscrowPaymentRejected(reason));
         _apply(payment, amount, signer, scratch);
+        _flush(scratch);
         _payout(payment.payee, payment.token, amount);
     }
 
@@ -453,7 +534,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         Payouts memory payouts = _newPayouts(n);
         Scratch memory scratch;
         for (uint256 i; i < n; ++i) {
-            Payment calldata payment = payments[i];
+            Payment memory payment = payments[i];
             uint256 amount = actuals[i];
             (Reason reason, address signer) = _checkEntry(payment, amount, signatures[i], scratch);
             if (reason != Reason.None) {
@@ -464,6 +545,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             _apply(payment, amount, signer, scratch);
             _addToGroup(payouts, payment.payee, payment.token, amount);
         }
+        _flush(scratch);
         _payAll(payouts);
     }
 
@@ -546,7 +628,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
      * @dev An entry of a metered batch charged `amount`: its checks. A metered charge above the maximum, or below it from someone the payee did not allow, fails
      * before the signature is even looked at: neither can ever pass, whoever signed.
      */
-    function _checkEntry(Payment calldata payment, uint256 amount, bytes calldata signature, Scratch memory scratch)
+    function _checkEntry(Payment memory payment, uint256 amount, bytes calldata signature, Scratch memory scratch)
         private
         view
         returns (Reason reason, address signer)
@@ -591,7 +673,7 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
      * The hot path of every batch: storage keys are hashed once and each slot is read once, as a whole word (the
      * layouts are those of {GrantTerms} and {GrantLimits}; see {_checkGrant}).
      */
-    function _check(Payment calldata payment, uint256 amount, bytes calldata signature, Scratch memory scratch)
+    function _check(Payment memory payment, uint256 amount, bytes calldata signature, Scratch memory scratch)
         private
         view
         returns (Reason reason, address signer)
@@ -610,9 +692,11 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         {
             uint256 nonce = payment.nonce;
             uint256 nonceSlot = _mappingSlot(_mappingSlot(_nonceBitmapSlot(), uint160(signer)), nonce >> 8);
-            uint256 bits;
-            assembly ("memory-safe") {
-                bits := sload(nonceSlot)
+            uint256 bits = scratch.heldNonce;
+            if (nonceSlot != scratch.heldNonceSlot) {
+                assembly ("memory-safe") {
+                    bits := sload(nonceSlot)
+                }
             }
             uint256 bit = 1 << (nonce & 0xff);
             if (bits & bit != 0) return (Reason.NonceUsed, signer);
@@ -626,9 +710,11 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
             if (reason != Reason.None) return (reason, signer);
         }
         uint256 depositSlot = _mappingSlot(_mappingSlot(_depositsSlot(), uint160(payer)), uint160(payment.token));
-        uint256 deposited;
-        assembly ("memory-safe") {
-            deposited := sload(depositSlot)
+        uint256 deposited = scratch.heldDeposit;
+        if (depositSlot != scratch.heldDepositSlot) {
+            assembly ("memory-safe") {
+                deposited := sload(depositSlot)
+            }
         }
         if (amount > deposited) return (Reason.InsufficientDeposit, signer);
         scratch.depositSlot = depositSlot;
@@ -636,20 +722,18 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
     }
 
     /**
-     * @dev The grant checks of {_check}, reading the grant at `scratch.grantSlot` as raw words: slot 0 is {GrantTerms}
+     * @dev The grant checks of {_check}, reading the grant at `scratch.grantSlot` as raw words ({_resolveSigner} left
+     * slot 0's in `scratch.terms`): slot 0 is {GrantTerms}
      * (token in bits 0-159, epoch 160-191, validAfter 192-223, validUntil 224-255), slot 1 is {GrantLimits} (remaining
      * 0-127, maxPerCall 128-223, payeeCount 224-255). Leaves the limits word in `scratch` for {_apply}.
      */
-    function _checkGrant(Payment calldata payment, address signer, uint256 amount, Scratch memory scratch)
+    function _checkGrant(Payment memory payment, address signer, uint256 amount, Scratch memory scratch)
         private
         view
         returns (Reason)
     {
         uint256 slot = scratch.grantSlot;
-        uint256 terms;
-        assembly ("memory-safe") {
-            terms := sload(slot)
-        }
+        uint256 terms = scratch.terms;
         uint256 epoch = uint32(terms >> 160);
         {
             uint256 signed = payment.epoch;
@@ -661,9 +745,11 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         if (block.timestamp < uint32(terms >> 192)) return Reason.GrantNotYetValid;
         if (block.timestamp > terms >> 224) return Reason.GrantExpired;
 
-        uint256 limits;
-        assembly ("memory-safe") {
-            limits := sload(add(slot, 1))
+        uint256 limits = scratch.heldLimits;
+        if (slot + 1 != scratch.heldLimitsSlot) {
+            assembly ("memory-safe") {
+                limits := sload(add(slot, 1))
+            }
         }
         if (
             limits >> 224 != 0
@@ -678,27 +764,57 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
 
     /**
      * @dev Applies a payment that {_check} accepted for `amount`, with what it read (`scratch`, filled by that very
-     * check, with nothing written in between): uses its nonce and debits the deposit and grant.
+     * check, with nothing written in between): uses its nonce and debits the deposit and grant. The writes are held
+     * in `scratch` (see {Scratch}); a held write of another slot is stored first.
      */
-    function _apply(Payment calldata payment, uint256 amount, address signer, Scratch memory scratch) private {
+    function _apply(Payment memory payment, uint256 amount, address signer, Scratch memory scratch) private {
         {
-            (uint256 nonceSlot, uint256 nonceBits) = (scratch.nonceSlot, scratch.nonceBits);
-            (uint256 depositSlot, uint256 depositValue) = (scratch.depositSlot, scratch.depositValue);
-            assembly ("memory-safe") {
-                sstore(nonceSlot, nonceBits)
-                // {_check} checked amount <= the deposit.
-                sstore(depositSlot, sub(depositValue, amount))
+            uint256 nonceSlot = scratch.nonceSlot;
+            uint256 held = scratch.heldNonceSlot;
+            if (nonceSlot != held) {
+                _store(held, scratch.heldNonce);
+                scratch.heldNonceSlot = nonceSlot;
             }
+            scratch.heldNonce = scratch.nonceBits;
         }
-        address payer = payment.payer;
-        if (signer != payer) {
-            // {_check} checked amount <= remaining (the low 128 bits), so the subtraction stays inside that field.
-            (uint256 limitsSlot, uint256 limits) = (scratch.grantSlot + 1, scratch.limits);
-            assembly ("memory-safe") {
-                sstore(limitsSlot, sub(limits, amount))
+        {
+            uint256 depositSlot = scratch.depositSlot;
+            uint256 held = scratch.heldDepositSlot;
+            if (depositSlot != held) {
+                _store(held, scratch.heldDeposit);
+                scratch.heldDepositSlot = depositSlot;
             }
+            // {_check} checked amount <= the deposit.
+            scratch.heldDeposit = scratch.depositValue - amount;
+        }
+        if (signer != payment.payer) {
+            uint256 limitsSlot = scratch.grantSlot + 1;
+            uint256 held = scratch.heldLimitsSlot;
+            if (limitsSlot != held) {
+                _store(held, scratch.heldLimits);
+                scratch.heldLimitsSlot = limitsSlot;
+            }
+            // {_check} checked amount <= remaining (the low 128 bits), so the subtraction stays inside that field.
+            scratch.heldLimits = scratch.limits - amount;
         }
         _emitSettled(scratch.digest, signer, amount);
+    }
+
+    /// @dev Stores the writes {_apply} held in `scratch` and forgets them.
+    function _flush(Scratch memory scratch) private {
+        _store(scratch.heldNonceSlot, scratch.heldNonce);
+        _store(scratch.heldDepositSlot, scratch.heldDeposit);
+        _store(scratch.heldLimitsSlot, scratch.heldLimits);
+        (scratch.heldNonceSlot, scratch.heldDepositSlot, scratch.heldLimitsSlot) = (0, 0, 0);
+    }
+
+    /// @dev `sstore(slot, value)` unless `slot` is 0 (no held write: no mapping entry ever hashes to slot 0).
+    function _store(uint256 slot, uint256 value) private {
+        if (slot != 0) {
+            assembly ("memory-safe") {
+                sstore(slot, value)
+            }
+        }
     }
 
     /// @dev {PaymentSettled}, encoded by hand: it is the largest cost of a payment after its signature check.
@@ -767,6 +883,8 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
                 assembly ("memory-safe") {
                     terms := sload(slot)
                 }
+                // Every signer other than the payer comes from here, so {_checkGrant} reads the terms from scratch.
+                scratch.terms = terms;
                 // A key the payer granted (or once granted: revocation is reported as such) needs no more.
                 if (uint32(terms >> 160) != 0) return recovered;
                 signer = recovered;
@@ -815,14 +933,14 @@ contract AgentEscrow is IAgentEscrow, EIP712, ReentrancyGuardTransient, Multical
         return success && bytes4(magic) == IERC1271.isValidSignature.selector;
     }
 
-    function _hashPayment(Payment calldata payment) private view returns (bytes32) {
+    function _hashPayment(Payment memory payment) private view returns (bytes32) {
         bytes32 typehash = PAYMENT_TYPEHASH;
         bytes32 structHash;
-        // `Payment` is a static struct: its 7 words sit contiguously in calldata, already ABI-encoded.
+        // `Payment` is a static struct of value types: its 7 words sit contiguously in memory, already ABI-encoded.
         assembly ("memory-safe") {
             let ptr := mload(0x40)
             mstore(ptr, typehash)
-            calldatacopy(add(ptr, 0x20), payment, 0xe0)
+            mcopy(add(ptr, 0x20), payment, 0xe0)
             structHash := keccak256(ptr, 0x100)
         }
         return _hashTypedDataV4(structHash);

@@ -3,9 +3,10 @@ pragma solidity ^0.8.26;
 
 import {EscrowTestBase} from "./escrow/EscrowTestBase.sol";
 import {IAgentEscrow} from "../src/escrow/IAgentEscrow.sol";
+import {PackedBatch} from "./escrow/PackedBatch.sol";
 
 /**
- * @dev Gas of {AgentEscrow-settle} per payment, warm setup: grants live, deposits funded, each signer's nonce word
+ * @dev Gas of {AgentEscrow-settle} and {AgentEscrow-settlePacked} per payment, warm setup: grants live, deposits funded, each signer's nonce word
  * already non-zero and the payee already holding the token (what a steady-state settler sees).
  *
  * Run `forge test --match-path test/AgentEscrowGas.t.sol --isolate -vv`. With `--isolate` each call is its own
@@ -21,9 +22,18 @@ abstract contract EscrowGasBase is EscrowTestBase {
 
     uint256 internal constant MAX_N = 128;
 
+    /// @dev Measures the batch sent as {AgentEscrow-settle} and, from the same state, as {AgentEscrow-settlePacked}.
     function _measure(string memory label, IAgentEscrow.Payment[] memory ps, bytes[] memory sigs) internal {
+        uint256 snap = vm.snapshotState();
+        _measureCall(label, abi.encodeCall(IAgentEscrow.settle, (ps, sigs)), ps);
+        vm.revertToState(snap);
+        _measureCall(
+            string.concat(label, " packed"), abi.encodeCall(IAgentEscrow.settlePacked, (PackedBatch.pack(ps, sigs))), ps
+        );
+    }
+
+    function _measureCall(string memory label, bytes memory data, IAgentEscrow.Payment[] memory ps) internal {
         uint256 n = ps.length;
-        bytes memory data = abi.encodeCall(IAgentEscrow.settle, (ps, sigs));
         uint256 calldataGas;
         for (uint256 i; i < data.length; ++i) calldataGas += data[i] == 0 ? 4 : 16;
 

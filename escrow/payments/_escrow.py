@@ -22,6 +22,7 @@ from x402._escrow import EscrowPayload, EscrowPayment
 from ..chain._abi import ContractAbi, EscrowEvent, abi_type
 from ..chain._artifacts import Artifact, ArtifactError, EscrowError, load_artifact
 from ..chain._rpc import Log, Receipt, Rpc
+from ._packed import pack_batch
 
 __all__ = [
     "AgentEscrow",
@@ -208,6 +209,15 @@ class AgentEscrow:
     # -- calldata (anyone may send these) ------------------------------------------------------------------
 
     def settle_calldata(self, payloads: Sequence[EscrowPayload]) -> bytes:
+        """The batch as `settlePacked` (a third of the call data, the cheaper call), or as the ABI `settle`
+        when a value does not fit the packing (see `escrow.payments._packed`): same checks, same events."""
+        batch = pack_batch(payloads)
+        if batch is not None:
+            return self.abi.encode("settlePacked", batch)
+        return self.abi_settle_calldata(payloads)
+
+    def abi_settle_calldata(self, payloads: Sequence[EscrowPayload]) -> bytes:
+        """The batch as the ABI-encoded `settle` (every value fits)."""
         return self.abi.encode(
             "settle", [payment_tuple(p.payment) for p in payloads], [_sig(p) for p in payloads]
         )

@@ -160,7 +160,7 @@ class EscrowSettlement:
         payloads: list[EscrowPayload] = [claim.payload for claim in claims]
         if any(claim.actual is not None for claim in claims):
             data = escrow.settle_metered_calldata(payloads, [claim.charge for claim in claims])
-        else:  # the plain batch: cheaper calldata, and anyone may send it
+        else:  # the plain batch, as `settlePacked` when it fits: cheaper calldata, anyone may send it
             data = escrow.settle_calldata(payloads)
         try:
             estimate = await self.sender.rpc.request(

@@ -126,6 +126,9 @@ interface IAgentEscrow {
     /// @dev {settle} got `payments` payments but `signatures` signatures.
     error EscrowLengthMismatch(uint256 payments, uint256 signatures);
 
+    /// @dev {settlePacked} got a batch it cannot decode; `offset` is the byte of `batch` where decoding stopped.
+    error EscrowMalformedBatch(uint256 offset);
+
     /// @dev {settleMetered} got `actuals` of another length than its payments.
     error EscrowActualsLengthMismatch(uint256 payments, uint256 actuals);
 
@@ -290,6 +293,21 @@ interface IAgentEscrow {
     function settle(Payment[] calldata payments, bytes[] calldata signatures)
         external
         returns (Reason[] memory reasons);
+
+    /**
+     * @notice {settle} with the batch packed: the same checks, events and payouts, about a third of the calldata.
+     * @dev `batch` is `u16 count ++ u8 n ++ n x address(20 bytes)`, then `count` entries, each
+     * `u8 payer ++ u8 payee ++ u8 token` (indexes into the address table) `++ u96 amount ++ u256 nonce ++
+     * u32 deadline ++ u32 epoch ++ u16 signatureLength ++ signature`, all big-endian, nothing after the last entry.
+     * An entry's amount, nonce, deadline and epoch are each XORed with the previous entry's values (the first
+     * entry's with zero): sequential nonces and repeated values then cost zero bytes.
+     * A payment whose amount or deadline does not fit is sent with {settle}. Reverts with {EscrowMalformedBatch}
+     * on an encoding error (an index outside the table, a short or long batch); a bad payment is reported, never
+     * reverted. Emits {PaymentSettled} or {PaymentFailed} per payment (`index` is its position in the batch).
+     * @param batch the packed payments
+     * @return reasons `Reason.None` for each settled payment, the failure reason otherwise
+     */
+    function settlePacked(bytes calldata batch) external returns (Reason[] memory reasons);
 
     /**
      * @notice Settles one payment or reverts with {EscrowPaymentRejected}: for a gateway that settles before

@@ -5,6 +5,7 @@ import {Test} from "../utils/Test.sol";
 import {AgentEscrow} from "../../src/AgentEscrow.sol";
 import {IAgentEscrow} from "../../src/escrow/IAgentEscrow.sol";
 import {TestUSDC} from "../../src/TestUSDC.sol";
+import {PackedBatch} from "./PackedBatch.sol";
 
 /**
  * @dev Drives an {AgentEscrow} through random deposits, withdrawals, grants, revocations, time jumps and batches of
@@ -199,6 +200,17 @@ contract EscrowHandler is Test {
     function settle(uint256 seed, uint8 count) external {
         Batch memory b = _build(seed, uint8(bound(count, 1, 4)));
         IAgentEscrow.Reason[] memory reasons = escrow.settle(b.ps, b.sigs);
+        for (uint256 i; i < reasons.length; ++i) {
+            if (reasons[i] == IAgentEscrow.Reason.None) _recordSettled(b, i, b.ps[i].amount);
+            else ++failedCount;
+        }
+        _checkSpend();
+    }
+
+    /// @dev {settle}'s batch sent packed through {AgentEscrow-settlePacked}: the same ghosts must hold.
+    function settlePacked(uint256 seed, uint8 count) external {
+        Batch memory b = _build(seed, uint8(bound(count, 1, 4)));
+        IAgentEscrow.Reason[] memory reasons = escrow.settlePacked(PackedBatch.pack(b.ps, b.sigs));
         for (uint256 i; i < reasons.length; ++i) {
             if (reasons[i] == IAgentEscrow.Reason.None) _recordSettled(b, i, b.ps[i].amount);
             else ++failedCount;
