@@ -24,6 +24,7 @@ from escrow import (
     write_devnet_networks,
 )
 from tests._cli_helpers import Result, assert_one_line_error, cli
+from tests.conftest import unavailable
 from x402 import LocalSigner
 
 PAYEE = "0x" + "7a" * 20
@@ -52,7 +53,7 @@ rules = [{{ arg = 1, max = "$0.5" }}]
 def two_chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevnetState, list[Path]]]:
     with Devnets(2) as state:
         if state.backend != "anvil":
-            pytest.skip("funds fresh keys with anvil_setBalance")
+            unavailable("funds fresh keys with anvil_setBalance")
         path = tmp_path_factory.mktemp("devnet") / "devnet.json"
         written = write_devnet_networks(state, path)
         written.dump(path)  # what `agentpay devnet up --chains 2` writes

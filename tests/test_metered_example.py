@@ -18,6 +18,7 @@ import escrow
 from escrow import DevnetState, Erc20, TxSender
 from examples.subagent import allow_metered_settler, build_app, with_sessions
 from tests._gateways import Chain, key_hex
+from tests.conftest import unavailable
 from x402 import (
     LocalSigner,
     SettleResponse,
@@ -39,7 +40,7 @@ UNIT = 100  # $0.0001
 @pytest.fixture
 async def chain(devnet: DevnetState) -> AsyncIterator[Chain]:
     if "permit2" not in devnet.contracts:
-        pytest.skip("this devnet has no Permit2 (py-evm): no upto")
+        unavailable("this devnet has no Permit2 (py-evm): no upto")
     value = Chain(devnet)
     try:
         yield value

@@ -41,6 +41,7 @@ from escrow._multichain import EscrowGrantLeaf, MultichainEntry, _calldata
 from escrow.chain._merkle import approval_digest
 from escrow.chain._rpc import RevertError, Rpc
 from escrow.devnet._devnet import DevnetChain
+from tests.conftest import unavailable
 from x402 import LocalSigner
 from x402._escrow import EscrowPayload, escrow_domain, sign_payment
 
@@ -58,7 +59,7 @@ BUDGET = 50 * PRICE
 def chains() -> Iterator[list[DevnetChain]]:
     with Devnets(2) as state:
         if state.backend != "anvil":
-            pytest.skip("the multichain suite funds fresh keys with anvil_setBalance")
+            unavailable("the multichain suite funds fresh keys with anvil_setBalance")
         yield list(state.chains)
 
 

@@ -39,6 +39,7 @@ from escrow import (
 from escrow._multichain import _calldata
 from escrow.chain._rpc import RevertError, Rpc
 from escrow.devnet._devnet import DevnetChain
+from tests.conftest import unavailable
 from x402 import LocalSigner
 from x402._escrow import EscrowPayload, escrow_domain, sign_payment
 
@@ -55,7 +56,7 @@ KEY_CAP = 5_000  # what one session-key user operation may transfer from the acc
 def chains() -> Iterator[list[DevnetChain]]:
     with Devnets(CHAIN_COUNT) as state:
         if state.backend != "anvil":
-            pytest.skip("the multichain suite funds fresh keys with anvil_setBalance")
+            unavailable("the multichain suite funds fresh keys with anvil_setBalance")
         yield list(state.chains)
 
 
