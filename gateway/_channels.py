@@ -7,7 +7,7 @@ from __future__ import annotations
 from escrow.chain._abi import ContractAbi
 from escrow.chain._sender import TxSender
 from escrow.payments._channel_settler import ChannelSettler, ChannelVoucher, encode_voucher
-from escrow.payments._channels import AgentChannelsChain, ChannelChain, ChannelInfo
+from escrow.payments._channels import AgentChannelsChain, ChannelChain, ChannelInfo, RelayReverted
 from escrow.payments._escrow import escrow_artifact
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ChannelSettler",
     "ChannelVoucher",
     "EoaChannelOpener",
+    "RelayReverted",
     "encode_voucher",
 ]
 

@@ -55,7 +55,7 @@ from x402 import (
     rfc3339,
     verify_challenge,
 )
-from x402._session import SessionAction, SessionReceipt, VoucherVerifier, parse_session_payload
+from x402._session import SessionAction, VoucherVerifier, parse_session_payload
 
 from ._channels import (
     AgentChannelsChain,
@@ -79,6 +79,7 @@ from ._session_state import (
     SessionRoute,
     billed_sse,
 )
+from ._session_topup import SessionTopUps
 from ._store import PaymentStore, StoreError
 from ._stores import open_store
 from ._stores.memory import MemoryStore
@@ -88,7 +89,7 @@ __all__ = ["SessionPaywall", "SessionProblem", "SessionRoute", "billed_sse"]
 log = logging.getLogger("agentpay.gateway.session")
 
 
-class SessionPaywall(SessionDeposits, SessionSettling):
+class SessionPaywall(SessionDeposits, SessionSettling, SessionTopUps):
     """ASGI middleware paying `routes` (exact paths, any method) over MPP sessions on one AgentChannels.
 
     `fee_payer`: offer server-submitted opens and top-ups (the chain's sender relays the payer's signed
@@ -120,6 +121,11 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         self._closing: dict[str, str] = {}  # channel -> its close in the settlement queue, not yet final
         self.relay_transactions: deque[str] = deque(maxlen=self.RELAY_MEMORY)  # the latest ones
         self.relay_gas = 0
+        self.relay_reverts = 0  # relayed deposits that passed their simulation and reverted (front-run)
+        self.relay_reverted_gas = 0  # the gas they cost the gateway
+        self._top_ups: dict[str, tuple[str, int]] = {}  # top-up hash -> (channel, deposit it made)
+        self._top_up_reads: dict[str, deque[float]] = {}  # per channel: the latest top-up receipt reads
+        self.top_up_receipt_reads = 0
         self.routes = dict(routes)
         self.chain = chain
         self.asset = asset
@@ -254,24 +260,6 @@ class SessionPaywall(SessionDeposits, SessionSettling):
         await send({"type": "http.response.start", "status": exc.status_hint, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
 
-    def _receipt(
-        self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
-    ) -> SessionReceipt:
-        return SessionReceipt(
-            method="evm",
-            intent="session",
-            status="success",
-            timestamp=rfc3339(time.time()),
-            reference=ch.id,
-            challenge_id=challenge,
-            channel_id=ch.id,
-            accepted_cumulative=str(ch.accepted),
-            spent=str(ch.spent),
-            chain_id=self.chain.chain_id,
-            units=units,
-            tx_hash=tx,
-        )
-
     # -- channel state -----------------------------------------------------------------------------------
 
     async def _channel(self, channel_id: str) -> Channel:
@@ -316,11 +304,13 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             ok = verifier.signed_by(action.cumulative, action.signature)
         except X402Error:
             raise SessionProblem(
-                "invalid-signature", "the voucher signature is invalid", state=ch.state()
+                "invalid-signature", "the voucher signature is invalid", state={"channelId": ch.id}
             ) from None
-        if not ok:
+        if not ok:  # the channel's amounts are told only to its signer
             raise SessionProblem(
-                "signer-mismatch", "the voucher is not signed by the channel's signer", state=ch.state()
+                "signer-mismatch",
+                "the voucher is not signed by the channel's signer",
+                state={"channelId": ch.id},
             )
 
     async def _accept(self, ch: Channel, action: SessionAction) -> None:
@@ -403,6 +393,13 @@ class SessionPaywall(SessionDeposits, SessionSettling):
             deposit = action.deposit  # processed first: if it fails, the whole credential is refused
             if deposit is not None and deposit.kind == "open":
                 await self._relay(action, deposit, None, minimum=self.least_deposit)
+            if action.action == "topUp" and deposit is None:  # unsigned: checked before any channel read
+                made = await self._top_up_deposit(action)
+                ch = None if made is None else await self._channel(action.channel)
+                if ch is not None and made is not None:
+                    await self._apply_top_up(ch, made)
+                await self._no_content(send, ch, ch_.id, private=True)
+                return
             ch = await self._channel(action.channel)
             if deposit is not None and deposit.kind == "topUp":
                 await self._relay(action, deposit, ch.info.payer, minimum=self.least_deposit)
@@ -513,11 +510,6 @@ class SessionPaywall(SessionDeposits, SessionSettling):
                 async with ch.lock:
                     ch.reserved -= maximum
                     await self._unhold(ch, maximum)
-
-    async def _no_content(self, send: Send, ch: Channel, cid: str) -> None:
-        receipt = self._receipt(ch, cid)
-        await send({"type": "http.response.start", "status": 204, "headers": _receipt_headers(receipt)})
-        await send({"type": "http.response.body", "body": b""})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -18,7 +18,13 @@ The relayer's gas is the attack surface, so before anything is sent:
   of past relays is bounded (`RELAY_MEMORY`);
 - it stays valid `RELAY_MIN_VALIDITY` (60 s) more: one expiring while it lands would revert on chain;
 - the very call is simulated (`eth_call`): one that would revert (replayed, expired, unfunded, badly
-  signed) costs one free call and is answered 409 `transaction-reverted`, never sent.
+  signed) costs one free call and is answered 409 `transaction-reverted`, never sent;
+- a payer can still front-run its own relay (move its funds, or cancel the authorization, between the
+  simulation and the send): the relay reverts at the gateway's expense. After one does, that payer's relays
+  are refused (429 `deposit-cooldown`, no chain call) for `RELAY_COOLDOWN` seconds, in the store (a claim
+  under `relay-cooldown:<payer>`) so every replica sharing it refuses them; the gas lost is counted
+  (`relay_reverts`, `relay_reverted_gas`) and logged. So a payer costs at most one reverted relay per
+  cool-down.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from escrow.chain._rpc import ReceiptTimeout
 from x402 import X402Error
 from x402._session import DepositAuthorization, SessionAction, VoucherVerifier, channel_id
 
-from ._channels import ChannelChain
+from ._channels import ChannelChain, RelayReverted
 from ._pricing import Asset, to_atomic
 from ._session_state import KeyedLocks, SessionProblem, SessionRoute
 from ._store import ClaimLost, PaymentStore
@@ -58,10 +64,14 @@ class SessionDeposits:
     RELAY_MIN_VALIDITY = 60
     #: How long a payer's relay claim lives in the store (a relay waits at most 30 s for its receipt).
     RELAY_CLAIM_TTL = 60.0
+    #: Seconds a payer's relays are refused after one of them reverted on chain (front-run by the payer).
+    RELAY_COOLDOWN = 3600.0
     _relaying: KeyedLocks  # by payer
     _relayed: dict[str, str]  # deposit nonce -> the transaction that landed it (the latest RELAY_MEMORY)
     relay_transactions: deque[str]
     relay_gas: int
+    relay_reverts: int
+    relay_reverted_gas: int
     routes: dict[str, SessionRoute]
 
     @property
@@ -143,6 +153,7 @@ class SessionDeposits:
                     "chain-unavailable", "another deposit of this payer is being relayed; retry", status=503
                 )
             try:
+                await self._not_cooling(key)
                 await self._relay_held(action, deposit, cid)
             finally:
                 with contextlib.suppress(ClaimLost):
@@ -159,6 +170,24 @@ class SessionDeposits:
             tx_hash, gas = await self.chain.relay_deposit(
                 deposit, payee=self.pay_to, token=token, channel=cid
             )
+        except RelayReverted as exc:  # passed the simulation, reverted on chain: the payer front-ran it
+            self.relay_reverts += 1
+            self.relay_reverted_gas += exc.gas_used
+            log.warning(
+                "relayed %s of %s by %s reverted on chain (%s, %d gas lost): its relays cool down %g s",
+                deposit.kind,
+                cid,
+                deposit.payer,
+                exc.tx_hash,
+                exc.gas_used,
+                self.RELAY_COOLDOWN,
+            )
+            await self.store.claim("relay-cooldown:" + deposit.payer.lower(), ttl=self.RELAY_COOLDOWN)
+            raise SessionProblem(
+                "transaction-reverted",
+                f"the {deposit.kind} reverted on chain; this payer's deposits are not relayed for a while",
+                status=409,
+            ) from None
         except (RevertError, TransactionFailed) as exc:
             log.info("relayed %s of %s refused: %s", deposit.kind, cid, exc)
             raise SessionProblem(
@@ -181,6 +210,21 @@ class SessionDeposits:
             del self._relayed[next(iter(self._relayed))]
         self.relay_transactions.append(tx_hash)
         self.relay_gas += gas
+
+    async def _not_cooling(self, relay_key: str) -> None:
+        """Refuse (no chain call) while the payer's cool-down claim lives: taken and at once released, else
+        held by the revert that started it (the payer's relay claim is held: no other relay of it races)."""
+        key = "relay-cooldown:" + relay_key.removeprefix("relay:")
+        probe = await self.store.claim(key, ttl=self.RELAY_COOLDOWN)
+        if probe is None:
+            raise SessionProblem(
+                "deposit-cooldown",
+                "a deposit of this payer reverted on chain after its simulation: its deposits are not"
+                " relayed for a while (send the deposit yourself, type hash)",
+                status=429,
+            )
+        with contextlib.suppress(ClaimLost):
+            await self.store.release(key, probe)
 
     def _check_opening_voucher(self, action: SessionAction, deposit: DepositAuthorization) -> None:
         """The voucher must be the channel's signer's before the gateway pays for the channel."""

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Send
 
 from escrow import EscrowError, SettleOutcome, TransactionFailed
 from escrow.payments._exact_settler import pending_transactions
-from x402 import b64url_encode
+from x402 import b64url_encode, rfc3339
 from x402._session import SessionAction, SessionReceipt
 
 from ._channels import ChannelChain, ChannelInfo, ChannelSettler, ChannelVoucher, encode_voucher
@@ -86,9 +86,34 @@ class SessionSettling:
         raise NotImplementedError
 
     def _receipt(
-        self, ch: Channel, challenge: str, *, units: int | None = None, tx: str | None = None
+        self,
+        ch: Channel,
+        challenge: str,
+        *,
+        units: int | None = None,
+        tx: str | None = None,
+        private: bool = False,
     ) -> SessionReceipt:
-        raise NotImplementedError
+        """`private`: for a credential the channel's signer did not sign (a `hash` top-up): no amounts."""
+        return SessionReceipt(
+            method="evm",
+            intent="session",
+            status="success",
+            timestamp=rfc3339(time.time()),
+            reference=ch.id,
+            challenge_id=challenge,
+            channel_id=ch.id,
+            accepted_cumulative=None if private else str(ch.accepted),
+            spent=None if private else str(ch.spent),
+            chain_id=self.chain.chain_id,
+            units=units,
+            tx_hash=tx,
+        )
+
+    async def _no_content(self, send: Send, ch: Channel | None, cid: str, *, private: bool = False) -> None:
+        headers = [] if ch is None else receipt_headers(self._receipt(ch, cid, private=private))
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     # -- lifecycle: the settler's loop -------------------------------------------------------------------
 

@@ -381,8 +381,9 @@ class SessionReceipt(msgspec.Struct, frozen=True, kw_only=True, rename="camel", 
     reference: str
     challenge_id: str
     channel_id: str
-    accepted_cumulative: str
-    spent: str
     chain_id: int
+    # Absent only from a top-up's receipt: a `hash` top-up is signed by no one, so it learns no amounts.
+    accepted_cumulative: str | None = None
+    spent: str | None = None
     units: int | None = None
     tx_hash: str | None = None

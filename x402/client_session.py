@@ -273,7 +273,7 @@ class SessionClient:
             raise X402Error(
                 f"receipt for channel {receipt.channel_id}, not {ch.channel}", code="receipt_mismatch"
             )
-        self._spend(ch, int(receipt.spent))
+        self._spend(ch, _spent(receipt))
         self.receipts.append(receipt)
 
     def _hold(self, ch: _Open, outstanding: int) -> None:
@@ -411,7 +411,7 @@ class SessionClient:
                             )
                     elif event == "payment-receipt":
                         receipt = msgspec.json.decode(data, type=SessionReceipt)
-                        self._spend(ch, int(receipt.spent))
+                        self._spend(ch, _spent(receipt))
                         self.receipts.append(receipt)
                         yield event, data
                     else:
@@ -452,3 +452,10 @@ class SessionClient:
 
 def _b64(value: str) -> bytes:
     return b64url_decode(value)
+
+
+def _spent(receipt: SessionReceipt) -> int:
+    """A paid response's receipt must say what was spent (only a top-up's may leave it out)."""
+    if receipt.spent is None:
+        raise X402Error("the session receipt of a paid response has no spent", code="receipt_mismatch")
+    return int(receipt.spent)

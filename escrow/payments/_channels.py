@@ -14,11 +14,20 @@ import msgspec
 from x402._session import DepositAuthorization
 
 from ..chain._abi import ContractAbi
-from ..chain._rpc import Rpc
+from ..chain._rpc import Rpc, TransactionFailed
 from ..chain._sender import TxSender
 from ._escrow import escrow_artifact
 
-__all__ = ["AgentChannelsChain", "ChannelChain", "ChannelInfo"]
+__all__ = ["AgentChannelsChain", "ChannelChain", "ChannelInfo", "RelayReverted"]
+
+
+class RelayReverted(TransactionFailed):
+    """A relayed deposit passed its simulation and reverted on chain (its payer front-ran it: moved the funds
+    or cancelled the authorization in between): `gas_used` is what the relayer paid for nothing."""
+
+    def __init__(self, message: str, *, tx_hash: str, gas_used: int) -> None:
+        super().__init__(message, tx_hash=tx_hash)
+        self.gas_used = gas_used
 
 
 class ChannelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,7 +79,13 @@ class ChannelChain(Protocol):
         self, deposit: DepositAuthorization, *, payee: str, token: str, channel: str, timeout: float = 30.0
     ) -> tuple[str, int]:
         """Send the payer's `openWithAuthorization` / `topUpWithAuthorization` (the server pays the gas),
-        only after an `eth_call` of the same call succeeds; `RevertError` if it would revert (none sent)."""
+        only after an `eth_call` of the same call succeeds; `RevertError` if it would revert (none sent),
+        `RelayReverted` (with the gas paid) if it was sent and reverted."""
+        ...
+
+    async def topped_up(self, tx_hash: str, channel_id: str) -> int | None:
+        """The channel's deposit after the top-up `tx_hash` (its `ChannelToppedUp` log, one receipt read),
+        or None unless `tx_hash` is a mined, successful transaction that topped up `channel_id` here."""
         ...
 
 
@@ -149,10 +164,30 @@ class AgentChannelsChain:
         await self.rpc.call(self.escrow, data, sender=sender)
         tx = {"from": sender, "to": self.escrow, "data": "0x" + data.hex()}
         estimate = int(await self.rpc.request("eth_estimateGas", [tx]), 16)
-        receipt = await self.sender.transact(
-            self.escrow, data, gas=estimate * 6 // 5 + 10_000, timeout=timeout
-        )
+        try:
+            receipt = await self.sender.transact(
+                self.escrow, data, gas=estimate * 6 // 5 + 10_000, timeout=timeout
+            )
+        except TransactionFailed as exc:  # mined and reverted: read what it cost
+            failed = await self.rpc.get_receipt(exc.tx_hash)
+            gas = 0 if failed is None else int(failed.gas_used, 16)
+            raise RelayReverted(str(exc), tx_hash=exc.tx_hash, gas_used=gas) from None
         return receipt.transaction_hash, int(receipt.gas_used, 16)
+
+    async def topped_up(self, tx_hash: str, channel_id: str) -> int | None:
+        receipt = await self.rpc.get_receipt(tx_hash)
+        if receipt is None or not receipt.ok:
+            return None
+        topic, channel = self.abi.topics["ChannelToppedUp"], channel_id.lower()
+        deposit = None
+        for log in receipt.logs:  # an EntryPoint bundle (a smart account's top-up) carries it too
+            if log.address.lower() != self.escrow.lower() or len(log.topics) < 2:
+                continue
+            if log.topics[0].lower() == topic and log.topics[1].lower() == channel:
+                event = self.abi.decode_log(log)
+                if event is not None:
+                    deposit = max(deposit or 0, int(event.args["deposit"]))
+        return deposit
 
     async def mined(self, tx_hash: str) -> bool:
         tx = await self.rpc.request("eth_getTransactionByHash", [tx_hash])
