@@ -77,8 +77,10 @@ class SessionTopUps:
             )
         return seen[1]
 
-    def _admit_read(self, channel: str) -> None:
-        now = time.monotonic()
+    def _admit_read(self, channel: str, now: float | None = None) -> None:
+        """Count one receipt read for `channel`, or refuse it (429): a sliding window per channel, the
+        least recently used channels forgotten past `TOP_UP_MEMORY` (`now`: a monotonic clock, for tests)."""
+        now = time.monotonic() if now is None else now
         reads = self._top_up_reads.pop(channel, None) or deque(maxlen=self.TOP_UP_READS)
         self._top_up_reads[channel] = reads  # re-inserted: the dict's order is least recently used first
         while len(self._top_up_reads) > self.TOP_UP_MEMORY:

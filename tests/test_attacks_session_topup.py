@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from escrow import DevnetState, TxSender
 from escrow.chain._abi import ContractAbi
 from escrow.payments._escrow import escrow_artifact
+from gateway._session_state import SessionProblem
+from gateway._session_topup import SessionTopUps
+from gateway._stores import open_store
 from tests._sessions import ROUTES, UNIT, app, session
+from tests.conftest import unavailable
 from tests.test_session_relay import DEPOSIT, _auth, _gasless_payer, _nonce, _open_payload
+from tests.test_store import isolated_url
 from x402 import LocalSigner, b64url_decode
 from x402._session import sign_voucher
 
@@ -124,70 +133,128 @@ async def _relay_in_pool(s: Any, sent: int) -> None:
     raise AssertionError("the gateway never sent its relay")
 
 
-async def test_a_payer_front_running_its_relay_costs_one_revert_then_cools_down(devnet: DevnetState) -> None:
+@pytest.fixture
+def shared_url(tmp_path: Path) -> Iterator[str]:
+    """One PostgreSQL (+ Redis) store the test's two replicas open each on its own."""
+    with isolated_url("postgres+redis", tmp_path) as url:
+        yield url
+
+
+async def test_a_payer_front_running_its_relay_costs_one_revert_then_cools_down(
+    devnet: DevnetState, shared_url: str
+) -> None:
     """The payer signs an open, and moves its money away after the gateway's simulation and before its
     send lands (anvil mines both in one block, the payer's first): the relay reverts and the gateway pays.
     That payer's next relayed deposits, on this process and on a replica sharing the store, are refused
     with no transaction; the gas lost is counted."""
     from gateway import SessionPaywall
 
-    async with session(devnet, fee_payer=True) as s:
-        replica = SessionPaywall(
-            app(),
-            routes=ROUTES,
-            chain=s.paywall.chain,
-            asset=s.paywall.asset,
-            pay_to=s.payee,
-            store=s.store,
-            secret=b"s" * 32,
-            fee_payer=True,
-        )
-        payer = await _gasless_payer(s, devnet, usdc=DEPOSIT)
-        now = await s.rpc.block_timestamp()
-        first = _open_payload(s, devnet, payer, LocalSigner.random(), now=now)
-        usdc = ContractAbi(escrow_artifact("TestUSDC").abi)
-        sent = await _nonce(s, s.payee)
-        await s.rpc.request("anvil_setBalance", [payer.address, hex(10**18)])
-        await s.rpc.request("anvil_impersonateAccount", [payer.address])
-        await s.rpc.request("evm_setAutomine", [False])
-        try:
-            relay = asyncio.create_task(s.client.http.post("/meter", headers=_auth(s, "/meter", first)))
-            await _relay_in_pool(s, sent)
-            elsewhere = "0x" + os.urandom(20).hex()
-            move = {
-                "from": payer.address,
-                "to": s.usdc,
-                "data": "0x" + usdc.encode("transfer", elsewhere, DEPOSIT).hex(),
-                "gas": hex(100_000),
-                "maxFeePerGas": hex(10**12),
-                "maxPriorityFeePerGas": hex(10**11),  # above the relay's tip: mined first
-            }
-            moved = await s.rpc.request("eth_sendTransaction", [move])
-            await s.rpc.request("anvil_mine", ["0x1"])
-            r = await asyncio.wait_for(relay, 30)
-        finally:
-            await s.rpc.request("evm_setAutomine", [True])
-            await s.rpc.request("anvil_stopImpersonatingAccount", [payer.address])
-        assert r.status_code == 409 and r.json()["type"].endswith("transaction-reverted"), r.text
-        assert (await s.rpc.get_receipt(moved)) is not None
-        assert await s.balance(elsewhere) == DEPOSIT
-        assert await _nonce(s, s.payee) == sent + 1  # the one reverted relay
+    if devnet.backend != "anvil":
+        unavailable("ordering two transactions in one block needs anvil (automine off, impersonation)")
+    store = await open_store(shared_url)
+    replica: SessionPaywall | None = None
+    try:
+        async with session(devnet, fee_payer=True, store=store) as s:
+            replica = SessionPaywall(
+                app(),
+                routes=ROUTES,
+                chain=s.paywall.chain,
+                asset=s.paywall.asset,
+                pay_to=s.payee,
+                store=shared_url,  # the same database, its own connections
+                secret=b"s" * 32,
+                fee_payer=True,
+            )
+            payer = await _gasless_payer(s, devnet, usdc=DEPOSIT)
+            now = await s.rpc.block_timestamp()
+            first = _open_payload(s, devnet, payer, LocalSigner.random(), now=now)
+            usdc = ContractAbi(escrow_artifact("TestUSDC").abi)
+            sent = await _nonce(s, s.payee)
+            await s.rpc.request("anvil_setBalance", [payer.address, hex(10**18)])
+            await s.rpc.request("anvil_impersonateAccount", [payer.address])
+            await s.rpc.request("evm_setAutomine", [False])
+            try:
+                relay = asyncio.create_task(s.client.http.post("/meter", headers=_auth(s, "/meter", first)))
+                await _relay_in_pool(s, sent)
+                elsewhere = "0x" + os.urandom(20).hex()
+                move = {
+                    "from": payer.address,
+                    "to": s.usdc,
+                    "data": "0x" + usdc.encode("transfer", elsewhere, DEPOSIT).hex(),
+                    "gas": hex(100_000),
+                    "maxFeePerGas": hex(10**12),
+                    "maxPriorityFeePerGas": hex(10**11),  # above the relay's tip: mined first
+                }
+                moved = await s.rpc.request("eth_sendTransaction", [move])
+                await s.rpc.request("anvil_mine", ["0x1"])
+                r = await asyncio.wait_for(relay, 30)
+            finally:
+                await s.rpc.request("evm_setAutomine", [True])
+                await s.rpc.request("anvil_stopImpersonatingAccount", [payer.address])
+            assert r.status_code == 409 and r.json()["type"].endswith("transaction-reverted"), r.text
+            assert (await s.rpc.get_receipt(moved)) is not None
+            assert await s.balance(elsewhere) == DEPOSIT
+            assert await _nonce(s, s.payee) == sent + 1  # the one reverted relay
 
-        # Funded again, the same payer's next relayed opens are refused with nothing sent, on both replicas.
-        minter = TxSender(s.rpc, devnet.deployer.private_key, chain_id=devnet.chain_id)
-        await minter.transact(s.usdc, usdc.encode("mint", payer.address, DEPOSIT), gas=100_000)
-        sent = await _nonce(s, s.payee)
-        transport = httpx.ASGITransport(app=replica)
-        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as other:
-            for http in (s.client.http, other):
-                again = _open_payload(s, devnet, payer, LocalSigner.random(), now=now)
-                r = await http.post("/meter", headers=_auth(s, "/meter", again))
-                assert r.status_code == 429 and r.json()["type"].endswith("deposit-cooldown"), r.text
-        assert await _nonce(s, s.payee) == sent  # no transaction
-        assert s.paywall.relay_reverts == 1 and s.paywall.relay_reverted_gas > 0  # counted
-        assert not s.paywall.relay_transactions
-        # Another payer is not affected.
-        other_payer = await _gasless_payer(s, devnet)
-        ok = _open_payload(s, devnet, other_payer, LocalSigner.random(), now=now)
-        assert (await s.client.http.post("/meter", headers=_auth(s, "/meter", ok))).status_code == 204
-        assert await _nonce(s, s.payee) == sent + 1
+            # Funded again, the payer's next relayed opens are refused with nothing sent, on both replicas.
+            minter = TxSender(s.rpc, devnet.deployer.private_key, chain_id=devnet.chain_id)
+            await minter.transact(s.usdc, usdc.encode("mint", payer.address, DEPOSIT), gas=100_000)
+            sent = await _nonce(s, s.payee)
+            transport = httpx.ASGITransport(app=replica)
+            async with httpx.AsyncClient(transport=transport, base_url="http://svc") as other:
+                for http in (s.client.http, other):
+                    again = _open_payload(s, devnet, payer, LocalSigner.random(), now=now)
+                    r = await http.post("/meter", headers=_auth(s, "/meter", again))
+                    assert r.status_code == 429 and r.json()["type"].endswith("deposit-cooldown"), r.text
+            assert await _nonce(s, s.payee) == sent  # no transaction
+            assert s.paywall.relay_reverts == 1 and s.paywall.relay_reverted_gas > 0  # counted
+            assert not s.paywall.relay_transactions
+            # Another payer is not affected.
+            other_payer = await _gasless_payer(s, devnet)
+            ok = _open_payload(s, devnet, other_payer, LocalSigner.random(), now=now)
+            assert (await s.client.http.post("/meter", headers=_auth(s, "/meter", ok))).status_code == 204
+            assert await _nonce(s, s.payee) == sent + 1
+    finally:
+        await store.close()
+        if replica is not None and replica._opened is not None:
+            await replica._opened.close()
+
+
+class _Limiter(SessionTopUps):
+    def __init__(self, memory: int) -> None:
+        self.TOP_UP_MEMORY = memory
+        self._top_up_reads = {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.integers(0, 5), st.floats(0, 4, allow_nan=False)), max_size=120),
+    memory=st.integers(1, 8),
+)
+def test_top_up_receipt_reads_never_exceed_the_window_and_memory_stays_bounded(
+    events: list[tuple[int, float]], memory: int
+) -> None:
+    """Per channel, at most TOP_UP_READS reads in any TOP_UP_WINDOW (while the channel is remembered), a
+    read is refused only when that many were admitted within the window, and the limiter keeps at most
+    `memory` channels."""
+    limiter, now = _Limiter(memory), 0.0
+    admitted: dict[int, list[float]] = {}
+    for channel, step in events:
+        now += step
+        remembered = f"c{channel}" in limiter._top_up_reads
+        if not remembered:  # new, or forgotten (least recently used): its count starts again
+            admitted[channel] = []
+        recent = [t for t in admitted.get(channel, []) if now - t < limiter.TOP_UP_WINDOW]
+        try:
+            limiter._admit_read(f"c{channel}", now)
+        except SessionProblem as exc:
+            assert exc.status_hint == 429 and exc.state == {"channelId": f"c{channel}"}
+            assert remembered and len(recent) >= limiter.TOP_UP_READS
+        else:
+            admitted.setdefault(channel, []).append(now)
+            if remembered:
+                assert len(recent) < limiter.TOP_UP_READS
+        assert len(limiter._top_up_reads) <= memory
+        if memory >= 6:  # every channel remembered: no window ever holds more than TOP_UP_READS reads
+            window = [t for t in admitted.get(channel, []) if now - t < limiter.TOP_UP_WINDOW]
+            assert len(window) <= limiter.TOP_UP_READS
