@@ -215,7 +215,8 @@ class SessionDeposits:
         """Refuse (no chain call) while the payer's cool-down claim lives: taken and at once released, else
         held by the revert that started it (the payer's relay claim is held: no other relay of it races)."""
         key = "relay-cooldown:" + relay_key.removeprefix("relay:")
-        probe = await self.store.claim(key, ttl=self.RELAY_COOLDOWN)
+        # A short probe: a process dying between claim and release blocks the payer seconds, not hours.
+        probe = await self.store.claim(key, ttl=10.0)
         if probe is None:
             raise SessionProblem(
                 "deposit-cooldown",
