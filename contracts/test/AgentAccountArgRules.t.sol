@@ -233,4 +233,36 @@ contract AgentAccountArgRulesTest is AccountTestBase {
             assertEq(stored[r].value, oneOf ? bytes32(uint256(1)) : rules[r].values[0]);
         }
     }
+
+    /// @dev A single value that fits in 152 bits (a per-call cap, an address) rides in the permission's slot, for
+    /// the first such rule of rules 0-1: the comparison is the same at and around the value, whether rule 0 is a
+    /// OneOf, an inline rule (so rule 1 is read from its own slot) or a rule whose value is too wide to inline.
+    function testFuzz_Account_InlineValue(uint152 cap0, uint152 cap1, uint256 w0, uint256 w1, uint8 seed) public {
+        w0 = bound(w0, cap0 > 2 ? uint256(cap0) - 2 : 0, uint256(cap0) + 2);
+        w1 = bound(w1, cap1 > 2 ? uint256(cap1) - 2 : 0, uint256(cap1) + 2);
+        ArgRule[] memory rules = new ArgRule[](2);
+        bytes32[] memory set = new bytes32[](1);
+        set[0] = bytes32(uint256(cap0));
+        bool expected0;
+        if (seed % 3 == 0) {
+            rules[0] = _oneOf(0, set);
+            expected0 = w0 == cap0;
+        } else if (seed % 3 == 1) {
+            rules[0] = _rule(ArgCondition.LessOrEqual, 0, bytes32(uint256(cap0)));
+            expected0 = w0 <= cap0;
+        } else {
+            uint256 wide = uint256(cap0) | (1 << 200); // beyond 152 bits: stays in its own slot
+            w0 |= 1 << 200;
+            rules[0] = _rule(ArgCondition.LessOrEqual, 0, bytes32(wide));
+            expected0 = w0 <= wide;
+        }
+        bool equal1 = seed & 0x80 != 0;
+        rules[1] = _rule(equal1 ? ArgCondition.Equal : ArgCondition.LessOrEqual, 32, bytes32(uint256(cap1)));
+        bool expected1 = equal1 ? w1 == cap1 : w1 <= cap1;
+        CallPermission[] memory permissions = new CallPermission[](1);
+        permissions[0] = _permission(address(recorder), Recorder.record.selector, 0, rules);
+        _install(key, _policy(permissions));
+        bytes memory data = abi.encodePacked(Recorder.record.selector, w0, w1);
+        assertEq(_validates(data), expected0 && expected1);
+    }
 }

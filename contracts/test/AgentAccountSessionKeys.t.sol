@@ -313,15 +313,18 @@ contract AgentAccountSessionKeysTest is AccountTestBase {
         policy.validAfter = uint48(block.timestamp + 100);
         policy.validUntil = uint48(block.timestamp + 200);
         _install(key, policy);
+        // Absolute times: through the IR pipeline (this file imports the factory, which foundry.toml compiles via
+        // IR) `block.timestamp` may be read once per function, so `warp(block.timestamp + d)` would not accumulate.
+        uint256 start = block.timestamp;
 
         _handleFailedOp(_session(_recordCall(1, 1)), "AA22 expired or not due");
 
-        vm.warp(block.timestamp + 100);
+        vm.warp(start + 100);
         _handle(_session(_recordCall(1, 1)));
-        vm.warp(block.timestamp + 100);
+        vm.warp(start + 200);
         _handle(_session(_recordCall(1, 1)));
 
-        vm.warp(block.timestamp + 1);
+        vm.warp(start + 201);
         _handleFailedOp(_session(_recordCall(1, 1)), "AA22 expired or not due");
         assertEq(recorder.calls(), 2);
     }

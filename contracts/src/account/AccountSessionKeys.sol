@@ -92,15 +92,19 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     uint256 internal constant MAX_RULES_PER_PERMISSION = 32;
 
     /// @dev One slot. The first two rules' condition and offset ride along (they are also in `rules`,
-    /// for the view), so validating them costs no read beyond their `value` (and none for a OneOf rule).
+    /// for the view), so validating them costs no read beyond their `value` (and none for a OneOf rule). The value
+    /// of one of them rides along too when it fits in 152 bits (`inlineRule` is its index + 1, `0` for none): a
+    /// per-call cap then costs no read at all. The native `valueLimit` lives in `valueLimits`, read only for a call
+    /// that sends value.
     struct StoredPermission {
         bool allowed;
         uint8 ruleCount;
-        uint128 valueLimit;
         ArgCondition condition0;
         uint32 offset0;
         ArgCondition condition1;
         uint32 offset1;
+        uint8 inlineRule;
+        uint152 inlineValue;
     }
 
     /// @dev Flags of {SessionCore}: which policies beyond the gas budget and time bounds apply, i.e. whether a
@@ -148,6 +152,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         mapping(bytes32 permissionId => mapping(uint256 ruleIndex => StoredArgRule)) rules;
         mapping(bytes32 oneOfId => bool) oneOf;
         mapping(uint256 nonce => bool) usedApprovalNonces;
+        mapping(bytes32 permissionId => uint128) valueLimits;
     }
 
     // keccak256(abi.encode(uint256(keccak256("agentpay.storage.AgentAccountSessionKeys")) - 1)) & ~bytes32(uint256(0xff))
@@ -293,7 +298,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         for (uint256 i = 0; i < rules.length; ++i) {
             rules[i] = $.rules[pid][i];
         }
-        return (permission.allowed, permission.valueLimit, rules);
+        return (permission.allowed, $.valueLimits[pid], rules);
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
@@ -428,7 +433,8 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         bytes32 pid = _permissionId(id, target, selector);
         StoredPermission memory permission = $.permissions[pid];
         if (!permission.allowed) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        if (call.value > permission.valueLimit) {
+        uint256 value = call.value;
+        if (value != 0 && value > $.valueLimits[pid]) {
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
         }
         for (uint256 r = 0; r < permission.ruleCount; ++r) {
@@ -460,7 +466,9 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         (bool found, bytes32 word) = ArgRules.wordAt(data, offset);
         if (!found) return false;
         if (condition == ArgCondition.OneOf) return $.oneOf[_oneOfId(pid, r, word)];
-        return ArgRules.compare(condition, word, $.rules[pid][r].value);
+        bytes32 value =
+            permission.inlineRule == r + 1 ? bytes32(uint256(permission.inlineValue)) : $.rules[pid][r].value;
+        return ArgRules.compare(condition, word, value);
     }
 
     /**
@@ -608,14 +616,26 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint256 ruleCount = permission.rules.length;
         if (ruleCount > MAX_RULES_PER_PERMISSION) revert SessionKeyInvalidPolicy(key, 7, index);
         StoredPermission memory stored;
-        (stored.allowed, stored.ruleCount, stored.valueLimit) = (true, uint8(ruleCount), permission.valueLimit);
+        (stored.allowed, stored.ruleCount) = (true, uint8(ruleCount));
         if (ruleCount > 0) {
             (stored.condition0, stored.offset0) = (permission.rules[0].condition, permission.rules[0].offset);
         }
         if (ruleCount > 1) {
             (stored.condition1, stored.offset1) = (permission.rules[1].condition, permission.rules[1].offset);
         }
+        // The first of rules 0-1 with one value that fits in 152 bits carries it inline (see {StoredPermission}).
+        for (uint256 r = 0; r < ruleCount && r < 2; ++r) {
+            ArgRule calldata rule = permission.rules[r];
+            if (
+                rule.condition != ArgCondition.OneOf && rule.values.length == 1
+                    && uint256(rule.values[0]) <= type(uint152).max
+            ) {
+                (stored.inlineRule, stored.inlineValue) = (uint8(r + 1), uint152(uint256(rule.values[0])));
+                break;
+            }
+        }
         $.permissions[pid] = stored;
+        if (permission.valueLimit != 0) $.valueLimits[pid] = permission.valueLimit;
         for (uint256 r = 0; r < ruleCount; ++r) {
             ArgRule calldata rule = permission.rules[r];
             uint256 count = rule.values.length;
