@@ -2,8 +2,8 @@
 
 See `gateway._stores.sqlite` for what each kind of call (`READ`, `LIGHT`, `DURABLE`) asks of its commit.
 Calls submitted during one event-loop iteration cross to the thread together; the thread takes whatever
-has queued up (at most `_MAX_BATCH`), runs it in one transaction (a savepoint per call when there are
-several), commits once, and hands every result back to the loop that is waiting for it.
+has queued up (at most `_MAX_BATCH`), runs it in one transaction, commits once, and hands every result
+back to the loop that is waiting for it. A failing call undoes only itself (see `Committer._attempt`).
 """
 
 from __future__ import annotations
