@@ -4,7 +4,7 @@ One thread per store owns the connection, so the event loop never blocks on disk
 inside `BEGIN IMMEDIATE`, which takes the file's write lock up front (waiting up to `busy_timeout` for
 other processes): a read-compare-write inside it is atomic across processes too, and WAL's "snapshot is
 stale" error cannot happen. Calls that queue up while a transaction commits run together in the next one,
-a savepoint each (a failing call undoes only itself), and share its fsync: group commit. A call returns
+a failing call undoing only itself, and share its fsync: group commit. A call returns
 only after the COMMIT that made it durable.
 
 Not every call needs its own fsync. Reads write nothing: a batch of reads runs in a plain read transaction
@@ -14,8 +14,7 @@ and may be lost only with a power loss, together with the request that took them
 money (a finalized claim, a receipt, a queued settlement, an outcome, a high-water mark, a released
 reservation) commits under the configured mode, `full` by default; the WAL is one append-only file, so that
 fsync also makes every earlier light commit durable. A served payment is therefore on disk, with the claim
-that led to it, before its response leaves. A lone call runs without a savepoint (its failure rolls the
-whole transaction back, which is the same thing).
+that led to it, before its response leaves.
 
 Amounts are stored as decimal text because SQLite integers stop at 2^63 and vouchers are uint128.
 `synchronous=full` by default: with `normal` a WAL commit survives a process crash but may roll back after
