@@ -33,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from escrow import ChainError, EscrowError, RevertError, TransactionFailed
 from escrow.chain._rpc import ReceiptTimeout
@@ -74,9 +75,10 @@ class SessionDeposits:
     relay_reverted_gas: int
     routes: dict[str, SessionRoute]
 
-    @property
-    def store(self) -> PaymentStore:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by `SessionPaywall`, the class this is mixed into
+
+        @property
+        def store(self) -> PaymentStore: ...
 
     @property
     def credential_types(self) -> list[str]:

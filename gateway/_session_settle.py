@@ -19,6 +19,7 @@ import asyncio
 import logging
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 from starlette.types import Message, Receive, Send
@@ -72,18 +73,16 @@ class SessionSettling:
     _watching: asyncio.Task[None] | None
     watch_interval: float
 
-    @property
-    def store(self) -> PaymentStore:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by `SessionPaywall`, the class this is mixed into
 
-    async def _open_store(self) -> PaymentStore:
-        raise NotImplementedError
+        @property
+        def store(self) -> PaymentStore: ...
 
-    async def _channel(self, channel_id: str) -> Channel:
-        raise NotImplementedError
+        async def _open_store(self) -> PaymentStore: ...
 
-    def _check_signature(self, ch: Channel, action: SessionAction) -> None:
-        raise NotImplementedError
+        async def _channel(self, channel_id: str) -> Channel: ...
+
+        def _check_signature(self, ch: Channel, action: SessionAction) -> None: ...
 
     def _receipt(
         self,
