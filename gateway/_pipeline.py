@@ -222,11 +222,7 @@ class Paywall:
         # Schemes that keep state in the store (`ExactScheme` reservations) follow the middleware's store,
         # which a URL-configured middleware swaps in at startup.
         self._store = store
-        for scheme in self.schemes.values():
-            use_store = getattr(scheme, "use_store", None)
-            if use_store is not None:
-                use_store(store)
-        for group in self.networks.values():
+        for group in (self.schemes, *self.networks.values()):
             for scheme in group.values():
                 use_store = getattr(scheme, "use_store", None)
                 if use_store is not None:

@@ -174,3 +174,16 @@ async def session(
             )
     finally:
         await rpc.aclose()
+
+
+def restarted(s: Session, store: PaymentStore) -> SessionPaywall:
+    """A gateway started again: a new paywall over the same store and chain, nothing in memory."""
+    return SessionPaywall(
+        app(),
+        routes=ROUTES,
+        chain=s.paywall.chain,
+        asset=s.paywall.asset,
+        pay_to=s.payee,
+        store=store,
+        secret=b"s" * 32,
+    )

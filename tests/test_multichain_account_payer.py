@@ -26,7 +26,6 @@ from escrow import (
     Bundler,
     Call,
     CallPermission,
-    Devnets,
     Erc20,
     MultichainApproval,
     MultichainError,
@@ -41,7 +40,7 @@ from escrow._multichain import EscrowGrantLeaf, MultichainEntry, _calldata
 from escrow.chain._merkle import approval_digest
 from escrow.chain._rpc import RevertError, Rpc
 from escrow.devnet._devnet import DevnetChain
-from tests.conftest import unavailable
+from tests._multichain_sides import ChainSide, two_chains
 from x402 import LocalSigner
 from x402._escrow import EscrowPayload, escrow_domain, sign_payment
 
@@ -57,31 +56,10 @@ BUDGET = 50 * PRICE
 
 @pytest.fixture(scope="module")
 def chains() -> Iterator[list[DevnetChain]]:
-    with Devnets(2) as state:
-        if state.backend != "anvil":
-            unavailable("the multichain suite funds fresh keys with anvil_setBalance")
-        yield list(state.chains)
+    yield from two_chains()
 
 
-@dataclass
-class Side:
-    chain: DevnetChain
-    rpc: Rpc
-    relayer: TxSender
-    escrow: AgentEscrow
-    usdc: Erc20
-    bundler: Bundler
-    account: AgentAccount
-
-    @property
-    def chain_id(self) -> int:
-        return self.chain.chain_id
-
-    async def send(self, to: str, data: bytes) -> None:
-        tx = {"from": self.relayer.address, "to": to, "data": "0x" + data.hex()}
-        gas = int(await self.rpc.request("eth_estimateGas", [tx]), 16)
-        await self.relayer.transact(to, data, gas=gas * 2)
-
+class Side(ChainSide):
     def pay(self, key: LocalSigner, payee: str, *, nonce: int, amount: int = PRICE) -> EscrowPayload:
         return sign_payment(
             key,
@@ -94,9 +72,6 @@ class Side:
             deadline=2**40,
             epoch=1,
         )
-
-    async def settle(self, payload: EscrowPayload) -> None:
-        await self.send(self.escrow.address, self.escrow.settle_calldata([payload]))
 
 
 @dataclass

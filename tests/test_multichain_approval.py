@@ -21,7 +21,6 @@ from escrow import (
     Bundler,
     Call,
     CallPermission,
-    Devnets,
     Erc20,
     MultichainApproval,
     MultichainError,
@@ -39,13 +38,12 @@ from escrow import (
 from escrow._multichain import _calldata
 from escrow.chain._rpc import RevertError, Rpc
 from escrow.devnet._devnet import DevnetChain
-from tests.conftest import unavailable
+from tests._multichain_sides import ChainSide, two_chains
 from x402 import LocalSigner
 from x402._escrow import EscrowPayload, escrow_domain, sign_payment
 
 pytestmark = [pytest.mark.chain, pytest.mark.anyio]
 
-CHAIN_COUNT = 2  # `Devnets(2)`: chain ids 31337 and 31338, the same contracts at the same addresses
 ETH = 10**18
 DEPOSIT = 10**6
 PRICE = 1_000
@@ -54,33 +52,10 @@ KEY_CAP = 5_000  # what one session-key user operation may transfer from the acc
 
 @pytest.fixture(scope="module")
 def chains() -> Iterator[list[DevnetChain]]:
-    with Devnets(CHAIN_COUNT) as state:
-        if state.backend != "anvil":
-            unavailable("the multichain suite funds fresh keys with anvil_setBalance")
-        yield list(state.chains)
+    yield from two_chains()
 
 
-@dataclass
-class Side:
-    """One chain, from a test's point of view: its contracts, a funded relayer, the owner's account."""
-
-    chain: DevnetChain
-    rpc: Rpc
-    relayer: TxSender
-    escrow: AgentEscrow
-    usdc: Erc20
-    bundler: Bundler
-    account: AgentAccount
-
-    @property
-    def chain_id(self) -> int:
-        return self.chain.chain_id
-
-    async def send(self, to: str, data: bytes) -> None:
-        tx = {"from": self.relayer.address, "to": to, "data": "0x" + data.hex()}
-        gas = int(await self.rpc.request("eth_estimateGas", [tx]), 16)
-        await self.relayer.transact(to, data, gas=gas * 2)
-
+class Side(ChainSide):
     def pay(self, key: LocalSigner, payer: str, payee: str, *, nonce: int, epoch: int = 1) -> EscrowPayload:
         return sign_payment(
             key,
@@ -93,9 +68,6 @@ class Side:
             deadline=2**40,
             epoch=epoch,
         )
-
-    async def settle(self, payload: EscrowPayload) -> None:
-        await self.send(self.escrow.address, self.escrow.settle_calldata([payload]))
 
 
 @dataclass

@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from escrow import DevnetState
-from gateway import PaymentStore, SessionPaywall, Settlement, open_store
+from gateway import Settlement, open_store
 from gateway._channels import ChannelSettler, ChannelVoucher, encode_voucher
-from tests._sessions import ROUTES, TOKEN, UNIT, Session, app, session
+from tests._sessions import TOKEN, UNIT, Session, restarted, session
 from x402 import LocalSigner, MppCredential, SpendPolicyViolation, format_credential
 from x402._session import SessionReceipt, sign_voucher
 from x402.client import SpendPolicy
@@ -186,7 +186,7 @@ async def test_a_restarted_gateway_keeps_the_high_water_mark_and_the_spend(
             old = _voucher(s, 250)  # the first voucher, already used
             current = _voucher(s, ch.signed)
             # the process restarts: a new paywall over the same store and chain, nothing in memory
-            again = _restarted(s, second := await open_store(f"sqlite:///{tmp_path / 'payments.db'}"))
+            again = restarted(s, second := await open_store(f"sqlite:///{tmp_path / 'payments.db'}"))
             async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=again), base_url="http://svc"
             ) as http:
@@ -224,19 +224,6 @@ async def test_the_spend_policy_holds_what_vouchers_authorize_and_spends_what_wa
         assert ch.signed == UNIT and (strict.spent, strict.reserved) == (0, UNIT)
 
 
-def _restarted(s: Session, store: PaymentStore) -> SessionPaywall:
-    """A gateway started again: a new paywall over the same store and chain, nothing in memory."""
-    return SessionPaywall(
-        app(),
-        routes=ROUTES,
-        chain=s.paywall.chain,
-        asset=s.paywall.asset,
-        pay_to=s.payee,
-        store=store,
-        secret=b"s" * 32,
-    )
-
-
 async def test_a_gateway_restarted_after_serving_settles_exactly_what_it_served(
     devnet: DevnetState, tmp_path: Path
 ) -> None:
@@ -251,13 +238,13 @@ async def test_a_gateway_restarted_after_serving_settles_exactly_what_it_served(
         await store.close()  # the gateway dies: nothing it held in memory survives, the file does
         second = await open_store(url)
         try:
-            again = _restarted(s, second)
+            again = restarted(s, second)
             await again.settle(ch.channel)  # from the store alone: the payer never comes back
             await again.settler.drain()
             assert await s.balance(s.payee) - before == 7 * 250
             assert len(again.settler.transactions) == 1
             # asked again (another restart, an operator): the chain already paid it, nothing is sent
-            third = _restarted(s, second)
+            third = restarted(s, second)
             await third.settle(ch.channel)
             await third.settler.drain()
             assert third.settler.transactions == [] and await s.balance(s.payee) - before == 7 * 250

@@ -10,25 +10,13 @@ import httpx
 import pytest
 
 from escrow import DevnetState
-from gateway import PaymentStore, SessionPaywall, open_store
-from tests._sessions import ROUTES, Session, app, session
+from gateway import open_store
+from tests._sessions import Session, restarted, session
 from x402 import LocalSigner, MppCredential, X402Error, format_credential
 from x402._session import SessionReceipt, sign_voucher
 from x402.client_session import SessionClient
 
 pytestmark = pytest.mark.anyio
-
-
-def _restarted(s: Session, store: PaymentStore) -> SessionPaywall:
-    return SessionPaywall(
-        app(),
-        routes=ROUTES,
-        chain=s.paywall.chain,
-        asset=s.paywall.asset,
-        pay_to=s.payee,
-        store=store,
-        secret=b"s" * 32,
-    )
 
 
 async def test_a_restarted_gateway_settles_at_startup_what_a_crashed_one_served(
@@ -66,7 +54,7 @@ async def test_a_restarted_gateway_settles_at_startup_what_a_crashed_one_served(
 
         second = await open_store(url)
         try:
-            again = _restarted(s, second)
+            again = restarted(s, second)
             reads = 0
             chain_channel = again.chain.channel
 
@@ -84,7 +72,7 @@ async def test_a_restarted_gateway_settles_at_startup_what_a_crashed_one_served(
                 reads == 2 + 2
             )  # the two unsettled channels, each read again before its settle; not the closed one
             # restarted once more: everything is queued or settled already, nothing is read or sent
-            third = _restarted(s, second)
+            third = restarted(s, second)
             third.chain = again.chain
             reads = 0
             assert await third.discover() == [] and reads == 0
