@@ -40,6 +40,7 @@ import asyncio
 import math
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -273,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     where = f"fd {args.fd}" if args.fd is not None else f"http://{args.host}:{args.port}"
     print(f"sub-agent: paid API on {where} (payee {pay_to}, settle {args.settle})", flush=True)
     if args.fd is not None:
-        uvicorn.run(served, fd=args.fd, log_level="warning")
+        # The inherited socket as a socket of its own family: uvicorn's `fd=` assumes a UNIX socket, which on
+        # TCP leaves Nagle on and makes every keep-alive response wait ~40 ms for the client's delayed ACK.
+        inherited = socket.socket(fileno=args.fd)
+        uvicorn.Server(uvicorn.Config(served, log_level="warning")).run(sockets=[inherited])
     else:
         uvicorn.run(served, host=args.host, port=args.port, log_level="warning")
 

@@ -348,7 +348,9 @@ def _dashboard_run(args: argparse.Namespace) -> int:
     print(f"agentpay dashboard on http://{args.host}:{port}/", flush=True)
     app = dashboard_app(args.store, decimals=args.decimals, symbol=args.symbol)
     with sock:
-        uvicorn.run(app, fd=sock.fileno(), log_level="warning")
+        # The socket object itself, not its fd: uvicorn takes a bare fd for a UNIX socket, and on a TCP one
+        # that leaves Nagle on, so every keep-alive response waited ~40 ms for the client's delayed ACK.
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 

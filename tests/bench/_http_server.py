@@ -11,6 +11,7 @@ and checked, nothing sent) into its `exact` scheme, like the official side's ver
 from __future__ import annotations
 
 import argparse
+import socket
 
 import uvicorn
 
@@ -34,7 +35,8 @@ def main() -> None:
         exact = app.paywall.schemes["exact"]
         assert isinstance(exact, ExactScheme)
         exact.chain = StubChain()
-    uvicorn.run(app, fd=args.fd, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
 
 
 if __name__ == "__main__":

@@ -108,10 +108,13 @@ def serve(app: Any, args: argparse.Namespace) -> None:
     import uvicorn
 
     if args.fd is not None:
-        config = uvicorn.Config(app, fd=args.fd, log_level="warning", lifespan="off")
+        # A socket object of the inherited fd's own family: uvicorn's `fd=` assumes a UNIX socket, which on
+        # TCP leaves Nagle on (each keep-alive response then waits ~40 ms for the client's delayed ACK).
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
     else:
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
-    uvicorn.Server(config).run()
+        uvicorn.Server(config).run()
 
 
 def listening_socket(host: str = "127.0.0.1") -> socket.socket:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import time
 from typing import Any
 
@@ -63,14 +64,14 @@ def serve(args: argparse.Namespace) -> None:
     )
     config = uvicorn.Config(
         app,
-        fd=args.fd,
         loop="uvloop",
         http="httptools",
         log_level="warning",
         access_log=False,
         lifespan="off",
     )
-    uvicorn.Server(config).run()
+    # the inherited socket as itself (uvicorn's `fd=` assumes UNIX: on TCP, Nagle stays on)
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
 
 
 async def drive(args: argparse.Namespace) -> dict[str, Any]:
