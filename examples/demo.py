@@ -49,6 +49,7 @@ from escrow import (
     Devnets,
     DevnetState,
     Erc20,
+    KeepAliveTransport,
     Rpc,
     SessionKey,
     SponsorService,
@@ -269,7 +270,7 @@ async def _story(
         print(flush=True)
         auth = session_key_auth(state, session, grant, hot_wallet=hot_wallet)
         exact_txs: list[str] = []
-        async with httpx.AsyncClient(auth=auth, timeout=30.0) as client:
+        async with httpx.AsyncClient(auth=auth, transport=KeepAliveTransport(), timeout=30.0) as client:
             for agent, path, count in (
                 (summarizer, "/summarize", 10),
                 (translator, "/translate", 6),

@@ -2,12 +2,14 @@
 
 `Rpc` (async, batched JSON-RPC), `TxSender` (nonces, fee bumping of stuck transactions), the compiled
 contract artifacts and their ABIs (`load_artifact`, `ContractAbi`), and the package's error root
-`EscrowError`. Imports nothing from `escrow.devnet`, `escrow.accounts` or `escrow.payments`.
+`EscrowError`; `KeepAliveTransport`, the lean httpx transport payers use for many small calls. Imports
+nothing from `escrow.devnet`, `escrow.accounts` or `escrow.payments`.
 """
 
 from ._abi import ContractAbi, EscrowEvent
 from ._artifacts import Artifact, ArtifactError, EscrowError, artifact_exists, load_artifact
 from ._rpc import ChainError, Receipt, RevertError, Rpc, TransactionFailed, TxSender
+from ._transport import KeepAliveTransport
 
 __all__ = [
     "Artifact",
@@ -16,6 +18,7 @@ __all__ = [
     "ContractAbi",
     "EscrowError",
     "EscrowEvent",
+    "KeepAliveTransport",
     "Receipt",
     "RevertError",
     "Rpc",

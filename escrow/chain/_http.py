@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import urllib.parse
-from typing import Final
+from collections.abc import AsyncIterator
+from typing import Final, NamedTuple
 
 __all__ = ["HttpError", "JsonPoster"]
 
@@ -99,38 +100,85 @@ class JsonPoster:
         reader, writer = conn
         writer.write(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
         await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")  # IncompleteReadError (an EOFError) if closed
-        lines = head[:-4].split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        status = int(rest[:3])
-        if not version.startswith(b"HTTP/1."):
-            raise ValueError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise ValueError(f"malformed header line {line[:80]!r}")
-            key = name.strip().lower()
-            headers[key] = headers[key] + b"," + value.strip() if key in headers else value.strip()
-        keep = version == b"HTTP/1.1" and b"close" not in headers.get(b"connection", b"").lower()
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            parts: list[bytes] = []
-            while True:
-                line = await reader.readuntil(b"\r\n")
-                size = int(line.split(b";", 1)[0].strip(), 16)  # chunk extensions ignored
-                if size == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                        pass
-                    return status, b"".join(parts), keep
-                parts.append((await reader.readexactly(size + 2))[:-2])
-        length = headers.get(b"content-length")
-        if length is not None:
-            return status, await reader.readexactly(int(length)), keep
-        if status in (204, 304) or 100 <= status < 200:
-            return status, b"", keep
-        return status, await reader.read(), False  # framed by the end of the connection
+        head = await read_head(reader)
+        framing = body_framing(head, head_request=False)
+        if framing is None:
+            return head.status, b"", head.keep_alive
+        if framing == CHUNKED:
+            return head.status, b"".join([part async for part in read_chunks(reader)]), head.keep_alive
+        if framing == UNTIL_EOF:
+            return head.status, await reader.read(), False
+        return head.status, await reader.readexactly(framing), head.keep_alive
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for _, writer in idle:
             writer.close()
+
+
+# ---------------------------------------------------------------- HTTP/1.1 framing, shared with the transport
+
+CHUNKED: Final = -1
+UNTIL_EOF: Final = -2
+
+
+class ResponseHead(NamedTuple):
+    """A parsed status line and header block."""
+
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]  # as sent, in order
+    fields: dict[bytes, bytes]  # lower-cased names, repeated fields joined with ","
+    keep_alive: bool
+
+
+async def read_head(reader: asyncio.StreamReader) -> ResponseHead:
+    """The next response head on `reader`; `ValueError` if it is not HTTP/1.x, `EOFError` if closed first."""
+    raw = await reader.readuntil(b"\r\n\r\n")  # IncompleteReadError (an EOFError) if closed
+    lines = raw[:-4].split(b"\r\n")
+    version, _, rest = lines[0].partition(b" ")
+    if not version.startswith(b"HTTP/1.") or not rest[:3].isdigit():
+        raise ValueError(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+    headers: list[tuple[bytes, bytes]] = []
+    fields: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            raise ValueError(f"malformed header line {line[:80]!r}")
+        value = value.strip()
+        headers.append((name, value))
+        key = name.lower()
+        fields[key] = fields[key] + b"," + value if key in fields else value
+    keep = version == b"HTTP/1.1" and b"close" not in fields.get(b"connection", b"").lower()
+    return ResponseHead(int(rest[:3]), rest[4:], headers, fields, keep)
+
+
+def body_framing(head: ResponseHead, *, head_request: bool) -> int | None:
+    """How the body after `head` is framed (RFC 9112 §6.3): None (no body), `CHUNKED`, `UNTIL_EOF`, or its
+    length. `ValueError` for a length that is not one non-negative number."""
+    if head_request or head.status in (204, 304) or 100 <= head.status < 200:
+        return None
+    if b"chunked" in head.fields.get(b"transfer-encoding", b"").lower():
+        return CHUNKED
+    length = head.fields.get(b"content-length")
+    if length is None:
+        return UNTIL_EOF
+    values = {v.strip() for v in length.split(b",")}  # a repeated but equal length is allowed
+    if len(values) != 1 or not (value := values.pop()).isdigit():
+        raise ValueError(f"bad Content-Length {length[:40]!r}")
+    return int(value)
+
+
+async def read_chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The data of a chunked body, chunk by chunk; the trailers are read and dropped."""
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size = int(line.split(b";", 1)[0].strip(), 16)  # chunk extensions ignored
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+            return
+        chunk = await reader.readexactly(size + 2)
+        if chunk[-2:] != b"\r\n":
+            raise ValueError("chunk not followed by CRLF")
+        yield chunk[:-2]

@@ -15,7 +15,8 @@ serves both. Figures:
   every thread, from /proc/<pid>/stat) over the timed requests, per paid request: the client can saturate a
   core, so req/s alone says little. ``cpu_ratio_sqlite`` = ours (SQLite) / official.
 - end to end (``e2e_*``): each side's own client pays its own server (ours `PaymentAuth`, default settings,
-  in this process; theirs `x402AsyncTransport`), stub settlers; ``e2e_ratio`` = ours / official req/s.
+  over `escrow.KeepAliveTransport`, in this process; theirs `x402AsyncTransport` over httpx's transport),
+  stub settlers; ``e2e_ratio`` = ours / official req/s.
   ``client_cpu_ms_e2e*`` is each client process's CPU per paid call, ``e2e_cpu_ms_*`` client + server, and
   ``e2e_cpu_ratio`` = ours / official of that (the less load-sensitive end-to-end figure). Both clients
   share one pool of ``concurrency`` keep-alive connections, after the same 20 untimed warm-up calls.
@@ -41,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from escrow import Devnet, DevnetState
+from escrow import Devnet, DevnetState, KeepAliveTransport
 from tests.peers._harness import REPO, PeerServer, run_peer
 from x402 import LocalSigner
 from x402.client import Eip3009Wallet, PaymentAuth
@@ -113,7 +114,7 @@ def official_client(state: DevnetState, server: PeerServer, url: str, n: int, mo
 
 
 async def our_client(state: DevnetState, server: PeerServer, n: int, c: int) -> dict[str, Any]:
-    """Our `PaymentAuth` (defaults: it pays up front once it has seen the route priced) end to end."""
+    """Our `PaymentAuth` (defaults: it pays up front once it has seen the route priced) over our transport."""
     assert server.proc is not None
     usdc = state.contracts["usdc"]
     wallet = Eip3009Wallet(
@@ -121,10 +122,10 @@ async def our_client(state: DevnetState, server: PeerServer, n: int, c: int) -> 
         state.chain_id,
         {usdc: (state.usdc_name, state.usdc_version)},
     )
-    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    transport = KeepAliveTransport(max_connections=c, max_idle=c)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    async with httpx.AsyncClient(auth=PaymentAuth(wallet), limits=limits, timeout=120) as http:
+    async with httpx.AsyncClient(auth=PaymentAuth(wallet), transport=transport, timeout=120) as http:
         url = f"{server.url}/hello"
         for _ in range(20):
             await http.get(url)
