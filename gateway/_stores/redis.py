@@ -160,6 +160,17 @@ class RedisCachedStore:
         await self._inner.complete(key, None, receipt=receipt, settlement=settlement, keep_until=keep_until)
         await self._mark_final(key)
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        # The live claim is in Redis, so the durable store cannot check it: checked and stretched here, as
+        # `complete` does, then finalized there unconditionally. Two durable steps, in `complete`'s order (a
+        # crash between them leaves a finalized key with an open record, which recovery settles).
+        await self._held(self._renew, key, holder, _ms(_COMPLETE_GRACE))
+        await self._inner.complete(key, None, receipt=receipt, keep_until=keep_until)
+        await self._inner.mark_settled([key], tx_hash=tx_hash)
+        await self._mark_final(key)
+
     async def purge_expired_claims(self) -> int:
         return await self._inner.purge_expired_claims()  # Redis expires its own claims
 
@@ -206,6 +217,22 @@ class RedisCachedStore:
 
     async def sub_pending(self, account: str, amount: int) -> None:
         await self._inner.sub_pending(account, amount)
+
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        # The marker is a claim, so it is taken in Redis first, as `claim` takes one (a marker held there,
+        # by this or by `claim`, refuses at once); then the durable store takes its own copy of the marker
+        # and moves the counter in one atomic step, so a marker lost with a Redis restart cannot let a
+        # second report give the amount back again.
+        ck, value = self._ck(marker), _value(new_token())
+        if not await self._r(self._redis.set(ck, value, nx=True, px=_ms(ttl))):
+            return False
+        try:
+            return await self._inner.sub_pending_once(marker, account, amount, ttl=ttl)
+        except BaseException:
+            # whether or not that step committed, the durable marker decides a retry: do not let a
+            # Redis-only marker keep the reservation from ever being given back
+            await self._r(self._release(keys=[ck], args=[value]))
+            raise
 
     async def get_pending(self, account: str) -> int:
         return await self._inner.get_pending(account)
