@@ -188,7 +188,9 @@ class PaymentStore(Protocol):
         Closes a payment settled before its response: the claim is finalized, the receipt stored and the
         in-flight record (enqueued before the transaction left) marked settled, in one round trip. Refused
         with `ClaimLost` (writing nothing; the record stays open, for recovery to judge from the chain)
-        unless `holder` still holds a live claim on `key`.
+        unless `holder` still holds a live claim on `key`. (The Redis cache, whose live claims only it
+        holds, writes the durable part in `complete`'s order instead: finalized first, so a crash in between
+        leaves an open record of a finalized key, which recovery settles from the chain.)
         """
         ...
 

@@ -4,11 +4,12 @@ A live claim exists only in Redis (`SET NX PX` of `c:<holder token>`: atomic, an
 when a replica dies mid-request), which takes one write per paid request, and every claim/release of a
 failed handler, off the durable store. That store stays the source of truth for finalized claims and
 everything else: `finalize`/`complete` write there (`complete` first checks the holder in Redis and
-stretches the claim over the durable write, so it cannot expire and be re-taken meanwhile), and a claim
-that wins in Redis is still refused when the durable store says the key was finalized (the refusal
-leaves a "final" marker in Redis, so further replays of that key stop at Redis). Redis down means claims
-fail with `StoreUnavailable` (closed, never open): falling back to another claim path on some replicas
-would let two replicas take the same key.
+stretches the claim over the durable write, so it cannot expire and be re-taken meanwhile), and a claim that
+wins in Redis is still refused when the durable store says the key was finalized (the refusal leaves a
+"final" marker in Redis, so further replays of that key stop at Redis). `sub_pending_once` takes its marker
+as a claim in Redis too, then again in the durable store in the same step as the counter, so a marker
+survives a Redis restart. Redis down means claims fail with `StoreUnavailable` (closed, never open): falling
+back to another claim path on some replicas would let two replicas take the same key.
 
 Trade-offs, documented: a fresh claim costs a Redis round trip plus a durable read (instead of one
 durable write), so on one host the cache is slower; it pays when the durable store's write capacity is
