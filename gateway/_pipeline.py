@@ -438,16 +438,10 @@ class Paywall:
                     _claim_key(verified), attempt.holder, receipt=receipt, keep_until=verified.expires_at
                 )
                 await self.store.mark_settled([key], tx_hash=tx_hash)
-            elif (complete_settled := getattr(self.store, "complete_settled", None)) is not None:
-                # the two steps below as one atomic step and one commit (SQLite)
-                await complete_settled(
+            else:  # claim finalized, receipt, in-flight record settled: one atomic step
+                await self.store.complete_settled(
                     key, attempt.holder, receipt=receipt, tx_hash=tx_hash, keep_until=verified.expires_at
                 )
-            else:
-                await self.store.complete(
-                    key, attempt.holder, receipt=receipt, keep_until=verified.expires_at
-                )
-                await self.store.mark_settled([key], tx_hash=tx_hash)
         except Exception as exc:
             # The money has moved and the chain now refuses the nonce: serve the content; recovery closes
             # the record from the chain.

@@ -3,8 +3,9 @@
 Replay claims, receipts, the settlement queue, pending spend and channel high-water marks (with their latest
 vouchers) all live behind `PaymentStore`, so one gateway process (SQLite), many replicas (PostgreSQL,
 optionally with a Redis claim cache in front) and unit tests (memory) run the same pipeline. Every method is
-atomic on its own; `complete` is the one multi-step operation, atomic as a whole, so a served payment can
-never be finalized without its settlement being queued. Backends (`gateway/_stores`, `MemoryStore` among
+atomic on its own; `complete`, `complete_settled` and `sub_pending_once` are multi-step operations, each
+atomic as a whole, so a served payment can never be finalized without its settlement being queued (or
+recorded settled), nor a reservation given back twice. Backends (`gateway/_stores`, `MemoryStore` among
 them) are picked by URL with `gateway._stores.open_store`; this module imports none of them.
 
 Claims and leases are bound to their holder: `claim` and `lease` hand out a fresh random token, and only
@@ -179,6 +180,20 @@ class PaymentStore(Protocol):
         """
         ...
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        """`complete` (no new settlement) + `mark_settled([key], tx_hash=tx_hash)` as one atomic step.
+
+        Closes a payment settled before its response: the claim is finalized, the receipt stored and the
+        in-flight record (enqueued before the transaction left) marked settled, in one round trip. Refused
+        with `ClaimLost` (writing nothing; the record stays open, for recovery to judge from the chain)
+        unless `holder` still holds a live claim on `key`. (The Redis cache, whose live claims only it
+        holds, writes the durable part in `complete`'s order instead: finalized first, so a crash in between
+        leaves an open record of a finalized key, which recovery settles from the chain.)
+        """
+        ...
+
     async def purge_expired_claims(self) -> int:
         """Delete claims that expired unfinalized (housekeeping); returns how many went."""
         ...
@@ -255,6 +270,16 @@ class PaymentStore(Protocol):
 
     async def sub_pending(self, account: str, amount: int) -> None:
         """Remove settled (or released) spend from `account`'s pending total (never below 0)."""
+        ...
+
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        """`sub_pending(account, amount)` exactly once per `marker`, as one atomic step; True when it moved.
+
+        The marker is a claim on `marker` (held `ttl` seconds; make it outlive every report of the payment):
+        taken here, or already held or finalized, and then the counter is left alone. So a reservation
+        reported released twice (the gateway, a settler, recovery) is given back once, and a crash can
+        never leave the marker taken with the counter unmoved.
+        """
         ...
 
     async def get_pending(self, account: str) -> int:

@@ -489,6 +489,11 @@ class _StoreThatCannotRecord(MemoryStore):
             raise RuntimeError("store unavailable")
         await super().complete(key, holder, **kwargs)
 
+    async def complete_settled(self, key: str, holder: str, **kwargs: Any) -> None:
+        if self.broken:
+            raise RuntimeError("store unavailable")
+        await super().complete_settled(key, holder, **kwargs)
+
     async def mark_settled(self, keys: list[str], *, tx_hash: str, lease: str | None = None) -> list[str]:
         if self.broken:
             raise RuntimeError("store unavailable")

@@ -56,6 +56,8 @@ def _program(rng: random.Random) -> list[tuple[Any, ...]]:
         lambda: ("finalize", key(), keep_until()),
         lambda: ("is_finalized", key()),
         lambda: ("complete", key(), rng.random() < 0.5, rng.choice(["ours", "forged", None]), keep_until()),
+        lambda: ("complete_settled", key(), holder(), keep_until()),
+        lambda: ("sub_pending_once", key(), account(), amount()),
         lambda: ("purge", rng.choice([0, 3600 * 24])),
         lambda: ("put_receipt", key(), rng.randbytes(rng.randrange(4))),
         lambda: ("get_receipt", key()),
@@ -63,6 +65,8 @@ def _program(rng: random.Random) -> list[tuple[Any, ...]]:
     queue: list[Callable[[], tuple[Any, ...]]] = [
         lambda: ("enqueue", key()),
         lambda: ("complete", key(), True, None, keep_until()),
+        lambda: ("claim", key()),
+        lambda: ("complete_settled", key(), holder(), keep_until()),
         lambda: ("lease", rng.choice(["escrow", "exact"]), rng.randrange(4)),
         lambda: (
             "mark_settled",
@@ -77,6 +81,7 @@ def _program(rng: random.Random) -> list[tuple[Any, ...]]:
     balances: list[Callable[[], tuple[Any, ...]]] = [
         lambda: ("add_pending", account(), amount(), amount()),
         lambda: ("sub_pending", account(), amount()),
+        lambda: ("sub_pending_once", rng.choice("xy"), account(), amount()),
         lambda: ("raise_high_water", account(), amount()),
     ]
     family = rng.choice([claims, queue, balances, claims + queue + balances])
@@ -153,6 +158,14 @@ async def _apply(store: PaymentStore, op: tuple[Any, ...], tokens: _Tokens) -> A
             keep_until=_until(until),
         )
         return await _lost(step)
+    if name == "complete_settled":
+        key, holder, until = args
+        step = store.complete_settled(
+            key, tokens.holder(key, holder) or "", receipt=b"s", tx_hash="0xs", keep_until=_until(until)
+        )
+        return await _lost(step)
+    if name == "sub_pending_once":
+        return await store.sub_pending_once(args[0], args[1], args[2], ttl=3600)
     if name == "purge":
         return await store.purge(retention=args[0])
     if name == "put_receipt":
@@ -185,6 +198,7 @@ async def _trace(store: PaymentStore, ops: list[tuple[Any, ...]]) -> list[Any]:
     tokens = _Tokens()
     answers = [await _apply(store, op, tokens) for op in ops]
     answers.append([_view(await store.get_settlement(k)) for k in "abcd"])
+    answers.append([(await store.is_finalized(k), await store.get_receipt(k)) for k in "abdxy"])
     answers.append([await store.get_pending(a) for a in ("0x1", "0x2")])
     answers.append([await store.high_water(a) for a in ("0x1", "0x2")])
     answers.append(await store.stats())

@@ -124,8 +124,7 @@ def pending_transaction(error: str | None) -> str:
 class ExactQueue(SettlementQueue, Protocol):
     """The part of `gateway.PaymentStore` the exact settler uses: the queue, and the payer reservations."""
 
-    async def sub_pending(self, account: str, amount: int) -> None: ...
-    async def claim(self, key: str, *, ttl: float) -> str | None: ...
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool: ...
 
 
 def exact_reservation(chain_id: int, asset: str, payer: str) -> str:
@@ -143,15 +142,9 @@ async def unreserve_once(store: ExactQueue, key: str, payment: ExactPayment) -> 
     if not payment.reserved:
         return
     amount = int(payment.payload.authorization.value)
-    # A claim that outlives any payment is as permanent as a finalized one, at one store round trip. A
-    # store that can take the marker and move the counter in one step (SQLite) does: one commit, not two.
-    once = getattr(store, "sub_pending_once", None)
-    if once is not None:
-        await once(f"{key}#unreserved", payment.reserved, amount, ttl=_FOREVER)
-        return
-    if await store.claim(f"{key}#unreserved", ttl=_FOREVER) is None:
-        return
-    await store.sub_pending(payment.reserved, amount)
+    # A marker claim that outlives any payment is as permanent as a finalized one; the store takes it and
+    # moves the counter in one atomic step (one commit), so a crash cannot leave one without the other.
+    await store.sub_pending_once(f"{key}#unreserved", payment.reserved, amount, ttl=_FOREVER)
 
 
 Work = Job[ExactPayment]

@@ -110,6 +110,13 @@ class MemoryStore:
         if settlement is not None:
             self._enqueue(settlement)
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        self._held(key, holder, time.time())
+        await self.complete(key, None, receipt=receipt, keep_until=keep_until)
+        await self.mark_settled([key], tx_hash=tx_hash)
+
     async def purge_expired_claims(self) -> int:
         now = time.time()
         expired = [k for k, c in self._claims.items() if c.finalized_at is None and c.expires_at <= now]
@@ -246,6 +253,12 @@ class MemoryStore:
 
     async def sub_pending(self, account: str, amount: int) -> None:
         self._pending[account] = max(0, self._pending.get(account, 0) - amount)
+
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        if await self.claim(marker, ttl=ttl) is None:
+            return False
+        await self.sub_pending(account, amount)
+        return True
 
     async def get_pending(self, account: str) -> int:
         return self._pending.get(account, 0)

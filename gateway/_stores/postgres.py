@@ -98,6 +98,24 @@ _SQL = {
     " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
     + _QUEUE_IT
     + " WHERE $8 IS NOT NULL ON CONFLICT (key) DO NOTHING",
+    # `complete` (no new settlement) + `mark_settled` of the in-flight record, one statement. The record is
+    # touched only through the claim's row that f returns: a lost claim writes nothing.
+    "complete_settled": "WITH f AS (UPDATE {s}.claims SET finalized = true, expires_at = $4, holder = NULL,"
+    " finalized_at = $3 WHERE key = $1 AND holder = $2 AND NOT finalized AND expires_at > $3 RETURNING key),"
+    " r AS (INSERT INTO {s}.receipts (key, receipt) SELECT key, $5::bytea FROM f"
+    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt),"
+    " q AS (UPDATE {s}.settlements SET state = 'settled', tx_hash = $6, error = NULL, retry_at = NULL,"
+    " lease_until = NULL, lease_token = NULL, settled_at = $3"
+    " WHERE key IN (SELECT key FROM f) AND state <> 'settled')"
+    " SELECT count(*) FROM f",
+    # `claim` of the marker + `sub_pending`, one statement: the counter moves only if the marker was taken
+    # (a concurrent taker of the same marker waits on its row, then sees it held and takes nothing).
+    "sub_pending_once": "WITH c AS (INSERT INTO {s}.claims AS t (key, expires_at, holder) VALUES ($1, $2, $4)"
+    " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
+    " WHERE NOT t.finalized AND t.expires_at <= $3 RETURNING 1),"
+    " p AS (UPDATE {s}.pending SET amount = greatest(amount - $6::numeric, 0)"
+    " WHERE account = $5 AND EXISTS (SELECT 1 FROM c))"
+    " SELECT count(*) FROM c",
     "purge": "DELETE FROM {s}.claims WHERE NOT finalized AND expires_at <= $1",
     "purge_all": "WITH rc AS (DELETE FROM {s}.receipts WHERE key IN (SELECT key FROM {s}.claims WHERE "
     + _FINAL_DUE
@@ -249,6 +267,14 @@ class PostgresStore:
         elif not await self._call("fetchval", "complete", *args, holder):
             raise ClaimLost(f"the claim on {key} is no longer held by this request")
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        until = math.inf if keep_until is None else keep_until
+        args = (key, holder, time.time(), until, receipt, tx_hash)
+        if not await self._call("fetchval", "complete_settled", *args):
+            raise ClaimLost(f"the claim on {key} is no longer held by this request")
+
     async def purge_expired_claims(self) -> int:
         status: str = await self._call("execute", "purge", time.time())
         return int(status.rsplit(" ", 1)[-1])
@@ -319,6 +345,11 @@ class PostgresStore:
 
     async def sub_pending(self, account: str, amount: int) -> None:
         await self._call("execute", "sub_pending", account, amount)
+
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        now = time.time()
+        args = (marker, now + ttl, now, new_token(), account, amount)
+        return bool(await self._call("fetchval", "sub_pending_once", *args))
 
     async def get_pending(self, account: str) -> int:
         return int(await self._call("fetchval", "get_pending", account) or 0)

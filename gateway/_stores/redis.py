@@ -4,11 +4,12 @@ A live claim exists only in Redis (`SET NX PX` of `c:<holder token>`: atomic, an
 when a replica dies mid-request), which takes one write per paid request, and every claim/release of a
 failed handler, off the durable store. That store stays the source of truth for finalized claims and
 everything else: `finalize`/`complete` write there (`complete` first checks the holder in Redis and
-stretches the claim over the durable write, so it cannot expire and be re-taken meanwhile), and a claim
-that wins in Redis is still refused when the durable store says the key was finalized (the refusal
-leaves a "final" marker in Redis, so further replays of that key stop at Redis). Redis down means claims
-fail with `StoreUnavailable` (closed, never open): falling back to another claim path on some replicas
-would let two replicas take the same key.
+stretches the claim over the durable write, so it cannot expire and be re-taken meanwhile), and a claim that
+wins in Redis is still refused when the durable store says the key was finalized (the refusal leaves a
+"final" marker in Redis, so further replays of that key stop at Redis). `sub_pending_once` takes its marker
+as a claim in Redis too, then again in the durable store in the same step as the counter, so a marker
+survives a Redis restart. Redis down means claims fail with `StoreUnavailable` (closed, never open): falling
+back to another claim path on some replicas would let two replicas take the same key.
 
 Trade-offs, documented: a fresh claim costs a Redis round trip plus a durable read (instead of one
 durable write), so on one host the cache is slower; it pays when the durable store's write capacity is
@@ -160,6 +161,17 @@ class RedisCachedStore:
         await self._inner.complete(key, None, receipt=receipt, settlement=settlement, keep_until=keep_until)
         await self._mark_final(key)
 
+    async def complete_settled(
+        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+    ) -> None:
+        # The live claim is in Redis, so the durable store cannot check it: checked and stretched here, as
+        # `complete` does, then finalized there unconditionally. Two durable steps, in `complete`'s order (a
+        # crash between them leaves a finalized key with an open record, which recovery settles).
+        await self._held(self._renew, key, holder, _ms(_COMPLETE_GRACE))
+        await self._inner.complete(key, None, receipt=receipt, keep_until=keep_until)
+        await self._inner.mark_settled([key], tx_hash=tx_hash)
+        await self._mark_final(key)
+
     async def purge_expired_claims(self) -> int:
         return await self._inner.purge_expired_claims()  # Redis expires its own claims
 
@@ -206,6 +218,22 @@ class RedisCachedStore:
 
     async def sub_pending(self, account: str, amount: int) -> None:
         await self._inner.sub_pending(account, amount)
+
+    async def sub_pending_once(self, marker: str, account: str, amount: int, *, ttl: float) -> bool:
+        # The marker is a claim, so it is taken in Redis first, as `claim` takes one (a marker held there,
+        # by this or by `claim`, refuses at once); then the durable store takes its own copy of the marker
+        # and moves the counter in one atomic step, so a marker lost with a Redis restart cannot let a
+        # second report give the amount back again.
+        ck, value = self._ck(marker), _value(new_token())
+        if not await self._r(self._redis.set(ck, value, nx=True, px=_ms(ttl))):
+            return False
+        try:
+            return await self._inner.sub_pending_once(marker, account, amount, ttl=ttl)
+        except BaseException:
+            # whether or not that step committed, the durable marker decides a retry: do not let a
+            # Redis-only marker keep the reservation from ever being given back
+            await self._r(self._release(keys=[ck], args=[value]))
+            raise
 
     async def get_pending(self, account: str) -> int:
         return await self._inner.get_pending(account)
