@@ -264,7 +264,6 @@ class SQLiteStore:
         For a payment settled before its response: its in-flight record (`<kind>:now`, enqueued before the
         transaction left) is closed with the claim, in one transaction and one commit instead of two.
         Refused with `ClaimLost` (writing nothing, the record stays open) unless `holder` still holds `key`.
-        Not in the `PaymentStore` protocol: the pipeline uses it when a store has it.
         """
         until = math.inf if keep_until is None else keep_until
         finalize = (
@@ -473,8 +472,7 @@ class SQLiteStore:
         atomic step and one commit; True when the counter moved.
 
         The count-once release of a reservation (`escrow.payments._exact_settler.unreserve_once`): the
-        marker's claim keeps a second report from moving the counter again. Not in the `PaymentStore`
-        protocol: `unreserve_once` uses it when a store has it, else the two calls.
+        marker's claim keeps a second report from moving the counter again.
         """
         now, p, token = time.time(), self._p, new_token()
         claim = (
