@@ -49,6 +49,9 @@ class MemoryStore:
         self._claims: dict[str, _Claim] = {}
         self._receipts: dict[str, bytes] = {}
         self._queue: dict[str, Settlement] = {}
+        # Keys of the records a settler may still lease (queued, leased, failed): a poll looks at these only,
+        # not at every settled record kept until the purge.
+        self._open: set[str] = set()
         self._pending: dict[str, int] = {}
         self._high_water: dict[str, int] = {}
         self._vouchers: dict[str, bytes] = {}
@@ -140,6 +143,7 @@ class MemoryStore:
         ]
         for key in settled:
             del self._queue[key]
+            self._open.discard(key)
         return Purged(claims=expired + len(final), receipts=len(receipts), settlements=len(settled))
 
     async def put_receipt(self, key: str, receipt: bytes) -> None:
@@ -163,12 +167,20 @@ class MemoryStore:
             lease_token=None,
             settled_at=None,
         )
-        self._queue.setdefault(item.key, fresh)
+        if item.key not in self._queue:
+            self._put(fresh)
+
+    def _put(self, item: Settlement) -> None:
+        self._queue[item.key] = item
+        if item.state in ("queued", "leased", "failed"):
+            self._open.add(item.key)
+        else:
+            self._open.discard(item.key)
 
     async def lease(self, kind: str, *, limit: int, lease_seconds: float) -> list[Settlement]:
         now, token = time.time(), new_token()
         due = sorted(
-            (item for item in self._queue.values() if item.kind == kind and _due(item, now)),
+            (item for key in self._open if (item := self._queue[key]).kind == kind and _due(item, now)),
             key=lambda item: (item.created_at, item.key),
         )
         out: list[Settlement] = []
@@ -181,7 +193,7 @@ class MemoryStore:
                 lease_token=token,
                 retry_at=None,
             )
-            self._queue[item.key] = leased
+            self._put(leased)
             out.append(leased)
         return out
 
@@ -190,7 +202,7 @@ class MemoryStore:
         for key in dict.fromkeys(keys):
             item = self._queue.get(key)
             if item is not None and item.state == "leased" and item.lease_token == lease:
-                self._queue[key] = msgspec.structs.replace(item, lease_until=until)
+                self._put(msgspec.structs.replace(item, lease_until=until))
                 done.append(key)
         return done
 
@@ -199,15 +211,17 @@ class MemoryStore:
         for key in dict.fromkeys(keys):
             item = self._queue.get(key)
             if item is not None and _ours(item, lease):
-                self._queue[key] = msgspec.structs.replace(
-                    item,
-                    state="settled",
-                    tx_hash=tx_hash,
-                    error=None,
-                    retry_at=None,
-                    lease_until=None,
-                    lease_token=None,
-                    settled_at=now,
+                self._put(
+                    msgspec.structs.replace(
+                        item,
+                        state="settled",
+                        tx_hash=tx_hash,
+                        error=None,
+                        retry_at=None,
+                        lease_until=None,
+                        lease_token=None,
+                        settled_at=now,
+                    )
                 )
                 done.append(key)
         return done
@@ -219,8 +233,10 @@ class MemoryStore:
         if item is None or not _ours(item, lease):
             return False
         state: SettlementState = "dead" if retry_at is None else "failed"
-        self._queue[key] = msgspec.structs.replace(
-            item, state=state, error=error, retry_at=retry_at, lease_until=None, lease_token=None
+        self._put(
+            msgspec.structs.replace(
+                item, state=state, error=error, retry_at=retry_at, lease_until=None, lease_token=None
+            )
         )
         return True
 
@@ -235,7 +251,7 @@ class MemoryStore:
         item = self._queue.get(key)
         if item is None or item.state not in ("dead", "failed"):
             return False
-        self._queue[key] = msgspec.structs.replace(item, state="queued", attempts=0, retry_at=None)
+        self._put(msgspec.structs.replace(item, state="queued", attempts=0, retry_at=None))
         return True
 
     async def stats(self) -> QueueStats:
