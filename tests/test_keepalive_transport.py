@@ -65,7 +65,7 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes,
     """(request line, headers, body) of one request with a Content-Length (or no) body."""
     head = await reader.readuntil(b"\r\n\r\n")
     line, *lines = head[:-4].split(b"\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
+    headers = {k.strip().lower(): v.strip(b" \t") for k, _, v in (x.partition(b":") for x in lines)}
     body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
     return line, headers, body
 
@@ -254,6 +254,27 @@ async def test_max_connections_bounds_an_origin_and_waits_up_to_the_pool_timeout
                 assert await held.aread() == b"abc"
             assert (await http.get(base)).text == "abc"
             assert len(connections) == 1
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_call_closes_its_connection_and_gives_its_slot_back() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await read_request(reader)
+            if line.startswith(b"GET /slow"):
+                await asyncio.sleep(5)
+                return
+            writer.write(ok(b"quick"))
+            await writer.drain()
+
+    transport = KeepAliveTransport(max_connections=1)
+    async with raw_server(handler) as (base, connections):
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5, pool=0.5)) as http:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):  # the caller gives up; the transport's own timeouts did not
+                    await http.get(f"{base}/slow")
+            assert (await http.get(f"{base}/quick")).text == "quick"  # no PoolTimeout: the slot came back
+            assert len(connections) == 2  # and the abandoned connection was not reused mid-answer
 
 
 @pytest.mark.anyio

@@ -143,9 +143,9 @@ async def read_head(reader: asyncio.StreamReader) -> ResponseHead:
     fields: dict[bytes, bytes] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+        if not sep or not name or name != name.strip(b" \t"):
             raise ValueError(f"malformed header line {line[:80]!r}")
-        value = value.strip()
+        value = value.strip(b" \t")  # optional whitespace is SP and HTAB only (RFC 9110 §5.6.3)
         headers.append((name, value))
         key = name.lower()
         fields[key] = fields[key] + b"," + value if key in fields else value
@@ -163,7 +163,7 @@ def body_framing(head: ResponseHead, *, head_request: bool) -> int | None:
     length = head.fields.get(b"content-length")
     if length is None:
         return UNTIL_EOF
-    values = {v.strip() for v in length.split(b",")}  # a repeated but equal length is allowed
+    values = {v.strip(b" \t") for v in length.split(b",")}  # a repeated but equal length is allowed
     if len(values) != 1 or not (value := values.pop()).isdigit():
         raise ValueError(f"bad Content-Length {length[:40]!r}")
     return int(value)

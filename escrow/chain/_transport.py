@@ -108,6 +108,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 await origin.slots.acquire()
         except TimeoutError as exc:
             raise httpx.PoolTimeout("no free connection to this origin in time", request=request) from exc
+        conn: _Conn | None = None
         try:
             conn, reused = self._idle(origin), True
             if conn is None:
@@ -118,14 +119,17 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 conn[1].close()
                 if not (reused and body is not None and request.method in _IDEMPOTENT):
                     raise _disconnected(exc, request) from exc.__cause__
+                conn = None
                 conn = await self._connect(key, request, timeouts.get("connect"))
                 try:
                     response_head = await self._exchange(conn, request, head, body, timeouts)
                 except _NoAnswer as again:
-                    conn[1].close()
                     raise _disconnected(again, request) from again.__cause__
             return await self._response(origin, conn, request, response_head, timeouts.get("read"))
         except BaseException:
+            # Failed or cancelled before the answer was handed over: the connection is in an unknown state.
+            if conn is not None:
+                conn[1].close()
             origin.slots.release()
             raise
 
@@ -206,6 +210,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         body: bytes | None,
         timeouts: dict[str, float | None],
     ) -> ResponseHead:
+        """Send the request, read the answer's head. On any failure the caller closes the connection."""
         reader, writer = conn
         try:
             async with asyncio.timeout(timeouts.get("write")):
@@ -219,7 +224,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                     writer.write(body)
                 await writer.drain()
         except TimeoutError as exc:
-            conn[1].close()
             raise httpx.WriteTimeout("writing the request timed out", request=request) from exc
         except OSError as exc:
             raise _NoAnswer(writing=True) from exc  # reset while writing: closed by the server, maybe idle
@@ -231,19 +235,15 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 return response
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
-                conn[1].close()
                 raise httpx.RemoteProtocolError("the answer's head was cut off", request=request) from exc
             raise _NoAnswer(writing=False) from exc
         except ConnectionResetError as exc:
             raise _NoAnswer(writing=False) from exc
         except TimeoutError as exc:
-            conn[1].close()
             raise httpx.ReadTimeout("waiting for the answer timed out", request=request) from exc
         except (ValueError, asyncio.LimitOverrunError) as exc:
-            conn[1].close()
             raise httpx.RemoteProtocolError(f"malformed answer: {exc}", request=request) from exc
         except OSError as exc:
-            conn[1].close()
             raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from exc
 
     async def _response(
@@ -257,7 +257,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         try:
             framing = body_framing(head, head_request=request.method == "HEAD")
         except ValueError as exc:
-            conn[1].close()
             raise httpx.RemoteProtocolError(str(exc), request=request) from exc
         extensions = {"http_version": b"HTTP/1.1", "reason_phrase": head.reason}
         keep = head.keep_alive and head.status != 101
@@ -267,13 +266,13 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 try:
                     async with asyncio.timeout(read_timeout):
                         content = await conn[0].readexactly(framing)
-                except BaseException as exc:
-                    conn[1].close()
+                except (OSError, EOFError, TimeoutError) as exc:
                     raise _read_error(exc, request) from exc
-            self._release(origin, conn, reusable=keep)
-            return httpx.Response(
+            response = httpx.Response(
                 head.status, headers=head.headers, stream=httpx.ByteStream(content), extensions=extensions
             )
+            self._release(origin, conn, reusable=keep)
+            return response
         stream = _Body(self, origin, conn, request, framing, keep=keep, read_timeout=read_timeout)
         return httpx.Response(head.status, headers=head.headers, stream=stream, extensions=extensions)
 
