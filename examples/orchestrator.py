@@ -37,7 +37,7 @@ Prefer = tuple[ProtocolName, ...]
 
 
 # The orchestrator itself: a wallet, a spend policy, an httpx client (over agentpay's keep-alive transport:
-# a quarter of httpx's own CPU per small call). The rest demonstrates it.
+# about a fourth of the client CPU per paid call). The rest demonstrates it.
 async def pay(url: str, wallet: Wallet, calls: int, prefer: Prefer = DEFAULT_PREFERENCE) -> list[Response]:
     """`calls` paid GETs of `url`, each at most $0.01 and $1 in all."""
     auth = PaymentAuth(wallet, SpendPolicy(max_per_call="$0.01", total_budget="$1"), prefer=prefer)
