@@ -88,6 +88,15 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     /// @dev Length of a session-key UserOperation signature: `key (20) ++ window (6) ++ ECDSA signature (65)`.
     uint256 internal constant SESSION_SIGNATURE_LENGTH = 91;
 
+    /// @dev The bytes of an ERC-7579 execution mode {ERC7821-supportsExecutionMode} looks at (call type, exec type,
+    /// mode selector), and their one supported value: a batch that reverts on failure, selector 0.
+    uint256 private constant EXECUTION_MODE_MASK = 0xffff00000000ffffffff << 176;
+    uint256 private constant BATCH_EXECUTION_MODE = 0x01 << 248;
+
+    /// @dev Head positions of the dynamic fields of an ABI-encoded {PackedUserOperation} read by {_userOpBytes}.
+    uint256 private constant USEROP_CALLDATA = 0x60;
+    uint256 private constant USEROP_PAYMASTER_AND_DATA = 0xe0;
+
     /// @dev Maximum number of argument rules per {CallPermission}.
     uint256 internal constant MAX_RULES_PER_PERMISSION = 32;
 
@@ -95,7 +104,9 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     /// for the view), so validating them costs no read beyond their `value` (and none for a OneOf rule). The value
     /// of one of them rides along too when it fits in 152 bits (`inlineRule` is its index + 1, `0` for none): a
     /// per-call cap then costs no read at all. The native `valueLimit` lives in `valueLimits`, read only for a call
-    /// that sends value.
+    /// that sends value. Validation reads the slot as one word: the `PERM_*_SHIFT` constants below are the bit
+    /// positions of these fields (Solidity packs the first one in the lowest bits). A stored permission is never
+    /// the zero word, as `allowed` is set.
     struct StoredPermission {
         bool allowed;
         uint8 ruleCount;
@@ -107,16 +118,32 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint152 inlineValue;
     }
 
+    uint256 private constant PERM_RULE_COUNT_SHIFT = 8;
+    uint256 private constant PERM_CONDITION0_SHIFT = 16;
+    uint256 private constant PERM_OFFSET0_SHIFT = 24;
+    uint256 private constant PERM_CONDITION1_SHIFT = 56;
+    uint256 private constant PERM_OFFSET1_SHIFT = 64;
+    uint256 private constant PERM_INLINE_RULE_SHIFT = 96;
+    uint256 private constant PERM_INLINE_VALUE_SHIFT = 104;
+
     /// @dev Flags of {SessionCore}: which policies beyond the gas budget and time bounds apply, i.e. whether a
-    /// validation must read (and write) slot 1 of the key at all.
+    /// validation must read (and write) slot 1 of the key at all, and whether its permissions are folded.
     uint8 private constant COUNTED = 1; // `maxUses != 0`: a lifetime count
     uint8 private constant WINDOWED = 2; // `interval != 0`: a per-window limit
+    /// @dev Every permission of the key starts with an `Equal` or `OneOf` rule on the same argument, whose index
+    /// (`offset / 32`, below 32) is in the flags' top five bits: each permission is also stored once per value of
+    /// that rule, under `folded[_foldedId(id, target, selector, value)]`, so that one read finds a call's
+    /// permission and proves its rule 0 (instead of a permission read and a `OneOf` set read).
+    uint8 private constant FOLDED = 4;
+    uint256 private constant FOLD_INDEX_SHIFT = 3;
+    uint256 private constant MAX_FOLD_INDEX = 31;
 
     /**
      * @dev Slot 0 of a key: everything a key with only a gas budget and time bounds needs, so that such a validation
      * reads one slot and writes it back once. `gasLeft` is the budget minus what was charged (the budget itself
      * sits in slot 2, for the view). `id` is the grant id (at most 2^24 installs per account: see
-     * {_installSessionKey}).
+     * {_installSessionKey}). Validation reads the slot as one word: the `CORE_*_SHIFT` constants are the bit
+     * positions of the fields (`gasLeft` is the low 128 bits).
      */
     struct SessionCore {
         uint128 gasLeft;
@@ -125,6 +152,11 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint24 id;
         uint8 flags;
     }
+
+    uint256 private constant CORE_VALID_AFTER_SHIFT = 128;
+    uint256 private constant CORE_VALID_UNTIL_SHIFT = 176;
+    uint256 private constant CORE_ID_SHIFT = 224;
+    uint256 private constant CORE_FLAGS_SHIFT = 248;
 
     /// @dev Slot 1 of a key: the rate limits, read and written only when {SessionCore} flags them.
     struct SessionLimits {
@@ -153,6 +185,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         mapping(bytes32 oneOfId => bool) oneOf;
         mapping(uint256 nonce => bool) usedApprovalNonces;
         mapping(bytes32 permissionId => uint128) valueLimits;
+        mapping(bytes32 foldedId => StoredPermission) folded;
     }
 
     // keccak256(abi.encode(uint256(keccak256("agentpay.storage.AgentAccountSessionKeys")) - 1)) & ~bytes32(uint256(0xff))
@@ -309,8 +342,17 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         returns (bool)
     {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        uint64 id = $.sessions[key].core.id;
-        return id != 0 && $.oneOf[_oneOfId(_permissionId(id, target, selector), ruleIndex, value)];
+        SessionCore storage core = $.sessions[key].core;
+        uint64 id = core.id;
+        if (id == 0) return false;
+        bytes32 pid = _permissionId(id, target, selector);
+        if (ruleIndex == 0 && core.flags & FOLDED != 0) {
+            // A folded key keeps its rule 0 set as folded copies of the permission (see {FOLDED}).
+            StoredPermission storage permission = $.permissions[pid];
+            return permission.ruleCount != 0 && permission.condition0 == ArgCondition.OneOf
+                && $.folded[_foldedId(id, target, selector, value)].allowed;
+        }
+        return $.oneOf[_oneOfId(pid, ruleIndex, value)];
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
@@ -355,6 +397,9 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
      * @dev Checks every policy of the key named in `signature` and updates its counters. Reverts with
      * {SessionKeyPolicyViolation} on a policy failure; returns the validation data (signature result and the
      * intersected time bounds) otherwise.
+     *
+     * Every session-key operation pays for this path, so it reads the key's slot 0 ({SessionCore}) once as a word
+     * and writes it back once, and walks `callData` without copying anything to memory.
      */
     function _validateSessionUserOp(PackedUserOperation calldata userOp, bytes32 userOpHash, bytes calldata signature)
         internal
@@ -362,23 +407,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         returns (uint256)
     {
         address key = address(bytes20(signature[0:20]));
-        uint48 window = uint48(bytes6(signature[20:26]));
-
-        SessionKeysStorage storage $ = _getSessionKeysStorage();
-        StoredSession storage session = $.sessions[key];
-        SessionCore memory core = session.core; // the one read every validation makes of the key's slots
-        if (core.id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
-
-        _checkSessionCalls($, key, core.id, userOp.callData);
-        uint48 validAfter = core.validAfter;
-        uint48 validUntil = core.validUntil == 0 ? type(uint48).max : core.validUntil;
-        if (core.flags != 0) {
-            (validAfter, validUntil) = _useSessionRateLimit(session, core.flags, key, window, validAfter, validUntil);
-        }
-        // The gas policy (every key has a budget: see {_installSessionKey}), written back with the same slot.
-        session.core.gasLeft = _chargeSessionGas(core.gasLeft, key, userOp);
-        emit SessionKeyUsed(key, core.id);
-
+        (uint48 validAfter, uint48 validUntil) = _useSessionKey(userOp, key, uint48(bytes6(signature[20:26])));
         (address recovered, ECDSA.RecoverError err,) =
             ECDSA.tryRecoverCalldata(_signableUserOpHash(userOp, userOpHash), signature[26:]);
         bool valid = err == ECDSA.RecoverError.NoError && recovered == key;
@@ -389,20 +418,58 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             | (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
     }
 
-    /// @dev The call policy: `callData` is an ERC-7821 batch whose every call is allowed.
-    function _checkSessionCalls(SessionKeysStorage storage $, address key, uint64 id, bytes calldata callData)
+    /**
+     * @dev The policies of {_validateSessionUserOp}: checks them for `key`, updates its counters and returns the
+     * operation's time bounds (`validUntil == type(uint48).max` for none). Emits {SessionKeyUsed}.
+     *
+     * Every session-key operation pays for this path, so it reads the key's slot 0 ({SessionCore}) once as a word
+     * and writes it back once, and walks the call data without copying any of it to memory.
+     */
+    function _useSessionKey(PackedUserOperation calldata userOp, address key, uint48 window)
         private
-        view
+        returns (uint48 validAfter, uint48 validUntil)
     {
-        (bool decoded, bytes32 mode, bytes calldata executionData) = _decodeExecuteCall(callData);
-        if (!decoded || !supportsExecutionMode(mode)) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
+        SessionKeysStorage storage $ = _getSessionKeysStorage();
+        StoredSession storage session = $.sessions[key];
+        uint256 core;
+        assembly ("memory-safe") {
+            core := sload(session.slot) // slot 0 of the key: its {SessionCore}
         }
-        // The same decoder {ERC7821-execute} runs, so validation and execution see the same calls.
-        Execution[] calldata calls = ERC7579Utils.decodeBatch(executionData);
-        if (calls.length == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
-        for (uint256 i = 0; i < calls.length; ++i) {
-            _checkSessionCall($, key, id, i, calls[i]);
+        uint8 flags = uint8(core >> CORE_FLAGS_SHIFT);
+        {
+            uint64 id = uint24(core >> CORE_ID_SHIFT);
+            if (id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
+            _checkSessionCalls($, key, id, flags, _userOpBytes(userOp, USEROP_CALLDATA));
+        }
+        validAfter = uint48(core >> CORE_VALID_AFTER_SHIFT);
+        validUntil = uint48(core >> CORE_VALID_UNTIL_SHIFT);
+        if (validUntil == 0) validUntil = type(uint48).max;
+        if (flags & (COUNTED | WINDOWED) != 0) {
+            (validAfter, validUntil) = _useSessionRateLimit(session, flags, key, window, validAfter, validUntil);
+        }
+        // The gas policy (every key has a budget: see {_installSessionKey}): slot 0 written back with the new
+        // `gasLeft`, its other fields as read.
+        uint256 gasLeft = _chargeSessionGas(uint128(core), key, userOp);
+        assembly ("memory-safe") {
+            sstore(session.slot, or(shl(128, shr(128, core)), gasLeft))
+        }
+        emit SessionKeyUsed(key, uint24(core >> CORE_ID_SHIFT));
+    }
+
+    /// @dev The call policy: `callData` is an ERC-7821 batch whose every call is allowed.
+    function _checkSessionCalls(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        uint8 flags,
+        bytes calldata callData
+    ) private view {
+        (bool decoded, uint256 calls, uint256 count, uint256 end) = _decodeExecuteBatch(callData);
+        if (!decoded || count == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
+        for (uint256 i = 0; i < count; ++i) {
+            (bool found, address target, uint256 value, bytes calldata data) = _batchCallAt(calls, i, end);
+            if (!found) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, i, 0);
+            _checkSessionCall($, key, id, flags, i, target, value, data);
         }
     }
 
@@ -410,11 +477,12 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         SessionKeysStorage storage $,
         address key,
         uint64 id,
+        uint8 flags,
         uint256 index,
-        Execution calldata call
+        address target,
+        uint256 value,
+        bytes calldata data
     ) private view {
-        address target = call.target;
-        bytes calldata data = call.callData;
         // ERC-7821 executes a call to address(0) as a call to the account itself.
         if (target == address(0) || target == address(this)) {
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
@@ -430,45 +498,77 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
         }
 
-        bytes32 pid = _permissionId(id, target, selector);
-        StoredPermission memory permission = $.permissions[pid];
-        if (!permission.allowed) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        uint256 value = call.value;
-        if (value != 0 && value > $.valueLimits[pid]) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
+        uint256 permission;
+        bytes32 pid;
+        uint256 firstRule;
+        if (flags & FOLDED != 0) {
+            // Rule 0 of every permission of this key is keyed by its word (see {_storePermission}): one read finds
+            // the permission and proves rule 0.
+            (bool found, bytes32 word) = ArgRules.wordAt(data, uint256(flags >> FOLD_INDEX_SHIFT) << 5);
+            if (found) permission = _loadWord($.folded[_foldedId(id, target, selector, word)]);
+            if (permission == 0) {
+                // No permission, or rule 0 fails: say which, in the order the unfolded path checks them.
+                pid = _permissionId(id, target, selector);
+                permission = _loadWord($.permissions[pid]);
+                if (permission == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+                if (value != 0 && value > $.valueLimits[pid]) {
+                    revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
+                }
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, 0);
+            }
+            firstRule = 1;
+        } else {
+            pid = _permissionId(id, target, selector);
+            permission = _loadWord($.permissions[pid]);
+            if (permission == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
         }
-        for (uint256 r = 0; r < permission.ruleCount; ++r) {
+        uint256 ruleCount = uint8(permission >> PERM_RULE_COUNT_SHIFT);
+        if (value != 0) {
+            if (pid == 0) pid = _permissionId(id, target, selector);
+            if (value > $.valueLimits[pid]) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
+        }
+        // Rules beyond the packed ones need the permission id (which a folded lookup does not compute): any rule
+        // past rule 1, or rule 1 without its value inline (a OneOf rule, or a value wider than 152 bits).
+        if (pid == 0 && ruleCount > 1 && (ruleCount > 2 || !_inlineRule(permission, 1))) {
+            pid = _permissionId(id, target, selector);
+        }
+        for (uint256 r = firstRule; r < ruleCount; ++r) {
             if (!_ruleHolds($, pid, r, data, permission)) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, r);
             }
         }
     }
 
-    /// @dev Whether rule `r` of permission `pid` holds for `data`. A OneOf rule never reads its `value` slot, and
-    /// an inline rule (see {StoredPermission}) not its condition slot either.
+    /// @dev Whether rule `r` of permission `pid` (packed `permission`) holds for `data`. A OneOf rule never reads
+    /// its `value` slot, and an inline rule (see {StoredPermission}) not its condition slot either.
     function _ruleHolds(
         SessionKeysStorage storage $,
         bytes32 pid,
         uint256 r,
         bytes calldata data,
-        StoredPermission memory permission
+        uint256 permission
     ) private view returns (bool) {
-        ArgCondition condition;
-        uint32 offset;
+        uint256 condition;
+        uint256 offset;
         if (r == 0) {
-            (condition, offset) = (permission.condition0, permission.offset0);
+            (condition, offset) = (uint8(permission >> PERM_CONDITION0_SHIFT), uint32(permission >> PERM_OFFSET0_SHIFT));
         } else if (r == 1) {
-            (condition, offset) = (permission.condition1, permission.offset1);
+            (condition, offset) = (uint8(permission >> PERM_CONDITION1_SHIFT), uint32(permission >> PERM_OFFSET1_SHIFT));
         } else {
             StoredArgRule storage stored = $.rules[pid][r];
-            (condition, offset) = (stored.condition, stored.offset);
+            (condition, offset) = (uint8(stored.condition), stored.offset);
         }
         (bool found, bytes32 word) = ArgRules.wordAt(data, offset);
         if (!found) return false;
-        if (condition == ArgCondition.OneOf) return $.oneOf[_oneOfId(pid, r, word)];
-        bytes32 value =
-            permission.inlineRule == r + 1 ? bytes32(uint256(permission.inlineValue)) : $.rules[pid][r].value;
-        return ArgRules.compare(condition, word, value);
+        if (condition == uint8(ArgCondition.OneOf)) return $.oneOf[_oneOfId(pid, r, word)];
+        uint256 value = _inlineRule(permission, r) ? permission >> PERM_INLINE_VALUE_SHIFT : uint256($.rules[pid][r].value);
+        // Equal or LessOrEqual (see {ArgRules-compare}).
+        return condition == uint8(ArgCondition.Equal) ? uint256(word) == value : uint256(word) <= value;
+    }
+
+    /// @dev Whether the packed `permission` carries the value of rule `r` inline.
+    function _inlineRule(uint256 permission, uint256 r) private pure returns (bool) {
+        return uint8(permission >> PERM_INLINE_RULE_SHIFT) == r + 1;
     }
 
     /**
@@ -515,48 +615,129 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     }
 
     /// @dev The gas policy: charges the operation's worst-case cost to what is left of the budget; returns the rest.
-    function _chargeSessionGas(uint128 gasLeft, address key, PackedUserOperation calldata userOp)
+    function _chargeSessionGas(uint256 gasLeft, address key, PackedUserOperation calldata userOp)
         private
         pure
-        returns (uint128)
+        returns (uint256)
     {
-        uint256 cost =
-            (userOp.preVerificationGas
-                    + ERC4337Utils.verificationGasLimit(userOp)
-                    + ERC4337Utils.callGasLimit(userOp)
-                    + ERC4337Utils.paymasterVerificationGasLimit(userOp)
-                    + ERC4337Utils.paymasterPostOpGasLimit(userOp)) * ERC4337Utils.maxFeePerGas(userOp);
+        uint256 accountGasLimits = uint256(userOp.accountGasLimits); // verificationGasLimit ++ callGasLimit
+        uint256 gas = userOp.preVerificationGas + (accountGasLimits >> 128) + uint128(accountGasLimits);
+        bytes calldata paymasterAndData = _userOpBytes(userOp, USEROP_PAYMASTER_AND_DATA);
+        // paymaster (20) ++ paymasterVerificationGasLimit (16) ++ paymasterPostOpGasLimit (16) ++ data, as
+        // {ERC4337Utils} reads it (shorter: no paymaster gas).
+        if (paymasterAndData.length >= 52) {
+            uint256 limits = uint256(bytes32(paymasterAndData[20:52]));
+            gas += (limits >> 128) + uint128(limits);
+        }
+        uint256 cost = gas * uint128(uint256(userOp.gasFees)); // maxFeePerGas: the low half of gasFees
         if (cost > gasLeft) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
         unchecked {
-            return uint128(gasLeft - cost); // cost <= gasLeft
+            return gasLeft - cost;
         }
     }
 
     /**
-     * @dev Splits `callData` as Solidity's ABI decoder does for `execute(bytes32 mode, bytes executionData)`,
-     * following the offset of `executionData`. Returns `decoded == false` for any other selector or shape.
+     * @dev Walks `callData` as `execute(bytes32 mode, bytes executionData)` in the one mode {ERC7821} supports
+     * (batch, default exec type, selector 0: see {ERC7821-supportsExecutionMode}; the other bytes of the mode are
+     * free) with `executionData` an ERC-7821 batch, `abi.encode(Execution[])`, and returns where the batch's offset
+     * table starts (`calls`, an absolute calldata position), its length, and `end`, the end of `callData`.
+     * `decoded` is false for any other selector, mode or shape.
+     *
+     * The checks are those of {ERC7821-execute}'s ABI decoder and {ERC7579Utils-decodeBatch}, with every position
+     * bounded by the end of `callData`, which is the whole calldata of the `execute` call the EntryPoint makes: an
+     * encoding this accepts decodes to the same calls there. (It is stricter only where an offset is absurd.)
      */
-    function _decodeExecuteCall(bytes calldata callData)
+    function _decodeExecuteBatch(bytes calldata callData)
         private
         pure
-        returns (bool decoded, bytes32 mode, bytes calldata executionData)
+        returns (bool decoded, uint256 calls, uint256 count, uint256 end)
     {
-        executionData = callData[0:0];
-        if (callData.length < 68 || bytes4(callData[0:4]) != IERC7821.execute.selector) {
-            return (false, 0, executionData);
+        bytes4 selector = IERC7821.execute.selector;
+        assembly ("memory-safe") {
+            let start := callData.offset
+            let length := callData.length
+            end := add(start, length)
+            // Positions are calldata offsets, far below 2**64: each sum below adds one word or a value already
+            // checked against `length`, so none overflows.
+            if and(
+                and(gt(length, 67), eq(shr(224, calldataload(start)), shr(224, selector))),
+                // callType (byte 0) batch, execType (byte 1) default, mode selector (bytes 6-9) zero
+                eq(and(calldataload(add(start, 4)), EXECUTION_MODE_MASK), BATCH_EXECUTION_MODE)
+            ) {
+                let offset := calldataload(add(start, 36)) // of executionData, from after the selector
+                if lt(offset, length) {
+                    let lengthAt := add(add(start, 4), offset)
+                    if iszero(gt(add(lengthAt, 32), end)) {
+                        let data := add(lengthAt, 32)
+                        let dataLength := calldataload(lengthAt)
+                        // executionData = abi.encode(Execution[]): the array's offset, then its length and offsets
+                        if and(iszero(gt(dataLength, sub(end, data))), gt(dataLength, 31)) {
+                            let arrayAt := calldataload(data)
+                            if iszero(gt(arrayAt, sub(dataLength, 32))) {
+                                count := calldataload(add(data, arrayAt))
+                                calls := add(add(data, arrayAt), 32)
+                                decoded := iszero(gt(count, shr(5, sub(sub(dataLength, arrayAt), 32))))
+                            }
+                        }
+                    }
+                }
+            }
         }
-        mode = bytes32(callData[4:36]);
-        uint256 offset = uint256(bytes32(callData[36:68]));
-        // callData.length is far below 2**64 and offset is bounded by it before any addition: no overflow.
-        unchecked {
-            if (offset > callData.length) return (false, 0, executionData);
-            uint256 lengthAt = 4 + offset;
-            if (lengthAt + 32 > callData.length) return (false, 0, executionData);
-            uint256 length = uint256(bytes32(callData[lengthAt:lengthAt + 32]));
-            if (length > callData.length - lengthAt - 32) return (false, 0, executionData);
-            executionData = callData[lengthAt + 32:lengthAt + 32 + length];
+    }
+
+    /**
+     * @dev The `bytes` field of `userOp` whose head sits at `head`, like `userOp.callData` but without the bounds
+     * checks of the ABI decoder: only the EntryPoint calls {validateUserOp}, and it encodes the operation itself
+     * (a malformed encoding from anywhere else is refused by `onlyEntryPoint` first).
+     */
+    function _userOpBytes(PackedUserOperation calldata userOp, uint256 head)
+        private
+        pure
+        returns (bytes calldata field)
+    {
+        assembly ("memory-safe") {
+            let lengthAt := add(userOp, calldataload(add(userOp, head)))
+            field.offset := add(lengthAt, 32)
+            field.length := calldataload(lengthAt)
         }
-        return (true, mode, executionData);
+    }
+
+    /**
+     * @dev Call `i` of the batch whose offset table starts at `calls` (see {_decodeExecuteBatch}), read as the
+     * calldata accessors of {ERC7579Utils-execBatch} read `Execution` tuples: a clean address, the value, and the
+     * call data, all inside `end`. `found` is false otherwise (the execution would revert).
+     */
+    function _batchCallAt(uint256 calls, uint256 i, uint256 end)
+        private
+        pure
+        returns (bool found, address target, uint256 value, bytes calldata data)
+    {
+        assembly ("memory-safe") {
+            data.offset := 0
+            data.length := 0
+            let tupleAt := calldataload(add(calls, shl(5, i)))
+            // Offsets are relative to `calls`; anything at or past `end` cannot be a tuple inside the calldata.
+            if lt(tupleAt, end) {
+                let tuple := add(calls, tupleAt)
+                let word := calldataload(tuple)
+                if and(iszero(gt(add(tuple, 96), end)), iszero(shr(160, word))) {
+                    let dataAt := calldataload(add(tuple, 64)) // of the call data, from the tuple
+                    if lt(dataAt, end) {
+                        let lengthAt := add(tuple, dataAt)
+                        if iszero(gt(add(lengthAt, 32), end)) {
+                            let length := calldataload(lengthAt)
+                            if iszero(gt(length, sub(end, add(lengthAt, 32)))) {
+                                found := 1
+                                target := word
+                                value := calldataload(add(tuple, 32))
+                                data.offset := add(lengthAt, 32)
+                                data.length := length
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     // ------------------------------------------------------------------ install / revoke
@@ -579,12 +760,13 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         // trillions of gas, so this never binds in practice, but it must not wrap into an earlier grant's id.
         if (id > type(uint24).max) revert SessionKeyInvalidPolicy(key, 10, 0);
         StoredSession storage session = $.sessions[key];
+        uint8 fold = _foldFlags(policy.permissions);
         session.core = SessionCore({
             gasLeft: policy.gasBudget,
             validAfter: policy.validAfter,
             validUntil: policy.validUntil,
             id: uint24(id),
-            flags: (policy.maxUses != 0 ? COUNTED : 0) | (policy.interval != 0 ? WINDOWED : 0)
+            flags: (policy.maxUses != 0 ? COUNTED : 0) | (policy.interval != 0 ? WINDOWED : 0) | fold
         });
         session.limits = SessionLimits({
             maxUses: policy.maxUses,
@@ -596,16 +778,34 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         });
         session.gasBudget = policy.gasBudget;
         for (uint256 i = 0; i < policy.permissions.length; ++i) {
-            _storePermission($, key, id, i, policy.permissions[i]);
+            _storePermission($, key, id, fold != 0, i, policy.permissions[i]);
         }
         $.keys.add(key);
         emit SessionKeyInstalled(key, id, policy);
+    }
+
+    /**
+     * @dev The {FOLDED} flag and fold index for `permissions`, or 0 when they cannot be folded: every permission
+     * must start with an `Equal` or `OneOf` rule on the same word-aligned argument, of index at most
+     * {MAX_FOLD_INDEX}.
+     */
+    function _foldFlags(CallPermission[] calldata permissions) private pure returns (uint8) {
+        uint256 offset;
+        for (uint256 i = 0; i < permissions.length; ++i) {
+            ArgRule[] calldata rules = permissions[i].rules;
+            if (rules.length == 0 || rules[0].condition == ArgCondition.LessOrEqual) return 0;
+            if (i == 0) offset = rules[0].offset;
+            else if (rules[0].offset != offset) return 0;
+        }
+        if (offset % 32 != 0 || offset / 32 > MAX_FOLD_INDEX) return 0;
+        return FOLDED | uint8((offset / 32) << FOLD_INDEX_SHIFT);
     }
 
     function _storePermission(
         SessionKeysStorage storage $,
         address key,
         uint64 id,
+        bool folded,
         uint256 index,
         CallPermission calldata permission
     ) private {
@@ -623,8 +823,9 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (ruleCount > 1) {
             (stored.condition1, stored.offset1) = (permission.rules[1].condition, permission.rules[1].offset);
         }
-        // The first of rules 0-1 with one value that fits in 152 bits carries it inline (see {StoredPermission}).
-        for (uint256 r = 0; r < ruleCount && r < 2; ++r) {
+        // The first of rules 0-1 with one value that fits in 152 bits carries it inline (see {StoredPermission}),
+        // rule 1 only when the key is folded (its lookup proves rule 0).
+        for (uint256 r = folded ? 1 : 0; r < ruleCount && r < 2; ++r) {
             ArgRule calldata rule = permission.rules[r];
             if (
                 rule.condition != ArgCondition.OneOf && rule.values.length == 1
@@ -641,13 +842,26 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             uint256 count = rule.values.length;
             if (rule.condition == ArgCondition.OneOf) {
                 if (count == 0) revert SessionKeyInvalidPolicy(key, 8, index);
-                for (uint256 v = 0; v < count; ++v) {
-                    $.oneOf[_oneOfId(pid, r, rule.values[v])] = true;
+                // A folded key's rule 0 set is the set of its folded copies (written below).
+                if (!folded || r != 0) {
+                    for (uint256 v = 0; v < count; ++v) {
+                        $.oneOf[_oneOfId(pid, r, rule.values[v])] = true;
+                    }
                 }
                 $.rules[pid][r] = StoredArgRule(rule.condition, rule.offset, bytes32(count));
             } else {
                 if (count != 1) revert SessionKeyInvalidPolicy(key, 8, index);
                 $.rules[pid][r] = StoredArgRule(rule.condition, rule.offset, rule.values[0]);
+            }
+        }
+        if (folded) {
+            uint256 word = _loadWord($.permissions[pid]);
+            bytes32[] calldata values = permission.rules[0].values;
+            for (uint256 v = 0; v < values.length; ++v) {
+                StoredPermission storage copy = $.folded[_foldedId(id, target, permission.selector, values[v])];
+                assembly ("memory-safe") {
+                    sstore(copy.slot, word)
+                }
             }
         }
     }
@@ -713,6 +927,25 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             mstore(add(ptr, 0x20), and(target, 0xffffffffffffffffffffffffffffffffffffffff))
             mstore(add(ptr, 0x40), and(selector, shl(224, 0xffffffff)))
             pid := keccak256(ptr, 0x60)
+        }
+    }
+
+    /// @dev `keccak256(abi.encode(id, target, selector, value))`: the key of a folded copy (see {FOLDED}).
+    function _foldedId(uint64 id, address target, bytes4 selector, bytes32 value) private pure returns (bytes32 fid) {
+        assembly ("memory-safe") {
+            let ptr := mload(0x40)
+            mstore(ptr, and(id, 0xffffffffffffffff))
+            mstore(add(ptr, 0x20), and(target, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(add(ptr, 0x40), and(selector, shl(224, 0xffffffff)))
+            mstore(add(ptr, 0x60), value)
+            fid := keccak256(ptr, 0x80)
+        }
+    }
+
+    /// @dev The one-slot `permission` as the word validation unpacks (see {StoredPermission}).
+    function _loadWord(StoredPermission storage permission) private view returns (uint256 word) {
+        assembly ("memory-safe") {
+            word := sload(permission.slot)
         }
     }
 
