@@ -70,7 +70,8 @@ import {MultichainApproval} from "../multichain/MultichainApproval.sol";
  *   own bundler, so it collects their fees) chooses `maxFeePerGas`; without a budget it could turn the account's
  *   whole native balance into fees paid to itself. An owner who truly wants no cap says so with
  *   `type(uint128).max`. The budget counts operations sponsored by a paymaster too (an ERC-20 paymaster still
- *   charges the account).
+ *   charges the account). Gas values above 120 bits revert (the EntryPoint v0.7 refuses them before asking the
+ *   account, `AA94`), so the charge never overflows.
  *
  * Limits are per call (`valueLimit`, argument rules) or per UserOperation (rate limit, gas): a batch of `n` calls
  * may move `n` times a per-call cap in one operation. Bound the batch's total where it matters (e.g. a budget in the
@@ -81,6 +82,14 @@ import {MultichainApproval} from "../multichain/MultichainApproval.sol";
  * bundle, every validation runs before any execution, so do not bundle a revocation with the revoked key's ops.
  *
  * Storage is ERC-7201 namespaced and only the account's own storage is read during validation (ERC-7562).
+ *
+ * Gas: every session-key operation runs this validation, so it reads two storage slots per single call and writes
+ * one. The key's slot 0 ({SessionCore}: gas left, time bounds, grant id, flags) is read once as a word and written
+ * back once. A key whose every permission starts with an `Equal` or `OneOf` rule on the same argument is "folded"
+ * (see {FOLDED}): each permission is stored once more per value of that rule, keyed by the value, so one read
+ * finds a call's permission and proves its first rule (a payee allow-list plus an amount cap costs one slot, not
+ * two). Other keys read the permission by `(target, selector)` and, for a `OneOf` rule, its set. The call data is
+ * walked in place (see {_decodeExecuteBatch}), and {SessionKeyUsed} is anonymous, its one topic the key.
  */
 abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountSessionKeys {
     using EnumerableSet for EnumerableSet.AddressSet;
@@ -119,10 +128,10 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     }
 
     uint256 private constant PERM_RULE_COUNT_SHIFT = 8;
-    uint256 private constant PERM_CONDITION0_SHIFT = 16;
-    uint256 private constant PERM_OFFSET0_SHIFT = 24;
-    uint256 private constant PERM_CONDITION1_SHIFT = 56;
-    uint256 private constant PERM_OFFSET1_SHIFT = 64;
+    /// @dev Rule `r` (0 or 1) packs its condition at bit `PERM_RULE0_SHIFT + PERM_RULE_STRIDE * r` and its offset
+    /// 8 bits above it.
+    uint256 private constant PERM_RULE0_SHIFT = 16;
+    uint256 private constant PERM_RULE_STRIDE = 40;
     uint256 private constant PERM_INLINE_RULE_SHIFT = 96;
     uint256 private constant PERM_INLINE_VALUE_SHIFT = 104;
 
@@ -406,28 +415,35 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         virtual
         returns (uint256)
     {
-        address key = address(bytes20(signature[0:20]));
-        (uint48 validAfter, uint48 validUntil) = _useSessionKey(userOp, key, uint48(bytes6(signature[20:26])));
+        // The router checked the length: key (20 bytes) ++ window (6) ++ the key's 65-byte ECDSA signature.
+        address key;
+        uint48 window;
+        bytes calldata keySignature;
+        assembly ("memory-safe") {
+            let head := calldataload(signature.offset)
+            key := shr(96, head)
+            window := and(shr(48, head), 0xffffffffffff)
+            keySignature.offset := add(signature.offset, 26)
+            keySignature.length := 65
+        }
+        uint256 validity = _useSessionKey(userOp, key, window);
         (address recovered, ECDSA.RecoverError err,) =
-            ECDSA.tryRecoverCalldata(_signableUserOpHash(userOp, userOpHash), signature[26:]);
+            ECDSA.tryRecoverCalldata(_signableUserOpHash(userOp, userOpHash), keySignature);
         bool valid = err == ECDSA.RecoverError.NoError && recovered == key;
-        // EntryPoint v0.7 layout (core/Helpers.sol): validAfter (48) ++ validUntil (48) ++ aggregator (160), where
-        // validUntil 0 means "no expiry" (so an unbounded, valid operation returns plain 0).
-        if (validUntil == type(uint48).max) validUntil = 0;
-        return (uint256(validAfter) << 208) | (uint256(validUntil) << 160)
-            | (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
+        return validity | (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
     }
 
     /**
      * @dev The policies of {_validateSessionUserOp}: checks them for `key`, updates its counters and returns the
-     * operation's time bounds (`validUntil == type(uint48).max` for none). Emits {SessionKeyUsed}.
+     * operation's time bounds as the validation data lays them out (EntryPoint v0.7, core/Helpers.sol: validAfter
+     * (48 bits) ++ validUntil (48) ++ aggregator (160), validUntil 0 meaning "no expiry"). Emits {SessionKeyUsed}.
      *
      * Every session-key operation pays for this path, so it reads the key's slot 0 ({SessionCore}) once as a word
      * and writes it back once, and walks the call data without copying any of it to memory.
      */
     function _useSessionKey(PackedUserOperation calldata userOp, address key, uint48 window)
         private
-        returns (uint48 validAfter, uint48 validUntil)
+        returns (uint256 validity)
     {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
         StoredSession storage session = $.sessions[key];
@@ -441,19 +457,22 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             if (id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
             _checkSessionCalls($, key, id, flags, _userOpBytes(userOp, USEROP_CALLDATA));
         }
-        validAfter = uint48(core >> CORE_VALID_AFTER_SHIFT);
-        validUntil = uint48(core >> CORE_VALID_UNTIL_SHIFT);
-        if (validUntil == 0) validUntil = type(uint48).max;
+        uint48 validAfter = uint48(core >> CORE_VALID_AFTER_SHIFT);
+        uint48 validUntil = uint48(core >> CORE_VALID_UNTIL_SHIFT);
         if (flags & (COUNTED | WINDOWED) != 0) {
+            // The window intersects the timestamp policy, with "no expiry" as the latest time for the comparison.
+            if (validUntil == 0) validUntil = type(uint48).max;
             (validAfter, validUntil) = _useSessionRateLimit(session, flags, key, window, validAfter, validUntil);
+            if (validUntil == type(uint48).max) validUntil = 0;
         }
+        validity = (uint256(validAfter) << 208) | (uint256(validUntil) << 160);
         // The gas policy (every key has a budget: see {_installSessionKey}): slot 0 written back with the new
         // `gasLeft`, its other fields as read.
         uint256 gasLeft = _chargeSessionGas(uint128(core), key, userOp);
         assembly ("memory-safe") {
             sstore(session.slot, or(shl(128, shr(128, core)), gasLeft))
         }
-        emit SessionKeyUsed(key, uint24(core >> CORE_ID_SHIFT));
+        emit SessionKeyUsed(key);
     }
 
     /// @dev The call policy: `callData` is an ERC-7821 batch whose every call is allowed.
@@ -466,71 +485,121 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     ) private view {
         (bool decoded, uint256 calls, uint256 count, uint256 end) = _decodeExecuteBatch(callData);
         if (!decoded || count == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
+        mapping(bytes32 => StoredPermission) storage folded = $.folded;
         for (uint256 i = 0; i < count; ++i) {
-            (bool found, address target, uint256 value, bytes calldata data) = _batchCallAt(calls, i, end);
-            if (!found) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, i, 0);
-            _checkSessionCall($, key, id, flags, i, target, value, data);
+            bool callable;
+            address target;
+            uint256 value;
+            bytes calldata data;
+            bytes4 selector;
+            uint256 permission;
+            assembly ("memory-safe") {
+                // Call `i` as {ERC7579Utils-execBatch} reads it (see {_decodeExecuteBatch}). Branch-free like it:
+                // positions first, then the conjunction of the checks, in order.
+                let tupleAt := calldataload(add(calls, shl(5, i))) // from `calls`
+                let tuple := add(calls, tupleAt)
+                let word := calldataload(tuple)
+                let dataAt := calldataload(add(tuple, 64)) // of the call data, from the tuple
+                let lengthAt := add(tuple, dataAt)
+                let length := calldataload(lengthAt)
+                let found := and(
+                    // the tuple's three head words inside the calldata, the address clean
+                    and(and(lt(tupleAt, end), iszero(gt(add(tuple, 96), end))), iszero(shr(160, word))),
+                    // the call data's length word and bytes inside the calldata
+                    and(
+                        and(lt(dataAt, end), iszero(gt(add(lengthAt, 32), end))),
+                        iszero(gt(length, sub(end, add(lengthAt, 32))))
+                    )
+                )
+                target := word
+                value := calldataload(add(tuple, 32))
+                data.offset := add(lengthAt, 32)
+                data.length := length
+                selector := mul(and(calldataload(data.offset), shl(224, 0xffffffff)), gt(length, 3))
+                // No permission may match a call to the account itself, or to address(0) (which ERC-7821 executes
+                // as a call to the account), nor call data of 1 to 3 bytes (no selector), nor call data of 4 or
+                // more starting with 0x00000000: only empty call data is a plain transfer, selector 0x00000000.
+                // Zero-prefixed call data would reach the target's fallback (or a function with that selector)
+                // under a permission granted for plain transfers.
+                callable := and(
+                    and(found, and(iszero(iszero(word)), iszero(eq(word, address())))),
+                    or(iszero(length), and(gt(length, 3), iszero(iszero(selector))))
+                )
+                // A folded key (see {FOLDED}): one read of folded[_foldedId(id, target, selector, word)] finds the
+                // permission and proves rule 0, or finds nothing (0).
+                let at := add(shl(5, shr(FOLD_INDEX_SHIFT, flags)), 4) // the word's position in the call data
+                if and(and(callable, iszero(iszero(and(flags, FOLDED)))), iszero(lt(length, add(at, 32)))) {
+                    mstore(0x00, or(or(selector, shl(64, target)), id)) // as {_foldedId}, in scratch space
+                    mstore(0x20, calldataload(add(data.offset, at)))
+                    mstore(0x00, keccak256(0x00, 0x40))
+                    mstore(0x20, folded.slot)
+                    permission := sload(keccak256(0x00, 0x40))
+                }
+            }
+            if (!callable) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, i, 0);
+            if (permission != 0) {
+                _checkSessionCallRules($, key, id, i, target, selector, value, data, permission, 1, 0);
+            } else {
+                _checkSessionCallUnfolded($, key, id, flags, i, target, selector, value, data);
+            }
         }
     }
 
-    function _checkSessionCall(
+    /**
+     * @dev A call of a key that is not folded (its permission is read by `pid`), or of a folded key whose folded
+     * lookup found nothing: then rule 0 fails, or no permission allows the call; this says which, in the order the
+     * unfolded path checks them (permission, value limit, rules).
+     */
+    function _checkSessionCallUnfolded(
         SessionKeysStorage storage $,
         address key,
         uint64 id,
         uint8 flags,
         uint256 index,
         address target,
+        bytes4 selector,
         uint256 value,
         bytes calldata data
     ) private view {
-        // ERC-7821 executes a call to address(0) as a call to the account itself.
-        if (target == address(0) || target == address(this)) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        }
-        // Empty calldata is a plain transfer, selector 0x00000000. Calldata that merely *starts* with four zero bytes
-        // is not: it would reach the target's fallback (or a function with that selector) under a permission granted
-        // for plain transfers. Calldata of 1-3 bytes has no selector at all. Both match no permission.
-        bytes4 selector;
-        if (data.length >= 4) {
-            selector = bytes4(data[0:4]);
-            if (selector == bytes4(0)) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        } else if (data.length != 0) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        }
-
-        uint256 permission;
-        bytes32 pid;
-        uint256 firstRule;
+        bytes32 pid = _permissionId(id, target, selector);
+        uint256 permission = _loadWord($.permissions[pid]);
+        if (permission == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
         if (flags & FOLDED != 0) {
-            // Rule 0 of every permission of this key is keyed by its word (see {_storePermission}): one read finds
-            // the permission and proves rule 0.
-            (bool found, bytes32 word) = ArgRules.wordAt(data, uint256(flags >> FOLD_INDEX_SHIFT) << 5);
-            if (found) permission = _loadWord($.folded[_foldedId(id, target, selector, word)]);
-            if (permission == 0) {
-                // No permission, or rule 0 fails: say which, in the order the unfolded path checks them.
-                pid = _permissionId(id, target, selector);
-                permission = _loadWord($.permissions[pid]);
-                if (permission == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-                if (value != 0 && value > $.valueLimits[pid]) {
-                    revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
-                }
-                revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, 0);
+            if (value != 0 && value > $.valueLimits[pid]) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
             }
-            firstRule = 1;
-        } else {
-            pid = _permissionId(id, target, selector);
-            permission = _loadWord($.permissions[pid]);
-            if (permission == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, 0);
         }
+        _checkSessionCallRules($, key, id, index, target, selector, value, data, permission, 0, pid);
+    }
+
+    /**
+     * @dev The value limit and the rules from `firstRule` on of the call's `permission` (packed). `pid` may be 0
+     * when the permission came from a folded lookup: only the value limit, a rule past rule 1, or rule 1 without
+     * its value inline (a OneOf rule, or a value wider than 152 bits) need it, and it is computed then.
+     */
+    function _checkSessionCallRules(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        uint256 index,
+        address target,
+        bytes4 selector,
+        uint256 value,
+        bytes calldata data,
+        uint256 permission,
+        uint256 firstRule,
+        bytes32 pid
+    ) private view {
         uint256 ruleCount = uint8(permission >> PERM_RULE_COUNT_SHIFT);
-        if (value != 0) {
-            if (pid == 0) pid = _permissionId(id, target, selector);
-            if (value > $.valueLimits[pid]) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
+        bool needed;
+        assembly ("memory-safe") {
+            let inlineRule := and(shr(PERM_INLINE_RULE_SHIFT, permission), 0xff)
+            needed := and(iszero(pid), or(iszero(iszero(value)), gt(ruleCount, add(1, eq(inlineRule, 2)))))
         }
-        // Rules beyond the packed ones need the permission id (which a folded lookup does not compute): any rule
-        // past rule 1, or rule 1 without its value inline (a OneOf rule, or a value wider than 152 bits).
-        if (pid == 0 && ruleCount > 1 && (ruleCount > 2 || !_inlineRule(permission, 1))) {
-            pid = _permissionId(id, target, selector);
+        if (needed) pid = _permissionId(id, target, selector);
+        if (value != 0 && value > $.valueLimits[pid]) {
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
         }
         for (uint256 r = firstRule; r < ruleCount; ++r) {
             if (!_ruleHolds($, pid, r, data, permission)) {
@@ -540,7 +609,8 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     }
 
     /// @dev Whether rule `r` of permission `pid` (packed `permission`) holds for `data`. A OneOf rule never reads
-    /// its `value` slot, and an inline rule (see {StoredPermission}) not its condition slot either.
+    /// its `value` slot, and a packed rule (0 or 1, see {StoredPermission}) not its condition slot either, nor its
+    /// `value` slot when the value is inline.
     function _ruleHolds(
         SessionKeysStorage storage $,
         bytes32 pid,
@@ -550,25 +620,25 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     ) private view returns (bool) {
         uint256 condition;
         uint256 offset;
-        if (r == 0) {
-            (condition, offset) = (uint8(permission >> PERM_CONDITION0_SHIFT), uint32(permission >> PERM_OFFSET0_SHIFT));
-        } else if (r == 1) {
-            (condition, offset) = (uint8(permission >> PERM_CONDITION1_SHIFT), uint32(permission >> PERM_OFFSET1_SHIFT));
-        } else {
+        uint256 value;
+        bool inlined;
+        assembly ("memory-safe") {
+            let rule := shr(add(PERM_RULE0_SHIFT, mul(r, PERM_RULE_STRIDE)), permission) // meaningful for r < 2
+            condition := and(rule, 0xff)
+            offset := and(shr(8, rule), 0xffffffff)
+            inlined := eq(and(shr(PERM_INLINE_RULE_SHIFT, permission), 0xff), add(r, 1)) // r < 32: no overflow
+            value := shr(PERM_INLINE_VALUE_SHIFT, permission)
+        }
+        if (r > 1) {
             StoredArgRule storage stored = $.rules[pid][r];
             (condition, offset) = (uint8(stored.condition), stored.offset);
         }
         (bool found, bytes32 word) = ArgRules.wordAt(data, offset);
         if (!found) return false;
         if (condition == uint8(ArgCondition.OneOf)) return $.oneOf[_oneOfId(pid, r, word)];
-        uint256 value = _inlineRule(permission, r) ? permission >> PERM_INLINE_VALUE_SHIFT : uint256($.rules[pid][r].value);
+        if (!inlined) value = uint256($.rules[pid][r].value);
         // Equal or LessOrEqual (see {ArgRules-compare}).
         return condition == uint8(ArgCondition.Equal) ? uint256(word) == value : uint256(word) <= value;
-    }
-
-    /// @dev Whether the packed `permission` carries the value of rule `r` inline.
-    function _inlineRule(uint256 permission, uint256 r) private pure returns (bool) {
-        return uint8(permission >> PERM_INLINE_RULE_SHIFT) == r + 1;
     }
 
     /**
@@ -614,22 +684,37 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         return (validAfter, validUntil);
     }
 
-    /// @dev The gas policy: charges the operation's worst-case cost to what is left of the budget; returns the rest.
+    /**
+     * @dev The gas policy: charges the operation's worst-case cost to what is left of the budget; returns the rest.
+     * Reverts unless every gas value and `maxFeePerGas` fits in 120 bits, as the EntryPoint v0.7 itself requires
+     * (`AA94 gas values overflow`) before it asks the account: the cost then cannot overflow.
+     */
     function _chargeSessionGas(uint256 gasLeft, address key, PackedUserOperation calldata userOp)
         private
         pure
         returns (uint256)
     {
         uint256 accountGasLimits = uint256(userOp.accountGasLimits); // verificationGasLimit ++ callGasLimit
-        uint256 gas = userOp.preVerificationGas + (accountGasLimits >> 128) + uint128(accountGasLimits);
-        bytes calldata paymasterAndData = _userOpBytes(userOp, USEROP_PAYMASTER_AND_DATA);
+        uint256 preVerificationGas = userOp.preVerificationGas;
+        uint256 maxFeePerGas = uint128(uint256(userOp.gasFees)); // the low half of gasFees
         // paymaster (20) ++ paymasterVerificationGasLimit (16) ++ paymasterPostOpGasLimit (16) ++ data, as
         // {ERC4337Utils} reads it (shorter: no paymaster gas).
+        bytes calldata paymasterAndData = _userOpBytes(userOp, USEROP_PAYMASTER_AND_DATA);
+        uint256 paymasterGasLimits;
         if (paymasterAndData.length >= 52) {
-            uint256 limits = uint256(bytes32(paymasterAndData[20:52]));
-            gas += (limits >> 128) + uint128(limits);
+            assembly ("memory-safe") {
+                paymasterGasLimits := calldataload(add(paymasterAndData.offset, 20))
+            }
         }
-        uint256 cost = gas * uint128(uint256(userOp.gasFees)); // maxFeePerGas: the low half of gasFees
+        uint256 highest = preVerificationGas | (accountGasLimits >> 128) | uint128(accountGasLimits) | maxFeePerGas
+            | (paymasterGasLimits >> 128) | uint128(paymasterGasLimits);
+        if (highest > type(uint120).max) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
+        uint256 cost;
+        unchecked {
+            // five values below 2**120: the sum is below 2**123, the product below 2**243
+            cost = (preVerificationGas + (accountGasLimits >> 128) + uint128(accountGasLimits)
+                        + (paymasterGasLimits >> 128) + uint128(paymasterGasLimits)) * maxFeePerGas;
+        }
         if (cost > gasLeft) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
         unchecked {
             return gasLeft - cost;
@@ -654,34 +739,36 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     {
         bytes4 selector = IERC7821.execute.selector;
         assembly ("memory-safe") {
+            // Branch-free: every position is computed, then every check is ANDed. A check may see garbage (a wrapped
+            // sum, a word read past the end, which calldataload returns as zero) only when one before it failed, so
+            // `decoded` is exactly the conjunction of the checks made in order, each on values the earlier ones
+            // bounded.
             let start := callData.offset
             let length := callData.length
             end := add(start, length)
-            // Positions are calldata offsets, far below 2**64: each sum below adds one word or a value already
-            // checked against `length`, so none overflows.
-            if and(
-                and(gt(length, 67), eq(shr(224, calldataload(start)), shr(224, selector))),
-                // callType (byte 0) batch, execType (byte 1) default, mode selector (bytes 6-9) zero
-                eq(and(calldataload(add(start, 4)), EXECUTION_MODE_MASK), BATCH_EXECUTION_MODE)
-            ) {
-                let offset := calldataload(add(start, 36)) // of executionData, from after the selector
-                if lt(offset, length) {
-                    let lengthAt := add(add(start, 4), offset)
-                    if iszero(gt(add(lengthAt, 32), end)) {
-                        let data := add(lengthAt, 32)
-                        let dataLength := calldataload(lengthAt)
-                        // executionData = abi.encode(Execution[]): the array's offset, then its length and offsets
-                        if and(iszero(gt(dataLength, sub(end, data))), gt(dataLength, 31)) {
-                            let arrayAt := calldataload(data)
-                            if iszero(gt(arrayAt, sub(dataLength, 32))) {
-                                count := calldataload(add(data, arrayAt))
-                                calls := add(add(data, arrayAt), 32)
-                                decoded := iszero(gt(count, shr(5, sub(sub(dataLength, arrayAt), 32))))
-                            }
-                        }
-                    }
-                }
-            }
+            let offset := calldataload(add(start, 36)) // of executionData, from after the selector
+            let data := add(add(start, 36), offset) // executionData, after its length word
+            let dataLength := calldataload(sub(data, 32))
+            // executionData = abi.encode(Execution[]): the array's offset, then its length and the tuples' offsets
+            let arrayAt := calldataload(data)
+            count := calldataload(add(data, arrayAt))
+            calls := add(add(data, arrayAt), 32)
+            decoded := and(
+                and(
+                    and(gt(length, 67), eq(shr(224, calldataload(start)), shr(224, selector))),
+                    // callType (byte 0) batch, execType (byte 1) default, mode selector (bytes 6-9) zero
+                    eq(and(calldataload(add(start, 4)), EXECUTION_MODE_MASK), BATCH_EXECUTION_MODE)
+                ),
+                and(
+                    // the length word and the bytes inside callData
+                    and(lt(offset, length), and(iszero(gt(data, end)), iszero(gt(dataLength, sub(end, data))))),
+                    // the array's length word, and its offsets, inside executionData ({ERC7579Utils-decodeBatch})
+                    and(
+                        and(gt(dataLength, 31), iszero(gt(arrayAt, sub(dataLength, 32)))),
+                        iszero(gt(count, shr(5, sub(sub(dataLength, arrayAt), 32))))
+                    )
+                )
+            )
         }
     }
 
@@ -699,44 +786,6 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             let lengthAt := add(userOp, calldataload(add(userOp, head)))
             field.offset := add(lengthAt, 32)
             field.length := calldataload(lengthAt)
-        }
-    }
-
-    /**
-     * @dev Call `i` of the batch whose offset table starts at `calls` (see {_decodeExecuteBatch}), read as the
-     * calldata accessors of {ERC7579Utils-execBatch} read `Execution` tuples: a clean address, the value, and the
-     * call data, all inside `end`. `found` is false otherwise (the execution would revert).
-     */
-    function _batchCallAt(uint256 calls, uint256 i, uint256 end)
-        private
-        pure
-        returns (bool found, address target, uint256 value, bytes calldata data)
-    {
-        assembly ("memory-safe") {
-            data.offset := 0
-            data.length := 0
-            let tupleAt := calldataload(add(calls, shl(5, i)))
-            // Offsets are relative to `calls`; anything at or past `end` cannot be a tuple inside the calldata.
-            if lt(tupleAt, end) {
-                let tuple := add(calls, tupleAt)
-                let word := calldataload(tuple)
-                if and(iszero(gt(add(tuple, 96), end)), iszero(shr(160, word))) {
-                    let dataAt := calldataload(add(tuple, 64)) // of the call data, from the tuple
-                    if lt(dataAt, end) {
-                        let lengthAt := add(tuple, dataAt)
-                        if iszero(gt(add(lengthAt, 32), end)) {
-                            let length := calldataload(lengthAt)
-                            if iszero(gt(length, sub(end, add(lengthAt, 32)))) {
-                                found := 1
-                                target := word
-                                value := calldataload(add(tuple, 32))
-                                data.offset := add(lengthAt, 32)
-                                data.length := length
-                            }
-                        }
-                    }
-                }
-            }
         }
     }
 
@@ -930,15 +979,15 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         }
     }
 
-    /// @dev `keccak256(abi.encode(id, target, selector, value))`: the key of a folded copy (see {FOLDED}).
+    /**
+     * @dev `keccak256(abi.encodePacked(selector, target, id, value))`: the key of a folded copy (see {FOLDED}). The
+     * first three fill one word (4 + 20 + 8 bytes), so validation hashes it in scratch space.
+     */
     function _foldedId(uint64 id, address target, bytes4 selector, bytes32 value) private pure returns (bytes32 fid) {
         assembly ("memory-safe") {
-            let ptr := mload(0x40)
-            mstore(ptr, and(id, 0xffffffffffffffff))
-            mstore(add(ptr, 0x20), and(target, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(add(ptr, 0x40), and(selector, shl(224, 0xffffffff)))
-            mstore(add(ptr, 0x60), value)
-            fid := keccak256(ptr, 0x80)
+            mstore(0x00, or(or(and(selector, shl(224, 0xffffffff)), shl(64, and(target, sub(shl(160, 1), 1)))), and(id, 0xffffffffffffffff)))
+            mstore(0x20, value)
+            fid := keccak256(0x00, 0x40)
         }
     }
 
