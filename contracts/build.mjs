@@ -10,7 +10,7 @@
 // - Each source file is its own compilation (with its imports). Broken files then cannot hide the others, and
 //   a contract's bytecode never depends on which unrelated files happen to sit next to it. Files compile in
 //   parallel worker threads, one solc-js instance per thread.
-// - Compiler settings (evm_version, optimizer, optimizer_runs, via_ir, and the via_ir of its
+// - Compiler settings (evm_version, optimizer, optimizer_runs, via_ir, and the via_ir and optimizer_runs of its
 //   compilation_restrictions) are read from foundry.toml, so forge tests and the committed artifacts use the
 //   same ones.
 // - metadata.bytecodeHash = "none": no hash of the metadata (which embeds absolute paths and comments) ends up
@@ -103,19 +103,34 @@ function readFoundrySettings() {
 }
 
 /**
- * Units foundry.toml compiles through the IR pipeline although via_ir is off by default: the `paths` of its
- * `compilation_restrictions = [{ paths = "src/X.sol", via_ir = true }, ...]` line (exact unit names).
+ * Per-unit overrides of the default settings, from foundry.toml's
+ * `compilation_restrictions = [{ paths = "src/X.sol", via_ir = true, optimizer_runs = N }, ...]` line: a map from
+ * unit name (exact) to the settings it overrides (`viaIR`, `optimizer.runs`).
  */
-function readViaIrPaths() {
+function readRestrictions() {
   const text = fs.readFileSync(path.join(CONTRACTS_DIR, "foundry.toml"), "utf8");
   const line = text.split("\n").find((l) => /^\s*compilation_restrictions\s*=/.test(l));
-  if (!line) return new Set();
-  const entries = [...line.matchAll(/\{([^}]*)\}/g)].map((m) => m[1]);
-  const paths = entries
-    .filter((e) => /via_ir\s*=\s*true/.test(e))
-    .map((e) => e.match(/paths\s*=\s*"([^"]+)"/)?.[1])
-    .filter(Boolean);
-  return new Set(paths);
+  const restrictions = new Map();
+  if (!line) return restrictions;
+  for (const [, entry] of line.matchAll(/\{([^}]*)\}/g)) {
+    const unit = entry.match(/paths\s*=\s*"([^"]+)"/)?.[1];
+    if (!unit) continue;
+    const override = {};
+    if (/via_ir\s*=\s*true/.test(entry)) override.viaIR = true;
+    const runs = entry.match(/(?:^|[\s,])optimizer_runs\s*=\s*(\d+)/)?.[1];
+    if (runs !== undefined) override.runs = Number(runs);
+    restrictions.set(unit, override);
+  }
+  return restrictions;
+}
+
+/** The settings `unitName` compiles with: the defaults and its overrides (see {@link readRestrictions}). */
+function unitSettings(settings, override) {
+  if (!override) return settings;
+  const out = { ...settings };
+  if (override.viaIR) out.viaIR = true;
+  if (override.runs !== undefined) out.optimizer = { ...settings.optimizer, runs: override.runs };
+  return out;
 }
 
 function listSources(dir) {
@@ -129,7 +144,7 @@ function listSources(dir) {
 }
 
 /** Compiles each unit in its own worker-thread job; resolves to {unitName: solcOutput}. */
-function compileAll(unitNames, settings, viaIrPaths = new Set()) {
+function compileAll(unitNames, settings, restrictions = new Map()) {
   const poolSize = Math.max(1, Math.min(os.availableParallelism?.() ?? os.cpus().length, unitNames.length));
   const queue = [...unitNames];
   const results = {};
@@ -141,7 +156,7 @@ function compileAll(unitNames, settings, viaIrPaths = new Set()) {
       const next = () => {
         const unitName = queue.shift();
         if (unitName === undefined) return void worker.terminate();
-        worker.postMessage({ unitName, settings: viaIrPaths.has(unitName) ? { ...settings, viaIR: true } : settings });
+        worker.postMessage({ unitName, settings: unitSettings(settings, restrictions.get(unitName)) });
       };
       worker.on("message", ({ unitName, output }) => {
         results[unitName] = output;
@@ -177,7 +192,7 @@ async function main() {
   const units = listSources(SRC_DIR);
 
   const started = Date.now();
-  const outputs = await compileAll(units, settings, readViaIrPaths());
+  const outputs = await compileAll(units, settings, readRestrictions());
 
   const expected = new Map(); // file name -> rendered JSON
   const owners = new Map(); // contract name -> unit that defines it

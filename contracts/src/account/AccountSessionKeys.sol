@@ -3,11 +3,9 @@ pragma solidity ^0.8.26;
 
 import {PackedUserOperation} from "@openzeppelin/contracts/interfaces/IERC4337.sol";
 import {IERC7821} from "@openzeppelin/contracts/interfaces/draft-IERC7821.sol";
-import {Execution} from "@openzeppelin/contracts/interfaces/draft-IERC7579.sol";
 import {Account} from "@openzeppelin/contracts/account/Account.sol";
 import {ERC7821} from "@openzeppelin/contracts/account/extensions/draft-ERC7821.sol";
 import {ERC4337Utils} from "@openzeppelin/contracts/account/utils/ERC4337Utils.sol";
-import {ERC7579Utils} from "@openzeppelin/contracts/account/utils/draft-ERC7579Utils.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {EnumerableSet} from "@openzeppelin/contracts/utils/structs/EnumerableSet.sol";
@@ -70,7 +68,8 @@ import {MultichainApproval} from "../multichain/MultichainApproval.sol";
  *   own bundler, so it collects their fees) chooses `maxFeePerGas`; without a budget it could turn the account's
  *   whole native balance into fees paid to itself. An owner who truly wants no cap says so with
  *   `type(uint128).max`. The budget counts operations sponsored by a paymaster too (an ERC-20 paymaster still
- *   charges the account).
+ *   charges the account). Gas values above 120 bits revert (the EntryPoint v0.7 refuses them before asking the
+ *   account, `AA94`), so the charge never overflows.
  *
  * Limits are per call (`valueLimit`, argument rules) or per UserOperation (rate limit, gas): a batch of `n` calls
  * may move `n` times a per-call cap in one operation. Bound the batch's total where it matters (e.g. a budget in the
@@ -81,12 +80,29 @@ import {MultichainApproval} from "../multichain/MultichainApproval.sol";
  * bundle, every validation runs before any execution, so do not bundle a revocation with the revoked key's ops.
  *
  * Storage is ERC-7201 namespaced and only the account's own storage is read during validation (ERC-7562).
+ *
+ * Gas: every session-key operation runs this validation, so it reads two storage slots per single call and writes
+ * one. The key's slot 0 ({SessionCore}: gas left, time bounds, grant id, flags) is read once as a word and written
+ * back once. A key whose every permission starts with an `Equal` or `OneOf` rule on the same argument is "folded"
+ * (see {FOLDED}): each permission is stored once more per value of that rule, keyed by the value, so one read
+ * finds a call's permission and proves its first rule (a payee allow-list plus an amount cap costs one slot, not
+ * two). Other keys read the permission by `(target, selector)` and, for a `OneOf` rule, its set. The call data is
+ * walked in place (see {_decodeExecuteBatch}), and {SessionKeyUsed} is anonymous, its one topic the key.
  */
 abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountSessionKeys {
     using EnumerableSet for EnumerableSet.AddressSet;
 
     /// @dev Length of a session-key UserOperation signature: `key (20) ++ window (6) ++ ECDSA signature (65)`.
     uint256 internal constant SESSION_SIGNATURE_LENGTH = 91;
+
+    /// @dev The bytes of an ERC-7579 execution mode {ERC7821-supportsExecutionMode} looks at (call type, exec type,
+    /// mode selector), and their one supported value: a batch that reverts on failure, selector 0.
+    uint256 private constant EXECUTION_MODE_MASK = 0xffff00000000ffffffff << 176;
+    uint256 private constant BATCH_EXECUTION_MODE = 0x01 << 248;
+
+    /// @dev Head positions of the dynamic fields of an ABI-encoded {PackedUserOperation} read by {_userOpBytes}.
+    uint256 private constant USEROP_CALLDATA = 0x60;
+    uint256 private constant USEROP_PAYMASTER_AND_DATA = 0xe0;
 
     /// @dev Maximum number of argument rules per {CallPermission}.
     uint256 internal constant MAX_RULES_PER_PERMISSION = 32;
@@ -95,7 +111,9 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
     /// for the view), so validating them costs no read beyond their `value` (and none for a OneOf rule). The value
     /// of one of them rides along too when it fits in 152 bits (`inlineRule` is its index + 1, `0` for none): a
     /// per-call cap then costs no read at all. The native `valueLimit` lives in `valueLimits`, read only for a call
-    /// that sends value.
+    /// that sends value. Validation reads the slot as one word: the `PERM_*_SHIFT` constants below are the bit
+    /// positions of these fields (Solidity packs the first one in the lowest bits). A stored permission is never
+    /// the zero word, as `allowed` is set.
     struct StoredPermission {
         bool allowed;
         uint8 ruleCount;
@@ -107,16 +125,32 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint152 inlineValue;
     }
 
+    uint256 private constant PERM_RULE_COUNT_SHIFT = 8;
+    /// @dev Rule `r` (0 or 1) packs its condition at bit `PERM_RULE0_SHIFT + PERM_RULE_STRIDE * r` and its offset
+    /// 8 bits above it.
+    uint256 private constant PERM_RULE0_SHIFT = 16;
+    uint256 private constant PERM_RULE_STRIDE = 40;
+    uint256 private constant PERM_INLINE_RULE_SHIFT = 96;
+    uint256 private constant PERM_INLINE_VALUE_SHIFT = 104;
+
     /// @dev Flags of {SessionCore}: which policies beyond the gas budget and time bounds apply, i.e. whether a
-    /// validation must read (and write) slot 1 of the key at all.
+    /// validation must read (and write) slot 1 of the key at all, and whether its permissions are folded.
     uint8 private constant COUNTED = 1; // `maxUses != 0`: a lifetime count
     uint8 private constant WINDOWED = 2; // `interval != 0`: a per-window limit
+    /// @dev Every permission of the key starts with an `Equal` or `OneOf` rule on the same argument, whose index
+    /// (`offset / 32`, below 32) is in the flags' top five bits: each permission is also stored once per value of
+    /// that rule, under `folded[_foldedId(id, target, selector, value)]`, so that one read finds a call's
+    /// permission and proves its rule 0 (instead of a permission read and a `OneOf` set read).
+    uint8 private constant FOLDED = 4;
+    uint256 private constant FOLD_INDEX_SHIFT = 3;
+    uint256 private constant MAX_FOLD_INDEX = 31;
 
     /**
      * @dev Slot 0 of a key: everything a key with only a gas budget and time bounds needs, so that such a validation
      * reads one slot and writes it back once. `gasLeft` is the budget minus what was charged (the budget itself
      * sits in slot 2, for the view). `id` is the grant id (at most 2^24 installs per account: see
-     * {_installSessionKey}).
+     * {_installSessionKey}). Validation reads the slot as one word: the `CORE_*_SHIFT` constants are the bit
+     * positions of the fields (`gasLeft` is the low 128 bits).
      */
     struct SessionCore {
         uint128 gasLeft;
@@ -125,6 +159,11 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         uint24 id;
         uint8 flags;
     }
+
+    uint256 private constant CORE_VALID_AFTER_SHIFT = 128;
+    uint256 private constant CORE_VALID_UNTIL_SHIFT = 176;
+    uint256 private constant CORE_ID_SHIFT = 224;
+    uint256 private constant CORE_FLAGS_SHIFT = 248;
 
     /// @dev Slot 1 of a key: the rate limits, read and written only when {SessionCore} flags them.
     struct SessionLimits {
@@ -153,6 +192,7 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         mapping(bytes32 oneOfId => bool) oneOf;
         mapping(uint256 nonce => bool) usedApprovalNonces;
         mapping(bytes32 permissionId => uint128) valueLimits;
+        mapping(bytes32 foldedId => StoredPermission) folded;
     }
 
     // keccak256(abi.encode(uint256(keccak256("agentpay.storage.AgentAccountSessionKeys")) - 1)) & ~bytes32(uint256(0xff))
@@ -309,8 +349,17 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         returns (bool)
     {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
-        uint64 id = $.sessions[key].core.id;
-        return id != 0 && $.oneOf[_oneOfId(_permissionId(id, target, selector), ruleIndex, value)];
+        SessionCore storage core = $.sessions[key].core;
+        uint64 id = core.id;
+        if (id == 0) return false;
+        bytes32 pid = _permissionId(id, target, selector);
+        if (ruleIndex == 0 && core.flags & FOLDED != 0) {
+            // A folded key keeps its rule 0 set as folded copies of the permission (see {FOLDED}).
+            StoredPermission storage permission = $.permissions[pid];
+            return permission.ruleCount != 0 && permission.condition0 == ArgCondition.OneOf
+                && $.folded[_foldedId(id, target, selector, value)].allowed;
+        }
+        return $.oneOf[_oneOfId(pid, ruleIndex, value)];
     }
 
     /// @inheritdoc IAgentAccountSessionKeys
@@ -355,120 +404,239 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
      * @dev Checks every policy of the key named in `signature` and updates its counters. Reverts with
      * {SessionKeyPolicyViolation} on a policy failure; returns the validation data (signature result and the
      * intersected time bounds) otherwise.
+     *
+     * Every session-key operation pays for this path, so it reads the key's slot 0 ({SessionCore}) once as a word
+     * and writes it back once, and walks `callData` without copying anything to memory.
      */
     function _validateSessionUserOp(PackedUserOperation calldata userOp, bytes32 userOpHash, bytes calldata signature)
         internal
         virtual
         returns (uint256)
     {
-        address key = address(bytes20(signature[0:20]));
-        uint48 window = uint48(bytes6(signature[20:26]));
+        // The router checked the length: key (20 bytes) ++ window (6) ++ the key's 65-byte ECDSA signature.
+        address key;
+        uint48 window;
+        bytes calldata keySignature;
+        assembly ("memory-safe") {
+            let head := calldataload(signature.offset)
+            key := shr(96, head)
+            window := and(shr(48, head), 0xffffffffffff)
+            keySignature.offset := add(signature.offset, 26)
+            keySignature.length := 65
+        }
+        uint256 validity = _useSessionKey(userOp, key, window);
+        (address recovered, ECDSA.RecoverError err,) =
+            ECDSA.tryRecoverCalldata(_signableUserOpHash(userOp, userOpHash), keySignature);
+        bool valid = err == ECDSA.RecoverError.NoError && recovered == key;
+        return validity | (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
+    }
 
+    /**
+     * @dev The policies of {_validateSessionUserOp}: checks them for `key`, updates its counters and returns the
+     * operation's time bounds as the validation data lays them out (EntryPoint v0.7, core/Helpers.sol: validAfter
+     * (48 bits) ++ validUntil (48) ++ aggregator (160), validUntil 0 meaning "no expiry"). Emits {SessionKeyUsed}.
+     *
+     * Every session-key operation pays for this path, so it reads the key's slot 0 ({SessionCore}) once as a word
+     * and writes it back once, and walks the call data without copying any of it to memory.
+     */
+    function _useSessionKey(PackedUserOperation calldata userOp, address key, uint48 window)
+        private
+        returns (uint256 validity)
+    {
         SessionKeysStorage storage $ = _getSessionKeysStorage();
         StoredSession storage session = $.sessions[key];
-        SessionCore memory core = session.core; // the one read every validation makes of the key's slots
-        if (core.id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
-
-        _checkSessionCalls($, key, core.id, userOp.callData);
-        uint48 validAfter = core.validAfter;
-        uint48 validUntil = core.validUntil == 0 ? type(uint48).max : core.validUntil;
-        if (core.flags != 0) {
-            (validAfter, validUntil) = _useSessionRateLimit(session, core.flags, key, window, validAfter, validUntil);
+        uint256 core;
+        assembly ("memory-safe") {
+            core := sload(session.slot) // slot 0 of the key: its {SessionCore}
         }
-        // The gas policy (every key has a budget: see {_installSessionKey}), written back with the same slot.
-        session.core.gasLeft = _chargeSessionGas(core.gasLeft, key, userOp);
-        emit SessionKeyUsed(key, core.id);
-
-        (address recovered, ECDSA.RecoverError err,) =
-            ECDSA.tryRecoverCalldata(_signableUserOpHash(userOp, userOpHash), signature[26:]);
-        bool valid = err == ECDSA.RecoverError.NoError && recovered == key;
-        // EntryPoint v0.7 layout (core/Helpers.sol): validAfter (48) ++ validUntil (48) ++ aggregator (160), where
-        // validUntil 0 means "no expiry" (so an unbounded, valid operation returns plain 0).
-        if (validUntil == type(uint48).max) validUntil = 0;
-        return (uint256(validAfter) << 208) | (uint256(validUntil) << 160)
-            | (valid ? ERC4337Utils.SIG_VALIDATION_SUCCESS : ERC4337Utils.SIG_VALIDATION_FAILED);
+        uint8 flags = uint8(core >> CORE_FLAGS_SHIFT);
+        {
+            uint64 id = uint24(core >> CORE_ID_SHIFT);
+            if (id == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Key, 0, 0);
+            _checkSessionCalls($, key, id, flags, _userOpBytes(userOp, USEROP_CALLDATA));
+        }
+        uint48 validAfter = uint48(core >> CORE_VALID_AFTER_SHIFT);
+        uint48 validUntil = uint48(core >> CORE_VALID_UNTIL_SHIFT);
+        if (flags & (COUNTED | WINDOWED) != 0) {
+            // The window intersects the timestamp policy, with "no expiry" as the latest time for the comparison.
+            if (validUntil == 0) validUntil = type(uint48).max;
+            (validAfter, validUntil) = _useSessionRateLimit(session, flags, key, window, validAfter, validUntil);
+            if (validUntil == type(uint48).max) validUntil = 0;
+        }
+        validity = (uint256(validAfter) << 208) | (uint256(validUntil) << 160);
+        // The gas policy (every key has a budget: see {_installSessionKey}): slot 0 written back with the new
+        // `gasLeft`, its other fields as read.
+        uint256 gasLeft = _chargeSessionGas(uint128(core), key, userOp);
+        assembly ("memory-safe") {
+            sstore(session.slot, or(shl(128, shr(128, core)), gasLeft))
+        }
+        emit SessionKeyUsed(key);
     }
 
     /// @dev The call policy: `callData` is an ERC-7821 batch whose every call is allowed.
-    function _checkSessionCalls(SessionKeysStorage storage $, address key, uint64 id, bytes calldata callData)
-        private
-        view
-    {
-        (bool decoded, bytes32 mode, bytes calldata executionData) = _decodeExecuteCall(callData);
-        if (!decoded || !supportsExecutionMode(mode)) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
-        }
-        // The same decoder {ERC7821-execute} runs, so validation and execution see the same calls.
-        Execution[] calldata calls = ERC7579Utils.decodeBatch(executionData);
-        if (calls.length == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
-        for (uint256 i = 0; i < calls.length; ++i) {
-            _checkSessionCall($, key, id, i, calls[i]);
+    function _checkSessionCalls(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        uint8 flags,
+        bytes calldata callData
+    ) private view {
+        (bool decoded, uint256 calls, uint256 count, uint256 end) = _decodeExecuteBatch(callData);
+        if (!decoded || count == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, 0, 0);
+        mapping(bytes32 => StoredPermission) storage folded = $.folded;
+        for (uint256 i = 0; i < count; ++i) {
+            bool callable;
+            address target;
+            uint256 value;
+            bytes calldata data;
+            bytes4 selector;
+            uint256 permission;
+            assembly ("memory-safe") {
+                // Call `i` as {ERC7579Utils-execBatch} reads it (see {_decodeExecuteBatch}). Branch-free like it:
+                // positions first, then the conjunction of the checks, in order.
+                let tupleAt := calldataload(add(calls, shl(5, i))) // from `calls`
+                let tuple := add(calls, tupleAt)
+                let word := calldataload(tuple)
+                let dataAt := calldataload(add(tuple, 64)) // of the call data, from the tuple
+                let lengthAt := add(tuple, dataAt)
+                let length := calldataload(lengthAt)
+                let found := and(
+                    // the tuple's three head words inside the calldata, the address clean
+                    and(and(lt(tupleAt, end), iszero(gt(add(tuple, 96), end))), iszero(shr(160, word))),
+                    // the call data's length word and bytes inside the calldata
+                    and(
+                        and(lt(dataAt, end), iszero(gt(add(lengthAt, 32), end))),
+                        iszero(gt(length, sub(end, add(lengthAt, 32))))
+                    )
+                )
+                target := word
+                value := calldataload(add(tuple, 32))
+                data.offset := add(lengthAt, 32)
+                data.length := length
+                selector := mul(and(calldataload(data.offset), shl(224, 0xffffffff)), gt(length, 3))
+                // No permission may match a call to the account itself, or to address(0) (which ERC-7821 executes
+                // as a call to the account), nor call data of 1 to 3 bytes (no selector), nor call data of 4 or
+                // more starting with 0x00000000: only empty call data is a plain transfer, selector 0x00000000.
+                // Zero-prefixed call data would reach the target's fallback (or a function with that selector)
+                // under a permission granted for plain transfers.
+                callable := and(
+                    and(found, and(iszero(iszero(word)), iszero(eq(word, address())))),
+                    or(iszero(length), and(gt(length, 3), iszero(iszero(selector))))
+                )
+                // A folded key (see {FOLDED}): one read of folded[_foldedId(id, target, selector, word)] finds the
+                // permission and proves rule 0, or finds nothing (0).
+                let at := add(shl(5, shr(FOLD_INDEX_SHIFT, flags)), 4) // the word's position in the call data
+                if and(and(callable, iszero(iszero(and(flags, FOLDED)))), iszero(lt(length, add(at, 32)))) {
+                    mstore(0x00, or(or(selector, shl(64, target)), id)) // as {_foldedId}, in scratch space
+                    mstore(0x20, calldataload(add(data.offset, at)))
+                    mstore(0x00, keccak256(0x00, 0x40))
+                    mstore(0x20, folded.slot)
+                    permission := sload(keccak256(0x00, 0x40))
+                }
+            }
+            if (!callable) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, i, 0);
+            if (permission != 0) {
+                _checkSessionCallRules($, key, id, i, target, selector, value, data, permission, 1, 0);
+            } else {
+                _checkSessionCallUnfolded($, key, id, flags, i, target, selector, value, data);
+            }
         }
     }
 
-    function _checkSessionCall(
+    /**
+     * @dev A call of a key that is not folded (its permission is read by `pid`), or of a folded key whose folded
+     * lookup found nothing: then rule 0 fails, or no permission allows the call; this says which, in the order the
+     * unfolded path checks them (permission, value limit, rules).
+     */
+    function _checkSessionCallUnfolded(
+        SessionKeysStorage storage $,
+        address key,
+        uint64 id,
+        uint8 flags,
+        uint256 index,
+        address target,
+        bytes4 selector,
+        uint256 value,
+        bytes calldata data
+    ) private view {
+        bytes32 pid = _permissionId(id, target, selector);
+        uint256 permission = _loadWord($.permissions[pid]);
+        if (permission == 0) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+        if (flags & FOLDED != 0) {
+            if (value != 0 && value > $.valueLimits[pid]) {
+                revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
+            }
+            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, 0);
+        }
+        _checkSessionCallRules($, key, id, index, target, selector, value, data, permission, 0, pid);
+    }
+
+    /**
+     * @dev The value limit and the rules from `firstRule` on of the call's `permission` (packed). `pid` may be 0
+     * when the permission came from a folded lookup: only the value limit, a rule past rule 1, or rule 1 without
+     * its value inline (a OneOf rule, or a value wider than 152 bits) need it, and it is computed then.
+     */
+    function _checkSessionCallRules(
         SessionKeysStorage storage $,
         address key,
         uint64 id,
         uint256 index,
-        Execution calldata call
+        address target,
+        bytes4 selector,
+        uint256 value,
+        bytes calldata data,
+        uint256 permission,
+        uint256 firstRule,
+        bytes32 pid
     ) private view {
-        address target = call.target;
-        bytes calldata data = call.callData;
-        // ERC-7821 executes a call to address(0) as a call to the account itself.
-        if (target == address(0) || target == address(this)) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
+        uint256 ruleCount = uint8(permission >> PERM_RULE_COUNT_SHIFT);
+        bool needed;
+        assembly ("memory-safe") {
+            let inlineRule := and(shr(PERM_INLINE_RULE_SHIFT, permission), 0xff)
+            needed := and(iszero(pid), or(iszero(iszero(value)), gt(ruleCount, add(1, eq(inlineRule, 2)))))
         }
-        // Empty calldata is a plain transfer, selector 0x00000000. Calldata that merely *starts* with four zero bytes
-        // is not: it would reach the target's fallback (or a function with that selector) under a permission granted
-        // for plain transfers. Calldata of 1-3 bytes has no selector at all. Both match no permission.
-        bytes4 selector;
-        if (data.length >= 4) {
-            selector = bytes4(data[0:4]);
-            if (selector == bytes4(0)) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        } else if (data.length != 0) {
-            revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        }
-
-        bytes32 pid = _permissionId(id, target, selector);
-        StoredPermission memory permission = $.permissions[pid];
-        if (!permission.allowed) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Call, index, 0);
-        uint256 value = call.value;
+        if (needed) pid = _permissionId(id, target, selector);
         if (value != 0 && value > $.valueLimits[pid]) {
             revert SessionKeyPolicyViolation(key, SessionPolicyKind.Value, index, 0);
         }
-        for (uint256 r = 0; r < permission.ruleCount; ++r) {
+        for (uint256 r = firstRule; r < ruleCount; ++r) {
             if (!_ruleHolds($, pid, r, data, permission)) {
                 revert SessionKeyPolicyViolation(key, SessionPolicyKind.Argument, index, r);
             }
         }
     }
 
-    /// @dev Whether rule `r` of permission `pid` holds for `data`. A OneOf rule never reads its `value` slot, and
-    /// an inline rule (see {StoredPermission}) not its condition slot either.
+    /// @dev Whether rule `r` of permission `pid` (packed `permission`) holds for `data`. A OneOf rule never reads
+    /// its `value` slot, and a packed rule (0 or 1, see {StoredPermission}) not its condition slot either, nor its
+    /// `value` slot when the value is inline.
     function _ruleHolds(
         SessionKeysStorage storage $,
         bytes32 pid,
         uint256 r,
         bytes calldata data,
-        StoredPermission memory permission
+        uint256 permission
     ) private view returns (bool) {
-        ArgCondition condition;
-        uint32 offset;
-        if (r == 0) {
-            (condition, offset) = (permission.condition0, permission.offset0);
-        } else if (r == 1) {
-            (condition, offset) = (permission.condition1, permission.offset1);
-        } else {
+        uint256 condition;
+        uint256 offset;
+        uint256 value;
+        bool inlined;
+        assembly ("memory-safe") {
+            let rule := shr(add(PERM_RULE0_SHIFT, mul(r, PERM_RULE_STRIDE)), permission) // meaningful for r < 2
+            condition := and(rule, 0xff)
+            offset := and(shr(8, rule), 0xffffffff)
+            inlined := eq(and(shr(PERM_INLINE_RULE_SHIFT, permission), 0xff), add(r, 1)) // r < 32: no overflow
+            value := shr(PERM_INLINE_VALUE_SHIFT, permission)
+        }
+        if (r > 1) {
             StoredArgRule storage stored = $.rules[pid][r];
-            (condition, offset) = (stored.condition, stored.offset);
+            (condition, offset) = (uint8(stored.condition), stored.offset);
         }
         (bool found, bytes32 word) = ArgRules.wordAt(data, offset);
         if (!found) return false;
-        if (condition == ArgCondition.OneOf) return $.oneOf[_oneOfId(pid, r, word)];
-        bytes32 value =
-            permission.inlineRule == r + 1 ? bytes32(uint256(permission.inlineValue)) : $.rules[pid][r].value;
-        return ArgRules.compare(condition, word, value);
+        if (condition == uint8(ArgCondition.OneOf)) return $.oneOf[_oneOfId(pid, r, word)];
+        if (!inlined) value = uint256($.rules[pid][r].value);
+        // Equal or LessOrEqual (see {ArgRules-compare}).
+        return condition == uint8(ArgCondition.Equal) ? uint256(word) == value : uint256(word) <= value;
     }
 
     /**
@@ -514,49 +682,109 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         return (validAfter, validUntil);
     }
 
-    /// @dev The gas policy: charges the operation's worst-case cost to what is left of the budget; returns the rest.
-    function _chargeSessionGas(uint128 gasLeft, address key, PackedUserOperation calldata userOp)
+    /**
+     * @dev The gas policy: charges the operation's worst-case cost to what is left of the budget; returns the rest.
+     * Reverts unless every gas value and `maxFeePerGas` fits in 120 bits, as the EntryPoint v0.7 itself requires
+     * (`AA94 gas values overflow`) before it asks the account: the cost then cannot overflow.
+     */
+    function _chargeSessionGas(uint256 gasLeft, address key, PackedUserOperation calldata userOp)
         private
         pure
-        returns (uint128)
+        returns (uint256)
     {
-        uint256 cost =
-            (userOp.preVerificationGas
-                    + ERC4337Utils.verificationGasLimit(userOp)
-                    + ERC4337Utils.callGasLimit(userOp)
-                    + ERC4337Utils.paymasterVerificationGasLimit(userOp)
-                    + ERC4337Utils.paymasterPostOpGasLimit(userOp)) * ERC4337Utils.maxFeePerGas(userOp);
+        uint256 accountGasLimits = uint256(userOp.accountGasLimits); // verificationGasLimit ++ callGasLimit
+        uint256 preVerificationGas = userOp.preVerificationGas;
+        uint256 maxFeePerGas = uint128(uint256(userOp.gasFees)); // the low half of gasFees
+        // paymaster (20) ++ paymasterVerificationGasLimit (16) ++ paymasterPostOpGasLimit (16) ++ data, as
+        // {ERC4337Utils} reads it (shorter: no paymaster gas).
+        bytes calldata paymasterAndData = _userOpBytes(userOp, USEROP_PAYMASTER_AND_DATA);
+        uint256 paymasterGasLimits;
+        if (paymasterAndData.length >= 52) {
+            assembly ("memory-safe") {
+                paymasterGasLimits := calldataload(add(paymasterAndData.offset, 20))
+            }
+        }
+        uint256 highest = preVerificationGas | (accountGasLimits >> 128) | uint128(accountGasLimits) | maxFeePerGas
+            | (paymasterGasLimits >> 128) | uint128(paymasterGasLimits);
+        if (highest > type(uint120).max) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
+        uint256 cost;
+        unchecked {
+            // five values below 2**120: the sum is below 2**123, the product below 2**243
+            cost = (preVerificationGas + (accountGasLimits >> 128) + uint128(accountGasLimits)
+                        + (paymasterGasLimits >> 128) + uint128(paymasterGasLimits)) * maxFeePerGas;
+        }
         if (cost > gasLeft) revert SessionKeyPolicyViolation(key, SessionPolicyKind.Gas, 0, 0);
         unchecked {
-            return uint128(gasLeft - cost); // cost <= gasLeft
+            return gasLeft - cost;
         }
     }
 
     /**
-     * @dev Splits `callData` as Solidity's ABI decoder does for `execute(bytes32 mode, bytes executionData)`,
-     * following the offset of `executionData`. Returns `decoded == false` for any other selector or shape.
+     * @dev Walks `callData` as `execute(bytes32 mode, bytes executionData)` in the one mode {ERC7821} supports
+     * (batch, default exec type, selector 0: see {ERC7821-supportsExecutionMode}; the other bytes of the mode are
+     * free) with `executionData` an ERC-7821 batch, `abi.encode(Execution[])`, and returns where the batch's offset
+     * table starts (`calls`, an absolute calldata position), its length, and `end`, the end of `callData`.
+     * `decoded` is false for any other selector, mode or shape.
+     *
+     * The checks are those of {ERC7821-execute}'s ABI decoder and {ERC7579Utils-decodeBatch}, with every position
+     * bounded by the end of `callData`, which is the whole calldata of the `execute` call the EntryPoint makes: an
+     * encoding this accepts decodes to the same calls there. (It is stricter only where an offset is absurd.)
      */
-    function _decodeExecuteCall(bytes calldata callData)
+    function _decodeExecuteBatch(bytes calldata callData)
         private
         pure
-        returns (bool decoded, bytes32 mode, bytes calldata executionData)
+        returns (bool decoded, uint256 calls, uint256 count, uint256 end)
     {
-        executionData = callData[0:0];
-        if (callData.length < 68 || bytes4(callData[0:4]) != IERC7821.execute.selector) {
-            return (false, 0, executionData);
+        bytes4 selector = IERC7821.execute.selector;
+        assembly ("memory-safe") {
+            // Branch-free: every position is computed, then every check is ANDed. A check may see garbage (a wrapped
+            // sum, a word read past the end, which calldataload returns as zero) only when one before it failed, so
+            // `decoded` is exactly the conjunction of the checks made in order, each on values the earlier ones
+            // bounded.
+            let start := callData.offset
+            let length := callData.length
+            end := add(start, length)
+            let offset := calldataload(add(start, 36)) // of executionData, from after the selector
+            let data := add(add(start, 36), offset) // executionData, after its length word
+            let dataLength := calldataload(sub(data, 32))
+            // executionData = abi.encode(Execution[]): the array's offset, then its length and the tuples' offsets
+            let arrayAt := calldataload(data)
+            count := calldataload(add(data, arrayAt))
+            calls := add(add(data, arrayAt), 32)
+            decoded := and(
+                and(
+                    and(gt(length, 67), eq(shr(224, calldataload(start)), shr(224, selector))),
+                    // callType (byte 0) batch, execType (byte 1) default, mode selector (bytes 6-9) zero
+                    eq(and(calldataload(add(start, 4)), EXECUTION_MODE_MASK), BATCH_EXECUTION_MODE)
+                ),
+                and(
+                    // the length word and the bytes inside callData
+                    and(lt(offset, length), and(iszero(gt(data, end)), iszero(gt(dataLength, sub(end, data))))),
+                    // the array's length word, and its offsets, inside executionData ({ERC7579Utils-decodeBatch})
+                    and(
+                        and(gt(dataLength, 31), iszero(gt(arrayAt, sub(dataLength, 32)))),
+                        iszero(gt(count, shr(5, sub(sub(dataLength, arrayAt), 32))))
+                    )
+                )
+            )
         }
-        mode = bytes32(callData[4:36]);
-        uint256 offset = uint256(bytes32(callData[36:68]));
-        // callData.length is far below 2**64 and offset is bounded by it before any addition: no overflow.
-        unchecked {
-            if (offset > callData.length) return (false, 0, executionData);
-            uint256 lengthAt = 4 + offset;
-            if (lengthAt + 32 > callData.length) return (false, 0, executionData);
-            uint256 length = uint256(bytes32(callData[lengthAt:lengthAt + 32]));
-            if (length > callData.length - lengthAt - 32) return (false, 0, executionData);
-            executionData = callData[lengthAt + 32:lengthAt + 32 + length];
+    }
+
+    /**
+     * @dev The `bytes` field of `userOp` whose head sits at `head`, like `userOp.callData` but without the bounds
+     * checks of the ABI decoder: only the EntryPoint calls {validateUserOp}, and it encodes the operation itself
+     * (a malformed encoding from anywhere else is refused by `onlyEntryPoint` first).
+     */
+    function _userOpBytes(PackedUserOperation calldata userOp, uint256 head)
+        private
+        pure
+        returns (bytes calldata field)
+    {
+        assembly ("memory-safe") {
+            let lengthAt := add(userOp, calldataload(add(userOp, head)))
+            field.offset := add(lengthAt, 32)
+            field.length := calldataload(lengthAt)
         }
-        return (true, mode, executionData);
     }
 
     // ------------------------------------------------------------------ install / revoke
@@ -579,12 +807,13 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         // trillions of gas, so this never binds in practice, but it must not wrap into an earlier grant's id.
         if (id > type(uint24).max) revert SessionKeyInvalidPolicy(key, 10, 0);
         StoredSession storage session = $.sessions[key];
+        uint8 fold = _foldFlags(policy.permissions);
         session.core = SessionCore({
             gasLeft: policy.gasBudget,
             validAfter: policy.validAfter,
             validUntil: policy.validUntil,
             id: uint24(id),
-            flags: (policy.maxUses != 0 ? COUNTED : 0) | (policy.interval != 0 ? WINDOWED : 0)
+            flags: (policy.maxUses != 0 ? COUNTED : 0) | (policy.interval != 0 ? WINDOWED : 0) | fold
         });
         session.limits = SessionLimits({
             maxUses: policy.maxUses,
@@ -596,16 +825,34 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         });
         session.gasBudget = policy.gasBudget;
         for (uint256 i = 0; i < policy.permissions.length; ++i) {
-            _storePermission($, key, id, i, policy.permissions[i]);
+            _storePermission($, key, id, fold != 0, i, policy.permissions[i]);
         }
         $.keys.add(key);
         emit SessionKeyInstalled(key, id, policy);
+    }
+
+    /**
+     * @dev The {FOLDED} flag and fold index for `permissions`, or 0 when they cannot be folded: every permission
+     * must start with an `Equal` or `OneOf` rule on the same word-aligned argument, of index at most
+     * {MAX_FOLD_INDEX}.
+     */
+    function _foldFlags(CallPermission[] calldata permissions) private pure returns (uint8) {
+        uint256 offset;
+        for (uint256 i = 0; i < permissions.length; ++i) {
+            ArgRule[] calldata rules = permissions[i].rules;
+            if (rules.length == 0 || rules[0].condition == ArgCondition.LessOrEqual) return 0;
+            if (i == 0) offset = rules[0].offset;
+            else if (rules[0].offset != offset) return 0;
+        }
+        if (offset % 32 != 0 || offset / 32 > MAX_FOLD_INDEX) return 0;
+        return FOLDED | uint8((offset / 32) << FOLD_INDEX_SHIFT);
     }
 
     function _storePermission(
         SessionKeysStorage storage $,
         address key,
         uint64 id,
+        bool folded,
         uint256 index,
         CallPermission calldata permission
     ) private {
@@ -623,8 +870,9 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
         if (ruleCount > 1) {
             (stored.condition1, stored.offset1) = (permission.rules[1].condition, permission.rules[1].offset);
         }
-        // The first of rules 0-1 with one value that fits in 152 bits carries it inline (see {StoredPermission}).
-        for (uint256 r = 0; r < ruleCount && r < 2; ++r) {
+        // The first of rules 0-1 with one value that fits in 152 bits carries it inline (see {StoredPermission}),
+        // rule 1 only when the key is folded (its lookup proves rule 0).
+        for (uint256 r = folded ? 1 : 0; r < ruleCount && r < 2; ++r) {
             ArgRule calldata rule = permission.rules[r];
             if (
                 rule.condition != ArgCondition.OneOf && rule.values.length == 1
@@ -641,13 +889,26 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             uint256 count = rule.values.length;
             if (rule.condition == ArgCondition.OneOf) {
                 if (count == 0) revert SessionKeyInvalidPolicy(key, 8, index);
-                for (uint256 v = 0; v < count; ++v) {
-                    $.oneOf[_oneOfId(pid, r, rule.values[v])] = true;
+                // A folded key's rule 0 set is the set of its folded copies (written below).
+                if (!folded || r != 0) {
+                    for (uint256 v = 0; v < count; ++v) {
+                        $.oneOf[_oneOfId(pid, r, rule.values[v])] = true;
+                    }
                 }
                 $.rules[pid][r] = StoredArgRule(rule.condition, rule.offset, bytes32(count));
             } else {
                 if (count != 1) revert SessionKeyInvalidPolicy(key, 8, index);
                 $.rules[pid][r] = StoredArgRule(rule.condition, rule.offset, rule.values[0]);
+            }
+        }
+        if (folded) {
+            uint256 word = _loadWord($.permissions[pid]);
+            bytes32[] calldata values = permission.rules[0].values;
+            for (uint256 v = 0; v < values.length; ++v) {
+                StoredPermission storage copy = $.folded[_foldedId(id, target, permission.selector, values[v])];
+                assembly ("memory-safe") {
+                    sstore(copy.slot, word)
+                }
             }
         }
     }
@@ -713,6 +974,25 @@ abstract contract AccountSessionKeys is Account, EIP712, ERC7821, IAgentAccountS
             mstore(add(ptr, 0x20), and(target, 0xffffffffffffffffffffffffffffffffffffffff))
             mstore(add(ptr, 0x40), and(selector, shl(224, 0xffffffff)))
             pid := keccak256(ptr, 0x60)
+        }
+    }
+
+    /**
+     * @dev `keccak256(abi.encodePacked(selector, target, id, value))`: the key of a folded copy (see {FOLDED}). The
+     * first three fill one word (4 + 20 + 8 bytes), so validation hashes it in scratch space.
+     */
+    function _foldedId(uint64 id, address target, bytes4 selector, bytes32 value) private pure returns (bytes32 fid) {
+        assembly ("memory-safe") {
+            mstore(0x00, or(or(and(selector, shl(224, 0xffffffff)), shl(64, and(target, sub(shl(160, 1), 1)))), and(id, 0xffffffffffffffff)))
+            mstore(0x20, value)
+            fid := keccak256(0x00, 0x40)
+        }
+    }
+
+    /// @dev The one-slot `permission` as the word validation unpacks (see {StoredPermission}).
+    function _loadWord(StoredPermission storage permission) private view returns (uint256 word) {
+        assembly ("memory-safe") {
+            word := sload(permission.slot)
         }
     }
 

@@ -16,14 +16,10 @@ library ArgRules {
      * inside `callData`.
      */
     function wordAt(bytes calldata callData, uint256 offset) internal pure returns (bool found, bytes32 word) {
-        // `offset` is at most 2**32 - 1 at every call site, and calldata is far below 2**64 bytes: no overflow.
-        unchecked {
-            uint256 start = 4 + offset;
-            if (offset > type(uint64).max || callData.length < start + 32) return (false, bytes32(0));
-            assembly ("memory-safe") {
-                word := calldataload(add(callData.offset, start))
-            }
-            return (true, word);
+        assembly ("memory-safe") {
+            // An offset below 2**64 keeps `offset + 36` from overflowing (calldata is far shorter than that).
+            found := and(lt(offset, 0x10000000000000000), iszero(lt(callData.length, add(offset, 36))))
+            if found { word := calldataload(add(callData.offset, add(offset, 4))) }
         }
     }
 

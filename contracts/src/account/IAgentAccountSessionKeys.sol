@@ -16,8 +16,13 @@ interface IAgentAccountSessionKeys {
     /// @dev Grant `id` of `key` was revoked: no UserOperation validated afterwards may use it.
     event SessionKeyRevoked(address indexed key, uint64 indexed id);
 
-    /// @dev A UserOperation signed by `key` (grant `id`) passed the policies and updated its counters.
-    event SessionKeyUsed(address indexed key, uint64 indexed id);
+    /**
+     * @dev A UserOperation signed by `key` passed the policies and updated its counters; the grant is the one
+     * {SessionKeyInstalled} last named for `key`. Anonymous, so the log's one topic is `key` itself (filter the
+     * account's logs on it): validation emits this for every session-key operation, and a second topic would cost
+     * each of them 375 gas.
+     */
+    event SessionKeyUsed(address indexed key) anonymous;
 
     /// @dev The owner-approval `nonce` was consumed by a relayed approval or cancelled by the owner.
     event OwnerApprovalNonceUsed(uint256 indexed nonce);
