@@ -119,7 +119,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 conn[1].close()
                 if not (reused and body is not None and request.method in _IDEMPOTENT):
                     raise _disconnected(exc, request) from exc.__cause__
-                conn = None
                 conn = await self._connect(key, request, timeouts.get("connect"))
                 try:
                     response_head = await self._exchange(conn, request, head, body, timeouts)
@@ -232,7 +231,6 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 response = await read_head(reader)
                 while 100 <= response.status < 200 and response.status != 101:  # interim answers
                     response = await read_head(reader)
-                return response
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 raise httpx.RemoteProtocolError("the answer's head was cut off", request=request) from exc
@@ -245,6 +243,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError(f"malformed answer: {exc}", request=request) from exc
         except OSError as exc:
             raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from exc
+        return response
 
     async def _response(
         self,
