@@ -181,16 +181,15 @@ class PaymentStore(Protocol):
         ...
 
     async def complete_settled(
-        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+        self, key: str, holder: str | None, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
     ) -> None:
         """`complete` (no new settlement) + `mark_settled([key], tx_hash=tx_hash)` as one atomic step.
 
         Closes a payment settled before its response: the claim is finalized, the receipt stored and the
         in-flight record (enqueued before the transaction left) marked settled, in one round trip. Refused
         with `ClaimLost` (writing nothing; the record stays open, for recovery to judge from the chain)
-        unless `holder` still holds a live claim on `key`. (The Redis cache, whose live claims only it
-        holds, writes the durable part in `complete`'s order instead: finalized first, so a crash in between
-        leaves an open record of a finalized key, which recovery settles from the chain.)
+        unless `holder` still holds a live claim on `key`; a None `holder` finalizes unconditionally, as in
+        `complete` (the Redis cache checks the live claims it holds, then closes the durable part so).
         """
         ...
 

@@ -489,7 +489,7 @@ class _StoreThatCannotRecord(MemoryStore):
             raise RuntimeError("store unavailable")
         await super().complete(key, holder, **kwargs)
 
-    async def complete_settled(self, key: str, holder: str, **kwargs: Any) -> None:
+    async def complete_settled(self, key: str, holder: str | None, **kwargs: Any) -> None:
         if self.broken:
             raise RuntimeError("store unavailable")
         await super().complete_settled(key, holder, **kwargs)

@@ -107,6 +107,25 @@ def test_complete_settled_of_an_unclaimed_key_writes_nothing(url: str) -> None:
     run(url, body)
 
 
+def test_complete_settled_with_no_holder_closes_it_whoever_holds_the_claim(url: str) -> None:
+    # As `complete(key, None, ...)`: the Redis cache (which checks its own claims first) closes a payment
+    # whatever the durable store's claim row says: held by another token, lapsed, or absent.
+    async def body(store: PaymentStore) -> None:
+        assert await store.claim("held", ttl=30) is not None
+        for key in ("held", "absent"):
+            await store.enqueue(_in_flight(key))
+            await store.complete_settled(key, None, receipt=b"r-" + key.encode(), tx_hash=TX)
+            await _closed(store, key, b"r-" + key.encode())
+        # closing a closed one again moves nothing but the receipt it is given, as `complete` does
+        await store.complete_settled("held", None, receipt=b"again", tx_hash=TX)
+        record = await store.get_settlement("held")
+        assert record is not None and (record.state, record.tx_hash) == ("settled", TX)
+
+    run(url, body)
+    if not url.startswith("memory"):
+        run(url, lambda store: _closed(store, "absent", b"r-absent"))
+
+
 def test_sub_pending_once_moves_the_counter_once(url: str) -> None:
     async def body(store: PaymentStore) -> None:
         assert await store.add_pending("acct", 10, limit=100)

@@ -114,9 +114,10 @@ class MemoryStore:
             self._enqueue(settlement)
 
     async def complete_settled(
-        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+        self, key: str, holder: str | None, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
     ) -> None:
-        self._held(key, holder, time.time())
+        if holder is not None:
+            self._held(key, holder, time.time())
         await self.complete(key, None, receipt=receipt, keep_until=keep_until)
         await self.mark_settled([key], tx_hash=tx_hash)
 

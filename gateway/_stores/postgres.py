@@ -108,6 +108,15 @@ _SQL = {
     " lease_until = NULL, lease_token = NULL, settled_at = $3"
     " WHERE key IN (SELECT key FROM f) AND state <> 'settled')"
     " SELECT count(*) FROM f",
+    # The same with no holder to check (the Redis cache checked its own claim): finalized unconditionally.
+    "complete_settled_any": "WITH f AS (INSERT INTO {s}.claims AS t"
+    " (key, expires_at, finalized, finalized_at) VALUES ($1, $3, true, $2)"
+    " ON CONFLICT (key) DO UPDATE SET finalized = true,"
+    " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
+    " WHERE NOT t.finalized), r AS (INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $4)"
+    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
+    " UPDATE {s}.settlements SET state = 'settled', tx_hash = $5, error = NULL, retry_at = NULL,"
+    " lease_until = NULL, lease_token = NULL, settled_at = $2 WHERE key = $1 AND state <> 'settled'",
     # `claim` of the marker + `sub_pending`, one statement: the counter moves only if the marker was taken
     # (a concurrent taker of the same marker waits on its row, then sees it held and takes nothing).
     "sub_pending_once": "WITH c AS (INSERT INTO {s}.claims AS t (key, expires_at, holder) VALUES ($1, $2, $4)"
@@ -268,11 +277,13 @@ class PostgresStore:
             raise ClaimLost(f"the claim on {key} is no longer held by this request")
 
     async def complete_settled(
-        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+        self, key: str, holder: str | None, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
     ) -> None:
         until = math.inf if keep_until is None else keep_until
-        args = (key, holder, time.time(), until, receipt, tx_hash)
-        if not await self._call("fetchval", "complete_settled", *args):
+        now = time.time()
+        if holder is None:
+            await self._call("execute", "complete_settled_any", key, now, until, receipt, tx_hash)
+        elif not await self._call("fetchval", "complete_settled", key, holder, now, until, receipt, tx_hash):
             raise ClaimLost(f"the claim on {key} is no longer held by this request")
 
     async def purge_expired_claims(self) -> int:

@@ -162,14 +162,13 @@ class RedisCachedStore:
         await self._mark_final(key)
 
     async def complete_settled(
-        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+        self, key: str, holder: str | None, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
     ) -> None:
         # The live claim is in Redis, so the durable store cannot check it: checked and stretched here, as
-        # `complete` does, then finalized there unconditionally. Two durable steps, in `complete`'s order (a
-        # crash between them leaves a finalized key with an open record, which recovery settles).
-        await self._held(self._renew, key, holder, _ms(_COMPLETE_GRACE))
-        await self._inner.complete(key, None, receipt=receipt, keep_until=keep_until)
-        await self._inner.mark_settled([key], tx_hash=tx_hash)
+        # `complete` does, then the durable part closed in one step, finalized there unconditionally.
+        if holder is not None:
+            await self._held(self._renew, key, holder, _ms(_COMPLETE_GRACE))
+        await self._inner.complete_settled(key, None, receipt=receipt, tx_hash=tx_hash, keep_until=keep_until)
         await self._mark_final(key)
 
     async def purge_expired_claims(self) -> int:

@@ -257,13 +257,14 @@ class SQLiteStore:
         await self._run(body)
 
     async def complete_settled(
-        self, key: str, holder: str, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
+        self, key: str, holder: str | None, *, receipt: bytes, tx_hash: str, keep_until: float | None = None
     ) -> None:
         """`complete` (no new settlement) + `mark_settled([key], tx_hash=...)`, as one atomic step.
 
         For a payment settled before its response: its in-flight record (`<kind>:now`, enqueued before the
         transaction left) is closed with the claim, in one transaction and one commit instead of two.
-        Refused with `ClaimLost` (writing nothing, the record stays open) unless `holder` still holds `key`.
+        Refused with `ClaimLost` (writing nothing, the record stays open) unless `holder` still holds `key`;
+        a None `holder` finalizes unconditionally, as in `complete`.
         """
         until = math.inf if keep_until is None else keep_until
         finalize = (
@@ -276,7 +277,10 @@ class SQLiteStore:
 
         def body(con: sqlite3.Connection) -> None:
             now = time.time()
-            self._held(con, finalize, key, holder, until, now)
+            if holder is None:
+                self._finalize(con, key, keep_until)
+            else:
+                self._held(con, finalize, key, holder, until, now)
             self._put_receipt(con, key, receipt)
             con.execute(settled, (tx_hash, now, key))
 
