@@ -1,6 +1,7 @@
 """Paid requests over real HTTP: our example sub-agent beside the official x402 middleware, same HTTP stack.
 
     python -m tests.bench.http [--calls 1000] [--e2e-calls 600] [--chain-calls 200] [--concurrency 16]
+                               [--repeat 3]
 
 Both servers run under uvicorn, one worker, uvloop + httptools, on loopback sockets this process bound:
 ours is `examples.subagent.build_app` (`tests/bench/_http_server.py`), theirs the official
@@ -25,18 +26,24 @@ serves both. Figures:
   `FacilitatorWeb3Signer`); ``chain_rps_ratio`` = ours / official req/s, ``chain_cpu_ratio`` = ours /
   official server CPU per settled request.
 
-Request counts are bounded by the flags; the last line of output is one JSON object.
+The stub runs (server side and end to end) take ``--repeat`` rounds, each round in another order, against
+the same servers, and report each figure's median: one server's CPU per request swings by half between
+runs on a shared machine. Request counts are bounded by the flags; the last line of output is one JSON
+object.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +165,20 @@ async def our_client(state: DevnetState, server: PeerServer, n: int, c: int) -> 
     }
 
 
+def median_of(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's figures over the rounds: the median of each, every round's statuses added up."""
+    out = dict(samples[-1])
+    for key in ("req_per_s", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms"):
+        if key in out:
+            out[key] = round(statistics.median(float(sample[key]) for sample in samples), 3)
+    statuses: dict[str, int] = {}
+    for sample in samples:
+        for status, count in sample["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + count
+    out["statuses"], out["rounds"] = statuses, len(samples)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     c = args.concurrency
@@ -171,14 +192,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def drive(label: str, server: PeerServer, path: str, n: int, mode: str = "presigned") -> None:
             runs[label] = official_client(state, server, f"{server.url}{path}", n, mode, c)
 
-        for label, store in (("sqlite", sqlite("stub")), ("memory", "memory://")):
-            with ours(state_file, store, "stub") as server:
-                drive(label, server, "/hello", args.calls)
-        with official(state, "stub") as server:
-            drive("official", server, "/paid", args.calls)
-            drive("official_e2e", server, "/paid", args.e2e_calls, "e2e")
-        with ours(state_file, sqlite("e2e"), "stub") as server:
-            runs["e2e"] = asyncio.run(our_client(state, server, args.e2e_calls, c))
+        with contextlib.ExitStack() as servers:
+            ours_sqlite = servers.enter_context(ours(state_file, sqlite("stub"), "stub"))
+            ours_memory = servers.enter_context(ours(state_file, "memory://", "stub"))
+            theirs = servers.enter_context(official(state, "stub"))
+            ours_e2e = servers.enter_context(ours(state_file, sqlite("e2e"), "stub"))
+
+            def presigned(server: PeerServer, path: str) -> Callable[[], Any]:
+                return lambda: official_client(
+                    state, server, f"{server.url}{path}", args.calls, "presigned", c
+                )
+
+            jobs: list[tuple[str, Callable[[], Any]]] = [
+                ("sqlite", presigned(ours_sqlite, "/hello")),
+                ("memory", presigned(ours_memory, "/hello")),
+                ("official", presigned(theirs, "/paid")),
+                (
+                    "official_e2e",
+                    lambda: official_client(state, theirs, f"{theirs.url}/paid", args.e2e_calls, "e2e", c),
+                ),
+                ("e2e", lambda: asyncio.run(our_client(state, ours_e2e, args.e2e_calls, c))),
+            ]
+            samples: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in jobs}
+            for round_ in range(args.repeat):  # each round in another order: no side always runs first
+                start = round_ % len(jobs)
+                for label, job in jobs[start:] + jobs[:start]:
+                    samples[label].append(job())
+            runs.update({label: median_of(taken) for label, taken in samples.items()})
         if args.chain_calls:
             with ours(state_file, sqlite("chain"), "chain") as server:
                 drive("chain", server, "/hello", args.chain_calls)
@@ -224,6 +264,7 @@ def main() -> None:
     parser.add_argument("--e2e-calls", type=int, default=600, help="end-to-end runs, per side")
     parser.add_argument("--chain-calls", type=int, default=200, help="real settlement, per side; 0: skip")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the stub runs; medians reported")
     print(json.dumps(run(parser.parse_args())))
 
 
