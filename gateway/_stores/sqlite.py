@@ -30,10 +30,8 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway._store import (
@@ -42,69 +40,18 @@ from gateway._store import (
     QueueStats,
     Settlement,
     StoreConfigError,
-    StoreSchemaError,
     StoreUnavailable,
     new_token,
 )
 from gateway._stores import COLUMNS, check_identifier, settlement_from_row
 from gateway._stores._queries import list_query
 from gateway._stores._sqlite_committer import DURABLE, LIGHT, READ, Committer
+from gateway._stores._sqlite_readers import Readers
+from gateway._stores._sqlite_schema import MIGRATIONS, SYNC_MODES, open_writer
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 T = TypeVar("T")
-
-# Ordered; entry n (1-based) is schema version n. Never edit a released entry: append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE {p}claims (key TEXT PRIMARY KEY, expires_at REAL NOT NULL,"
-        " finalized INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
-        "CREATE TABLE {p}receipts (key TEXT PRIMARY KEY, receipt BLOB NOT NULL) WITHOUT ROWID",
-        "CREATE TABLE {p}settlements (key TEXT PRIMARY KEY, kind TEXT NOT NULL, payload BLOB NOT NULL,"
-        " payer TEXT NOT NULL, amount TEXT NOT NULL, created_at REAL NOT NULL,"
-        " attempts INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, tx_hash TEXT, error TEXT,"
-        " retry_at REAL, lease_until REAL)",
-        "CREATE INDEX {p}settlements_due ON {p}settlements (kind, created_at)"
-        " WHERE state IN ('queued', 'failed', 'leased')",
-        "CREATE INDEX {p}settlements_state ON {p}settlements (state, created_at)",
-        "CREATE TABLE {p}pending (account TEXT PRIMARY KEY, amount TEXT NOT NULL) WITHOUT ROWID",
-        "CREATE TABLE {p}high_water (channel_id TEXT PRIMARY KEY, cumulative TEXT NOT NULL) WITHOUT ROWID",
-    ),
-    (  # 2: holder tokens for claims and leases; validity and settlement times for `purge`
-        "ALTER TABLE {p}claims ADD COLUMN holder TEXT",
-        "ALTER TABLE {p}claims ADD COLUMN finalized_at REAL",  # NULL on older rows: never purged
-        "ALTER TABLE {p}settlements ADD COLUMN lease_token TEXT",
-        "ALTER TABLE {p}settlements ADD COLUMN settled_at REAL",
-        "ALTER TABLE {p}settlements ADD COLUMN expires_at REAL",
-        "CREATE INDEX {p}claims_expiry ON {p}claims (finalized, expires_at)",
-    ),
-    (  # 3: the latest voucher stored with a channel's high-water mark (NULL on older rows: none stored)
-        "ALTER TABLE {p}high_water ADD COLUMN voucher BLOB",
-    ),
-)
-
-_SYNC_MODES = ("off", "normal", "full", "extra")
-
-
-def _migrate(con: sqlite3.Connection, p: str) -> None:
-    con.execute("BEGIN IMMEDIATE")  # concurrent first starts: one migrates, the others then see it done
-    try:
-        con.execute(
-            f"CREATE TABLE IF NOT EXISTS {p}schema_version (version INTEGER PRIMARY KEY, applied_at REAL)"
-        )
-        (current,) = con.execute(f"SELECT coalesce(max(version), 0) FROM {p}schema_version").fetchone()
-        if current > len(MIGRATIONS):
-            raise StoreSchemaError(
-                f"database is at schema version {current}, this code knows {len(MIGRATIONS)}"
-            )
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            for statement in MIGRATIONS[version - 1]:
-                con.execute(statement.format(p=p))
-            con.execute(f"INSERT INTO {p}schema_version VALUES (?, ?)", (version, time.time()))
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
 
 
 class SQLiteStore:
@@ -117,17 +64,11 @@ class SQLiteStore:
         synchronous: str = "full",
         *,
         path: str = ":memory:",
-        busy_timeout_ms: int = 10_000,
     ) -> None:
         self._committer = Committer(con, synchronous)
         self._p = prefix
         self._closed = False
-        # Point reads run on the caller's thread, each on a read-only connection of that thread: a lookup
-        # by key is a few microseconds of SQLite, a tenth of a hand-over to the committer and back, and a
-        # WAL reader never waits for the writer. (A `:memory:` database has one connection: no readers.)
-        self._path, self._busy_ms = path, busy_timeout_ms
-        self._readers = threading.local()
-        self._reader_cons: list[sqlite3.Connection] = []
+        self._readers = Readers(path)  # point reads on the caller's thread (see `_lookup`)
 
     @classmethod
     async def open(
@@ -135,31 +76,15 @@ class SQLiteStore:
     ) -> SQLiteStore:
         if prefix:
             check_identifier(prefix, "prefix")
-        if synchronous not in _SYNC_MODES:
-            raise StoreConfigError(f"synchronous must be one of {_SYNC_MODES}, not {synchronous!r}")
-
-        def connect() -> sqlite3.Connection:
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            # opened here, then used only by the committer thread: one thread at a time
-            con = sqlite3.connect(
-                path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-            )
-            try:
-                con.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-                con.execute("PRAGMA journal_mode = WAL")
-                con.execute(f"PRAGMA synchronous = {synchronous}")
-                _migrate(con, prefix)
-            except BaseException:
-                con.close()
-                raise
-            return con
-
+        if synchronous not in SYNC_MODES:
+            raise StoreConfigError(f"synchronous must be one of {SYNC_MODES}, not {synchronous!r}")
         try:
-            con = await asyncio.to_thread(connect)
+            con = await asyncio.to_thread(
+                open_writer, path, prefix=prefix, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+            )
         except (sqlite3.OperationalError, OSError) as exc:
             raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
-        return cls(con, prefix, synchronous, path=path, busy_timeout_ms=busy_timeout_ms)
+        return cls(con, prefix, synchronous, path=path)
 
     async def _run(self, call: Callable[[sqlite3.Connection], T], need: int = DURABLE) -> T:
         try:
@@ -170,22 +95,13 @@ class SQLiteStore:
 
     async def _lookup(self, call: Callable[[sqlite3.Connection], T]) -> T:
         """A point read (one row by key): on this thread's reader when there is one, else the committer."""
-        if self._path == ":memory:" or self._closed:
-            return await self._run(call, READ)
-        con: sqlite3.Connection | None = getattr(self._readers, "con", None)
         try:
-            if con is None:
-                con = self._readers.con = self._reader()
-            return call(con)
+            con = self._readers.here()
+            if con is not None:
+                return call(con)
         except sqlite3.OperationalError:  # busy (a WAL being recovered) or unreadable: the committer decides
-            return await self._run(call, READ)
-
-    def _reader(self) -> sqlite3.Connection:
-        uri = f"{Path(self._path).resolve().as_uri()}?mode=ro"
-        con = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        con.execute("PRAGMA busy_timeout = 50")  # a reader waits only for WAL recovery: then the committer
-        self._reader_cons.append(con)
-        return con
+            pass
+        return await self._run(call, READ)
 
     # claims
 
@@ -540,8 +456,7 @@ class SQLiteStore:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            for con in self._reader_cons:
-                con.close()
+            self._readers.close()
             await self._committer.stop()
 
     async def list_settlements(
@@ -557,5 +472,5 @@ class SQLiteStore:
     ) -> list[Settlement]:
         sql, args = list_query(f"{self._p}settlements", "?", states, kind, payer, since, oldest_first)
         args += [max(limit, 0), max(offset, 0)]
-        rows = await self._run(lambda con: con.execute(sql + " LIMIT ? OFFSET ?", args).fetchall())
+        rows = await self._run(lambda con: con.execute(sql + " LIMIT ? OFFSET ?", args).fetchall(), READ)
         return [settlement_from_row(row) for row in rows]
