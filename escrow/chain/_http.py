@@ -30,7 +30,53 @@ class HttpError(Exception):
     """The exchange failed (connect, write, read, framing, timeout); the connection was closed."""
 
 
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class IdleConnections:
+    """Kept-alive connections to one origin, waiting for their next exchange (at most `limit`). They belong
+    to the event loop that opened them: taken from another loop, the ones kept are closed instead."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._idle: list[Conn] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def take(self) -> Conn | None:
+        """The most recently used connection the server has not closed meanwhile, or None."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self.close()
+            self._loop = loop
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if reader.at_eof() or writer.is_closing():  # the server closed it while it sat idle
+                writer.close()
+                continue
+            return reader, writer
+        return None
+
+    def give(self, conn: Conn) -> None:
+        """Keep `conn` for the next exchange, or close it (enough are kept, or it is another loop's)."""
+        if len(self._idle) < self.limit and self._loop is _running_loop():
+            self._idle.append(conn)
+        else:
+            conn[1].close()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, writer in idle:
+            try:
+                writer.close()
+            except RuntimeError:  # its loop is closed already
+                pass
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class JsonPoster:
@@ -55,30 +101,11 @@ class JsonPoster:
             f"POST {target} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n"
             f"Accept: application/json\r\nUser-Agent: agentpay\r\n{auth}Content-Length: "
         ).encode("latin-1")
-        self._idle: list[_Conn] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _take(self) -> _Conn | None:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # connections belong to the loop that opened them
-            stale, self._idle, self._loop = self._idle, [], loop
-            for _, writer in stale:
-                try:
-                    writer.close()
-                except RuntimeError:  # that loop is closed already
-                    pass
-        while self._idle:
-            reader, writer = self._idle.pop()
-            # The server closed it while it sat idle (its keep-alive timeout).
-            if reader.at_eof() or writer.is_closing():
-                writer.close()
-                continue
-            return reader, writer
-        return None
+        self._idle = IdleConnections(_MAX_IDLE)
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         """(status, body) of one POST; raises `HttpError`."""
-        conn = self._take()
+        conn = self._idle.take()
         try:
             async with asyncio.timeout(self.timeout):
                 if conn is None:
@@ -90,13 +117,13 @@ class JsonPoster:
             if isinstance(exc, OSError | EOFError | ValueError | TimeoutError | asyncio.LimitOverrunError):
                 raise HttpError(f"{type(exc).__name__}: {exc}") from exc
             raise
-        if keep and len(self._idle) < _MAX_IDLE:
-            self._idle.append(conn)
+        if keep:
+            self._idle.give(conn)
         else:
             conn[1].close()
         return status, content
 
-    async def _exchange(self, conn: _Conn, body: bytes) -> tuple[int, bytes, bool]:
+    async def _exchange(self, conn: Conn, body: bytes) -> tuple[int, bytes, bool]:
         reader, writer = conn
         writer.write(b"%s%d\r\n\r\n%s" % (self._head, len(body), body))
         await writer.drain()
@@ -111,9 +138,7 @@ class JsonPoster:
         return head.status, await reader.readexactly(framing), head.keep_alive
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for _, writer in idle:
-            writer.close()
+        self._idle.close()
 
 
 # ---------------------------------------------------------------- HTTP/1.1 framing, shared with the transport

@@ -28,7 +28,16 @@ from typing import Final
 
 import httpx
 
-from ._http import CHUNKED, UNTIL_EOF, ResponseHead, body_framing, read_chunks, read_head
+from ._http import (
+    CHUNKED,
+    UNTIL_EOF,
+    Conn,
+    IdleConnections,
+    ResponseHead,
+    body_framing,
+    read_chunks,
+    read_head,
+)
 
 __all__ = ["KeepAliveTransport"]
 
@@ -37,7 +46,6 @@ _EAGER_BODY: Final = 64 * 1024  # a Content-Length body up to this is read with 
 _READ_SIZE: Final = 64 * 1024
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _OriginKey = tuple[str, str, int]
 
 
@@ -46,8 +54,8 @@ class _Origin:
 
     __slots__ = ("idle", "slots")
 
-    def __init__(self, limit: int) -> None:
-        self.idle: list[_Conn] = []
+    def __init__(self, limit: int, idle: int) -> None:
+        self.idle = IdleConnections(idle)
         self.slots = asyncio.Semaphore(limit)
 
 
@@ -108,9 +116,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 await origin.slots.acquire()
         except TimeoutError as exc:
             raise httpx.PoolTimeout("no free connection to this origin in time", request=request) from exc
-        conn: _Conn | None = None
+        conn: Conn | None = None
         try:
-            conn, reused = self._idle(origin), True
+            conn, reused = origin.idle.take(), True
             if conn is None:
                 conn, reused = await self._connect(key, request, timeouts.get("connect")), False
             try:
@@ -136,8 +144,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._closed = True
         origins, self._origins = self._origins, {}
         for origin in origins.values():
-            for _, writer in origin.idle:
-                writer.close()
+            origin.idle.close()
         if self._fallback is not None:
             await self._fallback.aclose()
 
@@ -148,27 +155,13 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         if loop is not self._loop:  # connections and semaphores belong to the loop that made them
             stale, self._origins, self._loop = self._origins, {}, loop
             for old in stale.values():
-                for _, writer in old.idle:
-                    try:
-                        writer.close()
-                    except RuntimeError:  # that loop is closed already
-                        pass
+                old.idle.close()
         origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[key] = _Origin(self.max_connections)
+            origin = self._origins[key] = _Origin(self.max_connections, self.max_idle)
         return origin
 
-    @staticmethod
-    def _idle(origin: _Origin) -> _Conn | None:
-        while origin.idle:
-            reader, writer = origin.idle.pop()
-            if reader.at_eof() or writer.is_closing():  # the server closed it while it sat idle
-                writer.close()
-                continue
-            return reader, writer
-        return None
-
-    async def _connect(self, key: _OriginKey, request: httpx.Request, timeout: float | None) -> _Conn:
+    async def _connect(self, key: _OriginKey, request: httpx.Request, timeout: float | None) -> Conn:
         scheme, host, port = key
         context = None
         if scheme == "https":
@@ -186,15 +179,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         except OSError as exc:  # refused, unreachable, DNS (socket.gaierror), TLS (ssl.SSLError)
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}", request=request) from exc
 
-    def _release(self, origin: _Origin, conn: _Conn, *, reusable: bool) -> None:
-        # An origin dropped meanwhile (the transport closed, or moved to another loop) keeps no connection.
-        if (
-            reusable
-            and not self._closed
-            and len(origin.idle) < self.max_idle
-            and self._loop is _running_loop()
-        ):
-            origin.idle.append(conn)
+    def _release(self, origin: _Origin, conn: Conn, *, reusable: bool) -> None:
+        if reusable and not self._closed:  # a closed transport keeps nothing
+            origin.idle.give(conn)
         else:
             conn[1].close()
         origin.slots.release()
@@ -203,7 +190,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     async def _exchange(
         self,
-        conn: _Conn,
+        conn: Conn,
         request: httpx.Request,
         head: bytes,
         body: bytes | None,
@@ -248,7 +235,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     async def _response(
         self,
         origin: _Origin,
-        conn: _Conn,
+        conn: Conn,
         request: httpx.Request,
         head: ResponseHead,
         read_timeout: float | None,
@@ -283,7 +270,7 @@ class _Body(httpx.AsyncByteStream):
         self,
         transport: KeepAliveTransport,
         origin: _Origin,
-        conn: _Conn,
+        conn: Conn,
         request: httpx.Request,
         framing: int,
         *,
@@ -340,13 +327,6 @@ def _disconnected(exc: _NoAnswer, request: httpx.Request) -> httpx.TransportErro
             "the server closed the connection while the request was sent", request=request
         )
     return httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _read_error(exc: BaseException, request: httpx.Request) -> BaseException:

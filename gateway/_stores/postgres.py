@@ -72,16 +72,32 @@ _QUEUE_IT = (  # the settlement half of `complete`; $8 NULL: none
     " SELECT $8::text, $3::text, $4::bytea, $5::text, $6::numeric, $7::float8, $11::float8, 'queued'"
 )
 
+
+def _finalize_any(until: str, now: str) -> str:
+    """Finalize claim $1 whatever holds it (inserted if absent), valid until `until`; `now` its time."""
+    return (
+        "INSERT INTO {s}.claims AS t (key, expires_at, finalized, finalized_at)"
+        f" VALUES ($1, {until}, true, {now}) ON CONFLICT (key) DO UPDATE SET finalized = true,"
+        " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
+        " WHERE NOT t.finalized"
+    )
+
+
+def _settled(tx_hash: str, now: str) -> str:
+    """Mark settlement records settled in `tx_hash` at `now` (the WHERE clause follows)."""
+    return (
+        f"UPDATE {{s}}.settlements SET state = 'settled', tx_hash = {tx_hash}, error = NULL, retry_at = NULL,"
+        f" lease_until = NULL, lease_token = NULL, settled_at = {now}"
+    )
+
+
 _SQL = {
     "claim": "INSERT INTO {s}.claims AS t (key, expires_at, holder) VALUES ($1, $2, $4) ON CONFLICT (key)"
     " DO UPDATE SET expires_at = excluded.expires_at, holder = excluded.holder"
     " WHERE NOT t.finalized AND t.expires_at <= $3 RETURNING 1",
     "renew": "UPDATE {s}.claims SET expires_at = $4" + _HELD,
     "release": "DELETE FROM {s}.claims" + _HELD,
-    "finalize": "INSERT INTO {s}.claims AS t (key, expires_at, finalized, finalized_at)"
-    " VALUES ($1, $2, true, $3) ON CONFLICT (key) DO UPDATE SET finalized = true,"
-    " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
-    " WHERE NOT t.finalized",
+    "finalize": _finalize_any("$2", "$3"),
     "is_finalized": "SELECT finalized FROM {s}.claims WHERE key = $1",
     # finalize + receipt + optional enqueue as one statement: one round trip, one commit. Checked: only
     # through the live claim of holder $12 (an UPDATE re-checks its condition on the row's newest version).
@@ -91,10 +107,8 @@ _SQL = {
     " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt),"
     " q AS (" + _QUEUE_IT + " FROM f WHERE $8 IS NOT NULL ON CONFLICT (key) DO NOTHING)"
     " SELECT count(*) FROM f",
-    "complete_any": "WITH f AS (INSERT INTO {s}.claims AS t (key, expires_at, finalized, finalized_at)"
-    " VALUES ($1, $10, true, $9) ON CONFLICT (key) DO UPDATE SET finalized = true,"
-    " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
-    " WHERE NOT t.finalized), r AS (INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $2)"
+    "complete_any": "WITH f AS (" + _finalize_any("$10", "$9") + "),"
+    " r AS (INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $2)"
     " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
     + _QUEUE_IT
     + " WHERE $8 IS NOT NULL ON CONFLICT (key) DO NOTHING",
@@ -104,19 +118,14 @@ _SQL = {
     " finalized_at = $3 WHERE key = $1 AND holder = $2 AND NOT finalized AND expires_at > $3 RETURNING key),"
     " r AS (INSERT INTO {s}.receipts (key, receipt) SELECT key, $5::bytea FROM f"
     " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt),"
-    " q AS (UPDATE {s}.settlements SET state = 'settled', tx_hash = $6, error = NULL, retry_at = NULL,"
-    " lease_until = NULL, lease_token = NULL, settled_at = $3"
-    " WHERE key IN (SELECT key FROM f) AND state <> 'settled')"
+    " q AS (" + _settled("$6", "$3") + " WHERE key IN (SELECT key FROM f) AND state <> 'settled')"
     " SELECT count(*) FROM f",
     # The same with no holder to check (the Redis cache checked its own claim): finalized unconditionally.
-    "complete_settled_any": "WITH f AS (INSERT INTO {s}.claims AS t"
-    " (key, expires_at, finalized, finalized_at) VALUES ($1, $3, true, $2)"
-    " ON CONFLICT (key) DO UPDATE SET finalized = true,"
-    " expires_at = excluded.expires_at, holder = NULL, finalized_at = excluded.finalized_at"
-    " WHERE NOT t.finalized), r AS (INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $4)"
-    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt)"
-    " UPDATE {s}.settlements SET state = 'settled', tx_hash = $5, error = NULL, retry_at = NULL,"
-    " lease_until = NULL, lease_token = NULL, settled_at = $2 WHERE key = $1 AND state <> 'settled'",
+    "complete_settled_any": "WITH f AS (" + _finalize_any("$3", "$2") + "),"
+    " r AS (INSERT INTO {s}.receipts (key, receipt) VALUES ($1, $4)"
+    " ON CONFLICT (key) DO UPDATE SET receipt = excluded.receipt) "
+    + _settled("$5", "$2")
+    + " WHERE key = $1 AND state <> 'settled'",
     # `claim` of the marker + `sub_pending`, one statement: the counter moves only if the marker was taken
     # (a concurrent taker of the same marker waits on its row, then sees it held and takes nothing).
     "sub_pending_once": "WITH c AS (INSERT INTO {s}.claims AS t (key, expires_at, holder) VALUES ($1, $2, $4)"
@@ -142,9 +151,7 @@ _SQL = {
     " lease_token = $5, retry_at = NULL WHERE key IN (SELECT key FROM {s}.settlements WHERE kind = $1 AND"
     " (state = 'queued' OR (state = 'failed' AND retry_at <= $2) OR (state = 'leased' AND lease_until <= $2))"
     " ORDER BY created_at, key LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING " + COLUMNS,
-    "mark_settled": "UPDATE {s}.settlements SET state = 'settled', tx_hash = $2, error = NULL,"
-    " retry_at = NULL, lease_until = NULL, lease_token = NULL, settled_at = $4"
-    " WHERE key = ANY($1::text[])" + _OURS + " RETURNING key",
+    "mark_settled": _settled("$2", "$4") + " WHERE key = ANY($1::text[])" + _OURS + " RETURNING key",
     "mark_failed": "UPDATE {s}.settlements SET state = $4, error = $2, retry_at = $5, lease_until = NULL,"
     " lease_token = NULL WHERE key = $1" + _OURS + " RETURNING 1",
     "get_settlement": "SELECT " + COLUMNS + " FROM {s}.settlements WHERE key = $1",
